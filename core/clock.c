@@ -1,0 +1,74 @@
+/* clock.c -- wall-clock, strictly increasing stamps, monotonic time. */
+#include <errno.h>
+#include <math.h>
+#include <stdatomic.h>
+#include <string.h>
+#include <time.h>
+
+#include "dogpile.h"
+
+DP_API double dp_clock_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* The last stamp handed out, as the bits of a double so that one CAS orders
+ * every thread. A double near 1.7e9 has a resolution of about 240 ns, so two
+ * calls close together would tie without the nextafter() step. */
+static _Atomic uint64_t last_stamp;
+
+DP_API double dp_clock_stamp(void)
+{
+    double now = dp_clock_now();
+    uint64_t old = atomic_load_explicit(&last_stamp, memory_order_relaxed);
+    for (;;) {
+        double prev;
+        memcpy(&prev, &old, sizeof prev);
+        double next = now > prev ? now : nextafter(prev, INFINITY);
+        uint64_t bits;
+        memcpy(&bits, &next, sizeof bits);
+        if (atomic_compare_exchange_weak_explicit(&last_stamp, &old, bits,
+                                                  memory_order_relaxed,
+                                                  memory_order_relaxed))
+            return next;
+    }
+}
+
+DP_API double dp_clock_monotonic(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+DP_API void dp_clock_sleep(double seconds)
+{
+    if (!(seconds > 0))
+        return;
+    struct timespec ts;
+    ts.tv_sec = (time_t)seconds;
+    ts.tv_nsec = (long)((seconds - (double)ts.tv_sec) * 1e9);
+    while (nanosleep(&ts, &ts) == -1 && errno == EINTR)
+        ;
+}
+
+DP_API const char *dp_strerror(int status)
+{
+    switch (status) {
+    case DP_OK: return "ok";
+    case DP_EBUSY: return "lock is held";
+    case DP_ETIMEDOUT: return "timed out";
+    case DP_EDEADLK: return "lock is held by the same owner; waiting would never end";
+    case DP_ENOTHELD: return "lock is not held";
+    case DP_ENOMEM: return "out of memory";
+    case DP_EINVAL: return "invalid argument";
+    default: return "unknown status";
+    }
+}
+
+DP_API const char *dp_version(void)
+{
+    return DP_VERSION;
+}

@@ -1,0 +1,392 @@
+--- dogpile: the lock. Many callers want a value that is missing or expired;
+-- one is chosen to create it; while it works the others get the previous value
+-- at once or, when there is none, wait for the new one.
+local lib = require "dogpile.lib"
+
+local C = lib.C
+local OWNER = lib.OWNER
+local raise = lib.raise
+local pcall, error, type, setmetatable, getmetatable, tostring =
+      pcall, error, type, setmetatable, getmetatable, tostring
+local co_running = coroutine.running
+local math_min = math.min
+
+lib.own_source()
+
+local DP_OK, DP_EBUSY, DP_EDEADLK = lib.DP_OK, lib.DP_EBUSY, lib.DP_EDEADLK
+
+local _M = { _VERSION = lib.version }
+
+-- Sleep steps of a yielding waiter: short first, so a creator that finishes
+-- quickly hands over quickly, then longer so that a slow one is not polled hard.
+local FIRST_STEP, MAX_STEP = 0.001, 0.02
+
+--- Raised (as `error(dogpile.NeedRegenerationException)`) by a
+-- value_and_created_fn that has no value. Calling it returns itself, so
+-- `error(dogpile.NeedRegenerationException())` works too.
+local NeedRegenerationException = setmetatable({}, {
+    __tostring = function() return "dogpile.NeedRegenerationException" end,
+    __call = function(self) return self end,
+})
+_M.NeedRegenerationException = NeedRegenerationException
+
+-- -- Waiting -----------------------------------------------------------------
+
+local user_sleep
+
+-- Phases of lua-nginx-module where ngx.sleep may yield.
+local NGX_YIELDABLE = {
+    rewrite = true, access = true, content = true, timer = true,
+    ssl_cert = true, ssl_session_fetch = true, ssl_client_hello = true,
+    server_rewrite = true,
+}
+
+--- How a waiter waits in this Lua state: `fn(seconds)` must yield the running
+-- coroutine to the host's scheduler for that long. `nil` restores the default
+-- (ngx.sleep inside nginx where it can yield, otherwise blocking the thread).
+-- @raise when fn is neither a function nor nil
+function _M.set_sleep(fn)
+    if fn ~= nil and type(fn) ~= "function" then
+        raise("dogpile: set_sleep expects a function(seconds) or nil, got " .. type(fn))
+    end
+    user_sleep = fn
+end
+
+--- The yielding sleep in force here, or nil when waiting must block.
+local function current_sleep()
+    if user_sleep then
+        return user_sleep
+    end
+    local ngx = ngx
+    if ngx and ngx.sleep and ngx.get_phase and NGX_YIELDABLE[ngx.get_phase()] then
+        return ngx.sleep
+    end
+    return nil
+end
+_M.current_sleep = current_sleep
+
+--- Wait with a yielding sleep until `try()` succeeds, backing off.
+local function wait_yielding(sleep, try, ...)
+    local step = FIRST_STEP
+    while true do
+        sleep(step)
+        if try(...) then
+            return true
+        end
+        step = math_min(step * 2, MAX_STEP)
+    end
+end
+_M.wait_yielding = wait_yielding
+
+-- -- The core's per-key lock, as a mutex object --------------------------------
+
+local Mutex = {}
+Mutex.__index = Mutex
+
+local function try_core(domain, key)
+    local rc = C.dp_lock_try(domain, key, #key, OWNER)
+    if rc == DP_OK then
+        return true
+    elseif rc == DP_EBUSY then
+        return false
+    end
+    raise("dogpile: cannot take the lock for key '" .. key .. "': " .. lib.strerror(rc))
+end
+
+--- A mutex for `key` in lock domain `domain` (from the core's registry).
+function _M.core_mutex(domain, key)
+    return setmetatable({ domain = domain, key = key }, Mutex)
+end
+
+--- `wait` nil or true: block (or yield) until acquired; false: try once.
+function Mutex:acquire(wait)
+    local domain, key = self.domain, self.key
+    if try_core(domain, key) then
+        return true
+    end
+    if wait == false then
+        return false
+    end
+    local sleep = current_sleep()
+    if sleep then
+        return wait_yielding(sleep, try_core, domain, key)
+    end
+    local rc = C.dp_lock_wait(domain, key, #key, OWNER, -1)
+    if rc == DP_OK then
+        return true
+    elseif rc == DP_EDEADLK then
+        raise("dogpile: the lock for key '" .. key .. "' is held by another coroutine "
+              .. "of this Lua state, so blocking the thread would wait forever; "
+              .. "call dogpile.set_sleep(fn) with your scheduler's sleep so that waiters yield")
+    end
+    raise("dogpile: waiting for the lock for key '" .. key .. "': " .. lib.strerror(rc))
+end
+
+function Mutex:release()
+    local key = self.key
+    if C.dp_lock_release(self.domain, key, #key) ~= DP_OK then
+        raise("dogpile: release of the lock for key '" .. key .. "', which is not held")
+    end
+end
+
+function Mutex:locked()
+    local key = self.key
+    return C.dp_lock_held(self.domain, key, #key, nil) == 1
+end
+
+-- -- The dogpile algorithm ----------------------------------------------------
+
+local function release_quietly(mutex)
+    pcall(mutex.release, mutex)
+end
+
+--- The lock's decision, shared by Lock:enter and the region.
+-- `read()` returns `has, value, created`; `has` false means no value.
+-- `is_expired(created)` says whether a value must be regenerated.
+-- `has, value, created` is the first read, already done by the caller, so a
+-- hit costs one read. Returns the value and how it was obtained: "fresh",
+-- "stale", "created" or "async"; a third result is true when the caller had
+-- to wait for the lock.
+local function run(mutex, creator, read, is_expired, async_creator, has, value, created)
+    local has_value = has and created > 0
+    if has_value and not is_expired(created) then
+        return value, "fresh"
+    end
+    local waited = false
+    if has_value then
+        if not mutex:acquire(false) then
+            return value, "stale"
+        end
+    elseif not mutex:acquire(false) then
+        waited = true
+        mutex:acquire(true)
+    end
+    -- We hold the lock. Read again: while we waited, or just before we took
+    -- it, the holder may have stored a new value.
+    local ok, has2, value2, created2 = pcall(read)
+    if not ok then
+        release_quietly(mutex)
+        error(has2, 0)
+    end
+    if has2 then
+        has_value, value, created = true, value2, created2
+        if not is_expired(created2) then
+            mutex:release()
+            return value2, "fresh", waited
+        end
+    end
+    if has_value and async_creator then
+        -- The runner now owns the mutex and must release it.
+        local ok2, err = pcall(async_creator, mutex)
+        if not ok2 then
+            release_quietly(mutex)
+            error(err, 0)
+        end
+        return value, "async", waited
+    end
+    local ok3, new = pcall(creator)
+    mutex:release()
+    if not ok3 then
+        error(new, 0)
+    end
+    return new, "created", waited
+end
+_M._run = run
+
+-- -- Lock -------------------------------------------------------------------
+
+local Lock = {}
+Lock.__index = Lock
+_M.Lock = Lock
+
+local function is_callable(f)
+    if type(f) == "function" then
+        return true
+    end
+    local mt = getmetatable(f)
+    return mt ~= nil and type(mt) == "table" and mt.__call ~= nil
+end
+_M.is_callable = is_callable
+
+local function check_mutex(mutex, who)
+    if (type(mutex) ~= "table" and type(mutex) ~= "userdata")
+        or not is_callable(mutex.acquire) or not is_callable(mutex.release) then
+        raise(who .. ": mutex must be an object with :acquire(wait) and :release(), got "
+              .. type(mutex))
+    end
+end
+_M.check_mutex = check_mutex
+
+--- `Lock.new(mutex, creator, value_and_created_fn, expiretime, async_creator)`
+-- @raise on arguments of the wrong type
+function Lock.new(mutex, creator, value_and_created_fn, expiretime, async_creator)
+    check_mutex(mutex, "dogpile: Lock.new")
+    if not is_callable(creator) then
+        raise("dogpile: Lock.new: creator must be a function, got " .. type(creator))
+    end
+    if not is_callable(value_and_created_fn) then
+        raise("dogpile: Lock.new: value_and_created_fn must be a function, got "
+              .. type(value_and_created_fn))
+    end
+    if expiretime ~= nil and type(expiretime) ~= "number" then
+        raise("dogpile: Lock.new: expiretime must be a number of seconds or nil, got "
+              .. type(expiretime))
+    end
+    if async_creator ~= nil and not is_callable(async_creator) then
+        raise("dogpile: Lock.new: async_creator must be a function or nil, got "
+              .. type(async_creator))
+    end
+    if expiretime ~= nil and expiretime < 0 then
+        expiretime = nil
+    end
+    return setmetatable({
+        mutex = mutex, creator = creator, value_and_created_fn = value_and_created_fn,
+        expiretime = expiretime, async_creator = async_creator,
+    }, Lock)
+end
+
+--- Returns the value: fresh, stale while another caller regenerates, or new.
+-- @raise whatever the creator or value function raise, after releasing
+function Lock:enter()
+    local value_fn, expiretime = self.value_and_created_fn, self.expiretime
+    local function read()
+        local ok, value, created = pcall(value_fn)
+        if ok then
+            if type(created) ~= "number" then
+                raise("dogpile: value_and_created_fn must return value, created_time; "
+                      .. "created_time was " .. type(created))
+            end
+            return true, value, created
+        elseif value == NeedRegenerationException then
+            return false
+        end
+        error(value, 0)
+    end
+    local function is_expired(created)
+        return not (created > 0)
+            or (expiretime ~= nil and C.dp_clock_now() - created > expiretime)
+    end
+    local creator = self.creator
+    local function create()
+        return (creator())
+    end
+    local has, value, created = read()
+    return (run(self.mutex, create, read, is_expired, self.async_creator,
+                has, value, has and created or -1))
+end
+
+-- -- NameRegistry --------------------------------------------------------------
+
+local NameRegistry = {}
+NameRegistry.__index = NameRegistry
+_M.NameRegistry = NameRegistry
+
+--- `NameRegistry.new(creator)`: `:get(id, ...)` returns the one live object for
+-- `id`, made by `creator(id, ...)` when there is none. Objects are held weakly.
+function NameRegistry.new(creator)
+    if not is_callable(creator) then
+        raise("dogpile: NameRegistry.new: creator must be a function, got " .. type(creator))
+    end
+    return setmetatable({ creator = creator, values = setmetatable({}, { __mode = "v" }) },
+                        NameRegistry)
+end
+
+function NameRegistry:get(id, ...)
+    if id == nil then
+        raise("dogpile: NameRegistry:get: id must not be nil")
+    end
+    local values = self.values
+    local obj = values[id]
+    if obj == nil then
+        obj = self.creator(id, ...)
+        values[id] = obj
+    end
+    return obj
+end
+
+-- -- ReadWriteMutex ------------------------------------------------------------
+-- A Lua object lives in one Lua state, so only coroutines of this state can
+-- contend for it: waiting always goes through the yielding sleep.
+
+local ReadWriteMutex = {}
+ReadWriteMutex.__index = ReadWriteMutex
+_M.ReadWriteMutex = ReadWriteMutex
+
+local MAIN = {}
+
+local function current()
+    return co_running() or MAIN
+end
+
+function ReadWriteMutex.new()
+    return setmetatable({ readers = 0, writer = nil }, ReadWriteMutex)
+end
+
+local function rw_wait(step)
+    local sleep = current_sleep()
+    if not sleep then
+        raise("dogpile: ReadWriteMutex is held by another coroutine of this Lua state and "
+              .. "no sleep function is set, so waiting would block forever; "
+              .. "call dogpile.set_sleep(fn)")
+    end
+    sleep(step)
+    return math_min(step * 2, MAX_STEP)
+end
+
+function ReadWriteMutex:acquire_read_lock(wait)
+    local step = FIRST_STEP
+    while self.writer ~= nil do
+        if wait == false then
+            return false
+        end
+        step = rw_wait(step)
+    end
+    self.readers = self.readers + 1
+    return true
+end
+
+function ReadWriteMutex:release_read_lock()
+    if self.readers <= 0 then
+        raise("dogpile: ReadWriteMutex: release_read_lock called without a read lock")
+    end
+    self.readers = self.readers - 1
+end
+
+function ReadWriteMutex:acquire_write_lock(wait)
+    local step = FIRST_STEP
+    while self.writer ~= nil do
+        if wait == false then
+            return false
+        end
+        step = rw_wait(step)
+    end
+    -- Claim the writer slot first, so new readers wait while current ones drain.
+    local me = current()
+    self.writer = me
+    step = FIRST_STEP
+    while self.readers > 0 do
+        if wait == false then
+            self.writer = nil
+            return false
+        end
+        local ok, err = pcall(rw_wait, step)
+        if not ok then
+            self.writer = nil
+            error(err, 0)
+        end
+        step = err
+    end
+    return true
+end
+
+function ReadWriteMutex:release_write_lock()
+    if self.writer ~= current() then
+        raise("dogpile: ReadWriteMutex: the current coroutine does not hold the write lock")
+    end
+    self.writer = nil
+end
+
+_M.now = function() return C.dp_clock_now() end
+_M.stamp = function() return C.dp_clock_stamp() end
+
+return _M

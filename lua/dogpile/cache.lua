@@ -1,0 +1,91 @@
+--- dogpile.cache: regions over pluggable backends, under the dogpile lock.
+local lib = require "dogpile.lib"
+local api = require "dogpile.cache.api"
+local region = require "dogpile.cache.region"
+local util = require "dogpile.cache.util"
+
+local raise = lib.raise
+local type, pairs, tostring, pcall, loadfile = type, pairs, tostring, pcall, loadfile
+
+lib.own_source()
+
+local _M = {
+    _VERSION = lib.version,
+    NO_VALUE = api.NO_VALUE,
+    CachedValue = api.CachedValue,
+    VALUE_VERSION = api.VALUE_VERSION,
+    make_region = region.make_region,
+    register_backend = region.register_backend,
+    DefaultInvalidationStrategy = region.DefaultInvalidationStrategy,
+    CacheRegion = region.Region,
+}
+
+--- Where fail_open failures and undecodable values are reported: a
+-- function(message). Defaults to ngx.log(ngx.WARN) in nginx, stderr elsewhere.
+function _M.set_logger(fn)
+    if type(fn) ~= "function" then
+        raise("dogpile.cache: set_logger expects a function(message), got " .. type(fn))
+    end
+    region.log = fn
+end
+
+--- `cache.load_regions(path_or_table)` -> {name = region}. Each entry names
+-- a backend and any option of make_region or configure.
+-- @raise on a file that does not load, or a region that does not configure
+function _M.load_regions(source)
+    local where, conf
+    if type(source) == "string" then
+        where = "'" .. source .. "'"
+        local chunk, err = loadfile(source)
+        if not chunk then
+            raise("dogpile.cache: load_regions: cannot load " .. where .. ": " .. tostring(err))
+        end
+        local ok, res = pcall(chunk)
+        if not ok then
+            raise("dogpile.cache: load_regions: " .. where .. " raised: " .. tostring(res))
+        end
+        conf = res
+    elseif type(source) == "table" then
+        where, conf = "the given table", source
+    else
+        raise("dogpile.cache: load_regions expects a file path or a table, got " .. type(source))
+    end
+    if type(conf) ~= "table" then
+        raise("dogpile.cache: load_regions: " .. where .. " must return a table of regions, got "
+              .. type(conf))
+    end
+    local regions = {}
+    for name, spec in pairs(conf) do
+        if type(name) ~= "string" or type(spec) ~= "table" then
+            raise("dogpile.cache: load_regions: in " .. where .. ", each entry must be "
+                  .. "name = {backend = ..., ...}; got " .. type(name) .. " = " .. type(spec))
+        end
+        local make_opts, conf_opts = { name = name }, {}
+        local backend
+        for k, v in pairs(spec) do
+            if k == "backend" then
+                backend = v
+            elseif k == "name" then
+                make_opts.name = v
+            elseif region.MAKE_OPTS[k] then
+                make_opts[k] = v
+            elseif region.CONFIGURE_OPTS[k] then
+                conf_opts[k] = v
+            else
+                raise("dogpile.cache: load_regions: region '" .. name .. "' in " .. where
+                      .. ": unknown option '" .. tostring(k) .. "'")
+            end
+        end
+        if type(backend) ~= "string" then
+            raise("dogpile.cache: load_regions: region '" .. name .. "' in " .. where
+                  .. ": backend must be a backend name, got " .. type(backend))
+        end
+        if type(conf_opts.expiration_time) == "string" then
+            conf_opts.expiration_time = util.coerce_string(conf_opts.expiration_time)
+        end
+        regions[name] = region.make_region(make_opts):configure(backend, conf_opts)
+    end
+    return regions
+end
+
+return _M

@@ -1,0 +1,192 @@
+--- dogpile.cache.memory: values in a Lua table of this Lua state, by
+-- reference (nothing is copied or serialized). Arguments:
+--   cache_dict  a table to keep the values in (default: a new one)
+--   max_items   bound the number of keys; the least recently used is evicted
+local lib = require "dogpile.lib"
+local api = require "dogpile.cache.api"
+
+local NO_VALUE = api.NO_VALUE
+local type, pairs, setmetatable, math_floor = type, pairs, setmetatable, math.floor
+
+lib.own_source()
+
+-- -- Unbounded ----------------------------------------------------------------
+
+local Memory = {}
+Memory.__index = Memory
+
+function Memory:get(key)
+    local v = self._cache[key]
+    if v == nil then
+        return NO_VALUE
+    end
+    return v
+end
+
+function Memory:set(key, value)
+    self._cache[key] = value
+end
+
+function Memory:delete(key)
+    self._cache[key] = nil
+end
+
+function Memory:get_multi(keys)
+    local cache, out = self._cache, {}
+    for i = 1, #keys do
+        local v = cache[keys[i]]
+        if v == nil then
+            v = NO_VALUE
+        end
+        out[i] = v
+    end
+    return out
+end
+
+function Memory:set_multi(mapping)
+    local cache = self._cache
+    for k, v in pairs(mapping) do
+        cache[k] = v
+    end
+end
+
+function Memory:delete_multi(keys)
+    local cache = self._cache
+    for i = 1, #keys do
+        cache[keys[i]] = nil
+    end
+end
+
+function Memory:stats()
+    local n = 0
+    for _ in pairs(self._cache) do
+        n = n + 1
+    end
+    return { items = n, evictions = 0 }
+end
+
+-- -- Bounded: exact LRU over a doubly linked list ----------------------------------
+-- The values stay in cache_dict; nodes keep the order. The list head is the
+-- most recently used, and a hit moves its node there in constant time.
+
+local LRU = setmetatable({}, { __index = Memory })
+LRU.__index = LRU
+
+local function unlink(node)
+    node.prev.next = node.next
+    node.next.prev = node.prev
+end
+
+local function push_front(head, node)
+    node.next = head.next
+    node.prev = head
+    head.next.prev = node
+    head.next = node
+end
+
+function LRU:get(key)
+    local v = self._cache[key]
+    if v == nil then
+        return NO_VALUE
+    end
+    local node = self._nodes[key]
+    local head = self._head
+    if node and head.next ~= node then
+        unlink(node)
+        push_front(head, node)
+    end
+    return v
+end
+
+function LRU:set(key, value)
+    local nodes = self._nodes
+    local node = nodes[key]
+    if node then
+        unlink(node)
+    else
+        node = { key = key }
+        nodes[key] = node
+        self._count = self._count + 1
+    end
+    push_front(self._head, node)
+    self._cache[key] = value
+    local head = self._head
+    while self._count > self._max do
+        local victim = head.prev
+        unlink(victim)
+        nodes[victim.key] = nil
+        self._cache[victim.key] = nil
+        self._count = self._count - 1
+        self._evictions = self._evictions + 1
+    end
+end
+
+function LRU:delete(key)
+    local node = self._nodes[key]
+    if node then
+        unlink(node)
+        self._nodes[key] = nil
+        self._count = self._count - 1
+    end
+    self._cache[key] = nil
+end
+
+function LRU:get_multi(keys)
+    local out = {}
+    for i = 1, #keys do
+        out[i] = self:get(keys[i])
+    end
+    return out
+end
+
+function LRU:set_multi(mapping)
+    for k, v in pairs(mapping) do
+        self:set(k, v)
+    end
+end
+
+function LRU:delete_multi(keys)
+    for i = 1, #keys do
+        self:delete(keys[i])
+    end
+end
+
+function LRU:stats()
+    return { items = self._count, evictions = self._evictions, max_items = self._max }
+end
+
+local function new(arguments)
+    arguments = arguments or {}
+    local cache = arguments.cache_dict
+    if cache ~= nil and type(cache) ~= "table" then
+        lib.raise("dogpile.cache.memory: cache_dict must be a table, got " .. type(cache))
+    end
+    local max = arguments.max_items
+    if max ~= nil and (type(max) ~= "number" or max < 1 or max ~= math_floor(max)) then
+        lib.raise("dogpile.cache.memory: max_items must be a positive integer, got "
+                  .. tostring(max))
+    end
+    cache = cache or {}
+    if not max then
+        return setmetatable({ _cache = cache }, Memory)
+    end
+    local head = {}
+    head.next, head.prev = head, head
+    local self = setmetatable({ _cache = cache, _nodes = {}, _head = head, _count = 0,
+                                _max = max, _evictions = 0 }, LRU)
+    -- Keys already in a given cache_dict enter the order, oldest first.
+    local keys, values = {}, {}
+    for k, v in pairs(cache) do
+        keys[#keys + 1] = k
+        values[#keys] = v
+    end
+    for i = 1, #keys do
+        cache[keys[i]] = nil
+    end
+    for i = 1, #keys do
+        self:set(keys[i], values[i])
+    end
+    return self
+end
+
+return { new = new }

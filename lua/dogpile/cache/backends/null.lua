@@ -1,0 +1,32 @@
+--- dogpile.cache.null: stores nothing. Every get is a miss and its lock never
+-- blocks, so every caller runs the creator, as with dogpile.cache's null backend.
+local api = require "dogpile.cache.api"
+
+local NO_VALUE = api.NO_VALUE
+
+local NullLock = {}
+NullLock.__index = NullLock
+function NullLock.acquire() return true end
+function NullLock.release() end
+local NULL_LOCK = setmetatable({}, NullLock)
+
+local Null = {}
+Null.__index = Null
+
+function Null.get() return NO_VALUE end
+function Null.set() end
+function Null.delete() end
+function Null.set_multi() end
+function Null.delete_multi() end
+function Null.get_multi(_, keys)
+    local out = {}
+    for i = 1, #keys do
+        out[i] = NO_VALUE
+    end
+    return out
+end
+function Null.get_mutex() return NULL_LOCK end
+
+return {
+    new = function() return setmetatable({}, Null) end,
+}

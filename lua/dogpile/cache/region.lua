@@ -1,0 +1,1238 @@
+--- CacheRegion: a backend, an expiration time, a key generator and an
+-- optional key mangler, with get/set/delete and get_or_create under the lock.
+local ffi = require "ffi"
+local lib = require "dogpile.lib"
+local dogpile = require "dogpile"
+local api = require "dogpile.cache.api"
+local proxy = require "dogpile.cache.proxy"
+local util = require "dogpile.cache.util"
+
+local C = lib.C
+local raise = lib.raise
+local NO_VALUE = api.NO_VALUE
+local VALUE_VERSION = api.VALUE_VERSION
+local CachedValue = api.CachedValue
+local is_callable = dogpile.is_callable
+local run = dogpile._run
+local core_mutex = dogpile.core_mutex
+local type, pairs, ipairs, tostring, select, setmetatable, getmetatable, rawget, pcall, error,
+      unpack, require = type, pairs, ipairs, tostring, select, setmetatable, getmetatable, rawget,
+      pcall, error, unpack, require
+local sort, concat = table.sort, table.concat
+local char, byte = string.char, string.byte
+
+lib.own_source()
+
+local _M = {}
+
+-- -- Invalidation --------------------------------------------------------------
+
+--- dogpile.cache's DefaultInvalidationStrategy: one invalidation time, hard or
+-- soft, kept in this region object.
+local DefaultInvalidation = {}
+DefaultInvalidation.__index = DefaultInvalidation
+_M.DefaultInvalidationStrategy = DefaultInvalidation
+
+function DefaultInvalidation.new()
+    return setmetatable({ _hard = nil, _invalidated = nil }, DefaultInvalidation)
+end
+
+function DefaultInvalidation:invalidate(hard)
+    self._hard = hard ~= false
+    self._invalidated = C.dp_clock_stamp()
+end
+
+function DefaultInvalidation:is_invalidated(ct)
+    local at = self._invalidated
+    return at ~= nil and ct < at
+end
+
+function DefaultInvalidation:was_hard_invalidated()
+    return self._hard == true
+end
+
+function DefaultInvalidation:is_hard_invalidated(ct)
+    return self._hard == true and self:is_invalidated(ct)
+end
+
+function DefaultInvalidation:was_soft_invalidated()
+    return self._hard == false
+end
+
+function DefaultInvalidation:is_soft_invalidated(ct)
+    return self._hard == false and self:is_invalidated(ct)
+end
+
+local INVALIDATOR_METHODS = { "invalidate", "is_invalidated", "is_hard_invalidated",
+    "is_soft_invalidated", "was_hard_invalidated", "was_soft_invalidated" }
+
+-- -- The envelope of serialized values ------------------------------------------
+-- Backends that store bytes get: magic "DPLV", format 1, flags, 2 reserved
+-- bytes, the created time as a native double, then the payload bytes.
+
+local MAGIC, FORMAT, HEADER = "DPLV", 1, 16
+local dbl = ffi.new("double[1]")
+
+local function pack_envelope(ct, payload)
+    dbl[0] = ct
+    return MAGIC .. char(FORMAT, 0, 0, 0) .. ffi.string(dbl, 8) .. payload
+end
+
+--- created time and payload bytes, or nil and why the bytes are not a value.
+local function unpack_envelope(bytes)
+    if type(bytes) ~= "string" then
+        return nil, "the backend returned a " .. type(bytes) .. ", not bytes"
+    end
+    if #bytes < HEADER or bytes:sub(1, 4) ~= MAGIC then
+        return nil, "the bytes are not a dogpile value (bad magic or too short)"
+    end
+    if byte(bytes, 5) ~= FORMAT then
+        return nil, "unknown value format " .. byte(bytes, 5)
+    end
+    ffi.copy(dbl, bytes:sub(9, 16), 8)
+    return dbl[0], bytes:sub(HEADER + 1)
+end
+_M.pack_envelope, _M.unpack_envelope = pack_envelope, unpack_envelope
+
+-- -- Region ----------------------------------------------------------------------
+
+local Region = {}
+-- A configured region looks its methods up in Region directly (the hit path);
+-- an unconfigured one goes through a function that refuses `backend`.
+local CONFIGURED = { __index = Region }
+local UNCONFIGURED = {
+    __index = function(self, k)
+        local v = Region[k]
+        if v ~= nil then
+            return v
+        end
+        if k == "backend" or k == "actual_backend" then
+            raise("dogpile.cache: region " .. self:_label() .. " is not configured; "
+                  .. "call region:configure(backend_name, opts) first")
+        end
+        return nil
+    end,
+}
+_M.Region = Region
+
+function Region:_label()
+    local name = rawget(self, "name")
+    return name and ("'" .. tostring(name) .. "'") or "(unnamed)"
+end
+
+local MAKE_OPTS = {
+    name = "string", function_key_generator = "function",
+    function_multi_key_generator = "function", key_mangler = "function",
+    serializer = "function", deserializer = "function", async_creation_runner = "function",
+}
+_M.MAKE_OPTS = MAKE_OPTS
+
+local CONFIGURE_OPTS = {
+    expiration_time = "number", arguments = "table", wrap = "table",
+    replace_existing_backend = "boolean", region_invalidator = "table", fail_open = "boolean",
+}
+_M.CONFIGURE_OPTS = CONFIGURE_OPTS
+
+local function check_opts(who, opts, allowed)
+    if opts == nil then
+        return {}
+    end
+    if type(opts) ~= "table" then
+        raise("dogpile.cache: " .. who .. ": options must be a table, got " .. type(opts))
+    end
+    for k, v in pairs(opts) do
+        local want = allowed[k]
+        if not want then
+            raise("dogpile.cache: " .. who .. ": unknown option '" .. tostring(k) .. "'")
+        end
+        local ok = type(v) == want or (want == "function" and is_callable(v))
+        if k == "key_mangler" and v == "sha1" then
+            ok = true
+        end
+        if not ok then
+            raise("dogpile.cache: " .. who .. ": " .. k .. " must be a " .. want .. ", got " .. type(v))
+        end
+    end
+    return opts
+end
+
+--- `cache.make_region(opts)`.
+function _M.make_region(opts)
+    opts = check_opts("make_region", opts, MAKE_OPTS)
+    local mangler = opts.key_mangler
+    if mangler == "sha1" then
+        mangler = util.sha1_mangle_key
+    end
+    local self = {
+        name = opts.name,
+        function_key_generator = opts.function_key_generator or util.function_key_generator,
+        function_multi_key_generator = opts.function_multi_key_generator
+            or util.function_multi_key_generator,
+        key_mangler = mangler,
+        _user_key_mangler = mangler ~= nil,
+        serializer = opts.serializer,
+        deserializer = opts.deserializer,
+        async_creation_runner = opts.async_creation_runner,
+        is_configured = false,
+        region_invalidator = DefaultInvalidation.new(),
+    }
+    return setmetatable(self, UNCONFIGURED)
+end
+
+local function new_stats()
+    return { hits = 0, misses = 0, creations = 0, stale_served = 0, lock_waits = 0,
+             errors = 0, evictions = 0 }
+end
+
+--- Wrap the backend in proxies: the first in `wrap` is outermost.
+local function apply_wrap(backend, wrap)
+    for i = #wrap, 1, -1 do
+        local p = wrap[i]
+        if proxy.is_class(p) then
+            p = p.new()
+        elseif not proxy.is_instance(p) then
+            raise("dogpile.cache: configure: wrap[" .. i .. "] is not a ProxyBackend class "
+                  .. "or instance (got " .. type(p) .. ")")
+        end
+        backend = p:wrap(backend) or p
+    end
+    return backend
+end
+
+--- `region:configure(backend_name, opts)` -> region.
+-- @raise when already configured, on an unknown backend or a bad option
+function Region:configure(backend_name, opts)
+    opts = check_opts("configure", opts, CONFIGURE_OPTS)
+    if rawget(self, "is_configured") and not opts.replace_existing_backend then
+        raise("dogpile.cache: region " .. self:_label() .. " is already configured with backend '"
+              .. tostring(self._backend_name) .. "'; pass replace_existing_backend = true to replace it")
+    end
+    if type(backend_name) ~= "string" then
+        raise("dogpile.cache: configure: backend name must be a string, got " .. type(backend_name))
+    end
+    local inv = opts.region_invalidator
+    if inv then
+        for _, m in ipairs(INVALIDATOR_METHODS) do
+            if not is_callable(inv[m]) then
+                raise("dogpile.cache: configure: region_invalidator has no method " .. m)
+            end
+        end
+    end
+    local backend = _M.load_backend(backend_name, opts.arguments or {})
+    local serialized = backend.serialized == true
+    if serialized and not (self.serializer and self.deserializer) then
+        raise("dogpile.cache: backend '" .. backend_name .. "' stores bytes: give the region "
+              .. "a serializer and a deserializer (make_region options)")
+    end
+
+    self._backend_name = backend_name
+    self.actual_backend = backend
+    self.backend = apply_wrap(backend, opts.wrap or {})
+    self.expiration_time = opts.expiration_time
+    if not self._user_key_mangler then
+        self.key_mangler = backend.key_mangler
+    end
+    if inv then
+        self.region_invalidator = inv
+    end
+    self._default_inv = getmetatable(self.region_invalidator) == DefaultInvalidation
+    self._serialized = serialized
+    self.fail_open = opts.fail_open == true
+    self._domain = C.dp_lock_domain_new()
+    self._stats = new_stats()
+    self.is_configured = true
+    return setmetatable(self, CONFIGURED)
+end
+
+--- `region:configure_from_config(config, prefix)`: a flat table, as from an
+-- ini file; strings are coerced.
+function Region:configure_from_config(config, prefix)
+    if type(config) ~= "table" then
+        raise("dogpile.cache: configure_from_config: config must be a table, got " .. type(config))
+    end
+    if type(prefix) ~= "string" then
+        raise("dogpile.cache: configure_from_config: prefix must be a string, got " .. type(prefix))
+    end
+    local conf = util.coerce_string_conf(config)
+    local backend = conf[prefix .. "backend"]
+    if backend == nil then
+        raise("dogpile.cache: configure_from_config: no '" .. prefix .. "backend' in config")
+    end
+    local args_prefix = prefix .. "arguments."
+    local arguments = {}
+    for k, v in pairs(conf) do
+        if type(k) == "string" and k:sub(1, #args_prefix) == args_prefix then
+            arguments[k:sub(#args_prefix + 1)] = v
+        end
+    end
+    local exp = conf[prefix .. "expiration_time"]
+    if exp ~= nil and type(exp) ~= "number" then
+        raise("dogpile.cache: configure_from_config: " .. prefix .. "expiration_time must be a "
+              .. "number of seconds, got '" .. tostring(exp) .. "'")
+    end
+    return self:configure(backend, {
+        expiration_time = exp,
+        arguments = arguments,
+        replace_existing_backend = conf[prefix .. "replace_existing_backend"] == true,
+        fail_open = conf[prefix .. "fail_open"] == true or nil,
+    })
+end
+
+--- `region:wrap(proxy)`: wrap the configured backend in one more proxy.
+function Region:wrap(p)
+    self.backend = apply_wrap(self.backend, { p })
+end
+
+function Region:invalidate(hard)
+    if hard == nil then
+        hard = true
+    end
+    self.region_invalidator:invalidate(hard)
+end
+
+function Region:stats()
+    local st = self._stats or new_stats()
+    local out = {}
+    for k, v in pairs(st) do
+        out[k] = v
+    end
+    local b = rawget(self, "actual_backend")
+    if b and b.stats then
+        local ok, bs = pcall(b.stats, b)
+        if ok and type(bs) == "table" and type(bs.evictions) == "number" then
+            out.evictions = bs.evictions
+        end
+    end
+    return out
+end
+
+-- -- Talking to the backend ------------------------------------------------------
+
+local function log(msg)
+    local ngx = ngx
+    if ngx and ngx.log then
+        ngx.log(ngx.WARN, msg)
+    else
+        io.stderr:write(msg, "\n")
+    end
+end
+_M.log = log
+
+function Region:_failed(op, key, err)
+    self._stats.errors = self._stats.errors + 1
+    _M.log("dogpile.cache: region " .. self:_label() .. ": backend '" .. tostring(self._backend_name)
+           .. "' failed on " .. op .. (key and (" '" .. tostring(key) .. "'") or "")
+           .. " (treated as a miss, fail_open): " .. tostring(err))
+end
+
+local function decode(self, bytes)
+    if bytes == NO_VALUE or bytes == nil then
+        return NO_VALUE
+    end
+    local ct, payload = unpack_envelope(bytes)
+    local ok, value = false, payload
+    if ct then
+        ok, value = pcall(self.deserializer, payload)
+    end
+    if not ok then
+        self._stats.errors = self._stats.errors + 1
+        _M.log("dogpile.cache: region " .. self:_label() .. ": a stored value does not decode "
+               .. "(treated as a miss): " .. tostring(value))
+        return NO_VALUE
+    end
+    return CachedValue.new(value, { ct = ct, v = VALUE_VERSION })
+end
+
+local function encode(self, cv)
+    local payload = self.serializer(cv.payload)
+    if type(payload) ~= "string" then
+        raise("dogpile.cache: region " .. self:_label() .. ": the serializer returned a "
+              .. type(payload) .. ", not a string")
+    end
+    return pack_envelope(cv.metadata.ct, payload)
+end
+
+-- One read from the backend, normalized to a CachedValue or NO_VALUE.
+local function fetch(self, backend, key)
+    local v
+    if self.fail_open then
+        local ok
+        ok, v = pcall(backend.get, backend, key)
+        if not ok then
+            self:_failed("get", key, v)
+            return NO_VALUE
+        end
+    else
+        v = backend:get(key)
+    end
+    if self._serialized then
+        return decode(self, v)
+    end
+    if v == nil then
+        return NO_VALUE
+    end
+    return v
+end
+
+local function fetch_multi(self, backend, keys)
+    local vs
+    if self.fail_open then
+        local ok
+        ok, vs = pcall(proxy.get_multi, backend, keys)
+        if not ok then
+            self:_failed("get_multi", nil, vs)
+            vs = {}
+        end
+    else
+        vs = proxy.get_multi(backend, keys)
+    end
+    local out = {}
+    for i = 1, #keys do
+        local v = vs[i]
+        if self._serialized then
+            v = decode(self, v)
+        elseif v == nil then
+            v = NO_VALUE
+        end
+        out[i] = v
+    end
+    return out
+end
+
+local function store(self, backend, key, cv)
+    local v = cv
+    if self._serialized then
+        v = encode(self, cv)
+    end
+    if self.fail_open then
+        local ok, err = pcall(backend.set, backend, key, v)
+        if not ok then
+            self:_failed("set", key, err)
+        end
+    else
+        backend:set(key, v)
+    end
+end
+
+local function store_multi(self, backend, mapping)
+    if self._serialized then
+        local enc = {}
+        for k, cv in pairs(mapping) do
+            enc[k] = encode(self, cv)
+        end
+        mapping = enc
+    end
+    if self.fail_open then
+        local ok, err = pcall(proxy.set_multi, backend, mapping)
+        if not ok then
+            self:_failed("set_multi", nil, err)
+        end
+    else
+        proxy.set_multi(backend, mapping)
+    end
+end
+
+local function check_key(key, who)
+    if type(key) ~= "string" then
+        raise("dogpile.cache: " .. who .. ": key must be a string, got " .. type(key))
+    end
+end
+
+local function check_expiration(exp, who)
+    if exp ~= nil and type(exp) ~= "number" then
+        raise("dogpile.cache: " .. who .. ": expiration_time must be a number of seconds or nil, got "
+              .. type(exp))
+    end
+end
+
+local function mangle(self, key)
+    local km = self.key_mangler
+    if km then
+        key = km(key)
+        if type(key) ~= "string" then
+            raise("dogpile.cache: region " .. self:_label() .. ": key_mangler returned a "
+                  .. type(key) .. ", not a string")
+        end
+    end
+    return key
+end
+
+-- Is a value usable as it is (not a miss, not invalidated, not expired)?
+-- Also says whether it may be served stale while another caller regenerates.
+local function classify(self, value, exp)
+    if value == NO_VALUE then
+        return "missing"
+    end
+    local md = value.metadata
+    local ct = md.ct
+    if md.v ~= VALUE_VERSION then
+        return "missing"
+    end
+    local inv = self.region_invalidator
+    if inv:is_hard_invalidated(ct) then
+        return "missing"
+    end
+    if inv:is_soft_invalidated(ct) or (exp ~= nil and C.dp_clock_now() - ct > exp) then
+        return "stale"
+    end
+    return "fresh"
+end
+
+-- -- get / set / delete -----------------------------------------------------------
+
+--- `region:get(key, expiration_time, ignore_expiration)` -> value or NO_VALUE.
+function Region:get(key, expiration_time, ignore_expiration)
+    local backend = self.backend
+    if type(key) ~= "string" then
+        check_key(key, "get")
+    end
+    if expiration_time ~= nil and type(expiration_time) ~= "number" then
+        check_expiration(expiration_time, "get")
+    end
+    if self.key_mangler then
+        key = mangle(self, key)
+    end
+    local value = fetch(self, backend, key)
+    local st = self._stats
+    if value ~= NO_VALUE then
+        if ignore_expiration then
+            st.hits = st.hits + 1
+            return value.payload
+        end
+        local exp = expiration_time or self.expiration_time
+        local ct = value.metadata.ct
+        if (exp == nil or exp < 0 or C.dp_clock_now() - ct <= exp) then
+            local inv = self.region_invalidator
+            local invalidated
+            if self._default_inv then
+                local at = inv._invalidated
+                invalidated = at ~= nil and ct < at
+            else
+                invalidated = inv:is_invalidated(ct)
+            end
+            if not invalidated then
+                st.hits = st.hits + 1
+                return value.payload
+            end
+        end
+    end
+    st.misses = st.misses + 1
+    return NO_VALUE
+end
+
+local function unexpired(self, value, exp, ignore_expiration)
+    if value == NO_VALUE or ignore_expiration then
+        return value
+    end
+    local ct = value.metadata.ct
+    if exp ~= nil and exp >= 0 and C.dp_clock_now() - ct > exp then
+        return NO_VALUE
+    end
+    if self.region_invalidator:is_invalidated(ct) then
+        return NO_VALUE
+    end
+    return value
+end
+
+--- `region:get_multi(keys, expiration_time, ignore_expiration)` -> array.
+function Region:get_multi(keys, expiration_time, ignore_expiration)
+    local backend = self.backend
+    if type(keys) ~= "table" then
+        raise("dogpile.cache: get_multi: keys must be an array of strings, got " .. type(keys))
+    end
+    check_expiration(expiration_time, "get_multi")
+    local n = #keys
+    if n == 0 then
+        return {}
+    end
+    local mangled = {}
+    for i = 1, n do
+        check_key(keys[i], "get_multi")
+        mangled[i] = mangle(self, keys[i])
+    end
+    local values = fetch_multi(self, backend, mangled)
+    local exp = expiration_time or self.expiration_time
+    local st, out = self._stats, {}
+    for i = 1, n do
+        local v = unexpired(self, values[i], exp, ignore_expiration)
+        if v == NO_VALUE then
+            st.misses = st.misses + 1
+            out[i] = NO_VALUE
+        else
+            st.hits = st.hits + 1
+            out[i] = v.payload
+        end
+    end
+    return out
+end
+
+--- `region:get_value_metadata(key, expiration_time, ignore_expiration)` ->
+-- CachedValue or nil.
+function Region:get_value_metadata(key, expiration_time, ignore_expiration)
+    local backend = self.backend
+    check_key(key, "get_value_metadata")
+    check_expiration(expiration_time, "get_value_metadata")
+    local value = fetch(self, backend, mangle(self, key))
+    value = unexpired(self, value, expiration_time or self.expiration_time, ignore_expiration)
+    if value == NO_VALUE then
+        return nil
+    end
+    return value
+end
+
+local function new_value(payload)
+    return CachedValue.new(payload, { ct = C.dp_clock_stamp(), v = VALUE_VERSION })
+end
+
+function Region:set(key, value)
+    local backend = self.backend
+    check_key(key, "set")
+    store(self, backend, mangle(self, key), new_value(value))
+end
+
+function Region:set_multi(mapping)
+    local backend = self.backend
+    if type(mapping) ~= "table" then
+        raise("dogpile.cache: set_multi: mapping must be a table {key = value}, got " .. type(mapping))
+    end
+    local md = { ct = C.dp_clock_stamp(), v = VALUE_VERSION }
+    local out, any = {}, false
+    for k, v in pairs(mapping) do
+        check_key(k, "set_multi")
+        out[mangle(self, k)] = CachedValue.new(v, md)
+        any = true
+    end
+    if any then
+        store_multi(self, backend, out)
+    end
+end
+
+function Region:delete(key)
+    local backend = self.backend
+    check_key(key, "delete")
+    key = mangle(self, key)
+    if self.fail_open then
+        local ok, err = pcall(backend.delete, backend, key)
+        if not ok then
+            self:_failed("delete", key, err)
+        end
+    else
+        backend:delete(key)
+    end
+end
+
+function Region:delete_multi(keys)
+    local backend = self.backend
+    if type(keys) ~= "table" then
+        raise("dogpile.cache: delete_multi: keys must be an array of strings, got " .. type(keys))
+    end
+    local mangled = {}
+    for i = 1, #keys do
+        check_key(keys[i], "delete_multi")
+        mangled[i] = mangle(self, keys[i])
+    end
+    if #mangled == 0 then
+        return
+    end
+    if self.fail_open then
+        local ok, err = pcall(proxy.delete_multi, backend, mangled)
+        if not ok then
+            self:_failed("delete_multi", nil, err)
+        end
+    else
+        proxy.delete_multi(backend, mangled)
+    end
+end
+
+-- -- Mutexes ---------------------------------------------------------------------
+
+-- Under fail_open a backend lock that cannot be taken because the backend is
+-- down lets the creator run without it.
+local FailOpenMutex = {}
+FailOpenMutex.__index = FailOpenMutex
+
+function FailOpenMutex:acquire(wait)
+    local ok, got = pcall(self.inner.acquire, self.inner, wait)
+    if ok then
+        self.unlocked = false
+        return got
+    end
+    self.region:_failed("lock", self.key, got)
+    self.unlocked = true
+    return true
+end
+
+function FailOpenMutex:release()
+    if self.unlocked then
+        self.unlocked = false
+        return
+    end
+    local ok, err = pcall(self.inner.release, self.inner)
+    if not ok then
+        self.region:_failed("unlock", self.key, err)
+    end
+end
+
+--- The mutex for a mangled key: the backend's own lock when it has one,
+-- otherwise the core's per-key lock in this region's domain.
+function Region:_mutex(key)
+    local backend = self.backend
+    if backend.get_mutex then
+        local ok, m = pcall(backend.get_mutex, backend, key)
+        if not ok then
+            if not self.fail_open then
+                error(m, 0)
+            end
+            self:_failed("get_mutex", key, m)
+            m = nil
+        elseif m ~= nil then
+            dogpile.check_mutex(m, "dogpile.cache: backend get_mutex")
+            if self.fail_open then
+                return setmetatable({ inner = m, region = self, key = key }, FailOpenMutex)
+            end
+            return m
+        end
+    end
+    return core_mutex(self._domain, key)
+end
+
+-- -- get_or_create ----------------------------------------------------------------
+
+local function call_creator(creator, creator_args)
+    if creator_args == nil then
+        return creator()
+    end
+    return creator(unpack(creator_args, 1, creator_args.n or #creator_args))
+end
+
+function Region:_get_or_create_slow(key, orig_key, creator, exp, should_cache_fn,
+                                    creator_args, first)
+    local backend = self.backend
+    local st = self._stats
+    local function read()
+        local v = fetch(self, backend, key)
+        local state = classify(self, v, exp)
+        if state == "missing" then
+            return false
+        end
+        return true, v.payload, v.metadata.ct
+    end
+    local function is_expired(ct)
+        local inv = self.region_invalidator
+        return inv:is_soft_invalidated(ct) or (exp ~= nil and C.dp_clock_now() - ct > exp)
+    end
+    local function gen()
+        st.creations = st.creations + 1
+        local ok, value = pcall(call_creator, creator, creator_args)
+        if not ok then
+            st.errors = st.errors + 1
+            error(value, 0)
+        end
+        if not should_cache_fn or should_cache_fn(value) then
+            store(self, backend, key, new_value(value))
+        end
+        return value
+    end
+    local async_creator
+    local runner = self.async_creation_runner
+    if runner then
+        async_creator = function(mutex)
+            local function go()
+                return call_creator(creator, creator_args)
+            end
+            st.creations = st.creations + 1
+            return runner(self, orig_key, go, mutex)
+        end
+    end
+    local has = classify(self, first, exp) ~= "missing"
+    local value, how, waited = run(self:_mutex(key), gen, read, is_expired, async_creator,
+                                   has, has and first.payload or nil,
+                                   has and first.metadata.ct or -1)
+    if waited then
+        st.lock_waits = st.lock_waits + 1
+    end
+    if how == "fresh" then
+        st.hits = st.hits + 1
+    else
+        st.misses = st.misses + 1
+        if how == "stale" or how == "async" then
+            st.stale_served = st.stale_served + 1
+        end
+    end
+    return value
+end
+
+--- `region:get_or_create(key, creator, expiration_time, should_cache_fn,
+-- creator_args)` -> value, under the dogpile lock.
+-- @raise whatever the creator raises, after releasing the lock
+function Region:get_or_create(key, creator, expiration_time, should_cache_fn, creator_args)
+    local backend = self.backend
+    if type(key) ~= "string" then
+        check_key(key, "get_or_create")
+    end
+    if type(creator) ~= "function" and not is_callable(creator) then
+        raise("dogpile.cache: get_or_create: creator must be a function, got " .. type(creator))
+    end
+    local exp = expiration_time
+    if exp == nil then
+        exp = self.expiration_time
+    elseif type(exp) ~= "number" then
+        check_expiration(exp, "get_or_create")
+    end
+    if exp ~= nil and exp < 0 then
+        exp = nil
+    end
+    local orig_key = key
+    if self.key_mangler then
+        key = mangle(self, key)
+    end
+    local value = fetch(self, backend, key)
+    -- The hit: one read, no closure, no lock.
+    if value ~= NO_VALUE then
+        local md = value.metadata
+        local ct = md.ct
+        if md.v == VALUE_VERSION and (exp == nil or C.dp_clock_now() - ct <= exp) then
+            local inv = self.region_invalidator
+            local invalidated
+            if self._default_inv then
+                local at = inv._invalidated
+                invalidated = at ~= nil and ct < at
+            else
+                invalidated = inv:is_invalidated(ct)
+            end
+            if not invalidated then
+                local st = self._stats
+                st.hits = st.hits + 1
+                return value.payload
+            end
+        end
+    end
+    if should_cache_fn ~= nil and not is_callable(should_cache_fn) then
+        raise("dogpile.cache: get_or_create: should_cache_fn must be a function or nil, got "
+              .. type(should_cache_fn))
+    end
+    if creator_args ~= nil and type(creator_args) ~= "table" then
+        raise("dogpile.cache: get_or_create: creator_args must be an array, got " .. type(creator_args))
+    end
+    return self:_get_or_create_slow(key, orig_key, creator, exp, should_cache_fn, creator_args, value)
+end
+
+local function release_all(held)
+    for i = 1, #held do
+        local m = held[i].mutex
+        if m then
+            held[i].mutex = nil
+            pcall(m.release, m)
+        end
+    end
+end
+
+--- `region:get_or_create_multi(keys, creator, expiration_time, should_cache_fn)`
+-- -> array. The creator is called once, with the distinct keys that need
+-- creating in the order they first appear. Locks are taken in the order of
+-- the mangled keys, so that callers with overlapping key sets cannot deadlock,
+-- and every held key is read again before creating, so that a key another
+-- caller has just created is not created twice.
+function Region:get_or_create_multi(keys, creator, expiration_time, should_cache_fn)
+    local backend = self.backend
+    if type(keys) ~= "table" then
+        raise("dogpile.cache: get_or_create_multi: keys must be an array of strings, got " .. type(keys))
+    end
+    if not is_callable(creator) then
+        raise("dogpile.cache: get_or_create_multi: creator must be a function, got " .. type(creator))
+    end
+    check_expiration(expiration_time, "get_or_create_multi")
+    if should_cache_fn ~= nil and not is_callable(should_cache_fn) then
+        raise("dogpile.cache: get_or_create_multi: should_cache_fn must be a function or nil, got "
+              .. type(should_cache_fn))
+    end
+    local n = #keys
+    if n == 0 then
+        return {}
+    end
+    local exp = expiration_time or self.expiration_time
+    if exp ~= nil and exp < 0 then
+        exp = nil
+    end
+    local uniq, index = {}, {}
+    for i = 1, n do
+        local k = keys[i]
+        check_key(k, "get_or_create_multi")
+        if not index[k] then
+            uniq[#uniq + 1] = k
+            index[k] = #uniq
+        end
+    end
+    local mangled = {}
+    for i = 1, #uniq do
+        mangled[i] = mangle(self, uniq[i])
+    end
+    local st = self._stats
+    local values = fetch_multi(self, backend, mangled)
+    local results, pending = {}, {}
+    for i = 1, #uniq do
+        local v = values[i]
+        local state = classify(self, v, exp)
+        if state == "fresh" then
+            st.hits = st.hits + 1
+            results[i] = v.payload
+        else
+            pending[#pending + 1] = { i = i, state = state, stale = v }
+        end
+    end
+    if #pending > 0 then
+        sort(pending, function(a, b) return mangled[a.i] < mangled[b.i] end)
+        local held = {}
+        local ok, err = pcall(function()
+            for _, e in ipairs(pending) do
+                local m = self:_mutex(mangled[e.i])
+                if e.state == "stale" then
+                    if m:acquire(false) then
+                        e.mutex = m
+                        held[#held + 1] = e
+                    else
+                        st.misses = st.misses + 1
+                        st.stale_served = st.stale_served + 1
+                        results[e.i] = e.stale.payload
+                    end
+                else
+                    if not m:acquire(false) then
+                        st.lock_waits = st.lock_waits + 1
+                        m:acquire(true)
+                    end
+                    e.mutex = m
+                    held[#held + 1] = e
+                end
+            end
+            if #held == 0 then
+                return
+            end
+            -- Read again what we hold: another caller may have created it.
+            local hk = {}
+            for j = 1, #held do
+                hk[j] = mangled[held[j].i]
+            end
+            local again = fetch_multi(self, backend, hk)
+            local create = {}
+            for j = 1, #held do
+                local e, v = held[j], again[j]
+                if classify(self, v, exp) == "fresh" then
+                    st.hits = st.hits + 1
+                    results[e.i] = v.payload
+                    local m = e.mutex
+                    e.mutex = nil
+                    m:release()
+                else
+                    st.misses = st.misses + 1
+                    create[#create + 1] = e
+                end
+            end
+            if #create == 0 then
+                return
+            end
+            sort(create, function(a, b) return a.i < b.i end)
+            local args = {}
+            for j = 1, #create do
+                args[j] = uniq[create[j].i]
+            end
+            st.creations = st.creations + 1
+            local cok, new = pcall(creator, unpack(args, 1, #create))
+            if not cok then
+                st.errors = st.errors + 1
+                error(new, 0)
+            end
+            if type(new) ~= "table" then
+                raise("dogpile.cache: get_or_create_multi: the creator must return an array of "
+                      .. #create .. " values, got " .. type(new))
+            end
+            local md = { ct = C.dp_clock_stamp(), v = VALUE_VERSION }
+            local to_store, any = {}, false
+            for j = 1, #create do
+                local v = new[j]
+                results[create[j].i] = v
+                if not should_cache_fn or should_cache_fn(v) then
+                    to_store[mangled[create[j].i]] = CachedValue.new(v, md)
+                    any = true
+                end
+            end
+            if any then
+                store_multi(self, backend, to_store)
+            end
+        end)
+        release_all(held)
+        if not ok then
+            error(err, 0)
+        end
+    end
+    local out = {}
+    for i = 1, n do
+        out[i] = results[index[keys[i]]]
+    end
+    return out
+end
+
+-- -- Decorators ----------------------------------------------------------------
+
+local function pack(...)
+    return { n = select("#", ...), ... }
+end
+
+local Cached = {}
+Cached.__index = Cached
+
+Cached.__call = function(self, ...)
+    local key = self._keygen(...)
+    local exp = self._exp
+    if self._exp_fn then
+        exp = exp()
+    end
+    return self._region:get_or_create(key, self.original, exp, self._should_cache, pack(...))
+end
+
+function Cached:invalidate(...)
+    self._region:delete(self._keygen(...))
+end
+
+function Cached:set(value, ...)
+    self._region:set(self._keygen(...), value)
+end
+
+function Cached:get(...)
+    return self._region:get(self._keygen(...))
+end
+
+function Cached:refresh(...)
+    local value = self.original(...)
+    self._region:set(self._keygen(...), value)
+    return value
+end
+
+local DECORATOR_OPTS = { namespace = "string", expiration_time = "number",
+    should_cache_fn = "function", to_str = "function", function_key_generator = "function" }
+
+local function check_decorator_opts(who, opts, allowed)
+    if opts == nil then
+        return {}
+    end
+    if type(opts) ~= "table" then
+        raise("dogpile.cache: " .. who .. ": options must be a table, got " .. type(opts))
+    end
+    for k, v in pairs(opts) do
+        local want = allowed[k]
+        if not want then
+            raise("dogpile.cache: " .. who .. ": unknown option '" .. tostring(k) .. "'")
+        end
+        local ok = type(v) == want or (want == "function" and is_callable(v))
+            or (k == "expiration_time" and is_callable(v))
+        if not ok then
+            raise("dogpile.cache: " .. who .. ": " .. k .. " must be a " .. want .. ", got " .. type(v))
+        end
+    end
+    return opts
+end
+
+--- `region:cache_on_arguments(opts)` -> decorator.
+function Region:cache_on_arguments(opts)
+    opts = check_decorator_opts("cache_on_arguments", opts, DECORATOR_OPTS)
+    local keygen_factory = opts.function_key_generator or self.function_key_generator
+    return function(fn)
+        if not is_callable(fn) then
+            raise("dogpile.cache: cache_on_arguments: can only decorate a function, got " .. type(fn))
+        end
+        return setmetatable({
+            original = fn,
+            _region = self,
+            _keygen = keygen_factory(opts.namespace, fn, opts.to_str),
+            _exp = opts.expiration_time,
+            _exp_fn = is_callable(opts.expiration_time),
+            _should_cache = opts.should_cache_fn,
+        }, Cached)
+    end
+end
+
+local CachedMulti = {}
+CachedMulti.__index = CachedMulti
+
+CachedMulti.__call = function(self, ...)
+    local n = select("#", ...)
+    local args = { ... }
+    local keys = self._keygen(...)
+    local by_key = {}
+    for i = 1, n do
+        by_key[keys[i]] = args[i]
+    end
+    local fn = self.original
+    local function creator(...)
+        local m = select("#", ...)
+        local a = { ... }
+        for i = 1, m do
+            a[i] = by_key[a[i]]
+        end
+        return fn(unpack(a, 1, m))
+    end
+    local exp = self._exp
+    if self._exp_fn then
+        exp = exp()
+    end
+    local region = self._region
+    if not self._asdict then
+        return region:get_or_create_multi(keys, creator, exp, self._should_cache)
+    end
+    local should_cache = self._should_cache
+    local function dict_create(...)
+        local m = select("#", ...)
+        local d = creator(...)
+        if type(d) ~= "table" then
+            raise("dogpile.cache: cache_multi_on_arguments (asdict): the function must return "
+                  .. "a table keyed by argument, got " .. type(d))
+        end
+        local out = {}
+        for i = 1, m do
+            local v = d[by_key[(select(i, ...))]]
+            if v == nil then
+                v = NO_VALUE
+            end
+            out[i] = v
+        end
+        return out
+    end
+    local function cache_fn(v)
+        if v == NO_VALUE then
+            return false
+        end
+        return not should_cache or should_cache(v)
+    end
+    local res = region:get_or_create_multi(keys, dict_create, exp, cache_fn)
+    local out = {}
+    for i = 1, n do
+        local v = res[i]
+        if v ~= NO_VALUE and args[i] ~= nil then
+            out[args[i]] = v
+        end
+    end
+    return out
+end
+
+function CachedMulti:invalidate(...)
+    self._region:delete_multi(self._keygen(...))
+end
+
+function CachedMulti:set(mapping)
+    local args = {}
+    for k in pairs(mapping) do
+        args[#args + 1] = k
+    end
+    local keys = self._keygen(unpack(args))
+    local out = {}
+    for i = 1, #args do
+        out[keys[i]] = mapping[args[i]]
+    end
+    self._region:set_multi(out)
+end
+
+function CachedMulti:get(...)
+    return self._region:get_multi(self._keygen(...))
+end
+
+function CachedMulti:refresh(...)
+    local n = select("#", ...)
+    local args = { ... }
+    local keys = self._keygen(...)
+    local values = self.original(...)
+    local out = {}
+    for i = 1, n do
+        if self._asdict then
+            out[keys[i]] = values[args[i]]
+        else
+            out[keys[i]] = values[i]
+        end
+    end
+    self._region:set_multi(out)
+    return values
+end
+
+local MULTI_DECORATOR_OPTS = { namespace = "string", expiration_time = "number",
+    should_cache_fn = "function", to_str = "function", asdict = "boolean",
+    function_multi_key_generator = "function" }
+
+--- `region:cache_multi_on_arguments(opts)` -> decorator.
+function Region:cache_multi_on_arguments(opts)
+    opts = check_decorator_opts("cache_multi_on_arguments", opts, MULTI_DECORATOR_OPTS)
+    local keygen_factory = opts.function_multi_key_generator or self.function_multi_key_generator
+    return function(fn)
+        if not is_callable(fn) then
+            raise("dogpile.cache: cache_multi_on_arguments: can only decorate a function, got "
+                  .. type(fn))
+        end
+        return setmetatable({
+            original = fn,
+            _region = self,
+            _keygen = keygen_factory(opts.namespace, fn, opts.to_str),
+            _exp = opts.expiration_time,
+            _exp_fn = is_callable(opts.expiration_time),
+            _should_cache = opts.should_cache_fn,
+            _asdict = opts.asdict == true,
+        }, CachedMulti)
+    end
+end
+
+-- -- The backend registry ---------------------------------------------------------
+
+local BACKENDS = {
+    ["dogpile.cache.memory"] = "dogpile.cache.backends.memory",
+    ["dogpile.cache.null"] = "dogpile.cache.backends.null",
+}
+
+--- `cache.register_backend(name, module_name_or_factory)`.
+function _M.register_backend(name, module_or_factory)
+    if type(name) ~= "string" then
+        raise("dogpile.cache: register_backend: name must be a string, got " .. type(name))
+    end
+    if type(module_or_factory) ~= "string" and not is_callable(module_or_factory) then
+        raise("dogpile.cache: register_backend: expected a module name or a factory "
+              .. "function(arguments), got " .. type(module_or_factory))
+    end
+    BACKENDS[name] = module_or_factory
+end
+
+local function registered_names()
+    local names = {}
+    for k in pairs(BACKENDS) do
+        names[#names + 1] = k
+    end
+    sort(names)
+    return concat(names, ", ")
+end
+
+--- A new backend object for `name`, made from `arguments`.
+function _M.load_backend(name, arguments)
+    local factory = BACKENDS[name]
+    if factory == nil then
+        raise("dogpile.cache: unknown backend '" .. name .. "'; registered backends: "
+              .. registered_names() .. " (cache.register_backend adds one)")
+    end
+    if type(factory) == "string" then
+        local ok, mod = pcall(require, factory)
+        if not ok then
+            raise("dogpile.cache: backend '" .. name .. "': cannot load module '" .. factory
+                  .. "': " .. tostring(mod))
+        end
+        if type(mod) == "table" and is_callable(mod.new) then
+            factory = mod.new
+        elseif is_callable(mod) then
+            factory = mod
+        else
+            raise("dogpile.cache: backend '" .. name .. "': module '" .. factory
+                  .. "' returned neither a factory nor a table with .new(arguments)")
+        end
+    end
+    local backend = factory(arguments)
+    if (type(backend) ~= "table" and type(backend) ~= "userdata") or not is_callable(backend.get)
+        or not is_callable(backend.set) or not is_callable(backend.delete) then
+        raise("dogpile.cache: backend '" .. name .. "': the factory returned a " .. type(backend)
+              .. ", not an object with get, set and delete methods")
+    end
+    return backend
+end
+
+return _M

@@ -1,0 +1,74 @@
+--- The C core, bound through the LuaJIT FFI: every declaration lives here.
+-- Also the shared error helper that points an error at the user's line.
+local ffi = require "ffi"
+local core = require "dogpile.core"
+
+local debug_getinfo = debug.getinfo
+local error = error
+
+ffi.cdef [[
+const char *dp_strerror(int status);
+const char *dp_version(void);
+double dp_clock_now(void);
+double dp_clock_stamp(void);
+double dp_clock_monotonic(void);
+void dp_clock_sleep(double seconds);
+uint32_t dp_lock_domain(const char *name, size_t len);
+uint32_t dp_lock_domain_new(void);
+uint32_t dp_lock_owner_new(void);
+int dp_lock_try(uint32_t domain, const char *key, size_t len, uint32_t owner);
+int dp_lock_wait(uint32_t domain, const char *key, size_t len, uint32_t owner, double timeout);
+int dp_lock_release(uint32_t domain, const char *key, size_t len);
+int dp_lock_held(uint32_t domain, const char *key, size_t len, uint32_t *owner);
+size_t dp_lock_release_owner(uint32_t owner);
+size_t dp_lock_count(void);
+void dp_sha1_hex(const void *data, size_t len, char out[41]);
+void dp_sha1(const void *data, size_t len, unsigned char out[20]);
+]]
+
+local C = ffi.load(core.library_path)
+
+local _M = {
+    C = C,
+    library_path = core.library_path,
+    version = core.version,
+    -- One owner tag per Lua state: a blocking wait on a lock that this state
+    -- holds could never end, and the core refuses it by this tag.
+    OWNER = C.dp_lock_owner_new(),
+    DP_OK = 0, DP_EBUSY = 1, DP_ETIMEDOUT = 2, DP_EDEADLK = 3,
+    DP_ENOTHELD = 4, DP_ENOMEM = 5, DP_EINVAL = 6,
+}
+
+-- The sources of this package's own modules: errors skip their frames so
+-- that the position prefix names the caller's line, however deep inside the
+-- package the check happened.
+local own = {}
+
+function _M.own_source()
+    own[debug_getinfo(2, "S").source] = true
+end
+_M.own_source()
+
+--- Raise `msg` at the first stack frame outside this package.
+-- @raise always
+function _M.raise(msg)
+    local level = 2
+    while true do
+        local info = debug_getinfo(level, "S")
+        if not info then
+            level = 2
+            break
+        end
+        if info.what ~= "C" and not own[info.source] then
+            break
+        end
+        level = level + 1
+    end
+    error(msg, level)
+end
+
+function _M.strerror(rc)
+    return ffi.string(C.dp_strerror(rc))
+end
+
+return _M
