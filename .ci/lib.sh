@@ -1,0 +1,48 @@
+# Shared by .ci/quickstart and .ci/test: install what is missing, build, stage.
+# Safe to run twice: installs only missing packages, reconfigures in place.
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BUILD=$ROOT/_build
+
+# Debian 12 packages. luajit2 is OpenResty's LuaJIT; Debian's plain `luajit`
+# conflicts with it and must not be used.
+BUILD_PKGS="build-essential pkg-config meson ninja-build luajit2 libluajit2-5.1-dev
+  lua-busted lua-resty-lrucache libuv1-dev libhiredis-dev liblmdb-dev libmemcached-dev"
+TEST_PKGS="redis-server memcached nginx-extras clang libclang-rt-14-dev"
+
+install_deps() {
+    local missing=() p
+    for p in $*; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
+            || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    echo "== installing: ${missing[*]}"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq >/dev/null
+    $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# build NAME [meson options...]: builds into _build/NAME, installs into
+# _build/NAME-stage, the prefix the tests and the quickstart run from.
+build() {
+    local name=$1
+    shift
+    local dir=$BUILD/$name stage=$BUILD/$name-stage
+    if [ -f "$dir/build.ninja" ]; then
+        meson configure "$dir" "$@" >/dev/null
+    else
+        meson setup "$dir" --prefix="$stage" "$@" >/dev/null
+    fi
+    ninja -C "$dir" >/dev/null
+    meson install -C "$dir" --quiet >/dev/null
+}
+
+# use_stage NAME: point LuaJIT at the modules installed by `build NAME`.
+use_stage() {
+    local stage=$BUILD/$1-stage
+    export LUA_PATH="$stage/share/lua/5.1/?.lua;$ROOT/spec/?.lua;;"
+    export LUA_CPATH="$stage/lib/lua/5.1/?.so;;"
+}

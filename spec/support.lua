@@ -1,0 +1,77 @@
+-- Shared by the specs: leak checks and a small coroutine scheduler.
+local lib = require "dogpile.lib"
+
+local _M = {}
+
+--- Call inside a describe block: after each test, collect garbage and fail
+-- if a lock is still held in the core's registry (then clean it up, so one
+-- leak does not fail every later test).
+function _M.no_leaks()
+    after_each(function()
+        collectgarbage()
+        local n = tonumber(lib.C.dp_lock_count())
+        if n ~= 0 then
+            lib.C.dp_lock_release_owner(lib.OWNER)
+        end
+        assert.are.equal(0, n, "locks still held after the test")
+    end)
+end
+
+--- A cooperative scheduler, as a game server would run: `spawn(fn, ...)`
+-- adds a coroutine, `sleep(s)` (inside one) yields it for s seconds of a
+-- virtual clock, `run()` runs until every coroutine is done. Errors inside a
+-- coroutine are re-raised by run().
+function _M.scheduler()
+    local s = { now = 0, ready = {}, sleeping = {}, done = 0 }
+    function s.spawn(fn, ...)
+        local co = coroutine.create(fn)
+        s.ready[#s.ready + 1] = { co = co, args = { n = select("#", ...), ... } }
+        return co
+    end
+    function s.sleep(seconds)
+        assert(coroutine.running(), "scheduler sleep outside a coroutine")
+        coroutine.yield("sleep", seconds)
+    end
+    local function resume(task)
+        local ok, what, arg = coroutine.resume(task.co, unpack(task.args, 1, task.args.n))
+        task.args = { n = 0 }
+        if not ok then
+            error(what, 0)
+        end
+        if coroutine.status(task.co) == "dead" then
+            s.done = s.done + 1
+        elseif what == "sleep" then
+            s.sleeping[#s.sleeping + 1] = { at = s.now + (arg or 0), task = task }
+        else
+            s.ready[#s.ready + 1] = task
+        end
+    end
+    function s.run(max_steps)
+        local steps = 0
+        while #s.ready > 0 or #s.sleeping > 0 do
+            steps = steps + 1
+            assert(steps < (max_steps or 1e6), "scheduler: too many steps (deadlock?)")
+            if #s.ready == 0 then
+                table.sort(s.sleeping, function(a, b) return a.at < b.at end)
+                s.now = s.sleeping[1].at
+                local still = {}
+                for _, e in ipairs(s.sleeping) do
+                    if e.at <= s.now then
+                        s.ready[#s.ready + 1] = e.task
+                    else
+                        still[#still + 1] = e
+                    end
+                end
+                s.sleeping = still
+            end
+            local ready = s.ready
+            s.ready = {}
+            for _, task in ipairs(ready) do
+                resume(task)
+            end
+        end
+    end
+    return s
+end
+
+return _M
