@@ -748,16 +748,13 @@ function Region:_get_or_create_slow(key, orig_key, creator, exp, should_cache_fn
     local value, how, waited = run(self:_mutex(key), gen, read, is_expired, async_creator,
                                    has, has and first.payload or nil,
                                    has and first.metadata.ct or -1)
+    -- Counted by the first read: this lookup found no fresh value.
+    st.misses = st.misses + 1
     if waited then
         st.lock_waits = st.lock_waits + 1
     end
-    if how == "fresh" then
-        st.hits = st.hits + 1
-    else
-        st.misses = st.misses + 1
-        if how == "stale" or how == "async" then
-            st.stale_served = st.stale_served + 1
-        end
+    if how == "stale" or how == "async" then
+        st.stale_served = st.stale_served + 1
     end
     return value
 end
@@ -877,6 +874,7 @@ function Region:get_or_create_multi(keys, creator, expiration_time, should_cache
             st.hits = st.hits + 1
             results[i] = v.payload
         else
+            st.misses = st.misses + 1
             pending[#pending + 1] = { i = i, state = state, stale = v }
         end
     end
@@ -891,7 +889,6 @@ function Region:get_or_create_multi(keys, creator, expiration_time, should_cache
                         e.mutex = m
                         held[#held + 1] = e
                     else
-                        st.misses = st.misses + 1
                         st.stale_served = st.stale_served + 1
                         results[e.i] = e.stale.payload
                     end
@@ -917,13 +914,11 @@ function Region:get_or_create_multi(keys, creator, expiration_time, should_cache
             for j = 1, #held do
                 local e, v = held[j], again[j]
                 if classify(self, v, exp) == "fresh" then
-                    st.hits = st.hits + 1
                     results[e.i] = v.payload
                     local m = e.mutex
                     e.mutex = nil
                     m:release()
                 else
-                    st.misses = st.misses + 1
                     create[#create + 1] = e
                 end
             end

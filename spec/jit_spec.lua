@@ -1,0 +1,198 @@
+-- The cache hit must stay in LuaJIT's compiled code (DESIGN.md, "The hot
+-- path"). As lua-resty-core's tests do, run a hot loop of hits with
+-- jit.attach watching the trace compiler, and fail on any trace abort,
+-- naming its reason and place.
+local jit = require "jit"
+local jutil = require "jit.util"
+local vmdef = require "jit.vmdef"
+local cache = require "dogpile.cache"
+local lib = require "dogpile.lib"
+
+local NO_VALUE = cache.NO_VALUE
+local format = string.format
+
+local N = 2000       -- iterations of each hot loop
+local NKEYS = 1000   -- distinct keys, cycled through
+local THIS = debug.getinfo(1, "S").source
+
+-- -- Watching the trace compiler ------------------------------------------------
+
+local function where(func, pc)
+    if func == nil then
+        return "?", nil
+    end
+    local fi = jutil.funcinfo(func, pc)
+    if fi.loc then
+        return fi.loc, fi.source
+    elseif fi.ffid then
+        return vmdef.ffnames[fi.ffid], nil
+    end
+    return "(?)", nil
+end
+
+-- As jit/v.lua formats it: traceerr[otr] with oex (a number or a function).
+local function abort_reason(otr, oex)
+    if type(otr) ~= "number" then
+        return tostring(otr)
+    end
+    local fmt = vmdef.traceerr[otr] or ("trace error " .. otr)
+    if type(oex) == "function" then
+        oex = (where(oex))
+    end
+    local ok, msg = pcall(format, fmt, oex)
+    return ok and msg or fmt
+end
+
+local function ours(source)
+    return source ~= nil and (source == THIS or source:find("/dogpile/", 1, true) ~= nil
+                              or source:find("dogpile/cache", 1, true) ~= nil)
+end
+
+--- Flush every trace, run `loop()` with a trace event handler attached, and
+-- return what the compiler did: aborts (with reason and place) and stops
+-- (with where the trace started and its link type).
+local function watch(loop)
+    local started, aborts, stops = {}, {}, {}
+    local function on_trace(what, tr, func, pc, otr, oex)
+        if what == "start" then
+            local loc, source = where(func, pc)
+            started[tr] = { loc = loc, source = source,
+                            parent = otr and format("(%d/%s) ", otr, tostring(oex)) or "" }
+        elseif what == "abort" then
+            local s = started[tr] or { loc = "?", parent = "" }
+            aborts[#aborts + 1] = format("%s%s -- %s at %s", s.parent, s.loc,
+                                         abort_reason(otr, oex), (where(func, pc)))
+        elseif what == "stop" then
+            local s = started[tr] or { loc = "?", parent = "" }
+            local info = jutil.traceinfo(tr)
+            stops[#stops + 1] = { tr = tr, loc = s.loc, source = s.source,
+                                  linktype = info and info.linktype or "?" }
+        end
+    end
+    jit.flush()
+    jit.attach(on_trace, "trace")
+    local ok, err = pcall(loop)
+    jit.attach(on_trace)
+    assert(ok, err)
+    return aborts, stops
+end
+
+local function describe_stops(stops)
+    local out = {}
+    for _, s in ipairs(stops) do
+        out[#out + 1] = format("#%d %s %s", s.tr, s.loc, s.linktype)
+    end
+    return #out > 0 and table.concat(out, "; ") or "(none)"
+end
+
+local function assert_compiled(aborts, stops)
+    assert.are.equal(0, #aborts, "trace aborts in the hit loop:\n  " .. table.concat(aborts, "\n  ")
+                     .. "\ntraces compiled: " .. describe_stops(stops))
+    local found = false
+    for _, s in ipairs(stops) do
+        if ours(s.source) and s.linktype ~= "interpreter" then
+            found = true
+        end
+    end
+    assert.is_true(found, "no trace of the spec or the library was compiled; traces: "
+                   .. describe_stops(stops))
+end
+
+-- -- The hot loops --------------------------------------------------------------
+
+local KEYS = {}
+for i = 1, NKEYS do
+    KEYS[i] = "key:" .. i
+end
+
+local function get_loop(region, n)
+    local acc = 0
+    for i = 1, n do
+        acc = acc + region:get(KEYS[i % NKEYS + 1])
+    end
+    return acc
+end
+
+local creator_calls = 0
+local function creator()
+    creator_calls = creator_calls + 1
+    return -1
+end
+
+local function get_or_create_loop(region, n)
+    local acc = 0
+    for i = 1, n do
+        acc = acc + region:get_or_create(KEYS[i % NKEYS + 1], creator)
+    end
+    return acc
+end
+
+-- The sum of the values over a loop of n hits: key i holds i.
+local function expected_sum(n)
+    local s = 0
+    for i = 1, n do
+        s = s + (i % NKEYS + 1)
+    end
+    return s
+end
+
+-- -- Specs -------------------------------------------------------------------------
+
+describe("the JIT", function()
+    it("is on", function()
+        local on = jit.status()
+        assert.is_true(on, "LuaJIT's JIT compiler is off (jit.status())")
+        assert.is_truthy(jit.version:match("^LuaJIT"))
+    end)
+end)
+
+local REGIONS = {
+    { "memory with expiration_time", { expiration_time = 3600 } },
+    { "memory without expiration_time", {} },
+    { "memory LRU (max_items) with expiration_time",
+      { expiration_time = 3600, arguments = { max_items = 2 * NKEYS } } },
+    { "memory LRU (max_items) without expiration_time",
+      { arguments = { max_items = 2 * NKEYS } } },
+}
+
+local LOOPS = {
+    { "region:get", get_loop },
+    { "region:get_or_create", get_or_create_loop },
+}
+
+describe("a cache hit compiles with no trace abort", function()
+    -- As support.no_leaks, which cannot see busted's after_each from a
+    -- required module: no lock may be left held by a hit.
+    after_each(function()
+        collectgarbage()
+        local n = tonumber(lib.C.dp_lock_count())
+        if n ~= 0 then
+            lib.C.dp_lock_release_owner(lib.OWNER)
+        end
+        assert.are.equal(0, n, "locks still held after the test")
+    end)
+
+    for _, r in ipairs(REGIONS) do
+        for _, l in ipairs(LOOPS) do
+            local rname, conf = r[1], r[2]
+            local lname, loop = l[1], l[2]
+            it(lname .. " on " .. rname, function()
+                local region = cache.make_region():configure("dogpile.cache.memory", conf)
+                for i = 1, NKEYS do
+                    region:set(KEYS[i], i)
+                end
+                assert.are_not.equal(NO_VALUE, region:get(KEYS[1]))
+                creator_calls = 0
+                local hits0 = region:stats().hits
+                local acc
+                local aborts, stops = watch(function()
+                    acc = loop(region, N)
+                end)
+                assert_compiled(aborts, stops)
+                assert.are.equal(expected_sum(N), acc, "every iteration must be a hit")
+                assert.are.equal(N, region:stats().hits - hits0)
+                assert.are.equal(0, creator_calls)
+            end)
+        end
+    end
+end)
