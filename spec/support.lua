@@ -7,6 +7,9 @@ local _M = {}
 -- if a lock is still held in the core's registry (then clean it up, so one
 -- leak does not fail every later test).
 function _M.no_leaks()
+    -- busted's functions live in the spec file's environment, not in _G.
+    local env = getfenv(2)
+    local after_each, assert = env.after_each, env.assert
     after_each(function()
         collectgarbage()
         local n = tonumber(lib.C.dp_lock_count())

@@ -1,0 +1,65 @@
+-- Every function the core exports is declared in lua/dogpile/lib.lua or
+-- skipped here on purpose, as luv checks its bindings.
+local lib = require "dogpile.lib"
+
+-- Exported for C hosts only; Lua never calls them.
+local SKIPPED = {}
+
+local function exported_symbols(path)
+    local p = assert(io.popen("nm -D --defined-only '" .. path .. "' 2>/dev/null"))
+    local out = {}
+    for line in p:lines() do
+        local name = line:match("%s[TW]%s+(dp_[%w_]+)$")
+        if name then
+            out[#out + 1] = name
+        end
+    end
+    p:close()
+    table.sort(out)
+    return out
+end
+
+local function declared_in_lib()
+    local path = package.searchpath("dogpile.lib", package.path)
+    local src = assert(io.open(path)):read("*a")
+    local cdef = src:match("ffi%.cdef%s*%[%[(.-)%]%]")
+    local out = {}
+    for name in cdef:gmatch("([%w_]+)%s*%(") do
+        out[name] = true
+    end
+    return out
+end
+
+describe("the FFI bindings", function()
+    it("declare every exported dp_ function or skip it on purpose", function()
+        local exported = exported_symbols(lib.library_path)
+        assert.is_true(#exported > 0, "nm found no dp_ symbols in " .. lib.library_path)
+        local declared = declared_in_lib()
+        local missing = {}
+        for _, name in ipairs(exported) do
+            if not declared[name] and not SKIPPED[name] then
+                missing[#missing + 1] = name
+            end
+        end
+        assert.are.same({}, missing)
+    end)
+
+    it("export nothing without the dp_ prefix", function()
+        local p = assert(io.popen("nm -D --defined-only '" .. lib.library_path .. "'"))
+        local stray = {}
+        for line in p:lines() do
+            local name = line:match("%s[TWDBR]%s+([%w_]+)$")
+            if name and not name:match("^dp_") and not name:match("^_") then
+                stray[#stray + 1] = name
+            end
+        end
+        p:close()
+        assert.are.same({}, stray)
+    end)
+
+    it("resolve every declared function in the loaded library", function()
+        for name in pairs(declared_in_lib()) do
+            assert.is_truthy(pcall(function() return lib.C[name] end), name)
+        end
+    end)
+end)
