@@ -590,6 +590,22 @@ function Region:set(key, value)
     store(self, backend, mangle(self, key), new_value(value))
 end
 
+-- Store keys[i] = values[i] for i = 1..n, nil values included (a mapping
+-- table cannot hold them).
+function Region:_set_pairs(keys, values, n)
+    local backend = self.backend
+    local md = { ct = C.dp_clock_stamp(), v = VALUE_VERSION }
+    local out, any = {}, false
+    for i = 1, n do
+        check_key(keys[i], "set_multi")
+        out[mangle(self, keys[i])] = CachedValue.new(values[i], md)
+        any = true
+    end
+    if any then
+        store_multi(self, backend, out)
+    end
+end
+
 function Region:set_multi(mapping)
     local backend = self.backend
     if type(mapping) ~= "table" then
@@ -1134,15 +1150,29 @@ function CachedMulti:refresh(...)
     local args = { ... }
     local keys = self._keygen(...)
     local values = self.original(...)
-    local out = {}
-    for i = 1, n do
-        if self._asdict then
-            out[keys[i]] = values[args[i]]
-        else
-            out[keys[i]] = values[i]
-        end
+    if type(values) ~= "table" then
+        raise("dogpile.cache: cache_multi_on_arguments: the function must return a table, got "
+              .. type(values))
     end
-    self._region:set_multi(out)
+    local ks, vs, m = {}, {}, 0
+    for i = 1, n do
+        local v
+        if self._asdict then
+            if args[i] ~= nil then
+                v = values[args[i]]
+            end
+            -- As in the call: an argument absent from the result is not cached.
+            if v == nil then
+                goto continue
+            end
+        else
+            v = values[i]
+        end
+        m = m + 1
+        ks[m], vs[m] = keys[i], v
+        ::continue::
+    end
+    self._region:_set_pairs(ks, vs, m)
     return values
 end
 

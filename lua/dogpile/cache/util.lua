@@ -31,7 +31,9 @@ local function prefix_for(namespace, fn)
         return namespace
     end
     local info = type(fn) == "function" and debug_getinfo(fn, "S")
-    if not info then
+    if not info or info.what == "C" then
+        -- Every C function is "[C]:-1"; its tostring differs ("builtin#N" for
+        -- LuaJIT's own, an address otherwise): pass a namespace to be stable.
         return tostring(fn)
     end
     return info.short_src .. ":" .. info.linedefined
