@@ -208,9 +208,18 @@ local function is_callable(f)
 end
 _M.is_callable = is_callable
 
+local function has_methods(obj)
+    return is_callable(obj.acquire) and is_callable(obj.release)
+end
+
 local function check_mutex(mutex, who)
-    if (type(mutex) ~= "table" and type(mutex) ~= "userdata")
-        or not is_callable(mutex.acquire) or not is_callable(mutex.release) then
+    local t = type(mutex)
+    -- A userdata may not be indexable at all: ask under pcall.
+    local ok, has = false, false
+    if t == "table" or t == "userdata" or t == "cdata" then
+        ok, has = pcall(has_methods, mutex)
+    end
+    if not (ok and has) then
         raise(who .. ": mutex must be an object with :acquire(wait) and :release(), got "
               .. type(mutex))
     end
