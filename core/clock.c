@@ -64,6 +64,9 @@ DP_API const char *dp_strerror(int status)
     case DP_ENOTHELD: return "lock is not held";
     case DP_ENOMEM: return "out of memory";
     case DP_EINVAL: return "invalid argument";
+    case DP_EDECODE: return "not a valid encoding (truncated, corrupted or foreign bytes)";
+    case DP_EDEPTH: return "tables nested too deeply";
+    case DP_EVERSION: return "encoded by a newer codec format version";
     default: return "unknown status";
     }
 }

@@ -42,6 +42,9 @@ extern "C" {
 #define DP_ENOTHELD  4 /* released a lock that nobody holds */
 #define DP_ENOMEM    5 /* out of memory */
 #define DP_EINVAL    6 /* bad argument */
+#define DP_EDECODE   7 /* bytes are not a valid encoding: truncated, corrupted or foreign */
+#define DP_EDEPTH    8 /* tables nested deeper than DP_CODEC_MAX_DEPTH */
+#define DP_EVERSION  9 /* encoded by a newer codec format version */
 
 /** A static, human-readable text for a status code. */
 DP_API const char *dp_strerror(int status);
@@ -121,6 +124,151 @@ DP_API void dp_sha1_hex(const void *data, size_t len, char out[41]);
 
 /** SHA-1 of len bytes, 20 raw bytes in out. */
 DP_API void dp_sha1(const void *data, size_t len, unsigned char out[20]);
+
+/* -- Value codec ---------------------------------------------------------
+ *
+ * The default serializer for backends that store bytes. It encodes nil,
+ * booleans, numbers (every double exactly: -0.0, infinities, NaN with its
+ * payload), strings of any bytes, and tables: an array part of narr items,
+ * then nhash key/value pairs whose keys are any of these except nil and NaN.
+ * The byte format is described at the top of core/codec.c.
+ *
+ * Writing: a dp_buf collects one encoded value, put item by item in reading
+ * order: the root item; after a table item, its narr array items, then its
+ * nhash keys and values alternately, recursively. The buffer checks the shape
+ * as it goes (no nil or NaN key, at most DP_CODEC_MAX_DEPTH nested tables,
+ * nothing after the root value) and dp_buf_finish() says whether the value is
+ * complete.
+ *
+ * Reading: a dp_reader returns the items of an encoding in the same order and
+ * trusts nothing. Every length is checked against what remains; nesting is
+ * limited to DP_CODEC_MAX_DEPTH; a table may declare only as many items as
+ * the remaining input could hold, together with those still owed to the
+ * enclosing tables, so a caller that preallocates narr and nhash slots for
+ * every table never allocates more slots in all than the input has bytes.
+ *
+ * Errors (after hiredis): the dp_buf or dp_reader keeps the first error in
+ * `err` (a DP_E* status; 0 while none) and a text naming what was wrong and
+ * where in `errstr`. Errors are sticky: once set, every call returns `err`
+ * and does nothing, until dp_buf_reset() or dp_reader_init().
+ *
+ * Status codes: DP_OK; DP_ENOMEM (the allocator failed); DP_EINVAL (a put or
+ * next that does not fit the value's shape, or a nil or NaN key put);
+ * DP_EDEPTH (a table nested deeper than DP_CODEC_MAX_DEPTH); DP_EDECODE
+ * (truncated, corrupted or foreign bytes); DP_EVERSION (bytes written by a
+ * newer format version).
+ *
+ * @note Memory ownership. A dp_buf owns `data`: it is allocated through the
+ * buffer's allocator and stays valid until the next put, dp_buf_reset() or
+ * dp_buf_free(); dp_buf_free() releases it and may be called again, or on a
+ * buffer that never allocated. Strings given to dp_buf_put_string() are
+ * copied. A dp_reader owns nothing: it borrows the input, which must stay
+ * unchanged while the reader and the items it returned are in use; a string
+ * item points into that input and is not NUL-terminated. Neither object holds
+ * process-wide state; each must be used by one thread at a time.
+ */
+
+/** Nested tables allowed in a value: the root table is level 1. */
+#define DP_CODEC_MAX_DEPTH 200
+
+/** The format version written by this library (the second byte of every
+ * encoding); readers refuse a higher one with DP_EVERSION. */
+#define DP_CODEC_VERSION 1
+
+/** An allocator with lua_Alloc's contract, so that a Lua state's own
+ * allocator (lua_getallocf) can be passed as is: resize `ptr` of `osize`
+ * bytes (NULL and 0 for a new block) to `nsize` bytes and return it, or NULL
+ * on failure leaving `ptr` untouched; with nsize 0, free `ptr` and return
+ * NULL. */
+typedef void *(*dp_alloc_fn)(void *ud, void *ptr, size_t osize, size_t nsize);
+
+/** An output buffer that collects one encoded value. */
+typedef struct dp_buf {
+    unsigned char *data;  /* out: the encoding so far (NULL until the first put) */
+    size_t len;           /* out: bytes in data */
+    int done;             /* out: 1 once the root value is complete */
+    int err;              /* out: DP_OK, or the first error (sticky) */
+    char errstr[128];     /* out: what went wrong, "" while err is DP_OK */
+    /* private */
+    size_t cap;
+    dp_alloc_fn alloc;
+    void *ud;
+    int depth;
+    uint64_t left[DP_CODEC_MAX_DEPTH];  /* items still owed to each open table */
+    uint64_t keyed[DP_CODEC_MAX_DEPTH]; /* 2 * nhash of each open table */
+} dp_buf;
+
+/** Types of dp_item. */
+#define DP_TNIL     0
+#define DP_TBOOLEAN 1
+#define DP_TNUMBER  2
+#define DP_TSTRING  3
+#define DP_TTABLE   4
+
+/** One item read by dp_reader_next(). */
+typedef struct dp_item {
+    int type;        /* DP_T* */
+    int boolean;     /* DP_TBOOLEAN: 0 or 1 */
+    double number;   /* DP_TNUMBER */
+    const char *str; /* DP_TSTRING: len bytes inside the reader's input */
+    size_t len;      /* DP_TSTRING */
+    size_t narr;     /* DP_TTABLE: array items that follow (keys 1..narr) */
+    size_t nhash;    /* DP_TTABLE: key/value pairs that follow them */
+    int key;         /* 1 when the item is a key of the enclosing table */
+} dp_item;
+
+/** A reader of one encoded value. */
+typedef struct dp_reader {
+    size_t pos;           /* out: offset of the next byte to read */
+    int done;             /* out: 1 once the root value has been read */
+    int err;              /* out: DP_OK, or the first error (sticky) */
+    char errstr[128];     /* out: what was wrong and at which offset */
+    /* private */
+    const unsigned char *data;
+    size_t len;
+    int depth;
+    uint64_t pending;     /* items owed to all open tables */
+    uint64_t left[DP_CODEC_MAX_DEPTH];
+    uint64_t keyed[DP_CODEC_MAX_DEPTH];
+} dp_reader;
+
+/** Prepare `b` (out) as an empty buffer that allocates through
+ * alloc(ud, ...); alloc NULL means realloc() and free(). Allocates nothing:
+ * the buffer's memory is one block, grown as items are put. */
+DP_API void dp_buf_init(dp_buf *b, dp_alloc_fn alloc, void *ud);
+
+/** Empty `b` (in/out) to encode another value, keeping its memory, and
+ * clear its error. */
+DP_API void dp_buf_reset(dp_buf *b);
+
+/** Release the memory of `b` (in/out) and leave it empty, as after
+ * dp_buf_init() with the same allocator. */
+DP_API void dp_buf_free(dp_buf *b);
+
+/** Append one item to `b` (in/out). The first put also writes the format
+ * header. DP_OK, DP_ENOMEM, DP_EINVAL (the value is already complete; a nil
+ * or NaN key), DP_EDEPTH (dp_buf_put_table only, at DP_CODEC_MAX_DEPTH). */
+DP_API int dp_buf_put_nil(dp_buf *b);
+DP_API int dp_buf_put_boolean(dp_buf *b, int value);
+DP_API int dp_buf_put_number(dp_buf *b, double value);
+DP_API int dp_buf_put_string(dp_buf *b, const void *s, size_t len);
+DP_API int dp_buf_put_table(dp_buf *b, size_t narr, size_t nhash);
+
+/** DP_OK when `b` (in) holds one complete value; DP_EINVAL (with errstr)
+ * when items are missing; `err` when an earlier call failed. */
+DP_API int dp_buf_finish(dp_buf *b);
+
+/** Start reading the `len` bytes at `data` (in, borrowed) with `r` (out):
+ * checks the format header. DP_OK, DP_EDECODE, DP_EVERSION. */
+DP_API int dp_reader_init(dp_reader *r, const void *data, size_t len);
+
+/** Read the next item of `r` (in/out) into `item` (out). DP_OK, DP_EDECODE,
+ * DP_EDEPTH, DP_EINVAL (the value was read completely already). */
+DP_API int dp_reader_next(dp_reader *r, dp_item *item);
+
+/** DP_OK when `r` (in/out) has read one complete value and no bytes are left
+ * after it; DP_EDECODE otherwise (missing items or trailing bytes). */
+DP_API int dp_reader_finish(dp_reader *r);
 
 #ifdef __cplusplus
 }

@@ -15,8 +15,8 @@ local CachedValue = api.CachedValue
 local is_callable = dogpile.is_callable
 local run = dogpile._run
 local core_mutex = dogpile.core_mutex
-local type, pairs, ipairs, tostring, select, setmetatable, getmetatable, rawget, pcall, error,
-      unpack, require = type, pairs, ipairs, tostring, select, setmetatable, getmetatable, rawget,
+local next, type, pairs, ipairs, tostring, select, setmetatable, getmetatable, rawget, pcall, error,
+      unpack, require = next, type, pairs, ipairs, tostring, select, setmetatable, getmetatable, rawget,
       pcall, error, unpack, require
 local sort, concat = table.sort, table.concat
 local char, byte = string.char, string.byte
@@ -237,6 +237,7 @@ function Region:configure(backend_name, opts)
     end
     self._default_inv = getmetatable(self.region_invalidator) == DefaultInvalidation
     self._serialized = serialized
+    self._direct = self.backend == backend and backend.infallible == true
     self.fail_open = opts.fail_open == true
     self._domain = C.dp_lock_domain_new()
     self._stats = new_stats()
@@ -318,11 +319,21 @@ local function log(msg)
 end
 _M.log = log
 
+--- A backend call raised `err`. Under fail_open: log, count, carry on as a
+-- miss. Otherwise raise an error naming the backend, the operation and the
+-- key (a non-string error object propagates unchanged).
 function Region:_failed(op, key, err)
     self._stats.errors = self._stats.errors + 1
-    _M.log("dogpile.cache: region " .. self:_label() .. ": backend '" .. tostring(self._backend_name)
-           .. "' failed on " .. op .. (key and (" '" .. tostring(key) .. "'") or "")
-           .. " (treated as a miss, fail_open): " .. tostring(err))
+    local what = tostring(self._backend_name) .. ": " .. op
+        .. (key ~= nil and (" '" .. tostring(key) .. "'") or "")
+    if not self.fail_open then
+        if type(err) ~= "string" then
+            error(err, 0)
+        end
+        raise(what .. " failed: " .. err)
+    end
+    _M.log("dogpile.cache: region " .. self:_label() .. ": " .. what
+           .. " failed (treated as a miss, fail_open): " .. tostring(err))
 end
 
 local function decode(self, bytes)
@@ -355,15 +366,18 @@ end
 -- One read from the backend, normalized to a CachedValue or NO_VALUE.
 local function fetch(self, backend, key)
     local v
-    if self.fail_open then
+    if self._direct then
+        -- A built-in in-process backend that cannot fail: no pcall, so a hit
+        -- compiles into one trace (a trace that starts in a function called
+        -- through pcall aborts when it returns into the pcall frame).
+        v = backend:get(key)
+    else
         local ok
         ok, v = pcall(backend.get, backend, key)
         if not ok then
             self:_failed("get", key, v)
             return NO_VALUE
         end
-    else
-        v = backend:get(key)
     end
     if self._serialized then
         return decode(self, v)
@@ -375,16 +389,10 @@ local function fetch(self, backend, key)
 end
 
 local function fetch_multi(self, backend, keys)
-    local vs
-    if self.fail_open then
-        local ok
-        ok, vs = pcall(proxy.get_multi, backend, keys)
-        if not ok then
-            self:_failed("get_multi", nil, vs)
-            vs = {}
-        end
-    else
-        vs = proxy.get_multi(backend, keys)
+    local ok, vs = pcall(proxy.get_multi, backend, keys)
+    if not ok then
+        self:_failed("get_multi", keys[1], vs)
+        vs = {}
     end
     local out = {}
     for i = 1, #keys do
@@ -404,13 +412,9 @@ local function store(self, backend, key, cv)
     if self._serialized then
         v = encode(self, cv)
     end
-    if self.fail_open then
-        local ok, err = pcall(backend.set, backend, key, v)
-        if not ok then
-            self:_failed("set", key, err)
-        end
-    else
-        backend:set(key, v)
+    local ok, err = pcall(backend.set, backend, key, v)
+    if not ok then
+        self:_failed("set", key, err)
     end
 end
 
@@ -422,13 +426,9 @@ local function store_multi(self, backend, mapping)
         end
         mapping = enc
     end
-    if self.fail_open then
-        local ok, err = pcall(proxy.set_multi, backend, mapping)
-        if not ok then
-            self:_failed("set_multi", nil, err)
-        end
-    else
-        proxy.set_multi(backend, mapping)
+    local ok, err = pcall(proxy.set_multi, backend, mapping)
+    if not ok then
+        self:_failed("set_multi", next(mapping), err)
     end
 end
 
@@ -627,13 +627,9 @@ function Region:delete(key)
     local backend = self.backend
     check_key(key, "delete")
     key = mangle(self, key)
-    if self.fail_open then
-        local ok, err = pcall(backend.delete, backend, key)
-        if not ok then
-            self:_failed("delete", key, err)
-        end
-    else
-        backend:delete(key)
+    local ok, err = pcall(backend.delete, backend, key)
+    if not ok then
+        self:_failed("delete", key, err)
     end
 end
 
@@ -650,13 +646,9 @@ function Region:delete_multi(keys)
     if #mangled == 0 then
         return
     end
-    if self.fail_open then
-        local ok, err = pcall(proxy.delete_multi, backend, mangled)
-        if not ok then
-            self:_failed("delete_multi", nil, err)
-        end
-    else
-        proxy.delete_multi(backend, mangled)
+    local ok, err = pcall(proxy.delete_multi, backend, mangled)
+    if not ok then
+        self:_failed("delete_multi", mangled[1], err)
     end
 end
 
@@ -696,9 +688,6 @@ function Region:_mutex(key)
     if backend.get_mutex then
         local ok, m = pcall(backend.get_mutex, backend, key)
         if not ok then
-            if not self.fail_open then
-                error(m, 0)
-            end
             self:_failed("get_mutex", key, m)
             m = nil
         elseif m ~= nil then

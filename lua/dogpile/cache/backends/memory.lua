@@ -14,6 +14,8 @@ lib.own_source()
 
 local Memory = {}
 Memory.__index = Memory
+-- Pure Lua over a table: a get never raises, so the region calls it without pcall.
+Memory.infallible = true
 
 function Memory:get(key)
     local v = self._cache[key]

@@ -12,6 +12,8 @@ local NULL_LOCK = setmetatable({}, NullLock)
 
 local Null = {}
 Null.__index = Null
+-- Pure Lua over a table: a get never raises, so the region calls it without pcall.
+Null.infallible = true
 
 function Null.get() return NO_VALUE end
 function Null.set() end
