@@ -13,7 +13,8 @@
  * @note Memory ownership. The core never keeps a pointer handed in by a caller:
  * keys are copied on entry, so the caller may free or reuse them as soon as the
  * call returns. Output buffers are owned by the caller, sized as each function
- * says. The core returns no memory that the caller must free. Strings returned
+ * says. The only memory a caller must free is a dp_buf's, with dp_buf_free()
+ * (see the value codec's @note). Strings returned
  * by dp_strerror() and dp_version() are static and live for the whole process.
  * Process-wide state is created on first use and lives until the process ends.
  */

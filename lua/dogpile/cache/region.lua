@@ -220,9 +220,24 @@ function Region:configure(backend_name, opts)
     end
     local backend = _M.load_backend(backend_name, opts.arguments or {})
     local serialized = backend.serialized == true
-    if serialized and not (self.serializer and self.deserializer) then
-        raise("dogpile.cache: backend '" .. backend_name .. "' stores bytes: give the region "
-              .. "a serializer and a deserializer (make_region options)")
+    if (self.serializer == nil) ~= (self.deserializer == nil) then
+        raise("dogpile.cache: region " .. self:_label() .. " has a "
+              .. (self.serializer and "serializer but no deserializer" or "deserializer but no serializer")
+              .. "; give both or neither")
+    end
+    local encode_payload, decode_payload = self.serializer, self.deserializer
+    if serialized and not encode_payload then
+        -- The default codec: exact for every plain Lua value.
+        local codec = require "dogpile.codec"
+        local codec_decode = codec.decode
+        encode_payload = codec.encode
+        decode_payload = function(bytes)
+            local value, err = codec_decode(bytes)
+            if value == nil and err ~= nil then
+                error(err, 0)
+            end
+            return value
+        end
     end
 
     self._backend_name = backend_name
@@ -237,6 +252,7 @@ function Region:configure(backend_name, opts)
     end
     self._default_inv = getmetatable(self.region_invalidator) == DefaultInvalidation
     self._serialized = serialized
+    self._encode_payload, self._decode_payload = encode_payload, decode_payload
     self._direct = self.backend == backend and backend.infallible == true
     self.fail_open = opts.fail_open == true
     self._domain = C.dp_lock_domain_new()
@@ -343,7 +359,7 @@ local function decode(self, bytes)
     local ct, payload = unpack_envelope(bytes)
     local ok, value = false, payload
     if ct then
-        ok, value = pcall(self.deserializer, payload)
+        ok, value = pcall(self._decode_payload, payload)
     end
     if not ok then
         self._stats.errors = self._stats.errors + 1
@@ -354,8 +370,15 @@ local function decode(self, bytes)
     return CachedValue.new(value, { ct = ct, v = VALUE_VERSION })
 end
 
-local function encode(self, cv)
-    local payload = self.serializer(cv.payload)
+local function encode(self, cv, key)
+    local ok, payload = pcall(self._encode_payload, cv.payload)
+    if not ok then
+        if type(payload) ~= "string" then
+            error(payload, 0)
+        end
+        raise("dogpile.cache: region " .. self:_label() .. ": cannot store key '" .. tostring(key)
+              .. "': " .. payload)
+    end
     if type(payload) ~= "string" then
         raise("dogpile.cache: region " .. self:_label() .. ": the serializer returned a "
               .. type(payload) .. ", not a string")
@@ -410,7 +433,7 @@ end
 local function store(self, backend, key, cv)
     local v = cv
     if self._serialized then
-        v = encode(self, cv)
+        v = encode(self, cv, key)
     end
     local ok, err = pcall(backend.set, backend, key, v)
     if not ok then
@@ -422,7 +445,7 @@ local function store_multi(self, backend, mapping)
     if self._serialized then
         local enc = {}
         for k, cv in pairs(mapping) do
-            enc[k] = encode(self, cv)
+            enc[k] = encode(self, cv, k)
         end
         mapping = enc
     end

@@ -1,0 +1,246 @@
+--- The cost of a cache hit, against the floor (DESIGN.md, "The hot path"):
+-- a plain Lua table and lua-resty-lrucache. One run measures every path.
+--
+--   luajit bench/hit.lua [iterations] [repetitions]
+--
+-- Each path runs its own loop over NKEYS keys cycled through, summing the
+-- values so the loop cannot be optimised away; the reported time is the
+-- median of the repetitions, in nanoseconds per hit (loop overhead included,
+-- for every path alike).
+local ffi = require "ffi"
+local jit = require "jit"
+
+local format, floor, sort = string.format, math.floor, table.sort
+
+local N = tonumber(arg and arg[1]) or 5e6
+local REPS = tonumber(arg and arg[2]) or 7
+local NKEYS = 1000
+local HOTLOOP = 56  -- LuaJIT's default; setting it resets the hot counters
+
+-- -- Clock -------------------------------------------------------------------------
+
+local clock
+do
+    local ok = pcall(ffi.cdef, [[
+        typedef struct { long tv_sec; long tv_nsec; } dp_bench_timespec;
+        int clock_gettime(int clk_id, dp_bench_timespec *tp);
+    ]])
+    local CLOCK_MONOTONIC = 1  -- Linux
+    if ok and ffi.os == "Linux" then
+        local ts = ffi.new("dp_bench_timespec")
+        clock = function()
+            ffi.C.clock_gettime(CLOCK_MONOTONIC, ts)
+            return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
+        end
+    else
+        clock = os.clock
+    end
+end
+
+-- -- The caches ------------------------------------------------------------------
+
+-- lua-resty-lrucache reads ngx.now when it loads; outside nginx, give it a
+-- stand-in for the load only (it is only called for entries with a ttl).
+local lrucache
+do
+    local shim = rawget(_G, "ngx") == nil
+    if shim then
+        _G.ngx = { now = function() return clock() end }
+    end
+    local ok, mod = pcall(require, "resty.lrucache")
+    if shim then
+        _G.ngx = nil
+    end
+    if ok then
+        lrucache = mod
+    else
+        io.stderr:write("resty.lrucache not available (", tostring(mod), "); skipping it\n")
+    end
+end
+
+local cache = require "dogpile.cache"
+
+local KEYS = {}
+for i = 1, NKEYS do
+    KEYS[i] = "key:" .. i
+end
+
+local plain = {}
+for i = 1, NKEYS do
+    plain[KEYS[i]] = i
+end
+
+local lru
+if lrucache then
+    lru = assert(lrucache.new(2 * NKEYS))
+    for i = 1, NKEYS do
+        lru:set(KEYS[i], i)
+    end
+end
+
+local function region(conf)
+    local r = cache.make_region():configure("dogpile.cache.memory", conf)
+    for i = 1, NKEYS do
+        r:set(KEYS[i], i)
+    end
+    return r
+end
+
+local r_exp = region({ expiration_time = 3600 })
+local r_noexp = region({})
+local r_lru = region({ expiration_time = 3600, arguments = { max_items = 2 * NKEYS } })
+
+local function creator()
+    error("bench: the creator ran, so a get_or_create was not a hit")
+end
+
+-- -- The loops: one per path, so that each compiles to its own trace ---------------
+
+local function loop_plain(n)
+    local acc = 0
+    for i = 1, n do
+        acc = acc + plain[KEYS[i % NKEYS + 1]]
+    end
+    return acc
+end
+
+local function loop_lrucache(n)
+    local acc = 0
+    for i = 1, n do
+        acc = acc + lru:get(KEYS[i % NKEYS + 1])
+    end
+    return acc
+end
+
+local function loop_get(n)
+    local acc = 0
+    for i = 1, n do
+        acc = acc + r_exp:get(KEYS[i % NKEYS + 1])
+    end
+    return acc
+end
+
+local function loop_get_or_create(n)
+    local acc = 0
+    for i = 1, n do
+        acc = acc + r_exp:get_or_create(KEYS[i % NKEYS + 1], creator)
+    end
+    return acc
+end
+
+local function loop_get_lru(n)
+    local acc = 0
+    for i = 1, n do
+        acc = acc + r_lru:get(KEYS[i % NKEYS + 1])
+    end
+    return acc
+end
+
+local function loop_get_noexp(n)
+    local acc = 0
+    for i = 1, n do
+        acc = acc + r_noexp:get(KEYS[i % NKEYS + 1])
+    end
+    return acc
+end
+
+local PATHS = {
+    { "plain table t[key]", loop_plain },
+    { "resty.lrucache :get", lru and loop_lrucache },
+    { "region:get (expiration_time)", loop_get },
+    { "region:get_or_create hit", loop_get_or_create },
+    { "region:get (LRU max_items)", loop_get_lru },
+    { "region:get (no expiration)", loop_get_noexp },
+}
+
+-- -- Measuring -------------------------------------------------------------------
+
+local function expected_sum(n)
+    -- key i % NKEYS + 1 holds i % NKEYS + 1; whole cycles sum to NKEYS(NKEYS+1)/2
+    local full, rest = floor(n / NKEYS), n % NKEYS
+    local s = full * NKEYS * (NKEYS + 1) / 2
+    for i = 1, rest do
+        s = s + (i % NKEYS + 1)
+    end
+    return s
+end
+
+local function median(xs)
+    sort(xs)
+    local m = #xs
+    if m % 2 == 1 then
+        return xs[(m + 1) / 2]
+    end
+    return (xs[m / 2] + xs[m / 2 + 1]) / 2
+end
+
+--- ns per hit (median), min and max over REPS runs of n iterations, and
+-- the number of trace aborts seen while warming up and measuring.
+local function measure(loop, n)
+    local aborts = 0
+    local function on_trace(what)
+        if what == "abort" then
+            aborts = aborts + 1
+        end
+    end
+    -- Each path starts from a clean compiler state: what one path compiled
+    -- (or blacklisted) must not help or hurt the next.
+    jit.flush()
+    jit.opt.start("hotloop=" .. HOTLOOP)
+    jit.attach(on_trace, "trace")
+    local want = expected_sum(n)
+    loop(1e5)  -- warm up: compile the trace and its side traces
+    local times = {}
+    for r = 1, REPS do
+        collectgarbage()
+        local t0 = clock()
+        local acc = loop(n)
+        local t1 = clock()
+        if acc ~= want then
+            jit.attach(on_trace)
+            error(format("bench: checksum %s, expected %s (a miss?)", tostring(acc), tostring(want)))
+        end
+        times[r] = (t1 - t0) / n * 1e9
+    end
+    jit.attach(on_trace)
+    local lo, hi = math.huge, 0
+    for r = 1, #times do
+        lo, hi = math.min(lo, times[r]), math.max(hi, times[r])
+    end
+    return median(times), lo, hi, aborts
+end
+
+-- -- Report ----------------------------------------------------------------------
+
+print(format("%s (%s %s), JIT %s", jit.version, jit.os, jit.arch,
+             jit.status() and "on" or "OFF"))
+print(format("dogpile %s; %d keys cycled; %d iterations x %d repetitions, median",
+             tostring(cache._VERSION), NKEYS, N, REPS))
+print(format("clock: %s", clock == os.clock and "os.clock (CPU time)" or "clock_gettime(CLOCK_MONOTONIC)"))
+print()
+
+local results = {}
+for i, p in ipairs(PATHS) do
+    if p[2] then
+        local med, lo, hi, aborts = measure(p[2], N)
+        results[i] = { name = p[1], ns = med, lo = lo, hi = hi, aborts = aborts }
+    else
+        results[i] = { name = p[1] }
+    end
+end
+
+local base = results[1].ns
+local lru_ns = results[2].ns
+print(format("%-30s %9s %9s %9s %10s %8s", "path", "ns/hit", "min-max", "x table", "x lrucache",
+             "aborts"))
+print(string.rep("-", 80))
+for _, r in ipairs(results) do
+    if r.ns then
+        print(format("%-30s %9.2f %4.1f-%-4.1f %9.2f %10s %8d", r.name, r.ns, r.lo, r.hi, r.ns / base,
+                     lru_ns and format("%.2f", r.ns / lru_ns) or "-", r.aborts))
+    else
+        print(format("%-30s %9s", r.name, "skipped"))
+    end
+end
+print()
+print("Absolute times vary with the machine and its load; the ratios are what matter.")
