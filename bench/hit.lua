@@ -89,6 +89,7 @@ end
 local r_exp = region({ expiration_time = 3600 })
 local r_noexp = region({})
 local r_lru = region({ expiration_time = 3600, arguments = { max_items = 2 * NKEYS } })
+local r_lru_noexp = region({ arguments = { max_items = 2 * NKEYS } })
 
 local function creator()
     error("bench: the creator ran, so a get_or_create was not a hit")
@@ -144,6 +145,26 @@ local function loop_get_noexp(n)
     return acc
 end
 
+-- Extra rows, to split the costs: the LRU without the clock, and the clock
+-- alone (one FFI call per hit when the region has an expiration_time).
+local function loop_get_lru_noexp(n)
+    local acc = 0
+    for i = 1, n do
+        acc = acc + r_lru_noexp:get(KEYS[i % NKEYS + 1])
+    end
+    return acc
+end
+
+local C = require("dogpile.lib").C
+local function loop_clock(n)
+    local acc = 0
+    for i = 1, n do
+        local now = C.dp_clock_now()
+        acc = acc + plain[KEYS[i % NKEYS + 1]] + (now - now)
+    end
+    return acc
+end
+
 local PATHS = {
     { "plain table t[key]", loop_plain },
     { "resty.lrucache :get", lru and loop_lrucache },
@@ -151,6 +172,8 @@ local PATHS = {
     { "region:get_or_create hit", loop_get_or_create },
     { "region:get (LRU max_items)", loop_get_lru },
     { "region:get (no expiration)", loop_get_noexp },
+    { "(extra) region:get (LRU, no exp.)", loop_get_lru_noexp },
+    { "(extra) t[key] + dp_clock_now()", loop_clock },
 }
 
 -- -- Measuring -------------------------------------------------------------------
@@ -174,13 +197,34 @@ local function median(xs)
     return (xs[m / 2] + xs[m / 2 + 1]) / 2
 end
 
+local vmdef = require "jit.vmdef"
+local jutil = require "jit.util"
+
+local function where(func, pc)
+    local fi = func and jutil.funcinfo(func, pc) or {}
+    return fi.loc or (fi.ffid and vmdef.ffnames[fi.ffid]) or "?"
+end
+
 --- ns per hit (median), min and max over REPS runs of n iterations, and
--- the number of trace aborts seen while warming up and measuring.
+-- what the trace compiler did meanwhile: root and side traces compiled,
+-- and the reasons of any abort. jit.attach holds one handler per event, so
+-- this replaces -jv's while it runs: the aborts are reported here instead.
 local function measure(loop, n)
-    local aborts = 0
-    local function on_trace(what)
-        if what == "abort" then
-            aborts = aborts + 1
+    local roots, sides, aborts = 0, 0, {}
+    local function on_trace(what, tr, func, pc, otr, oex)
+        if what == "start" then
+            if otr then
+                sides = sides + 1
+            else
+                roots = roots + 1
+            end
+        elseif what == "abort" then
+            local msg = vmdef.traceerr[otr] or tostring(otr)
+            if type(oex) == "function" then
+                oex = where(oex)
+            end
+            local ok, m = pcall(format, msg, oex)
+            aborts[#aborts + 1] = format("trace %d: %s at %s", tr, ok and m or msg, where(func, pc))
         end
     end
     -- Each path starts from a clean compiler state: what one path compiled
@@ -207,7 +251,8 @@ local function measure(loop, n)
     for r = 1, #times do
         lo, hi = math.min(lo, times[r]), math.max(hi, times[r])
     end
-    return median(times), lo, hi, aborts
+    return { ns = median(times), lo = lo, hi = hi, aborts = aborts,
+             traces = format("%d+%d", roots, sides) }
 end
 
 -- -- Report ----------------------------------------------------------------------
@@ -221,26 +266,30 @@ print()
 
 local results = {}
 for i, p in ipairs(PATHS) do
-    if p[2] then
-        local med, lo, hi, aborts = measure(p[2], N)
-        results[i] = { name = p[1], ns = med, lo = lo, hi = hi, aborts = aborts }
-    else
-        results[i] = { name = p[1] }
-    end
+    local res = p[2] and measure(p[2], N) or {}
+    res.name = p[1]
+    results[i] = res
 end
 
 local base = results[1].ns
 local lru_ns = results[2].ns
-print(format("%-30s %9s %9s %9s %10s %8s", "path", "ns/hit", "min-max", "x table", "x lrucache",
-             "aborts"))
-print(string.rep("-", 80))
+print(format("%-34s %8s %11s %8s %10s %7s %6s", "path", "ns/hit", "min-max", "x table",
+             "x lrucache", "traces", "aborts"))
+print(string.rep("-", 90))
 for _, r in ipairs(results) do
     if r.ns then
-        print(format("%-30s %9.2f %4.1f-%-4.1f %9.2f %10s %8d", r.name, r.ns, r.lo, r.hi, r.ns / base,
-                     lru_ns and format("%.2f", r.ns / lru_ns) or "-", r.aborts))
+        print(format("%-34s %8.2f %5.1f-%-5.1f %8.2f %10s %7s %6d", r.name, r.ns, r.lo, r.hi,
+                     r.ns / base, lru_ns and format("%.2f", r.ns / lru_ns) or "-", r.traces,
+                     #r.aborts))
     else
-        print(format("%-30s %9s", r.name, "skipped"))
+        print(format("%-34s %8s", r.name, "skipped"))
+    end
+end
+for _, r in ipairs(results) do
+    for _, a in ipairs(r.aborts or {}) do
+        print(format("abort in %s: %s", r.name, a))
     end
 end
 print()
+print("traces: root+side traces compiled for the path (1+0: the hit runs in one loop trace).")
 print("Absolute times vary with the machine and its load; the ratios are what matter.")

@@ -67,6 +67,10 @@ DP_API const char *dp_strerror(int status)
     case DP_EDECODE: return "not a valid encoding (truncated, corrupted or foreign bytes)";
     case DP_EDEPTH: return "tables nested too deeply";
     case DP_EVERSION: return "encoded by a newer codec format version";
+    case DP_ENOTFOUND: return "not found";
+    case DP_ETOOBIG: return "value larger than the backend's bound";
+    case DP_EMISMATCH: return "a named instance exists with other settings";
+    case DP_EBACKEND: return "backend failure";
     default: return "unknown status";
     }
 }

@@ -46,6 +46,10 @@ extern "C" {
 #define DP_EDECODE   7 /* bytes are not a valid encoding: truncated, corrupted or foreign */
 #define DP_EDEPTH    8 /* tables nested deeper than DP_CODEC_MAX_DEPTH */
 #define DP_EVERSION  9 /* encoded by a newer codec format version */
+#define DP_ENOTFOUND 10 /* no value for the key (a miss, not a failure) */
+#define DP_ETOOBIG  11 /* the value is larger than the backend's bound */
+#define DP_EMISMATCH 12 /* a named instance exists with other settings */
+#define DP_EBACKEND 13 /* the backend failed; dp_err.msg says how */
 
 /** A static, human-readable text for a status code. */
 DP_API const char *dp_strerror(int status);
@@ -270,6 +274,113 @@ DP_API int dp_reader_next(dp_reader *r, dp_item *item);
 /** DP_OK when `r` (in/out) has read one complete value and no bytes are left
  * after it; DP_EDECODE otherwise (missing items or trailing bytes). */
 DP_API int dp_reader_finish(dp_reader *r);
+
+
+/* -- Backends --------------------------------------------------------------
+ *
+ * A C backend stores bytes (the region's serialized envelope) under byte
+ * keys. It fills one `const dp_backend_ops` table and registers it by name;
+ * Lua opens it with arguments from the region's configuration and calls it
+ * through dp_backend_get/set/delete, which the FFI binds for the hot path.
+ *
+ * @note Memory ownership. dp_backend_register() keeps the `ops` pointer and
+ * `ud` for the life of the process: both must outlive every instance (a
+ * static table is the usual choice). Arguments (dp_arg names and strings) are
+ * borrowed for the duration of open() only. Keys and values handed to get,
+ * set and delete are borrowed for the call. A dp_bytes is owned by the caller:
+ * get() writes the value into it, growing `data` with realloc(), and the
+ * caller releases it with dp_bytes_free(). An instance from dp_backend_open()
+ * is owned by the caller until dp_backend_close(), which must be called once.
+ */
+
+/** Errors come back in a caller-owned dp_err, so threads sharing an instance
+ * never share an error buffer. */
+typedef struct dp_err {
+    int code;       /* out: the status, as returned */
+    char msg[256];  /* out: what failed, "" on success */
+} dp_err;
+
+/** A growable byte buffer, owned by the caller (see @note). */
+typedef struct dp_bytes {
+    char *data;
+    size_t len;
+    size_t cap;
+} dp_bytes;
+
+#define DP_ARG_BOOLEAN 1
+#define DP_ARG_NUMBER  2
+#define DP_ARG_STRING  3
+
+/** One configuration argument, `arguments.<name>` of the region. */
+typedef struct dp_arg {
+    const char *name;
+    int type;            /* DP_ARG_* */
+    double number;       /* DP_ARG_NUMBER; DP_ARG_BOOLEAN: 0 or 1 */
+    const char *string;  /* DP_ARG_STRING */
+    size_t len;          /* DP_ARG_STRING */
+} dp_arg;
+
+/** What a backend reports; fields it does not track stay 0. */
+typedef struct dp_backend_stats {
+    double items, bytes, max_items, max_bytes;
+    double hits, misses, evictions, expirations;
+} dp_backend_stats;
+
+typedef struct dp_backend_ops {
+    const char *name;  /* the registered name, e.g. "dogpile.cache.shared_memory" */
+    /* Make or join an instance. DP_OK with *self set, or an error in err. */
+    int (*open)(void *ud, const dp_arg *args, size_t nargs, void **self, dp_err *err);
+    /* DP_OK with the value in out, DP_ENOTFOUND on a miss, or an error. */
+    int (*get)(void *self, const char *key, size_t klen, dp_bytes *out, dp_err *err);
+    int (*set)(void *self, const char *key, size_t klen, const char *value, size_t vlen,
+               dp_err *err);
+    /* DP_OK whether or not the key was there. */
+    int (*del)(void *self, const char *key, size_t klen, dp_err *err);
+    /* Optional (NULL): fill *out. */
+    void (*stats)(void *self, dp_backend_stats *out);
+    /* Optional (NULL): a process-wide lock domain shared by every handle on
+     * the same instance, so regions in any Lua state or thread meet one lock
+     * per key. 0: use the region's own lock. */
+    uint32_t (*lock_domain)(void *self);
+    /* Leave the instance; the backend frees it when the last handle leaves. */
+    void (*close)(void *self);
+    /* 1 when get/set/del can only fail on out-of-memory or a too-big value
+     * (in-process backends): the region then calls them without pcall. */
+    int infallible;
+} dp_backend_ops;
+
+typedef struct dp_backend dp_backend;
+
+/** Register `ops` (in, kept) with `ud` (in, kept) under ops->name; a second
+ * registration of the same name replaces the first for later opens.
+ * DP_OK, DP_EINVAL (no name or a missing required operation), DP_ENOMEM. */
+DP_API int dp_backend_register(const dp_backend_ops *ops, void *ud);
+
+/** The ops registered as `name`, or NULL. */
+DP_API const dp_backend_ops *dp_backend_find(const char *name);
+
+/** Open an instance of the backend registered as `name`. */
+DP_API int dp_backend_open(const char *name, const dp_arg *args, size_t nargs,
+                           dp_backend **out, dp_err *err);
+DP_API int dp_backend_get(dp_backend *b, const char *key, size_t klen, dp_bytes *out,
+                          dp_err *err);
+DP_API int dp_backend_set(dp_backend *b, const char *key, size_t klen, const char *value,
+                          size_t vlen, dp_err *err);
+DP_API int dp_backend_delete(dp_backend *b, const char *key, size_t klen, dp_err *err);
+DP_API void dp_backend_stat(dp_backend *b, dp_backend_stats *out);
+DP_API uint32_t dp_backend_lock_domain(dp_backend *b);
+DP_API int dp_backend_infallible(dp_backend *b);
+/** Close the handle (NULL is fine); the pointer is invalid afterwards. */
+DP_API void dp_backend_close(dp_backend *b);
+
+/** Make room for `need` bytes in `b`. DP_OK or DP_ENOMEM. */
+DP_API int dp_bytes_reserve(dp_bytes *b, size_t need);
+/** Release `b`'s memory; `b` may be reused (empty) afterwards. */
+DP_API void dp_bytes_free(dp_bytes *b);
+
+/** Fill err: code and a printf-style message. Returns code. */
+DP_API int dp_err_set(dp_err *err, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 
 #ifdef __cplusplus
 }

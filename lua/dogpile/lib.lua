@@ -24,9 +24,37 @@ size_t dp_lock_release_owner(uint32_t owner);
 size_t dp_lock_count(void);
 void dp_sha1_hex(const void *data, size_t len, char out[41]);
 void dp_sha1(const void *data, size_t len, unsigned char out[20]);
+
+typedef struct dp_err { int code; char msg[256]; } dp_err;
+typedef struct dp_bytes { char *data; size_t len; size_t cap; } dp_bytes;
+typedef struct dp_arg {
+    const char *name; int type; double number; const char *string; size_t len;
+} dp_arg;
+typedef struct dp_backend_stats {
+    double items, bytes, max_items, max_bytes;
+    double hits, misses, evictions, expirations;
+} dp_backend_stats;
+typedef struct dp_backend dp_backend;
+typedef struct dp_backend_ops dp_backend_ops;
+const dp_backend_ops *dp_backend_find(const char *name);
+int dp_backend_open(const char *name, const dp_arg *args, size_t nargs, dp_backend **out,
+                    dp_err *err);
+int dp_backend_get(dp_backend *b, const char *key, size_t klen, dp_bytes *out, dp_err *err);
+int dp_backend_set(dp_backend *b, const char *key, size_t klen, const char *value, size_t vlen,
+                   dp_err *err);
+int dp_backend_delete(dp_backend *b, const char *key, size_t klen, dp_err *err);
+void dp_backend_stat(dp_backend *b, dp_backend_stats *out);
+uint32_t dp_backend_lock_domain(dp_backend *b);
+int dp_backend_infallible(dp_backend *b);
+void dp_backend_close(dp_backend *b);
+int dp_bytes_reserve(dp_bytes *b, size_t need);
+void dp_bytes_free(dp_bytes *b);
 ]]
 
 local C = ffi.load(core.library_path)
+-- Resolve the hot symbols now: the JIT compiles a C.sym lookup only once it
+-- is in the namespace's cache, so a first hit recorded cold would abort.
+local _ = C.dp_clock_now, C.dp_clock_stamp, C.dp_backend_get, C.dp_lock_try
 
 local _M = {
     C = C,
@@ -36,7 +64,8 @@ local _M = {
     -- holds could never end, and the core refuses it by this tag.
     OWNER = C.dp_lock_owner_new(),
     DP_OK = 0, DP_EBUSY = 1, DP_ETIMEDOUT = 2, DP_EDEADLK = 3,
-    DP_ENOTHELD = 4, DP_ENOMEM = 5, DP_EINVAL = 6,
+    DP_ENOTHELD = 4, DP_ENOMEM = 5, DP_EINVAL = 6, DP_EDECODE = 7, DP_EDEPTH = 8,
+    DP_EVERSION = 9, DP_ENOTFOUND = 10, DP_ETOOBIG = 11, DP_EMISMATCH = 12, DP_EBACKEND = 13,
 }
 
 -- The sources of this package's own modules: errors skip their frames so

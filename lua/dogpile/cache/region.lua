@@ -1218,6 +1218,7 @@ end
 local BACKENDS = {
     ["dogpile.cache.memory"] = "dogpile.cache.backends.memory",
     ["dogpile.cache.null"] = "dogpile.cache.backends.null",
+    ["dogpile.cache.shared_memory"] = "dogpile.cache.backends.shared_memory",
 }
 
 --- `cache.register_backend(name, module_name_or_factory)`.

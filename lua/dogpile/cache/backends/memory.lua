@@ -106,7 +106,9 @@ function LRU:set(key, value)
     if node then
         unlink(node)
     else
-        node = { key = key }
+        -- Every node, and the head, has the same shape (key, next, prev), so
+        -- the traces' table guards hold whichever node a link points to.
+        node = { key = key, next = false, prev = false }
         nodes[key] = node
         self._count = self._count + 1
     end
@@ -172,7 +174,7 @@ local function new(arguments)
     if not max then
         return setmetatable({ _cache = cache }, Memory)
     end
-    local head = {}
+    local head = { key = false, next = false, prev = false }
     head.next, head.prev = head, head
     local self = setmetatable({ _cache = cache, _nodes = {}, _head = head, _count = 0,
                                 _max = max, _evictions = 0 }, LRU)

@@ -1,0 +1,184 @@
+/* backend.c -- the registry of C backends and the calls Lua binds for them.
+ *
+ * The registry is process-wide: a backend module registers its ops once, and
+ * every Lua state of the process opens instances through it. Opening and
+ * closing are cold (a mutex); get, set and delete go straight to the ops. */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+
+#include "dogpile.h"
+
+struct dp_backend {
+    const dp_backend_ops *ops;
+    void *self;
+};
+
+typedef struct registered {
+    struct registered *next;
+    const dp_backend_ops *ops;
+    void *ud;
+} registered;
+
+static registered *backends;
+static uv_mutex_t reg_mu;
+static uv_once_t reg_once = UV_ONCE_INIT;
+
+static void reg_init(void)
+{
+    uv_mutex_init(&reg_mu);
+}
+
+DP_API int dp_err_set(dp_err *err, int code, const char *fmt, ...)
+{
+    if (err) {
+        err->code = code;
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err->msg, sizeof err->msg, fmt, ap);
+        va_end(ap);
+    }
+    return code;
+}
+
+static void err_clear(dp_err *err)
+{
+    if (err) {
+        err->code = DP_OK;
+        err->msg[0] = '\0';
+    }
+}
+
+DP_API int dp_backend_register(const dp_backend_ops *ops, void *ud)
+{
+    if (!ops || !ops->name || !ops->open || !ops->get || !ops->set || !ops->del || !ops->close)
+        return DP_EINVAL;
+    uv_once(&reg_once, reg_init);
+    uv_mutex_lock(&reg_mu);
+    registered *r;
+    for (r = backends; r; r = r->next)
+        if (strcmp(r->ops->name, ops->name) == 0)
+            break;
+    int rc = DP_OK;
+    if (r) {
+        r->ops = ops;
+        r->ud = ud;
+    } else if ((r = malloc(sizeof *r))) {
+        r->ops = ops;
+        r->ud = ud;
+        r->next = backends;
+        backends = r;
+    } else {
+        rc = DP_ENOMEM;
+    }
+    uv_mutex_unlock(&reg_mu);
+    return rc;
+}
+
+static registered *find(const char *name)
+{
+    uv_once(&reg_once, reg_init);
+    uv_mutex_lock(&reg_mu);
+    registered *r;
+    for (r = backends; r; r = r->next)
+        if (strcmp(r->ops->name, name) == 0)
+            break;
+    uv_mutex_unlock(&reg_mu);
+    return r;
+}
+
+DP_API const dp_backend_ops *dp_backend_find(const char *name)
+{
+    registered *r = name ? find(name) : NULL;
+    return r ? r->ops : NULL;
+}
+
+DP_API int dp_backend_open(const char *name, const dp_arg *args, size_t nargs,
+                           dp_backend **out, dp_err *err)
+{
+    err_clear(err);
+    *out = NULL;
+    registered *r = name ? find(name) : NULL;
+    if (!r)
+        return dp_err_set(err, DP_EINVAL, "no C backend is registered as '%s'", name ? name : "(null)");
+    dp_backend *b = malloc(sizeof *b);
+    if (!b)
+        return dp_err_set(err, DP_ENOMEM, "out of memory");
+    b->ops = r->ops;
+    b->self = NULL;
+    int rc = r->ops->open(r->ud, args, nargs, &b->self, err);
+    if (rc != DP_OK) {
+        free(b);
+        if (err && err->code == DP_OK)
+            dp_err_set(err, rc, "%s", dp_strerror(rc));
+        return rc;
+    }
+    *out = b;
+    return DP_OK;
+}
+
+DP_API int dp_backend_get(dp_backend *b, const char *key, size_t klen, dp_bytes *out,
+                          dp_err *err)
+{
+    return b->ops->get(b->self, key, klen, out, err);
+}
+
+DP_API int dp_backend_set(dp_backend *b, const char *key, size_t klen, const char *value,
+                          size_t vlen, dp_err *err)
+{
+    return b->ops->set(b->self, key, klen, value, vlen, err);
+}
+
+DP_API int dp_backend_delete(dp_backend *b, const char *key, size_t klen, dp_err *err)
+{
+    return b->ops->del(b->self, key, klen, err);
+}
+
+DP_API void dp_backend_stat(dp_backend *b, dp_backend_stats *out)
+{
+    memset(out, 0, sizeof *out);
+    if (b->ops->stats)
+        b->ops->stats(b->self, out);
+}
+
+DP_API uint32_t dp_backend_lock_domain(dp_backend *b)
+{
+    return b->ops->lock_domain ? b->ops->lock_domain(b->self) : 0;
+}
+
+DP_API int dp_backend_infallible(dp_backend *b)
+{
+    return b->ops->infallible;
+}
+
+DP_API void dp_backend_close(dp_backend *b)
+{
+    if (!b)
+        return;
+    b->ops->close(b->self);
+    free(b);
+}
+
+DP_API int dp_bytes_reserve(dp_bytes *b, size_t need)
+{
+    if (need <= b->cap)
+        return DP_OK;
+    size_t cap = b->cap ? b->cap : 256;
+    while (cap < need)
+        cap = cap > SIZE_MAX / 2 ? need : cap * 2;
+    char *p = realloc(b->data, cap);
+    if (!p)
+        return DP_ENOMEM;
+    b->data = p;
+    b->cap = cap;
+    return DP_OK;
+}
+
+DP_API void dp_bytes_free(dp_bytes *b)
+{
+    free(b->data);
+    b->data = NULL;
+    b->len = b->cap = 0;
+}
