@@ -182,3 +182,18 @@ DP_API void dp_bytes_free(dp_bytes *b)
     b->data = NULL;
     b->len = b->cap = 0;
 }
+
+void dp__lock_shutdown(void);
+
+DP_API void dp_shutdown(void)
+{
+    uv_once(&reg_once, reg_init);
+    uv_mutex_lock(&reg_mu);
+    while (backends) {
+        registered *r = backends;
+        backends = r->next;
+        free(r);
+    }
+    uv_mutex_unlock(&reg_mu);
+    dp__lock_shutdown();
+}

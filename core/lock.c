@@ -331,3 +331,27 @@ DP_API size_t dp_lock_count(void)
     }
     return n;
 }
+
+/* Called by dp_shutdown() (backend.c): no lock may be held or waited for. */
+void dp__lock_shutdown(void);
+
+void dp__lock_shutdown(void)
+{
+    uv_once(&init_once, init_registry);
+    for (int i = 0; i < NSTRIPES; i++) {
+        uv_mutex_lock(&stripes[i].mu);
+        if (stripes[i].count == 0) {
+            free(stripes[i].buckets);
+            stripes[i].buckets = NULL;
+            stripes[i].nbuckets = 0;
+        }
+        uv_mutex_unlock(&stripes[i].mu);
+    }
+    uv_mutex_lock(&named_mu);
+    while (named_domains) {
+        named_domain *d = named_domains;
+        named_domains = d->next;
+        free(d);
+    }
+    uv_mutex_unlock(&named_mu);
+}

@@ -10,6 +10,7 @@ ffi.cdef [[
 const char *dp_strerror(int status);
 const char *dp_version(void);
 double dp_clock_now(void);
+double dp_clock_upper(void);
 double dp_clock_stamp(void);
 double dp_clock_monotonic(void);
 void dp_clock_sleep(double seconds);
@@ -54,7 +55,7 @@ void dp_bytes_free(dp_bytes *b);
 local C = ffi.load(core.library_path)
 -- Resolve the hot symbols now: the JIT compiles a C.sym lookup only once it
 -- is in the namespace's cache, so a first hit recorded cold would abort.
-local _ = C.dp_clock_now, C.dp_clock_stamp, C.dp_backend_get, C.dp_lock_try
+local _ = C.dp_clock_now, C.dp_clock_upper, C.dp_clock_stamp, C.dp_backend_get, C.dp_lock_try
 
 local _M = {
     C = C,
@@ -67,6 +68,14 @@ local _M = {
     DP_ENOTHELD = 4, DP_ENOMEM = 5, DP_EINVAL = 6, DP_EDECODE = 7, DP_EDEPTH = 8,
     DP_EVERSION = 9, DP_ENOTFOUND = 10, DP_ETOOBIG = 11, DP_EMISMATCH = 12, DP_EBACKEND = 13,
 }
+
+-- When this Lua state closes, whatever locks it still holds are released,
+-- so that a host closing a state never strands the threads of other states.
+local guard = newproxy(true)
+getmetatable(guard).__gc = function()
+    C.dp_lock_release_owner(_M.OWNER)
+end
+_M._owner_guard = guard
 
 -- The sources of this package's own modules: errors skip their frames so
 -- that the position prefix names the caller's line, however deep inside the

@@ -27,6 +27,15 @@ int main(void)
     double now = dp_clock_now();
     CHECK(fabs(now - (double)time(NULL)) < 2, "dp_clock_now is wall-clock epoch seconds");
 
+    int bound_ok = 1;
+    for (int i = 0; i < 2000000; i++) {
+        double fine = dp_clock_now(), upper = dp_clock_upper();
+        if (upper < fine)
+            bound_ok = 0;
+    }
+    CHECK(bound_ok, "dp_clock_upper is never below dp_clock_now read just before it");
+    CHECK(dp_clock_upper() - dp_clock_now() < 0.1, "dp_clock_upper is within a tick of the time");
+
     double a = dp_clock_stamp(), b = dp_clock_stamp();
     CHECK(b > a, "two stamps in a row differ");
 

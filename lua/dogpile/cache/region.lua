@@ -15,8 +15,8 @@ local CachedValue = api.CachedValue
 local is_callable = dogpile.is_callable
 local run = dogpile._run
 local core_mutex = dogpile.core_mutex
-local next, type, pairs, ipairs, tostring, select, setmetatable, getmetatable, rawget, pcall, error,
-      unpack, require = next, type, pairs, ipairs, tostring, select, setmetatable, getmetatable, rawget,
+local rawequal, next, type, pairs, ipairs, tostring, select, setmetatable, getmetatable, rawget,
+      pcall, error, unpack, require = rawequal, next, type, pairs, ipairs, tostring, select, setmetatable, getmetatable, rawget,
       pcall, error, unpack, require
 local sort, concat = table.sort, table.concat
 local char, byte = string.char, string.byte
@@ -517,14 +517,15 @@ function Region:get(key, expiration_time, ignore_expiration)
     end
     local value = fetch(self, backend, key)
     local st = self._stats
-    if value ~= NO_VALUE then
+    if not rawequal(value, NO_VALUE) then
         if ignore_expiration then
             st.hits = st.hits + 1
             return value.payload
         end
         local exp = expiration_time or self.expiration_time
         local ct = value.metadata.ct
-        if (exp == nil or exp < 0 or C.dp_clock_now() - ct <= exp) then
+        if exp == nil or exp < 0 or C.dp_clock_upper() - ct <= exp
+            or C.dp_clock_now() - ct <= exp then
             local inv = self.region_invalidator
             local invalidated
             if self._default_inv then
@@ -812,11 +813,12 @@ function Region:get_or_create(key, creator, expiration_time, should_cache_fn, cr
         key = mangle(self, key)
     end
     local value = fetch(self, backend, key)
-    -- The hit: one read, no closure, no lock.
-    if value ~= NO_VALUE then
+    -- The hit: one read, no closure, no lock; the cheap clock bound first.
+    if not rawequal(value, NO_VALUE) then
         local md = value.metadata
         local ct = md.ct
-        if md.v == VALUE_VERSION and (exp == nil or C.dp_clock_now() - ct <= exp) then
+        if md.v == VALUE_VERSION and (exp == nil or C.dp_clock_upper() - ct <= exp
+                                      or C.dp_clock_now() - ct <= exp) then
             local inv = self.region_invalidator
             local invalidated
             if self._default_inv then

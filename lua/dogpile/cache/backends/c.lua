@@ -16,9 +16,9 @@ lib.own_source()
 local CBackend = {}
 CBackend.__index = CBackend
 
-local function failed(self, op, key, err)
-    error(self.name .. ": " .. op .. (key and (" '" .. key .. "'") or "") .. " failed: "
-          .. ffi_string(err.msg), 0)
+-- The region names the backend, the operation and the key around this.
+local function failed(err)
+    error(ffi_string(err.msg), 0)
 end
 
 function CBackend:get(key)
@@ -29,18 +29,18 @@ function CBackend:get(key)
     elseif rc == DP_ENOTFOUND then
         return NO_VALUE
     end
-    failed(self, "get", key, self.err)
+    failed(self.err)
 end
 
 function CBackend:set(key, value)
     if C.dp_backend_set(self.handle, key, #key, value, #value, self.err) ~= DP_OK then
-        failed(self, "set", key, self.err)
+        failed(self.err)
     end
 end
 
 function CBackend:delete(key)
     if C.dp_backend_delete(self.handle, key, #key, self.err) ~= DP_OK then
-        failed(self, "delete", key, self.err)
+        failed(self.err)
     end
 end
 
