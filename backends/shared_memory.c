@@ -24,6 +24,8 @@
  * expired entries at the old end of the queues are dropped before anything
  * fresh is evicted.
  */
+#define _GNU_SOURCE /* dladdr, RTLD_NODELETE */
+#include <dlfcn.h>
 #include <math.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -611,8 +613,8 @@ static int shm_open(void *ud, const dp_arg *args, size_t nargs, void **self, dp_
                 return dp_err_set(err, DP_EMISMATCH, NAME ": '%.*s' is already open with "
                                   "eviction \"%s\", not \"%s\"", (int)name_len, name,
                                   policy_name(s->policy), policy_name(policy));
-            return dp_err_set(err, DP_EMISMATCH, NAME ": '%.*s' is already open with %s %g, "
-                              "not %g (0: unbounded); every region sharing a name must agree",
+            return dp_err_set(err, DP_EMISMATCH, NAME ": '%.*s' is already open with %s %.15g, "
+                              "not %.15g (0: unbounded); every region sharing a name must agree",
                               (int)name_len, name, what, had, want);
         }
         s->handles++;
@@ -647,9 +649,18 @@ static int shm_open(void *ud, const dp_arg *args, size_t nargs, void **self, dp_
     for (int i = 0; i < NSHARDS; i++)
         uv_rwlock_init(&s->shards[i].lock);
     uv_mutex_init(&s->qmu);
-    char dom[300];
-    int dl = snprintf(dom, sizeof dom, NAME ":%.*s", (int)(name_len > 250 ? 250 : name_len), name);
-    s->domain = dp_lock_domain(dom, (size_t)dl);
+    /* The lock domain is named by the store's name bytes, all of them. */
+    size_t plen = sizeof NAME ":" - 1;
+    char *dom = malloc(plen + name_len);
+    if (!dom) {
+        uv_mutex_unlock(&instances_mu);
+        shm_free(s);
+        return dp_err_set(err, DP_ENOMEM, NAME ": out of memory opening '%.*s'", (int)name_len, name);
+    }
+    memcpy(dom, NAME ":", plen);
+    memcpy(dom + plen, name, name_len);
+    s->domain = dp_lock_domain(dom, plen + name_len);
+    free(dom);
     s->next = instances;
     instances = s;
     uv_mutex_unlock(&instances_mu);
@@ -673,11 +684,40 @@ static const dp_backend_ops shm_ops = {
  * `require "dogpile.backends.shared_memory"` registers the ops with the core;
  * lua/dogpile/cache/backends/shared_memory.lua opens instances through it. */
 
+/* Lua unloads a C module (dlclose) when the last state that required it
+ * closes, but the core's registry keeps &shm_ops for the life of the process
+ * (dogpile.h's @note) and the instances live in this file's statics: a state
+ * opened after every other one closed would register into a registry still
+ * pointing into the unmapped copy and crash. So the module pins itself: the
+ * dlopen with RTLD_NODELETE is never closed, and the first copy stays mapped
+ * until the process ends. */
+static uv_once_t module_once = UV_ONCE_INIT;
+static uv_mutex_t module_mu;
+static int pinned;
+
+static void module_init(void)
+{
+    uv_mutex_init(&module_mu);
+    Dl_info info;
+    pinned = dladdr((const void *)&shm_ops, &info) && info.dli_fname &&
+             dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE) != NULL;
+}
+
 int luaopen_dogpile_backends_shared_memory(lua_State *L);
 
 __attribute__((visibility("default"))) int luaopen_dogpile_backends_shared_memory(lua_State *L)
 {
-    int rc = dp_backend_register(&shm_ops, NULL);
+    uv_once(&module_once, module_init);
+    if (!pinned)
+        return luaL_error(L, NAME ": cannot keep the module loaded (dlopen RTLD_NODELETE failed)");
+    /* Register only when the registry lacks these ops (the first state, or
+     * the first after dp_shutdown()), not once per state: registering again
+     * rewrites the registry entry, which dp_backend_open() in another thread
+     * reads after dropping the registry's mutex (a data race ThreadSanitizer
+     * reports). module_mu keeps two first requires from both writing. */
+    uv_mutex_lock(&module_mu);
+    int rc = dp_backend_find(NAME) == &shm_ops ? DP_OK : dp_backend_register(&shm_ops, NULL);
+    uv_mutex_unlock(&module_mu);
     if (rc != DP_OK)
         return luaL_error(L, NAME ": cannot register the backend: %s", dp_strerror(rc));
     lua_pushstring(L, NAME);

@@ -3,6 +3,8 @@
  * The registry is process-wide: a backend module registers its ops once, and
  * every Lua state of the process opens instances through it. Opening and
  * closing are cold (a mutex); get, set and delete go straight to the ops. */
+#define _GNU_SOURCE /* dladdr, RTLD_NODELETE */
+#include <dlfcn.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -55,6 +57,14 @@ DP_API int dp_backend_register(const dp_backend_ops *ops, void *ud)
 {
     if (!ops || !ops->name || !ops->open || !ops->get || !ops->set || !ops->del || !ops->close)
         return DP_EINVAL;
+    if ((ops->lock == NULL) != (ops->unlock == NULL))
+        return DP_EINVAL;
+    /* The registry keeps `ops` for the life of the process, but a Lua C
+     * module that registered it is unloaded when the last state that required
+     * it closes: pin whatever shared object holds `ops`, so it stays mapped. */
+    Dl_info info;
+    if (dladdr((const void *)ops, &info) && info.dli_fname)
+        (void)dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
     uv_once(&reg_once, reg_init);
     uv_mutex_lock(&reg_mu);
     registered *r;
@@ -77,7 +87,9 @@ DP_API int dp_backend_register(const dp_backend_ops *ops, void *ud)
     return rc;
 }
 
-static registered *find(const char *name)
+/* Copies the entry for `name` under the mutex, since a registration of the
+ * same name may rewrite it concurrently. Returns 0 when there is none. */
+static int find(const char *name, const dp_backend_ops **ops, void **ud)
 {
     uv_once(&reg_once, reg_init);
     uv_mutex_lock(&reg_mu);
@@ -85,14 +97,19 @@ static registered *find(const char *name)
     for (r = backends; r; r = r->next)
         if (strcmp(r->ops->name, name) == 0)
             break;
+    if (r) {
+        *ops = r->ops;
+        *ud = r->ud;
+    }
     uv_mutex_unlock(&reg_mu);
-    return r;
+    return r != NULL;
 }
 
 DP_API const dp_backend_ops *dp_backend_find(const char *name)
 {
-    registered *r = name ? find(name) : NULL;
-    return r ? r->ops : NULL;
+    const dp_backend_ops *ops = NULL;
+    void *ud;
+    return name && find(name, &ops, &ud) ? ops : NULL;
 }
 
 DP_API int dp_backend_open(const char *name, const dp_arg *args, size_t nargs,
@@ -100,15 +117,16 @@ DP_API int dp_backend_open(const char *name, const dp_arg *args, size_t nargs,
 {
     err_clear(err);
     *out = NULL;
-    registered *r = name ? find(name) : NULL;
-    if (!r)
+    const dp_backend_ops *ops;
+    void *ud;
+    if (!name || !find(name, &ops, &ud))
         return dp_err_set(err, DP_EINVAL, "no C backend is registered as '%s'", name ? name : "(null)");
     dp_backend *b = malloc(sizeof *b);
     if (!b)
         return dp_err_set(err, DP_ENOMEM, "out of memory");
-    b->ops = r->ops;
+    b->ops = ops;
     b->self = NULL;
-    int rc = r->ops->open(r->ud, args, nargs, &b->self, err);
+    int rc = ops->open(ud, args, nargs, &b->self, err);
     if (rc != DP_OK) {
         free(b);
         if (err && err->code == DP_OK)
@@ -151,6 +169,26 @@ DP_API uint32_t dp_backend_lock_domain(dp_backend *b)
 DP_API int dp_backend_infallible(dp_backend *b)
 {
     return b->ops->infallible;
+}
+
+DP_API int dp_backend_has_lock(dp_backend *b)
+{
+    return b->ops->lock != NULL;
+}
+
+DP_API int dp_backend_lock(dp_backend *b, const char *key, size_t klen, double timeout,
+                           dp_err *err)
+{
+    if (!b->ops->lock)
+        return dp_err_set(err, DP_EINVAL, "%s has no lock of its own", b->ops->name);
+    return b->ops->lock(b->self, key, klen, timeout, err);
+}
+
+DP_API int dp_backend_unlock(dp_backend *b, const char *key, size_t klen, dp_err *err)
+{
+    if (!b->ops->unlock)
+        return dp_err_set(err, DP_EINVAL, "%s has no lock of its own", b->ops->name);
+    return b->ops->unlock(b->self, key, klen, err);
 }
 
 DP_API void dp_backend_close(dp_backend *b)

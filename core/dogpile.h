@@ -295,7 +295,8 @@ DP_API int dp_reader_finish(dp_reader *r);
  *
  * @note Memory ownership. dp_backend_register() keeps the `ops` pointer and
  * `ud` for the life of the process: both must outlive every instance (a
- * static table is the usual choice). Arguments (dp_arg names and strings) are
+ * static table is the usual choice; the shared object that holds `ops` is
+ * pinned, so a Lua C module that registers it is never unloaded). Arguments (dp_arg names and strings) are
  * borrowed for the duration of open() only. Keys and values handed to get,
  * set and delete are borrowed for the call. A dp_bytes is owned by the caller:
  * get() writes the value into it, growing `data` with realloc(), and the
@@ -357,6 +358,19 @@ typedef struct dp_backend_ops {
     /* 1 when get/set/del can only fail on out-of-memory or a too-big value
      * (in-process backends): the region then calls them without pcall. */
     int infallible;
+    /* Optional (NULL: the backend has no lock of its own): a lock per key
+     * between processes, for backends shared beyond one process (a file, a
+     * server). The core's registry orders the threads of one process first
+     * (dp_lock_* in lock_domain()), so a backend sees at most one caller per
+     * key and process at a time. timeout 0: try once; > 0: wait at most that
+     * many seconds; < 0: wait without limit. DP_OK: acquired. DP_EBUSY:
+     * held elsewhere (timeout 0). DP_ETIMEDOUT: still held when the timeout
+     * ended. Any other code is a failure described in err. */
+    int (*lock)(void *self, const char *key, size_t klen, double timeout, dp_err *err);
+    /* Release what lock() took for `key`, from any thread of the process.
+     * DP_OK, DP_ENOTHELD, or a failure in err. Both or neither of lock and
+     * unlock are set. */
+    int (*unlock)(void *self, const char *key, size_t klen, dp_err *err);
 } dp_backend_ops;
 
 typedef struct dp_backend dp_backend;
@@ -380,6 +394,15 @@ DP_API int dp_backend_delete(dp_backend *b, const char *key, size_t klen, dp_err
 DP_API void dp_backend_stat(dp_backend *b, dp_backend_stats *out);
 DP_API uint32_t dp_backend_lock_domain(dp_backend *b);
 DP_API int dp_backend_infallible(dp_backend *b);
+/** 1 when the backend has a lock of its own (ops->lock), else 0. */
+DP_API int dp_backend_has_lock(dp_backend *b);
+/** The backend's lock for `key` (see dp_backend_ops.lock for `timeout` and
+ * the codes). DP_EINVAL (with err) when the backend has no lock. */
+DP_API int dp_backend_lock(dp_backend *b, const char *key, size_t klen, double timeout,
+                           dp_err *err);
+/** Release the backend's lock for `key`. DP_OK, DP_ENOTHELD, DP_EINVAL (no
+ * lock), or a failure in err. */
+DP_API int dp_backend_unlock(dp_backend *b, const char *key, size_t klen, dp_err *err);
 /** Close the handle (NULL is fine); the pointer is invalid afterwards. */
 DP_API void dp_backend_close(dp_backend *b);
 

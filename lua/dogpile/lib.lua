@@ -47,6 +47,9 @@ int dp_backend_delete(dp_backend *b, const char *key, size_t klen, dp_err *err);
 void dp_backend_stat(dp_backend *b, dp_backend_stats *out);
 uint32_t dp_backend_lock_domain(dp_backend *b);
 int dp_backend_infallible(dp_backend *b);
+int dp_backend_has_lock(dp_backend *b);
+int dp_backend_lock(dp_backend *b, const char *key, size_t klen, double timeout, dp_err *err);
+int dp_backend_unlock(dp_backend *b, const char *key, size_t klen, dp_err *err);
 void dp_backend_close(dp_backend *b);
 int dp_bytes_reserve(dp_bytes *b, size_t need);
 void dp_bytes_free(dp_bytes *b);
@@ -94,7 +97,8 @@ function _M.raise(msg)
     while true do
         local info = debug_getinfo(level, "S")
         if not info then
-            level = 2
+            -- Called from C with no Lua caller above: no position to name.
+            level = 0
             break
         end
         if info.what ~= "C" and not own[info.source] then

@@ -1221,6 +1221,7 @@ local BACKENDS = {
     ["dogpile.cache.memory"] = "dogpile.cache.backends.memory",
     ["dogpile.cache.null"] = "dogpile.cache.backends.null",
     ["dogpile.cache.shared_memory"] = "dogpile.cache.backends.shared_memory",
+    ["dogpile.cache.lmdb"] = "dogpile.cache.backends.lmdb",
 }
 
 --- `cache.register_backend(name, module_name_or_factory)`.
@@ -1247,6 +1248,10 @@ end
 --- A new backend object for `name`, made from `arguments`.
 function _M.load_backend(name, arguments)
     local factory = BACKENDS[name]
+    if factory == nil and C.dp_backend_find(name) ~= nil then
+        -- A C backend the host registered with dp_backend_register().
+        return require("dogpile.cache.backends.c").open(name, arguments)
+    end
     if factory == nil then
         raise("dogpile.cache: unknown backend '" .. name .. "'; registered backends: "
               .. registered_names() .. " (cache.register_backend adds one)")

@@ -48,6 +48,144 @@ local function mutex_in_domain(self, key)
     return dogpile.core_mutex(self.lock_domain, key)
 end
 
+-- -- The backend's own lock (between processes) --------------------------------
+-- Two levels: the core's per-key lock in the instance's domain orders the
+-- threads and Lua states of this process, so that only one of them at a time
+-- asks the backend, whose lock orders the processes. Both are released
+-- together. Waiting is bounded by the backend's `lock_timeout`: past it the
+-- holder is taken to be stuck and the waiter goes ahead without the lock it
+-- could not get (as an expired Redis lock is taken over), so a value may then
+-- be created twice, never waited for forever.
+
+local DP_EBUSY, DP_ETIMEDOUT, DP_EDEADLK = lib.DP_EBUSY, lib.DP_ETIMEDOUT, lib.DP_EDEADLK
+local OWNER = lib.OWNER
+local monotonic = C.dp_clock_monotonic
+local math_min = math.min
+local FIRST_STEP, MAX_STEP = 0.001, 0.02
+
+local BackendMutex = {}
+BackendMutex.__index = BackendMutex
+
+local function lock_failed(self, what, rc)
+    local err = self.b.err
+    local msg = err.code == rc and ffi_string(err.msg) or lib.strerror(rc)
+    error(self.b.name .. ": " .. what .. " of the lock for key '" .. self.key .. "': " .. msg, 0)
+end
+
+-- Try both levels once; true when both are held (or given up on as stuck).
+local function try_both(self)
+    local key, b = self.key, self.b
+    if not self.core then
+        local rc = C.dp_lock_try(b.lock_domain, key, #key, OWNER)
+        if rc == DP_EBUSY then
+            return false
+        elseif rc ~= DP_OK then
+            lock_failed(self, "taking", rc)
+        end
+        self.core = true
+    end
+    local rc = C.dp_backend_lock(b.handle, key, #key, 0, b.err)
+    if rc == DP_OK then
+        self.proc = true
+        return true
+    end
+    C.dp_lock_release(b.lock_domain, key, #key)
+    self.core = false
+    if rc == DP_EBUSY then
+        return false
+    end
+    lock_failed(self, "taking", rc)
+end
+
+--- `wait` nil or true: wait (yielding when a sleep function is set) for at
+-- most the backend's lock_timeout; false: try once.
+function BackendMutex:acquire(wait)
+    if self.core or self.proc or self.stolen then
+        error(self.b.name .. ": the lock for key '" .. self.key .. "' is already held through "
+              .. "this mutex", 0)
+    end
+    if try_both(self) then
+        return true
+    end
+    if wait == false then
+        return false
+    end
+    local b, key = self.b, self.key
+    local timeout = b.lock_timeout or -1
+    local unbounded = timeout == math.huge or timeout < 0
+    local deadline = monotonic() + (unbounded and 0 or timeout)
+    local sleep = dogpile.current_sleep()
+    if sleep then
+        local step = FIRST_STEP
+        while unbounded or monotonic() < deadline do
+            sleep(step)
+            if try_both(self) then
+                return true
+            end
+            step = math_min(step * 2, MAX_STEP)
+        end
+        self.stolen = true
+        return true -- stuck holder: go ahead without the lock
+    end
+    -- Blocking: the threads of this process sleep on the core's condition
+    -- variable; the one that gets it waits for the other processes.
+    local rc = C.dp_lock_wait(b.lock_domain, key, #key, OWNER, unbounded and -1 or timeout)
+    if rc == DP_OK then
+        self.core = true
+    elseif rc == DP_EDEADLK then
+        error("dogpile: the lock for key '" .. key .. "' is held by another coroutine "
+              .. "of this Lua state, so blocking the thread would wait forever; "
+              .. "call dogpile.set_sleep(fn) with your scheduler's sleep so that waiters yield", 0)
+    elseif rc ~= DP_ETIMEDOUT then
+        lock_failed(self, "taking", rc)
+    end
+    local left = unbounded and -1 or deadline - monotonic()
+    if not unbounded and left <= 0 then
+        self.stolen = true
+        return true -- stuck holder in this process: go ahead
+    end
+    rc = C.dp_backend_lock(b.handle, key, #key, left, b.err)
+    if rc == DP_OK then
+        self.proc = true
+    elseif rc == DP_ETIMEDOUT then
+        self.stolen = true
+    else
+        if self.core then
+            C.dp_lock_release(b.lock_domain, key, #key)
+            self.core = false
+        end
+        lock_failed(self, "taking", rc)
+    end
+    return true
+end
+
+function BackendMutex:release()
+    local b, key = self.b, self.key
+    local proc, core = self.proc, self.core
+    if not (proc or core or self.stolen) then
+        error("dogpile: release of the lock for key '" .. key .. "', which is not held "
+              .. "through this mutex", 0)
+    end
+    self.stolen = false
+    self.proc, self.core = false, false
+    local rc = proc and C.dp_backend_unlock(b.handle, key, #key, b.err) or DP_OK
+    if core then
+        C.dp_lock_release(b.lock_domain, key, #key)
+    end
+    if rc ~= DP_OK then
+        lock_failed(self, "release", rc)
+    end
+end
+
+function BackendMutex:locked()
+    return self.core or self.proc or self.stolen
+end
+
+local function backend_mutex(self, key)
+    return setmetatable({ b = self, key = key, core = false, proc = false, stolen = false },
+                        BackendMutex)
+end
+
 function CBackend:stats()
     local st = ffi_new("dp_backend_stats")
     C.dp_backend_stat(self.handle, st)
@@ -104,7 +242,12 @@ local function open(name, arguments)
         lock_domain = C.dp_backend_lock_domain(handle),
         _keep = keep,
     }, CBackend)
-    if self.lock_domain ~= 0 then
+    if C.dp_backend_has_lock(handle) == 1 then
+        if self.lock_domain == 0 then
+            lib.raise(name .. ": a backend with a lock of its own must give a lock_domain")
+        end
+        self.get_mutex = backend_mutex
+    elseif self.lock_domain ~= 0 then
         self.get_mutex = mutex_in_domain
     end
     return self

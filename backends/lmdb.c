@@ -1,0 +1,1142 @@
+/* lmdb.c -- dogpile.cache.lmdb: a persistent cache in an LMDB environment,
+ * shared by every process and thread on the machine, with a lock per key
+ * between processes.
+ *
+ * Instances. One MDB_env per environment and process: a registry keyed by
+ * the realpath of `path`, refcounted and guarded by a mutex, so two regions on
+ * one path share the map and the reader table. LMDB forbids using an env
+ * across fork(): a pthread_atfork child handler bumps a generation counter,
+ * and the first operation in the child reopens the environment. The parent's
+ * MDB_env and its reader transactions are abandoned in the child (never
+ * closed: closing would clear reader slots that the parent still uses).
+ *
+ * Records. One unnamed database. Values live under 'v'..key with a 16-byte
+ * header (expiry time, last access time; doubles, stored unaligned) before
+ * the region's bytes; bookkeeping lives under 'm'..name ("mformat", the
+ * format tag; "msweep", when the next sweep is due). The prefix also lets the
+ * empty key be stored (LMDB refuses zero-length keys).
+ *
+ * Reads. A get runs in a read-only transaction taken from a small lock-free
+ * pool of reset transactions (MDB_NOTLS, mdb_txn_renew/mdb_txn_reset): no
+ * allocation, no lock, no write. LRU order is kept lazily: when a hit finds
+ * the entry's access time older than `lru_resolution`, the key is queued in
+ * a per-process touch buffer, and the next write transaction of this process
+ * (a set or delete, or a flush when the buffer is full) rewrites those access
+ * times. Reads stay cheap; the order is exact to lru_resolution, as seen by
+ * the processes that wrote since; a process that never sets flushes its
+ * buffer itself when it is full (one write transaction per TOUCH_MAX touches).
+ *
+ * Space. `max_bytes` (default 60% of map_size) bounds the pages the tree
+ * uses (mdb_stat: branch + leaf + overflow pages, O(1) inside the write
+ * transaction); the rest of the map is room for copy-on-write and the free
+ * list, so the tree can always be shrunk. A set that would pass max_bytes
+ * first deletes expired entries, then the least recently used ones until the
+ * tree is 10% under the bound (one scan per 10% of turnover); with on_full =
+ * "error" it deletes only the expired ones and otherwise fails. Should LMDB
+ * still report MDB_MAP_FULL, the transaction is aborted (LMDB leaves the file
+ * as it was), stale readers are cleared and half the entries by age are
+ * evicted in transactions of their own, then the set is retried. Entries not
+ * chosen for eviction are never touched. With `expiration_time`, a sweep
+ * deletes expired entries every `sweep_interval` seconds, run by whichever
+ * process writes first after it is due.
+ *
+ * The lock. A lock per key between processes: an open-file-description lock
+ * (F_OFD_SETLK) on one byte of the lock file next to the data, at an offset
+ * given by a 62-bit hash of the key. The kernel releases it when its holder
+ * dies, so a SIGKILLed creator never blocks the others. Each acquisition
+ * opens its own descriptor (OFD locks conflict between descriptors, also in
+ * one process), kept in a per-instance list until unlock closes it. A bounded
+ * wait polls with sleeps of 1 ms doubling to 8 ms (F_OFD_SETLKW cannot time
+ * out without signals, which a library must not install); an unbounded wait
+ * blocks in F_OFD_SETLKW.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include <lauxlib.h>
+#include <lmdb.h>
+#include <lua.h>
+
+#include "dogpile.h"
+
+#define NAME "dogpile.cache.lmdb"
+#define HDR 16               /* double expires (0: never), double atime */
+#define NODE_OVERHEAD 16     /* LMDB's node header and index slot, roughly */
+#define NPOOL 32             /* reset read transactions kept per instance */
+#define TOUCH_MAX 1024       /* queued access-time updates per process */
+#define FORMAT "dogpile-lmdb 1"
+#define LOCK_SPAN ((uint64_t)1 << 62)
+
+enum { ON_FULL_EVICT, ON_FULL_ERROR };
+enum { SYNC_FULL, SYNC_META, SYNC_NONE };
+
+typedef struct held_lock {
+    struct held_lock *next;
+    uint64_t slot;
+    int fd;
+} held_lock;
+
+typedef struct inst {
+    struct inst *next;
+    int handles;
+    char *path;       /* realpath */
+    char *lock_path;
+    int subdir;       /* path is a directory (else MDB_NOSUBDIR) */
+    /* settings: every region on the path must agree */
+    double map_size, max_bytes, ttl, lru_resolution, sweep_interval;
+    int max_readers, sync, on_full, mode;
+    /* the environment of this process */
+    MDB_env *env;
+    MDB_dbi dbi;
+    unsigned gen;     /* fork generation the env was opened in */
+    size_t maxkey;
+    uint32_t domain;
+    _Atomic(MDB_txn *) pool[NPOOL];
+    uv_mutex_t mu;    /* touch buffer and held locks */
+    char **touch;
+    size_t *touch_len;
+    size_t ntouch;
+    held_lock *held;
+    _Atomic uint64_t hits, misses, evictions, expirations;
+} inst;
+
+static inst *instances;
+static uv_mutex_t instances_mu;
+static uv_once_t instances_once = UV_ONCE_INIT;
+static _Atomic unsigned fork_gen;
+
+static void on_fork_child(void)
+{
+    atomic_fetch_add(&fork_gen, 1);
+}
+
+static void instances_init(void)
+{
+    uv_mutex_init(&instances_mu);
+    pthread_atfork(NULL, NULL, on_fork_child);
+}
+
+static uint64_t hash_key(const char *key, size_t len)
+{
+    uint64_t h = 14695981039346656037ULL;
+    for (size_t i = 0; i < len; i++) {
+        h ^= (unsigned char)key[i];
+        h *= 1099511628211ULL;
+    }
+    return h ^ (h >> 31);
+}
+
+static int mdb_fail(dp_err *err, const inst *s, const char *op, int rc)
+{
+    return dp_err_set(err, DP_EBACKEND, "%s on '%s': %s", op, s->path, mdb_strerror(rc));
+}
+
+static double rd_double(const char *p)
+{
+    double d;
+    memcpy(&d, p, sizeof d);
+    return d;
+}
+
+static void wr_double(char *p, double d)
+{
+    memcpy(p, &d, sizeof d);
+}
+
+/* -- Opening the environment ------------------------------------------------- */
+
+static void pool_drop(inst *s, int abort_them)
+{
+    for (int i = 0; i < NPOOL; i++) {
+        MDB_txn *t = atomic_exchange(&s->pool[i], NULL);
+        if (t && abort_them)
+            mdb_txn_abort(t);
+    }
+}
+
+/* Opens s->env for this process and checks (or writes) the format tag. */
+static int env_open(inst *s, dp_err *err)
+{
+    MDB_env *env;
+    int rc = mdb_env_create(&env);
+    if (rc)
+        return mdb_fail(err, s, "mdb_env_create", rc);
+    mdb_env_set_mapsize(env, (size_t)s->map_size);
+    mdb_env_set_maxreaders(env, (unsigned)s->max_readers);
+    unsigned flags = MDB_NOTLS | MDB_NORDAHEAD;
+    if (!s->subdir)
+        flags |= MDB_NOSUBDIR;
+    if (s->sync == SYNC_META)
+        flags |= MDB_NOMETASYNC;
+    else if (s->sync == SYNC_NONE)
+        flags |= MDB_NOSYNC | MDB_NOMETASYNC;
+    rc = mdb_env_open(env, s->path, flags, (mdb_mode_t)s->mode);
+    if (rc) {
+        mdb_env_close(env);
+        if (rc == MDB_INVALID || rc == MDB_VERSION_MISMATCH)
+            return dp_err_set(err, DP_EBACKEND, NAME ": '%s' is not an LMDB environment "
+                              "this library can open (%s)", s->path, mdb_strerror(rc));
+        if (rc == EACCES || rc == EPERM || rc == EROFS)
+            return dp_err_set(err, DP_EBACKEND, NAME ": cannot open '%s' for reading and "
+                              "writing: %s", s->path, mdb_strerror(rc));
+        return dp_err_set(err, DP_EBACKEND, NAME ": cannot open the LMDB environment '%s': %s",
+                          s->path, mdb_strerror(rc));
+    }
+    int dead = 0;
+    mdb_reader_check(env, &dead); /* slots of readers that died */
+    MDB_txn *txn;
+    rc = mdb_txn_begin(env, NULL, 0, &txn);
+    MDB_dbi dbi = 0;
+    if (!rc)
+        rc = mdb_dbi_open(txn, NULL, 0, &dbi);
+    if (!rc) {
+        MDB_val k = {7, "mformat"}, v;
+        int g = mdb_get(txn, dbi, &k, &v);
+        if (g == MDB_NOTFOUND) {
+            MDB_stat st;
+            mdb_stat(txn, dbi, &st);
+            if (st.ms_entries > 0) {
+                mdb_txn_abort(txn);
+                mdb_env_close(env);
+                return dp_err_set(err, DP_EBACKEND, NAME ": '%s' is an LMDB environment that "
+                                  "dogpile did not make (%zu records, no format tag); "
+                                  "refusing to use it", s->path, st.ms_entries);
+            }
+            v.mv_size = strlen(FORMAT);
+            v.mv_data = FORMAT;
+            rc = mdb_put(txn, dbi, &k, &v, 0);
+        } else if (g == 0 && (v.mv_size != strlen(FORMAT) || memcmp(v.mv_data, FORMAT, v.mv_size))) {
+            mdb_txn_abort(txn);
+            mdb_env_close(env);
+            return dp_err_set(err, DP_EBACKEND, NAME ": '%s' holds the format '%.*s', not '%s'",
+                              s->path, (int)(v.mv_size > 40 ? 40 : v.mv_size),
+                              (const char *)v.mv_data, FORMAT);
+        } else {
+            rc = g;
+        }
+    }
+    if (!rc)
+        rc = mdb_txn_commit(txn);
+    else if (txn)
+        mdb_txn_abort(txn);
+    if (rc) {
+        mdb_env_close(env);
+        return dp_err_set(err, DP_EBACKEND, NAME ": cannot initialise '%s': %s", s->path,
+                          mdb_strerror(rc));
+    }
+    s->env = env;
+    s->dbi = dbi;
+    s->maxkey = (size_t)mdb_env_get_maxkeysize(env);
+    s->gen = atomic_load(&fork_gen);
+    return DP_OK;
+}
+
+/* In a forked child, reopen: the parent's env must not be used or closed
+ * here. Its pool, touches and lock descriptors are dropped (closing the
+ * inherited lock descriptors releases nothing the parent holds). */
+static int ensure_env(inst *s, dp_err *err)
+{
+    if (s->gen == atomic_load_explicit(&fork_gen, memory_order_relaxed))
+        return DP_OK;
+    uv_mutex_lock(&instances_mu);
+    int rc = DP_OK;
+    if (s->gen != atomic_load(&fork_gen)) {
+        pool_drop(s, 0);
+        uv_mutex_lock(&s->mu);
+        for (size_t i = 0; i < s->ntouch; i++)
+            free(s->touch[i]);
+        s->ntouch = 0;
+        while (s->held) {
+            held_lock *h = s->held;
+            s->held = h->next;
+            close(h->fd);
+            free(h);
+        }
+        uv_mutex_unlock(&s->mu);
+        rc = env_open(s, err); /* the old MDB_env is abandoned on purpose */
+    }
+    uv_mutex_unlock(&instances_mu);
+    return rc;
+}
+
+/* -- Reading ------------------------------------------------------------------ */
+
+static int rtxn_get(inst *s, MDB_txn **out)
+{
+    for (int i = 0; i < NPOOL; i++) {
+        MDB_txn *t = atomic_exchange_explicit(&s->pool[i], NULL, memory_order_acquire);
+        if (t) {
+            int rc = mdb_txn_renew(t);
+            if (rc == 0) {
+                *out = t;
+                return 0;
+            }
+            mdb_txn_abort(t);
+            break;
+        }
+    }
+    return mdb_txn_begin(s->env, NULL, MDB_RDONLY, out);
+}
+
+static void rtxn_put(inst *s, MDB_txn *t)
+{
+    mdb_txn_reset(t);
+    for (int i = 0; i < NPOOL; i++) {
+        MDB_txn *expect = NULL;
+        if (atomic_compare_exchange_strong_explicit(&s->pool[i], &expect, t,
+                                                    memory_order_release, memory_order_relaxed))
+            return;
+    }
+    mdb_txn_abort(t);
+}
+
+static int make_key(inst *s, const char *key, size_t klen, char *buf, MDB_val *k, dp_err *err)
+{
+    if (klen + 1 > s->maxkey)
+        return dp_err_set(err, DP_EINVAL, NAME ": a key of %zu bytes is longer than LMDB's "
+                          "limit of %zu (the Lua backend mangles longer keys with SHA-1)",
+                          klen, s->maxkey - 1);
+    buf[0] = 'v';
+    memcpy(buf + 1, key, klen);
+    k->mv_size = klen + 1;
+    k->mv_data = buf;
+    return DP_OK;
+}
+
+static void touch_add(inst *s, const char *key, size_t klen);
+static int flush_touches_own_txn(inst *s);
+
+static int lm_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_err *err)
+{
+    inst *s = self;
+    char kb[512];
+    MDB_val k, v;
+    int rc = ensure_env(s, err);
+    if (rc || (rc = make_key(s, key, klen, kb, &k, err)))
+        return rc;
+    MDB_txn *txn;
+    if ((rc = rtxn_get(s, &txn)))
+        return rc == MDB_READERS_FULL
+            ? dp_err_set(err, DP_EBACKEND, "get on '%s': all %d reader slots are in use "
+                         "(raise max_readers)", s->path, s->max_readers)
+            : mdb_fail(err, s, "get (mdb_txn_begin)", rc);
+    rc = mdb_get(txn, s->dbi, &k, &v);
+    if (rc == MDB_NOTFOUND || (rc == 0 && v.mv_size < HDR)) {
+        rtxn_put(s, txn);
+        atomic_fetch_add_explicit(&s->misses, 1, memory_order_relaxed);
+        return DP_ENOTFOUND;
+    }
+    if (rc) {
+        rtxn_put(s, txn);
+        return mdb_fail(err, s, "get", rc);
+    }
+    const char *p = v.mv_data;
+    double expires = rd_double(p), atime = rd_double(p + 8);
+    double now = dp_clock_upper();
+    if (expires > 0 && now >= expires && dp_clock_now() >= expires) {
+        rtxn_put(s, txn);
+        atomic_fetch_add_explicit(&s->misses, 1, memory_order_relaxed);
+        return DP_ENOTFOUND;
+    }
+    size_t vlen = v.mv_size - HDR;
+    if (dp_bytes_reserve(out, vlen) != DP_OK) {
+        rtxn_put(s, txn);
+        return dp_err_set(err, DP_ENOMEM, "out of memory copying a %zu-byte value", vlen);
+    }
+    memcpy(out->data, p + HDR, vlen);
+    out->len = vlen;
+    rtxn_put(s, txn);
+    atomic_fetch_add_explicit(&s->hits, 1, memory_order_relaxed);
+    if (now - atime > s->lru_resolution)
+        touch_add(s, key, klen);
+    return DP_OK;
+}
+
+/* -- Access times ---------------------------------------------------------------- */
+
+static void touch_add(inst *s, const char *key, size_t klen)
+{
+    char *copy = malloc(klen ? klen : 1);
+    if (!copy)
+        return; /* the order gets less exact; nothing else depends on it */
+    memcpy(copy, key, klen);
+    uv_mutex_lock(&s->mu);
+    int full = 0;
+    if (!s->touch) {
+        s->touch = malloc(TOUCH_MAX * sizeof *s->touch);
+        s->touch_len = malloc(TOUCH_MAX * sizeof *s->touch_len);
+        if (!s->touch || !s->touch_len) {
+            free(s->touch);
+            free(s->touch_len);
+            s->touch = NULL;
+            s->touch_len = NULL;
+        }
+    }
+    if (s->touch && s->ntouch < TOUCH_MAX) {
+        s->touch[s->ntouch] = copy;
+        s->touch_len[s->ntouch++] = klen;
+        copy = NULL;
+        full = s->ntouch == TOUCH_MAX;
+    }
+    uv_mutex_unlock(&s->mu);
+    free(copy);
+    if (full)
+        flush_touches_own_txn(s);
+}
+
+/* Rewrites the access time of the queued keys inside `txn`. */
+static int flush_touches(inst *s, MDB_txn *txn)
+{
+    uv_mutex_lock(&s->mu);
+    size_t n = s->ntouch;
+    char **keys = s->touch;
+    size_t *lens = s->touch_len;
+    s->ntouch = 0;
+    s->touch = NULL;
+    s->touch_len = NULL;
+    uv_mutex_unlock(&s->mu);
+    int rc = 0;
+    double now = dp_clock_now();
+    char kb[512];
+    char *tmp = NULL;
+    size_t tmpcap = 0;
+    for (size_t i = 0; i < n; i++) {
+        MDB_val k, v;
+        if (rc == 0 && make_key(s, keys[i], lens[i], kb, &k, NULL) == DP_OK &&
+            mdb_get(txn, s->dbi, &k, &v) == 0 && v.mv_size >= HDR &&
+            now > rd_double((char *)v.mv_data + 8)) {
+            /* The reader already decided that the access time was stale
+             * (with its own clock reading): write it, do not decide again. */
+            if (v.mv_size > tmpcap) {
+                char *t2 = realloc(tmp, v.mv_size);
+                if (!t2)
+                    continue;
+                tmp = t2;
+                tmpcap = v.mv_size;
+            }
+            memcpy(tmp, v.mv_data, v.mv_size);
+            wr_double(tmp + 8, now);
+            MDB_val nv = {v.mv_size, tmp};
+            rc = mdb_put(txn, s->dbi, &k, &nv, 0);
+        }
+        free(keys[i]);
+    }
+    free(tmp);
+    free(keys);
+    free(lens);
+    return rc;
+}
+
+static int flush_touches_own_txn(inst *s)
+{
+    MDB_txn *txn;
+    int rc = mdb_txn_begin(s->env, NULL, 0, &txn);
+    if (rc)
+        return rc;
+    rc = flush_touches(s, txn);
+    if (rc) {
+        mdb_txn_abort(txn);
+        return rc;
+    }
+    return mdb_txn_commit(txn);
+}
+
+/* -- Space ------------------------------------------------------------------------ */
+
+static double tree_bytes(inst *s, MDB_txn *txn)
+{
+    MDB_stat st;
+    if (mdb_stat(txn, s->dbi, &st))
+        return 0;
+    return (double)(st.ms_branch_pages + st.ms_leaf_pages + st.ms_overflow_pages) * st.ms_psize;
+}
+
+typedef struct aged {
+    double atime, size;
+} aged;
+
+static int cmp_aged(const void *a, const void *b)
+{
+    double x = ((const aged *)a)->atime, y = ((const aged *)b)->atime;
+    return x < y ? -1 : x > y;
+}
+
+/* Deletes expired entries; then, when `lru` and the tree is still larger than
+ * `target` bytes, the least recently used entries (oldest access time first)
+ * until it is not. At most `max_deletes` deletions (0: no limit), so that a
+ * transaction in a full map stays small. *deleted counts them. Returns an
+ * LMDB code. */
+static int evict(inst *s, MDB_txn *txn, double target, int lru, size_t max_deletes,
+                 size_t *deleted)
+{
+    double now = dp_clock_now();
+    MDB_cursor *c;
+    int rc = mdb_cursor_open(txn, s->dbi, &c);
+    if (rc)
+        return rc;
+    aged *ages = NULL;
+    size_t n = 0, cap = 0;
+    double total = 0;
+    MDB_val k = {1, "v"}, v;
+    rc = mdb_cursor_get(c, &k, &v, MDB_SET_RANGE);
+    while (rc == 0 && ((char *)k.mv_data)[0] == 'v') {
+        const char *p = v.mv_data;
+        double size = (double)(k.mv_size + v.mv_size + NODE_OVERHEAD);
+        if (v.mv_size < HDR || (rd_double(p) > 0 && now >= rd_double(p))) {
+            if (max_deletes && *deleted >= max_deletes)
+                break;
+            if ((rc = mdb_cursor_del(c, 0)))
+                break;
+            (*deleted)++;
+            atomic_fetch_add(&s->expirations, 1);
+        } else if (lru) {
+            if (n == cap) {
+                cap = cap ? cap * 2 : 1024;
+                aged *a2 = realloc(ages, cap * sizeof *a2);
+                if (!a2) {
+                    rc = ENOMEM;
+                    break;
+                }
+                ages = a2;
+            }
+            ages[n].atime = rd_double(p + 8);
+            ages[n++].size = size;
+            total += size;
+        }
+        rc = mdb_cursor_get(c, &k, &v, MDB_NEXT);
+    }
+    if (rc == MDB_NOTFOUND || rc == 0)
+        rc = 0;
+    double used = rc ? 0 : tree_bytes(s, txn);
+    if (rc == 0 && lru && n > 0 && used > target) {
+        /* Pages shrink roughly in proportion to the bytes deleted: free the
+         * same fraction of the entries' bytes, oldest first. */
+        double want = total * (used - target) / used, got = 0;
+        qsort(ages, n, sizeof *ages, cmp_aged);
+        size_t k_evict = 0;
+        double threshold = ages[0].atime;
+        while (k_evict < n && got < want) {
+            got += ages[k_evict].size;
+            threshold = ages[k_evict++].atime;
+        }
+        k = (MDB_val){1, "v"};
+        rc = mdb_cursor_get(c, &k, &v, MDB_SET_RANGE);
+        size_t done = 0;
+        while (rc == 0 && done < k_evict && ((char *)k.mv_data)[0] == 'v') {
+            if (max_deletes && *deleted >= max_deletes)
+                break;
+            if (v.mv_size >= HDR && rd_double((char *)v.mv_data + 8) <= threshold) {
+                if ((rc = mdb_cursor_del(c, 0)))
+                    break;
+                done++;
+                (*deleted)++;
+                atomic_fetch_add(&s->evictions, 1);
+            }
+            rc = mdb_cursor_get(c, &k, &v, MDB_NEXT);
+        }
+        if (rc == MDB_NOTFOUND)
+            rc = 0;
+    }
+    free(ages);
+    mdb_cursor_close(c);
+    return rc;
+}
+
+/* MDB_MAP_FULL came back: the free list is exhausted. Clear readers that
+ * died, then evict half of the tree by age in small transactions first (a
+ * delete needs new pages too; each commit frees pages for the next). */
+static int emergency_evict(inst *s, dp_err *err)
+{
+    int dead = 0;
+    mdb_reader_check(s->env, &dead);
+    size_t batches[] = {8, 64, 512, 0};
+    int rc = 0;
+    int progressed = 0;
+    for (size_t b = 0; b < sizeof batches / sizeof *batches; b++) {
+        MDB_txn *txn;
+        if ((rc = mdb_txn_begin(s->env, NULL, 0, &txn)))
+            break;
+        size_t deleted = 0;
+        double used = tree_bytes(s, txn);
+        rc = evict(s, txn, s->on_full == ON_FULL_EVICT ? used / 2 : used * 2,
+                   s->on_full == ON_FULL_EVICT, batches[b], &deleted);
+        if (rc == 0)
+            rc = mdb_txn_commit(txn);
+        else
+            mdb_txn_abort(txn);
+        if (rc == 0 && deleted > 0)
+            progressed = 1;
+        if (rc)
+            break;
+    }
+    if (rc == 0 && progressed)
+        return DP_OK;
+    if (s->on_full == ON_FULL_ERROR)
+        return dp_err_set(err, DP_EBACKEND, "'%s' is full: LMDB's map of %.0f bytes has no room "
+                          "(on_full = \"error\"; raise map_size)", s->path, s->map_size);
+    return dp_err_set(err, DP_EBACKEND, "'%s' is full: LMDB's map of %.0f bytes has no room and "
+                      "eviction freed none (%s); raise map_size", s->path, s->map_size,
+                      rc ? mdb_strerror(rc) : "nothing to evict");
+}
+
+/* Runs the expiry sweep in `txn` when it is due. */
+static int maybe_sweep(inst *s, MDB_txn *txn)
+{
+    if (!(s->ttl > 0))
+        return 0;
+    double now = dp_clock_now(), due = 0;
+    MDB_val k = {6, "msweep"}, v;
+    if (mdb_get(txn, s->dbi, &k, &v) == 0 && v.mv_size == 8)
+        due = rd_double(v.mv_data);
+    if (now < due)
+        return 0;
+    size_t deleted = 0;
+    int rc = evict(s, txn, 0, 0, 0, &deleted);
+    if (rc)
+        return rc;
+    char buf[8];
+    wr_double(buf, now + s->sweep_interval);
+    v.mv_size = 8;
+    v.mv_data = buf;
+    return mdb_put(txn, s->dbi, &k, &v, 0);
+}
+
+/* -- Writing ----------------------------------------------------------------------- */
+
+static size_t entry_need(inst *s, size_t klen, size_t vlen)
+{
+    size_t n = klen + 1 + HDR + vlen + NODE_OVERHEAD;
+    unsigned psize = 4096;
+    MDB_stat st;
+    if (mdb_env_stat(s->env, &st) == 0)
+        psize = st.ms_psize;
+    if (n > psize / 2)
+        n = (n + psize - 1) / psize * psize; /* an overflow run */
+    return n;
+}
+
+static int lm_set(void *self, const char *key, size_t klen, const char *value, size_t vlen,
+                  dp_err *err)
+{
+    inst *s = self;
+    char kb[512];
+    MDB_val k;
+    int rc = ensure_env(s, err);
+    if (rc || (rc = make_key(s, key, klen, kb, &k, err)))
+        return rc;
+    double need = (double)entry_need(s, klen, vlen);
+    if (need > s->max_bytes)
+        return dp_err_set(err, DP_ETOOBIG, "a value of %zu bytes (%.0f with its key and pages) "
+                          "is larger than max_bytes %.0f of '%s'", vlen, need, s->max_bytes,
+                          s->path);
+    for (int attempt = 0; attempt < 3; attempt++) {
+        MDB_txn *txn;
+        if ((rc = mdb_txn_begin(s->env, NULL, 0, &txn)))
+            return mdb_fail(err, s, "set (mdb_txn_begin)", rc);
+        rc = flush_touches(s, txn);
+        if (!rc)
+            rc = maybe_sweep(s, txn);
+        if (!rc && tree_bytes(s, txn) + need > s->max_bytes) {
+            size_t deleted = 0;
+            int lru = s->on_full == ON_FULL_EVICT;
+            rc = evict(s, txn, lru ? s->max_bytes * 0.9 - need : s->max_bytes - need, lru, 0,
+                       &deleted);
+            double used = rc ? 0 : tree_bytes(s, txn);
+            if (!rc && !lru && used + need > s->max_bytes) {
+                mdb_txn_abort(txn);
+                return dp_err_set(err, DP_EBACKEND, "'%s' is full: %.0f bytes of max_bytes %.0f "
+                                  "used and nothing expired (on_full = \"error\")", s->path,
+                                  used, s->max_bytes);
+            }
+        }
+        MDB_val v = {vlen + HDR, NULL};
+        if (!rc)
+            rc = mdb_put(txn, s->dbi, &k, &v, MDB_RESERVE);
+        if (!rc) {
+            char *p = v.mv_data;
+            double now = dp_clock_now();
+            wr_double(p, s->ttl > 0 ? now + s->ttl : 0);
+            wr_double(p + 8, now);
+            memcpy(p + HDR, value, vlen);
+            rc = mdb_txn_commit(txn);
+        } else {
+            mdb_txn_abort(txn);
+        }
+        if (rc == 0)
+            return DP_OK;
+        if (rc != MDB_MAP_FULL)
+            return mdb_fail(err, s, "set", rc);
+        if ((rc = emergency_evict(s, err)) != DP_OK)
+            return rc;
+    }
+    return dp_err_set(err, DP_EBACKEND, "'%s' is full: no room after evicting three times "
+                      "(map_size %.0f); raise map_size", s->path, s->map_size);
+}
+
+static int lm_del(void *self, const char *key, size_t klen, dp_err *err)
+{
+    inst *s = self;
+    char kb[512];
+    MDB_val k;
+    int rc = ensure_env(s, err);
+    if (rc || (rc = make_key(s, key, klen, kb, &k, err)))
+        return rc;
+    MDB_txn *txn;
+    if ((rc = mdb_txn_begin(s->env, NULL, 0, &txn)))
+        return mdb_fail(err, s, "delete (mdb_txn_begin)", rc);
+    rc = flush_touches(s, txn);
+    if (!rc) {
+        rc = mdb_del(txn, s->dbi, &k, NULL);
+        if (rc == MDB_NOTFOUND)
+            rc = 0;
+    }
+    if (!rc)
+        rc = mdb_txn_commit(txn);
+    else
+        mdb_txn_abort(txn);
+    if (rc == MDB_MAP_FULL) {
+        /* Deleting needs a few pages too: make room, then try once more. */
+        if ((rc = emergency_evict(s, err)) != DP_OK)
+            return rc;
+        if ((rc = mdb_txn_begin(s->env, NULL, 0, &txn)))
+            return mdb_fail(err, s, "delete (mdb_txn_begin)", rc);
+        rc = mdb_del(txn, s->dbi, &k, NULL);
+        if (rc == MDB_NOTFOUND)
+            rc = 0;
+        if (!rc)
+            rc = mdb_txn_commit(txn);
+        else
+            mdb_txn_abort(txn);
+    }
+    return rc ? mdb_fail(err, s, "delete", rc) : DP_OK;
+}
+
+static void lm_stats(void *self, dp_backend_stats *out)
+{
+    inst *s = self;
+    if (ensure_env(s, NULL) == DP_OK) {
+        MDB_txn *txn;
+        if (rtxn_get(s, &txn) == 0) {
+            MDB_stat st;
+            if (mdb_stat(txn, s->dbi, &st) == 0) {
+                MDB_val k = {6, "msweep"}, v;
+                size_t meta = 1 + (mdb_get(txn, s->dbi, &k, &v) == 0);
+                out->items = (double)(st.ms_entries > meta ? st.ms_entries - meta : 0);
+                out->bytes = tree_bytes(s, txn);
+            }
+            rtxn_put(s, txn);
+        }
+    }
+    out->max_bytes = s->max_bytes;
+    out->hits = (double)atomic_load(&s->hits);
+    out->misses = (double)atomic_load(&s->misses);
+    out->evictions = (double)atomic_load(&s->evictions);
+    out->expirations = (double)atomic_load(&s->expirations);
+}
+
+static uint32_t lm_lock_domain(void *self)
+{
+    return ((inst *)self)->domain;
+}
+
+/* -- The lock between processes ------------------------------------------------------ */
+
+static int ofd_lock(int fd, uint64_t slot, int wait)
+{
+    struct flock fl = {0};
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = (off_t)slot;
+    fl.l_len = 1;
+    int rc;
+    do
+        rc = fcntl(fd, wait ? F_OFD_SETLKW : F_OFD_SETLK, &fl);
+    while (rc != 0 && errno == EINTR);
+    return rc;
+}
+
+static int lm_lock(void *self, const char *key, size_t klen, double timeout, dp_err *err)
+{
+    inst *s = self;
+    int rc = ensure_env(s, err);
+    if (rc)
+        return rc;
+    uint64_t slot = hash_key(key, klen) % LOCK_SPAN;
+    held_lock *h = malloc(sizeof *h);
+    if (!h)
+        return dp_err_set(err, DP_ENOMEM, "out of memory");
+    int fd = open(s->lock_path, O_RDWR | O_CREAT | O_CLOEXEC, s->mode);
+    if (fd < 0) {
+        free(h);
+        return dp_err_set(err, DP_EBACKEND, "cannot open the lock file '%s': %s", s->lock_path,
+                          strerror(errno));
+    }
+    double deadline = timeout > 0 ? dp_clock_monotonic() + timeout : 0;
+    double step = 0.001;
+    for (;;) {
+        if (ofd_lock(fd, slot, timeout < 0) == 0)
+            break;
+        int e = errno;
+        if (e != EAGAIN && e != EACCES) {
+            close(fd);
+            free(h);
+            return dp_err_set(err, DP_EBACKEND, "cannot lock '%s': %s", s->lock_path,
+                              strerror(e));
+        }
+        if (timeout == 0) {
+            close(fd);
+            free(h);
+            return DP_EBUSY;
+        }
+        double left = deadline - dp_clock_monotonic();
+        if (left <= 0) {
+            close(fd);
+            free(h);
+            return dp_err_set(err, DP_ETIMEDOUT, "the lock for the key in '%s' was still held "
+                              "after %g s", s->lock_path, timeout);
+        }
+        dp_clock_sleep(step < left ? step : left);
+        step = step * 2 < 0.008 ? step * 2 : 0.008;
+    }
+    h->slot = slot;
+    h->fd = fd;
+    uv_mutex_lock(&s->mu);
+    h->next = s->held;
+    s->held = h;
+    uv_mutex_unlock(&s->mu);
+    return DP_OK;
+}
+
+static int lm_unlock(void *self, const char *key, size_t klen, dp_err *err)
+{
+    (void)err;
+    inst *s = self;
+    uint64_t slot = hash_key(key, klen) % LOCK_SPAN;
+    uv_mutex_lock(&s->mu);
+    held_lock **pp = &s->held, *h = NULL;
+    for (; *pp; pp = &(*pp)->next)
+        if ((*pp)->slot == slot) {
+            h = *pp;
+            *pp = h->next;
+            break;
+        }
+    uv_mutex_unlock(&s->mu);
+    if (!h)
+        return DP_ENOTHELD;
+    close(h->fd); /* releases the lock */
+    free(h);
+    return DP_OK;
+}
+
+/* -- Instances --------------------------------------------------------------------------- */
+
+static void inst_free(inst *s)
+{
+    if (s->env) {
+        if (s->gen == atomic_load(&fork_gen)) {
+            pool_drop(s, 1);
+            mdb_env_close(s->env);
+        }
+    }
+    for (size_t i = 0; i < s->ntouch; i++)
+        free(s->touch[i]);
+    free(s->touch);
+    free(s->touch_len);
+    while (s->held) {
+        held_lock *h = s->held;
+        s->held = h->next;
+        close(h->fd);
+        free(h);
+    }
+    uv_mutex_destroy(&s->mu);
+    free(s->path);
+    free(s->lock_path);
+    free(s);
+}
+
+static void lm_close(void *self)
+{
+    inst *s = self;
+    uv_mutex_lock(&instances_mu);
+    int last = --s->handles == 0;
+    if (last) {
+        inst **pp = &instances;
+        while (*pp != s)
+            pp = &(*pp)->next;
+        *pp = s->next;
+    }
+    uv_mutex_unlock(&instances_mu);
+    if (last) {
+        if (s->env && s->gen == atomic_load(&fork_gen) && s->ntouch)
+            flush_touches_own_txn(s);
+        inst_free(s);
+    }
+}
+
+/* "64k", "10m", "1g" or a plain number of bytes. */
+static int parse_size(const dp_arg *a, double *out)
+{
+    if (a->type == DP_ARG_NUMBER) {
+        *out = a->number;
+        return 1;
+    }
+    if (a->type != DP_ARG_STRING || a->len == 0 || a->len > 30)
+        return 0;
+    char buf[32], *end;
+    memcpy(buf, a->string, a->len);
+    buf[a->len] = '\0';
+    double v = strtod(buf, &end);
+    double mul = 1;
+    switch (*end) {
+    case 'k': case 'K': mul = 1024; end++; break;
+    case 'm': case 'M': mul = 1024.0 * 1024; end++; break;
+    case 'g': case 'G': mul = 1024.0 * 1024 * 1024; end++; break;
+    }
+    if (*end != '\0' || end == buf)
+        return 0;
+    *out = v * mul;
+    return 1;
+}
+
+static int is(const dp_arg *a, const char *s)
+{
+    return a->type == DP_ARG_STRING && a->len == strlen(s) && memcmp(a->string, s, a->len) == 0;
+}
+
+#define KNOWN "path, map_size, max_bytes, max_readers, sync, expiration_time, on_full, " \
+              "lru_resolution, sweep_interval, mode"
+
+static int lm_open(void *ud, const dp_arg *args, size_t nargs, void **self, dp_err *err)
+{
+    (void)ud;
+    char path[PATH_MAX];
+    int have_path = 0;
+    inst want = {0};
+    want.map_size = 256.0 * 1024 * 1024;
+    want.max_bytes = -1;
+    want.max_readers = 126;
+    want.sync = SYNC_META;
+    want.on_full = ON_FULL_EVICT;
+    want.lru_resolution = 1;
+    want.sweep_interval = 60;
+    want.mode = 0644;
+    for (size_t i = 0; i < nargs; i++) {
+        const dp_arg *a = &args[i];
+        if (strcmp(a->name, "path") == 0) {
+            if (a->type != DP_ARG_STRING || a->len == 0 || a->len >= sizeof path)
+                return dp_err_set(err, DP_EINVAL, NAME ": path must be a non-empty string");
+            memcpy(path, a->string, a->len);
+            path[a->len] = '\0';
+            have_path = 1;
+        } else if (strcmp(a->name, "map_size") == 0) {
+            if (!parse_size(a, &want.map_size) || !(want.map_size >= 65536) ||
+                want.map_size > 1e15)
+                return dp_err_set(err, DP_EINVAL, NAME ": map_size must be a number of bytes "
+                                  "of at least 65536 (or a string like \"256m\")");
+        } else if (strcmp(a->name, "max_bytes") == 0) {
+            if (!parse_size(a, &want.max_bytes) || !(want.max_bytes > 0))
+                return dp_err_set(err, DP_EINVAL, NAME ": max_bytes must be a positive number "
+                                  "of bytes (or a string like \"100m\")");
+        } else if (strcmp(a->name, "max_readers") == 0) {
+            if (a->type != DP_ARG_NUMBER || !(a->number >= 1 && a->number <= 1e6) ||
+                a->number != floor(a->number))
+                return dp_err_set(err, DP_EINVAL, NAME ": max_readers must be a positive integer");
+            want.max_readers = (int)a->number;
+        } else if (strcmp(a->name, "sync") == 0) {
+            if (is(a, "full"))
+                want.sync = SYNC_FULL;
+            else if (is(a, "meta"))
+                want.sync = SYNC_META;
+            else if (is(a, "none"))
+                want.sync = SYNC_NONE;
+            else
+                return dp_err_set(err, DP_EINVAL, NAME ": sync must be \"full\", \"meta\" or "
+                                  "\"none\"");
+        } else if (strcmp(a->name, "expiration_time") == 0) {
+            if (a->type != DP_ARG_NUMBER || !(a->number > 0))
+                return dp_err_set(err, DP_EINVAL, NAME ": expiration_time must be a positive "
+                                  "number of seconds");
+            want.ttl = a->number;
+        } else if (strcmp(a->name, "on_full") == 0) {
+            if (is(a, "evict"))
+                want.on_full = ON_FULL_EVICT;
+            else if (is(a, "error"))
+                want.on_full = ON_FULL_ERROR;
+            else
+                return dp_err_set(err, DP_EINVAL, NAME ": on_full must be \"evict\" or \"error\"");
+        } else if (strcmp(a->name, "lru_resolution") == 0) {
+            if (a->type != DP_ARG_NUMBER || !(a->number >= 0))
+                return dp_err_set(err, DP_EINVAL, NAME ": lru_resolution must be a number of "
+                                  "seconds >= 0");
+            want.lru_resolution = a->number;
+        } else if (strcmp(a->name, "sweep_interval") == 0) {
+            if (a->type != DP_ARG_NUMBER || !(a->number > 0))
+                return dp_err_set(err, DP_EINVAL, NAME ": sweep_interval must be a positive "
+                                  "number of seconds");
+            want.sweep_interval = a->number;
+        } else if (strcmp(a->name, "mode") == 0) {
+            char *end = NULL;
+            char buf[16];
+            if (a->type == DP_ARG_STRING && a->len > 0 && a->len < sizeof buf) {
+                memcpy(buf, a->string, a->len);
+                buf[a->len] = '\0';
+                want.mode = (int)strtol(buf, &end, 8);
+            }
+            if (!end || *end || want.mode <= 0 || want.mode > 0777)
+                return dp_err_set(err, DP_EINVAL, NAME ": mode must be an octal string such as "
+                                  "\"0640\"");
+        } else {
+            return dp_err_set(err, DP_EINVAL, NAME ": unknown argument '%s' (known: " KNOWN ")",
+                              a->name);
+        }
+    }
+    if (!have_path)
+        return dp_err_set(err, DP_EINVAL, NAME ": the argument 'path' is required (a directory, "
+                          "created if missing, or an LMDB data file)");
+    if (want.max_bytes < 0)
+        want.max_bytes = floor(want.map_size * 0.6);
+    if (want.max_bytes > want.map_size * 0.9)
+        return dp_err_set(err, DP_EINVAL, NAME ": max_bytes %.0f leaves too little of map_size "
+                          "%.0f for LMDB's copy-on-write pages (at most 90%%)", want.max_bytes,
+                          want.map_size);
+
+    /* A missing path becomes a directory; an existing one is used as it is. */
+    struct stat st;
+    int subdir = 1;
+    if (stat(path, &st) != 0) {
+        if (errno != ENOENT || mkdir(path, 0755) != 0)
+            return dp_err_set(err, DP_EBACKEND, NAME ": cannot create the directory '%s': %s",
+                              path, strerror(errno));
+    } else if (S_ISREG(st.st_mode)) {
+        subdir = 0;
+    } else if (!S_ISDIR(st.st_mode)) {
+        return dp_err_set(err, DP_EBACKEND, NAME ": '%s' is neither a directory nor an LMDB "
+                          "data file", path);
+    }
+    char real[PATH_MAX];
+    if (!realpath(path, real))
+        return dp_err_set(err, DP_EBACKEND, NAME ": cannot resolve '%s': %s", path,
+                          strerror(errno));
+    if (access(real, R_OK | W_OK) != 0)
+        return dp_err_set(err, DP_EBACKEND, NAME ": cannot open '%s' for reading and writing: %s",
+                          real, strerror(errno));
+
+    uv_once(&instances_once, instances_init);
+    uv_mutex_lock(&instances_mu);
+    inst *s;
+    for (s = instances; s; s = s->next)
+        if (strcmp(s->path, real) == 0)
+            break;
+    if (s) {
+        const char *what = NULL;
+        if (s->map_size != want.map_size) what = "map_size";
+        else if (s->max_bytes != want.max_bytes) what = "max_bytes";
+        else if (s->max_readers != want.max_readers) what = "max_readers";
+        else if (s->sync != want.sync) what = "sync";
+        else if (s->ttl != want.ttl) what = "expiration_time";
+        else if (s->on_full != want.on_full) what = "on_full";
+        else if (s->lru_resolution != want.lru_resolution) what = "lru_resolution";
+        else if (s->sweep_interval != want.sweep_interval) what = "sweep_interval";
+        else if (s->mode != want.mode) what = "mode";
+        if (what) {
+            uv_mutex_unlock(&instances_mu);
+            return dp_err_set(err, DP_EMISMATCH, NAME ": '%s' is already open in this process "
+                              "with another %s; every region on one path must agree", real, what);
+        }
+        s->handles++;
+        uv_mutex_unlock(&instances_mu);
+        *self = s;
+        return DP_OK;
+    }
+    s = calloc(1, sizeof *s);
+    size_t rl = strlen(real);
+    char *p = s ? malloc(rl + 1) : NULL;
+    char *lp = p ? malloc(rl + 32) : NULL;
+    if (!lp) {
+        uv_mutex_unlock(&instances_mu);
+        free(s);
+        free(p);
+        return dp_err_set(err, DP_ENOMEM, NAME ": out of memory opening '%s'", real);
+    }
+    memcpy(p, real, rl + 1);
+    snprintf(lp, rl + 32, subdir ? "%s/dogpile-locks" : "%s-dogpile-locks", real);
+    s->map_size = want.map_size;
+    s->max_bytes = want.max_bytes;
+    s->max_readers = want.max_readers;
+    s->sync = want.sync;
+    s->ttl = want.ttl;
+    s->on_full = want.on_full;
+    s->lru_resolution = want.lru_resolution;
+    s->sweep_interval = want.sweep_interval;
+    s->mode = want.mode;
+    s->path = p;
+    s->lock_path = lp;
+    s->subdir = subdir;
+    uv_mutex_init(&s->mu);
+    int fd = open(lp, O_RDWR | O_CREAT | O_CLOEXEC, want.mode);
+    if (fd < 0) {
+        int e = errno;
+        uv_mutex_unlock(&instances_mu);
+        dp_err_set(err, DP_EBACKEND, NAME ": cannot open the lock file '%s': %s", lp, strerror(e));
+        inst_free(s);
+        return DP_EBACKEND;
+    }
+    close(fd);
+    int rc = env_open(s, err);
+    if (rc != DP_OK) {
+        uv_mutex_unlock(&instances_mu);
+        inst_free(s);
+        return rc;
+    }
+    char dom[PATH_MAX + 32];
+    int dl = snprintf(dom, sizeof dom, NAME ":%s", real);
+    s->domain = dp_lock_domain(dom, (size_t)dl);
+    s->handles = 1;
+    s->next = instances;
+    instances = s;
+    uv_mutex_unlock(&instances_mu);
+    *self = s;
+    return DP_OK;
+}
+
+static const dp_backend_ops lm_ops = {
+    .name = NAME,
+    .open = lm_open,
+    .get = lm_get,
+    .set = lm_set,
+    .del = lm_del,
+    .stats = lm_stats,
+    .lock_domain = lm_lock_domain,
+    .close = lm_close,
+    .infallible = 0,
+    .lock = lm_lock,
+    .unlock = lm_unlock,
+};
+
+/* -- Lua module ----------------------------------------------------------------------------
+ * `require "dogpile.backends.lmdb"` registers the ops with the core;
+ * lua/dogpile/cache/backends/lmdb.lua opens instances through it. */
+
+int luaopen_dogpile_backends_lmdb(lua_State *L);
+
+__attribute__((visibility("default"))) int luaopen_dogpile_backends_lmdb(lua_State *L)
+{
+    uv_once(&instances_once, instances_init);
+    int rc = dp_backend_register(&lm_ops, NULL);
+    if (rc != DP_OK)
+        return luaL_error(L, NAME ": cannot register the backend: %s", dp_strerror(rc));
+    lua_pushstring(L, NAME);
+    return 1;
+}

@@ -1,0 +1,29 @@
+#!/bin/sh
+# Build bench/shm_threads.c against a staged install and run it.
+#
+#   bench/shm_threads.sh [seconds=1] [keys=10000] [value_bytes=100] [threads=1,2,4] [reps=3]
+#
+# STAGE picks the install (default: _build/main-stage, made by .ci/lib.sh's
+# `build main`); CC and CFLAGS may be overridden (CFLAGS="-O2 -fsanitize=thread"
+# with STAGE=_build/tsan-stage runs it under ThreadSanitizer).
+set -eu
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+STAGE=${STAGE:-$ROOT/_build/main-stage}
+CC=${CC:-cc}
+CFLAGS=${CFLAGS:-"-O2 -g"}
+
+PCDIR=$(dirname "$(find "$STAGE/lib" -name dogpile.pc | head -n 1)")
+[ -d "$PCDIR" ] || { echo "shm_threads.sh: no dogpile.pc under $STAGE (build it first)" >&2; exit 1; }
+LIBDIR=$(PKG_CONFIG_PATH=$PCDIR pkg-config --variable=libdir dogpile)
+
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT INT TERM
+
+# shellcheck disable=SC2046,SC2086
+$CC -std=c11 $CFLAGS -Wall -Wextra -o "$OUT/shm_threads" "$ROOT/bench/shm_threads.c" \
+    $(PKG_CONFIG_PATH=$PCDIR pkg-config --cflags dogpile luajit) \
+    -L"$LIBDIR" -Wl,-rpath,"$LIBDIR" -ldogpile \
+    $(pkg-config --libs luajit) -lpthread
+
+# The program registers the backend by requiring its Lua module, as a host does.
+LUA_CPATH="$STAGE/lib/lua/5.1/?.so;;" "$OUT/shm_threads" "$@"

@@ -1,0 +1,568 @@
+-- dogpile.cache.lmdb: region methods, persistence across processes, errors
+-- naming the path, the lock between processes (8-process stampede, SIGKILLed
+-- and stuck holders), eviction in a small map. Child processes are real
+-- `luajit` processes that inherit LUA_PATH and LUA_CPATH.
+local cache = require "dogpile.cache"
+local support = require "support"
+local ffi = require "ffi"
+
+local NO_VALUE = cache.NO_VALUE
+
+pcall(ffi.cdef, [[ int usleep(unsigned int usec); ]])
+
+local function now()
+    return require("dogpile").now()
+end
+
+local function sh(cmd)
+    local p = assert(io.popen(cmd .. " 2>&1"))
+    local out = p:read("*a")
+    p:close()
+    return out
+end
+
+local function mktemp()
+    return (sh("mktemp -d /tmp/dogpile-lmdb-XXXXXX"):gsub("%s+$", ""))
+end
+
+local dirs = {}
+local function tmpdir()
+    local d = mktemp()
+    dirs[#dirs + 1] = d
+    return d
+end
+
+local function write(path, text)
+    local f = assert(io.open(path, "w"))
+    f:write(text)
+    f:close()
+end
+
+local function read(path)
+    local f = io.open(path)
+    if not f then
+        return nil
+    end
+    local s = f:read("*a")
+    f:close()
+    return s
+end
+
+local function count_lines(path)
+    local s = read(path) or ""
+    local _, n = s:gsub("\n", "")
+    return n
+end
+
+-- A child script: `prelude` opens region `r` on arg[1] with the arguments
+-- in arg[2] (a Lua table constructor), then runs `body`.
+local PRELUDE = [[
+local cache = require "dogpile.cache"
+local ffi = require "ffi"
+pcall(ffi.cdef, "int usleep(unsigned int usec);")
+local function sleep(s) ffi.C.usleep(math.floor(s * 1e6)) end
+local function now() return require("dogpile").now() end
+local path, args, exp = arg[1], assert(loadstring("return " .. arg[2]))(), tonumber(arg[3])
+args.path = path
+local r = cache.make_region():configure("dogpile.cache.lmdb",
+    { expiration_time = exp, arguments = args })
+local function append(file, line)
+    local f = assert(io.open(file, "a")) -- O_APPEND: one write per line
+    f:write(line, "\n")
+    f:close()
+end
+]]
+
+local function script(dir, name, body)
+    local path = dir .. "/" .. name .. ".lua"
+    write(path, PRELUDE .. body)
+    return path
+end
+
+local function run(file, ...)
+    local args = { ... }
+    for i, a in ipairs(args) do
+        args[i] = "'" .. tostring(a) .. "'"
+    end
+    return sh("luajit " .. file .. " " .. table.concat(args, " "))
+end
+
+local function region(path, arguments, exp)
+    arguments = arguments or {}
+    arguments.path = path
+    return cache.make_region():configure("dogpile.cache.lmdb",
+        { expiration_time = exp, arguments = arguments })
+end
+
+describe("dogpile.cache.lmdb", function()
+    support.no_leaks()
+
+    teardown(function()
+        for _, d in ipairs(dirs) do
+            os.execute("rm -rf '" .. d .. "' '" .. d .. "-file'*")
+        end
+    end)
+
+    describe("region methods", function()
+        local r, dir
+        before_each(function()
+            dir = tmpdir()
+            r = region(dir, { map_size = "4m" })
+        end)
+
+        it("get, set, delete and metadata", function()
+            assert.are.equal(NO_VALUE, r:get("missing"))
+            r:set("t", { 1, 2, name = "x", nested = { false } })
+            assert.are.same({ 1, 2, name = "x", nested = { false } }, r:get("t"))
+            r:set("nil", nil)
+            assert.is_nil(r:get("nil"))
+            r:set("false", false)
+            assert.are.equal(false, r:get("false"))
+            local md = r:get_value_metadata("t")
+            assert.are.equal("x", md.payload.name)
+            assert.is_true(md.metadata.ct <= now() and md.metadata.ct > now() - 5)
+            r:delete("t")
+            assert.are.equal(NO_VALUE, r:get("t"))
+            r:delete("t") -- deleting a missing key is fine
+            r:set("", "empty key")
+            assert.are.equal("empty key", r:get(""))
+            local long = string.rep("k", 2000) -- mangled: LMDB keys are <= 511 bytes
+            r:set(long, "long key")
+            assert.are.equal("long key", r:get(long))
+        end)
+
+        it("multi forms", function()
+            r:set_multi({ a = 1, b = 2, c = 3 })
+            assert.are.same({ 1, NO_VALUE, 3 }, r:get_multi({ "a", "zz", "c" }))
+            r:delete_multi({ "a", "b" })
+            assert.are.same({ NO_VALUE, NO_VALUE, 3 }, r:get_multi({ "a", "b", "c" }))
+            local calls = 0
+            local vals = r:get_or_create_multi({ "c", "x", "y", "x" }, function(...)
+                calls = calls + 1
+                local out = {}
+                for i, k in ipairs({ ... }) do
+                    out[i] = k .. "!"
+                end
+                return out
+            end)
+            assert.are.same({ 3, "x!", "y!", "x!" }, vals)
+            assert.are.equal(1, calls)
+            assert.are.equal("y!", r:get("y"))
+        end)
+
+        it("get_or_create, expiration, invalidation and stats", function()
+            local calls = 0
+            local function creator()
+                calls = calls + 1
+                return "v" .. calls
+            end
+            assert.are.equal("v1", r:get_or_create("k", creator))
+            assert.are.equal("v1", r:get_or_create("k", creator))
+            assert.are.equal("v1", r:get_or_create("k", creator, 0.01, nil))
+            r:invalidate(true)
+            assert.are.equal(NO_VALUE, r:get("k"))
+            assert.are.equal("v2", r:get_or_create("k", creator))
+            r:invalidate(false)
+            assert.are.equal("v2", r:get("k", nil, true))
+            assert.are.equal("v3", r:get_or_create("k", creator))
+            assert.are.equal("no", r:get_or_create("n", function() return "no" end, nil,
+                function() return false end))
+            assert.are.equal(NO_VALUE, r:get("n"))
+            local st = r:stats()
+            assert.is_true(st.hits > 0 and st.misses > 0)
+            assert.are.equal(4, st.creations)
+            local bs = r.actual_backend:stats()
+            assert.is_true(bs.items >= 1 and bs.bytes > 0)
+        end)
+
+        it("decorators", function()
+            local calls = 0
+            local f = r:cache_on_arguments({ namespace = "sq" })(function(x)
+                calls = calls + 1
+                return x * x
+            end)
+            assert.are.equal(9, f(3))
+            assert.are.equal(9, f(3))
+            assert.are.equal(1, calls)
+            f:invalidate(3)
+            assert.are.equal(9, f(3))
+            assert.are.equal(2, calls)
+            local g = r:cache_multi_on_arguments({ namespace = "m" })(function(...)
+                local out = {}
+                for i, v in ipairs({ ... }) do
+                    out[i] = v + 1
+                end
+                return out
+            end)
+            assert.are.same({ 2, 3 }, g(1, 2))
+            assert.are.same({ 2, 3 }, g:get(1, 2))
+        end)
+
+        it("configure_from_config and two regions on one path share the environment", function()
+            local r2 = cache.make_region():configure_from_config({
+                ["cache.backend"] = "dogpile.cache.lmdb",
+                ["cache.arguments.path"] = dir,
+                ["cache.arguments.map_size"] = "4m",
+            }, "cache.")
+            r:set("shared", "yes")
+            assert.are.equal("yes", r2:get("shared"))
+            assert.are.equal(r.actual_backend.lock_domain, r2.actual_backend.lock_domain)
+            assert.has_error(function()
+                region(dir, { map_size = "8m" })
+            end, nil)
+            local ok, err = pcall(region, dir, { map_size = "8m" })
+            assert.is_false(ok)
+            assert.matches("already open in this process with another map_size", err)
+        end)
+
+        it("refuses bad arguments with clear errors", function()
+            local cases = {
+                { {}, "the argument 'path' is required" },
+                { { path = dir, bogus = 1 }, "unknown argument 'bogus'" },
+                { { path = dir, map_size = "lots" }, "map_size must be" },
+                { { path = dir, sync = "sometimes" }, "sync must be" },
+                { { path = dir, on_full = "panic" }, "on_full must be" },
+                { { path = dir, lock_timeout = -1 }, "lock_timeout must be a positive number" },
+                { { path = dir, lock_timeout = "5" }, "lock_timeout must be a positive number" },
+            }
+            for _, c in ipairs(cases) do
+                local ok, err = pcall(function()
+                    cache.make_region():configure("dogpile.cache.lmdb", { arguments = c[1] })
+                end)
+                assert.is_false(ok)
+                assert.matches(c[2], err, 1, true)
+            end
+        end)
+
+        it("takes its lock per key: try-acquire is refused while held, across mutexes", function()
+            local b = r.actual_backend
+            local m1, m2 = b:get_mutex("key"), b:get_mutex("key")
+            assert.is_true(m1:acquire(false))
+            assert.is_false(m2:acquire(false))
+            local other = b:get_mutex("other")
+            assert.is_true(other:acquire(false))
+            other:release()
+            assert.has_error(function() other:release() end)
+            m1:release()
+            assert.is_true(m2:acquire(false))
+            m2:release()
+        end)
+    end)
+
+    describe("errors naming the path", function()
+        it("a directory holding a file that is not LMDB", function()
+            local dir = tmpdir()
+            write(dir .. "/data.mdb", string.rep("not an lmdb file\n", 1000))
+            local ok, err = pcall(region, dir)
+            assert.is_false(ok)
+            assert.matches("'" .. dir .. "' is not an LMDB environment", err, 1, true)
+        end)
+
+        it("a regular file that is not LMDB", function()
+            local file = tmpdir() .. "-file"
+            write(file, string.rep("garbage ", 2000))
+            local ok, err = pcall(region, file)
+            assert.is_false(ok)
+            assert.matches("'" .. file .. "' is not an LMDB environment", err, 1, true)
+        end)
+
+        it("a path that cannot be created (root cannot either)", function()
+            local ok, err = pcall(region, "/etc/passwd/cache")
+            assert.is_false(ok)
+            assert.matches("cannot create the directory '/etc/passwd/cache'", err, 1, true)
+            ok, err = pcall(region, "/proc/dogpile-cache")
+            assert.is_false(ok)
+            assert.matches("'/proc/dogpile-cache'", err, 1, true)
+        end)
+
+        it("an LMDB environment that dogpile did not make", function()
+            local dir = tmpdir()
+            -- Write one record with liblmdb itself, as another program would.
+            pcall(ffi.cdef, [[
+                typedef struct MDB_env MDB_env; typedef struct MDB_txn MDB_txn;
+                typedef struct { size_t mv_size; const void *mv_data; } MDB_val;
+                int mdb_env_create(MDB_env **env);
+                int mdb_env_open(MDB_env *env, const char *path, unsigned int flags, int mode);
+                void mdb_env_close(MDB_env *env);
+                int mdb_txn_begin(MDB_env *env, MDB_txn *parent, unsigned int flags, MDB_txn **txn);
+                int mdb_txn_commit(MDB_txn *txn);
+                int mdb_dbi_open(MDB_txn *txn, const char *name, unsigned int flags, unsigned int *dbi);
+                int mdb_put(MDB_txn *txn, unsigned int dbi, MDB_val *key, MDB_val *data, unsigned int flags);
+            ]])
+            local L = ffi.load("lmdb")
+            local env, txn, dbi = ffi.new("MDB_env*[1]"), ffi.new("MDB_txn*[1]"), ffi.new("unsigned int[1]")
+            assert.are.equal(0, L.mdb_env_create(env))
+            assert.are.equal(0, L.mdb_env_open(env[0], dir, 0, 420))
+            assert.are.equal(0, L.mdb_txn_begin(env[0], nil, 0, txn))
+            assert.are.equal(0, L.mdb_dbi_open(txn[0], nil, 0, dbi))
+            local k, v = ffi.new("MDB_val", 3, "foo"), ffi.new("MDB_val", 3, "bar")
+            assert.are.equal(0, L.mdb_put(txn[0], dbi[0], k, v, 0))
+            assert.are.equal(0, L.mdb_txn_commit(txn[0]))
+            L.mdb_env_close(env[0])
+            local ok, err = pcall(region, dir)
+            assert.is_false(ok)
+            assert.matches("'" .. dir .. "' is an LMDB environment that dogpile did not make", err, 1, true)
+        end)
+    end)
+
+    describe("between processes", function()
+        it("values outlive the process that set them, and fork()ed children reopen", function()
+            local dir = tmpdir()
+            local f = script(dir, "setter", [[
+r:set("from-child", { n = 42 })
+-- fork: the child must reopen its own environment
+ffi.cdef "int fork(void); int waitpid(int pid, int *status, int options); void _exit(int);"
+local pid = ffi.C.fork()
+if pid == 0 then
+    local ok = pcall(function()
+        assert(r:get("from-child").n == 42)
+        r:set("from-grandchild", "forked")
+    end)
+    ffi.C._exit(ok and 0 or 3)
+end
+local st = ffi.new("int[1]")
+ffi.C.waitpid(pid, st, 0)
+assert(r:get("from-grandchild") == "forked", "parent does not see the forked child's value")
+io.write("status=", st[0], "\n")
+]])
+            local out = run(f, dir, "{}")
+            assert.matches("status=0", out, 1, true)
+            local r = region(dir)
+            assert.are.equal(42, r:get("from-child").n)
+            assert.are.equal("forked", r:get("from-grandchild"))
+            r:set("from-parent", "p")
+            local g = script(dir, "getter", [[io.write(tostring(r:get("from-parent")), "\n")]])
+            assert.matches("^p\n", run(g, dir, "{}"))
+        end)
+
+        it("8 processes asking for one missing key run the creator once", function()
+            local dir = tmpdir()
+            local counter = dir .. "/creations"
+            local f = script(dir, "stampede", [[
+local counter, start = arg[4], tonumber(arg[5])
+while now() < start do sleep(0.001) end
+local t0 = now()
+local v = r:get_or_create("hot", function()
+    append(counter, "x")
+    sleep(0.2)
+    return "created"
+end)
+io.write(v, " ", string.format("%.3f", now() - t0), "\n")
+]])
+            local start = now() + 0.6
+            local cmd = {}
+            for i = 1, 8 do
+                cmd[i] = string.format("luajit %s '%s' '{}' '' '%s' '%.3f' > %s/out%d &",
+                                       f, dir, counter, start, dir, i)
+            end
+            sh(table.concat(cmd, " ") .. " wait")
+            assert.are.equal(1, count_lines(counter))
+            for i = 1, 8 do
+                local out = read(dir .. "/out" .. i)
+                assert.matches("^created ", out)
+                -- everyone waited for the creator instead of failing or creating
+                assert.is_true(tonumber(out:match(" ([%d.]+)")) < 5, out)
+            end
+        end)
+
+        it("8 processes with an expired key: one regenerates, the others get the stale value at once", function()
+            local dir = tmpdir()
+            local counter = dir .. "/creations"
+            region(dir, {}, 0.3):set("hot", "old")
+            local f = script(dir, "stale", [[
+local counter, start = arg[4], tonumber(arg[5])
+while now() < start do sleep(0.001) end
+local t0 = now()
+local v = r:get_or_create("hot", function()
+    append(counter, "x")
+    sleep(0.2)
+    return "new"
+end)
+io.write(v, " ", string.format("%.3f", now() - t0), "\n")
+]])
+            local start = now() + 0.6
+            local cmd = {}
+            for i = 1, 8 do
+                cmd[i] = string.format("luajit %s '%s' '{}' 0.3 '%s' '%.3f' > %s/out%d &",
+                                       f, dir, counter, start, dir, i)
+            end
+            sh(table.concat(cmd, " ") .. " wait")
+            assert.are.equal(1, count_lines(counter))
+            local stale, created = 0, 0
+            for i = 1, 8 do
+                local out = read(dir .. "/out" .. i)
+                local v, t = out:match("^(%a+) ([%d.]+)")
+                if v == "old" then
+                    stale = stale + 1
+                    assert.is_true(tonumber(t) < 0.1, "a stale reader waited: " .. out)
+                else
+                    assert.are.equal("new", v, out)
+                    created = created + 1
+                end
+            end
+            assert.are.equal(1, created, "only the creator sees the new value right away")
+            assert.are.equal(7, stale)
+        end)
+
+        local HOLDER = [[
+local started = arg[4]
+r:get_or_create("held", function()
+    append(started, "started")
+    sleep(30) -- killed or stopped long before this ends
+    return "from the holder"
+end)
+]]
+        local WAITER = [[
+local t0 = now()
+local v = r:get_or_create("held", function() return "from the waiter" end)
+io.write(v, " ", string.format("%.3f", now() - t0), "\n")
+]]
+
+        local function start_holder(dir, args)
+            local holder = script(dir, "holder", HOLDER)
+            local started = dir .. "/started"
+            local pid = sh(string.format("luajit %s '%s' '%s' '' '%s' >/dev/null 2>&1 & echo $!",
+                                         holder, dir, args, started)):match("%d+")
+            local t0 = now()
+            while count_lines(started) == 0 do
+                assert.is_true(now() - t0 < 10, "the holder never started")
+                ffi.C.usleep(5000)
+            end
+            return pid
+        end
+
+        it("a holder killed with SIGKILL mid-creation releases the lock at once", function()
+            local dir = tmpdir()
+            local args = "{ lock_timeout = 10 }"
+            local pid = start_holder(dir, args)
+            local waiter = script(dir, "waiter", WAITER)
+            local out_file = dir .. "/waiter.out"
+            sh(string.format("luajit %s '%s' '%s' > %s 2>&1 &", waiter, dir, args, out_file))
+            ffi.C.usleep(300000)
+            local killed_at = now()
+            sh("kill -9 " .. pid)
+            local t0 = now()
+            while not (read(out_file) or ""):match("\n") do
+                assert.is_true(now() - t0 < 15, "the waiter never finished")
+                ffi.C.usleep(5000)
+            end
+            local done_at = now()
+            local out = read(out_file)
+            assert.matches("^from the waiter ", out)
+            -- The kernel released the lock: far less than lock_timeout (10 s).
+            local after_kill = done_at - killed_at
+            assert.is_true(after_kill < 1.0, "waited " .. after_kill .. " s after the kill")
+            assert.are.equal("from the waiter", region(dir):get("held"))
+        end)
+
+        it("a stuck holder (SIGSTOP) keeps others waiting no longer than lock_timeout", function()
+            local dir = tmpdir()
+            local args = "{ lock_timeout = 1 }"
+            local pid = start_holder(dir, args)
+            sh("kill -STOP " .. pid)
+            local waiter = script(dir, "waiter", WAITER)
+            local out = run(waiter, dir, args)
+            sh("kill -9 " .. pid)
+            local v, t = out:match("^(.-) ([%d.]+)\n")
+            assert.are.equal("from the waiter", v, out)
+            t = tonumber(t)
+            assert.is_true(t >= 0.9 and t < 1.0 + 1.0, "waited " .. t .. " s")
+        end)
+    end)
+
+    describe("space", function()
+        it("evicts expired entries first, then least recently used, never the rest", function()
+            local dir = tmpdir()
+            local r = region(dir, { map_size = "1m", max_bytes = 400 * 1024, lru_resolution = 0.05,
+                                    expiration_time = 0.3 })
+            local val = string.rep("v", 1000)
+            for i = 1, 150 do
+                r:set("old" .. i, val)
+            end
+            ffi.C.usleep(400000) -- the "old" entries expire in the backend
+            for i = 1, 200 do
+                r:set("new" .. i, val)
+            end
+            local st = r.actual_backend:stats()
+            assert.is_true(st.expirations > 0, "nothing expired")
+            assert.are.equal(0, st.evictions, "fresh entries were evicted while expired ones remained")
+            for i = 1, 200 do
+                assert.are.equal(val, r:get("new" .. i), "new" .. i .. " lost")
+            end
+
+        end)
+
+        it("evicts least recently used entries when the map is full, never the hot or recent ones", function()
+            local dir = tmpdir()
+            local args = { map_size = "1m", max_bytes = 400 * 1024, lru_resolution = 0.02 }
+            local r = region(dir, args)
+            local val = string.rep("v", 1000)
+            for i = 1, 20 do
+                r:set("hot" .. i, val)
+            end
+            for i = 1, 1500 do
+                r:set("more" .. i, val)
+                if i % 100 == 0 then -- keep the hot keys recently used
+                    ffi.C.usleep(60000)
+                    for j = 1, 20 do
+                        assert.are.equal(val, r:get("hot" .. j), "hot key hot" .. j .. " evicted")
+                    end
+                end
+            end
+            local st = r.actual_backend:stats()
+            assert.is_true(st.evictions > 0, "nothing was evicted")
+            assert.are.equal(0, st.expirations)
+            assert.is_true(st.bytes <= 400 * 1024, "tree of " .. st.bytes .. " bytes")
+            -- the most recent writes all survive (well under the bound)
+            for i = 1500 - 100, 1500 do
+                assert.are.equal(val, r:get("more" .. i), "more" .. i .. " lost")
+            end
+            -- the oldest writes, never read, went first
+            assert.are.equal(NO_VALUE, r:get("more1"))
+            -- a new process reads the file: it is intact
+            local g = script(dir, "check", [[
+local n = 0
+for i = 1, 20 do if r:get("hot" .. i) ~= cache.NO_VALUE then n = n + 1 end end
+for i = 1400, 1500 do if r:get("more" .. i) ~= cache.NO_VALUE then n = n + 1 end end
+io.write(n, "\n")
+]])
+            assert.matches("^121\n", run(g, dir, "{ map_size = 1048576, max_bytes = 409600, "
+                                         .. "lru_resolution = 0.02 }"))
+        end)
+
+        it("on_full = 'error' refuses a set with a clear error and keeps every entry", function()
+            local dir = tmpdir()
+            local r = region(dir, { map_size = "1m", max_bytes = 200 * 1024, on_full = "error" })
+            local val = string.rep("e", 1000)
+            local stored, err = 0, nil
+            for i = 1, 1000 do
+                local ok, e = pcall(r.set, r, "k" .. i, val)
+                if not ok then
+                    err = e
+                    break
+                end
+                stored = i
+            end
+            assert.is_not_nil(err, "never full")
+            assert.matches("dogpile.cache.lmdb: set 'k" .. (stored + 1) .. "' failed", err, 1, true)
+            assert.matches("'" .. dir .. "' is full", err, 1, true)
+            assert.matches('on_full = "error"', err, 1, true)
+            for i = 1, stored do
+                assert.are.equal(val, r:get("k" .. i), "k" .. i .. " lost")
+            end
+            assert.are.equal(0, r.actual_backend:stats().evictions)
+            for i = 1, 40 do -- spread over the tree: pages are freed once emptied
+                r:delete("k" .. i)
+            end
+            r:set("k-after-delete", val)
+            assert.are.equal(val, r:get("k-after-delete"))
+        end)
+
+        it("refuses a value larger than max_bytes", function()
+            local r = region(tmpdir(), { map_size = "1m", max_bytes = 100 * 1024 })
+            local ok, err = pcall(r.set, r, "big", string.rep("b", 200 * 1024))
+            assert.is_false(ok)
+            assert.matches("is larger than max_bytes", err, 1, true)
+        end)
+    end)
+end)
