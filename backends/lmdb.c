@@ -885,30 +885,6 @@ static void lm_close(void *self)
     }
 }
 
-/* "64k", "10m", "1g" or a plain number of bytes. */
-static int parse_size(const dp_arg *a, double *out)
-{
-    if (a->type == DP_ARG_NUMBER) {
-        *out = a->number;
-        return 1;
-    }
-    if (a->type != DP_ARG_STRING || a->len == 0 || a->len > 30)
-        return 0;
-    char buf[32], *end;
-    memcpy(buf, a->string, a->len);
-    buf[a->len] = '\0';
-    double v = strtod(buf, &end);
-    double mul = 1;
-    switch (*end) {
-    case 'k': case 'K': mul = 1024; end++; break;
-    case 'm': case 'M': mul = 1024.0 * 1024; end++; break;
-    case 'g': case 'G': mul = 1024.0 * 1024 * 1024; end++; break;
-    }
-    if (*end != '\0' || end == buf)
-        return 0;
-    *out = v * mul;
-    return 1;
-}
 
 static int is(const dp_arg *a, const char *s)
 {
@@ -941,12 +917,12 @@ static int lm_open(void *ud, const dp_arg *args, size_t nargs, void **self, dp_e
             path[a->len] = '\0';
             have_path = 1;
         } else if (strcmp(a->name, "map_size") == 0) {
-            if (!parse_size(a, &want.map_size) || !(want.map_size >= 65536) ||
+            if (!dp_arg_size(a, &want.map_size) || !(want.map_size >= 65536) ||
                 want.map_size > 1e15)
                 return dp_err_set(err, DP_EINVAL, NAME ": map_size must be a number of bytes "
                                   "of at least 65536 (or a string like \"256m\")");
         } else if (strcmp(a->name, "max_bytes") == 0) {
-            if (!parse_size(a, &want.max_bytes) || !(want.max_bytes > 0))
+            if (!dp_arg_size(a, &want.max_bytes) || !(want.max_bytes > 0))
                 return dp_err_set(err, DP_EINVAL, NAME ": max_bytes must be a positive number "
                                   "of bytes (or a string like \"100m\")");
         } else if (strcmp(a->name, "max_readers") == 0) {

@@ -525,30 +525,6 @@ static void shm_close(void *self)
         shm_free(s);
 }
 
-/* "64k", "10m", "1g" or a plain number of bytes. */
-static int parse_size(const dp_arg *a, double *out)
-{
-    if (a->type == DP_ARG_NUMBER) {
-        *out = a->number;
-        return 1;
-    }
-    if (a->type != DP_ARG_STRING || a->len == 0 || a->len > 30)
-        return 0;
-    char buf[32], *end;
-    memcpy(buf, a->string, a->len);
-    buf[a->len] = '\0';
-    double v = strtod(buf, &end);
-    double mul = 1;
-    switch (*end) {
-    case 'k': case 'K': mul = 1024; end++; break;
-    case 'm': case 'M': mul = 1024.0 * 1024; end++; break;
-    case 'g': case 'G': mul = 1024.0 * 1024 * 1024; end++; break;
-    }
-    if (*end != '\0' || end == buf)
-        return 0;
-    *out = v * mul;
-    return 1;
-}
 
 static const char *policy_name(int p)
 {
@@ -570,7 +546,7 @@ static int shm_open(void *ud, const dp_arg *args, size_t nargs, void **self, dp_
             name = a->string;
             name_len = a->len;
         } else if (strcmp(a->name, "max_bytes") == 0) {
-            if (!parse_size(a, &max_bytes) || !(max_bytes > 0) || isinf(max_bytes))
+            if (!dp_arg_size(a, &max_bytes) || !(max_bytes > 0) || isinf(max_bytes))
                 return dp_err_set(err, DP_EINVAL, NAME ": max_bytes must be a positive number of "
                                   "bytes (or a string like \"64m\")");
         } else if (strcmp(a->name, "max_items") == 0) {

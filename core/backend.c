@@ -199,6 +199,30 @@ DP_API void dp_backend_close(dp_backend *b)
     free(b);
 }
 
+DP_API int dp_arg_size(const dp_arg *a, double *out)
+{
+    if (a->type == DP_ARG_NUMBER) {
+        *out = a->number;
+        return 1;
+    }
+    if (a->type != DP_ARG_STRING || a->len == 0 || a->len > 30)
+        return 0;
+    char buf[32], *end;
+    memcpy(buf, a->string, a->len);
+    buf[a->len] = '\0';
+    double v = strtod(buf, &end);
+    double mul = 1;
+    switch (*end) {
+    case 'k': case 'K': mul = 1024; end++; break;
+    case 'm': case 'M': mul = 1024.0 * 1024; end++; break;
+    case 'g': case 'G': mul = 1024.0 * 1024 * 1024; end++; break;
+    }
+    if (*end != '\0' || end == buf)
+        return 0;
+    *out = v * mul;
+    return 1;
+}
+
 DP_API int dp_bytes_reserve(dp_bytes *b, size_t need)
 {
     if (need <= b->cap)

@@ -406,6 +406,10 @@ DP_API int dp_backend_unlock(dp_backend *b, const char *key, size_t klen, dp_err
 /** Close the handle (NULL is fine); the pointer is invalid afterwards. */
 DP_API void dp_backend_close(dp_backend *b);
 
+/** Read a size argument: a number of bytes, or a string such as "64k",
+ * "10m", "1g" (powers of 1024). 1 with *out set, or 0 if `a` is neither. */
+DP_API int dp_arg_size(const dp_arg *a, double *out);
+
 /** Make room for `need` bytes in `b`. DP_OK or DP_ENOMEM. */
 DP_API int dp_bytes_reserve(dp_bytes *b, size_t need);
 /** Release `b`'s memory; `b` may be reused (empty) afterwards. */

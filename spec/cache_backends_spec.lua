@@ -17,23 +17,7 @@ local function memory(arguments, conf)
     return cache.make_region():configure("dogpile.cache.memory", conf)
 end
 
---- Run `fn` (written on ONE line, no `return`) and check that it raises a
--- string starting with that line's position, then `prefix`, mentioning `...`.
-local function raises_here(prefix, fn, ...)
-    local info = debug.getinfo(fn, "S")
-    local ok, err = pcall(fn)
-    assert.is_false(ok, "expected an error")
-    assert.is_string(err, "expected a string error, got " .. type(err))
-    local where = info.short_src .. ":" .. info.linedefined .. ": "
-    assert.are.equal(where .. prefix, err:sub(1, #where + #prefix),
-                     "error does not point at the caller's line: " .. err)
-    for i = 1, select("#", ...) do
-        local needle = select(i, ...)
-        assert.is_truthy(err:find(needle, 1, true),
-                         ("error %q does not mention %q"):format(err, needle))
-    end
-    return err
-end
+local raises_here = support.raises_here
 
 --- The keys present in a table, sorted.
 local function keys_of(t)

@@ -9,7 +9,7 @@ for _, name in ipairs({ "dp_buf_init", "dp_buf_reset", "dp_buf_free", "dp_buf_fi
     "dp_buf_put_nil", "dp_buf_put_boolean", "dp_buf_put_number", "dp_buf_put_string",
     "dp_buf_put_table", "dp_reader_init", "dp_reader_next", "dp_reader_finish",
     -- C hosts register C backends (an ops table of function pointers); Lua opens them.
-    "dp_backend_register", "dp_err_set",
+    "dp_backend_register", "dp_err_set", "dp_arg_size",
     -- For a C host at the end of its life, when no Lua state is open.
     "dp_shutdown" }) do
     SKIPPED[name] = true

@@ -40,24 +40,7 @@ local function backend_stats(r)
     return r.actual_backend:stats()
 end
 
---- Run `fn` (written on ONE line, without `return` so that the call is not a
--- tail call) and check that it raises a string that starts with the position
--- of that line, then `prefix`, and that it mentions each of `...`.
-local function raises_here(prefix, fn, ...)
-    local info = debug.getinfo(fn, "S")
-    local ok, err = pcall(fn)
-    assert.is_false(ok, "expected an error")
-    assert.is_string(err, "expected a string error, got " .. type(err))
-    local where = info.short_src .. ":" .. info.linedefined .. ": "
-    assert.are.equal(where .. prefix, err:sub(1, #where + #prefix),
-                     "error does not point at the caller's line: " .. err)
-    for i = 1, select("#", ...) do
-        local needle = select(i, ...)
-        assert.is_truthy(err:find(needle, 1, true),
-                         ("error %q does not mention %q"):format(err, needle))
-    end
-    return err
-end
+local raises_here = support.raises_here
 
 --- Is `key` cached in `r`?
 local function present(r, key)

@@ -1,7 +1,28 @@
 -- Shared by the specs: leak checks and a small coroutine scheduler.
 local lib = require "dogpile.lib"
 
+local luassert = require "luassert"
+
 local _M = {}
+
+--- Run `fn` (written on ONE line, without `return` so that the call is not a
+-- tail call) and check that it raises a string that starts with the position
+-- of that line, then `prefix`, and that it mentions each of `...`.
+function _M.raises_here(prefix, fn, ...)
+    local info = debug.getinfo(fn, "S")
+    local ok, err = pcall(fn)
+    luassert.is_false(ok, "expected an error")
+    luassert.is_string(err, "expected a string error, got " .. type(err))
+    local where = info.short_src .. ":" .. info.linedefined .. ": "
+    luassert.are.equal(where .. prefix, err:sub(1, #where + #prefix),
+                       "error does not point at the caller's line: " .. err)
+    for i = 1, select("#", ...) do
+        local needle = select(i, ...)
+        luassert.is_truthy(err:find(needle, 1, true),
+                           ("error %q does not mention %q"):format(err, needle))
+    end
+    return err
+end
 
 --- Call inside a describe block: after each test, collect garbage and fail
 -- if a lock is still held in the core's registry (then clean it up, so one
