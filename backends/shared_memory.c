@@ -1,8 +1,12 @@
 /* shared_memory.c -- dogpile.cache.shared_memory: one bounded store per name,
  * shared by every Lua state and thread of the process.
  *
- * Layout. The index is split into shards, each a hash table under its own
- * read-write lock, so that readers of any keys run in parallel. The eviction
+ * Layout. The index is a hash table split into shards, under one "big
+ * reader" lock: each thread reads under a reader count of its own (a slot on
+ * its own cache line, found by a thread-local index), and a writer raises a
+ * flag and waits for every slot to drain. A hit thus writes only its own
+ * slot: readers of any keys, the same key included, run in parallel, and
+ * writers (rarer, already serialized on the queues) pay for it. The eviction
  * order lives apart, in queues under one mutex that only writers take:
  *
  *  - "s3fifo" (default): S3-FIFO (Yang et al., SOSP'23). New keys enter a
@@ -15,7 +19,7 @@
  *  - "lru": exact least-recently-used. A hit moves the key to the front, which
  *    takes the queue mutex: reads serialize on it.
  *
- * A shard lock and the queue mutex are never held together. An entry carries
+ * The index lock and the queue mutex are never held together. An entry carries
  * two references, one for the index and one for the queues; whoever drops the
  * last frees it. An evicted entry is taken off the queues first (its bytes
  * leave the budget at once) and off the index right after.
@@ -27,6 +31,7 @@
 #define _GNU_SOURCE /* dladdr, RTLD_NODELETE */
 #include <dlfcn.h>
 #include <math.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,13 +44,14 @@
 
 #define NAME "dogpile.cache.shared_memory"
 #define NSHARDS 16
+#define NSLOTS 32 /* reader slots; threads beyond share them (still correct) */
 #define GHOST_SLOTS_MIN 64
 
 enum { Q_NONE, Q_SMALL, Q_MAIN };
 enum { POLICY_S3FIFO, POLICY_LRU };
 
 typedef struct entry {
-    struct entry *hnext;            /* index chain (shard lock) */
+    struct entry *hnext;            /* index chain (index lock) */
     struct entry *qprev, *qnext;    /* queue links (queue mutex) */
     uint64_t hash;
     double expires;                 /* wall-clock; 0: never */
@@ -58,7 +64,6 @@ typedef struct entry {
 } entry;
 
 typedef struct shard {
-    uv_rwlock_t lock;
     entry **buckets;
     size_t nbuckets, count;
 } shard;
@@ -67,6 +72,12 @@ typedef struct queue {
     entry *head, *tail; /* head: newest (or most recently used) */
     size_t items, bytes;
 } queue;
+
+/* One reader slot, alone on its cache line. */
+typedef struct slot {
+    _Alignas(64) _Atomic int readers;
+    _Atomic uint64_t hits, misses;
+} slot;
 
 typedef struct shm {
     struct shm *next;
@@ -77,11 +88,14 @@ typedef struct shm {
     int policy;
     uint32_t domain;
     shard shards[NSHARDS];
+    slot slots[NSLOTS];
+    _Alignas(64) _Atomic int writer; /* a writer holds or wants the index */
+    uv_mutex_t wmu;                  /* orders writers */
     uv_mutex_t qmu;
     queue small, main;
     uint64_t *ghost; /* S3-FIFO: hashes of keys recently dropped from small */
     size_t ghost_slots;
-    _Atomic uint64_t hits, misses, evictions, expirations;
+    _Atomic uint64_t evictions, expirations;
 } shm;
 
 static shm *instances;
@@ -109,6 +123,75 @@ static void entry_unref(entry *e)
 {
     if (atomic_fetch_sub(&e->refs, 1) == 1)
         free(e);
+}
+
+/* -- The index lock ---------------------------------------------------------
+ * Dekker-style: a reader counts itself in, then looks for a writer; a writer
+ * raises its flag, then waits for the counts. With sequentially consistent
+ * operations at least one of them sees the other. Both critical sections are
+ * a few hash probes and a memcpy, so waiting spins, then yields; it never
+ * sleeps on a futex. */
+
+static _Atomic unsigned next_slot;
+static _Thread_local unsigned my_slot_plus_one;
+
+static slot *slot_of_thread(shm *s)
+{
+    if (!my_slot_plus_one)
+        my_slot_plus_one = atomic_fetch_add(&next_slot, 1) % NSLOTS + 1;
+    return &s->slots[my_slot_plus_one - 1];
+}
+
+/* The other side's section is a few probes and a memcpy: spin briefly (a
+ * syscall would cost more than the wait), then yield. */
+static void backoff(unsigned *n)
+{
+    if (++*n < 256) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+    } else {
+        sched_yield();
+    }
+}
+
+static slot *rd_lock(shm *s)
+{
+    slot *sl = slot_of_thread(s);
+    for (;;) {
+        atomic_fetch_add(&sl->readers, 1);
+        if (!atomic_load(&s->writer))
+            return sl;
+        atomic_fetch_sub_explicit(&sl->readers, 1, memory_order_release);
+        unsigned n = 0;
+        while (atomic_load_explicit(&s->writer, memory_order_acquire))
+            backoff(&n);
+    }
+}
+
+static void rd_unlock(slot *sl)
+{
+    atomic_fetch_sub_explicit(&sl->readers, 1, memory_order_release);
+}
+
+static void wr_lock(shm *s)
+{
+    uv_mutex_lock(&s->wmu);
+    atomic_store(&s->writer, 1);
+    /* Only slots handed out so far can hold readers; a thread that takes a
+     * new slot after this load still sees the flag (the order is total). */
+    unsigned used = atomic_load(&next_slot);
+    for (unsigned i = 0; i < (used < NSLOTS ? used : NSLOTS); i++) {
+        unsigned n = 0;
+        while (atomic_load(&s->slots[i].readers) != 0)
+            backoff(&n);
+    }
+}
+
+static void wr_unlock(shm *s)
+{
+    atomic_store_explicit(&s->writer, 0, memory_order_release);
+    uv_mutex_unlock(&s->wmu);
 }
 
 static shard *shard_for(shm *s, uint64_t h)
@@ -150,7 +233,7 @@ static void index_grow(shard *sh)
     sh->nbuckets = n;
 }
 
-/* Unlinks `e` from its shard's index if it is still there (shard locked for
+/* Unlinks `e` from its shard's index if it is still there (index locked for
  * writing). Returns 1 if it was. */
 static int index_remove_locked(shard *sh, entry *e)
 {
@@ -313,15 +396,23 @@ static void make_room(shm *s, size_t need_bytes, victims *vs)
 /* Takes each victim off the index (no queue mutex held) and frees it. */
 static void reap(shm *s, victims *vs)
 {
-    for (size_t i = 0; i < vs->n; i++) {
-        entry *e = vs->v[i];
-        shard *sh = shard_for(s, e->hash);
-        uv_rwlock_wrlock(&sh->lock);
-        int removed = index_remove_locked(sh, e);
-        uv_rwlock_wrunlock(&sh->lock);
-        if (removed)
-            entry_unref(e);
-        entry_unref(e); /* the queue reference */
+    if (vs->n) {
+        int *removed = calloc(vs->n, sizeof *removed);
+        wr_lock(s);
+        for (size_t i = 0; i < vs->n; i++) {
+            int r = index_remove_locked(shard_for(s, vs->v[i]->hash), vs->v[i]);
+            if (removed)
+                removed[i] = r;
+            else if (r)
+                entry_unref(vs->v[i]); /* no room to defer: still referenced by the queue */
+        }
+        wr_unlock(s);
+        for (size_t i = 0; i < vs->n; i++) {
+            if (removed && removed[i])
+                entry_unref(vs->v[i]);
+            entry_unref(vs->v[i]); /* the queue reference */
+        }
+        free(removed);
     }
     free(vs->v);
 }
@@ -333,28 +424,29 @@ static int shm_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_e
     shm *s = self;
     uint64_t h = hash_key(key, klen);
     shard *sh = shard_for(s, h);
-    uv_rwlock_rdlock(&sh->lock);
+    slot *sl = rd_lock(s);
     entry **pp = index_slot(sh, h, key, klen);
     entry *e = pp ? *pp : NULL;
     if (!e || (e->expires > 0 && dp_clock_now() >= e->expires)) {
-        uv_rwlock_rdunlock(&sh->lock);
-        atomic_fetch_add_explicit(&s->misses, 1, memory_order_relaxed);
+        rd_unlock(sl);
+        atomic_fetch_add_explicit(&sl->misses, 1, memory_order_relaxed);
         return DP_ENOTFOUND;
     }
     if (dp_bytes_reserve(out, e->vlen) != DP_OK) {
-        uv_rwlock_rdunlock(&sh->lock);
+        rd_unlock(sl);
         return dp_err_set(err, DP_ENOMEM, "out of memory copying a %zu-byte value", e->vlen);
     }
     memcpy(out->data, e->data + e->klen, e->vlen);
     out->len = e->vlen;
     if (s->policy == POLICY_S3FIFO) {
+        /* Written only until it saturates: a hot key's line stays shared. */
         uint8_t f = atomic_load_explicit(&e->freq, memory_order_relaxed);
         if (f < 3)
             atomic_store_explicit(&e->freq, f + 1, memory_order_relaxed);
-        uv_rwlock_rdunlock(&sh->lock);
+        rd_unlock(sl);
     } else {
         atomic_fetch_add(&e->refs, 1);
-        uv_rwlock_rdunlock(&sh->lock);
+        rd_unlock(sl);
         uv_mutex_lock(&s->qmu);
         if (e->queue == Q_MAIN && s->main.head != e) {
             q_unlink(&s->main, e);
@@ -363,7 +455,7 @@ static int shm_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_e
         uv_mutex_unlock(&s->qmu);
         entry_unref(e);
     }
-    atomic_fetch_add_explicit(&s->hits, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&sl->hits, 1, memory_order_relaxed);
     return DP_OK;
 }
 
@@ -393,12 +485,12 @@ static int shm_set(void *self, const char *key, size_t klen, const char *value, 
     memcpy(e->data + klen, value, vlen);
 
     shard *sh = shard_for(s, e->hash);
-    uv_rwlock_wrlock(&sh->lock);
+    wr_lock(s);
     if (sh->count >= sh->nbuckets)
         index_grow(sh);
     entry **pp = index_slot(sh, e->hash, key, klen);
     if (!pp) {
-        uv_rwlock_wrunlock(&sh->lock);
+        wr_unlock(s);
         free(e);
         return dp_err_set(err, DP_ENOMEM, "out of memory growing the index");
     }
@@ -410,7 +502,7 @@ static int shm_set(void *self, const char *key, size_t klen, const char *value, 
         sh->count++;
     }
     *pp = e;
-    uv_rwlock_wrunlock(&sh->lock);
+    wr_unlock(s);
 
     victims vs = {0};
     uv_mutex_lock(&s->qmu);
@@ -442,7 +534,7 @@ static int shm_del(void *self, const char *key, size_t klen, dp_err *err)
     shm *s = self;
     uint64_t h = hash_key(key, klen);
     shard *sh = shard_for(s, h);
-    uv_rwlock_wrlock(&sh->lock);
+    wr_lock(s);
     entry **pp = index_slot(sh, h, key, klen);
     entry *e = pp ? *pp : NULL;
     if (e) {
@@ -450,7 +542,7 @@ static int shm_del(void *self, const char *key, size_t klen, dp_err *err)
         sh->count--;
         atomic_store(&e->indexed, 0);
     }
-    uv_rwlock_wrunlock(&sh->lock);
+    wr_unlock(s);
     if (!e)
         return DP_OK;
     uv_mutex_lock(&s->qmu);
@@ -475,8 +567,10 @@ static void shm_stats(void *self, dp_backend_stats *out)
     uv_mutex_unlock(&s->qmu);
     out->max_items = s->max_items;
     out->max_bytes = s->max_bytes;
-    out->hits = (double)atomic_load(&s->hits);
-    out->misses = (double)atomic_load(&s->misses);
+    for (int i = 0; i < NSLOTS; i++) {
+        out->hits += (double)atomic_load(&s->slots[i].hits);
+        out->misses += (double)atomic_load(&s->slots[i].misses);
+    }
     out->evictions = (double)atomic_load(&s->evictions);
     out->expirations = (double)atomic_load(&s->expirations);
 }
@@ -501,8 +595,8 @@ static void shm_free(shm *s)
             }
         }
         free(sh->buckets);
-        uv_rwlock_destroy(&sh->lock);
     }
+    uv_mutex_destroy(&s->wmu);
     uv_mutex_destroy(&s->qmu);
     free(s->ghost);
     free(s->name);
@@ -598,7 +692,11 @@ static int shm_open(void *ud, const dp_arg *args, size_t nargs, void **self, dp_
         *self = s;
         return DP_OK;
     }
-    s = calloc(1, sizeof *s);
+    /* The reader slots are cache-line aligned: calloc promises only 16. */
+    size_t ssize = (sizeof *s + 63) / 64 * 64;
+    s = aligned_alloc(64, ssize);
+    if (s)
+        memset(s, 0, ssize);
     char *nm = s ? malloc(name_len + 1) : NULL;
     size_t slots = max_items > 0 ? (size_t)max_items : (size_t)(max_bytes / 256);
     if (slots < GHOST_SLOTS_MIN)
@@ -622,8 +720,7 @@ static int shm_open(void *ud, const dp_arg *args, size_t nargs, void **self, dp_
     s->ghost = ghost;
     s->ghost_slots = slots;
     s->handles = 1;
-    for (int i = 0; i < NSHARDS; i++)
-        uv_rwlock_init(&s->shards[i].lock);
+    uv_mutex_init(&s->wmu);
     uv_mutex_init(&s->qmu);
     /* The lock domain is named by the store's name bytes, all of them. */
     size_t plen = sizeof NAME ":" - 1;

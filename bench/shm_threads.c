@@ -279,7 +279,8 @@ int main(int argc, char **argv)
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     printf("dogpile %s; %d keys, %zu-byte values, %.1f s per run, median of %d; %ld CPUs online\n",
            dp_version(), nkeys, value_bytes, seconds, reps, cpus);
-    printf("wall: ops per second, all threads (millions); xN: over the %d-thread figure.\n"
+    printf("wall: ops per second, all threads (millions). xN: the N-thread median over the\n"
+           "%d-thread median (in brackets: the lowest and highest ratio within one repetition).\n"
            "cpu: ops per second of CPU the workers used (millions): contention that\n"
            "burns CPU (cache lines bouncing) lowers it, CPU taken by other processes\n"
            "does not; waits that sleep (a contended mutex) do not lower it either.\n\n",
@@ -288,11 +289,11 @@ int main(int argc, char **argv)
     for (int i = 0; i < ncounts; i++)
         printf("  wall t=%-3d", counts[i]);
     for (int i = 1; i < ncounts; i++)
-        printf("    x%-3d", counts[i]);
+        printf("    x%-2d%-10s", counts[i], "(min-max)");
     for (int i = 0; i < ncounts; i++)
         printf("  cpu t=%-3d", counts[i]);
     printf("\n");
-    for (int i = 0; i < 21 + ncounts * 22 + (ncounts - 1) * 8; i++)
+    for (int i = 0; i < 21 + ncounts * 22 + (ncounts - 1) * 17; i++)
         putchar('-');
     printf("\n");
 
@@ -307,6 +308,17 @@ int main(int argc, char **argv)
                     runs[i][k] = r.ops_s;
                     cruns[i][k] = r.ops_cpu_s;
                 }
+            /* The ratio of each repetition's runs (taken back to back), so
+             * that the range shows how steady the machine was. */
+            double lo[8], hi[8];
+            for (int i = 1; i < ncounts; i++) {
+                lo[i] = 1e300, hi[i] = 0;
+                for (int k = 0; k < reps; k++) {
+                    double x = runs[i][k] / runs[0][k];
+                    lo[i] = x < lo[i] ? x : lo[i];
+                    hi[i] = x > hi[i] ? x : hi[i];
+                }
+            }
             for (int i = 0; i < ncounts; i++) {
                 wall[i] = median(runs[i], reps);
                 cpu[i] = median(cruns[i], reps);
@@ -315,7 +327,7 @@ int main(int argc, char **argv)
             for (int i = 0; i < ncounts; i++)
                 printf(" %10.2fM", wall[i] / 1e6);
             for (int i = 1; i < ncounts; i++)
-                printf(" %7.2f", wall[i] / wall[0]);
+                printf(" %5.2f (%4.2f-%4.2f)", wall[i] / wall[0], lo[i], hi[i]);
             for (int i = 0; i < ncounts; i++)
                 printf(" %9.2fM", cpu[i] / 1e6);
             printf("\n");
