@@ -561,3 +561,18 @@ describe("dogpile.cache.shared_memory locks", function()
         assert.are.equal("ok", r:get("k"))
     end)
 end)
+
+describe("region:stats() over a shared store", function()
+    it("counts evictions since this region was configured", function()
+        local cache = require "dogpile.cache"
+        local args = { name = "stats-baseline-" .. tostring({}):sub(8), max_items = 2, eviction = "lru" }
+        local first = cache.make_region():configure("dogpile.cache.shared_memory", { arguments = args })
+        for i = 1, 5 do first:set("k" .. i, i) end
+        assert.are.equal(3, first:stats().evictions)
+        local second = cache.make_region():configure("dogpile.cache.shared_memory", { arguments = args })
+        assert.are.equal(0, second:stats().evictions)
+        second:set("k6", 6)
+        assert.are.equal(1, second:stats().evictions)
+        assert.are.equal(4, first:stats().evictions)
+    end)
+end)

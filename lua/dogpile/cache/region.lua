@@ -257,6 +257,10 @@ function Region:configure(backend_name, opts)
     self.fail_open = opts.fail_open == true
     self._domain = C.dp_lock_domain_new()
     self._stats = new_stats()
+    -- A shared backend counts evictions since it opened; report ours since now.
+    self._evictions_base = 0
+    local base = self:_backend_evictions()
+    self._evictions_base = base or 0
     self.is_configured = true
     return setmetatable(self, CONFIGURED)
 end
@@ -313,14 +317,22 @@ function Region:stats()
     for k, v in pairs(st) do
         out[k] = v
     end
+    local ev = self:_backend_evictions()
+    if ev then
+        out.evictions = ev - (self._evictions_base or 0)
+    end
+    return out
+end
+
+function Region:_backend_evictions()
     local b = rawget(self, "actual_backend")
     if b and b.stats then
         local ok, bs = pcall(b.stats, b)
         if ok and type(bs) == "table" and type(bs.evictions) == "number" then
-            out.evictions = bs.evictions
+            return bs.evictions
         end
     end
-    return out
+    return nil
 end
 
 -- -- Talking to the backend ------------------------------------------------------
