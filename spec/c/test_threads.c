@@ -309,6 +309,26 @@ static int open_other_bounds(const char *chunk, char *msg, size_t msglen, double
     return opened;
 }
 
+/* Removes `dir` and the files in it (LMDB's data.mdb and lock.mdb, the
+ * backend's dogpile-locks). Returns 1 when it is gone. */
+static int remove_dir(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return 0;
+    struct dirent *e;
+    char path[1024];
+    while ((e = readdir(d))) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+            continue;
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        if (unlink(path) != 0)
+            printf("# cannot remove %s\n", path);
+    }
+    closedir(d);
+    return rmdir(dir) == 0;
+}
+
 /* -- The two rounds on one region ------------------------------------------ */
 
 /* CHECK, its message prefixed with the region's label. */
@@ -429,6 +449,15 @@ int main(void)
     }
     const double wake_bound = WAKE_BOUND * time_scale, stale_bound = STALE_BOUND * time_scale;
 
+    /* The lmdb region's environment: a fresh directory, named to the fixture
+     * before any thread starts. */
+    char lmdb_dir[] = "/tmp/dp-test-threads-XXXXXX";
+    if (!mkdtemp(lmdb_dir) || setenv("DP_TEST_LMDB_PATH", lmdb_dir, 1) != 0) {
+        CHECK(0, "a temporary directory for the lmdb region");
+        return tap_done();
+    }
+    printf("# lmdb region in %s\n", lmdb_dir);
+
     uv_barrier_init(&b_ready, NTHREADS + 1);
     uv_barrier_init(&b_start, NTHREADS + 1);
     uv_barrier_init(&b_done, NTHREADS + 1);
@@ -470,21 +499,36 @@ int main(void)
     /* -- Shutdown ------------------------------------------------------------ */
     char msg[512] = "";
     double items = -1;
-    int opened = open_other_bounds(msg, sizeof msg, &items);
+    int opened = open_other_bounds(OTHER_SHARED, msg, sizeof msg, &items);
     CHECK(!opened && strstr(msg, "already open"),
           "while the threads' states are open, 'threads-test' with other bounds is refused (%s)",
           opened ? "it opened" : msg);
+    msg[0] = '\0';
+    opened = open_other_bounds(OTHER_LMDB, msg, sizeof msg, &items);
+    CHECK(!opened && strstr(msg, "already open"),
+          "lmdb: while the threads' states are open, the path with another map_size is refused "
+          "(%s)", opened ? "it opened" : msg);
     uv_barrier_wait(&b_close);
     for (int i = 0; i < NTHREADS; i++)
         uv_thread_join(&workers[i].thread);
     CHECK(dp_lock_count() == 0, "every state closed: no lock is left (%zu)", dp_lock_count());
     msg[0] = '\0';
-    opened = open_other_bounds(msg, sizeof msg, &items);
+    opened = open_other_bounds(OTHER_SHARED, msg, sizeof msg, &items);
     CHECK(opened && items == 0,
           "every state closed: the instance was freed, so it opens anew with other bounds, "
           "empty (%s)", opened ? "opened" : msg);
     CHECK(dp_lock_count() == 0, "and no lock is left after that state closed (%zu)",
           dp_lock_count());
+    msg[0] = '\0';
+    items = -1;
+    opened = open_other_bounds(OTHER_LMDB, msg, sizeof msg, &items);
+    CHECK(opened && items == 1,
+          "lmdb: every state closed: the environment was closed, so it opens anew with another "
+          "map_size, and holds the one key (%s, %g items)", opened ? "opened" : msg, items);
+    CHECK(dp_lock_count() == 0, "lmdb: and no lock is left after that state closed (%zu)",
+          dp_lock_count());
+    int removed = remove_dir(lmdb_dir);
+    CHECK(removed, "the lmdb directory %s and its files are removed", lmdb_dir);
 
     uv_barrier_destroy(&b_ready);
     uv_barrier_destroy(&b_start);
