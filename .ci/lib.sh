@@ -46,3 +46,24 @@ use_stage() {
     export LUA_PATH="$stage/share/lua/5.1/?.lua;$ROOT/spec/?.lua;;"
     export LUA_CPATH="$stage/lib/lua/5.1/?.so;;"
 }
+
+# -- Servers for the tests ----------------------------------------------------
+# free_port: prints a loopback TCP port nobody listens on.
+free_port() {
+    local port
+    while :; do
+        port=$((20000 + RANDOM % 20000))
+        (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null || { echo "$port"; return; }
+    done
+}
+
+# wait_port PORT [SECONDS]: waits until 127.0.0.1:PORT accepts connections.
+wait_port() {
+    local port=$1 tries=$(( ${2:-10} * 20 ))
+    while [ "$tries" -gt 0 ]; do
+        (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null && return 0
+        sleep 0.05
+        tries=$((tries - 1))
+    done
+    return 1
+}
