@@ -8,7 +8,7 @@ BUILD=$ROOT/_build
 # conflicts with it and must not be used.
 BUILD_PKGS="build-essential pkg-config meson ninja-build luajit2 libluajit2-5.1-dev
   lua-busted lua-resty-lrucache libuv1-dev libhiredis-dev liblmdb-dev libmemcached-dev"
-TEST_PKGS="redis-server memcached nginx-extras clang libclang-rt-14-dev valgrind"
+TEST_PKGS="redis-server memcached nginx-extras curl clang libclang-rt-14-dev valgrind"
 
 install_deps() {
     local missing=() p

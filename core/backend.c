@@ -191,6 +191,62 @@ DP_API int dp_backend_unlock(dp_backend *b, const char *key, size_t klen, dp_err
     return b->ops->unlock(b->self, key, klen, err);
 }
 
+DP_API int dp_backend_get_multi(dp_backend *b, size_t n, const char *const *keys,
+                                const size_t *klens, dp_bytes *out, int64_t *vlens,
+                                dp_err *err)
+{
+    out->len = 0;
+    if (b->ops->get_multi)
+        return b->ops->get_multi(b->self, n, keys, klens, out, vlens, err);
+    dp_bytes one = {0};
+    int rc = DP_OK;
+    for (size_t i = 0; i < n && rc == DP_OK; i++) {
+        rc = b->ops->get(b->self, keys[i], klens[i], &one, err);
+        if (rc == DP_ENOTFOUND) {
+            vlens[i] = -1;
+            rc = DP_OK;
+        } else if (rc == DP_OK) {
+            if (dp_bytes_reserve(out, out->len + one.len) != DP_OK) {
+                rc = dp_err_set(err, DP_ENOMEM, "out of memory");
+                break;
+            }
+            if (one.len)
+                memcpy(out->data + out->len, one.data, one.len);
+            out->len += one.len;
+            vlens[i] = (int64_t)one.len;
+        }
+    }
+    dp_bytes_free(&one);
+    return rc;
+}
+
+DP_API int dp_backend_set_multi(dp_backend *b, size_t n, const char *const *keys,
+                                const size_t *klens, const char *const *values,
+                                const size_t *vlens, dp_err *err)
+{
+    if (b->ops->set_multi)
+        return b->ops->set_multi(b->self, n, keys, klens, values, vlens, err);
+    for (size_t i = 0; i < n; i++) {
+        int rc = b->ops->set(b->self, keys[i], klens[i], values[i], vlens[i], err);
+        if (rc != DP_OK)
+            return rc;
+    }
+    return DP_OK;
+}
+
+DP_API int dp_backend_delete_multi(dp_backend *b, size_t n, const char *const *keys,
+                                   const size_t *klens, dp_err *err)
+{
+    if (b->ops->del_multi)
+        return b->ops->del_multi(b->self, n, keys, klens, err);
+    for (size_t i = 0; i < n; i++) {
+        int rc = b->ops->del(b->self, keys[i], klens[i], err);
+        if (rc != DP_OK)
+            return rc;
+    }
+    return DP_OK;
+}
+
 DP_API void dp_backend_close(dp_backend *b)
 {
     if (!b)

@@ -371,6 +371,17 @@ typedef struct dp_backend_ops {
      * DP_OK, DP_ENOTHELD, or a failure in err. Both or neither of lock and
      * unlock are set. */
     int (*unlock)(void *self, const char *key, size_t klen, dp_err *err);
+    /* Optional (NULL: the core loops over get, set and del): the multi forms,
+     * each one round trip for a server backend. n keys, keys[i] of klens[i]
+     * bytes. get_multi appends every value found to `out` (emptied first) and
+     * sets vlens[i] to its length, or to -1 for a miss; values lie in `out`
+     * in key order. DP_OK, or a failure in err (then nothing is reported). */
+    int (*get_multi)(void *self, size_t n, const char *const *keys, const size_t *klens,
+                     dp_bytes *out, int64_t *vlens, dp_err *err);
+    int (*set_multi)(void *self, size_t n, const char *const *keys, const size_t *klens,
+                     const char *const *values, const size_t *vlens, dp_err *err);
+    int (*del_multi)(void *self, size_t n, const char *const *keys, const size_t *klens,
+                     dp_err *err);
 } dp_backend_ops;
 
 typedef struct dp_backend dp_backend;
@@ -403,6 +414,17 @@ DP_API int dp_backend_lock(dp_backend *b, const char *key, size_t klen, double t
 /** Release the backend's lock for `key`. DP_OK, DP_ENOTHELD, DP_EINVAL (no
  * lock), or a failure in err. */
 DP_API int dp_backend_unlock(dp_backend *b, const char *key, size_t klen, dp_err *err);
+/** The multi forms (see dp_backend_ops.get_multi): one call of the backend's
+ * own when it has them, otherwise a loop over the single operations that
+ * stops at the first failure. */
+DP_API int dp_backend_get_multi(dp_backend *b, size_t n, const char *const *keys,
+                                const size_t *klens, dp_bytes *out, int64_t *vlens,
+                                dp_err *err);
+DP_API int dp_backend_set_multi(dp_backend *b, size_t n, const char *const *keys,
+                                const size_t *klens, const char *const *values,
+                                const size_t *vlens, dp_err *err);
+DP_API int dp_backend_delete_multi(dp_backend *b, size_t n, const char *const *keys,
+                                   const size_t *klens, dp_err *err);
 /** Close the handle (NULL is fine); the pointer is invalid afterwards. */
 DP_API void dp_backend_close(dp_backend *b);
 

@@ -473,13 +473,15 @@ io.write(v, " ", string.format("%.3f", now() - t0), "\n")
     describe("space", function()
         it("evicts expired entries first, then least recently used, never the rest", function()
             local dir = tmpdir()
+            -- The "new" entries must not expire while they are written, even on
+            -- a loaded machine: a TTL far above the time 200 writes take.
             local r = region(dir, { map_size = "1m", max_bytes = 400 * 1024, lru_resolution = 0.05,
-                                    expiration_time = 0.3 })
+                                    expiration_time = 1.5 })
             local val = string.rep("v", 1000)
             for i = 1, 150 do
                 r:set("old" .. i, val)
             end
-            ffi.C.usleep(400000) -- the "old" entries expire in the backend
+            ffi.C.usleep(1600000) -- the "old" entries expire in the backend
             for i = 1, 200 do
                 r:set("new" .. i, val)
             end

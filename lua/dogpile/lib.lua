@@ -50,6 +50,12 @@ int dp_backend_infallible(dp_backend *b);
 int dp_backend_has_lock(dp_backend *b);
 int dp_backend_lock(dp_backend *b, const char *key, size_t klen, double timeout, dp_err *err);
 int dp_backend_unlock(dp_backend *b, const char *key, size_t klen, dp_err *err);
+int dp_backend_get_multi(dp_backend *b, size_t n, const char *const *keys, const size_t *klens,
+                         dp_bytes *out, int64_t *vlens, dp_err *err);
+int dp_backend_set_multi(dp_backend *b, size_t n, const char *const *keys, const size_t *klens,
+                         const char *const *values, const size_t *vlens, dp_err *err);
+int dp_backend_delete_multi(dp_backend *b, size_t n, const char *const *keys,
+                            const size_t *klens, dp_err *err);
 void dp_backend_close(dp_backend *b);
 int dp_bytes_reserve(dp_bytes *b, size_t need);
 void dp_bytes_free(dp_bytes *b);

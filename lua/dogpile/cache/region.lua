@@ -72,26 +72,91 @@ local INVALIDATOR_METHODS = { "invalidate", "is_invalidated", "is_hard_invalidat
 
 local MAGIC, FORMAT, HEADER = "DPLV", 1, 16
 local dbl = ffi.new("double[1]")
+local LITTLE = ffi.abi("le")
 
 local function pack_envelope(ct, payload)
     dbl[0] = ct
     return MAGIC .. char(FORMAT, 0, 0, 0) .. ffi.string(dbl, 8) .. payload
 end
 
---- created time and payload bytes, or nil and why the bytes are not a value.
+local u8p = ffi.typeof("const uint8_t *")
+local M1, M2, M3, M4 = byte(MAGIC, 1, 4)
+
+--- The created time, or nil and why the bytes are not a value.
 local function unpack_envelope(bytes)
     if type(bytes) ~= "string" then
         return nil, "the backend returned a " .. type(bytes) .. ", not bytes"
     end
-    if #bytes < HEADER or bytes:sub(1, 4) ~= MAGIC then
+    local p = ffi.cast(u8p, bytes)
+    if #bytes < HEADER or p[0] ~= M1 or p[1] ~= M2 or p[2] ~= M3 or p[3] ~= M4 then
         return nil, "the bytes are not a dogpile value (bad magic or too short)"
     end
-    if byte(bytes, 5) ~= FORMAT then
-        return nil, "unknown value format " .. byte(bytes, 5)
+    if p[4] ~= FORMAT then
+        return nil, "unknown value format " .. p[4]
     end
-    ffi.copy(dbl, bytes:sub(9, 16), 8)
-    return dbl[0], bytes:sub(HEADER + 1)
+    ffi.copy(dbl, p + 8, 8)
+    return dbl[0]
 end
+
+--- The value codec's scalar encodings, read straight from the envelope: a
+-- hit on a string, number, boolean or nil stays in compiled code (a call to
+-- the C decoder through the Lua C API ends the trace). Returns true and the
+-- value, or false for anything else (tables, long varints), which the C
+-- decoder then reads with all its checks. The format is core/codec.c's.
+local function fast_decode(bytes)
+    local n = #bytes - HEADER
+    local p = ffi.cast(u8p, bytes) + HEADER
+    if n < 3 or p[0] ~= 0xC1 or p[1] ~= 0x01 then
+        return false
+    end
+    local tag = p[2]
+    if tag == 0x05 then -- string: varint length (1 or 2 bytes here), bytes
+        local b0 = p[3]
+        if b0 < 0x80 then
+            if n == 4 + b0 then
+                return true, ffi.string(p + 4, b0)
+            end
+        elseif n >= 5 then
+            local b1 = p[4]
+            if b1 > 0 and b1 < 0x80 then
+                local len = (b0 - 0x80) + b1 * 128
+                if n == 5 + len then
+                    return true, ffi.string(p + 5, len)
+                end
+            end
+        end
+        return false
+    elseif tag == 0x03 then -- integer: zigzag varint of one or two bytes
+        local u
+        if n == 4 and p[3] < 0x80 then
+            u = p[3]
+        elseif n == 5 and p[3] >= 0x80 and p[4] > 0 and p[4] < 0x80 then
+            u = (p[3] - 0x80) + p[4] * 128
+        else
+            return false
+        end
+        if u % 2 == 0 then
+            return true, u / 2
+        end
+        return true, -(u + 1) / 2
+    elseif tag == 0x04 then -- double, little-endian
+        if n ~= 11 or not LITTLE then
+            return false
+        end
+        ffi.copy(dbl, p + 3, 8)
+        return true, dbl[0]
+    elseif n == 3 then
+        if tag == 0x02 then
+            return true, true
+        elseif tag == 0x01 then
+            return true, false
+        elseif tag == 0x00 then
+            return true, nil
+        end
+    end
+    return false
+end
+
 _M.pack_envelope, _M.unpack_envelope = pack_envelope, unpack_envelope
 
 -- -- Region ----------------------------------------------------------------------
@@ -226,10 +291,12 @@ function Region:configure(backend_name, opts)
               .. "; give both or neither")
     end
     local encode_payload, decode_payload = self.serializer, self.deserializer
+    local raw_decode
     if serialized and not encode_payload then
         -- The default codec: exact for every plain Lua value.
         local codec = require "dogpile.codec"
         local codec_decode = codec.decode
+        raw_decode = codec_decode
         encode_payload = codec.encode
         decode_payload = function(bytes)
             local value, err = codec_decode(bytes)
@@ -249,10 +316,20 @@ function Region:configure(backend_name, opts)
     end
     if inv then
         self.region_invalidator = inv
+        self._backend_inv = nil
+    elseif is_callable(backend.region_invalidator) then
+        -- A backend whose storage is shared between processes may keep the
+        -- invalidation there too, so that it reaches every process.
+        self.region_invalidator = backend:region_invalidator(self)
+        self._backend_inv = true
+    elseif self._backend_inv then
+        self.region_invalidator = DefaultInvalidation.new()
+        self._backend_inv = nil
     end
     self._default_inv = getmetatable(self.region_invalidator) == DefaultInvalidation
     self._serialized = serialized
     self._encode_payload, self._decode_payload = encode_payload, decode_payload
+    self._raw_decode = raw_decode
     self._direct = self.backend == backend and backend.infallible == true
     self.fail_open = opts.fail_open == true
     self._domain = C.dp_lock_domain_new()
@@ -321,6 +398,11 @@ function Region:stats()
     if ev then
         out.evictions = ev - (self._evictions_base or 0)
     end
+    -- Creations that outlived a distributed lock's timeout, where the backend
+    -- counts them (per Lua state).
+    local b = rawget(self, "actual_backend")
+    local overruns = b and rawget(b, "lock_overruns")
+    out.lock_overruns = type(overruns) == "number" and overruns or 0
     return out
 end
 
@@ -368,10 +450,25 @@ local function decode(self, bytes)
     if bytes == NO_VALUE or bytes == nil then
         return NO_VALUE
     end
-    local ct, payload = unpack_envelope(bytes)
-    local ok, value = false, payload
+    local ct, err = unpack_envelope(bytes)
+    local ok, value = false, err
     if ct then
-        ok, value = pcall(self._decode_payload, payload)
+        local raw = self._raw_decode
+        if raw then
+            -- The default codec: scalars are read in Lua, in compiled code;
+            -- the rest by the C decoder, which returns nil, err on bad bytes
+            -- and never raises, so it needs no pcall.
+            ok, value = fast_decode(bytes)
+            if not ok then
+                value, err = raw(bytes:sub(HEADER + 1))
+                ok = value ~= nil or err == nil
+                if not ok then
+                    value = err
+                end
+            end
+        else
+            ok, value = pcall(self._decode_payload, bytes:sub(HEADER + 1))
+        end
     end
     if not ok then
         self._stats.errors = self._stats.errors + 1
@@ -1234,6 +1331,10 @@ local BACKENDS = {
     ["dogpile.cache.null"] = "dogpile.cache.backends.null",
     ["dogpile.cache.shared_memory"] = "dogpile.cache.backends.shared_memory",
     ["dogpile.cache.lmdb"] = "dogpile.cache.backends.lmdb",
+    ["dogpile.cache.redis"] = "dogpile.cache.backends.redis",
+    ["dogpile.cache.redis_sentinel"] = "dogpile.cache.backends.redis_sentinel",
+    ["dogpile.cache.ngx_shared"] = "dogpile.cache.backends.ngx_shared",
+    ["dogpile.cache.memcached"] = "dogpile.cache.backends.memcached",
 }
 
 --- `cache.register_backend(name, module_name_or_factory)`.

@@ -1,0 +1,713 @@
+/* memcached.c -- the dogpile.cache.memcached backend, on libmemcached.
+ *
+ * One instance per region (dp_backend_open): a master memcached_st holding
+ * the server list and the behaviours, and a mutex-guarded pool of clones, so
+ * that no memcached_st is ever used by two threads at once (libmemcached's
+ * handles are not thread-safe). Keys are spread over the servers by
+ * consistent hashing (ketama); a server that fails is retried after
+ * `retry_timeout` seconds, so a restarted server is used again without
+ * reconfiguring, and keys on a dead server fail fast instead of moving.
+ *
+ * The lock between processes (and machines) is memcached's `add` of a lock
+ * key with a random token and a finite expiry; release reads the lock key
+ * back and deletes it only if it still holds our token (README explains the
+ * one race memcached leaves, since it has no compare-and-delete that
+ * libmemcached exposes). Threads of one process are ordered before that by the
+ * core's per-key lock in this instance's lock domain (see c.lua). */
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include <lauxlib.h>
+#include <libmemcached/memcached.h>
+#include <lua.h>
+
+#include "dogpile.h"
+
+#define NAME "dogpile.cache.memcached"
+/* memcached's key limit (both protocols). */
+#define MAX_KEY 250
+#define LOCK_PREFIX "dogpile-lock:"
+#define LOCK_PREFIX_LEN (sizeof LOCK_PREFIX - 1)
+/* An item's size on the server beyond key and value (header, CAS, suffix). */
+#define ITEM_OVERHEAD 64
+
+/* -- Instance ----------------------------------------------------------------- */
+
+/* A lock this instance holds: the token it wrote, so that any thread can
+ * release it and release can tell our lock from another process's. */
+typedef struct held {
+    struct held *next;
+    double taken;      /* monotonic seconds when add() succeeded */
+    char token[48];
+    size_t tlen;
+    size_t klen;
+    char key[];
+} held;
+
+typedef struct mc {
+    memcached_st *master;  /* configured once; only cloned, under mu */
+    uv_mutex_t mu;         /* guards pool and locks */
+    memcached_st **pool;
+    size_t npool, cappool;
+    held *locks;
+    uint32_t domain;
+    time_t expire;         /* memcached_expire_time: the TTL sent with each set */
+    double item_size_max;  /* bytes */
+    double lock_timeout;   /* seconds: the longest a lock is held */
+    time_t lock_expire;    /* the lock key's expiry: ceil(lock_timeout) + 1 */
+    double lock_backoff_max;
+    double socket_timeout;
+    uint64_t token_seq;
+    _Atomic uint64_t hits, misses;
+} mc;
+
+static memcached_st *conn_get(mc *s, dp_err *err)
+{
+    memcached_st *m = NULL;
+    uv_mutex_lock(&s->mu);
+    if (s->npool > 0)
+        m = s->pool[--s->npool];
+    else
+        m = memcached_clone(NULL, s->master);
+    uv_mutex_unlock(&s->mu);
+    if (!m)
+        dp_err_set(err, DP_ENOMEM, NAME ": out of memory for a connection");
+    return m;
+}
+
+static void conn_put(mc *s, memcached_st *m)
+{
+    uv_mutex_lock(&s->mu);
+    if (s->npool == s->cappool) {
+        size_t cap = s->cappool ? s->cappool * 2 : 8;
+        memcached_st **p = realloc(s->pool, cap * sizeof *p);
+        if (!p) {
+            uv_mutex_unlock(&s->mu);
+            memcached_free(m);
+            return;
+        }
+        s->pool = p;
+        s->cappool = cap;
+    }
+    s->pool[s->npool++] = m;
+    uv_mutex_unlock(&s->mu);
+}
+
+/* Describe a libmemcached failure for `key`, naming the server it maps to. */
+static int mc_fail(memcached_st *m, const char *op, const char *key, size_t klen,
+                   memcached_return_t rc, dp_err *err)
+{
+    memcached_return_t r2;
+    const memcached_instance_st *srv = memcached_server_by_key(m, key, klen, &r2);
+    const char *detail = memcached_last_error_message(m);
+    if (!detail || !*detail)
+        detail = memcached_strerror(m, rc);
+    if (srv)
+        return dp_err_set(err, DP_EBACKEND, "%s on server %s:%u: %s", op,
+                          memcached_server_name(srv), (unsigned)memcached_server_port(srv),
+                          detail);
+    return dp_err_set(err, DP_EBACKEND, "%s: %s", op, detail);
+}
+
+/* memcached refuses keys longer than 250 bytes, empty, or holding spaces or
+ * control characters; the Lua module's default key_mangler makes every key
+ * valid, so this only catches a region's own mangler. */
+static int check_key(const char *key, size_t klen, dp_err *err)
+{
+    int bad = klen == 0 || klen > MAX_KEY;
+    for (size_t i = 0; !bad && i < klen; i++) {
+        unsigned char c = (unsigned char)key[i];
+        bad = c <= ' ' || c == 127;
+    }
+    if (bad)
+        return dp_err_set(err, DP_EINVAL,
+                          "a key of %zu bytes is not a valid memcached key (1 to %d bytes, no "
+                          "spaces or control characters); the backend's default key_mangler "
+                          "hashes such keys, a region's own key_mangler must too",
+                          klen, MAX_KEY);
+    return DP_OK;
+}
+
+/* -- get / set / delete --------------------------------------------------------- */
+
+static int mc_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_err *err)
+{
+    mc *s = self;
+    if (check_key(key, klen, err) != DP_OK)
+        return err->code;
+    memcached_st *m = conn_get(s, err);
+    if (!m)
+        return DP_ENOMEM;
+    size_t vlen = 0;
+    uint32_t flags = 0;
+    memcached_return_t rc;
+    char *v = memcached_get(m, key, klen, &vlen, &flags, &rc);
+    int status = DP_OK;
+    if (v) {
+        if (dp_bytes_reserve(out, vlen ? vlen : 1) != DP_OK) {
+            status = dp_err_set(err, DP_ENOMEM, "out of memory for a value of %zu bytes", vlen);
+        } else {
+            memcpy(out->data, v, vlen);
+            out->len = vlen;
+            atomic_fetch_add_explicit(&s->hits, 1, memory_order_relaxed);
+        }
+        free(v);
+    } else if (rc == MEMCACHED_NOTFOUND || rc == MEMCACHED_SUCCESS) {
+        atomic_fetch_add_explicit(&s->misses, 1, memory_order_relaxed);
+        status = DP_ENOTFOUND;
+    } else {
+        status = mc_fail(m, "get", key, klen, rc, err);
+    }
+    conn_put(s, m);
+    return status;
+}
+
+static int mc_set(void *self, const char *key, size_t klen, const char *value, size_t vlen,
+                  dp_err *err)
+{
+    mc *s = self;
+    if (check_key(key, klen, err) != DP_OK)
+        return err->code;
+    if ((double)vlen + klen + ITEM_OVERHEAD > s->item_size_max)
+        return dp_err_set(err, DP_ETOOBIG,
+                          "a value of %zu bytes is larger than the server's item size limit "
+                          "(item_size_max = %.0f bytes, less %d bytes for the key and header; "
+                          "memcached -I sets it)",
+                          vlen, s->item_size_max, (int)(klen + ITEM_OVERHEAD));
+    memcached_st *m = conn_get(s, err);
+    if (!m)
+        return DP_ENOMEM;
+    memcached_return_t rc = memcached_set(m, key, klen, value, vlen, s->expire, 0);
+    int status = DP_OK;
+    if (rc == MEMCACHED_E2BIG)
+        status = dp_err_set(err, DP_ETOOBIG,
+                            "the server refused a value of %zu bytes as too large (its item "
+                            "size limit, memcached -I, is below item_size_max = %.0f bytes)",
+                            vlen, s->item_size_max);
+    else if (!memcached_success(rc))
+        status = mc_fail(m, "set", key, klen, rc, err);
+    conn_put(s, m);
+    return status;
+}
+
+static int mc_del(void *self, const char *key, size_t klen, dp_err *err)
+{
+    mc *s = self;
+    if (check_key(key, klen, err) != DP_OK)
+        return err->code;
+    memcached_st *m = conn_get(s, err);
+    if (!m)
+        return DP_ENOMEM;
+    memcached_return_t rc = memcached_delete(m, key, klen, 0);
+    int status = DP_OK;
+    if (!memcached_success(rc) && rc != MEMCACHED_NOTFOUND)
+        status = mc_fail(m, "delete", key, klen, rc, err);
+    conn_put(s, m);
+    return status;
+}
+
+/* One multi-get for n keys (dp_backend_ops.get_multi): values go into `out`
+ * in key order, vlens[i] is key i's value length or -1 for a miss. memcached
+ * answers in any order and only for hits, so answers are collected first and
+ * matched back to the keys (every duplicate of a key gets the value). */
+static int mc_get_multi(void *self, size_t n, const char *const *keys, const size_t *klens,
+                        dp_bytes *out, int64_t *vlens, dp_err *err)
+{
+    mc *s = self;
+    out->len = 0;
+    for (size_t i = 0; i < n; i++) {
+        vlens[i] = -1;
+        if (check_key(keys[i], klens[i], err) != DP_OK)
+            return err->code;
+    }
+    if (n == 0)
+        return DP_OK;
+    memcached_st *m = conn_get(s, err);
+    if (!m)
+        return DP_ENOMEM;
+    memcached_return_t rc = memcached_mget(m, keys, klens, n);
+    if (!memcached_success(rc)) {
+        int st = mc_fail(m, "get_multi", keys[0], klens[0], rc, err);
+        conn_put(s, m);
+        return st;
+    }
+    int status = DP_OK;
+    dp_bytes tmp = {0};
+    size_t *offs = malloc(n * sizeof *offs);
+    if (!offs)
+        status = dp_err_set(err, DP_ENOMEM, "out of memory");
+    memcached_result_st res_s;
+    memcached_result_st *res = memcached_result_create(m, &res_s);
+    size_t found = 0;
+    /* Every answer is read, even after a failure, so that none is left on
+     * the connection for its next user. */
+    while (res && (res = memcached_fetch_result(m, &res_s, &rc)) != NULL) {
+        if (status != DP_OK)
+            continue;
+        const char *k = memcached_result_key_value(res);
+        size_t kl = memcached_result_key_length(res);
+        const char *v = memcached_result_value(res);
+        size_t vl = memcached_result_length(res);
+        size_t at = tmp.len;
+        if (dp_bytes_reserve(&tmp, at + vl + 1) != DP_OK) {
+            status = dp_err_set(err, DP_ENOMEM, "out of memory");
+            continue;
+        }
+        memcpy(tmp.data + at, v, vl);
+        tmp.len = at + vl;
+        for (size_t i = 0; i < n; i++)
+            if (vlens[i] < 0 && klens[i] == kl && memcmp(keys[i], k, kl) == 0) {
+                offs[i] = at;
+                vlens[i] = (int64_t)vl;
+                found++;
+            }
+    }
+    memcached_result_free(&res_s);
+    if (status == DP_OK && rc != MEMCACHED_END && rc != MEMCACHED_SUCCESS &&
+        rc != MEMCACHED_NOTFOUND)
+        status = mc_fail(m, "get_multi", keys[0], klens[0], rc, err);
+    if (status == DP_OK) {
+        size_t total = 0;
+        for (size_t i = 0; i < n; i++)
+            if (vlens[i] > 0)
+                total += (size_t)vlens[i];
+        if (dp_bytes_reserve(out, total + 1) != DP_OK) {
+            status = dp_err_set(err, DP_ENOMEM, "out of memory");
+        } else {
+            for (size_t i = 0; i < n; i++)
+                if (vlens[i] > 0) {
+                    memcpy(out->data + out->len, tmp.data + offs[i], (size_t)vlens[i]);
+                    out->len += (size_t)vlens[i];
+                }
+            atomic_fetch_add_explicit(&s->hits, found, memory_order_relaxed);
+            atomic_fetch_add_explicit(&s->misses, n - found, memory_order_relaxed);
+        }
+    }
+    if (status != DP_OK) {
+        out->len = 0;
+        for (size_t i = 0; i < n; i++)
+            vlens[i] = -1;
+    }
+    dp_bytes_free(&tmp);
+    free(offs);
+    conn_put(s, m);
+    return status;
+}
+
+static void mc_stats(void *self, dp_backend_stats *out)
+{
+    mc *s = self;
+    out->hits = (double)atomic_load(&s->hits);
+    out->misses = (double)atomic_load(&s->misses);
+    out->max_bytes = 0;
+}
+
+static uint32_t mc_lock_domain(void *self)
+{
+    return ((mc *)self)->domain;
+}
+
+/* -- The distributed lock --------------------------------------------------------- */
+
+/* `dogpile-lock:<key>`, or `dogpile-lock:<sha1 hex of key>` when that would
+ * pass memcached's key limit. buf holds MAX_KEY + 1 bytes. */
+static size_t lock_key(const char *key, size_t klen, char *buf)
+{
+    memcpy(buf, LOCK_PREFIX, LOCK_PREFIX_LEN);
+    if (LOCK_PREFIX_LEN + klen <= MAX_KEY) {
+        memcpy(buf + LOCK_PREFIX_LEN, key, klen);
+        return LOCK_PREFIX_LEN + klen;
+    }
+    char hex[41];
+    dp_sha1_hex(key, klen, hex);
+    memcpy(buf + LOCK_PREFIX_LEN, hex, 40);
+    return LOCK_PREFIX_LEN + 40;
+}
+
+/* A token no other holder uses: host-unique enough through the pid, the
+ * instance, a counter and the clock, and random bits against pid reuse on
+ * other machines. */
+static size_t make_token(mc *s, char *buf, size_t cap)
+{
+    uv_mutex_lock(&s->mu);
+    uint64_t seq = ++s->token_seq;
+    uv_mutex_unlock(&s->mu);
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t r = ((uint64_t)ts.tv_nsec << 20) ^ (uint64_t)(uintptr_t)s ^ ((uint64_t)rand() << 32);
+    int n = snprintf(buf, cap, "%ld.%" PRIx64 ".%" PRIx64 ".%" PRIx64, (long)getpid(), seq,
+                     (uint64_t)ts.tv_sec, r);
+    return n > 0 && (size_t)n < cap ? (size_t)n : cap - 1;
+}
+
+static int mc_lock(void *self, const char *key, size_t klen, double timeout, dp_err *err)
+{
+    mc *s = self;
+    char lk[MAX_KEY + 1];
+    size_t lklen = lock_key(key, klen, lk);
+    held *h = malloc(sizeof *h + klen);
+    if (!h)
+        return dp_err_set(err, DP_ENOMEM, "out of memory");
+    h->tlen = make_token(s, h->token, sizeof h->token);
+    h->klen = klen;
+    memcpy(h->key, key, klen);
+    double deadline = dp_clock_monotonic() + (timeout > 0 ? timeout : 0);
+    double step = 0.001;
+    for (;;) {
+        memcached_st *m = conn_get(s, err);
+        if (!m) {
+            free(h);
+            return DP_ENOMEM;
+        }
+        memcached_return_t rc = memcached_add(m, lk, lklen, h->token, h->tlen, s->lock_expire, 0);
+        if (memcached_success(rc)) {
+            conn_put(s, m);
+            h->taken = dp_clock_monotonic();
+            uv_mutex_lock(&s->mu);
+            h->next = s->locks;
+            s->locks = h;
+            uv_mutex_unlock(&s->mu);
+            return DP_OK;
+        }
+        if (rc != MEMCACHED_NOTSTORED && rc != MEMCACHED_DATA_EXISTS) {
+            int st = mc_fail(m, "add of the lock key", lk, lklen, rc, err);
+            conn_put(s, m);
+            free(h);
+            return st;
+        }
+        conn_put(s, m);
+        if (timeout == 0) {
+            free(h);
+            return DP_EBUSY;
+        }
+        double now = dp_clock_monotonic();
+        if (timeout > 0 && now >= deadline) {
+            free(h);
+            return DP_ETIMEDOUT;
+        }
+        /* Back off: 1 ms doubling to lock_backoff_max, never past the deadline. */
+        double d = step;
+        if (timeout > 0 && d > deadline - now)
+            d = deadline - now;
+        dp_clock_sleep(d);
+        step = step * 2 < s->lock_backoff_max ? step * 2 : s->lock_backoff_max;
+    }
+}
+
+/* Release: only a lock that still holds our token is deleted. memcached has
+ * no compare-and-delete that libmemcached exposes, so this is a read then a
+ * delete; the lock could change hands between the two only if it expired
+ * meanwhile. It lives at least lock_timeout (see lock_expire), and the read
+ * and the delete each end within socket_timeout, so we delete only when
+ * that much time is left: elapsed + 2 * socket_timeout < lock_timeout.
+ * Otherwise the lock is left to expire by itself. */
+static int mc_unlock(void *self, const char *key, size_t klen, dp_err *err)
+{
+    mc *s = self;
+    uv_mutex_lock(&s->mu);
+    held **pp = &s->locks, *h = NULL;
+    for (; *pp; pp = &(*pp)->next)
+        if ((*pp)->klen == klen && memcmp((*pp)->key, key, klen) == 0) {
+            h = *pp;
+            *pp = h->next;
+            break;
+        }
+    uv_mutex_unlock(&s->mu);
+    if (!h)
+        return DP_ENOTHELD;
+    if (dp_clock_monotonic() - h->taken + 2 * s->socket_timeout >= s->lock_timeout) {
+        free(h); /* expired, or about to: deleting could remove the next holder's */
+        return DP_OK;
+    }
+    char lk[MAX_KEY + 1];
+    size_t lklen = lock_key(key, klen, lk);
+    memcached_st *m = conn_get(s, err);
+    if (!m) {
+        free(h);
+        return DP_ENOMEM;
+    }
+    int status = DP_OK;
+    size_t vlen = 0;
+    uint32_t flags;
+    memcached_return_t rc;
+    char *v = memcached_get(m, lk, lklen, &vlen, &flags, &rc);
+    if (v) {
+        if (vlen == h->tlen && memcmp(v, h->token, vlen) == 0) {
+            rc = memcached_delete(m, lk, lklen, 0);
+            if (!memcached_success(rc) && rc != MEMCACHED_NOTFOUND)
+                status = mc_fail(m, "delete of the lock key", lk, lklen, rc, err);
+        }
+        /* else: ours expired and another holder took it: leave theirs */
+        free(v);
+    } else if (rc != MEMCACHED_NOTFOUND) {
+        status = mc_fail(m, "get of the lock key", lk, lklen, rc, err);
+    }
+    conn_put(s, m);
+    free(h);
+    return status;
+}
+
+/* -- Open and close ------------------------------------------------------------------ */
+
+static void mc_free(mc *s)
+{
+    for (size_t i = 0; i < s->npool; i++)
+        memcached_free(s->pool[i]);
+    free(s->pool);
+    while (s->locks) {
+        held *h = s->locks;
+        s->locks = h->next;
+        free(h);
+    }
+    if (s->master)
+        memcached_free(s->master);
+    uv_mutex_destroy(&s->mu);
+    free(s);
+}
+
+static void mc_close(void *self)
+{
+    mc_free(self);
+}
+
+static int is(const dp_arg *a, const char *name)
+{
+    return strcmp(a->name, name) == 0;
+}
+
+static int want_number(const dp_arg *a, double min, double *out, dp_err *err)
+{
+    if (a->type != DP_ARG_NUMBER || !(a->number >= min) || !isfinite(a->number))
+        return dp_err_set(err, DP_EINVAL, NAME ": %s must be a number >= %g, got %s", a->name,
+                          min, a->type == DP_ARG_NUMBER ? "an out-of-range number" : "another type");
+    *out = a->number;
+    return DP_OK;
+}
+
+static int want_bool(const dp_arg *a, int *out, dp_err *err)
+{
+    if (a->type != DP_ARG_BOOLEAN)
+        return dp_err_set(err, DP_EINVAL, NAME ": %s must be a boolean", a->name);
+    *out = a->number != 0;
+    return DP_OK;
+}
+
+#define KNOWN "url, binary, memcached_expire_time, lock_timeout, lock_backoff_max, " \
+              "socket_timeout, connect_timeout, retry_timeout, dead_timeout, " \
+              "server_failure_limit, remove_failed_servers, tcp_nodelay, tcp_keepalive, " \
+              "no_block, hash, item_size_max"
+
+static int behavior(mc *s, memcached_behavior_t b, uint64_t v, const char *what, dp_err *err)
+{
+    memcached_return_t rc = memcached_behavior_set(s->master, b, v);
+    if (!memcached_success(rc))
+        return dp_err_set(err, DP_EINVAL, NAME ": cannot set %s: %s", what,
+                          memcached_strerror(s->master, rc));
+    return DP_OK;
+}
+
+static int mc_open(void *ud, const dp_arg *args, size_t nargs, void **self, dp_err *err)
+{
+    (void)ud;
+    mc *s = calloc(1, sizeof *s);
+    if (!s)
+        return dp_err_set(err, DP_ENOMEM, "out of memory");
+    uv_mutex_init(&s->mu);
+    const char *url = "127.0.0.1:11211";
+    size_t urllen = strlen(url);
+    int binary = 0, nodelay = 1, keepalive = 0, noblock = 1, remove_failed = 0;
+    double expire = 0, socket_timeout = 1.0, connect_timeout = 1.0, retry_timeout = 1;
+    double dead_timeout = 1, failure_limit = 2, v;
+    const char *hash = NULL;
+    size_t hashlen = 0;
+    s->lock_timeout = 30;
+    s->lock_backoff_max = 0.05;
+    s->item_size_max = 1024 * 1024;
+    int rc = DP_OK;
+    for (size_t i = 0; i < nargs && rc == DP_OK; i++) {
+        const dp_arg *a = &args[i];
+        if (is(a, "url")) {
+            if (a->type != DP_ARG_STRING || a->len == 0)
+                rc = dp_err_set(err, DP_EINVAL, NAME ": url must be \"host:port\" or a list of them");
+            url = a->string;
+            urllen = a->len;
+        } else if (is(a, "binary")) {
+            rc = want_bool(a, &binary, err);
+        } else if (is(a, "memcached_expire_time")) {
+            rc = want_number(a, 0, &expire, err);
+        } else if (is(a, "lock_timeout")) {
+            rc = want_number(a, 0.001, &s->lock_timeout, err);
+        } else if (is(a, "lock_backoff_max")) {
+            rc = want_number(a, 0.001, &s->lock_backoff_max, err);
+        } else if (is(a, "socket_timeout")) {
+            rc = want_number(a, 0.001, &socket_timeout, err);
+        } else if (is(a, "connect_timeout")) {
+            rc = want_number(a, 0.001, &connect_timeout, err);
+        } else if (is(a, "retry_timeout")) {
+            rc = want_number(a, 1, &retry_timeout, err);
+        } else if (is(a, "dead_timeout")) {
+            rc = want_number(a, 1, &dead_timeout, err);
+        } else if (is(a, "server_failure_limit")) {
+            rc = want_number(a, 1, &failure_limit, err);
+        } else if (is(a, "remove_failed_servers")) {
+            rc = want_bool(a, &remove_failed, err);
+        } else if (is(a, "tcp_nodelay")) {
+            rc = want_bool(a, &nodelay, err);
+        } else if (is(a, "tcp_keepalive")) {
+            rc = want_bool(a, &keepalive, err);
+        } else if (is(a, "no_block")) {
+            rc = want_bool(a, &noblock, err);
+        } else if (is(a, "hash")) {
+            if (a->type != DP_ARG_STRING)
+                rc = dp_err_set(err, DP_EINVAL, NAME ": hash must be a string");
+            hash = a->string;
+            hashlen = a->len;
+        } else if (is(a, "item_size_max")) {
+            if (!dp_arg_size(a, &v) || !(v >= 1024))
+                rc = dp_err_set(err, DP_EINVAL, NAME ": item_size_max must be a number of bytes "
+                                "(>= 1024) or a size such as \"1m\"");
+            else
+                s->item_size_max = v;
+        } else {
+            rc = dp_err_set(err, DP_EINVAL, NAME ": unknown argument '%s' (known: " KNOWN ")",
+                            a->name);
+        }
+    }
+    if (rc != DP_OK) {
+        mc_free(s);
+        return rc;
+    }
+    s->expire = (time_t)ceil(expire);
+    /* memcached counts relative expiry in whole seconds on a clock that
+     * ticks once a second, so an expiry of N lives between N - 1 and N
+     * seconds: N = ceil(lock_timeout) + 1 keeps the lock at least
+     * lock_timeout and at most a second more. At most 30 days (beyond that
+     * memcached reads an absolute time). */
+    s->lock_expire = (time_t)ceil(s->lock_timeout) + 1;
+    if (s->lock_expire > 30 * 24 * 3600)
+        s->lock_expire = 30 * 24 * 3600;
+    s->socket_timeout = socket_timeout;
+
+    /* The server list: "h1:p1,h2:p2" (the Lua module joins a list). */
+    char *list = malloc(urllen + 1);
+    if (!list) {
+        mc_free(s);
+        return dp_err_set(err, DP_ENOMEM, "out of memory");
+    }
+    memcpy(list, url, urllen);
+    list[urllen] = '\0';
+    memcached_server_st *servers = memcached_servers_parse(list);
+    if (!servers || memcached_server_list_count(servers) == 0) {
+        dp_err_set(err, DP_EINVAL, NAME ": cannot parse url '%s' (expected \"host:port\" or a "
+                   "list of them)", list);
+        free(list);
+        if (servers)
+            memcached_server_list_free(servers);
+        mc_free(s);
+        return DP_EINVAL;
+    }
+    s->master = memcached_create(NULL);
+    if (!s->master || !memcached_success(memcached_server_push(s->master, servers))) {
+        memcached_server_list_free(servers);
+        free(list);
+        mc_free(s);
+        return dp_err_set(err, DP_ENOMEM, "out of memory");
+    }
+    memcached_server_list_free(servers);
+
+    memcached_hash_t h = MEMCACHED_HASH_MD5; /* ketama's usual point hash */
+    if (hash) {
+        static const struct { const char *n; memcached_hash_t h; } hashes[] = {
+            { "md5", MEMCACHED_HASH_MD5 }, { "crc", MEMCACHED_HASH_CRC },
+            { "fnv1_64", MEMCACHED_HASH_FNV1_64 }, { "fnv1a_64", MEMCACHED_HASH_FNV1A_64 },
+            { "fnv1_32", MEMCACHED_HASH_FNV1_32 }, { "fnv1a_32", MEMCACHED_HASH_FNV1A_32 },
+            { "jenkins", MEMCACHED_HASH_JENKINS }, { "murmur", MEMCACHED_HASH_MURMUR },
+        };
+        size_t i;
+        for (i = 0; i < sizeof hashes / sizeof hashes[0]; i++)
+            if (strlen(hashes[i].n) == hashlen && memcmp(hashes[i].n, hash, hashlen) == 0)
+                break;
+        if (i == sizeof hashes / sizeof hashes[0]) {
+            free(list);
+            mc_free(s);
+            return dp_err_set(err, DP_EINVAL, NAME ": hash must be one of md5, crc, fnv1_64, "
+                              "fnv1a_64, fnv1_32, fnv1a_32, jenkins, murmur");
+        }
+        h = hashes[i].h;
+    }
+    uint64_t sock_ms = (uint64_t)ceil(socket_timeout * 1000);
+    if ((rc = behavior(s, MEMCACHED_BEHAVIOR_DISTRIBUTION,
+                       MEMCACHED_DISTRIBUTION_CONSISTENT_KETAMA, "distribution", err)) ||
+        (rc = behavior(s, MEMCACHED_BEHAVIOR_KETAMA_HASH, h, "hash", err)) ||
+        (rc = behavior(s, MEMCACHED_BEHAVIOR_BINARY_PROTOCOL, binary, "binary", err)) ||
+        (rc = behavior(s, MEMCACHED_BEHAVIOR_NO_BLOCK, noblock, "no_block", err)) ||
+        (rc = behavior(s, MEMCACHED_BEHAVIOR_TCP_NODELAY, nodelay, "tcp_nodelay", err)) ||
+        (rc = behavior(s, MEMCACHED_BEHAVIOR_TCP_KEEPALIVE, keepalive, "tcp_keepalive", err)) ||
+        (rc = behavior(s, MEMCACHED_BEHAVIOR_POLL_TIMEOUT, sock_ms, "socket_timeout", err)) ||
+        (rc = behavior(s, MEMCACHED_BEHAVIOR_SND_TIMEOUT, sock_ms * 1000, "socket_timeout", err)) ||
+        (rc = behavior(s, MEMCACHED_BEHAVIOR_RCV_TIMEOUT, sock_ms * 1000, "socket_timeout", err)) ||
+        (rc = behavior(s, MEMCACHED_BEHAVIOR_CONNECT_TIMEOUT,
+                       (uint64_t)ceil(connect_timeout * 1000), "connect_timeout", err)) ||
+        (rc = behavior(s, MEMCACHED_BEHAVIOR_RETRY_TIMEOUT, (uint64_t)ceil(retry_timeout),
+                       "retry_timeout", err)) ||
+        (rc = behavior(s, MEMCACHED_BEHAVIOR_DEAD_TIMEOUT, (uint64_t)ceil(dead_timeout),
+                       "dead_timeout", err)) ||
+        (rc = behavior(s, MEMCACHED_BEHAVIOR_SERVER_FAILURE_LIMIT, (uint64_t)failure_limit,
+                       "server_failure_limit", err)) ||
+        (rc = behavior(s, MEMCACHED_BEHAVIOR_REMOVE_FAILED_SERVERS, remove_failed,
+                       "remove_failed_servers", err))) {
+        free(list);
+        mc_free(s);
+        return rc;
+    }
+    /* One lock domain per server list: regions on the same servers in this
+     * process meet the same per-key locks. */
+    char dom[1100];
+    int dl = snprintf(dom, sizeof dom, NAME " %s", list);
+    free(list);
+    s->domain = dp_lock_domain(dom, dl > 0 && (size_t)dl < sizeof dom ? (size_t)dl : sizeof dom - 1);
+    if (s->domain == 0) {
+        mc_free(s);
+        return dp_err_set(err, DP_ENOMEM, "out of memory");
+    }
+    *self = s;
+    return DP_OK;
+}
+
+static const dp_backend_ops mc_ops = {
+    .name = NAME,
+    .open = mc_open,
+    .get = mc_get,
+    .set = mc_set,
+    .del = mc_del,
+    .stats = mc_stats,
+    .lock_domain = mc_lock_domain,
+    .close = mc_close,
+    .infallible = 0,
+    .lock = mc_lock,
+    .unlock = mc_unlock,
+    .get_multi = mc_get_multi,
+};
+
+/* -- Lua module -------------------------------------------------------------------------
+ * `require "dogpile.backends.memcached"` registers the ops with the core;
+ * lua/dogpile/cache/backends/memcached.lua opens instances through it. */
+
+int luaopen_dogpile_backends_memcached(lua_State *L);
+
+__attribute__((visibility("default"))) int luaopen_dogpile_backends_memcached(lua_State *L)
+{
+    int rc = dp_backend_register(&mc_ops, NULL);
+    if (rc != DP_OK)
+        return luaL_error(L, NAME ": cannot register the backend: %s", dp_strerror(rc));
+    lua_pushstring(L, NAME);
+    return 1;
+}

@@ -1,0 +1,1246 @@
+/* redis.c -- dogpile.cache.redis and dogpile.cache.redis_sentinel: a cache on
+ * a Redis server, shared by every process and machine that reaches it, with a
+ * distributed lock per key.
+ *
+ * Instances. Regions configured with the same arguments share one instance
+ * per process (a registry keyed by the canonical argument string, refcounted
+ * and guarded by a mutex), so every Lua state and thread of the process draws
+ * on one connection pool.
+ *
+ * Connections. A pool of idle hiredis contexts behind the instance's mutex:
+ * an operation takes one (or connects a new one), uses it alone, and gives it
+ * back, so a context is never used by two threads at once. A context that
+ * saw an I/O or protocol error is freed, not returned, and the pool's
+ * generation is bumped so that the idle contexts opened before the failure
+ * are dropped too: after a server restart the next operation reconnects.
+ * When an operation fails on a reused context because the server closed it
+ * (EOF, reset), it is retried once on a fresh connection, since the old
+ * connection may simply have outlived a restart. Every call is bounded by
+ * socket_timeout (connecting by connect_timeout). A fork()ed child drops the
+ * parent's contexts (their sockets belong to the parent's protocol state).
+ *
+ * Sentinel. With `sentinels`, a new connection first asks each sentinel in
+ * turn for the master of `service_name`, connects there and checks with ROLE
+ * that it is a master; a READONLY reply (a demoted master) counts as a
+ * connection failure, so the next operation asks the sentinels again.
+ *
+ * The lock. SET <lock_prefix><key> <token> NX PX <lock_timeout>, the token 16
+ * random bytes in hex. The token is kept in the instance by key, so any
+ * thread of the process may release (the async creation runner does). The
+ * release deletes the lock key only if it still holds our token, atomically
+ * in a server-side script; when the lock expired meanwhile (creation outlived
+ * lock_timeout) it returns DP_ENOTHELD and leaves whoever holds it now alone.
+ * A bounded wait retries SET NX with sleeps of 1 ms doubling to lock_sleep.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/time.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include <hiredis/hiredis.h>
+#include <lauxlib.h>
+#include <lua.h>
+
+#include "dogpile.h"
+
+#define NAME "dogpile.cache.redis"
+#define SENTINEL_NAME "dogpile.cache.redis_sentinel"
+#define MAX_SENTINELS 16
+
+static const char UNLOCK_SCRIPT[] =
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) "
+    "else return 0 end";
+
+typedef struct conn {
+    struct conn *next;
+    redisContext *c;
+    unsigned gen;
+} conn;
+
+typedef struct held {
+    struct held *next;
+    char *key;
+    size_t klen;
+    char token[33];
+} held;
+
+typedef struct inst {
+    struct inst *next;
+    char *id;          /* canonical arguments: instances with equal ids are shared */
+    int handles;
+    const char *name;  /* NAME or SENTINEL_NAME, for messages */
+    /* settings */
+    char *host, *unix_path, *username, *password, *lock_prefix, *service;
+    int port, db;
+    double socket_timeout, connect_timeout, lock_timeout, lock_sleep, ttl;
+    int nsentinels;
+    char *sentinel_host[MAX_SENTINELS];
+    int sentinel_port[MAX_SENTINELS];
+    size_t prefix_len;
+    uint32_t domain;
+    /* state */
+    uv_mutex_t mu;     /* pool, gen, pid, held, master */
+    conn *idle;
+    unsigned gen;
+    pid_t pid;
+    held *held;
+    char master[300];  /* sentinel mode: "host:port" last connected to */
+    _Atomic uint64_t hits, misses;
+} inst;
+
+static inst *instances;
+static uv_mutex_t instances_mu;
+static uv_once_t instances_once = UV_ONCE_INIT;
+
+static void instances_init(void)
+{
+    uv_mutex_init(&instances_mu);
+}
+
+static struct timeval tv_of(double s)
+{
+    struct timeval tv;
+    tv.tv_sec = (time_t)s;
+    tv.tv_usec = (suseconds_t)((s - (double)tv.tv_sec) * 1e6);
+    return tv;
+}
+
+static char *dupn(const char *s, size_t n)
+{
+    char *p = malloc(n + 1);
+    if (p) {
+        memcpy(p, s, n);
+        p[n] = '\0';
+    }
+    return p;
+}
+
+/* -- SIGPIPE ------------------------------------------------------------------ */
+
+/* hiredis writes with write(): a server that closed the connection would
+ * raise SIGPIPE and kill the host. A library must not install handlers, so
+ * the signal is blocked in this thread around the I/O, and one it raised is
+ * consumed before the mask is restored (one already pending is left alone). */
+typedef struct nopipe {
+    sigset_t old;
+    int pending;
+} nopipe;
+
+static void nopipe_begin(nopipe *np)
+{
+    sigset_t set, pend;
+    sigemptyset(&set);
+    sigaddset(&set, SIGPIPE);
+    sigpending(&pend);
+    np->pending = sigismember(&pend, SIGPIPE) == 1;
+    pthread_sigmask(SIG_BLOCK, &set, &np->old);
+}
+
+static void nopipe_end(nopipe *np)
+{
+    if (!np->pending) {
+        sigset_t set, pend;
+        sigemptyset(&set);
+        sigaddset(&set, SIGPIPE);
+        struct timespec zero = {0, 0};
+        sigpending(&pend);
+        if (sigismember(&pend, SIGPIPE) == 1)
+            while (sigtimedwait(&set, NULL, &zero) == -1 && errno == EINTR)
+                ;
+    }
+    pthread_sigmask(SIG_SETMASK, &np->old, NULL);
+}
+
+/* -- Connections -------------------------------------------------------------- */
+
+/* Where an instance connects, for messages. */
+static void where(inst *s, char *buf, size_t n)
+{
+    if (s->nsentinels) {
+        uv_mutex_lock(&s->mu);
+        snprintf(buf, n, "master '%s' at %s", s->service, s->master[0] ? s->master : "(unknown)");
+        uv_mutex_unlock(&s->mu);
+    } else if (s->unix_path) {
+        snprintf(buf, n, "unix:%s", s->unix_path);
+    } else {
+        snprintf(buf, n, "%s:%d", s->host, s->port);
+    }
+}
+
+/* Describe a context error: a timeout says so with the limit. */
+static int io_fail(inst *s, redisContext *c, const char *op, dp_err *err)
+{
+    char w[320];
+    where(s, w, sizeof w);
+    if (c->err == REDIS_ERR_IO && (errno == EAGAIN || errno == EWOULDBLOCK || errno == ETIMEDOUT ||
+                                   strstr(c->errstr, "temporarily unavailable")))
+        return dp_err_set(err, DP_EBACKEND, "%s: no answer from %s within socket_timeout (%g s)",
+                          op, w, s->socket_timeout);
+    return dp_err_set(err, DP_EBACKEND, "%s: %s: %s", op, w,
+                      c->errstr[0] ? c->errstr : "connection lost");
+}
+
+static redisReply *command(redisContext *c, int argc, const char **argv, const size_t *lens)
+{
+    return redisCommandArgv(c, argc, argv, lens);
+}
+
+/* Open a connection to host:port (or the unix socket) with the timeouts set;
+ * DP_EBACKEND with err on failure. */
+static int raw_connect(inst *s, const char *host, int port, const char *unix_path,
+                       redisContext **out, dp_err *err)
+{
+    struct timeval ct = tv_of(s->connect_timeout);
+    redisContext *c = unix_path ? redisConnectUnixWithTimeout(unix_path, ct)
+                                : redisConnectWithTimeout(host, port, ct);
+    if (!c)
+        return dp_err_set(err, DP_ENOMEM, "out of memory connecting");
+    if (c->err) {
+        int timed_out = c->err == REDIS_ERR_IO && (errno == EINPROGRESS || errno == ETIMEDOUT ||
+                                                   strstr(c->errstr, "timed out"));
+        if (unix_path)
+            dp_err_set(err, DP_EBACKEND, "cannot connect to unix:%s: %s", unix_path, c->errstr);
+        else if (timed_out)
+            dp_err_set(err, DP_EBACKEND, "cannot connect to %s:%d within connect_timeout (%g s)",
+                       host, port, s->connect_timeout);
+        else
+            dp_err_set(err, DP_EBACKEND, "cannot connect to %s:%d: %s", host, port, c->errstr);
+        redisFree(c);
+        return DP_EBACKEND;
+    }
+    redisSetTimeout(c, tv_of(s->socket_timeout));
+    if (!unix_path)
+        redisEnableKeepAlive(c);
+    *out = c;
+    return DP_OK;
+}
+
+/* Ask the sentinels for the master's address. */
+static int sentinel_master(inst *s, char *host, size_t hostn, int *port, dp_err *err)
+{
+    char last[256] = "no sentinel answered";
+    for (int i = 0; i < s->nsentinels; i++) {
+        redisContext *c;
+        dp_err e;
+        if (raw_connect(s, s->sentinel_host[i], s->sentinel_port[i], NULL, &c, &e) != DP_OK) {
+            snprintf(last, sizeof last, "%s", e.msg);
+            continue;
+        }
+        redisReply *r = redisCommand(c, "SENTINEL get-master-addr-by-name %s", s->service);
+        if (!r) {
+            snprintf(last, sizeof last, "sentinel %s:%d: %s", s->sentinel_host[i],
+                     s->sentinel_port[i], c->errstr);
+        } else if (r->type == REDIS_REPLY_ARRAY && r->elements == 2 &&
+                   r->element[0]->type == REDIS_REPLY_STRING &&
+                   r->element[1]->type == REDIS_REPLY_STRING) {
+            snprintf(host, hostn, "%s", r->element[0]->str);
+            *port = atoi(r->element[1]->str);
+            freeReplyObject(r);
+            redisFree(c);
+            return DP_OK;
+        } else if (r->type == REDIS_REPLY_ERROR) {
+            snprintf(last, sizeof last, "sentinel %s:%d: %s", s->sentinel_host[i],
+                     s->sentinel_port[i], r->str);
+        } else {
+            snprintf(last, sizeof last, "sentinel %s:%d knows no master named '%s'",
+                     s->sentinel_host[i], s->sentinel_port[i], s->service);
+        }
+        if (r)
+            freeReplyObject(r);
+        redisFree(c);
+    }
+    return dp_err_set(err, DP_EBACKEND, "cannot find the master of '%s' through %d sentinel(s): %s",
+                      s->service, s->nsentinels, last);
+}
+
+/* Run one setup command on a fresh connection. DP_EINVAL for a refusal
+ * (wrong password, unknown db): a configuration error, not an outage. */
+static int setup_cmd(inst *s, redisContext *c, int argc, const char **argv, const char *what,
+                     dp_err *err)
+{
+    redisReply *r = command(c, argc, argv, NULL);
+    if (!r)
+        return io_fail(s, c, what, err);
+    int rc = DP_OK;
+    if (r->type == REDIS_REPLY_ERROR)
+        rc = dp_err_set(err, DP_EINVAL, "%s refused: %s", what, r->str);
+    freeReplyObject(r);
+    return rc;
+}
+
+/* A new connection, authenticated, on the right db (and to the master). */
+static int conn_open(inst *s, redisContext **out, dp_err *err)
+{
+    char host[256];
+    int port = s->port, rc;
+    const char *h = s->host;
+    if (s->nsentinels) {
+        if ((rc = sentinel_master(s, host, sizeof host, &port, err)) != DP_OK)
+            return rc;
+        h = host;
+        uv_mutex_lock(&s->mu);
+        snprintf(s->master, sizeof s->master, "%s:%d", host, port);
+        uv_mutex_unlock(&s->mu);
+    }
+    redisContext *c;
+    if ((rc = raw_connect(s, h, port, s->nsentinels ? NULL : s->unix_path, &c, err)) != DP_OK)
+        return rc;
+    if (s->password) {
+        const char *argv[3] = {"AUTH", s->username ? s->username : s->password, s->password};
+        char what[300];
+        if (s->username)
+            snprintf(what, sizeof what, "AUTH as user '%s'", s->username);
+        else
+            snprintf(what, sizeof what, "AUTH with the password");
+        rc = setup_cmd(s, c, s->username ? 3 : 2, argv, what, err);
+    }
+    if (rc == DP_OK && s->db != 0) {
+        char db[16], what[64];
+        snprintf(db, sizeof db, "%d", s->db);
+        snprintf(what, sizeof what, "SELECT of db %d", s->db);
+        const char *argv[2] = {"SELECT", db};
+        rc = setup_cmd(s, c, 2, argv, what, err);
+    }
+    if (rc == DP_OK && s->nsentinels) {
+        redisReply *r = redisCommand(c, "ROLE");
+        if (!r) {
+            rc = io_fail(s, c, "ROLE", err);
+        } else {
+            if (r->type != REDIS_REPLY_ARRAY || r->elements < 1 ||
+                r->element[0]->type != REDIS_REPLY_STRING ||
+                strcmp(r->element[0]->str, "master") != 0)
+                rc = dp_err_set(err, DP_EBACKEND, "%s:%d, given by the sentinels as the master "
+                                "of '%s', is not a master (yet)", h, port, s->service);
+            freeReplyObject(r);
+        }
+    }
+    if (rc != DP_OK) {
+        redisFree(c);
+        return rc;
+    }
+    *out = c;
+    return DP_OK;
+}
+
+/* Take a connection: an idle one of the current generation, or a new one.
+ * *reused says which. */
+static int conn_take(inst *s, conn **out, int *reused, dp_err *err)
+{
+    conn *stale = NULL, *got = NULL;
+    uv_mutex_lock(&s->mu);
+    pid_t pid = getpid();
+    if (s->pid != pid) {
+        /* A fork()ed child: the idle sockets are the parent's. */
+        stale = s->idle;
+        s->idle = NULL;
+        s->pid = pid;
+        s->gen++;
+    }
+    while (s->idle && !got) {
+        conn *c = s->idle;
+        s->idle = c->next;
+        if (c->gen == s->gen) {
+            got = c;
+        } else {
+            c->next = stale;
+            stale = c;
+        }
+    }
+    unsigned gen = s->gen;
+    uv_mutex_unlock(&s->mu);
+    while (stale) {
+        conn *c = stale;
+        stale = c->next;
+        redisFree(c->c);
+        free(c);
+    }
+    if (got) {
+        *reused = 1;
+        *out = got;
+        return DP_OK;
+    }
+    *reused = 0;
+    conn *c = malloc(sizeof *c);
+    if (!c)
+        return dp_err_set(err, DP_ENOMEM, "out of memory");
+    int rc = conn_open(s, &c->c, err);
+    if (rc != DP_OK) {
+        free(c);
+        return rc;
+    }
+    c->gen = gen;
+    c->next = NULL;
+    *out = c;
+    return DP_OK;
+}
+
+/* Give a connection back; `broken` frees it and drops the older idle ones. */
+static void conn_give(inst *s, conn *c, int broken)
+{
+    uv_mutex_lock(&s->mu);
+    if (broken) {
+        if (c->gen == s->gen)
+            s->gen++;
+    } else if (c->gen == s->gen && s->pid == getpid()) {
+        c->next = s->idle;
+        s->idle = c;
+        c = NULL;
+    }
+    uv_mutex_unlock(&s->mu);
+    if (c) {
+        redisFree(c->c);
+        free(c);
+    }
+}
+
+/* The server closed the connection: worth one retry on a fresh one. */
+static int closed_by_peer(redisContext *c)
+{
+    return c->err == REDIS_ERR_EOF ||
+           (c->err == REDIS_ERR_IO && (errno == ECONNRESET || errno == EPIPE));
+}
+
+/* A reply that means this connection must not be used again. */
+static int reply_breaks(const redisReply *r)
+{
+    return r->type == REDIS_REPLY_ERROR &&
+           (strncmp(r->str, "READONLY", 8) == 0 || strncmp(r->str, "LOADING", 7) == 0 ||
+            strncmp(r->str, "MASTERDOWN", 10) == 0);
+}
+
+/* Send `argc` commands' worth of pipeline (ncmd commands built by `build`)
+ * and collect their replies into replies[0..ncmd-1]. Retries once on a fresh
+ * connection when a reused one was closed by the server. The caller frees
+ * the replies. */
+typedef void (*build_fn)(redisContext *c, void *ud);
+
+static int run_io(inst *s, const char *op, build_fn build, void *ud, size_t ncmd,
+                  redisReply **replies, dp_err *err);
+
+static int run(inst *s, const char *op, build_fn build, void *ud, size_t ncmd,
+               redisReply **replies, dp_err *err)
+{
+    nopipe np;
+    nopipe_begin(&np);
+    int saved = errno, rc = run_io(s, op, build, ud, ncmd, replies, err);
+    nopipe_end(&np);
+    errno = saved;
+    return rc;
+}
+
+static int run_io(inst *s, const char *op, build_fn build, void *ud, size_t ncmd,
+                  redisReply **replies, dp_err *err)
+{
+    for (int attempt = 0;; attempt++) {
+        conn *cn;
+        int reused, rc = conn_take(s, &cn, &reused, err);
+        if (rc != DP_OK)
+            return rc;
+        redisContext *c = cn->c;
+        build(c, ud);
+        size_t got = 0;
+        int failed = 0;
+        for (; got < ncmd; got++) {
+            void *r = NULL;
+            if (redisGetReply(c, &r) != REDIS_OK || !r) {
+                failed = 1;
+                break;
+            }
+            replies[got] = r;
+        }
+        if (!failed) {
+            int broken = 0;
+            for (size_t i = 0; i < ncmd; i++)
+                if (reply_breaks(replies[i]))
+                    broken = 1;
+            if (broken) {
+                char w[320];
+                where(s, w, sizeof w);
+                dp_err_set(err, DP_EBACKEND, "%s: %s: %s", op, w, replies[0]->type ==
+                           REDIS_REPLY_ERROR ? replies[0]->str : "the server refused a command");
+                for (size_t i = 0; i < ncmd; i++)
+                    freeReplyObject(replies[i]);
+                conn_give(s, cn, 1);
+                return DP_EBACKEND;
+            }
+            conn_give(s, cn, 0);
+            return DP_OK;
+        }
+        for (size_t i = 0; i < got; i++)
+            freeReplyObject(replies[i]);
+        int retry = reused && attempt == 0 && closed_by_peer(c);
+        if (!retry)
+            io_fail(s, c, op, err);
+        conn_give(s, cn, 1);
+        if (!retry)
+            return DP_EBACKEND;
+    }
+}
+
+typedef struct argv_cmd {
+    int argc;
+    const char **argv;
+    const size_t *lens;
+} argv_cmd;
+
+static void build_argv(redisContext *c, void *ud)
+{
+    argv_cmd *a = ud;
+    redisAppendCommandArgv(c, a->argc, a->argv, a->lens);
+}
+
+/* One command; the reply in *out (not an error reply: those become err). */
+static int run1(inst *s, const char *op, int argc, const char **argv, const size_t *lens,
+                redisReply **out, dp_err *err)
+{
+    argv_cmd a = {argc, argv, lens};
+    int rc = run(s, op, build_argv, &a, 1, out, err);
+    if (rc != DP_OK)
+        return rc;
+    if ((*out)->type == REDIS_REPLY_ERROR) {
+        char w[320];
+        where(s, w, sizeof w);
+        dp_err_set(err, DP_EBACKEND, "%s: %s: %s", op, w, (*out)->str);
+        freeReplyObject(*out);
+        return DP_EBACKEND;
+    }
+    return DP_OK;
+}
+
+/* -- Values ------------------------------------------------------------------- */
+
+static int rd_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_err *err)
+{
+    inst *s = self;
+    const char *argv[2] = {"GET", key};
+    size_t lens[2] = {3, klen};
+    redisReply *r;
+    int rc = run1(s, "GET", 2, argv, lens, &r, err);
+    if (rc != DP_OK)
+        return rc;
+    if (r->type == REDIS_REPLY_NIL) {
+        freeReplyObject(r);
+        atomic_fetch_add_explicit(&s->misses, 1, memory_order_relaxed);
+        return DP_ENOTFOUND;
+    }
+    if (r->type != REDIS_REPLY_STRING) {
+        freeReplyObject(r);
+        return dp_err_set(err, DP_EBACKEND, "GET: the key holds a value of another type");
+    }
+    if (dp_bytes_reserve(out, r->len) != DP_OK) {
+        freeReplyObject(r);
+        return dp_err_set(err, DP_ENOMEM, "out of memory copying a %zu-byte value", r->len);
+    }
+    memcpy(out->data, r->str, r->len);
+    out->len = r->len;
+    freeReplyObject(r);
+    atomic_fetch_add_explicit(&s->hits, 1, memory_order_relaxed);
+    return DP_OK;
+}
+
+/* The PX argument of a SET with redis_expiration_time; 0 without. */
+static long long ttl_ms(const inst *s)
+{
+    return s->ttl > 0 ? (long long)ceil(s->ttl * 1000) : 0;
+}
+
+static int rd_set(void *self, const char *key, size_t klen, const char *value, size_t vlen,
+                  dp_err *err)
+{
+    inst *s = self;
+    char px[32];
+    long long ms = ttl_ms(s);
+    int n = snprintf(px, sizeof px, "%lld", ms);
+    const char *argv[5] = {"SET", key, value, "PX", px};
+    size_t lens[5] = {3, klen, vlen, 2, (size_t)n};
+    redisReply *r;
+    int rc = run1(s, "SET", ms ? 5 : 3, argv, lens, &r, err);
+    if (rc == DP_OK)
+        freeReplyObject(r);
+    return rc;
+}
+
+static int rd_del(void *self, const char *key, size_t klen, dp_err *err)
+{
+    inst *s = self;
+    const char *argv[2] = {"DEL", key};
+    size_t lens[2] = {3, klen};
+    redisReply *r;
+    int rc = run1(s, "DEL", 2, argv, lens, &r, err);
+    if (rc == DP_OK)
+        freeReplyObject(r);
+    return rc;
+}
+
+/* -- Multi forms: MGET, a pipeline of SETs, one DEL ---------------------------------- */
+
+/* argv of 1 + n items: `cmd` then the keys. */
+static int keys_argv(const char *cmd, size_t n, const char *const *keys, const size_t *klens,
+                     const char ***argv, size_t **lens, dp_err *err)
+{
+    *argv = malloc((n + 1) * sizeof **argv);
+    *lens = malloc((n + 1) * sizeof **lens);
+    if (!*argv || !*lens) {
+        free(*argv);
+        free(*lens);
+        return dp_err_set(err, DP_ENOMEM, "out of memory");
+    }
+    (*argv)[0] = cmd;
+    (*lens)[0] = strlen(cmd);
+    for (size_t i = 0; i < n; i++) {
+        (*argv)[i + 1] = keys[i];
+        (*lens)[i + 1] = klens[i];
+    }
+    return DP_OK;
+}
+
+static int rd_get_multi(void *self, size_t n, const char *const *keys, const size_t *klens,
+                        dp_bytes *out, int64_t *vlens, dp_err *err)
+{
+    inst *s = self;
+    out->len = 0;
+    if (n == 0)
+        return DP_OK;
+    const char **argv;
+    size_t *lens;
+    int rc = keys_argv("MGET", n, keys, klens, &argv, &lens, err);
+    if (rc != DP_OK)
+        return rc;
+    redisReply *r;
+    rc = run1(s, "MGET", (int)(n + 1), argv, lens, &r, err);
+    free(argv);
+    free(lens);
+    if (rc != DP_OK)
+        return rc;
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != n) {
+        freeReplyObject(r);
+        return dp_err_set(err, DP_EBACKEND, "MGET: unexpected reply");
+    }
+    size_t total = 0;
+    for (size_t i = 0; i < n; i++)
+        if (r->element[i]->type == REDIS_REPLY_STRING)
+            total += r->element[i]->len;
+    if (dp_bytes_reserve(out, total ? total : 1) != DP_OK) {
+        freeReplyObject(r);
+        return dp_err_set(err, DP_ENOMEM, "out of memory copying %zu bytes", total);
+    }
+    uint64_t hits = 0;
+    for (size_t i = 0; i < n; i++) {
+        redisReply *e = r->element[i];
+        if (e->type == REDIS_REPLY_STRING) {
+            memcpy(out->data + out->len, e->str, e->len);
+            out->len += e->len;
+            vlens[i] = (int64_t)e->len;
+            hits++;
+        } else {
+            vlens[i] = -1;
+        }
+    }
+    freeReplyObject(r);
+    atomic_fetch_add_explicit(&s->hits, hits, memory_order_relaxed);
+    atomic_fetch_add_explicit(&s->misses, n - hits, memory_order_relaxed);
+    return DP_OK;
+}
+
+typedef struct set_pipe {
+    inst *s;
+    size_t n;
+    const char *const *keys, *const *values;
+    const size_t *klens, *vlens;
+    char px[32];
+    size_t pxlen;
+} set_pipe;
+
+static void build_sets(redisContext *c, void *ud)
+{
+    set_pipe *p = ud;
+    for (size_t i = 0; i < p->n; i++) {
+        const char *argv[5] = {"SET", p->keys[i], p->values[i], "PX", p->px};
+        size_t lens[5] = {3, p->klens[i], p->vlens[i], 2, p->pxlen};
+        redisAppendCommandArgv(c, p->pxlen ? 5 : 3, argv, lens);
+    }
+}
+
+static int rd_set_multi(void *self, size_t n, const char *const *keys, const size_t *klens,
+                        const char *const *values, const size_t *vlens, dp_err *err)
+{
+    inst *s = self;
+    if (n == 0)
+        return DP_OK;
+    set_pipe p = {s, n, keys, values, klens, vlens, "", 0};
+    long long ms = ttl_ms(s);
+    if (ms)
+        p.pxlen = (size_t)snprintf(p.px, sizeof p.px, "%lld", ms);
+    redisReply **replies = malloc(n * sizeof *replies);
+    if (!replies)
+        return dp_err_set(err, DP_ENOMEM, "out of memory");
+    int rc = run(s, "SET (pipeline)", build_sets, &p, n, replies, err);
+    if (rc == DP_OK) {
+        for (size_t i = 0; i < n; i++) {
+            if (replies[i]->type == REDIS_REPLY_ERROR && rc == DP_OK)
+                rc = dp_err_set(err, DP_EBACKEND, "SET (pipeline): %s", replies[i]->str);
+            freeReplyObject(replies[i]);
+        }
+    }
+    free(replies);
+    return rc;
+}
+
+static int rd_del_multi(void *self, size_t n, const char *const *keys, const size_t *klens,
+                        dp_err *err)
+{
+    inst *s = self;
+    if (n == 0)
+        return DP_OK;
+    const char **argv;
+    size_t *lens;
+    int rc = keys_argv("DEL", n, keys, klens, &argv, &lens, err);
+    if (rc != DP_OK)
+        return rc;
+    redisReply *r;
+    rc = run1(s, "DEL", (int)(n + 1), argv, lens, &r, err);
+    free(argv);
+    free(lens);
+    if (rc == DP_OK)
+        freeReplyObject(r);
+    return rc;
+}
+
+static void rd_stats(void *self, dp_backend_stats *out)
+{
+    inst *s = self;
+    out->hits = (double)atomic_load(&s->hits);
+    out->misses = (double)atomic_load(&s->misses);
+}
+
+static uint32_t rd_lock_domain(void *self)
+{
+    return ((inst *)self)->domain;
+}
+
+/* -- The distributed lock -------------------------------------------------------- */
+
+static int lock_key(inst *s, const char *key, size_t klen, char **out, size_t *outlen,
+                    dp_err *err)
+{
+    char *lk = malloc(s->prefix_len + klen + 1);
+    if (!lk)
+        return dp_err_set(err, DP_ENOMEM, "out of memory");
+    memcpy(lk, s->lock_prefix, s->prefix_len);
+    memcpy(lk + s->prefix_len, key, klen);
+    *out = lk;
+    *outlen = s->prefix_len + klen;
+    return DP_OK;
+}
+
+static void new_token(char out[33])
+{
+    unsigned char b[16];
+    if (getrandom(b, sizeof b, 0) != (ssize_t)sizeof b) {
+        /* Not expected; still unique enough per process and moment. */
+        double t = dp_clock_now();
+        pid_t pid = getpid();
+        memset(b, 0, sizeof b);
+        memcpy(b, &t, sizeof t);
+        memcpy(b + 8, &pid, sizeof pid);
+        b[15] = (unsigned char)rand();
+    }
+    static const char hex[] = "0123456789abcdef";
+    for (int i = 0; i < 16; i++) {
+        out[2 * i] = hex[b[i] >> 4];
+        out[2 * i + 1] = hex[b[i] & 15];
+    }
+    out[32] = '\0';
+}
+
+static int rd_lock(void *self, const char *key, size_t klen, double timeout, dp_err *err)
+{
+    inst *s = self;
+    held *h = calloc(1, sizeof *h);
+    if (!h)
+        return dp_err_set(err, DP_ENOMEM, "out of memory");
+    char *lk;
+    size_t lklen;
+    int rc = lock_key(s, key, klen, &lk, &lklen, err);
+    if (rc != DP_OK) {
+        free(h);
+        return rc;
+    }
+    new_token(h->token);
+    char px[32];
+    int pxn = snprintf(px, sizeof px, "%lld", (long long)ceil(s->lock_timeout * 1000));
+    const char *argv[6] = {"SET", lk, h->token, "NX", "PX", px};
+    size_t lens[6] = {3, lklen, 32, 2, 2, (size_t)pxn};
+    double deadline = timeout > 0 ? dp_clock_monotonic() + timeout : 0;
+    double step = 0.001;
+    for (;;) {
+        redisReply *r;
+        rc = run1(s, "SET NX (lock)", 6, argv, lens, &r, err);
+        if (rc != DP_OK)
+            break;
+        int got = r->type == REDIS_REPLY_STATUS;
+        freeReplyObject(r);
+        if (got) {
+            h->key = lk;
+            h->klen = lklen;
+            lk = NULL;
+            uv_mutex_lock(&s->mu);
+            h->next = s->held;
+            s->held = h;
+            h = NULL;
+            uv_mutex_unlock(&s->mu);
+            rc = DP_OK;
+            break;
+        }
+        if (timeout == 0) {
+            rc = DP_EBUSY;
+            break;
+        }
+        double left = timeout > 0 ? deadline - dp_clock_monotonic() : 1e9;
+        if (left <= 0) {
+            rc = dp_err_set(err, DP_ETIMEDOUT, "the lock was still held after %g s", timeout);
+            break;
+        }
+        dp_clock_sleep(step < left ? step : left);
+        step = step * 2 < s->lock_sleep ? step * 2 : s->lock_sleep;
+    }
+    free(lk);
+    free(h);
+    return rc;
+}
+
+static int rd_unlock(void *self, const char *key, size_t klen, dp_err *err)
+{
+    inst *s = self;
+    size_t lklen = s->prefix_len + klen;
+    uv_mutex_lock(&s->mu);
+    held **pp = &s->held, *h = NULL;
+    for (; *pp; pp = &(*pp)->next)
+        if ((*pp)->klen == lklen && memcmp((*pp)->key, s->lock_prefix, s->prefix_len) == 0 &&
+            memcmp((*pp)->key + s->prefix_len, key, klen) == 0) {
+            h = *pp;
+            *pp = h->next;
+            break;
+        }
+    uv_mutex_unlock(&s->mu);
+    if (!h)
+        return DP_ENOTHELD;
+    const char *argv[5] = {"EVAL", UNLOCK_SCRIPT, "1", h->key, h->token};
+    size_t lens[5] = {4, sizeof UNLOCK_SCRIPT - 1, 1, h->klen, 32};
+    redisReply *r;
+    int rc = run1(s, "EVAL (unlock)", 5, argv, lens, &r, err);
+    if (rc == DP_OK) {
+        if (r->type != REDIS_REPLY_INTEGER || r->integer != 1)
+            rc = dp_err_set(err, DP_ENOTHELD, "the lock had expired (lock_timeout %g s) and "
+                            "was no longer ours", s->lock_timeout);
+        freeReplyObject(r);
+    }
+    free(h->key);
+    free(h);
+    return rc;
+}
+
+/* -- Instances --------------------------------------------------------------------- */
+
+static void inst_free(inst *s)
+{
+    while (s->idle) {
+        conn *c = s->idle;
+        s->idle = c->next;
+        redisFree(c->c);
+        free(c);
+    }
+    while (s->held) {
+        held *h = s->held;
+        s->held = h->next;
+        free(h->key);
+        free(h);
+    }
+    for (int i = 0; i < s->nsentinels; i++)
+        free(s->sentinel_host[i]);
+    uv_mutex_destroy(&s->mu);
+    free(s->id);
+    free(s->host);
+    free(s->unix_path);
+    free(s->username);
+    free(s->password);
+    free(s->lock_prefix);
+    free(s->service);
+    free(s);
+}
+
+static void rd_close(void *self)
+{
+    inst *s = self;
+    uv_mutex_lock(&instances_mu);
+    int last = --s->handles == 0;
+    if (last) {
+        inst **pp = &instances;
+        while (*pp != s)
+            pp = &(*pp)->next;
+        *pp = s->next;
+    }
+    uv_mutex_unlock(&instances_mu);
+    if (last)
+        inst_free(s);
+}
+
+static int arg_string(const dp_arg *a, char **out, const char *name, dp_err *err)
+{
+    if (a->type != DP_ARG_STRING)
+        return dp_err_set(err, DP_EINVAL, "%s: %s must be a string", name, a->name);
+    free(*out);
+    *out = dupn(a->string, a->len);
+    return *out ? DP_OK : dp_err_set(err, DP_ENOMEM, "out of memory");
+}
+
+static int arg_seconds(const dp_arg *a, double *out, const char *name, dp_err *err)
+{
+    if (a->type != DP_ARG_NUMBER || !(a->number > 0) || !isfinite(a->number))
+        return dp_err_set(err, DP_EINVAL, "%s: %s must be a positive number of seconds",
+                          name, a->name);
+    *out = a->number;
+    return DP_OK;
+}
+
+/* "redis://[user:password@]host[:port][/db]" or "unix:///path[?db=N]". */
+static int parse_url(inst *s, const char *url, size_t len, dp_err *err)
+{
+    char buf[1024];
+    if (len >= sizeof buf)
+        return dp_err_set(err, DP_EINVAL, "%s: url is too long", s->name);
+    memcpy(buf, url, len);
+    buf[len] = '\0';
+    if (strncmp(buf, "unix://", 7) == 0) {
+        char *path = buf + 7, *q = strchr(path, '?');
+        if (q) {
+            *q++ = '\0';
+            if (strncmp(q, "db=", 3) != 0)
+                return dp_err_set(err, DP_EINVAL, "%s: url '%s': the only query is ?db=N",
+                                  s->name, url);
+            s->db = atoi(q + 3);
+        }
+        if (path[0] != '/')
+            return dp_err_set(err, DP_EINVAL, "%s: url '%.*s' needs an absolute socket path "
+                              "(unix:///path/to/socket)", s->name, (int)len, url);
+        free(s->unix_path);
+        s->unix_path = strdup(path);
+        return DP_OK;
+    }
+    if (strncmp(buf, "redis://", 8) != 0)
+        return dp_err_set(err, DP_EINVAL, "%s: url '%s' must start with redis:// or unix://",
+                          s->name, buf);
+    char *p = buf + 8, *at = strrchr(p, '@');
+    if (at) {
+        *at = '\0';
+        char *colon = strchr(p, ':');
+        if (colon) {
+            *colon = '\0';
+            free(s->password);
+            s->password = strdup(colon + 1);
+        }
+        if (*p) {
+            free(s->username);
+            s->username = strdup(p);
+            if (!colon) { /* redis://password@host, as redis-py reads it */
+                free(s->password);
+                s->password = s->username;
+                s->username = NULL;
+            }
+        }
+        p = at + 1;
+    }
+    char *slash = strchr(p, '/');
+    if (slash) {
+        *slash = '\0';
+        char *end;
+        if (slash[1]) {
+            long db = strtol(slash + 1, &end, 10);
+            if (*end || db < 0)
+                return dp_err_set(err, DP_EINVAL, "%s: url: db '%s' is not a number", s->name,
+                                  slash + 1);
+            s->db = (int)db;
+        }
+    }
+    char *colon = strrchr(p, ':');
+    if (colon && !strchr(colon, ']')) {
+        *colon = '\0';
+        s->port = atoi(colon + 1);
+    }
+    if (*p) {
+        if (*p == '[') { /* [::1] */
+            p++;
+            char *e = strchr(p, ']');
+            if (e)
+                *e = '\0';
+        }
+        free(s->host);
+        s->host = strdup(p);
+    }
+    return DP_OK;
+}
+
+/* "host:port,host:port" */
+static int parse_sentinels(inst *s, const dp_arg *a, dp_err *err)
+{
+    if (a->type != DP_ARG_STRING)
+        return dp_err_set(err, DP_EINVAL, "%s: sentinels must be a list of {host, port}", s->name);
+    char *list = dupn(a->string, a->len), *save = NULL;
+    if (!list)
+        return dp_err_set(err, DP_ENOMEM, "out of memory");
+    for (char *tok = strtok_r(list, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        char *colon = strrchr(tok, ':');
+        if (!colon || s->nsentinels == MAX_SENTINELS) {
+            free(list);
+            return dp_err_set(err, DP_EINVAL, "%s: sentinels: '%s' is not host:port (at most %d)",
+                              s->name, tok, MAX_SENTINELS);
+        }
+        *colon = '\0';
+        s->sentinel_host[s->nsentinels] = strdup(tok);
+        s->sentinel_port[s->nsentinels++] = atoi(colon + 1);
+    }
+    free(list);
+    return DP_OK;
+}
+
+#define KNOWN "url, host, port, db, username, password, socket_timeout, connect_timeout, " \
+              "redis_expiration_time, lock_timeout, lock_sleep, lock_prefix"
+
+static int cmp_args(const void *a, const void *b)
+{
+    return strcmp(((const dp_arg *)a)->name, ((const dp_arg *)b)->name);
+}
+
+static int open_with(const char *name, const dp_arg *args, size_t nargs, void **self, dp_err *err)
+{
+    int sentinel = strcmp(name, SENTINEL_NAME) == 0;
+    inst *s = calloc(1, sizeof *s);
+    if (!s)
+        return dp_err_set(err, DP_ENOMEM, "out of memory");
+    uv_mutex_init(&s->mu);
+    s->name = name;
+    s->host = strdup("127.0.0.1");
+    s->port = 6379;
+    s->socket_timeout = 1;
+    s->connect_timeout = 1;
+    s->lock_timeout = 30;
+    s->lock_sleep = 0.1;
+    s->lock_prefix = strdup("_lock");
+    s->pid = getpid();
+    int rc = DP_OK;
+    /* url first, so that explicit arguments override its parts. */
+    for (size_t i = 0; i < nargs && rc == DP_OK; i++)
+        if (strcmp(args[i].name, "url") == 0) {
+            if (args[i].type != DP_ARG_STRING)
+                rc = dp_err_set(err, DP_EINVAL, "%s: url must be a string", name);
+            else
+                rc = parse_url(s, args[i].string, args[i].len, err);
+        }
+    for (size_t i = 0; i < nargs && rc == DP_OK; i++) {
+        const dp_arg *a = &args[i];
+        if (strcmp(a->name, "url") == 0) {
+            continue;
+        } else if (strcmp(a->name, "host") == 0) {
+            rc = arg_string(a, &s->host, name, err);
+        } else if (strcmp(a->name, "port") == 0 || strcmp(a->name, "db") == 0) {
+            if (a->type != DP_ARG_NUMBER || a->number < 0 || a->number > 65535 ||
+                a->number != floor(a->number))
+                rc = dp_err_set(err, DP_EINVAL, "%s: %s must be a non-negative integer", name,
+                                a->name);
+            else if (a->name[0] == 'p')
+                s->port = (int)a->number;
+            else
+                s->db = (int)a->number;
+        } else if (strcmp(a->name, "username") == 0) {
+            rc = arg_string(a, &s->username, name, err);
+        } else if (strcmp(a->name, "password") == 0) {
+            rc = arg_string(a, &s->password, name, err);
+        } else if (strcmp(a->name, "socket_timeout") == 0) {
+            rc = arg_seconds(a, &s->socket_timeout, name, err);
+        } else if (strcmp(a->name, "connect_timeout") == 0) {
+            rc = arg_seconds(a, &s->connect_timeout, name, err);
+        } else if (strcmp(a->name, "redis_expiration_time") == 0) {
+            rc = arg_seconds(a, &s->ttl, name, err);
+        } else if (strcmp(a->name, "lock_timeout") == 0) {
+            rc = arg_seconds(a, &s->lock_timeout, name, err);
+        } else if (strcmp(a->name, "lock_sleep") == 0) {
+            rc = arg_seconds(a, &s->lock_sleep, name, err);
+        } else if (strcmp(a->name, "lock_prefix") == 0) {
+            rc = arg_string(a, &s->lock_prefix, name, err);
+        } else if (sentinel && strcmp(a->name, "sentinels") == 0) {
+            rc = parse_sentinels(s, a, err);
+        } else if (sentinel && strcmp(a->name, "service_name") == 0) {
+            rc = arg_string(a, &s->service, name, err);
+        } else {
+            rc = dp_err_set(err, DP_EINVAL, "%s: unknown argument '%s' (known: %s" KNOWN ")",
+                            name, a->name, sentinel ? "sentinels, service_name, " : "");
+        }
+    }
+    if (rc == DP_OK && sentinel && (s->nsentinels == 0 || !s->service))
+        rc = dp_err_set(err, DP_EINVAL, "%s: the arguments 'sentinels' (a list of {host, port}) "
+                        "and 'service_name' are required", name);
+    if (rc == DP_OK && (!s->host || !s->lock_prefix))
+        rc = dp_err_set(err, DP_ENOMEM, "out of memory");
+    if (rc != DP_OK) {
+        inst_free(s);
+        return rc;
+    }
+    s->prefix_len = strlen(s->lock_prefix);
+
+    /* The identity: the name and the sorted arguments. */
+    dp_arg *sorted = malloc((nargs ? nargs : 1) * sizeof *sorted);
+    size_t idcap = 64 + strlen(name);
+    for (size_t i = 0; i < nargs; i++)
+        idcap += strlen(args[i].name) + args[i].len + 48;
+    char *id = malloc(idcap);
+    if (!sorted || !id) {
+        free(sorted);
+        free(id);
+        inst_free(s);
+        return dp_err_set(err, DP_ENOMEM, "out of memory");
+    }
+    memcpy(sorted, args, nargs * sizeof *sorted);
+    qsort(sorted, nargs, sizeof *sorted, cmp_args);
+    size_t idlen = (size_t)snprintf(id, idcap, "%s", name);
+    for (size_t i = 0; i < nargs; i++) {
+        const dp_arg *a = &sorted[i];
+        idlen += (size_t)snprintf(id + idlen, idcap - idlen, "\n%s=%d:", a->name, a->type);
+        if (a->type == DP_ARG_STRING) {
+            memcpy(id + idlen, a->string, a->len);
+            idlen += a->len;
+            id[idlen] = '\0';
+        } else {
+            idlen += (size_t)snprintf(id + idlen, idcap - idlen, "%.17g", a->number);
+        }
+    }
+    free(sorted);
+
+    uv_once(&instances_once, instances_init);
+    uv_mutex_lock(&instances_mu);
+    inst *found;
+    for (found = instances; found; found = found->next)
+        if (strcmp(found->id, id) == 0)
+            break;
+    if (found) {
+        found->handles++;
+        uv_mutex_unlock(&instances_mu);
+        free(id);
+        inst_free(s);
+        *self = found;
+        return DP_OK;
+    }
+    uv_mutex_unlock(&instances_mu);
+    s->id = id;
+
+    /* One connection now: a refused password or db is a configuration error
+     * to report here; a server that is down is not (it may come up later). */
+    conn *c;
+    int reused;
+    dp_err e;
+    nopipe np;
+    nopipe_begin(&np);
+    rc = conn_take(s, &c, &reused, &e);
+    nopipe_end(&np);
+    if (rc == DP_OK) {
+        conn_give(s, c, 0);
+    } else if (rc != DP_EBACKEND) {
+        dp_err_set(err, rc, "%s", e.msg);
+        inst_free(s);
+        return rc;
+    }
+
+    /* The lock domain: every handle on this server, db and lock prefix. */
+    char dom[1400];
+    int dl;
+    if (sentinel)
+        dl = snprintf(dom, sizeof dom, "%s:%s/%d/%s", name, s->service, s->db, s->lock_prefix);
+    else if (s->unix_path)
+        dl = snprintf(dom, sizeof dom, "%s:unix:%s/%d/%s", NAME, s->unix_path, s->db,
+                      s->lock_prefix);
+    else
+        dl = snprintf(dom, sizeof dom, "%s:%s:%d/%d/%s", NAME, s->host, s->port, s->db,
+                      s->lock_prefix);
+    s->domain = dp_lock_domain(dom, (size_t)(dl < (int)sizeof dom ? dl : (int)sizeof dom - 1));
+
+    uv_mutex_lock(&instances_mu);
+    for (found = instances; found; found = found->next)
+        if (strcmp(found->id, id) == 0)
+            break;
+    if (found) { /* another thread opened it meanwhile */
+        found->handles++;
+        uv_mutex_unlock(&instances_mu);
+        inst_free(s);
+        *self = found;
+        return DP_OK;
+    }
+    s->handles = 1;
+    s->next = instances;
+    instances = s;
+    uv_mutex_unlock(&instances_mu);
+    *self = s;
+    return DP_OK;
+}
+
+static int rd_open(void *ud, const dp_arg *args, size_t nargs, void **self, dp_err *err)
+{
+    return open_with(ud ? SENTINEL_NAME : NAME, args, nargs, self, err);
+}
+
+static const dp_backend_ops rd_ops = {
+    .name = NAME,
+    .open = rd_open,
+    .get = rd_get,
+    .set = rd_set,
+    .del = rd_del,
+    .stats = rd_stats,
+    .lock_domain = rd_lock_domain,
+    .close = rd_close,
+    .infallible = 0,
+    .lock = rd_lock,
+    .unlock = rd_unlock,
+    .get_multi = rd_get_multi,
+    .set_multi = rd_set_multi,
+    .del_multi = rd_del_multi,
+};
+
+static const dp_backend_ops rs_ops = {
+    .name = SENTINEL_NAME,
+    .open = rd_open,
+    .get = rd_get,
+    .set = rd_set,
+    .del = rd_del,
+    .stats = rd_stats,
+    .lock_domain = rd_lock_domain,
+    .close = rd_close,
+    .infallible = 0,
+    .lock = rd_lock,
+    .unlock = rd_unlock,
+    .get_multi = rd_get_multi,
+    .set_multi = rd_set_multi,
+    .del_multi = rd_del_multi,
+};
+
+/* -- Lua module ---------------------------------------------------------------------- */
+
+int luaopen_dogpile_backends_redis(lua_State *L);
+
+__attribute__((visibility("default"))) int luaopen_dogpile_backends_redis(lua_State *L)
+{
+    uv_once(&instances_once, instances_init);
+    int rc = dp_backend_register(&rd_ops, NULL);
+    if (rc == DP_OK)
+        rc = dp_backend_register(&rs_ops, (void *)&rs_ops);
+    if (rc != DP_OK)
+        return luaL_error(L, NAME ": cannot register the backend: %s", dp_strerror(rc));
+    lua_pushstring(L, NAME);
+    return 1;
+}

@@ -1,0 +1,275 @@
+--- dogpile.cache.ngx_shared: values in an nginx `lua_shared_dict`, seen by
+-- every worker of the nginx instance, with the per-key dogpile lock and the
+-- region's invalidation time kept in the same dict. Inside OpenResty only.
+-- Arguments:
+--   dict              the lua_shared_dict's name (or the ngx.shared.DICT itself)
+--   lock_timeout      seconds (default 30): a lock expires after this long, so
+--                     a dead or stuck holder keeps the others waiting at most
+--                     that long; waiters give up the wait at that point too
+--   lock_prefix       prefix of the lock keys (default "dogpile:lock:")
+--   invalidation_prefix  prefix of the key that holds a region's
+--                     invalidation, followed by the region's name
+--                     (default "dogpile:invalidated:")
+--   expiration        seconds after which the dict itself drops a stored
+--                     value (default 0: never; the dict's LRU evicts when full)
+--
+-- Waiting: in a phase that can yield (rewrite, access, content, timer,
+-- ssl_*), a caller with no value to serve polls the lock with ngx.sleep in
+-- fixed short steps (1 ms, then at most 4 ms), so it returns within a few ms
+-- of the value being stored, without blocking the worker. In a phase that
+-- cannot yield (init_worker, log, header_filter, body_filter, balancer, set),
+-- acquire(true) returns true without taking the lock: the caller runs the
+-- creator itself instead of waiting (a stale value, when there is one, is
+-- served as usual, since that needs no wait).
+local lib = require "dogpile.lib"
+local api = require "dogpile.cache.api"
+local dogpile = require "dogpile"
+
+local ngx = ngx
+local NO_VALUE = api.NO_VALUE
+local raise = lib.raise
+local current_sleep = dogpile.current_sleep
+local stamp = dogpile.stamp
+local type, tostring, setmetatable, error, pcall, math_min =
+      type, tostring, setmetatable, error, pcall, math.min
+
+lib.own_source()
+
+local NAME = "dogpile.cache.ngx_shared"
+local FIRST_STEP, MAX_STEP = 0.001, 0.004
+local DEFAULT_LOCK_TIMEOUT = 30
+
+local _M = { _VERSION = lib.version }
+
+-- -- The lock ------------------------------------------------------------------
+-- `dict:add(lock_key, token, lock_timeout)` takes it (atomic across workers);
+-- release deletes it only if it still holds our token, so a holder whose lock
+-- expired and was taken by another never frees the other's lock.
+
+local Mutex = {}
+Mutex.__index = Mutex
+
+local token_seq = 0
+
+local function new_token()
+    token_seq = token_seq + 1
+    return ngx.worker.pid() .. ":" .. token_seq
+end
+
+local function try_add(self, token)
+    local ok, err = self.dict:add(self.lock_key, token, self.timeout)
+    if ok then
+        self.token = token
+        return true
+    end
+    if err ~= "exists" then
+        error(NAME .. ": cannot take the lock '" .. self.lock_key .. "': " .. tostring(err), 0)
+    end
+    return false
+end
+
+--- `wait` false: try once. Otherwise wait with ngx.sleep where the phase can
+-- yield; where it cannot, return true without the lock (see the header).
+function Mutex:acquire(wait)
+    local token = new_token()
+    if try_add(self, token) then
+        return true
+    end
+    if wait == false then
+        return false
+    end
+    local sleep = current_sleep()
+    if not sleep then
+        self.unlocked = true
+        return true
+    end
+    -- The holder's lock expires after `timeout` at the latest, and add then
+    -- succeeds; the deadline only guards against a clock gone wrong.
+    local deadline = ngx.now() + 2 * self.timeout + 1
+    local step = FIRST_STEP
+    while true do
+        sleep(step)
+        if try_add(self, token) then
+            return true
+        end
+        if ngx.now() > deadline then
+            error(NAME .. ": timed out waiting for the lock '" .. self.lock_key .. "'", 0)
+        end
+        step = math_min(step * 2, MAX_STEP)
+    end
+end
+
+function Mutex:release()
+    local token = self.token
+    if token == nil then
+        if self.unlocked then
+            self.unlocked = false
+            return
+        end
+        raise("dogpile: release of the lock '" .. self.lock_key .. "', which is not held")
+    end
+    self.token = nil
+    local dict, lk = self.dict, self.lock_key
+    if dict:get(lk) == token then
+        dict:delete(lk)
+    end
+end
+
+function Mutex:locked()
+    return self.dict:get(self.lock_key) ~= nil
+end
+
+-- -- Invalidation across workers -----------------------------------------------
+-- One number per region in the dict: the invalidation time, positive for a
+-- hard invalidation and negative for a soft one. A hit reads it once.
+
+local Invalidator = {}
+Invalidator.__index = Invalidator
+_M.Invalidator = Invalidator
+
+function Invalidator:invalidate(hard)
+    local t = stamp()
+    local ok, err = self.dict:set(self.key, hard ~= false and t or -t)
+    if not ok then
+        error(NAME .. ": cannot store the invalidation '" .. self.key .. "': " .. tostring(err), 0)
+    end
+end
+
+function Invalidator:is_invalidated(ct)
+    local v = self.dict:get(self.key)
+    if v == nil then
+        return false
+    end
+    if v < 0 then
+        v = -v
+    end
+    return ct < v
+end
+
+function Invalidator:is_hard_invalidated(ct)
+    local v = self.dict:get(self.key)
+    return v ~= nil and v > 0 and ct < v
+end
+
+function Invalidator:is_soft_invalidated(ct)
+    local v = self.dict:get(self.key)
+    return v ~= nil and v < 0 and ct < -v
+end
+
+function Invalidator:was_hard_invalidated()
+    local v = self.dict:get(self.key)
+    return v ~= nil and v > 0
+end
+
+function Invalidator:was_soft_invalidated()
+    local v = self.dict:get(self.key)
+    return v ~= nil and v < 0
+end
+
+-- -- The backend -----------------------------------------------------------------
+
+local Backend = {}
+Backend.__index = Backend
+-- The region hands us, and expects back, the serialized envelope (bytes).
+Backend.serialized = true
+-- dict:get never raises (a bad key gives nil, err): the region calls it
+-- without pcall, so a hit compiles into one trace.
+Backend.infallible = true
+
+function Backend:get(key)
+    local v = self.dict:get(key)
+    if v == nil then
+        return NO_VALUE
+    end
+    return v
+end
+
+function Backend:set(key, value)
+    local ok, err = self.dict:set(key, value, self.expiration)
+    if not ok then
+        error("cannot store: " .. tostring(err), 0)
+    end
+end
+
+function Backend:delete(key)
+    self.dict:delete(key)
+end
+
+function Backend:get_mutex(key)
+    return setmetatable({ dict = self.dict, lock_key = self.lock_prefix .. key,
+                          timeout = self.lock_timeout, token = nil, unlocked = false }, Mutex)
+end
+
+--- The region's invalidator, in the dict, so that invalidate() in one worker
+-- reaches every worker (region.configure asks for it).
+function Backend:region_invalidator(region)
+    local name = region and region.name or ""
+    return setmetatable({ dict = self.dict, key = self.invalidation_prefix .. tostring(name) },
+                        Invalidator)
+end
+
+function Backend:stats()
+    local dict = self.dict
+    local out = { evictions = 0 }
+    if dict.free_space then
+        local ok, free = pcall(dict.free_space, dict)
+        if ok then
+            out.free_bytes = free
+        end
+    end
+    if dict.capacity then
+        local ok, cap = pcall(dict.capacity, dict)
+        if ok then
+            out.capacity = cap
+        end
+    end
+    return out
+end
+
+local function check_seconds(v, what, default)
+    if v == nil then
+        return default
+    end
+    if type(v) ~= "number" or v < 0 or v ~= v then
+        raise(NAME .. ": " .. what .. " must be a number of seconds >= 0, got " .. tostring(v))
+    end
+    return v
+end
+
+--- `new(arguments)`.
+-- @raise outside nginx, or when `dict` names no lua_shared_dict
+function _M.new(arguments)
+    arguments = arguments or {}
+    if type(ngx) ~= "table" or type(ngx.shared) ~= "table" and type(ngx.shared) ~= "userdata" then
+        raise(NAME .. ": needs OpenResty (ngx.shared); this Lua state is not inside nginx")
+    end
+    local dict = arguments.dict
+    if type(dict) == "string" then
+        local d = ngx.shared[dict]
+        if d == nil then
+            raise(NAME .. ": no lua_shared_dict named '" .. dict .. "' (declare it with "
+                  .. "`lua_shared_dict " .. dict .. " 10m;` in the http block)")
+        end
+        dict = d
+    elseif type(dict) ~= "table" and type(dict) ~= "userdata" then
+        raise(NAME .. ": argument dict must be the name of a lua_shared_dict, got " .. type(dict))
+    end
+    local lock_timeout = check_seconds(arguments.lock_timeout, "lock_timeout", DEFAULT_LOCK_TIMEOUT)
+    if lock_timeout <= 0 then
+        raise(NAME .. ": lock_timeout must be > 0 (a lock without a timeout could be held forever)")
+    end
+    local lock_prefix = arguments.lock_prefix or "dogpile:lock:"
+    local inv_prefix = arguments.invalidation_prefix or "dogpile:invalidated:"
+    if type(lock_prefix) ~= "string" or type(inv_prefix) ~= "string" then
+        raise(NAME .. ": lock_prefix and invalidation_prefix must be strings")
+    end
+    return setmetatable({
+        dict = dict,
+        lock_timeout = lock_timeout,
+        lock_prefix = lock_prefix,
+        invalidation_prefix = inv_prefix,
+        expiration = check_seconds(arguments.expiration, "expiration", 0),
+    }, Backend)
+end
+
+return _M
