@@ -256,12 +256,13 @@ describe("dogpile in nginx", function()
         assert.are.equal(4, stat("creations:as"))
     end)
 
-    -- The memory region's hit inside nginx. (ngx_shared's hit is not yet
-    -- abort-free: the region decodes serialized values through pcall and the
-    -- classic-API codec; see the README's OpenResty section.)
-    for _, loop in ipairs({ "get", "get_or_create" }) do
-        it("a memory-region hit (region:" .. loop .. ") compiles with no trace abort", function()
-            local body, status = ngx:get("/jit?region=memory&loop=" .. loop)
+    -- A hit inside nginx, on a worker's memory region and on the shared dict
+    -- (a scalar value: the region decodes it in Lua, without the C codec).
+    for _, case in ipairs({ { "memory", "get" }, { "memory", "get_or_create" },
+                            { "shared", "get" }, { "shared", "get_or_create" } }) do
+        local which, loop = case[1], case[2]
+        it("a " .. which .. "-region hit (region:" .. loop .. ") compiles with no trace abort", function()
+            local body, status = ngx:get("/jit?region=" .. which .. "&loop=" .. loop)
             assert.are.equal(200, status, body)
             local aborts, stops = body:match("^aborts=(%d+) stops=(%d+) hits_ok=true\n")
             assert.are.equal("0", aborts, body)
