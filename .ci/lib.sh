@@ -7,8 +7,10 @@ BUILD=$ROOT/_build
 # Debian 12 packages. luajit2 is OpenResty's LuaJIT; Debian's plain `luajit`
 # conflicts with it and must not be used.
 BUILD_PKGS="build-essential pkg-config meson ninja-build luajit2 libluajit2-5.1-dev
-  lua-busted lua-resty-lrucache libuv1-dev libhiredis-dev liblmdb-dev libmemcached-dev"
-TEST_PKGS="redis-server memcached nginx-extras curl clang libclang-rt-14-dev valgrind"
+  lua-busted lua-resty-lrucache libuv1-dev libhiredis-dev liblmdb-dev libmemcached-dev
+  luarocks lua-ldoc lua-discount"
+TEST_PKGS="redis-server memcached nginx-extras curl clang libclang-rt-14-dev valgrind
+  lua-cosmo"
 
 install_deps() {
     local missing=() p
@@ -43,6 +45,7 @@ build() {
 # use_stage NAME: point LuaJIT at the modules installed by `build NAME`.
 use_stage() {
     local stage=$BUILD/$1-stage
+    export DP_STAGE=$1   # read by .busted
     export LUA_PATH="$stage/share/lua/5.1/?.lua;$ROOT/spec/?.lua;;"
     export LUA_CPATH="$stage/lib/lua/5.1/?.so;;"
 }

@@ -5,7 +5,15 @@ local region = require "dogpile.cache.region"
 local util = require "dogpile.cache.util"
 
 local raise = lib.raise
-local type, pairs, tostring, pcall, loadfile = type, pairs, tostring, pcall, loadfile
+local type, pairs, ipairs, tostring, pcall, loadfile = type, pairs, ipairs, tostring, pcall, loadfile
+local rawget, concat, floor = rawget, table.concat, math.floor
+
+local function fmt_number(n)
+    if n == floor(n) and n > -1e15 and n < 1e15 then
+        return ("%d"):format(n)
+    end
+    return tostring(n)
+end
 
 lib.own_source()
 
@@ -86,6 +94,66 @@ function _M.load_regions(source)
         regions[name] = region.make_region(make_opts):configure(backend, conf_opts)
     end
     return regions
+end
+
+-- -- Metrics -------------------------------------------------------------------
+
+-- One Prometheus counter family per region:stats() counter, in this order.
+local METRICS = {
+    { "hits", "Cache hits: a fresh value returned from the backend." },
+    { "misses", "Cache misses: no usable value in the backend." },
+    { "creations", "Values created by a creator function." },
+    { "stale_served", "Expired values served while another caller regenerates." },
+    { "lock_waits", "Callers that waited for another caller's creator." },
+    { "errors", "Backend failures and undecodable values." },
+    { "evictions", "Values the backend evicted, where it reports them." },
+    { "lock_overruns", "Creations that outlived a distributed lock's timeout." },
+}
+
+-- Label values escape backslash, double quote and newline (text format 0.0.4).
+local function escape_label(s)
+    return (s:gsub("[\\\"\n]", { ["\\"] = "\\\\", ["\""] = "\\\"", ["\n"] = "\\n" }))
+end
+
+--- `cache.metrics()` -> string: every configured region's counters (this Lua
+-- state's) in the Prometheus text exposition format, one counter family per
+-- stats() field, labelled by region name. Unnamed regions are labelled
+-- "(unnamed N)", and a name used twice gets " (N)" appended, so that every
+-- series is unique.
+function _M.metrics()
+    local labels, stats = {}, {}
+    local seen, unnamed = {}, 0
+    for _, r in ipairs(region.regions()) do
+        if rawget(r, "is_configured") then
+            local name = rawget(r, "name")
+            local label
+            if name == nil then
+                unnamed = unnamed + 1
+                label = "(unnamed " .. unnamed .. ")"
+            else
+                label = tostring(name)
+            end
+            local base, n = label, 1
+            while seen[label] do
+                n = n + 1
+                label = base .. " (" .. n .. ")"
+            end
+            seen[label] = true
+            labels[#labels + 1] = escape_label(label)
+            stats[#stats + 1] = r:stats()
+        end
+    end
+    local out = {}
+    for _, m in ipairs(METRICS) do
+        local family = "dogpile_cache_" .. m[1] .. "_total"
+        out[#out + 1] = "# HELP " .. family .. " " .. m[2]
+        out[#out + 1] = "# TYPE " .. family .. " counter"
+        for i = 1, #labels do
+            out[#out + 1] = ("%s{region=\"%s\"} %s"):format(family, labels[i],
+                                                           fmt_number(stats[i][m[1]] or 0))
+        end
+    end
+    return concat(out, "\n") .. "\n"
 end
 
 return _M

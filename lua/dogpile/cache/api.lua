@@ -30,7 +30,9 @@ function CachedValue.new(payload, metadata)
         lib.raise("dogpile.cache: CachedValue.new: metadata must be a table {ct = , v = }, got "
                   .. type(metadata))
     end
-    return setmetatable({ payload = payload, metadata = metadata }, CachedValue)
+    -- A plain table, as API.md describes it: no metatable to set on the hit
+    -- path of byte-storing backends (a setmetatable there can end a trace).
+    return { payload = payload, metadata = metadata }
 end
 
 return _M

@@ -221,6 +221,10 @@ local function check_opts(who, opts, allowed)
     return opts
 end
 
+-- Regions by creation sequence number, weak keys: see _M.regions().
+local REGIONS = setmetatable({}, { __mode = "k" })
+local REGIONS_SEQ = 0
+
 --- `cache.make_region(opts)`.
 function _M.make_region(opts)
     opts = check_opts("make_region", opts, MAKE_OPTS)
@@ -241,7 +245,21 @@ function _M.make_region(opts)
         is_configured = false,
         region_invalidator = DefaultInvalidation.new(),
     }
+    REGIONS_SEQ = REGIONS_SEQ + 1
+    REGIONS[self] = REGIONS_SEQ
     return setmetatable(self, UNCONFIGURED)
+end
+
+--- Every region made in this Lua state and still alive, in creation order
+-- (for cache.metrics()). The registry holds them weakly: an unreferenced
+-- region is still collected.
+function _M.regions()
+    local out = {}
+    for r in pairs(REGIONS) do
+        out[#out + 1] = r
+    end
+    sort(out, function(a, b) return REGIONS[a] < REGIONS[b] end)
+    return out
 end
 
 local function new_stats()
@@ -1365,15 +1383,33 @@ function _M.load_backend(name, arguments)
         -- A C backend the host registered with dp_backend_register().
         return require("dogpile.cache.backends.c").open(name, arguments)
     end
+    local plugin = false
     if factory == nil then
-        raise("dogpile.cache: unknown backend '" .. name .. "'; registered backends: "
-              .. registered_names() .. " (cache.register_backend adds one)")
+        -- A plugin: a backend installed as a rock is found by its module
+        -- name, as dogpile.cache finds plugins by entry points.
+        local ok, mod = pcall(require, name)
+        if ok then
+            factory, plugin = mod, true
+        elseif type(mod) == "string" and mod:find("module '" .. name .. "' not found", 1, true) then
+            raise("dogpile.cache: unknown backend '" .. name .. "'; registered backends: "
+                  .. registered_names() .. " (cache.register_backend adds one), and no Lua "
+                  .. "module '" .. name .. "' was found either")
+        else
+            raise("dogpile.cache: backend '" .. name .. "': loading module '" .. name
+                  .. "' failed: " .. tostring(mod))
+        end
     end
-    if type(factory) == "string" then
-        local ok, mod = pcall(require, factory)
-        if not ok then
-            raise("dogpile.cache: backend '" .. name .. "': cannot load module '" .. factory
-                  .. "': " .. tostring(mod))
+    if type(factory) == "string" or plugin then
+        local mod = factory
+        if not plugin then
+            local ok
+            ok, mod = pcall(require, factory)
+            if not ok then
+                raise("dogpile.cache: backend '" .. name .. "': cannot load module '" .. factory
+                      .. "': " .. tostring(mod))
+            end
+        else
+            factory = name
         end
         if type(mod) == "table" and is_callable(mod.new) then
             factory = mod.new

@@ -46,4 +46,8 @@ local function new(arguments)
     return backend
 end
 
+--- A backend over the LMDB environment at `arguments.path` (the region calls it from `configure`).
+-- @function new
+-- @tparam[opt] table arguments the arguments listed above
+-- @treturn table the backend
 return { new = new, DEFAULT_LOCK_TIMEOUT = DEFAULT_LOCK_TIMEOUT }

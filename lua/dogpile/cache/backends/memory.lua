@@ -193,4 +193,8 @@ local function new(arguments)
     return self
 end
 
+--- A backend over a Lua table of this state (the region calls it from `configure`).
+-- @function new
+-- @tparam[opt] table arguments the arguments listed above
+-- @treturn table the backend
 return { new = new }

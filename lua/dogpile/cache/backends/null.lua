@@ -29,6 +29,10 @@ function Null.get_multi(_, keys)
 end
 function Null.get_mutex() return NULL_LOCK end
 
+--- A backend that stores nothing (the region calls it from `configure`).
+-- @function new
+-- @tparam[opt] table arguments the arguments listed above
+-- @treturn table the backend
 return {
     new = function() return setmetatable({}, Null) end,
 }

@@ -46,4 +46,8 @@ local function new(arguments)
     return redis.open(NAME, arguments, { sentinels = concat(list, ",") })
 end
 
+--- A redis backend on the master the sentinels name (the region calls it from `configure`).
+-- @function new
+-- @tparam[opt] table arguments the arguments listed above
+-- @treturn table the backend
 return { new = new }

@@ -6,6 +6,10 @@
 require "dogpile.backends.shared_memory" -- registers the C backend
 local c = require "dogpile.cache.backends.c"
 
+--- A backend over the process-wide store `arguments.name` (the region calls it from `configure`).
+-- @function new
+-- @tparam[opt] table arguments the arguments listed above
+-- @treturn table the backend
 return {
     new = function(arguments)
         return c.open("dogpile.cache.shared_memory", arguments)

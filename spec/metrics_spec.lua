@@ -1,0 +1,96 @@
+-- cache.metrics(): every configured region's counters in the Prometheus text
+-- exposition format (version 0.0.4).
+local cache = require "dogpile.cache"
+local support = require "support"
+
+local FAMILIES = { "hits", "misses", "creations", "stale_served", "lock_waits", "errors",
+                   "evictions", "lock_overruns" }
+
+-- The sample of `family` for the region labelled `label` (already escaped).
+local function sample(text, family, label)
+    for line in text:gmatch("[^\n]+") do
+        local f, l, v = line:match('^dogpile_cache_([%w_]+)_total{region="(.-)"} (%S+)$')
+        if f == family and l == label then
+            return tonumber(v)
+        end
+    end
+    return nil
+end
+
+describe("cache.metrics", function()
+    support.no_leaks()
+
+    it("has a HELP and a TYPE counter line for every family, before its samples", function()
+        local r = cache.make_region({ name = "metrics-families" }):configure("dogpile.cache.memory")
+        local text = cache.metrics()
+        assert.are.equal("\n", text:sub(-1))
+        for _, f in ipairs(FAMILIES) do
+            local name = "dogpile_cache_" .. f .. "_total"
+            local help = text:find("# HELP " .. name .. " ", 1, true)
+            local typ = text:find("# TYPE " .. name .. " counter\n", 1, true)
+            local first = text:find("\n" .. name .. "{", 1, true)
+            assert.is_truthy(help, name)
+            assert.is_truthy(typ and help < typ and typ < first, name)
+            assert.are.equal(0, sample(text, f, "metrics-families"))
+        end
+        -- Every line is a comment or a sample.
+        for line in text:gmatch("[^\n]*\n") do
+            assert.is_truthy(line:match("^# HELP dogpile_cache_[%w_]+_total %S") or
+                             line:match("^# TYPE dogpile_cache_[%w_]+_total counter\n$") or
+                             line:match('^dogpile_cache_[%w_]+_total{region=".*"} %d+\n$'), line)
+        end
+        r:get("x")
+    end)
+
+    it("counts what the regions did", function()
+        local r = cache.make_region({ name = "metrics-counts" }):configure("dogpile.cache.memory")
+        r:get("a")
+        r:get_or_create("a", function() return 1 end)
+        r:get("a")
+        r:get("a")
+        local text = cache.metrics()
+        assert.are.equal(2, sample(text, "hits", "metrics-counts"))
+        assert.are.equal(2, sample(text, "misses", "metrics-counts"))
+        assert.are.equal(1, sample(text, "creations", "metrics-counts"))
+        for k, v in pairs(r:stats()) do
+            assert.are.equal(v, sample(text, k, "metrics-counts"), k)
+        end
+    end)
+
+    it("escapes label values and keeps every series unique", function()
+        local a = cache.make_region({ name = 'we"ird\\na\nme' }):configure("dogpile.cache.memory")
+        local b = cache.make_region({ name = "metrics-twice" }):configure("dogpile.cache.memory")
+        local c = cache.make_region({ name = "metrics-twice" }):configure("dogpile.cache.memory")
+        local u1 = cache.make_region():configure("dogpile.cache.memory")
+        local u2 = cache.make_region():configure("dogpile.cache.memory")
+        c:get("x")
+        local text = cache.metrics()
+        assert.are.equal(0, sample(text, "hits", 'we\\"ird\\\\na\\nme'))
+        assert.are.equal(0, sample(text, "misses", "metrics-twice"))
+        assert.are.equal(1, sample(text, "misses", "metrics-twice (2)"))
+        local seen, unnamed = {}, 0
+        for label in text:gmatch('dogpile_cache_hits_total{region="(.-)"}') do
+            assert.is_nil(seen[label], "duplicate series " .. label)
+            seen[label] = true
+            if label:match("^%(unnamed %d+%)$") then
+                unnamed = unnamed + 1
+            end
+        end
+        assert.is_true(unnamed >= 2)
+        assert.is_truthy(a and b and u1 and u2)
+    end)
+
+    it("lists only configured regions, and lets regions be collected", function()
+        local r = cache.make_region({ name = "metrics-unconfigured" })
+        assert.is_nil(cache.metrics():find("metrics-unconfigured", 1, true))
+        r:configure("dogpile.cache.memory")
+        assert.is_truthy(cache.metrics():find('region="metrics-unconfigured"', 1, true))
+        r = nil
+        cache.make_region({ name = "metrics-dropped" }):configure("dogpile.cache.memory")
+        collectgarbage()
+        collectgarbage()
+        local text = cache.metrics()
+        assert.is_nil(text:find("metrics-unconfigured", 1, true))
+        assert.is_nil(text:find("metrics-dropped", 1, true))
+    end)
+end)
