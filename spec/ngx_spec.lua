@@ -257,7 +257,8 @@ describe("dogpile in nginx", function()
     end)
 
     -- A hit inside nginx, on a worker's memory region and on the shared dict
-    -- (a scalar value: the region decodes it in Lua, without the C codec).
+    -- (a scalar value: the region decodes it in Lua, without the C codec):
+    -- the loop's trace compiles and never aborts.
     for _, case in ipairs({ { "memory", "get" }, { "memory", "get_or_create" },
                             { "shared", "get" }, { "shared", "get_or_create" } }) do
         local which, loop = case[1], case[2]
