@@ -4,22 +4,14 @@
 -- `luajit` processes that inherit LUA_PATH and LUA_CPATH.
 local cache = require "dogpile.cache"
 local support = require "support"
+local now, sh, write, read = support.now, support.sh, support.write, support.read
 local ffi = require "ffi"
 
 local NO_VALUE = cache.NO_VALUE
 
 pcall(ffi.cdef, [[ int usleep(unsigned int usec); ]])
 
-local function now()
-    return require("dogpile").now()
-end
 
-local function sh(cmd)
-    local p = assert(io.popen(cmd .. " 2>&1"))
-    local out = p:read("*a")
-    p:close()
-    return out
-end
 
 local function mktemp()
     return (sh("mktemp -d /tmp/dogpile-lmdb-XXXXXX"):gsub("%s+$", ""))
@@ -32,21 +24,7 @@ local function tmpdir()
     return d
 end
 
-local function write(path, text)
-    local f = assert(io.open(path, "w"))
-    f:write(text)
-    f:close()
-end
 
-local function read(path)
-    local f = io.open(path)
-    if not f then
-        return nil
-    end
-    local s = f:read("*a")
-    f:close()
-    return s
-end
 
 local function count_lines(path)
     local s = read(path) or ""

@@ -8,6 +8,7 @@ local cache = require "dogpile.cache"
 local util = require "dogpile.cache.util"
 local lib = require "dogpile.lib"
 local support = require "support"
+local now, sleep, sh, write, read, count_lines = support.now, support.sleep, support.sh, support.write, support.read, support.count_lines
 local ffi = require "ffi"
 
 local NO_VALUE = cache.NO_VALUE
@@ -15,41 +16,11 @@ local C = lib.C
 
 pcall(ffi.cdef, [[ int usleep(unsigned int usec); ]])
 
-local function now()
-    return require("dogpile").now()
-end
 
-local function sleep(s)
-    ffi.C.usleep(math.floor(s * 1e6))
-end
 
-local function sh(cmd)
-    local p = assert(io.popen(cmd .. " 2>&1"))
-    local out = p:read("*a")
-    p:close()
-    return out
-end
 
-local function write(path, text)
-    local f = assert(io.open(path, "w"))
-    f:write(text)
-    f:close()
-end
 
-local function read(path)
-    local f = io.open(path)
-    if not f then
-        return nil
-    end
-    local s = f:read("*a")
-    f:close()
-    return s
-end
 
-local function count_lines(path)
-    local _, n = (read(path) or ""):gsub("\n", "")
-    return n
-end
 
 -- -- Servers -------------------------------------------------------------------
 

@@ -7,47 +7,18 @@
 -- that kill, pause or reconfigure a server start their own.
 local cache = require "dogpile.cache"
 local support = require "support"
+local now, sleep, sh, write, read, count_lines = support.now, support.sleep, support.sh, support.write, support.read, support.count_lines
 local ffi = require "ffi"
 
 local NO_VALUE = cache.NO_VALUE
 
 pcall(ffi.cdef, [[ int usleep(unsigned int usec); ]])
 
-local function now()
-    return require("dogpile").now()
-end
 
-local function sleep(s)
-    ffi.C.usleep(math.floor(s * 1e6))
-end
 
-local function sh(cmd)
-    local p = assert(io.popen(cmd .. " 2>&1"))
-    local out = p:read("*a")
-    p:close()
-    return out
-end
 
-local function read(path)
-    local f = io.open(path)
-    if not f then
-        return nil
-    end
-    local s = f:read("*a")
-    f:close()
-    return s
-end
 
-local function write(path, text)
-    local f = assert(io.open(path, "w"))
-    f:write(text)
-    f:close()
-end
 
-local function count_lines(path)
-    local _, n = (read(path) or ""):gsub("\n", "")
-    return n
-end
 
 local TMP = (sh("mktemp -d /tmp/dogpile-redis-XXXXXX"):gsub("%s+$", ""))
 

@@ -98,4 +98,49 @@ function _M.scheduler()
     return s
 end
 
+-- -- Processes and files, for the specs that drive servers ---------------------
+
+local ffi = require "ffi"
+pcall(ffi.cdef, [[ int usleep(unsigned int usec); ]])
+
+--- Wall-clock seconds.
+function _M.now()
+    return require("dogpile").now()
+end
+
+--- Block for `s` seconds.
+function _M.sleep(s)
+    ffi.C.usleep(math.floor(s * 1e6))
+end
+
+--- Run a shell command; its stdout and stderr.
+function _M.sh(cmd)
+    local p = assert(io.popen(cmd .. " 2>&1"))
+    local out = p:read("*a")
+    p:close()
+    return out
+end
+
+function _M.write(path, text)
+    local f = assert(io.open(path, "w"))
+    f:write(text)
+    f:close()
+end
+
+--- The file's contents, or nil if it cannot be read.
+function _M.read(path)
+    local f = io.open(path)
+    if not f then
+        return nil
+    end
+    local s = f:read("*a")
+    f:close()
+    return s
+end
+
+function _M.count_lines(path)
+    local _, n = (_M.read(path) or ""):gsub("\n", "")
+    return n
+end
+
 return _M
