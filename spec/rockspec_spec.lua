@@ -81,4 +81,15 @@ describe("rockspec", function()
         assert(ok2, out2)
         assert.are.equal("OK", out2)
     end)
+
+    -- test = {type = "busted"}: `luarocks test` runs the specs, offline, with
+    -- Debian's busted served to LuaRocks as a rock (.ci/luarocks-test says
+    -- why). The inner busted reads .busted, which loads the main stage (the
+    -- test command builds it first): plain luajit, so no sanitizer preload.
+    it("luarocks test runs the specs offline", function()
+        local ok, out = run(("%s DP_STAGE=main bash .ci/luarocks-test spec/cache_hit_spec.lua")
+            :format(CLEAN_ENV))
+        assert(ok, out)
+        assert.truthy(out:find("3 successes / 0 failures / 0 errors", 1, true), out)
+    end)
 end)
