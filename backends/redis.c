@@ -1195,39 +1195,19 @@ static int rd_open(void *ud, const dp_arg *args, size_t nargs, void **self, dp_e
     return open_with(ud ? SENTINEL_NAME : NAME, args, nargs, self, err);
 }
 
-static const dp_backend_ops rd_ops = {
-    .name = NAME,
-    .open = rd_open,
-    .get = rd_get,
-    .set = rd_set,
-    .del = rd_del,
-    .stats = rd_stats,
-    .lock_domain = rd_lock_domain,
-    .close = rd_close,
-    .infallible = 0,
-    .lock = rd_lock,
-    .unlock = rd_unlock,
-    .get_multi = rd_get_multi,
-    .set_multi = rd_set_multi,
-    .del_multi = rd_del_multi,
-};
+/* Redis and Redis-through-sentinels differ only in how open() finds the
+ * server; the ud given at registration tells them apart. */
+#define REDIS_OPS(registered_name)                                            \
+    {                                                                         \
+        .name = registered_name, .open = rd_open, .get = rd_get,              \
+        .set = rd_set, .del = rd_del, .stats = rd_stats,                      \
+        .lock_domain = rd_lock_domain, .close = rd_close, .infallible = 0,    \
+        .lock = rd_lock, .unlock = rd_unlock, .get_multi = rd_get_multi,      \
+        .set_multi = rd_set_multi, .del_multi = rd_del_multi,                 \
+    }
 
-static const dp_backend_ops rs_ops = {
-    .name = SENTINEL_NAME,
-    .open = rd_open,
-    .get = rd_get,
-    .set = rd_set,
-    .del = rd_del,
-    .stats = rd_stats,
-    .lock_domain = rd_lock_domain,
-    .close = rd_close,
-    .infallible = 0,
-    .lock = rd_lock,
-    .unlock = rd_unlock,
-    .get_multi = rd_get_multi,
-    .set_multi = rd_set_multi,
-    .del_multi = rd_del_multi,
-};
+static const dp_backend_ops rd_ops = REDIS_OPS(NAME);
+static const dp_backend_ops rs_ops = REDIS_OPS(SENTINEL_NAME);
 
 /* -- Lua module ---------------------------------------------------------------------- */
 
