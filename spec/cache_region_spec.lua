@@ -1578,6 +1578,21 @@ describe("ProxyBackend and wrap", function()
         assert.are.same({ "A set k", "A get k", "A get k" }, log)
     end)
 
+    it("region:wrap after configure puts the proxy in front of every read", function()
+        for _, conf in ipairs({ { "dogpile.cache.memory", {} },
+                                { "dogpile.cache.memory", { expiration_time = 60 } },
+                                { "dogpile.cache.shared_memory",
+                                  { expiration_time = 60, arguments = { name = "wrap_spec" } } } }) do
+            local log = {}
+            local r = cache.make_region():configure(conf[1], conf[2])
+            r:set("k", "v")
+            r:wrap(tracer("A", log))
+            assert.are.equal("v", r:get("k"))
+            assert.are.equal("v", r:get_or_create("k", function() return "new" end))
+            assert.are.same({ "A get k", "A get k" }, log, conf[1])
+        end
+    end)
+
     it("{A, B} gives A(B(backend)): A sees every call first", function()
         local log = {}
         local A, B = tracer("A", log), tracer("B", log)

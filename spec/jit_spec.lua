@@ -165,6 +165,10 @@ local REGIONS = {
       { expiration_time = 3600, arguments = { max_items = 2 * NKEYS } } },
     { "memory LRU (max_items) without expiration_time",
       { arguments = { max_items = 2 * NKEYS } } },
+    { "shared_memory with expiration_time",
+      { expiration_time = 3600, arguments = { name = "jit_spec_exp" } }, "dogpile.cache.shared_memory" },
+    { "shared_memory without expiration_time",
+      { arguments = { name = "jit_spec" } }, "dogpile.cache.shared_memory" },
 }
 
 local LOOPS = {
@@ -177,10 +181,10 @@ describe("a cache hit compiles with no trace abort", function()
 
     for _, r in ipairs(REGIONS) do
         for _, l in ipairs(LOOPS) do
-            local rname, conf = r[1], r[2]
+            local rname, conf, backend = r[1], r[2], r[3] or "dogpile.cache.memory"
             local lname, loop = l[1], l[2]
             it(lname .. " on " .. rname, function()
-                local region = cache.make_region():configure("dogpile.cache.memory", conf)
+                local region = cache.make_region():configure(backend, conf)
                 for i = 1, NKEYS do
                     region:set(KEYS[i], i)
                 end
@@ -198,4 +202,30 @@ describe("a cache hit compiles with no trace abort", function()
             end)
         end
     end
+end)
+
+-- A table value read in place from a C backend's buffer (envelope.lua).
+describe("a hit on a table value in shared_memory", function()
+    support.no_leaks()
+
+    it("compiles with no trace abort and decodes every field", function()
+        local region = cache.make_region():configure("dogpile.cache.shared_memory", {
+            expiration_time = 3600, arguments = { name = "jit_spec_tables" } })
+        for i = 1, NKEYS do
+            region:set(KEYS[i], { id = i, name = "user" .. i, email = "u" .. i .. "@example.com",
+                                  age = 20 + i % 50, score = i + 0.5, admin = i % 7 == 0,
+                                  active = true, country = "NO", plan = "pro", logins = i * 3 })
+        end
+        local acc
+        local aborts, stops = watch(function()
+            local a = 0
+            for i = 1, N do
+                local t = region:get(KEYS[i % NKEYS + 1])
+                a = a + t.id + (t.active and 0 or 1e9)
+            end
+            acc = a
+        end)
+        assert_compiled(aborts, stops)
+        assert.are.equal(expected_sum(N), acc)
+    end)
 end)

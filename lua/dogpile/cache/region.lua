@@ -6,6 +6,9 @@ local dogpile = require "dogpile"
 local api = require "dogpile.cache.api"
 local proxy = require "dogpile.cache.proxy"
 local util = require "dogpile.cache.util"
+local envelope = require "dogpile.cache.envelope"
+local CBackend = require("dogpile.cache.backends.c").CBackend
+local memory_backend = require "dogpile.cache.backends.memory"
 
 local C = lib.C
 local raise = lib.raise
@@ -67,95 +70,15 @@ local INVALIDATOR_METHODS = { "invalidate", "is_invalidated", "is_hard_invalidat
     "is_soft_invalidated", "was_hard_invalidated", "was_soft_invalidated" }
 
 -- -- The envelope of serialized values ------------------------------------------
--- Backends that store bytes get: magic "DPLV", format 1, flags, 2 reserved
--- bytes, the created time as a native double, then the payload bytes.
+-- (dogpile/cache/envelope.lua): magic, format, flags, the created time, then
+-- the payload.
 
-local MAGIC, FORMAT, HEADER = "DPLV", 1, 16
-local dbl = ffi.new("double[1]")
-local LITTLE = ffi.abi("le")
-
-local function pack_envelope(ct, payload)
-    dbl[0] = ct
-    return MAGIC .. char(FORMAT, 0, 0, 0) .. ffi.string(dbl, 8) .. payload
-end
-
-local u8p = ffi.typeof("const uint8_t *")
-local M1, M2, M3, M4 = byte(MAGIC, 1, 4)
-
---- The created time, or nil and why the bytes are not a value.
-local function unpack_envelope(bytes)
-    if type(bytes) ~= "string" then
-        return nil, "the backend returned a " .. type(bytes) .. ", not bytes"
-    end
-    local p = ffi.cast(u8p, bytes)
-    if #bytes < HEADER or p[0] ~= M1 or p[1] ~= M2 or p[2] ~= M3 or p[3] ~= M4 then
-        return nil, "the bytes are not a dogpile value (bad magic or too short)"
-    end
-    if p[4] ~= FORMAT then
-        return nil, "unknown value format " .. p[4]
-    end
-    ffi.copy(dbl, p + 8, 8)
-    return dbl[0]
-end
-
---- The value codec's scalar encodings, read straight from the envelope: a
--- hit on a string, number, boolean or nil stays in compiled code (a call to
--- the C decoder through the Lua C API ends the trace). Returns true and the
--- value, or false for anything else (tables, long varints), which the C
--- decoder then reads with all its checks. The format is core/codec.c's.
-local function fast_decode(bytes)
-    local n = #bytes - HEADER
-    local p = ffi.cast(u8p, bytes) + HEADER
-    if n < 3 or p[0] ~= 0xC1 or p[1] ~= 0x01 then
-        return false
-    end
-    local tag = p[2]
-    if tag == 0x05 then -- string: varint length (1 or 2 bytes here), bytes
-        local b0 = p[3]
-        if b0 < 0x80 then
-            if n == 4 + b0 then
-                return true, ffi.string(p + 4, b0)
-            end
-        elseif n >= 5 then
-            local b1 = p[4]
-            if b1 > 0 and b1 < 0x80 then
-                local len = (b0 - 0x80) + b1 * 128
-                if n == 5 + len then
-                    return true, ffi.string(p + 5, len)
-                end
-            end
-        end
-        return false
-    elseif tag == 0x03 then -- integer: zigzag varint of one or two bytes
-        local u
-        if n == 4 and p[3] < 0x80 then
-            u = p[3]
-        elseif n == 5 and p[3] >= 0x80 and p[4] > 0 and p[4] < 0x80 then
-            u = (p[3] - 0x80) + p[4] * 128
-        else
-            return false
-        end
-        if u % 2 == 0 then
-            return true, u / 2
-        end
-        return true, -(u + 1) / 2
-    elseif tag == 0x04 then -- double, little-endian
-        if n ~= 11 or not LITTLE then
-            return false
-        end
-        ffi.copy(dbl, p + 3, 8)
-        return true, dbl[0]
-    elseif n == 3 then
-        if tag == 0x02 then
-            return true, true
-        elseif tag == 0x01 then
-            return true, false
-        elseif tag == 0x00 then
-            return true, nil
-        end
-    end
-    return false
-end
+local HEADER = envelope.HEADER
+local pack_envelope, unpack_envelope = envelope.pack, envelope.unpack
+local read_value, created_at = envelope.read, envelope.created
+local u8p = envelope.u8p
+local ffi_string, ffi_cast = ffi.string, ffi.cast
+local DP_OK, DP_ENOTFOUND = lib.DP_OK, lib.DP_ENOTFOUND
 
 _M.pack_envelope, _M.unpack_envelope = pack_envelope, unpack_envelope
 
@@ -349,6 +272,18 @@ function Region:configure(backend_name, opts)
     self._encode_payload, self._decode_payload = encode_payload, decode_payload
     self._raw_decode = raw_decode
     self._direct = self.backend == backend and backend.infallible == true
+    -- Read C backends in place (c_fetch) unless a proxy or a serializer of
+    -- the user's stands between.
+    -- The unbounded memory backend's table, read directly on the hit.
+    self._mem = nil
+    if self.backend == backend and getmetatable(backend) == memory_backend.Memory then
+        self._mem = backend._cache
+    end
+    self._cb = nil
+    if self.backend == backend and raw_decode and backend.handle ~= nil
+        and getmetatable(backend) == CBackend then
+        self._cb = backend
+    end
     self.fail_open = opts.fail_open == true
     self._domain = C.dp_lock_domain_new()
     self._stats = new_stats()
@@ -397,6 +332,8 @@ end
 --- `region:wrap(proxy)`: wrap the configured backend in one more proxy.
 function Region:wrap(p)
     self.backend = apply_wrap(self.backend, { p })
+    -- Every read now goes through the proxy.
+    self._mem, self._cb, self._direct = nil, nil, false
 end
 
 function Region:invalidate(hard)
@@ -476,7 +413,7 @@ local function decode(self, bytes)
             -- The default codec: scalars are read in Lua, in compiled code;
             -- the rest by the C decoder, which returns nil, err on bad bytes
             -- and never raises, so it needs no pcall.
-            ok, value = fast_decode(bytes)
+            ok, value = read_value(ffi_cast(u8p, bytes) + HEADER, #bytes - HEADER)
             if not ok then
                 value, err = raw(bytes:sub(HEADER + 1))
                 ok = value ~= nil or err == nil
@@ -536,6 +473,41 @@ local function fetch(self, backend, key)
         return NO_VALUE
     end
     return v
+end
+
+-- A C backend with the default codec, read in place: one FFI call fills the
+-- backend's buffer, the created time is read there, and a fresh value is
+-- decoded from it; no envelope string, no CachedValue. Returns true and the
+-- value on a fresh hit; otherwise false and a CachedValue or NO_VALUE for the
+-- slow path to judge. `exp` nil: no expiry. Raises nothing but what
+-- _failed raises.
+local function c_fetch(self, cb, key, exp)
+    local bytes = cb.bytes
+    local rc = C.dp_backend_get(cb.handle, key, #key, bytes, cb.err)
+    if rc ~= DP_OK then
+        if rc ~= DP_ENOTFOUND then
+            self:_failed("get", key, ffi_string(cb.err.msg))
+        end
+        return false, NO_VALUE
+    end
+    local p, n = ffi_cast(u8p, bytes.data), tonumber(bytes.len)
+    local ct = created_at(p, n)
+    if ct and (exp == nil or C.dp_clock_upper() - ct <= exp or C.dp_clock_now() - ct <= exp) then
+        local invalidated
+        if self._default_inv then
+            local at = self.region_invalidator._invalidated
+            invalidated = at ~= nil and ct < at
+        else
+            invalidated = self.region_invalidator:is_invalidated(ct)
+        end
+        if not invalidated then
+            local ok, value = read_value(p + HEADER, n - HEADER)
+            if ok then
+                return true, value
+            end
+        end
+    end
+    return false, decode(self, ffi_string(p, n))
 end
 
 local function fetch_multi(self, backend, keys)
@@ -642,8 +614,24 @@ function Region:get(key, expiration_time, ignore_expiration)
     if self.key_mangler then
         key = mangle(self, key)
     end
-    local value = fetch(self, backend, key)
     local st = self._stats
+    local mem, cb, value = self._mem, self._cb, nil
+    if mem then
+        value = mem[key]
+        if value == nil then
+            value = NO_VALUE
+        end
+    elseif cb and not ignore_expiration then
+        local exp = expiration_time or self.expiration_time
+        local hit
+        hit, value = c_fetch(self, cb, key, (exp ~= nil and exp >= 0) and exp or nil)
+        if hit then
+            st.hits = st.hits + 1
+            return value
+        end
+    else
+        value = fetch(self, backend, key)
+    end
     if not rawequal(value, NO_VALUE) then
         if ignore_expiration then
             st.hits = st.hits + 1
@@ -939,7 +927,24 @@ function Region:get_or_create(key, creator, expiration_time, should_cache_fn, cr
     if self.key_mangler then
         key = mangle(self, key)
     end
-    local value = fetch(self, backend, key)
+    local value = nil
+    local mem, cb = self._mem, self._cb
+    if mem then
+        value = mem[key]
+        if value == nil then
+            value = NO_VALUE
+        end
+    elseif cb then
+        local hit
+        hit, value = c_fetch(self, cb, key, exp)
+        if hit then
+            local st = self._stats
+            st.hits = st.hits + 1
+            return value
+        end
+    else
+        value = fetch(self, backend, key)
+    end
     -- The hit: one read, no closure, no lock; the cheap clock bound first.
     if not rawequal(value, NO_VALUE) then
         local md = value.metadata

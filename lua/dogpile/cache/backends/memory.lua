@@ -197,4 +197,4 @@ end
 -- @function new
 -- @tparam[opt] table arguments the arguments listed above
 -- @treturn table the backend
-return { new = new }
+return { new = new, Memory = Memory }

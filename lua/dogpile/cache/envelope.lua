@@ -1,0 +1,226 @@
+--- The bytes of a cached value: the envelope (magic "DPLV", format 1, flags,
+-- 2 reserved bytes, the created time as a native double) and the payload.
+--
+-- `read` decodes the value codec's format (core/codec.c) from a pointer in
+-- Lua, so that a hit on a C backend runs in compiled code straight from the
+-- backend's buffer: no copy of the envelope, no call through the classic Lua C
+-- API (which ends a trace). It is an accelerator, not the authority: whatever
+-- it is not sure of (long varints, deep nesting, anything malformed) it
+-- leaves to the C decoder, which checks everything and says what is wrong. On
+-- bytes it accepts, it returns what the C decoder returns (spec/envelope_spec.lua
+-- compares them on valid, mutated and random inputs).
+local ffi = require "ffi"
+local lib = require "dogpile.lib"
+
+local ffi_string, ffi_cast, ffi_copy = ffi.string, ffi.cast, ffi.copy
+local type, char, byte = type, string.char, string.byte
+local tnew = require "table.new"
+
+lib.own_source()
+
+local M = {}
+
+local MAGIC, FORMAT, HEADER = "DPLV", 1, 16
+M.MAGIC, M.FORMAT, M.HEADER = MAGIC, FORMAT, HEADER
+
+local u8p = ffi.typeof("const uint8_t *")
+local dblp = ffi.typeof("const double *")
+local dbl = ffi.new("double[1]")
+local LITTLE = ffi.abi("le")
+local M1, M2, M3, M4 = byte(MAGIC, 1, 4)
+
+function M.pack(ct, payload)
+    dbl[0] = ct
+    return MAGIC .. char(FORMAT, 0, 0, 0) .. ffi_string(dbl, 8) .. payload
+end
+
+--- The created time of the envelope at `p` (`n` bytes), or nil when the
+-- bytes are not one.
+local function created(p, n)
+    if n < HEADER or p[0] ~= M1 or p[1] ~= M2 or p[2] ~= M3 or p[3] ~= M4 or p[4] ~= FORMAT then
+        return nil
+    end
+    -- The envelope starts a malloc'd buffer or a Lua string: 8 is aligned.
+    return ffi_cast(dblp, p + 8)[0]
+end
+M.created = created
+
+--- The created time, or nil and why the bytes are not a value.
+function M.unpack(bytes)
+    if type(bytes) ~= "string" then
+        return nil, "the backend returned a " .. type(bytes) .. ", not bytes"
+    end
+    local p = ffi_cast(u8p, bytes)
+    if #bytes < HEADER or p[0] ~= M1 or p[1] ~= M2 or p[2] ~= M3 or p[3] ~= M4 then
+        return nil, "the bytes are not a dogpile value (bad magic or too short)"
+    end
+    if p[4] ~= FORMAT then
+        return nil, "unknown value format " .. p[4]
+    end
+    ffi_copy(dbl, p + 8, 8)
+    return dbl[0]
+end
+
+-- -- The codec, read in place ----------------------------------------------------
+
+-- Up to 7 bytes (< 2^49: every integer exact in a double); longer, and
+-- overlong forms, are the C decoder's to judge. Returns value, next or nil.
+-- Four bytes and more loop, apart: a loop inside the hit's trace would be
+-- unrolled into it and abort it.
+local function long_varint(p, pos, n, v)
+    local mul = 2097152
+    for _ = 4, 7 do
+        if pos >= n then
+            return nil
+        end
+        local b = p[pos]
+        pos = pos + 1
+        if b < 0x80 then
+            if b == 0 then
+                return nil
+            end
+            return v + b * mul, pos
+        end
+        v = v + (b - 0x80) * mul
+        mul = mul * 128
+    end
+    return nil
+end
+
+local function varint(p, pos, n)
+    if pos >= n then
+        return nil
+    end
+    local b = p[pos]
+    if b < 0x80 then
+        return b, pos + 1
+    end
+    if pos + 1 >= n then
+        return nil
+    end
+    local b1 = p[pos + 1]
+    if b1 < 0x80 then
+        if b1 == 0 then
+            return nil
+        end
+        return (b - 0x80) + b1 * 128, pos + 2
+    end
+    if pos + 2 >= n then
+        return nil
+    end
+    local b2 = p[pos + 2]
+    local v = (b - 0x80) + (b1 - 0x80) * 128
+    if b2 < 0x80 then
+        if b2 == 0 then
+            return nil
+        end
+        return v + b2 * 16384, pos + 3
+    end
+    return long_varint(p, pos + 3, n, v + (b2 - 0x80) * 16384)
+end
+
+-- Deeper tables go to the C decoder (its limit is 200).
+local MAX_DEPTH = 32
+local PREALLOC = 4096
+
+-- One item at p[pos]: true, value, next; or false.
+local function item(p, pos, n, depth)
+    if pos >= n then
+        return false
+    end
+    local tag = p[pos]
+    pos = pos + 1
+    if tag == 0x05 then
+        local len
+        len, pos = varint(p, pos, n)
+        if not len or len > n - pos then
+            return false
+        end
+        return true, ffi_string(p + pos, len), pos + len
+    elseif tag == 0x03 then
+        local u
+        u, pos = varint(p, pos, n)
+        if not u then
+            return false
+        end
+        if u % 2 == 0 then
+            return true, u / 2, pos
+        end
+        return true, -(u + 1) / 2, pos
+    elseif tag == 0x06 then
+        if depth >= MAX_DEPTH then
+            return false
+        end
+        local narr, nhash
+        narr, pos = varint(p, pos, n)
+        if not narr then
+            return false
+        end
+        nhash, pos = varint(p, pos, n)
+        if not nhash then
+            return false
+        end
+        -- Every item takes a byte at least.
+        local room = n - pos
+        if narr > room or nhash > (room - narr) / 2 then
+            return false
+        end
+        local t = tnew(narr < PREALLOC and narr or PREALLOC, nhash < PREALLOC and nhash or PREALLOC)
+        local ok, k, v
+        for i = 1, narr do
+            ok, v, pos = item(p, pos, n, depth + 1)
+            if not ok then
+                return false
+            end
+            t[i] = v
+        end
+        for _ = 1, nhash do
+            ok, k, pos = item(p, pos, n, depth + 1)
+            if not ok or k == nil or k ~= k then
+                return false
+            end
+            ok, v, pos = item(p, pos, n, depth + 1)
+            if not ok then
+                return false
+            end
+            t[k] = v
+        end
+        return true, t, pos
+    elseif tag == 0x04 then
+        if n - pos < 8 or not LITTLE then
+            return false
+        end
+        ffi_copy(dbl, p + pos, 8)
+        return true, dbl[0], pos + 8
+    elseif tag == 0x02 then
+        return true, true, pos
+    elseif tag == 0x01 then
+        return true, false, pos
+    elseif tag == 0x00 then
+        return true, nil, pos
+    end
+    return false
+end
+
+--- Decode the codec bytes at `p` (a `const uint8_t *`), `n` of them: true and
+-- the value, or false when the C decoder must decide.
+local function read(p, n)
+    if n < 3 or p[0] ~= 0xC1 or p[1] ~= 0x01 then
+        return false
+    end
+    local ok, v, pos = item(p, 2, n, 0)
+    if ok and pos == n then
+        return true, v
+    end
+    return false
+end
+M.read = read
+
+--- The same for a Lua string.
+function M.read_string(s)
+    return read(ffi_cast(u8p, s), #s)
+end
+
+M.u8p = u8p
+
+return M
