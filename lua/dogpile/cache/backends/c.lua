@@ -60,12 +60,11 @@ local function key_arrays(self, n)
     return self.mkeys, self.mklens
 end
 
-function CBackend:get_multi(keys)
+--- The values of `keys` (n >= 1 of them) left in the backend's buffer, one
+-- after another: a pointer to the first and their lengths (-1: missing),
+-- valid until the next call. The region reads them in place.
+function CBackend:get_multi_in_place(keys)
     local n = #keys
-    local out = {}
-    if n == 0 then
-        return out
-    end
     local ks, kl = key_arrays(self, n)
     for i = 1, n do
         local k = keys[i]
@@ -75,7 +74,17 @@ function CBackend:get_multi(keys)
     if C.dp_backend_get_multi(self.handle, n, ks, kl, self.bytes, vl, self.err) ~= DP_OK then
         failed(self.err)
     end
-    local data, pos = self.bytes.data, 0
+    return self.bytes.data, vl
+end
+
+function CBackend:get_multi(keys)
+    local n = #keys
+    local out = {}
+    if n == 0 then
+        return out
+    end
+    local data, vl = self:get_multi_in_place(keys)
+    local pos = 0
     for i = 1, n do
         local len = tonumber(vl[i - 1])
         if len < 0 then
