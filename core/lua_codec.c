@@ -310,18 +310,22 @@ static int buf_gc(lua_State *L)
     return 0;
 }
 
+/* Above this, the state's buffer is given back after an encode rather than
+ * kept for the next one. */
+#define BUF_KEEP_MAX (64 * 1024)
+
 /*** codec.encode(value) -> string. Raises "dogpile.codec: <path>: ..." for a
- * value that cannot be serialized, the path starting at `value`. */
+ * value that cannot be serialized, the path starting at `value`.
+ * The buffer is the module's, one per Lua state (upvalue 1), reset on each
+ * call: a fresh one was a 4 KiB userdata with a finalizer per encode. Encode
+ * never calls back into Lua (raw traversal, no metamethods), so it cannot be
+ * reentered; an error leaves the buffer to the next call's reset. */
 static int l_encode(lua_State *L)
 {
     luaL_checkany(L, 1);
     lua_settop(L, 1);
-    void *ud;
-    lua_Alloc alloc = lua_getallocf(L, &ud);
-    dp_buf *b = lua_newuserdata(L, sizeof *b);
-    dp_buf_init(b, alloc, ud);
-    luaL_getmetatable(L, BUF_MT);
-    lua_setmetatable(L, -2);
+    dp_buf *b = lua_touserdata(L, lua_upvalueindex(1));
+    dp_buf_reset(b);
 
     enc e;
     e.L = L;
@@ -331,7 +335,12 @@ static int l_encode(lua_State *L)
     if (dp_buf_finish(b) != DP_OK)
         return luaL_error(L, PREFIX "%s", b->errstr);
     lua_pushlstring(L, (const char *)b->data, b->len);
-    dp_buf_free(b);
+    if (b->cap > BUF_KEEP_MAX) {
+        dp_alloc_fn alloc = b->alloc;
+        void *ud = b->ud;
+        dp_buf_free(b);
+        dp_buf_init(b, alloc, ud);
+    }
     return 1;
 }
 
@@ -427,7 +436,13 @@ __attribute__((visibility("default"))) int luaopen_dogpile_codec(lua_State *L)
     lua_pop(L, 1);
 
     lua_createtable(L, 0, 5);
-    lua_pushcfunction(L, l_encode);
+    void *ud;
+    lua_Alloc alloc = lua_getallocf(L, &ud);
+    dp_buf *b = lua_newuserdata(L, sizeof *b);
+    dp_buf_init(b, alloc, ud);
+    luaL_getmetatable(L, BUF_MT);
+    lua_setmetatable(L, -2);
+    lua_pushcclosure(L, l_encode, 1);
     lua_setfield(L, -2, "encode");
     lua_pushcfunction(L, l_decode);
     lua_setfield(L, -2, "decode");

@@ -141,15 +141,19 @@ local function release_quietly(mutex)
 end
 
 --- The lock's decision, shared by Lock:enter and the region.
--- `read()` returns `has, value, created`; `has` false means no value.
--- `is_expired(created)` says whether a value must be regenerated.
+-- The callbacks take a context `ctx` rather than being closures: creating a
+-- closure is not compiled by LuaJIT (FNEW), and the miss path should be.
+-- `read(ctx)` returns `has, value, created`; `has` false means no value.
+-- `is_expired(ctx, created)` says whether a value must be regenerated.
+-- `creator(ctx)` makes the value; `async_creator(ctx, mutex)` (or nil) hands
+-- the held mutex to a runner.
 -- `has, value, created` is the first read, already done by the caller, so a
 -- hit costs one read. Returns the value and how it was obtained: "fresh",
 -- "stale", "created" or "async"; a third result is true when the caller had
 -- to wait for the lock.
-local function run(mutex, creator, read, is_expired, async_creator, has, value, created)
+local function run(mutex, ctx, creator, read, is_expired, async_creator, has, value, created)
     local has_value = has and created > 0
-    if has_value and not is_expired(created) then
+    if has_value and not is_expired(ctx, created) then
         return value, "fresh"
     end
     local waited = false
@@ -163,28 +167,28 @@ local function run(mutex, creator, read, is_expired, async_creator, has, value, 
     end
     -- We hold the lock. Read again: while we waited, or just before we took
     -- it, the holder may have stored a new value.
-    local ok, has2, value2, created2 = pcall(read)
+    local ok, has2, value2, created2 = pcall(read, ctx)
     if not ok then
         release_quietly(mutex)
         error(has2, 0)
     end
     if has2 then
         has_value, value, created = true, value2, created2
-        if not is_expired(created2) then
+        if not is_expired(ctx, created2) then
             mutex:release()
             return value2, "fresh", waited
         end
     end
     if has_value and async_creator then
         -- The runner now owns the mutex and must release it.
-        local ok2, err = pcall(async_creator, mutex)
+        local ok2, err = pcall(async_creator, ctx, mutex)
         if not ok2 then
             release_quietly(mutex)
             error(err, 0)
         end
         return value, "async", waited
     end
-    local ok3, new = pcall(creator)
+    local ok3, new = pcall(creator, ctx)
     mutex:release()
     if not ok3 then
         error(new, 0)
@@ -256,32 +260,39 @@ end
 
 --- Returns the value: fresh, stale while another caller regenerates, or new.
 -- @raise whatever the creator or value function raise, after releasing
-function Lock:enter()
-    local value_fn, expiretime = self.value_and_created_fn, self.expiretime
-    local function read()
-        local ok, value, created = pcall(value_fn)
-        if ok then
-            if type(created) ~= "number" then
-                raise("dogpile: value_and_created_fn must return value, created_time; "
-                      .. "created_time was " .. type(created))
-            end
-            return true, value, created
-        elseif value == NeedRegenerationException then
-            return false
+local function lock_read(lock)
+    local ok, value, created = pcall(lock.value_and_created_fn)
+    if ok then
+        if type(created) ~= "number" then
+            raise("dogpile: value_and_created_fn must return value, created_time; "
+                  .. "created_time was " .. type(created))
         end
-        error(value, 0)
+        return true, value, created
+    elseif value == NeedRegenerationException then
+        return false
     end
-    local function is_expired(created)
-        return not (created > 0)
-            or (expiretime ~= nil and C.dp_clock_now() - created > expiretime)
-    end
-    local creator = self.creator
-    local function create()
-        return (creator())
-    end
-    local has, value, created = read()
-    return (run(self.mutex, create, read, is_expired, self.async_creator,
-                has, value, has and created or -1))
+    error(value, 0)
+end
+
+local function lock_is_expired(lock, created)
+    local expiretime = lock.expiretime
+    return not (created > 0) or (expiretime ~= nil and C.dp_clock_now() - created > expiretime)
+end
+
+local function lock_create(lock)
+    return (lock.creator())
+end
+
+local function lock_async(lock, mutex)
+    return lock.async_creator(mutex)
+end
+
+--- Returns the value: fresh, stale while another caller regenerates, or new.
+-- @raise whatever the creator or value function raise, after releasing
+function Lock:enter()
+    local has, value, created = lock_read(self)
+    return (run(self.mutex, self, lock_create, lock_read, lock_is_expired,
+                self.async_creator and lock_async or nil, has, value, has and created or -1))
 end
 
 -- -- NameRegistry --------------------------------------------------------------

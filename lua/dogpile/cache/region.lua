@@ -908,47 +908,58 @@ local function call_creator(creator, creator_args)
     return creator(unpack(creator_args, 1, creator_args.n or #creator_args))
 end
 
+-- The miss path's callbacks for dogpile's run(), over a context table (no
+-- closures: LuaJIT does not compile their creation).
+local function slow_read(ctx)
+    local self = ctx.region
+    local v = fetch(self, ctx.backend, ctx.key)
+    if classify(self, v, ctx.exp) == "missing" then
+        return false
+    end
+    return true, v.payload, v.metadata.ct
+end
+
+local function slow_is_expired(ctx, ct)
+    local exp = ctx.exp
+    return ctx.region.region_invalidator:is_soft_invalidated(ct)
+        or (exp ~= nil and C.dp_clock_now() - ct > exp)
+end
+
+local function slow_gen(ctx)
+    local self = ctx.region
+    local st = self._stats
+    st.creations = st.creations + 1
+    local ok, value = pcall(call_creator, ctx.creator, ctx.creator_args)
+    if not ok then
+        st.errors = st.errors + 1
+        error(value, 0)
+    end
+    local should_cache_fn = ctx.should_cache_fn
+    if not should_cache_fn or should_cache_fn(value) then
+        store(self, ctx.backend, ctx.key, new_value(value))
+    end
+    return value
+end
+
+local function slow_async(ctx, mutex)
+    local self = ctx.region
+    local creator, creator_args = ctx.creator, ctx.creator_args
+    local function go()
+        return call_creator(creator, creator_args)
+    end
+    self._stats.creations = self._stats.creations + 1
+    return self.async_creation_runner(self, ctx.orig_key, go, mutex)
+end
+
 function Region:_get_or_create_slow(key, orig_key, creator, exp, should_cache_fn,
                                     creator_args, first)
-    local backend = self.backend
     local st = self._stats
-    local function read()
-        local v = fetch(self, backend, key)
-        local state = classify(self, v, exp)
-        if state == "missing" then
-            return false
-        end
-        return true, v.payload, v.metadata.ct
-    end
-    local function is_expired(ct)
-        local inv = self.region_invalidator
-        return inv:is_soft_invalidated(ct) or (exp ~= nil and C.dp_clock_now() - ct > exp)
-    end
-    local function gen()
-        st.creations = st.creations + 1
-        local ok, value = pcall(call_creator, creator, creator_args)
-        if not ok then
-            st.errors = st.errors + 1
-            error(value, 0)
-        end
-        if not should_cache_fn or should_cache_fn(value) then
-            store(self, backend, key, new_value(value))
-        end
-        return value
-    end
-    local async_creator
-    local runner = self.async_creation_runner
-    if runner then
-        async_creator = function(mutex)
-            local function go()
-                return call_creator(creator, creator_args)
-            end
-            st.creations = st.creations + 1
-            return runner(self, orig_key, go, mutex)
-        end
-    end
+    local ctx = { region = self, backend = self.backend, key = key, orig_key = orig_key,
+                  creator = creator, creator_args = creator_args, exp = exp,
+                  should_cache_fn = should_cache_fn }
     local has = classify(self, first, exp) ~= "missing"
-    local value, how, waited = run(self:_mutex(key), gen, read, is_expired, async_creator,
+    local value, how, waited = run(self:_mutex(key), ctx, slow_gen, slow_read, slow_is_expired,
+                                   self.async_creation_runner and slow_async or nil,
                                    has, has and first.payload or nil,
                                    has and first.metadata.ct or -1)
     -- Counted by the first read: this lookup found no fresh value.
