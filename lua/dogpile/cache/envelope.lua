@@ -175,9 +175,20 @@ local function item(p, pos, n, depth)
             t[i] = v
         end
         for _ = 1, nhash do
-            ok, k, pos = item(p, pos, n, depth + 1)
-            if not ok or k == nil or k ~= k then
-                return false
+            if pos + 1 < n and p[pos] == 0x05 and p[pos + 1] < 0x80 then
+                -- A short string key, the common case, read inline.
+                local len = p[pos + 1]
+                pos = pos + 2
+                if len > n - pos then
+                    return false
+                end
+                k = ffi_string(p + pos, len)
+                pos = pos + len
+            else
+                ok, k, pos = item(p, pos, n, depth + 1)
+                if not ok or k == nil or k ~= k then
+                    return false
+                end
             end
             ok, v, pos = item(p, pos, n, depth + 1)
             if not ok then
