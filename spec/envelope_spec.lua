@@ -147,6 +147,36 @@ describe("envelope.read", function()
     end)
 end)
 
+describe("envelope.write_scalar", function()
+    it("writes what envelope.pack(ct, codec.encode(v)) makes, byte for byte", function()
+        local ffi = require "ffi"
+        local extra = { -(2 ^ 63), 2 ^ 63 - 1024, 2 ^ 53 - 1, -(2 ^ 53) + 1, 2 ^ 52 - 1, -(2 ^ 52) + 1, 2 ^ 51 + 0.5, 1e-300,
+                        string.rep("z", 300), string.rep("y", 70000) }
+        local all = {}
+        for _, v in ipairs(SCALARS) do
+            all[#all + 1] = v
+        end
+        for _, v in ipairs(extra) do
+            all[#all + 1] = v
+        end
+        all[#all + 1] = nil
+        local checked = 0
+        for i = 1, #all + 1 do
+            local v = all[i] -- the last is nil
+            local p, n = envelope.write_scalar(1234567.25, v)
+            if p then
+                checked = checked + 1
+                assert.are.equal(envelope.pack(1234567.25, codec.encode(v)), ffi.string(p, n),
+                                 tostring(v))
+            else
+                assert.is_true(type(v) == "number" and math.abs(v) >= 2 ^ 52, tostring(v))
+            end
+        end
+        assert.is_true(checked >= #all - 6)
+        assert.is_nil((envelope.write_scalar(0, {})))
+    end)
+end)
+
 describe("a region on a C backend", function()
     it("reads hits in place and still reports bytes that do not decode", function()
         local region = cache.make_region():configure("dogpile.cache.shared_memory", {

@@ -232,6 +232,93 @@ function M.read_string(s)
     return read(ffi_cast(u8p, s), #s)
 end
 
+-- -- Scalars written in place ---------------------------------------------------
+-- A store of a string, number, boolean or nil on a C backend: the envelope
+-- and the codec's bytes written straight into one scratch buffer, handed to
+-- the backend by pointer. No Lua string is made, so a miss-and-create does
+-- not feed the garbage collector. Byte for byte what the C encoder writes
+-- (spec/envelope_spec.lua compares).
+
+local scratch_cap = 256
+local scratch = ffi.new("uint8_t[?]", scratch_cap)
+
+local function reserve(n)
+    if n > scratch_cap then
+        local cap = scratch_cap
+        while cap < n do
+            cap = cap * 2
+        end
+        scratch = ffi.new("uint8_t[?]", cap)
+        scratch_cap = cap
+    end
+    return scratch
+end
+
+local function put_varint(b, pos, v)
+    while v >= 128 do
+        local low = v % 128
+        b[pos] = low + 128
+        v = (v - low) / 128
+        pos = pos + 1
+    end
+    b[pos] = v
+    return pos + 1
+end
+
+local function put_header(b, ct)
+    b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7] = M1, M2, M3, M4, FORMAT, 0, 0, 0
+    dbl[0] = ct
+    ffi_copy(b + 8, dbl, 8)
+    b[HEADER], b[HEADER + 1] = 0xC1, 0x01
+end
+
+--- Write the envelope around scalar `v` into the scratch buffer: pointer and
+-- length (valid until the next call), or nil when `v` is not a scalar this
+-- writer handles (tables; integers beyond 2^52; big-endian doubles).
+function M.write_scalar(ct, v)
+    local t = type(v)
+    local at = HEADER + 2
+    if t == "string" then
+        local len = #v
+        local b = reserve(at + 11 + len)
+        put_header(b, ct)
+        b[at] = 0x05
+        local pos = put_varint(b, at + 1, len)
+        ffi_copy(b + pos, v, len)
+        return b, pos + len
+    end
+    local b = reserve(at + 11)
+    if t == "number" then
+        put_header(b, ct)
+        -- Below 2^52 the zigzag form (up to 2^53) is exact in a double.
+        if v == v and v % 1 == 0 and v > -4503599627370496 and v < 4503599627370496
+            and (v ~= 0 or 1 / v > 0) then
+            b[at] = 0x03
+            return b, put_varint(b, at + 1, v >= 0 and 2 * v or -2 * v - 1)
+        end
+        if v % 1 == 0 and v == v and v >= -9223372036854775808 and v < 9223372036854775808
+            and v ~= 0 then
+            return nil -- an integer beyond 2^52: the C encoder's
+        end
+        if not LITTLE then
+            return nil
+        end
+        b[at] = 0x04
+        dbl[0] = v
+        ffi_copy(b + at + 1, dbl, 8)
+        return b, at + 9
+    elseif t == "boolean" then
+        put_header(b, ct)
+        b[at] = v and 0x02 or 0x01
+        return b, at + 1
+    elseif t == "nil" then
+        put_header(b, ct)
+        b[at] = 0x00
+        return b, at + 1
+    end
+    return nil
+end
+
 M.u8p = u8p
 
 return M

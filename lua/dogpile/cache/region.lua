@@ -75,7 +75,7 @@ local INVALIDATOR_METHODS = { "invalidate", "is_invalidated", "is_hard_invalidat
 
 local HEADER = envelope.HEADER
 local pack_envelope, unpack_envelope = envelope.pack, envelope.unpack
-local read_value, created_at = envelope.read, envelope.created
+local read_value, created_at, write_scalar = envelope.read, envelope.created, envelope.write_scalar
 local u8p = envelope.u8p
 local ffi_string, ffi_cast = ffi.string, ffi.cast
 local DP_OK, DP_ENOTFOUND = lib.DP_OK, lib.DP_ENOTFOUND
@@ -530,6 +530,21 @@ local function fetch_multi(self, backend, keys)
 end
 
 local function store(self, backend, key, cv)
+    local cb = self._cb
+    if cb then
+        -- In place (envelope.write_scalar), or the encoded string; either way
+        -- straight to the C backend, which reports failure in err.
+        local md = cv.metadata
+        local p, n = write_scalar(md.ct, cv.payload)
+        if not p then
+            p = encode(self, cv, key)
+            n = #p
+        end
+        if C.dp_backend_set(cb.handle, key, #key, p, n, cb.err) ~= DP_OK then
+            self:_failed("set", key, ffi_string(cb.err.msg))
+        end
+        return
+    end
     local v = cv
     if self._serialized then
         v = encode(self, cv, key)
