@@ -246,7 +246,7 @@ static int mc_get_multi(void *self, size_t n, const char *const *keys, const siz
         status = dp_err_set(err, DP_ENOMEM, "out of memory");
     memcached_result_st res_s;
     memcached_result_st *res = memcached_result_create(m, &res_s);
-    size_t found = 0;
+    size_t found = 0, cursor = 0;
     /* Every answer is read, even after a failure, so that none is left on
      * the connection for its next user. */
     while (res && (res = memcached_fetch_result(m, &res_s, &rc)) != NULL) {
@@ -263,13 +263,32 @@ static int mc_get_multi(void *self, size_t n, const char *const *keys, const siz
         }
         memcpy(tmp.data + at, v, vl);
         tmp.len = at + vl;
-        for (size_t i = 0; i < n; i++)
+        /* Answers come in request order (per server): look from just after
+         * the last match, and stop at the first key it answers. */
+        for (size_t j = 0; j < n; j++) {
+            size_t i = cursor + j < n ? cursor + j : cursor + j - n;
             if (vlens[i] < 0 && klens[i] == kl && memcmp(keys[i], k, kl) == 0) {
                 offs[i] = at;
                 vlens[i] = (int64_t)vl;
                 found++;
+                cursor = i + 1 < n ? i + 1 : 0;
+                break;
             }
+        }
     }
+    /* A key asked twice may have been answered once: share the answer. */
+    if (status == DP_OK && found > 0 && found < n)
+        for (size_t i = 0; i < n; i++) {
+            if (vlens[i] >= 0)
+                continue;
+            for (size_t j = 0; j < n; j++)
+                if (vlens[j] >= 0 && klens[j] == klens[i] && memcmp(keys[j], keys[i], klens[i]) == 0) {
+                    offs[i] = offs[j];
+                    vlens[i] = vlens[j];
+                    found++;
+                    break;
+                }
+        }
     memcached_result_free(&res_s);
     if (status == DP_OK && rc != MEMCACHED_END && rc != MEMCACHED_SUCCESS &&
         rc != MEMCACHED_NOTFOUND)

@@ -175,6 +175,23 @@ describe("dogpile.cache.memcached", function()
             assert.is_true(on1 > 15 and on2 > 15, ("split %d / %d"):format(on1, on2))
         end)
 
+        it("get_multi matches answers from both servers, repeated keys and misses", function()
+            local keys, want = {}, {}
+            local base = {}
+            for i = 1, 50 do
+                base[i] = fresh("m" .. i)
+                r:set(base[i], i)
+            end
+            for i = 1, 70 do
+                local j = (i * 7) % 60 + 1 -- 51..60: never stored
+                keys[i] = base[j] or fresh("miss")
+                want[i] = j <= 50 and j or NO_VALUE
+            end
+            keys[#keys + 1], want[#want + 1] = base[3], 3
+            keys[#keys + 1], want[#want + 1] = base[3], 3
+            assert.are.same(want, r:get_multi(keys))
+        end)
+
         it("multi forms, get_multi as one multi-get", function()
             local a, b, c = fresh("a"), fresh("b"), fresh("c")
             r:set_multi({ [a] = 1, [b] = 2, [c] = 3 })
