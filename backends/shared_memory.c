@@ -308,13 +308,13 @@ static int over_budget(shm *s, size_t extra_items, size_t extra_bytes)
 
 static int ghost_has(shm *s, uint64_t h)
 {
-    return s->ghost && s->ghost[h % s->ghost_slots] == h;
+    return s->ghost && s->ghost[h & (s->ghost_slots - 1)] == h;
 }
 
 static void ghost_put(shm *s, uint64_t h)
 {
     if (s->ghost)
-        s->ghost[h % s->ghost_slots] = h;
+        s->ghost[h & (s->ghost_slots - 1)] = h;
 }
 
 /* Victims are collected under the queue mutex and taken off the index after
@@ -712,6 +712,11 @@ static int shm_open(void *ud, const dp_arg *args, size_t nargs, void **self, dp_
     size_t slots = max_items > 0 ? (size_t)max_items : (size_t)(max_bytes / 256);
     if (slots < GHOST_SLOTS_MIN)
         slots = GHOST_SLOTS_MIN;
+    /* A power of two: a slot is then a mask, not a 64-bit division per set. */
+    size_t pow2 = GHOST_SLOTS_MIN;
+    while (pow2 < slots && pow2 < ((size_t)1 << 40))
+        pow2 *= 2;
+    slots = pow2;
     uint64_t *ghost = s && policy == POLICY_S3FIFO ? calloc(slots, sizeof *ghost) : NULL;
     if (!s || !nm || (policy == POLICY_S3FIFO && !ghost)) {
         uv_mutex_unlock(&instances_mu);
