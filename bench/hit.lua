@@ -1,7 +1,13 @@
 --- The cost of a cache hit, against the floor (DESIGN.md, "The hot path"):
 -- a plain Lua table and lua-resty-lrucache. One run measures every path.
 --
---   luajit bench/hit.lua [iterations] [repetitions]
+--   luajit bench/hit.lua [iterations] [repetitions] [rounds]
+--
+-- Besides its own table, it prints ROW lines for bench/run (bench/lib.lua):
+-- the memory region's get_or_create hit against lua-resty-lrucache (target
+-- <= 2x, and the loop must compile without a trace abort), against a plain
+-- table, and against Python dogpile.cache's memory get_or_create hit
+-- (measured by bench/anchors.py in the same run).
 --
 -- Each path runs its own loop over NKEYS keys cycled through, summing the
 -- values so the loop cannot be optimised away; the reported time is the
@@ -12,8 +18,12 @@ local jit = require "jit"
 
 local format, floor, sort = string.format, math.floor, table.sort
 
-local N = tonumber(arg and arg[1]) or 5e6
-local REPS = tonumber(arg and arg[2]) or 7
+local blib = require "lib" -- bench/lib.lua (bench/run puts bench/ on LUA_PATH)
+
+local N = tonumber(arg and arg[1]) or blib.count(2e6, 2e5)
+local REPS = tonumber(arg and arg[2]) or (blib.quick and 3 or 5)
+local ROUNDS = tonumber(arg and arg[3]) or (blib.quick and 1 or 3)
+local WARMUP = blib.quick and 2e4 or 1e5
 local NKEYS = 1000
 local HOTLOOP = 56  -- LuaJIT's default; setting it resets the hot counters
 
@@ -233,7 +243,11 @@ local function measure(loop, n)
     jit.opt.start("hotloop=" .. HOTLOOP)
     jit.attach(on_trace, "trace")
     local want = expected_sum(n)
-    loop(1e5)  -- warm up: compile the trace and its side traces
+    local want_warm = expected_sum(WARMUP)
+    if loop(WARMUP) ~= want_warm then  -- warm up: compile the trace and its side traces
+        jit.attach(on_trace)
+        error("bench: wrong checksum while warming up (a miss?)")
+    end
     local times = {}
     for r = 1, REPS do
         collectgarbage()
@@ -251,7 +265,7 @@ local function measure(loop, n)
     for r = 1, #times do
         lo, hi = math.min(lo, times[r]), math.max(hi, times[r])
     end
-    return { ns = median(times), lo = lo, hi = hi, aborts = aborts,
+    return { ns = median(times), lo = lo, hi = hi, aborts = aborts, times = times,
              traces = format("%d+%d", roots, sides) }
 end
 
@@ -259,16 +273,36 @@ end
 
 print(format("%s (%s %s), JIT %s", jit.version, jit.os, jit.arch,
              jit.status() and "on" or "OFF"))
-print(format("dogpile %s; %d keys cycled; %d iterations x %d repetitions, median",
-             tostring(cache._VERSION), NKEYS, N, REPS))
+print(format("dogpile %s; %d keys cycled; %d iterations x %d repetitions x %d rounds, median",
+             tostring(cache._VERSION), NKEYS, N, REPS, ROUNDS))
 print(format("clock: %s", clock == os.clock and "os.clock (CPU time)" or "clock_gettime(CLOCK_MONOTONIC)"))
 print()
 
+-- The paths take turns ROUNDS times, so that a change in the machine's load
+-- (other processes) falls on all of them alike; each path's figure is the
+-- median of all its repetitions, its aborts those of every round.
 local results = {}
-for i, p in ipairs(PATHS) do
-    local res = p[2] and measure(p[2], N) or {}
-    res.name = p[1]
-    results[i] = res
+for round = 1, ROUNDS do
+    for i, p in ipairs(PATHS) do
+        if p[2] then
+            local res = measure(p[2], N)
+            local acc = results[i]
+            if not acc then
+                acc = { name = p[1], all = {}, aborts = {}, lo = math.huge, hi = 0,
+                        traces = res.traces }
+                results[i] = acc
+            end
+            for _, t in ipairs(res.times) do acc.all[#acc.all + 1] = t end
+            for _, a in ipairs(res.aborts) do acc.aborts[#acc.aborts + 1] = a end
+            acc.lo, acc.hi = math.min(acc.lo, res.lo), math.max(acc.hi, res.hi)
+            if res.traces ~= acc.traces and not acc.traces:find(res.traces, 1, true) then
+                acc.traces = acc.traces .. "," .. res.traces
+            end
+            acc.ns = median(acc.all)
+        else
+            results[i] = results[i] or { name = p[1] }
+        end
+    end
 end
 
 local base = results[1].ns
@@ -293,3 +327,40 @@ end
 print()
 print("traces: root+side traces compiled for the path (1+0: the hit runs in one loop trace).")
 print("Absolute times vary with the machine and its load; the ratios are what matter.")
+
+-- -- ROW lines for bench/run ------------------------------------------------------
+
+-- Python dogpile.cache's memory get_or_create hit, from bench/anchors.py
+-- (Debian's python3-dogpile.cache, so /usr/bin/python3), in this same run.
+local function python_anchor(case)
+    local dir = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
+    local p = io.popen("/usr/bin/python3 " .. dir .. "/anchors.py " .. case .. " 2>&1")
+    local out = p and p:read("*a") or ""
+    if p then p:close() end
+    local v = tonumber(out:match("^%s*([%d.]+)%s*$"))
+    if not v then
+        io.stderr:write("bench/anchors.py ", case, " failed: ", out, "\n")
+    end
+    return v
+end
+
+local goc, plain_r, get_r = results[4], results[1], results[3]
+local function label(name, r)
+    if r.aborts and #r.aborts > 0 then
+        return name .. " (ABORTED)"
+    end
+    return name .. " (compiled, 0 aborts)"
+end
+if lru_ns then
+    blib.row("hit_memory", label("memory region get_or_create hit", goc), goc.ns, "ns/op",
+             "resty.lrucache get", lru_ns, "<=2")
+    blib.row("hit_memory_get", label("memory region get hit", get_r), get_r.ns, "ns/op",
+             "resty.lrucache get", lru_ns, "")
+else
+    blib.row("hit_memory", label("memory region get_or_create hit", goc) .. " [no lrucache]",
+             goc.ns, "ns/op", "resty.lrucache get", nil, "<=2")
+end
+blib.row("hit_memory_vs_table", "memory region get_or_create hit vs plain table", goc.ns, "ns/op",
+         "plain table t[key]", plain_r.ns, "")
+blib.row("hit_memory_vs_python", "memory region get_or_create hit vs Python", goc.ns, "ns/op",
+         "Python dogpile.cache memory get_or_create", python_anchor("memory_hit"), "")

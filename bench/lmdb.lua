@@ -1,37 +1,31 @@
---- Get-hit throughput of dogpile.cache.lmdb from 1 and 2 processes, against
--- dogpile.cache.shared_memory and nginx's ngx.shared.DICT, in one run.
+--- dogpile.cache.lmdb get hits against the C LMDB floor and python3-lmdb, in
+-- one run (median ns per get), and the hit throughput of 1 and 2 processes.
 --
---   luajit bench/lmdb.lua [gets per process = 2e6]
+--   luajit bench/lmdb.lua [gets = 1e6] [reps = 7] [rounds = 3]   (~30 s; BENCH_QUICK=1: ~3 s)
 --
--- Each process reads NKEYS keys in turn, all hits, for N gets, after a
--- warm-up; a process reports gets per second, and "2 processes" is the sum
--- of two processes started together. Paths:
---   region:get lmdb         the whole hit: FFI get, envelope, codec decode
---   region:get shm          the same over shared_memory (one store per process)
---   backend:get lmdb / shm  the C backend's bytes, no envelope or decoding
---   ngx.shared.DICT:get     nginx workers (worker_processes 1, then 2), a
---                           timer in each worker runs the same loop
--- LUA_PATH and LUA_CPATH must reach the modules (see bench/README.md).
+-- LUA_PATH and LUA_CPATH must reach the modules (bench/run sets them; or
+-- `. .ci/lib.sh && use_stage main`). The environment lives in a temporary
+-- folder (map_size 64m, sync "none"), removed at the end. NKEYS keys hold a
+-- 16-byte string each; every get is a hit, the keys in turn. Paths:
+--   region:get        the whole hit: FFI get, envelope, codec decode
+--   backend:get       the C backend's bytes, no envelope or decoding
+--   floor_lmdb        bench/floor_lmdb.c: mdb_txn_renew + mdb_get +
+--                     mdb_txn_reset per get, on the same kind of environment
+--                     (flags, unnamed database, 'v'-prefixed keys, 16-byte
+--                     header) with values of our envelope's size
+--   python3-lmdb      one read transaction per get (bench/servers_anchors.py)
+--   2 processes       region:get and backend:get from two processes started
+--                     together on one environment (million gets/s, summed),
+--                     next to one process measured the same way
+-- Ours and the floor take turns `rounds` times (each a median of `reps` runs
+-- after a warm-up); each figure is the median over the turns. Prints ROW
+-- lines (bench/lib.lua) for bench/run's table.
 local ffi = require "ffi"
+local here = debug.getinfo(1, "S").source:sub(2):match("^(.*)/[^/]*$") or "."
+local lib = dofile(here .. "/lib.lua")
 
-local N = tonumber(arg and arg[1] ~= "worker" and arg[1]) or 2e6
 local NKEYS = 1000
-local VALUE = string.rep("x", 100)
-
-pcall(ffi.cdef, [[
-    typedef struct { long tv_sec; long tv_nsec; } dp_bench_ts;
-    int clock_gettime(int clk_id, dp_bench_ts *tp);
-    int usleep(unsigned int usec);
-]])
-local ts = ffi.new("dp_bench_ts")
-local function clock()
-    ffi.C.clock_gettime(1, ts)
-    return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
-end
-local function wall()
-    ffi.C.clock_gettime(0, ts)
-    return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
-end
+local VALUE = string.rep("x", 16)
 
 local function keys()
     local ks = {}
@@ -41,80 +35,82 @@ local function keys()
     return ks
 end
 
--- -- A measuring process ------------------------------------------------------------
-
-local function open(backend, path)
+local function open(path)
     local cache = require "dogpile.cache"
-    local args = backend == "lmdb" and { path = path, map_size = "64m", sync = "none" }
-        or { name = "bench" }
-    return cache.make_region():configure("dogpile.cache." .. backend, { arguments = args })
+    return cache.make_region():configure("dogpile.cache.lmdb", {
+        arguments = { path = path, map_size = "64m", sync = "none" },
+    })
 end
 
-local function worker(backend, layer, path, n, start)
-    local r = open(backend, path)
-    local ks = keys()
-    if backend == "shared_memory" then -- a store per process: fill this one
-        for i = 1, NKEYS do
-            r:set(ks[i], VALUE)
-        end
-    end
+-- -- A measuring process (2-process figures) ------------------------------------------
+
+pcall(ffi.cdef, "int usleep(unsigned int usec);")
+
+local function worker(layer, path, n, start)
+    local r = open(path)
     local b = r.actual_backend
+    local ks = keys()
     local function loop(count)
         local total = 0
         if layer == "region" then
+            local reg = r
             for i = 1, count do
-                total = total + #r:get(ks[i % NKEYS + 1])
+                total = total + #reg:get(ks[i % NKEYS + 1])
             end
         else
+            local be = b
             for i = 1, count do
-                total = total + #b:get(ks[i % NKEYS + 1])
+                total = total + #be:get(ks[i % NKEYS + 1])
             end
         end
         return total
     end
-    loop(2e5)
-    while wall() < start do
+    loop(math.min(n, 2e5))
+    while lib.wall() < start do
         ffi.C.usleep(1000)
     end
-    local t0 = clock()
+    local t0 = lib.clock()
     local total = loop(n)
-    local dt = clock() - t0
+    local dt = lib.clock() - t0
     assert(total >= n * #VALUE, "a get missed")
     io.write(string.format("%.0f\n", n / dt))
 end
 
 if arg and arg[1] == "worker" then
-    worker(arg[2], arg[3], arg[4], tonumber(arg[5]), tonumber(arg[6]))
+    worker(arg[2], arg[3], tonumber(arg[4]), tonumber(arg[5]))
     os.exit(0)
 end
 
 -- -- The driver ------------------------------------------------------------------------
 
-local function sh(cmd)
-    local p = assert(io.popen(cmd))
-    local out = p:read("*a")
-    p:close()
-    return out
-end
+local S = dofile(here .. "/servers_lib.lua")
+local N = tonumber(arg and arg[1]) or lib.count(1e6, 1e5)
+local REPS = tonumber(arg and arg[2]) or (lib.quick and 3 or 7)
+local ROUNDS = tonumber(arg and arg[3]) or (lib.quick and 1 or 3)
+local NPROC = lib.quick and 1e5 or 2e6
 
-local dir = sh("mktemp -d /tmp/dogpile-bench-XXXXXX"):gsub("%s+$", "")
-sh("chmod 755 " .. dir) -- nginx workers run as another user
+local dir = (S.sh("mktemp -d /tmp/dogpile-bench-lmdb-XXXXXX")):gsub("%s+$", "")
 local script = debug.getinfo(1, "S").source:sub(2)
 
-local function run_procs(backend, layer, nprocs)
-    local start = wall() + 1.0
+local function show(name, ns, unit)
+    print(("%-34s %12.1f %s"):format(name, ns, unit or "ns/get"))
+end
+
+-- Throughput of `nprocs` processes started together (gets/s, summed).
+local function run_procs(layer, nprocs)
+    local start = lib.wall() + (lib.quick and 0.3 or 1.0)
     local cmd = {}
     for i = 1, nprocs do
-        cmd[i] = string.format("luajit %s worker %s %s %s %d %.3f > %s/out%d &",
-                               script, backend, layer, dir .. "/lmdb", N, start, dir, i)
+        cmd[i] = ("luajit %s worker %s %s %d %.3f > %s/out%d &"):format(
+            script, layer, dir .. "/lmdb", NPROC, start, dir, i)
     end
-    sh(table.concat(cmd, " ") .. " wait")
+    S.sh(table.concat(cmd, " ") .. " wait")
     local sum = 0
     for i = 1, nprocs do
         local f = assert(io.open(dir .. "/out" .. i))
         local s = f:read("*a")
         f:close()
-        local v = tonumber(s:match("%d+"))
+        local v = tonumber(s:match("^%d+"))
         if not v then
             error("a worker failed: " .. s)
         end
@@ -123,123 +119,92 @@ local function run_procs(backend, layer, nprocs)
     return sum
 end
 
-local rows = {}
-local function row(name, one, two)
-    rows[#rows + 1] = string.format("%-24s %14.2f %14.2f %8.2fx", name, one / 1e6, two / 1e6,
-                                    two / one)
-end
-
--- Fill the LMDB environment once; every worker reads it.
-do
-    local r = open("lmdb", dir .. "/lmdb")
-    for _, k in ipairs(keys()) do
-        r:set(k, VALUE)
+local function bench()
+    local r = open(dir .. "/lmdb")
+    local ks = keys()
+    for i = 1, NKEYS do
+        r:set(ks[i], VALUE)
     end
-end
+    local b = r.actual_backend
+    local envelope = #b:get(ks[1])
+    print(("%d keys, %d-byte values (%d-byte envelopes); ours and the floor take turns %d times,"
+           .. " each a median of %d runs of %d gets%s; %d CPUs")
+          :format(NKEYS, #VALUE, envelope, ROUNDS, REPS, N,
+                  lib.quick and " (quick mode: rough)" or "", tonumber((S.sh("nproc"))) or 0))
 
-for _, p in ipairs({ { "lmdb", "region" }, { "shared_memory", "region" },
-                     { "lmdb", "backend" }, { "shared_memory", "backend" } }) do
-    local one = run_procs(p[1], p[2], 1)
-    local two = run_procs(p[1], p[2], 2)
-    row(p[2] .. ":get " .. (p[1] == "lmdb" and "lmdb" or "shm"), one, two)
-end
-
--- -- ngx.shared.DICT, measured by nginx workers ----------------------------------------
-
-local function nginx_run(workers)
-    local ndir = dir .. "/nginx" .. workers
-    sh("mkdir -p " .. ndir .. "/logs && chmod 777 " .. ndir .. " " .. ndir .. "/logs")
-    local results = ndir .. "/results"
-    local conf = string.format([[
-load_module /usr/lib/nginx/modules/ndk_http_module.so;
-load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
-worker_processes %d;
-daemon on;
-pid %s/nginx.pid;
-error_log %s/logs/error.log warn;
-events { worker_connections 64; }
-http {
-    access_log off;
-    lua_shared_dict bench 16m;
-    init_by_lua_block {
-        local d = ngx.shared.bench
-        for i = 1, %d do d:set("bench:key:" .. i, string.rep("x", 100)) end
-    }
-    init_worker_by_lua_block {
-        ngx.timer.at(0, function()
-            local d, ks, n = ngx.shared.bench, {}, %d
-            for i = 1, %d do ks[i] = "bench:key:" .. i end
-            local function loop(count)
-                local total = 0
-                for i = 1, count do total = total + #d:get(ks[i %% %d + 1]) end
-                return total
-            end
-            loop(200000)
-            ngx.update_time()
-            local t0 = ngx.now()
-            local total = loop(n)
-            ngx.update_time()
-            local dt = ngx.now() - t0
-            local f = io.open("%s", "a")
-            f:write(string.format("%%.0f\n", total >= n * 100 and n / dt or -1))
-            f:close()
-        end)
-    }
-    server { listen unix:%s/nginx.sock; }
-}
-]], workers, ndir, ndir, NKEYS, N * 2, NKEYS, NKEYS, results, ndir)
-    local f = assert(io.open(ndir .. "/nginx.conf", "w"))
-    f:write(conf)
-    f:close()
-    local out = sh("nginx -p " .. ndir .. " -c " .. ndir .. "/nginx.conf 2>&1")
-    local t0 = wall()
-    local lines = {}
-    while wall() - t0 < 30 do
-        local rf = io.open(results)
-        if rf then
-            lines = {}
-            for l in rf:lines() do
-                lines[#lines + 1] = tonumber(l)
-            end
-            rf:close()
-            if #lines >= workers then
-                break
-            end
+    local function region_get(n)
+        local reg, k, nk, total = r, ks, NKEYS, 0
+        for i = 1, n do
+            total = total + #reg:get(k[i % nk + 1])
         end
-        ffi.C.usleep(50000)
+        assert(total == n * #VALUE, "region:get: not a hit")
     end
-    local pidf = io.open(ndir .. "/nginx.pid")
-    if pidf then
-        local pid = pidf:read("*n")
-        pidf:close()
-        sh("kill -QUIT " .. pid)
+    local function backend_get(n)
+        local be, k, nk, total = b, ks, NKEYS, 0
+        for i = 1, n do
+            total = total + #be:get(k[i % nk + 1])
+        end
+        assert(total == n * envelope, "backend:get: not a hit")
     end
-    if #lines < workers then
-        io.stderr:write("nginx with ", workers, " workers gave no result: ", out, "\n",
-                        sh("tail -5 " .. ndir .. "/logs/error.log"), "\n")
-        return nil
+
+    -- Ours and the C floor take turns ROUNDS times; each figure is the median
+    -- over the turns (the load of a shared machine drifts).
+    local floors = S.floors()
+    local runs = { get = {}, bget = {}, floor = {} }
+    for round = 1, ROUNDS do
+        runs.get[round] = lib.ns_per_op(region_get, N, REPS)
+        runs.bget[round] = lib.ns_per_op(backend_get, N, REPS)
+        local floor, why = S.figures(("%s/floor_lmdb %d %d %d %d"):format(floors, N, envelope,
+                                                                          NKEYS, REPS))
+        if not (floor and floor.get_ns) then
+            error("floor_lmdb failed: " .. tostring(why))
+        end
+        runs.floor[round] = floor.get_ns
     end
-    local sum = 0
-    for _, v in ipairs(lines) do
-        sum = sum + v
+    local function spread(xs)
+        local lo, hi = math.huge, 0
+        for _, x in ipairs(xs) do
+            lo, hi = math.min(lo, x), math.max(hi, x)
+        end
+        return ("  (rounds: %.1f-%.1f)"):format(lo, hi)
     end
-    return sum
+    local get_ns, bget_ns = lib.median(runs.get), lib.median(runs.bget)
+    local floor = { get_ns = lib.median(runs.floor) }
+    show("region:get hit", get_ns, "ns/get" .. spread(runs.get))
+    show("backend:get (bytes)", bget_ns, "ns/get" .. spread(runs.bget))
+    show("floor_lmdb (C, one read txn/get)", floor.get_ns, "ns/get" .. spread(runs.floor))
+
+    local py, pwhy = S.python(("lmdb %d %d %d %d"):format(math.max(1000, math.floor(N / 5)),
+                                                         NKEYS, envelope, lib.quick and 3 or 5))
+    py = py or {}
+    if py.get then
+        show("python3-lmdb get (one txn/get)", py.get)
+    else
+        io.stderr:write("python3-lmdb anchor failed: ", tostring(pwhy), "\n")
+    end
+
+    lib.row("lmdb_get", "lmdb region:get hit, 16 B", get_ns, "ns/op",
+            "C LMDB get, one read txn per op (floor_lmdb)", floor.get_ns, "<=1.5")
+    lib.row("lmdb_backend_get", "lmdb backend:get raw bytes", bget_ns, "ns/op",
+            "C LMDB get, one read txn per op (floor_lmdb)", floor.get_ns, "")
+    lib.row("lmdb_get_vs_py", "lmdb region:get hit, 16 B", get_ns, "ns/op",
+            "python3-lmdb get, one txn per op", py.get, "")
+
+    -- 1 and 2 processes, each started fresh (quick mode: region only).
+    print(("%s gets per process; million gets/s (sum over processes)"):format(NPROC))
+    print(("%-34s %12s %12s %8s"):format("path", "1 process", "2 processes", "scaling"))
+    for _, layer in ipairs(lib.quick and { "region" } or { "region", "backend" }) do
+        local one = run_procs(layer, 1)
+        local two = run_procs(layer, 2)
+        print(("%-34s %12.2f %12.2f %7.2fx"):format(layer .. ":get lmdb", one / 1e6, two / 1e6,
+                                                    two / one))
+        lib.row("lmdb_" .. layer .. "_get_2proc", "lmdb " .. layer .. ":get hits, 2 processes",
+                two / 1e6, "M/s", "1 process", one / 1e6, "")
+    end
 end
 
-if sh("command -v nginx") ~= "" then
-    local one, two = nginx_run(1), nginx_run(2)
-    if one and two then
-        row("ngx.shared.DICT:get", one, two)
-    end
-else
-    io.stderr:write("nginx not found: ngx.shared.DICT not measured\n")
+local ok, err = xpcall(bench, debug.traceback)
+S.sh("rm -rf '" .. dir .. "'")
+if not ok then
+    error(err, 0)
 end
-
-print(string.format("%d keys of %d bytes, %g gets per process; million gets/s (sum over processes)",
-                    NKEYS, #VALUE, N))
-print(string.format("%-24s %14s %14s %9s", "path", "1 process", "2 processes", "scaling"))
-for _, l in ipairs(rows) do
-    print(l)
-end
-print(string.format("(%d CPUs)", tonumber(sh("nproc")) or 0))
-sh("rm -rf " .. dir)

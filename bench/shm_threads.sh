@@ -1,14 +1,24 @@
 #!/bin/sh
-# Build bench/shm_threads.c against a staged install and run it.
+# Build bench/shm_threads.c against a staged install and run it: hit
+# throughput of one shared_memory instance from 1, 2 and 4 threads.
 #
 #   bench/shm_threads.sh [seconds=1] [keys=10000] [value_bytes=100] [threads=1,2,4] [reps=3]
 #
-# STAGE picks the install (default: _build/main-stage, made by .ci/lib.sh's
-# `build main`); CC and CFLAGS may be overridden (CFLAGS="-O2 -fsanitize=thread"
-# with STAGE=_build/tsan-stage runs it under ThreadSanitizer).
+# With no arguments and BENCH_QUICK=1 (bench/run --quick) it runs
+# `0.1 10000 100 1,2 3` (about 4 s). It ends with ROW lines for bench/run:
+# "shared_memory hit throughput, 2 threads vs 1" (target >=1.8) and the
+# private ceiling (reference).
+#
+# STAGE picks the install (default: $DP_STAGE_DIR, set by bench/run, else
+# _build/main-stage, made by .ci/lib.sh's `build main`); CC and CFLAGS may be
+# overridden (CFLAGS="-O2 -fsanitize=thread" with STAGE=_build/tsan-stage runs
+# it under ThreadSanitizer).
 set -eu
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-STAGE=${STAGE:-$ROOT/_build/main-stage}
+STAGE=${STAGE:-${DP_STAGE_DIR:-$ROOT/_build/main-stage}}
+if [ $# -eq 0 ] && [ "${BENCH_QUICK:-}" = 1 ]; then
+    set -- 0.1 10000 100 1,2 3
+fi
 CC=${CC:-cc}
 CFLAGS=${CFLAGS:-"-O2 -g"}
 
