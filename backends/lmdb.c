@@ -46,9 +46,12 @@
  * dies, so a SIGKILLed creator never blocks the others. Each acquisition
  * opens its own descriptor (OFD locks conflict between descriptors, also in
  * one process), kept in a per-instance list until unlock closes it. A bounded
- * wait polls with sleeps of 1 ms doubling to 8 ms (F_OFD_SETLKW cannot time
- * out without signals, which a library must not install); an unbounded wait
- * blocks in F_OFD_SETLKW.
+ * wait (F_OFD_SETLKW cannot time out without signals, which a library must
+ * not install) sleeps on a shared futex in the lock file's first page that
+ * every unlock bumps and wakes, retrying the lock at least every 8 ms (see
+ * "Waking" below); an unbounded wait blocks in F_OFD_SETLKW. Waiting for a
+ * release without taking the lock (wait_unlocked) sleeps on the same futex
+ * and tests the byte with F_OFD_GETLK.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -752,6 +755,87 @@ static uint32_t lm_lock_domain(void *self)
 }
 
 /* -- The lock between processes ------------------------------------------------------ */
+/* Waking. The first page of the lock file (mapped shared; the OFD locks are
+ * advisory and ignore its contents) holds WAKE_SLOTS pairs of 32-bit words,
+ * {generation, waiters}, for the lock slots equal modulo WAKE_SLOTS. An
+ * unlock closes the descriptor (releasing the lock), bumps the generation and,
+ * when someone waits, FUTEX_WAKEs them all (a shared futex: it works between
+ * processes). A bounded waiter reads the generation before trying the lock,
+ * and on failure FUTEX_WAITs for a change of it, for 1 ms doubling to 8 ms at
+ * most: a holder that dies (the kernel drops its lock but bumps nothing) or
+ * a process that releases without bumping is still noticed by polling. Two
+ * keys on one pair only wake each other spuriously. Where the page cannot be
+ * mapped, the wait falls back to plain sleeps. */
+#include <linux/futex.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+
+#define WAKE_SLOTS 512 /* pairs of words: one 4 KiB page */
+#define WAKE_BYTES (WAKE_SLOTS * 2 * sizeof(uint32_t))
+
+typedef struct wake_map {
+    struct wake_map *next;
+    char *path;
+    _Atomic uint32_t *words; /* NULL: could not map, poll */
+} wake_map;
+
+/* Per lock file and process, kept for the life of the process (one page per
+ * path ever opened); a forked child inherits the shared mappings as they are. */
+static wake_map *wake_maps;
+static pthread_mutex_t wake_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static _Atomic uint32_t *wake_words(inst *s)
+{
+    pthread_mutex_lock(&wake_mu);
+    wake_map *m;
+    for (m = wake_maps; m; m = m->next)
+        if (strcmp(m->path, s->lock_path) == 0)
+            break;
+    if (!m && (m = calloc(1, sizeof *m)) != NULL && (m->path = strdup(s->lock_path)) != NULL) {
+        int fd = open(s->lock_path, O_RDWR | O_CREAT | O_CLOEXEC, s->mode);
+        if (fd >= 0) {
+            struct stat st;
+            if (fstat(fd, &st) == 0 &&
+                (st.st_size >= (off_t)WAKE_BYTES || ftruncate(fd, (off_t)WAKE_BYTES) == 0)) {
+                void *p = mmap(NULL, WAKE_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+                if (p != MAP_FAILED)
+                    m->words = p;
+            }
+            close(fd);
+        }
+        m->next = wake_maps;
+        wake_maps = m;
+    } else if (m && !m->path) {
+        free(m);
+        m = NULL;
+    }
+    _Atomic uint32_t *w = m ? m->words : NULL;
+    pthread_mutex_unlock(&wake_mu);
+    return w;
+}
+
+static _Atomic uint32_t *wake_pair(_Atomic uint32_t *w, uint64_t slot)
+{
+    return w ? w + 2 * (slot % WAKE_SLOTS) : NULL;
+}
+
+/* Wait at most `seconds` for *gen to differ from `seen`. */
+static void wake_wait(_Atomic uint32_t *gen, uint32_t seen, double seconds)
+{
+    struct timespec ts;
+    ts.tv_sec = (time_t)seconds;
+    ts.tv_nsec = (long)((seconds - (double)ts.tv_sec) * 1e9);
+    atomic_fetch_add(gen + 1, 1);
+    syscall(SYS_futex, (uint32_t *)gen, FUTEX_WAIT, seen, &ts, NULL, 0);
+    atomic_fetch_sub(gen + 1, 1);
+}
+
+static void wake_all(_Atomic uint32_t *gen)
+{
+    atomic_fetch_add(gen, 1);
+    if (atomic_load(gen + 1))
+        syscall(SYS_futex, (uint32_t *)gen, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
 
 static int ofd_lock(int fd, uint64_t slot, int wait)
 {
@@ -785,7 +869,10 @@ static int lm_lock(void *self, const char *key, size_t klen, double timeout, dp_
     }
     double deadline = timeout > 0 ? dp_clock_monotonic() + timeout : 0;
     double step = 0.001;
+    _Atomic uint32_t *gen = timeout > 0 ? wake_pair(wake_words(s), slot) : NULL;
     for (;;) {
+        /* Read before trying: an unlock after the failed try changes it. */
+        uint32_t seen = gen ? atomic_load(gen) : 0;
         if (ofd_lock(fd, slot, timeout < 0) == 0)
             break;
         int e = errno;
@@ -807,7 +894,10 @@ static int lm_lock(void *self, const char *key, size_t klen, double timeout, dp_
             return dp_err_set(err, DP_ETIMEDOUT, "the lock for the key in '%s' was still held "
                               "after %g s", s->lock_path, timeout);
         }
-        dp_clock_sleep(step < left ? step : left);
+        if (gen)
+            wake_wait(gen, seen, step < left ? step : left);
+        else
+            dp_clock_sleep(step < left ? step : left);
         step = step * 2 < 0.008 ? step * 2 : 0.008;
     }
     h->slot = slot;
@@ -837,7 +927,77 @@ static int lm_unlock(void *self, const char *key, size_t klen, dp_err *err)
         return DP_ENOTHELD;
     close(h->fd); /* releases the lock */
     free(h);
+    _Atomic uint32_t *gen = wake_pair(wake_words(s), slot);
+    if (gen)
+        wake_all(gen);
     return DP_OK;
+}
+
+/* Wait, without locking, until the slot's holder lets go: F_OFD_GETLK on a
+ * descriptor of our own says whether any other descriptor holds the byte; in
+ * between, sleep on the slot's wake word (see "Waking") for 1 ms doubling to
+ * 8 ms, so an unlock wakes us at once and a holder that died (nothing bumped)
+ * is noticed by the next check. The generation is read before each check, so
+ * an unlock right after a check is never slept through. */
+static int ofd_held(int fd, uint64_t slot, int *held)
+{
+    struct flock fl = {0};
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = (off_t)slot;
+    fl.l_len = 1;
+    if (fcntl(fd, F_OFD_GETLK, &fl) != 0)
+        return -1;
+    *held = fl.l_type != F_UNLCK;
+    return 0;
+}
+
+static int lm_wait_unlocked(void *self, const char *key, size_t klen, double timeout,
+                            dp_err *err)
+{
+    inst *s = self;
+    int rc = ensure_env(s, err);
+    if (rc)
+        return rc;
+    uint64_t slot = hash_key(key, klen) % LOCK_SPAN;
+    int fd = open(s->lock_path, O_RDWR | O_CREAT | O_CLOEXEC, s->mode);
+    if (fd < 0)
+        return dp_err_set(err, DP_EBACKEND, "cannot open the lock file '%s': %s", s->lock_path,
+                          strerror(errno));
+    _Atomic uint32_t *gen = timeout != 0 ? wake_pair(wake_words(s), slot) : NULL;
+    double deadline = timeout > 0 ? dp_clock_monotonic() + timeout : 0;
+    double step = 0.001;
+    for (;;) {
+        uint32_t seen = gen ? atomic_load(gen) : 0;
+        int held;
+        if (ofd_held(fd, slot, &held) != 0) {
+            int e = errno;
+            close(fd);
+            return dp_err_set(err, DP_EBACKEND, "cannot test the lock in '%s': %s",
+                              s->lock_path, strerror(e));
+        }
+        if (!held) {
+            rc = DP_OK;
+            break;
+        }
+        if (timeout == 0) {
+            rc = DP_EBUSY;
+            break;
+        }
+        double left = timeout > 0 ? deadline - dp_clock_monotonic() : step;
+        if (left <= 0) {
+            rc = dp_err_set(err, DP_ETIMEDOUT, "the lock for the key in '%s' was still held "
+                            "after %g s", s->lock_path, timeout);
+            break;
+        }
+        if (gen)
+            wake_wait(gen, seen, step < left ? step : left);
+        else
+            dp_clock_sleep(step < left ? step : left);
+        step = step * 2 < 0.008 ? step * 2 : 0.008;
+    }
+    close(fd);
+    return rc;
 }
 
 /* -- Instances --------------------------------------------------------------------------- */
@@ -905,7 +1065,7 @@ static int lm_open(void *ud, const dp_arg *args, size_t nargs, void **self, dp_e
     want.max_readers = 126;
     want.sync = SYNC_META;
     want.on_full = ON_FULL_EVICT;
-    want.lru_resolution = 1;
+    want.lru_resolution = 60;
     want.sweep_interval = 60;
     want.mode = 0644;
     for (size_t i = 0; i < nargs; i++) {
@@ -1099,6 +1259,7 @@ static const dp_backend_ops lm_ops = {
     .infallible = 0,
     .lock = lm_lock,
     .unlock = lm_unlock,
+    .wait_unlocked = lm_wait_unlocked,
 };
 
 /* -- Lua module ----------------------------------------------------------------------------

@@ -30,11 +30,18 @@
  * release deletes the lock key only if it still holds our token, atomically
  * in a server-side script; when the lock expired meanwhile (creation outlived
  * lock_timeout) it returns DP_ENOTHELD and leaves whoever holds it now alone.
- * A bounded wait retries SET NX with sleeps of 1 ms doubling to lock_sleep.
+ * A bounded wait subscribes a connection of its own to a channel named like
+ * the lock key, whose release PUBLISHes on it, and retries SET NX at each
+ * message, or after 1 ms doubling to lock_sleep without one (a holder that
+ * died leaves its lock to expire, which publishes nothing). Waiting for a
+ * release without taking the lock (wait_unlocked) subscribes the same way and
+ * returns at the first message, or when a poll finds the key gone or holding
+ * another token.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <math.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -42,11 +49,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
 #include <uv.h>
 
 #include <hiredis/hiredis.h>
+#include <hiredis/sds.h>
 #include <lauxlib.h>
 #include <lua.h>
 
@@ -56,8 +65,12 @@
 #define SENTINEL_NAME "dogpile.cache.redis_sentinel"
 #define MAX_SENTINELS 16
 
+/* Deletes the lock if it is ours, then wakes the waiters subscribed to the
+ * channel named like the lock key (pcall: a server that refuses PUBLISH,
+ * an ACL say, still gets the lock deleted, and the waiters poll). */
 static const char UNLOCK_SCRIPT[] =
-    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) "
+    "if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) "
+    "redis.pcall('publish', KEYS[1], '') return 1 "
     "else return 0 end";
 
 typedef struct conn {
@@ -93,6 +106,8 @@ typedef struct inst {
     unsigned gen;
     pid_t pid;
     held *held;
+    conn *unsubbing;   /* waiters' connections whose UNSUBSCRIBE is not read yet */
+    int nunsubbing;
     char master[300];  /* sentinel mode: "host:port" last connected to */
     _Atomic uint64_t hits, misses;
 } inst;
@@ -158,6 +173,53 @@ static void nopipe_end(nopipe *np)
                 ;
     }
     pthread_sigmask(SIG_SETMASK, &np->old, NULL);
+}
+
+/* What the commands appended, sent with MSG_NOSIGNAL: a closed connection
+ * gives EPIPE instead of a SIGPIPE. hiredis then finds its buffer empty and
+ * only reads (a read cannot raise SIGPIPE), so the hot path needs no signal
+ * mask: blocking and consuming SIGPIPE (nopipe_*) cost four system calls a
+ * command. */
+static int send_nosignal(redisContext *c)
+{
+    size_t len = sdslen(c->obuf), off = 0;
+    while (off < len) {
+        ssize_t n = send(c->fd, c->obuf + off, len - off, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            int e = errno;
+            c->err = REDIS_ERR_IO;
+            snprintf(c->errstr, sizeof c->errstr, "%s", strerror(e));
+            errno = e; /* closed_by_peer() reads it */
+            return REDIS_ERR;
+        }
+        off += (size_t)n;
+    }
+    sdsclear(c->obuf);
+    return REDIS_OK;
+}
+
+/* The process id, without a system call per command (glibc no longer caches
+ * getpid): read once, and again in a fork()ed child. */
+static pid_t cur_pid;
+static pthread_once_t pid_once = PTHREAD_ONCE_INIT;
+
+static void pid_after_fork(void)
+{
+    cur_pid = getpid();
+}
+
+static void pid_init(void)
+{
+    cur_pid = getpid();
+    pthread_atfork(NULL, NULL, pid_after_fork);
+}
+
+static pid_t self_pid(void)
+{
+    pthread_once(&pid_once, pid_init);
+    return cur_pid;
 }
 
 /* -- Connections -------------------------------------------------------------- */
@@ -337,7 +399,7 @@ static int conn_take(inst *s, conn **out, int *reused, dp_err *err)
 {
     conn *stale = NULL, *got = NULL;
     uv_mutex_lock(&s->mu);
-    pid_t pid = getpid();
+    pid_t pid = self_pid();
     if (s->pid != pid) {
         /* A fork()ed child: the idle sockets are the parent's. */
         stale = s->idle;
@@ -372,7 +434,12 @@ static int conn_take(inst *s, conn **out, int *reused, dp_err *err)
     conn *c = malloc(sizeof *c);
     if (!c)
         return dp_err_set(err, DP_ENOMEM, "out of memory");
+    /* Connecting sends AUTH/SELECT through hiredis's own write(): mask
+     * SIGPIPE there (a new connection only). */
+    nopipe np;
+    nopipe_begin(&np);
     int rc = conn_open(s, &c->c, err);
+    nopipe_end(&np);
     if (rc != DP_OK) {
         free(c);
         return rc;
@@ -390,7 +457,7 @@ static void conn_give(inst *s, conn *c, int broken)
     if (broken) {
         if (c->gen == s->gen)
             s->gen++;
-    } else if (c->gen == s->gen && s->pid == getpid()) {
+    } else if (c->gen == s->gen && s->pid == self_pid()) {
         c->next = s->idle;
         s->idle = c;
         c = NULL;
@@ -429,10 +496,7 @@ static int run_io(inst *s, const char *op, build_fn build, void *ud, size_t ncmd
 static int run(inst *s, const char *op, build_fn build, void *ud, size_t ncmd,
                redisReply **replies, dp_err *err)
 {
-    nopipe np;
-    nopipe_begin(&np);
     int saved = errno, rc = run_io(s, op, build, ud, ncmd, replies, err);
-    nopipe_end(&np);
     errno = saved;
     return rc;
 }
@@ -448,8 +512,8 @@ static int run_io(inst *s, const char *op, build_fn build, void *ud, size_t ncmd
         redisContext *c = cn->c;
         build(c, ud);
         size_t got = 0;
-        int failed = 0;
-        for (; got < ncmd; got++) {
+        int failed = send_nosignal(c) != REDIS_OK;
+        for (; !failed && got < ncmd; got++) {
             void *r = NULL;
             if (redisGetReply(c, &r) != REDIS_OK || !r) {
                 failed = 1;
@@ -762,14 +826,197 @@ static void new_token(char out[33])
     out[32] = '\0';
 }
 
+/* Waking. A waiter's own connection, taken from the pool, SUBSCRIBEd to the
+ * lock key's channel before each SET NX retry can fail, so a release after
+ * that retry is never missed; given back after UNSUBSCRIBE (in RESP2 the
+ * connection is then an ordinary one again). Any failure here only drops the
+ * subscription: the wait then polls as it would without it. */
+static void sub_free(conn *cn)
+{
+    redisFree(cn->c);
+    free(cn);
+}
+
+/* Read, on a connection whose UNSUBSCRIBE was sent, up to its confirmation
+ * (messages published meanwhile come first). 1: it is an ordinary
+ * connection again; 0: it failed (free it). */
+static int sub_finish(conn *cn)
+{
+    for (int i = 0; i < 1000; i++) {
+        redisReply *r = NULL;
+        if (redisGetReply(cn->c, (void **)&r) != REDIS_OK || !r)
+            return 0;
+        int done = r->type == REDIS_REPLY_ARRAY && r->elements == 3 &&
+                   r->element[0]->type == REDIS_REPLY_STRING &&
+                   strcmp(r->element[0]->str, "unsubscribe") == 0 &&
+                   r->element[2]->type == REDIS_REPLY_INTEGER && r->element[2]->integer == 0;
+        freeReplyObject(r);
+        if (done)
+            return 1;
+    }
+    return 0;
+}
+
+/* A connection left by an earlier wait with its UNSUBSCRIBE unread, now
+ * finished (its confirmation has long arrived), or NULL. */
+static conn *sub_reuse(inst *s)
+{
+    conn *cn = NULL, *stale = NULL;
+    uv_mutex_lock(&s->mu);
+    if (s->pid != self_pid()) {
+        stale = s->unsubbing; /* a fork()ed child: the parent's sockets */
+        s->unsubbing = NULL;
+        s->nunsubbing = 0;
+    } else if (s->unsubbing) {
+        cn = s->unsubbing;
+        s->unsubbing = cn->next;
+        s->nunsubbing--;
+        if (cn->gen != s->gen) {
+            cn->next = NULL;
+            stale = cn;
+            cn = NULL;
+        }
+    }
+    uv_mutex_unlock(&s->mu);
+    while (stale) {
+        conn *c = stale;
+        stale = c->next;
+        sub_free(c);
+    }
+    if (cn && !sub_finish(cn)) {
+        sub_free(cn);
+        cn = NULL;
+    }
+    return cn;
+}
+
+static conn *sub_open(inst *s, const char *lk, size_t lklen)
+{
+    conn *out = NULL;
+    nopipe np;
+    nopipe_begin(&np);
+    int saved = errno;
+    for (int attempt = 0; attempt < 2 && !out; attempt++) {
+        conn *cn;
+        int reused = 1;
+        dp_err e;
+        if (attempt == 0 && (cn = sub_reuse(s)) != NULL)
+            ; /* ready for another SUBSCRIBE */
+        else if (conn_take(s, &cn, &reused, &e) != DP_OK)
+            break;
+        const char *argv[2] = {"SUBSCRIBE", lk};
+        size_t lens[2] = {9, lklen};
+        redisReply *r = redisCommandArgv(cn->c, 2, argv, lens);
+        if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 3)
+            out = cn;
+        else
+            sub_free(cn);
+        if (r)
+            freeReplyObject(r);
+        if (!out && !reused)
+            break; /* a fresh connection failed: no point in another */
+    }
+    nopipe_end(&np);
+    errno = saved;
+    return out;
+}
+
+/* 1: something arrived (a release, probably), 0: `seconds` passed, -1: the
+ * connection failed. Messages are only wake-ups: their content is ignored. */
+static int sub_wait(conn *cn, double seconds)
+{
+    redisContext *c = cn->c;
+    void *r = NULL;
+    int got = 0;
+    while (redisGetReplyFromReader(c, &r) == REDIS_OK && r) {
+        freeReplyObject(r);
+        r = NULL;
+        got = 1;
+    }
+    if (c->err)
+        return -1;
+    if (got)
+        return 1;
+    struct pollfd p = {.fd = c->fd, .events = POLLIN};
+    struct timespec ts;
+    ts.tv_sec = (time_t)seconds;
+    ts.tv_nsec = (long)((seconds - (double)ts.tv_sec) * 1e9);
+    int n = ppoll(&p, 1, &ts, NULL);
+    if (n < 0)
+        return errno == EINTR ? 1 : -1;
+    if (n == 0)
+        return 0;
+    nopipe np;
+    nopipe_begin(&np);
+    int rc = redisBufferRead(c) == REDIS_OK ? 1 : -1;
+    nopipe_end(&np);
+    while (rc == 1 && redisGetReplyFromReader(c, &r) == REDIS_OK && r) {
+        freeReplyObject(r);
+        r = NULL;
+    }
+    return rc;
+}
+
+/* UNSUBSCRIBE and give the connection back. `defer`: only send it, and keep
+ * the connection aside (at most MAX_UNSUBBING per instance) for the next
+ * wait, which reads the confirmation then: the waiter that was just woken
+ * does not wait one more round trip before reading the value. */
+#define MAX_UNSUBBING 16
+
+static void sub_close_how(inst *s, conn *cn, const char *lk, size_t lklen, int defer)
+{
+    nopipe np;
+    nopipe_begin(&np);
+    int saved = errno, ok = 0;
+    const char *argv[2] = {"UNSUBSCRIBE", lk};
+    size_t lens[2] = {11, lklen};
+    if (redisAppendCommandArgv(cn->c, 2, argv, lens) == REDIS_OK) {
+        if (defer) {
+            int done = 0;
+            while (!done)
+                if (redisBufferWrite(cn->c, &done) != REDIS_OK)
+                    break;
+            if (done) {
+                uv_mutex_lock(&s->mu);
+                if (cn->gen == s->gen && s->pid == self_pid() &&
+                    s->nunsubbing < MAX_UNSUBBING) {
+                    cn->next = s->unsubbing;
+                    s->unsubbing = cn;
+                    s->nunsubbing++;
+                    cn = NULL;
+                }
+                uv_mutex_unlock(&s->mu);
+            }
+            if (!cn) {
+                nopipe_end(&np);
+                errno = saved;
+                return;
+            }
+        }
+        /* Messages published meanwhile come first; then the confirmation. */
+        ok = !cn->c->err && sub_finish(cn);
+    }
+    nopipe_end(&np);
+    errno = saved;
+    if (ok)
+        conn_give(s, cn, 0);
+    else
+        sub_free(cn);
+}
+
+static void sub_close(inst *s, conn *cn, const char *lk, size_t lklen)
+{
+    sub_close_how(s, cn, lk, lklen, 0);
+}
+
 static int rd_lock(void *self, const char *key, size_t klen, double timeout, dp_err *err)
 {
     inst *s = self;
     held *h = calloc(1, sizeof *h);
     if (!h)
         return dp_err_set(err, DP_ENOMEM, "out of memory");
-    char *lk;
-    size_t lklen;
+    char *lk = NULL;
+    size_t lklen = 0;
     int rc = lock_key(s, key, klen, &lk, &lklen, err);
     if (rc != DP_OK) {
         free(h);
@@ -782,6 +1029,8 @@ static int rd_lock(void *self, const char *key, size_t klen, double timeout, dp_
     size_t lens[6] = {3, lklen, 32, 2, 2, (size_t)pxn};
     double deadline = timeout > 0 ? dp_clock_monotonic() + timeout : 0;
     double step = 0.001;
+    conn *sub = NULL;
+    int tried_sub = 0;
     for (;;) {
         redisReply *r;
         rc = run1(s, "SET NX (lock)", 6, argv, lens, &r, err);
@@ -790,6 +1039,10 @@ static int rd_lock(void *self, const char *key, size_t klen, double timeout, dp_
         int got = r->type == REDIS_REPLY_STATUS;
         freeReplyObject(r);
         if (got) {
+            if (sub) {
+                sub_close(s, sub, lk, lklen);
+                sub = NULL;
+            }
             h->key = lk;
             h->klen = lklen;
             lk = NULL;
@@ -810,11 +1063,107 @@ static int rd_lock(void *self, const char *key, size_t klen, double timeout, dp_
             rc = dp_err_set(err, DP_ETIMEDOUT, "the lock was still held after %g s", timeout);
             break;
         }
-        dp_clock_sleep(step < left ? step : left);
+        if (!tried_sub) {
+            /* Subscribe, then try again before waiting for a message. */
+            tried_sub = 1;
+            sub = sub_open(s, lk, lklen);
+            if (sub)
+                continue;
+        }
+        double wait = step < left ? step : left;
+        if (sub) {
+            if (sub_wait(sub, wait) < 0) {
+                sub_free(sub);
+                sub = NULL;
+            }
+        } else {
+            dp_clock_sleep(wait);
+        }
         step = step * 2 < s->lock_sleep ? step * 2 : s->lock_sleep;
     }
+    if (sub)
+        sub_close(s, sub, lk, lklen);
     free(lk);
     free(h);
+    return rc;
+}
+
+/* The lock key's token: DP_OK with *tok (malloc'd, NUL-terminated) or NULL
+ * when the lock is free, or a failure in err. */
+static int lock_token(inst *s, const char *lk, size_t lklen, char **tok, dp_err *err)
+{
+    const char *argv[2] = {"GET", lk};
+    size_t lens[2] = {3, lklen};
+    redisReply *r;
+    int rc = run1(s, "GET (lock)", 2, argv, lens, &r, err);
+    if (rc != DP_OK)
+        return rc;
+    *tok = NULL;
+    if (r->type == REDIS_REPLY_STRING) {
+        *tok = strndup(r->str, r->len);
+        if (!*tok)
+            rc = dp_err_set(err, DP_ENOMEM, "out of memory");
+    } else if (r->type != REDIS_REPLY_NIL) {
+        rc = dp_err_set(err, DP_EBACKEND, "GET (lock): the lock key holds a value of "
+                        "another type");
+    }
+    freeReplyObject(r);
+    return rc;
+}
+
+/* Wait, without taking it, until the lock's holder (the token seen after
+ * subscribing) releases: a message on the lock key's channel (the unlock
+ * script publishes one), or a poll that finds the key gone or holding
+ * another token (a holder that died lets the key expire, which publishes
+ * nothing). Polls after 1 ms doubling to lock_sleep; timeout 0 polls once. */
+static int rd_wait_unlocked(void *self, const char *key, size_t klen, double timeout,
+                            dp_err *err)
+{
+    inst *s = self;
+    char *lk = NULL, *first = NULL, *now = NULL;
+    size_t lklen = 0;
+    int rc = lock_key(s, key, klen, &lk, &lklen, err);
+    if (rc != DP_OK)
+        return rc;
+    conn *sub = timeout != 0 ? sub_open(s, lk, lklen) : NULL;
+    rc = lock_token(s, lk, lklen, &first, err);
+    double deadline = timeout > 0 ? dp_clock_monotonic() + timeout : 0;
+    double step = 0.001;
+    while (rc == DP_OK && first) {
+        if (timeout == 0) {
+            rc = DP_EBUSY;
+            break;
+        }
+        double left = timeout > 0 ? deadline - dp_clock_monotonic() : 1e9;
+        if (left <= 0) {
+            rc = dp_err_set(err, DP_ETIMEDOUT, "the lock was still held after %g s", timeout);
+            break;
+        }
+        double wait = step < left ? step : left;
+        step = step * 2 < s->lock_sleep ? step * 2 : s->lock_sleep;
+        if (sub) {
+            int got = sub_wait(sub, wait);
+            if (got > 0)
+                break; /* released */
+            if (got < 0) {
+                sub_free(sub);
+                sub = NULL;
+            }
+        } else {
+            dp_clock_sleep(wait);
+        }
+        rc = lock_token(s, lk, lklen, &now, err);
+        if (rc == DP_OK && (!now || strcmp(now, first) != 0)) {
+            free(now);
+            break;
+        }
+        free(now);
+        now = NULL;
+    }
+    if (sub)
+        sub_close_how(s, sub, lk, lklen, 1);
+    free(first);
+    free(lk);
     return rc;
 }
 
@@ -856,6 +1205,12 @@ static void inst_free(inst *s)
     while (s->idle) {
         conn *c = s->idle;
         s->idle = c->next;
+        redisFree(c->c);
+        free(c);
+    }
+    while (s->unsubbing) {
+        conn *c = s->unsubbing;
+        s->unsubbing = c->next;
         redisFree(c->c);
         free(c);
     }
@@ -1035,7 +1390,7 @@ static int open_with(const char *name, const dp_arg *args, size_t nargs, void **
     s->lock_timeout = 30;
     s->lock_sleep = 0.1;
     s->lock_prefix = strdup("_lock");
-    s->pid = getpid();
+    s->pid = self_pid();
     int rc = DP_OK;
     /* url first, so that explicit arguments override its parts. */
     for (size_t i = 0; i < nargs && rc == DP_OK; i++)
@@ -1204,6 +1559,7 @@ static int rd_open(void *ud, const dp_arg *args, size_t nargs, void **self, dp_e
         .lock_domain = rd_lock_domain, .close = rd_close, .infallible = 0,    \
         .lock = rd_lock, .unlock = rd_unlock, .get_multi = rd_get_multi,      \
         .set_multi = rd_set_multi, .del_multi = rd_del_multi,                 \
+        .wait_unlocked = rd_wait_unlocked,                                    \
     }
 
 static const dp_backend_ops rd_ops = REDIS_OPS(NAME);

@@ -59,6 +59,8 @@ DP_API int dp_backend_register(const dp_backend_ops *ops, void *ud)
         return DP_EINVAL;
     if ((ops->lock == NULL) != (ops->unlock == NULL))
         return DP_EINVAL;
+    if (ops->wait_unlocked && !ops->lock)
+        return DP_EINVAL;
     /* The registry keeps `ops` for the life of the process, but a Lua C
      * module that registered it is unloaded when the last state that required
      * it closes: pin whatever shared object holds `ops`, so it stays mapped. */
@@ -189,6 +191,20 @@ DP_API int dp_backend_unlock(dp_backend *b, const char *key, size_t klen, dp_err
     if (!b->ops->unlock)
         return dp_err_set(err, DP_EINVAL, "%s has no lock of its own", b->ops->name);
     return b->ops->unlock(b->self, key, klen, err);
+}
+
+DP_API int dp_backend_has_wait_unlocked(dp_backend *b)
+{
+    return b->ops->wait_unlocked != NULL;
+}
+
+DP_API int dp_backend_wait_unlocked(dp_backend *b, const char *key, size_t klen,
+                                    double timeout, dp_err *err)
+{
+    if (!b->ops->wait_unlocked)
+        return dp_err_set(err, DP_EINVAL, "%s cannot wait for its lock's release",
+                          b->ops->name);
+    return b->ops->wait_unlocked(b->self, key, klen, timeout, err);
 }
 
 DP_API int dp_backend_get_multi(dp_backend *b, size_t n, const char *const *keys,

@@ -113,6 +113,18 @@ DP_API int dp_lock_try(uint32_t domain, const char *key, size_t len,
 DP_API int dp_lock_wait(uint32_t domain, const char *key, size_t len,
                         uint32_t owner, double timeout);
 
+/** Wait, without taking it, until the lock is released by whoever holds it
+ * at the call: for a caller that only wants to read what the holder made.
+ * DP_OK at once when the lock is free; DP_OK once the holder released it,
+ * even if another caller took it again before this one woke up (the wait
+ * does not follow later holders). DP_ETIMEDOUT: still held after `timeout`
+ * seconds (timeout 0: check once; a negative timeout waits without limit).
+ * DP_EDEADLK: the lock is held under the same `owner` (as dp_lock_wait).
+ * The caller owns nothing afterwards, whatever the result: there is nothing
+ * to release. */
+DP_API int dp_lock_wait_unlocked(uint32_t domain, const char *key, size_t len,
+                                 uint32_t owner, double timeout);
+
 /** Release; wakes the waiters. DP_OK, or DP_ENOTHELD. */
 DP_API int dp_lock_release(uint32_t domain, const char *key, size_t len);
 
@@ -382,6 +394,18 @@ typedef struct dp_backend_ops {
                      const char *const *values, const size_t *vlens, dp_err *err);
     int (*del_multi)(void *self, size_t n, const char *const *keys, const size_t *klens,
                      dp_err *err);
+    /* Optional (NULL: waiters take the lock in turn to read the new value):
+     * wait, without taking it, until the lock() of `key` is released by the
+     * process that holds it at the call, so that every waiter can read the
+     * new value at once. Set only with lock and unlock (registration refuses
+     * it otherwise). DP_OK: free at
+     * the call, or released since (a later holder is not waited for).
+     * timeout 0: check once, DP_EBUSY when held; > 0: DP_ETIMEDOUT when still
+     * held after that many seconds; < 0: wait without limit. Any other code
+     * is a failure described in err. Nothing is held afterwards. The core's
+     * registry orders the threads of one process first, as for lock. */
+    int (*wait_unlocked)(void *self, const char *key, size_t klen, double timeout,
+                         dp_err *err);
 } dp_backend_ops;
 
 typedef struct dp_backend dp_backend;
@@ -414,6 +438,13 @@ DP_API int dp_backend_lock(dp_backend *b, const char *key, size_t klen, double t
 /** Release the backend's lock for `key`. DP_OK, DP_ENOTHELD, DP_EINVAL (no
  * lock), or a failure in err. */
 DP_API int dp_backend_unlock(dp_backend *b, const char *key, size_t klen, dp_err *err);
+/** 1 when the backend can wait for its lock's release (ops->wait_unlocked). */
+DP_API int dp_backend_has_wait_unlocked(dp_backend *b);
+/** Wait until the backend's lock for `key` is released by its holder, without
+ * taking it (see dp_backend_ops.wait_unlocked for `timeout` and the codes).
+ * DP_EINVAL (with err) when the backend has no wait_unlocked. */
+DP_API int dp_backend_wait_unlocked(dp_backend *b, const char *key, size_t klen,
+                                    double timeout, dp_err *err);
 /** The multi forms (see dp_backend_ops.get_multi): one call of the backend's
  * own when it has them, otherwise a loop over the single operations that
  * stops at the first failure. */

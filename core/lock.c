@@ -23,7 +23,8 @@ typedef struct entry {
     uint64_t hash;
     uint32_t domain;
     uint32_t owner;    /* holder's tag, valid while held */
-    uint32_t waiters;  /* threads blocked in dp_lock_wait on this entry */
+    uint32_t waiters;  /* threads blocked in dp_lock_wait or dp_lock_wait_unlocked */
+    uint32_t releases; /* bumped by every release: dp_lock_wait_unlocked's generation */
     int held;
     size_t len;
     char key[];
@@ -133,6 +134,7 @@ static entry *find_or_add(stripe *s, uint64_t h, uint32_t domain,
     e->domain = domain;
     e->owner = 0;
     e->waiters = 0;
+    e->releases = 0;
     e->held = 0;
     e->len = len;
     memcpy(e->key, key, len);
@@ -251,6 +253,55 @@ DP_API int dp_lock_wait(uint32_t domain, const char *key, size_t len,
     return rc;
 }
 
+/* Waits for the holder seen at the call to let go: not "until not held",
+ * since another waiter may take the lock again before this one wakes up; the
+ * release counter says a release happened meanwhile. */
+DP_API int dp_lock_wait_unlocked(uint32_t domain, const char *key, size_t len,
+                                 uint32_t owner, double timeout)
+{
+    uint64_t h = hash_key(domain, key, len);
+    stripe *s = stripe_for(h);
+    int rc = DP_OK;
+    uv_mutex_lock(&s->mu);
+    entry **pp = slot_for(s, h, domain, key, len);
+    entry *e = pp ? *pp : NULL;
+    if (!e || !e->held) {
+        uv_mutex_unlock(&s->mu);
+        return DP_OK;
+    }
+    if (owner && e->owner == owner) {
+        uv_mutex_unlock(&s->mu);
+        return DP_EDEADLK;
+    }
+    if (timeout == 0) {
+        uv_mutex_unlock(&s->mu);
+        return DP_ETIMEDOUT;
+    }
+    uint64_t deadline = 0;
+    if (timeout > 0)
+        deadline = uv_hrtime() + (uint64_t)(timeout * 1e9);
+    uint32_t seen = e->releases;
+    e->waiters++; /* keeps the entry (and its counter) alive meanwhile */
+    while (e->held && e->releases == seen) {
+        if (timeout < 0) {
+            uv_cond_wait(&s->cond, &s->mu);
+            continue;
+        }
+        uint64_t now = uv_hrtime();
+        if (now >= deadline ||
+            uv_cond_timedwait(&s->cond, &s->mu, deadline - now) == UV_ETIMEDOUT) {
+            if (e->held && e->releases == seen) {
+                rc = DP_ETIMEDOUT;
+                break;
+            }
+        }
+    }
+    e->waiters--;
+    drop_if_idle(s, e);
+    uv_mutex_unlock(&s->mu);
+    return rc;
+}
+
 DP_API int dp_lock_release(uint32_t domain, const char *key, size_t len)
 {
     uint64_t h = hash_key(domain, key, len);
@@ -262,6 +313,7 @@ DP_API int dp_lock_release(uint32_t domain, const char *key, size_t len)
     if (e && e->held) {
         e->held = 0;
         e->owner = 0;
+        e->releases++;
         if (e->waiters)
             uv_cond_broadcast(&s->cond);
         else
@@ -304,6 +356,7 @@ DP_API size_t dp_lock_release_owner(uint32_t owner)
                 if (e->held && e->owner == owner) {
                     e->held = 0;
                     e->owner = 0;
+                    e->releases++;
                     released++;
                     if (e->waiters)
                         wake = 1;

@@ -122,6 +122,35 @@ function Mutex:acquire(wait)
     raise("dogpile: waiting for the lock for key '" .. key .. "': " .. lib.strerror(rc))
 end
 
+local function core_free(domain, key)
+    return C.dp_lock_held(domain, key, #key, nil) == 0
+end
+
+--- Wait, without taking the lock, until whoever holds it now releases it (at
+-- once when it is free); bounded as acquire is (here: not at all). With a
+-- sleep function set, poll with it; otherwise block on the core's condition
+-- variable. Returns true. run() calls it so that every waiter can read the
+-- holder's value together instead of taking the lock in turn.
+function Mutex:wait_unlocked()
+    local domain, key = self.domain, self.key
+    local sleep = current_sleep()
+    if sleep then
+        if core_free(domain, key) then
+            return true
+        end
+        return wait_yielding(sleep, core_free, domain, key)
+    end
+    local rc = C.dp_lock_wait_unlocked(domain, key, #key, OWNER, -1)
+    if rc == DP_OK then
+        return true
+    elseif rc == DP_EDEADLK then
+        raise("dogpile: the lock for key '" .. key .. "' is held by another coroutine "
+              .. "of this Lua state, so blocking the thread would wait forever; "
+              .. "call dogpile.set_sleep(fn) with your scheduler's sleep so that waiters yield")
+    end
+    raise("dogpile: waiting for the lock for key '" .. key .. "': " .. lib.strerror(rc))
+end
+
 function Mutex:release()
     local key = self.key
     if C.dp_lock_release(self.domain, key, #key) ~= DP_OK then
@@ -151,6 +180,14 @@ end
 -- hit costs one read. Returns the value and how it was obtained: "fresh",
 -- "stale", "created" or "async"; a third result is true when the caller had
 -- to wait for the lock.
+--
+-- With no value and the lock taken by someone else, a mutex that has
+-- `:wait_unlocked()` (wait, without taking the lock, until the holder lets
+-- go) lets every waiter read the holder's value as soon as it is released,
+-- all together, instead of each taking the lock in turn to read it. Only when
+-- that read finds nothing fresh (the holder failed, or stored nothing) does
+-- the waiter take the lock, and it reads again under it: a value is only ever
+-- created under the lock, so still by one caller at a time.
 local function run(mutex, ctx, creator, read, is_expired, async_creator, has, value, created)
     local has_value = has and created > 0
     if has_value and not is_expired(ctx, created) then
@@ -163,6 +200,16 @@ local function run(mutex, ctx, creator, read, is_expired, async_creator, has, va
         end
     elseif not mutex:acquire(false) then
         waited = true
+        -- (Tables only: a userdata or cdata mutex may raise on a missing field.)
+        local wait_unlocked = type(mutex) == "table" and mutex.wait_unlocked
+        if wait_unlocked then
+            wait_unlocked(mutex)
+            -- Nothing is held here: a read error propagates as is.
+            local has1, value1, created1 = read(ctx)
+            if has1 and created1 > 0 and not is_expired(ctx, created1) then
+                return value1, "fresh", true
+            end
+        end
         mutex:acquire(true)
     end
     -- We hold the lock. Read again: while we waited, or just before we took

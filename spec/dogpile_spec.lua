@@ -177,6 +177,100 @@ describe("dogpile", function()
             assert.is_false(m.held)
         end)
 
+        describe("a mutex with wait_unlocked", function()
+            -- mock_mutex plus wait_unlocked: the holder (busy) does `on_wait`
+            -- and lets go; the caller is not given the mutex.
+            local function waiting_mutex(on_wait)
+                local m = mock_mutex(true)
+                m.unlocked_waits = 0
+                function m:wait_unlocked()
+                    self.unlocked_waits = self.unlocked_waits + 1
+                    assert(not self.held, "mock mutex: wait_unlocked by its own holder")
+                    if on_wait then
+                        on_wait()
+                    end
+                    self.busy = false
+                    return true
+                end
+                return m
+            end
+
+            it("missing value, mutex busy: waits for the release and reads, never taking the mutex",
+               function()
+                local s = slot()
+                local m = waiting_mutex(function() s.put("theirs") end)
+                local creator = counted(function() return "mine", C.dp_clock_now() end)
+                assert.are.equal("theirs", dogpile.Lock.new(m, creator, s.value_fn, EXPIRE):enter())
+                assert.are.equal(0, creator.calls)
+                assert.are.equal(1, m.unlocked_waits)
+                assert.are.equal(1, m.tries)
+                assert.are.equal(0, m.waits, "the mutex is not taken to read the new value")
+                assert.are.equal(0, m.releases)
+                assert.are.equal(2, s.value_fn.calls)
+            end)
+
+            it("still missing after the release (the holder failed): takes the mutex, reads "
+               .. "again under it and creates once", function()
+                local s = slot()
+                local m = waiting_mutex()
+                local creator = counted(function()
+                    s.put("mine")
+                    return "mine", s.ct
+                end)
+                assert.are.equal("mine", dogpile.Lock.new(m, creator, s.value_fn, EXPIRE):enter())
+                assert.are.equal(1, creator.calls)
+                assert.are.equal(1, m.unlocked_waits)
+                assert.are.equal(1, m.waits)
+                assert.are.equal(1, m.releases)
+                assert.is_false(m.held)
+                assert.are.equal(3, s.value_fn.calls, "read after the release, then under the mutex")
+            end)
+
+            it("an expired value after the release is not served: the mutex decides", function()
+                local s = slot()
+                local m = waiting_mutex(function() s.put("old", C.dp_clock_now() - STALE) end)
+                local creator = counted(function()
+                    s.put("mine")
+                    return "mine", s.ct
+                end)
+                assert.are.equal("mine", dogpile.Lock.new(m, creator, s.value_fn, EXPIRE):enter())
+                assert.are.equal(1, creator.calls)
+                assert.are.equal(1, m.waits)
+                assert.is_false(m.held)
+            end)
+
+            it("a read error after the release propagates unchanged; nothing is released",
+               function()
+                local boom = { "backend down" }
+                local calls = 0
+                local value_fn = function()
+                    calls = calls + 1
+                    if calls == 1 then
+                        error(NeedRegen)
+                    end
+                    error(boom)
+                end
+                local m = waiting_mutex()
+                local creator = counted(function() return "new", C.dp_clock_now() end)
+                local err = catch(function()
+                    dogpile.Lock.new(m, creator, value_fn, EXPIRE):enter()
+                end)
+                assert.are.equal(boom, err)
+                assert.are.equal(0, creator.calls)
+                assert.are.equal(0, m.waits)
+                assert.are.equal(0, m.releases)
+                assert.is_false(m.held)
+            end)
+
+            it("is not used when there is a stale value to serve", function()
+                local s = slot("old", STALE)
+                local m = waiting_mutex()
+                assert.are.equal("old", dogpile.Lock.new(m, function() end, s.value_fn,
+                                                         EXPIRE):enter())
+                assert.are.equal(0, m.unlocked_waits)
+            end)
+        end)
+
         it("expired value, mutex busy: returns the stale value at once", function()
             local s = slot("old", STALE)
             local m = mock_mutex(true, function() error("must not wait") end)
@@ -922,6 +1016,33 @@ describe("dogpile", function()
                 assert_created_once(creator, results, new)
                 assert.are.equal(CREATOR_SLEEPS, sleeps[1])
                 assert.is_true(sleeps[2] > 0, "a coroutine with no value must wait")
+            end)
+
+            it("missing: the waiters read after the release, none takes the lock in turn",
+               function()
+                local mt = getmetatable(dogpile.core_mutex(C.dp_lock_domain_new(), "k"))
+                local acquire, blocking = mt.acquire, 0
+                mt.acquire = function(self, wait)
+                    if wait ~= false then
+                        blocking = blocking + 1
+                    end
+                    return acquire(self, wait)
+                end
+                local store, creator = {}, nil
+                local new = { "new" }
+                local ok, err = pcall(function()
+                    local results = stampede(function(sleep)
+                        creator = yielding_creator(sleep, new, function(v)
+                            store.k = { v = v, ct = C.dp_clock_now() }
+                        end)
+                        return make_lock_get(store, creator)
+                    end)
+                    assert_created_once(creator, results, new)
+                end)
+                mt.acquire = acquire
+                assert(ok, err)
+                assert.are.equal(0, blocking, "blocking acquires")
+                assert.are.equal(0, C.dp_lock_count())
             end)
 
             it("expired: the creator runs once, the 199 others get the stale value at once",

@@ -343,6 +343,93 @@ io.write(v, " ", string.format("%.3f", now() - t0), "\n")
             end
         end)
 
+        -- Counts, in `blocking`, the waits to take the lock (acquire(true)) of
+        -- this process's region `r`: a waiter that reads the value when the
+        -- holder releases (wait_unlocked) never takes the lock.
+        local COUNT_BLOCKING = [[
+local blocking = arg[6]
+local mt = getmetatable(r.backend:get_mutex("probe"))
+assert(mt.wait_unlocked, "the lmdb mutex has no wait_unlocked")
+local acquire = mt.acquire
+mt.acquire = function(self, wait)
+    if wait ~= false then
+        append(blocking, "x")
+    end
+    return acquire(self, wait)
+end
+]]
+
+        it("8 processes on a missing key: one creator; the 7 waiters read its value when it "
+           .. "releases, none takes the lock", function()
+            local dir = tmpdir()
+            local counter, blocking = dir .. "/creations", dir .. "/blocking"
+            local f = script(dir, "waiters", COUNT_BLOCKING .. [[
+local counter, start = arg[4], tonumber(arg[5])
+while now() < start do sleep(0.001) end
+local t0 = now()
+local v = r:get_or_create("hot", function()
+    append(counter, "x")
+    sleep(0.3)
+    return "created"
+end)
+io.write(v, " ", string.format("%.3f", now() - t0), "\n")
+]])
+            local start = now() + 0.6
+            local cmd = {}
+            for i = 1, 8 do
+                cmd[i] = string.format("luajit %s '%s' '{ lock_timeout = 10 }' '' '%s' '%.3f' "
+                                       .. "'%s' > %s/out%d 2>&1 &", f, dir, counter, start,
+                                       blocking, dir, i)
+            end
+            sh(table.concat(cmd, " ") .. " wait")
+            assert.are.equal(1, count_lines(counter))
+            for i = 1, 8 do
+                assert.matches("^created ", read(dir .. "/out" .. i))
+            end
+            assert.are.equal(0, count_lines(blocking), "waiters took the lock to read the value")
+        end)
+
+        it("a holder whose creator fails: exactly one waiter creates after the release, the "
+           .. "others get its value", function()
+            local dir = tmpdir()
+            local started, counter, blocking = dir .. "/started", dir .. "/creations",
+                                               dir .. "/blocking"
+            local holder = script(dir, "failing", [[
+r:get_or_create("fails", function()
+    append(arg[4], "started")
+    sleep(0.3)
+    error("the holder's creator failed")
+end)
+]])
+            sh(string.format("luajit %s '%s' '{ lock_timeout = 10 }' '' '%s' >/dev/null 2>&1 &",
+                             holder, dir, started))
+            local t0 = now()
+            while count_lines(started) == 0 do
+                assert.is_true(now() - t0 < 10, "the holder never started")
+                ffi.C.usleep(5000)
+            end
+            local waiter = script(dir, "waiter", COUNT_BLOCKING .. [[
+local v = r:get_or_create("fails", function()
+    append(arg[4], "x")
+    sleep(0.1)
+    return "from a waiter"
+end)
+io.write(v, "\n")
+]])
+            local cmd = {}
+            for i = 1, 4 do
+                cmd[i] = string.format("luajit %s '%s' '{ lock_timeout = 10 }' '' '%s' '' '%s' "
+                                       .. "> %s/wout%d 2>&1 &", waiter, dir, counter, blocking,
+                                       dir, i)
+            end
+            sh(table.concat(cmd, " ") .. " wait")
+            assert.are.equal(1, count_lines(counter), "waiters that created")
+            for i = 1, 4 do
+                assert.are.equal("from a waiter\n", read(dir .. "/wout" .. i))
+            end
+            assert.are.equal("from a waiter", region(dir):get("fails"))
+        end)
+
         it("8 processes with an expired key: one regenerates, the others get the stale value at once", function()
             local dir = tmpdir()
             local counter = dir .. "/creations"

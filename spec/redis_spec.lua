@@ -398,6 +398,92 @@ io.write(v, " ", string.format("%.3f", now() - t0), "\n")
             region():delete(k)
         end)
 
+        -- Counts, in the file arg[5], this process's waits to take the lock
+        -- (acquire(true)): a waiter that reads the value when the holder
+        -- releases (wait_unlocked) never takes the lock.
+        local COUNT_BLOCKING = [[
+local mt = getmetatable(r.backend:get_mutex("probe"))
+assert(mt.wait_unlocked, "the redis mutex has no wait_unlocked")
+local acquire = mt.acquire
+mt.acquire = function(self, wait)
+    if wait ~= false then
+        append(arg[5], "x")
+    end
+    return acquire(self, wait)
+end
+]]
+
+        it("8 processes on a missing key: the 7 waiters read the value when the holder "
+           .. "releases, none takes the lock", function()
+            local k = fresh("together")
+            local counter, blocking = TMP .. "/creations-" .. uniq, TMP .. "/blocking-" .. uniq
+            local f = script("together", COUNT_BLOCKING .. [[
+local key, counter, start = arg[2], arg[3], tonumber(arg[4])
+while now() < start do sleep(0.001) end
+local v = r:get_or_create(key, function()
+    append(counter, "x")
+    sleep(0.3)
+    return "created"
+end)
+io.write(v, "\n")
+]])
+            local start = now() + 0.6
+            local cmd = {}
+            for i = 1, 8 do
+                cmd[i] = string.format("luajit %s '{port = %d, lock_timeout = 10}' '%s' '%s' "
+                                       .. "'%.3f' '%s' > %s/tout%d 2>&1 &", f, main_port(), k,
+                                       counter, start, blocking, TMP, i)
+            end
+            sh(table.concat(cmd, " ") .. " wait")
+            assert.are.equal(1, count_lines(counter))
+            for i = 1, 8 do
+                assert.are.equal("created\n", read(TMP .. "/tout" .. i))
+            end
+            assert.are.equal(0, count_lines(blocking), "waiters took the lock to read the value")
+            assert.are.equal("0", (cli(main_port(), "pubsub numsub _lock" .. k):match("(%d+)%s*$")))
+            region():delete(k)
+        end)
+
+        it("a holder whose creator fails: exactly one waiter creates after the release",
+           function()
+            local k = fresh("fails")
+            local args = string.format("{port = %d, lock_timeout = 10}", main_port())
+            local started, counter = TMP .. "/fstarted-" .. uniq, TMP .. "/fcreations-" .. uniq
+            local holder = script("failing", [[
+r:get_or_create(arg[2], function()
+    append(arg[3], "started")
+    sleep(0.3)
+    error("the holder's creator failed")
+end)
+]])
+            sh(string.format("luajit %s '%s' '%s' '%s' >/dev/null 2>&1 &", holder, args, k,
+                             started))
+            local t0 = now()
+            while count_lines(started) == 0 do
+                assert.is_true(now() - t0 < 10, "the holder never started")
+                sleep(0.005)
+            end
+            local waiter = script("fwaiter", [[
+local v = r:get_or_create(arg[2], function()
+    append(arg[3], "x")
+    sleep(0.1)
+    return "from a waiter"
+end)
+io.write(v, "\n")
+]])
+            local cmd = {}
+            for i = 1, 4 do
+                cmd[i] = string.format("luajit %s '%s' '%s' '%s' > %s/fout%d 2>&1 &", waiter,
+                                       args, k, counter, TMP, i)
+            end
+            sh(table.concat(cmd, " ") .. " wait")
+            assert.are.equal(1, count_lines(counter), "waiters that created")
+            for i = 1, 4 do
+                assert.are.equal("from a waiter\n", read(TMP .. "/fout" .. i))
+            end
+            region():delete(k)
+        end)
+
         it("a holder killed with SIGKILL delays the others by no more than lock_timeout", function()
             local k = fresh("killed")
             local args = string.format("{port = %d, lock_timeout = 1}", main_port())
@@ -429,6 +515,41 @@ io.write(v, " ", string.format("%.3f", now() - t0), "\n")
             assert.is_true(done_at - taken_at < 1.0 + 0.5,
                            "waited " .. (done_at - taken_at) .. " s after the lock was taken")
             assert.are.equal("from the waiter", region():get(k))
+            region():delete(k)
+        end)
+
+        it("a waiter in another process is woken by the release (PUBLISH), not by polling, and unsubscribes", function()
+            local k = fresh("wake")
+            local args = string.format("{port = %d, lock_sleep = 2}", main_port())
+            local started, released = TMP .. "/wstarted-" .. uniq, TMP .. "/wreleased-" .. uniq
+            local holder = script("wake_holder", [[
+r:get_or_create(arg[2], function()
+    append(arg[3], "started")
+    sleep(0.3)
+    return "from the holder"
+end)
+append(arg[4], string.format("%.6f", now()))
+]])
+            sh(string.format("luajit %s '%s' '%s' '%s' '%s' >/dev/null 2>&1 &", holder, args, k,
+                             started, released))
+            local t0 = now()
+            while count_lines(started) == 0 do
+                assert.is_true(now() - t0 < 10, "the holder never started")
+                sleep(0.002)
+            end
+            -- With lock_sleep = 2 and no wake-up, the retries after 1, 2, 4 ...
+            -- 256 ms would see the release (at ~0.3 s) only at ~0.51 s.
+            local r = region({ lock_sleep = 2 })
+            local v = r:get_or_create(k, function() return "from the waiter" end)
+            local got_at = now()
+            assert.are.equal("from the holder", v)
+            while count_lines(released) == 0 do
+                assert.is_true(now() - t0 < 10, "the holder never finished")
+                sleep(0.002)
+            end
+            local rel = tonumber((read(released):match("[%d.]+")))
+            assert.is_true(got_at - rel < 0.15, "got the value " .. (got_at - rel) .. " s after the release")
+            assert.are.equal("0", (cli(main_port(), "pubsub numsub _lock" .. k):match("(%d+)%s*$")))
             region():delete(k)
         end)
     end)

@@ -19,6 +19,8 @@ uint32_t dp_lock_domain_new(void);
 uint32_t dp_lock_owner_new(void);
 int dp_lock_try(uint32_t domain, const char *key, size_t len, uint32_t owner);
 int dp_lock_wait(uint32_t domain, const char *key, size_t len, uint32_t owner, double timeout);
+int dp_lock_wait_unlocked(uint32_t domain, const char *key, size_t len, uint32_t owner,
+                          double timeout);
 int dp_lock_release(uint32_t domain, const char *key, size_t len);
 int dp_lock_held(uint32_t domain, const char *key, size_t len, uint32_t *owner);
 size_t dp_lock_release_owner(uint32_t owner);
@@ -50,6 +52,9 @@ int dp_backend_infallible(dp_backend *b);
 int dp_backend_has_lock(dp_backend *b);
 int dp_backend_lock(dp_backend *b, const char *key, size_t klen, double timeout, dp_err *err);
 int dp_backend_unlock(dp_backend *b, const char *key, size_t klen, dp_err *err);
+int dp_backend_has_wait_unlocked(dp_backend *b);
+int dp_backend_wait_unlocked(dp_backend *b, const char *key, size_t klen, double timeout,
+                             dp_err *err);
 int dp_backend_get_multi(dp_backend *b, size_t n, const char *const *keys, const size_t *klens,
                          dp_bytes *out, int64_t *vlens, dp_err *err);
 int dp_backend_set_multi(dp_backend *b, size_t n, const char *const *keys, const size_t *klens,

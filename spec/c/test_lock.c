@@ -1,4 +1,5 @@
 /* The per-key lock registry: exclusion, waking, timeouts, owners, cleanup. */
+#include <stdatomic.h>
 #include <string.h>
 #include <uv.h>
 
@@ -57,6 +58,97 @@ static void releaser(void *arg)
 {
     (void)arg;
     cross_rc = dp_lock_release(cross_domain, K("handed-over"));
+}
+
+/* -- Waiting for the release without taking the lock ----------------------- */
+
+#define NREADERS 6
+
+static uint32_t unl_domain;
+static int unl_value;          /* written by the holder before it releases */
+static int unl_seen[NREADERS];
+static int unl_rc[NREADERS];
+static double unl_woke[NREADERS];
+static _Atomic int unl_ready;
+
+static void unl_reader(void *arg)
+{
+    int i = (int)(long)arg;
+    atomic_fetch_add(&unl_ready, 1);
+    unl_rc[i] = dp_lock_wait_unlocked(unl_domain, K("v"), dp_lock_owner_new(), -1);
+    unl_woke[i] = dp_clock_monotonic();
+    unl_seen[i] = unl_value; /* ordered after the holder's write by the release */
+}
+
+/* The lock is taken again at once after the release: the waiter still
+ * returns, since the holder it waited for let go. */
+static int retake_rc = -1;
+
+static void retake_waiter(void *arg)
+{
+    (void)arg;
+    retake_rc = dp_lock_wait_unlocked(unl_domain, K("again"), dp_lock_owner_new(), 5);
+}
+
+static void test_wait_unlocked(void)
+{
+    unl_domain = dp_lock_domain_new();
+    uint32_t holder = dp_lock_owner_new(), other = dp_lock_owner_new();
+    CHECK(dp_lock_wait_unlocked(unl_domain, K("free"), other, -1) == DP_OK,
+          "wait_unlocked on a free key returns at once");
+    CHECK(!dp_lock_held(unl_domain, K("free"), NULL) && dp_lock_count() == 0,
+          "and neither takes the lock nor leaves an entry");
+    CHECK(dp_lock_try(unl_domain, K("v"), holder) == DP_OK, "the holder takes the lock");
+    CHECK(dp_lock_wait_unlocked(unl_domain, K("v"), holder, -1) == DP_EDEADLK,
+          "wait_unlocked on a lock the same owner holds is refused");
+    CHECK(dp_lock_wait_unlocked(unl_domain, K("v"), other, 0) == DP_ETIMEDOUT,
+          "timeout 0 checks once: held");
+    double t0 = dp_clock_monotonic();
+    int rc = dp_lock_wait_unlocked(unl_domain, K("v"), other, 0.03);
+    double waited = dp_clock_monotonic() - t0;
+    CHECK(rc == DP_ETIMEDOUT && waited >= 0.029, "a timed wait gives up (rc=%d, %.3f s)", rc,
+          waited);
+    uint32_t who = 0;
+    CHECK(dp_lock_held(unl_domain, K("v"), &who) && who == holder,
+          "a wait that gave up leaves the holder alone");
+
+    uv_thread_t t[NREADERS];
+    for (int i = 0; i < NREADERS; i++)
+        uv_thread_create(&t[i], unl_reader, (void *)(long)i);
+    while (atomic_load(&unl_ready) < NREADERS)
+        dp_clock_sleep(0.001);
+    dp_clock_sleep(0.05);
+    unl_value = 42;
+    double released_at = dp_clock_monotonic();
+    dp_lock_release(unl_domain, K("v"));
+    for (int i = 0; i < NREADERS; i++)
+        uv_thread_join(&t[i]);
+    int all = 1;
+    double worst = 0;
+    for (int i = 0; i < NREADERS; i++) {
+        all &= unl_rc[i] == DP_OK && unl_seen[i] == 42;
+        if (unl_woke[i] - released_at > worst)
+            worst = unl_woke[i] - released_at;
+    }
+    printf("# wait_unlocked: %d readers, the last woke %.3f ms after the release\n", NREADERS,
+           worst * 1e3);
+    CHECK(all, "%d readers all return after the release and see what the holder wrote",
+          NREADERS);
+    CHECK(worst < 0.05, "they are woken by the release together, not in turn (%.3f ms)",
+          worst * 1e3);
+    CHECK(!dp_lock_held(unl_domain, K("v"), NULL), "none of them took the lock");
+
+    dp_lock_try(unl_domain, K("again"), holder);
+    uv_thread_t w;
+    uv_thread_create(&w, retake_waiter, NULL);
+    dp_clock_sleep(0.05);
+    dp_lock_release(unl_domain, K("again"));
+    dp_lock_try(unl_domain, K("again"), holder); /* at once, before it wakes up */
+    uv_thread_join(&w);
+    CHECK(retake_rc == DP_OK, "a waiter returns once its holder released, even if the lock "
+          "was taken again meanwhile (rc=%d)", retake_rc);
+    dp_lock_release(unl_domain, K("again"));
+    CHECK(dp_lock_count() == 0, "wait_unlocked leaves no entry (%zu)", dp_lock_count());
 }
 
 int main(void)
@@ -138,6 +230,7 @@ int main(void)
     uv_thread_join(&r);
     CHECK(cross_rc == DP_OK && !dp_lock_held(cross_domain, K("handed-over"), NULL),
           "a lock taken in one thread is released by another");
+    test_wait_unlocked();
     CHECK(dp_lock_count() == 0, "no entry left at the end (%zu)", dp_lock_count());
     CHECK(strcmp(dp_strerror(DP_EDEADLK), "lock is held by the same owner; waiting would never end") == 0,
           "dp_strerror names the status");

@@ -883,6 +883,22 @@ function FailOpenMutex:acquire(wait)
     return true
 end
 
+-- Waiting for the holder to let go (dogpile's run()) goes through too; a
+-- failure there is logged and the caller goes on to acquire.
+function FailOpenMutex:wait_unlocked()
+    local inner = self.inner
+    local f = type(inner) == "table" and inner.wait_unlocked
+    if not f then
+        return false
+    end
+    local ok, r = pcall(f, inner)
+    if not ok then
+        self.region:_failed("lock", self.key, r)
+        return false
+    end
+    return r
+end
+
 function FailOpenMutex:release()
     if self.unlocked then
         self.unlocked = false

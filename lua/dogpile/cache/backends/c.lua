@@ -193,11 +193,18 @@ function BackendMutex:acquire(wait)
         error(self.b.name .. ": the lock for key '" .. self.key .. "' is already held through "
               .. "this mutex", 0)
     end
+    local gave_up = self.gave_up
+    self.gave_up = false
     if try_both(self) then
         return true
     end
     if wait == false then
         return false
+    end
+    if gave_up then
+        -- wait_unlocked already waited lock_timeout for this holder: stuck.
+        self.stolen = true
+        return true
     end
     local b, key = self.b, self.key
     local timeout = b.lock_timeout or -1
@@ -290,9 +297,96 @@ function BackendMutex:locked()
     return self.core or self.proc or self.stolen
 end
 
+-- -- Waiting for the holder's release, without taking the lock ----------------
+-- For a backend with wait_unlocked (dp_backend_ops): dogpile's run() calls it
+-- when it has no value and the lock is taken, then reads; every waiter gets
+-- the holder's value as soon as it is released, instead of taking the lock in
+-- turn. First the threads of this process (the core's lock in the instance's
+-- domain: a condition variable), then the other processes (the backend's
+-- wait: a futex for lmdb, a pub/sub message for redis). Bounded by
+-- lock_timeout as acquire is; past it, the next acquire(true) goes ahead at
+-- once, as acquire would have after waiting that long itself.
+
+local BackendWaitMutex = {}
+BackendWaitMutex.__index = BackendWaitMutex
+for k, v in pairs(BackendMutex) do
+    if k ~= "__index" then
+        BackendWaitMutex[k] = v
+    end
+end
+
+-- Free in this process and in the backend right now (no wait)?
+local function both_free(self)
+    local key, b = self.key, self.b
+    if C.dp_lock_held(b.lock_domain, key, #key, nil) == 1 then
+        return false
+    end
+    local rc = C.dp_backend_wait_unlocked(b.handle, key, #key, 0, b.err)
+    if rc == DP_OK then
+        return true
+    elseif rc == DP_EBUSY or rc == DP_ETIMEDOUT then
+        return false
+    end
+    lock_failed(self, "waiting for the release", rc)
+end
+
+--- Wait (yielding when a sleep function is set) until the current holder
+-- releases, for at most the backend's lock_timeout. true: released (or was
+-- free); false: still held when the time was up.
+function BackendWaitMutex:wait_unlocked()
+    if self.core or self.proc or self.stolen then
+        error(self.b.name .. ": the lock for key '" .. self.key .. "' is already held through "
+              .. "this mutex", 0)
+    end
+    local b, key = self.b, self.key
+    local timeout = b.lock_timeout or -1
+    local unbounded = timeout == math.huge or timeout < 0
+    local deadline = monotonic() + (unbounded and 0 or timeout)
+    local sleep = dogpile.current_sleep()
+    if sleep then
+        if both_free(self) then
+            return true
+        end
+        local step = FIRST_STEP
+        while unbounded or monotonic() < deadline do
+            sleep(step)
+            if both_free(self) then
+                return true
+            end
+            step = math_min(step * 2, MAX_STEP)
+        end
+        self.gave_up = true
+        return false
+    end
+    local rc = C.dp_lock_wait_unlocked(b.lock_domain, key, #key, OWNER, unbounded and -1 or timeout)
+    if rc == DP_EDEADLK then
+        error("dogpile: the lock for key '" .. key .. "' is held by another coroutine "
+              .. "of this Lua state, so blocking the thread would wait forever; "
+              .. "call dogpile.set_sleep(fn) with your scheduler's sleep so that waiters yield", 0)
+    elseif rc == DP_ETIMEDOUT then
+        self.gave_up = true
+        return false
+    elseif rc ~= DP_OK then
+        lock_failed(self, "waiting for the release", rc)
+    end
+    local left = unbounded and -1 or deadline - monotonic()
+    if not unbounded and left <= 0 then
+        left = 0
+    end
+    rc = C.dp_backend_wait_unlocked(b.handle, key, #key, left, b.err)
+    if rc == DP_OK then
+        return true
+    elseif rc == DP_ETIMEDOUT or rc == DP_EBUSY then
+        self.gave_up = true
+        return false
+    end
+    lock_failed(self, "waiting for the release", rc)
+end
+
 local function backend_mutex(self, key)
-    return setmetatable({ b = self, key = key, core = false, proc = false, stolen = false },
-                        BackendMutex)
+    return setmetatable({ b = self, key = key, core = false, proc = false, stolen = false,
+                          gave_up = false }, self.has_wait_unlocked and BackendWaitMutex
+                                                                    or BackendMutex)
 end
 
 function CBackend:stats()
@@ -352,6 +446,7 @@ local function open(name, arguments)
         err = err,
         lock_domain = C.dp_backend_lock_domain(handle),
         lock_overruns = 0,
+        has_wait_unlocked = C.dp_backend_has_wait_unlocked(handle) == 1,
         multi_cap = 0,
         _keep = keep,
     }, CBackend)

@@ -14,9 +14,12 @@
 --                     value (default 0: never; the dict's LRU evicts when full)
 --
 -- Waiting: in a phase that can yield (rewrite, access, content, timer,
--- ssl_*), a caller with no value to serve polls the lock with ngx.sleep in
--- fixed short steps (1 ms, then at most 4 ms), so it returns within a few ms
--- of the value being stored, without blocking the worker. In a phase that
+-- ssl_*), a caller with no value to serve waits without blocking the worker
+-- for the holder's release, then reads the value without taking the lock
+-- (Mutex:wait_unlocked): a release in the same worker wakes it at once
+-- (ngx.semaphore), one in
+-- another worker is seen within 1 ms (one waiter per worker and lock polls
+-- the dict every 1 ms; see "Waiting in one worker" below). In a phase that
 -- cannot yield (init_worker, log, header_filter, body_filter, balancer, set),
 -- acquire(true) returns true without taking the lock: the caller runs the
 -- creator itself instead of waiting (a stale value, when there is one, is
@@ -68,6 +71,79 @@ local function try_add(self, token)
     return false
 end
 
+-- Waiting in one worker: the coroutines of this worker waiting for one lock
+-- (to take it, or only for its release: Mutex:wait_unlocked) share a record
+-- {sema, n, poller, poll_at}. A release in this worker wakes them all at
+-- once through the ngx.semaphore. Releases in other workers are seen by
+-- polling: one waiter per worker and lock (the poller) looks at the lock
+-- every POLL_STEP, and wakes the others when it sees the release; the others
+-- wait on the semaphore for at most IDLE_STEP (and take over polling if the
+-- poller stops, say its request was aborted).
+-- Without ngx.semaphore, or with a sleep function set by dogpile.set_sleep,
+-- every waiter polls with that sleep (FIRST_STEP growing to MAX_STEP).
+local semaphore
+do
+    local ok, m = pcall(require, "ngx.semaphore")
+    semaphore = ok and m or nil
+end
+local POLL_STEP, IDLE_STEP, POLLER_STALE = 0.001, 0.05, 0.01
+local waits = {} -- lock key -> record, in this worker
+
+-- Wait in this worker until `check(self, arg)` is true (it may raise).
+-- `all`: the condition is the same for every waiter of the record (the lock
+-- was released), so the one that sees it by polling wakes them all.
+-- Returns true, or false when the deadline passed.
+local function wait_worker(self, check, arg, all)
+    local lk = self.lock_key
+    local w = waits[lk]
+    if not w then
+        w = { sema = semaphore.new(0), n = 0, poller = nil, poll_at = 0 }
+        waits[lk] = w
+    end
+    w.n = w.n + 1
+    local me = coroutine.running()
+    local deadline = ngx.now() + 2 * self.timeout + 1
+    local ok, got = true, false
+    while true do
+        local now = ngx.now()
+        if w.poller == nil or now - w.poll_at > POLLER_STALE then
+            w.poller = me
+        end
+        local polling = w.poller == me
+        if polling then
+            w.poll_at = now
+        end
+        w.sema:wait(polling and POLL_STEP or IDLE_STEP)
+        ok, got = pcall(check, self, arg)
+        if not ok or got then
+            break
+        end
+        if ngx.now() > deadline then
+            break
+        end
+    end
+    w.n = w.n - 1
+    local was_poller = w.poller == me
+    if was_poller then
+        w.poller = nil
+    end
+    if ok and got and all then
+        local blocked = -w.sema:count()
+        if blocked > 0 then
+            w.sema:post(blocked) -- released: every waiter may look now
+        end
+    elseif was_poller and w.n > 0 then
+        w.sema:post(1) -- hand the polling over
+    end
+    if w.n == 0 and waits[lk] == w then
+        waits[lk] = nil
+    end
+    if not ok then
+        error(got, 0)
+    end
+    return got
+end
+
 --- `wait` false: try once. Otherwise wait with ngx.sleep where the phase can
 -- yield; where it cannot, return true without the lock (see the header).
 function Mutex:acquire(wait)
@@ -82,6 +158,12 @@ function Mutex:acquire(wait)
     if not sleep then
         self.unlocked = true
         return true
+    end
+    if semaphore and sleep == ngx.sleep then
+        if wait_worker(self, try_add, token, false) then
+            return true
+        end
+        error(NAME .. ": timed out waiting for the lock '" .. self.lock_key .. "'", 0)
     end
     -- The holder's lock expires after `timeout` at the latest, and add then
     -- succeeds; the deadline only guards against a clock gone wrong.
@@ -112,6 +194,50 @@ function Mutex:release()
     local dict, lk = self.dict, self.lock_key
     if dict:get(lk) == token then
         dict:delete(lk)
+    end
+    local w = waits[lk]
+    if w then
+        local blocked = -w.sema:count()
+        if blocked > 0 then
+            w.sema:post(blocked)
+        end
+    end
+end
+
+-- Released since `held` (the holder's token) was seen?
+local function released(self, held)
+    return self.dict:get(self.lock_key) ~= held
+end
+
+--- Wait, without taking the lock, until its holder now releases it (or its
+-- lock expires): dogpile's run() then reads the value, so that every waiter
+-- gets it at once rather than taking the lock in turn. In this worker a
+-- release wakes the waiters through the semaphore; a release in another
+-- worker is seen by the poll (POLL_STEP). true: released or free; false:
+-- cannot wait in this phase, or the deadline passed.
+function Mutex:wait_unlocked()
+    local held = self.dict:get(self.lock_key)
+    if held == nil then
+        return true
+    end
+    local sleep = current_sleep()
+    if not sleep then
+        return false
+    end
+    if semaphore and sleep == ngx.sleep then
+        return wait_worker(self, released, held, true)
+    end
+    local deadline = ngx.now() + 2 * self.timeout + 1
+    local step = FIRST_STEP
+    while true do
+        sleep(step)
+        if released(self, held) then
+            return true
+        end
+        if ngx.now() > deadline then
+            return false
+        end
+        step = math_min(step * 2, MAX_STEP)
     end
 end
 
