@@ -18,7 +18,7 @@ DP_API double dp_clock_now(void)
  * same value. */
 static _Atomic double coarse_tick = -1;
 
-DP_API double dp_clock_upper(void)
+DP_API double dp_clock_margin(void)
 {
     double tick = atomic_load_explicit(&coarse_tick, memory_order_relaxed);
     if (tick < 0) {
@@ -33,6 +33,12 @@ DP_API double dp_clock_upper(void)
         tick = 2 * tick > 0.01 ? 2 * tick : 0.01;
         atomic_store_explicit(&coarse_tick, tick, memory_order_relaxed);
     }
+    return tick;
+}
+
+DP_API double dp_clock_upper(void)
+{
+    double tick = dp_clock_margin();
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME_COARSE, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9 + tick;

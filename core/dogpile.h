@@ -67,6 +67,9 @@ DP_API double dp_clock_now(void);
  * several times cheaper. A hit that is fresh by this bound is fresh; only one
  * near its expiry needs dp_clock_now(). */
 DP_API double dp_clock_upper(void);
+/** What dp_clock_upper() adds to CLOCK_REALTIME_COARSE (seconds), for a
+ * caller that reads the coarse clock itself. */
+DP_API double dp_clock_margin(void);
 
 /** Wall-clock epoch seconds, strictly greater than any value this function
  * returned before in this process. Created times and invalidation times use

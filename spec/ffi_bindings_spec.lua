@@ -72,4 +72,16 @@ describe("the FFI bindings", function()
             assert.is_truthy(pcall(function() return lib.C[name] end), name)
         end
     end)
+
+    it("lib.clock_upper() bounds the precise clock from above, within the margin", function()
+        local C = lib.C
+        local margin = C.dp_clock_margin()
+        assert.is_true(margin >= 0.01)
+        for _ = 1, 100000 do
+            local upper = lib.clock_upper()
+            local now = C.dp_clock_now()
+            assert(upper >= now, "clock_upper below the precise clock")
+            assert(upper - now <= margin + 0.05, "clock_upper far above the precise clock")
+        end
+    end)
 end)

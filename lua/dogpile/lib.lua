@@ -11,6 +11,7 @@ const char *dp_strerror(int status);
 const char *dp_version(void);
 double dp_clock_now(void);
 double dp_clock_upper(void);
+double dp_clock_margin(void);
 double dp_clock_stamp(void);
 double dp_clock_monotonic(void);
 void dp_clock_sleep(double seconds);
@@ -71,8 +72,33 @@ local C = ffi.load(core.library_path)
 -- is in the namespace's cache, so a first hit recorded cold would abort.
 local _ = C.dp_clock_now, C.dp_clock_upper, C.dp_clock_stamp, C.dp_backend_get, C.dp_lock_try
 
+-- An upper bound of the wall clock, as C.dp_clock_upper() gives, with one
+-- FFI call instead of two: libc's clock_gettime(CLOCK_REALTIME_COARSE) jumps
+-- straight into the vDSO. Every cache hit with an expiration time reads it,
+-- and the saved call is a tenth of a memory hit. Linux only; elsewhere the C
+-- function.
+local clock_upper = function() return C.dp_clock_upper() end
+if ffi.os == "Linux" and (pcall(ffi.typeof, "dp_lua_timespec") or pcall(ffi.cdef, [[
+    typedef struct { long tv_sec; long tv_nsec; } dp_lua_timespec;
+    int dp_lua_clock_gettime(int clk_id, dp_lua_timespec *tp) __asm__("clock_gettime");
+]])) then
+    local CLOCK_REALTIME_COARSE = 5
+    local ts = ffi.new("dp_lua_timespec")
+    local margin = C.dp_clock_margin()
+    -- A name of our own (asm-renamed): a host or script may have declared
+    -- clock_gettime with a timespec type of its own.
+    local clock_gettime = ffi.C.dp_lua_clock_gettime
+    if clock_gettime(CLOCK_REALTIME_COARSE, ts) == 0 then
+        clock_upper = function()
+            clock_gettime(CLOCK_REALTIME_COARSE, ts)
+            return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9 + margin
+        end
+    end
+end
+
 local _M = {
     C = C,
+    clock_upper = clock_upper,
     library_path = core.library_path,
     version = core.version,
     -- One owner tag per Lua state: a blocking wait on a lock that this state

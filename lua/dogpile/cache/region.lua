@@ -11,6 +11,7 @@ local CBackend = require("dogpile.cache.backends.c").CBackend
 local memory_backend = require "dogpile.cache.backends.memory"
 
 local C = lib.C
+local clock_upper = lib.clock_upper
 local raise = lib.raise
 local NO_VALUE = api.NO_VALUE
 local VALUE_VERSION = api.VALUE_VERSION
@@ -492,7 +493,7 @@ local function c_fetch(self, cb, key, exp)
     end
     local p, n = ffi_cast(u8p, bytes.data), tonumber(bytes.len)
     local ct = created_at(p, n)
-    if ct and (exp == nil or C.dp_clock_upper() - ct <= exp or C.dp_clock_now() - ct <= exp) then
+    if ct and (exp == nil or clock_upper() - ct <= exp or C.dp_clock_now() - ct <= exp) then
         local invalidated
         if self._default_inv then
             local at = self.region_invalidator._invalidated
@@ -654,7 +655,7 @@ function Region:get(key, expiration_time, ignore_expiration)
         end
         local exp = expiration_time or self.expiration_time
         local ct = value.metadata.ct
-        if exp == nil or exp < 0 or C.dp_clock_upper() - ct <= exp
+        if exp == nil or exp < 0 or clock_upper() - ct <= exp
             or C.dp_clock_now() - ct <= exp then
             local inv = self.region_invalidator
             local invalidated
@@ -1050,7 +1051,7 @@ function Region:get_or_create(key, creator, expiration_time, should_cache_fn, cr
     if not rawequal(value, NO_VALUE) then
         local md = value.metadata
         local ct = md.ct
-        if md.v == VALUE_VERSION and (exp == nil or C.dp_clock_upper() - ct <= exp
+        if md.v == VALUE_VERSION and (exp == nil or clock_upper() - ct <= exp
                                       or C.dp_clock_now() - ct <= exp) then
             local inv = self.region_invalidator
             local invalidated
