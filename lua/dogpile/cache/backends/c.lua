@@ -149,7 +149,9 @@ local DP_EBUSY, DP_ETIMEDOUT, DP_EDEADLK = lib.DP_EBUSY, lib.DP_ETIMEDOUT, lib.D
 local OWNER = lib.OWNER
 local monotonic = C.dp_clock_monotonic
 local math_min = math.min
-local FIRST_STEP, MAX_STEP = 0.001, 0.02
+-- dogpile.lua's steps for yielding waiters (see there).
+local FIRST_STEP, MAX_STEP, GROWTH = dogpile._steps.first, dogpile._steps.max,
+    dogpile._steps.growth
 
 local BackendMutex = {}
 BackendMutex.__index = BackendMutex
@@ -218,7 +220,7 @@ function BackendMutex:acquire(wait)
             if try_both(self) then
                 return true
             end
-            step = math_min(step * 2, MAX_STEP)
+            step = math_min(step * GROWTH, MAX_STEP)
         end
         self.stolen = true
         return true -- stuck holder: go ahead without the lock
@@ -353,7 +355,7 @@ function BackendWaitMutex:wait_unlocked()
             if both_free(self) then
                 return true
             end
-            step = math_min(step * 2, MAX_STEP)
+            step = math_min(step * GROWTH, MAX_STEP)
         end
         self.gave_up = true
         return false
