@@ -87,6 +87,18 @@ _M.wait_yielding = wait_yielding
 local Mutex = {}
 Mutex.__index = Mutex
 
+-- The result of a blocking wait on the core's lock: true, or an error.
+local function blocked_wait(rc, key)
+    if rc == DP_OK then
+        return true
+    elseif rc == DP_EDEADLK then
+        raise("dogpile: the lock for key '" .. key .. "' is held by another coroutine "
+              .. "of this Lua state, so blocking the thread would wait forever; "
+              .. "call dogpile.set_sleep(fn) with your scheduler's sleep so that waiters yield")
+    end
+    raise("dogpile: waiting for the lock for key '" .. key .. "': " .. lib.strerror(rc))
+end
+
 local function try_core(domain, key)
     local rc = C.dp_lock_try(domain, key, #key, OWNER)
     if rc == DP_OK then
@@ -115,15 +127,7 @@ function Mutex:acquire(wait)
     if sleep then
         return wait_yielding(sleep, try_core, domain, key)
     end
-    local rc = C.dp_lock_wait(domain, key, #key, OWNER, -1)
-    if rc == DP_OK then
-        return true
-    elseif rc == DP_EDEADLK then
-        raise("dogpile: the lock for key '" .. key .. "' is held by another coroutine "
-              .. "of this Lua state, so blocking the thread would wait forever; "
-              .. "call dogpile.set_sleep(fn) with your scheduler's sleep so that waiters yield")
-    end
-    raise("dogpile: waiting for the lock for key '" .. key .. "': " .. lib.strerror(rc))
+    return blocked_wait(C.dp_lock_wait(domain, key, #key, OWNER, -1), key)
 end
 
 local function core_free(domain, key)
@@ -144,15 +148,7 @@ function Mutex:wait_unlocked()
         end
         return wait_yielding(sleep, core_free, domain, key)
     end
-    local rc = C.dp_lock_wait_unlocked(domain, key, #key, OWNER, -1)
-    if rc == DP_OK then
-        return true
-    elseif rc == DP_EDEADLK then
-        raise("dogpile: the lock for key '" .. key .. "' is held by another coroutine "
-              .. "of this Lua state, so blocking the thread would wait forever; "
-              .. "call dogpile.set_sleep(fn) with your scheduler's sleep so that waiters yield")
-    end
-    raise("dogpile: waiting for the lock for key '" .. key .. "': " .. lib.strerror(rc))
+    return blocked_wait(C.dp_lock_wait_unlocked(domain, key, #key, OWNER, -1), key)
 end
 
 function Mutex:release()

@@ -153,6 +153,20 @@ local math_min = math.min
 local FIRST_STEP, MAX_STEP, GROWTH = dogpile._steps.first, dogpile._steps.max,
     dogpile._steps.growth
 
+-- A yielding waiter: `check(self)` after each sleep, until it is true (then
+-- true) or the deadline passes (then false).
+local function poll(sleep, check, self, unbounded, deadline)
+    local step = FIRST_STEP
+    while unbounded or monotonic() < deadline do
+        sleep(step)
+        if check(self) then
+            return true
+        end
+        step = math_min(step * GROWTH, MAX_STEP)
+    end
+    return false
+end
+
 local BackendMutex = {}
 BackendMutex.__index = BackendMutex
 
@@ -214,13 +228,8 @@ function BackendMutex:acquire(wait)
     local deadline = monotonic() + (unbounded and 0 or timeout)
     local sleep = dogpile.current_sleep()
     if sleep then
-        local step = FIRST_STEP
-        while unbounded or monotonic() < deadline do
-            sleep(step)
-            if try_both(self) then
-                return true
-            end
-            step = math_min(step * GROWTH, MAX_STEP)
+        if poll(sleep, try_both, self, unbounded, deadline) then
+            return true
         end
         self.stolen = true
         return true -- stuck holder: go ahead without the lock
@@ -349,13 +358,8 @@ function BackendWaitMutex:wait_unlocked()
         if both_free(self) then
             return true
         end
-        local step = FIRST_STEP
-        while unbounded or monotonic() < deadline do
-            sleep(step)
-            if both_free(self) then
-                return true
-            end
-            step = math_min(step * GROWTH, MAX_STEP)
+        if poll(sleep, both_free, self, unbounded, deadline) then
+            return true
         end
         self.gave_up = true
         return false
