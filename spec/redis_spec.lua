@@ -45,13 +45,16 @@ local function start_server(extra, port)
         "dir " .. dir, "daemonize yes", "pidfile " .. dir .. "/redis.pid",
         "logfile " .. dir .. "/redis.log", "unixsocket " .. dir .. "/redis.sock",
         "unixsocketperm 700", extra or "" }, "\n") .. "\n")
+    -- A server restarted in the same folder: the killed one's pidfile is
+    -- still there, and its pid must not be taken for the new server's.
+    os.remove(dir .. "/redis.pid")
     local out = sh("redis-server " .. conf)
     local srv = { port = port, dir = dir, unix = dir .. "/redis.sock", conf = conf }
     local t0 = now()
     while true do
         srv.pid = (read(dir .. "/redis.pid") or ""):match("%d+")
-        if srv.pid and sh("redis-cli -p " .. port .. " --no-auth-warning ping"):match("PONG")
-            or sh("redis-cli -p " .. port .. " ping"):match("NOAUTH") then
+        if srv.pid and (sh("redis-cli -p " .. port .. " --no-auth-warning ping"):match("PONG")
+                        or sh("redis-cli -p " .. port .. " ping"):match("NOAUTH")) then
             break
         end
         assert(now() - t0 < 10, "redis-server did not start: " .. out .. (read(dir .. "/redis.log") or ""))
