@@ -143,6 +143,20 @@ static entry *find_or_add(stripe *s, uint64_t h, uint32_t domain,
     return e;
 }
 
+/* One wait on the stripe's condition variable (its mutex held): without a
+ * limit when timeout < 0, else until `deadline` (uv_hrtime). 1 when the
+ * deadline has passed; the caller decides whether that is a timeout. */
+static int cond_wait(stripe *s, double timeout, uint64_t deadline)
+{
+    if (timeout < 0) {
+        uv_cond_wait(&s->cond, &s->mu);
+        return 0;
+    }
+    uint64_t now = uv_hrtime();
+    return now >= deadline ||
+           uv_cond_timedwait(&s->cond, &s->mu, deadline - now) == UV_ETIMEDOUT;
+}
+
 static void drop_if_idle(stripe *s, entry *e)
 {
     if (e->held || e->waiters)
@@ -229,17 +243,9 @@ DP_API int dp_lock_wait(uint32_t domain, const char *key, size_t len,
             rc = DP_EDEADLK;
             break;
         }
-        if (timeout < 0) {
-            uv_cond_wait(&s->cond, &s->mu);
-            continue;
-        }
-        uint64_t now = uv_hrtime();
-        if (now >= deadline ||
-            uv_cond_timedwait(&s->cond, &s->mu, deadline - now) == UV_ETIMEDOUT) {
-            if (e->held) {
-                rc = DP_ETIMEDOUT;
-                break;
-            }
+        if (cond_wait(s, timeout, deadline) && e->held) {
+            rc = DP_ETIMEDOUT;
+            break;
         }
     }
     e->waiters--;
@@ -283,17 +289,9 @@ DP_API int dp_lock_wait_unlocked(uint32_t domain, const char *key, size_t len,
     uint32_t seen = e->releases;
     e->waiters++; /* keeps the entry (and its counter) alive meanwhile */
     while (e->held && e->releases == seen) {
-        if (timeout < 0) {
-            uv_cond_wait(&s->cond, &s->mu);
-            continue;
-        }
-        uint64_t now = uv_hrtime();
-        if (now >= deadline ||
-            uv_cond_timedwait(&s->cond, &s->mu, deadline - now) == UV_ETIMEDOUT) {
-            if (e->held && e->releases == seen) {
-                rc = DP_ETIMEDOUT;
-                break;
-            }
+        if (cond_wait(s, timeout, deadline) && e->held && e->releases == seen) {
+            rc = DP_ETIMEDOUT;
+            break;
         }
     }
     e->waiters--;

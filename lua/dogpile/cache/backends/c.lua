@@ -167,6 +167,14 @@ local function poll(sleep, check, self, unbounded, deadline)
     return false
 end
 
+-- The backend's lock_timeout as a wait: the timeout, whether it is
+-- unbounded (math.huge or negative), and the monotonic deadline.
+local function wait_bound(b)
+    local timeout = b.lock_timeout or -1
+    local unbounded = timeout == math.huge or timeout < 0
+    return timeout, unbounded, monotonic() + (unbounded and 0 or timeout)
+end
+
 local BackendMutex = {}
 BackendMutex.__index = BackendMutex
 
@@ -223,9 +231,7 @@ function BackendMutex:acquire(wait)
         return true
     end
     local b, key = self.b, self.key
-    local timeout = b.lock_timeout or -1
-    local unbounded = timeout == math.huge or timeout < 0
-    local deadline = monotonic() + (unbounded and 0 or timeout)
+    local timeout, unbounded, deadline = wait_bound(b)
     local sleep = dogpile.current_sleep()
     if sleep then
         if poll(sleep, try_both, self, unbounded, deadline) then
@@ -350,9 +356,7 @@ function BackendWaitMutex:wait_unlocked()
               .. "this mutex", 0)
     end
     local b, key = self.b, self.key
-    local timeout = b.lock_timeout or -1
-    local unbounded = timeout == math.huge or timeout < 0
-    local deadline = monotonic() + (unbounded and 0 or timeout)
+    local timeout, unbounded, deadline = wait_bound(b)
     local sleep = dogpile.current_sleep()
     if sleep then
         if both_free(self) then
