@@ -64,6 +64,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <time.h>
 #include <unistd.h>
 #include <uv.h>
@@ -141,8 +142,29 @@ static uint64_t hash_key(const char *key, size_t len)
     return h ^ (h >> 31);
 }
 
+/* Whether a failed write to `file` means its file system is full: ENOSPC
+ * and EDQUOT say so; EIO does too when the file system has no block left (a
+ * full disk seen through writeback), and is then reported as a full disk, not
+ * as an I/O error alone. */
+static int disk_full(const char *file, int rc)
+{
+    if (rc == ENOSPC || rc == EDQUOT)
+        return 1;
+    struct statvfs v;
+    return rc == EIO && statvfs(file, &v) == 0 && v.f_bavail == 0;
+}
+
+static int full_fail(dp_err *err, const char *op, const char *file, int rc)
+{
+    return dp_err_set(err, DP_EBACKEND, "%s on '%s': no space left on device%s (its file "
+                      "system is full; nothing was changed)", op, file,
+                      rc == EIO ? " (reported as an input/output error)" : "");
+}
+
 static int mdb_fail(dp_err *err, const inst *s, const char *op, int rc)
 {
+    if (disk_full(s->path, rc))
+        return full_fail(err, op, s->path, rc);
     return dp_err_set(err, DP_EBACKEND, "%s on '%s': %s", op, s->path, mdb_strerror(rc));
 }
 
@@ -169,11 +191,39 @@ static void pool_drop(inst *s, int abort_them)
     }
 }
 
+/* LMDB sizes its lock file (the reader table) with ftruncate and writes it
+ * through a shared mapping: on a full file system the first write to a page
+ * with no block behind it kills the process with SIGBUS. Allocating the
+ * table's blocks first (beyond the end of the file, so LMDB still sees the
+ * size it expects and sizes the file itself) turns that into ENOSPC here. The
+ * bound is generous: LMDB's table is (max_readers - 1) * 64 + 192 bytes.
+ * File systems without fallocate keep LMDB's own behaviour. */
+static int lmdb_lock_alloc(inst *s, dp_err *err)
+{
+    char lp[PATH_MAX + 16];
+    snprintf(lp, sizeof lp, s->subdir ? "%s/lock.mdb" : "%s-lock", s->path);
+    int fd = open(lp, O_RDWR | O_CREAT | O_CLOEXEC, s->mode);
+    if (fd < 0)
+        return DP_OK; /* mdb_env_open says why, naming the path */
+    off_t want = ((off_t)s->max_readers * 64 + 256 + 4095) / 4096 * 4096;
+    struct stat st;
+    if (fstat(fd, &st) == 0 && st.st_size > want)
+        want = st.st_size;
+    int rc = fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, want) == 0 ? 0 : errno;
+    close(fd);
+    if (rc && disk_full(lp, rc))
+        return full_fail(err, NAME ": opening the reader table", lp, rc);
+    return DP_OK;
+}
+
 /* Opens s->env for this process and checks (or writes) the format tag. */
 static int env_open(inst *s, dp_err *err)
 {
     MDB_env *env;
-    int rc = mdb_env_create(&env);
+    int rc = lmdb_lock_alloc(s, err);
+    if (rc)
+        return rc;
+    rc = mdb_env_create(&env);
     if (rc)
         return mdb_fail(err, s, "mdb_env_create", rc);
     mdb_env_set_mapsize(env, (size_t)s->map_size);
@@ -191,6 +241,8 @@ static int env_open(inst *s, dp_err *err)
         if (rc == MDB_INVALID || rc == MDB_VERSION_MISMATCH)
             return dp_err_set(err, DP_EBACKEND, NAME ": '%s' is not an LMDB environment "
                               "this library can open (%s)", s->path, mdb_strerror(rc));
+        if (disk_full(s->path, rc))
+            return full_fail(err, NAME ": opening the LMDB environment", s->path, rc);
         if (rc == EACCES || rc == EPERM || rc == EROFS)
             return dp_err_set(err, DP_EBACKEND, NAME ": cannot open '%s' for reading and "
                               "writing: %s", s->path, mdb_strerror(rc));
@@ -236,6 +288,8 @@ static int env_open(inst *s, dp_err *err)
         mdb_txn_abort(txn);
     if (rc) {
         mdb_env_close(env);
+        if (disk_full(s->path, rc))
+            return full_fail(err, NAME ": initialising the LMDB environment", s->path, rc);
         return dp_err_set(err, DP_EBACKEND, NAME ": cannot initialise '%s': %s", s->path,
                           mdb_strerror(rc));
     }
@@ -777,12 +831,32 @@ typedef struct wake_map {
     struct wake_map *next;
     char *path;
     _Atomic uint32_t *words; /* NULL: could not map, poll */
+    double retry_at;         /* monotonic: when to try mapping again */
 } wake_map;
 
 /* Per lock file and process, kept for the life of the process (one page per
- * path ever opened); a forked child inherits the shared mappings as they are. */
+ * path ever opened); a forked child inherits the shared mappings as they are.
+ *
+ * The page's blocks are allocated (posix_fallocate), not just promised by
+ * ftruncate: a write through a shared mapping to a page that the file system
+ * cannot back kills the process with SIGBUS, so on a full disk the waits
+ * poll instead (words stays NULL), and the allocation is tried again at
+ * most once a second. */
 static wake_map *wake_maps;
 static pthread_mutex_t wake_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static void wake_map_open(wake_map *m, int mode)
+{
+    int fd = open(m->path, O_RDWR | O_CREAT | O_CLOEXEC, mode);
+    if (fd < 0)
+        return;
+    if (posix_fallocate(fd, 0, (off_t)WAKE_BYTES) == 0) {
+        void *p = mmap(NULL, WAKE_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (p != MAP_FAILED)
+            m->words = p;
+    }
+    close(fd);
+}
 
 static _Atomic uint32_t *wake_words(inst *s)
 {
@@ -791,23 +865,22 @@ static _Atomic uint32_t *wake_words(inst *s)
     for (m = wake_maps; m; m = m->next)
         if (strcmp(m->path, s->lock_path) == 0)
             break;
-    if (!m && (m = calloc(1, sizeof *m)) != NULL && (m->path = strdup(s->lock_path)) != NULL) {
-        int fd = open(s->lock_path, O_RDWR | O_CREAT | O_CLOEXEC, s->mode);
-        if (fd >= 0) {
-            struct stat st;
-            if (fstat(fd, &st) == 0 &&
-                (st.st_size >= (off_t)WAKE_BYTES || ftruncate(fd, (off_t)WAKE_BYTES) == 0)) {
-                void *p = mmap(NULL, WAKE_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-                if (p != MAP_FAILED)
-                    m->words = p;
-            }
-            close(fd);
+    if (!m && (m = calloc(1, sizeof *m)) != NULL) {
+        if ((m->path = strdup(s->lock_path)) != NULL) {
+            m->retry_at = -1;
+            m->next = wake_maps;
+            wake_maps = m;
+        } else {
+            free(m);
+            m = NULL;
         }
-        m->next = wake_maps;
-        wake_maps = m;
-    } else if (m && !m->path) {
-        free(m);
-        m = NULL;
+    }
+    if (m && !m->words) {
+        double now = dp_clock_monotonic();
+        if (now >= m->retry_at) {
+            wake_map_open(m, s->mode);
+            m->retry_at = now + 1;
+        }
     }
     _Atomic uint32_t *w = m ? m->words : NULL;
     pthread_mutex_unlock(&wake_mu);
