@@ -202,3 +202,146 @@ describe("a region on a C backend", function()
         assert.are.equal(errors + 1, region:stats().errors)
     end)
 end)
+
+-- -- Doubles from storage: NaN payloads must not forge Lua objects -----------------
+-- LuaJIT tags every non-number with a NaN pattern: a stored double handed to
+-- Lua unchecked could become a "table" or a "cdata" at an address chosen by
+-- whoever wrote the bytes. Every NaN class: both signs, quiet and signalling,
+-- each high mantissa nibble (the bits LuaJIT uses as a type tag), several
+-- low words.
+local ffi = require "ffi"
+
+local function double_bytes(hi, lo)
+    local u = ffi.new("union { double d; uint32_t w[2]; }")
+    u.w[ffi.abi("le") and 0 or 1], u.w[ffi.abi("le") and 1 or 0] = lo, hi
+    return ffi.string(u, 8)
+end
+
+local FORGED = {}
+for _, sign in ipairs({ 0, 0x80000000 }) do
+    for nibble = 0, 15 do
+        for _, low_hi in ipairs({ 0, 0x8000, 0x0001 }) do
+            for _, lo in ipairs({ 0, 1, 0x1000, 0xdeadbeef, 0xffffffff }) do
+                local hi = sign + 0x7ff00000 + nibble * 0x10000 + low_hi
+                if hi % 0x100000 ~= 0 or lo ~= 0 then -- mantissa 0 is an infinity
+                    FORGED[#FORGED + 1] = double_bytes(hi, lo)
+                end
+            end
+        end
+    end
+end
+
+-- Only plain Lua values may come out of a decoder.
+local PLAIN = { ["nil"] = true, boolean = true, number = true, string = true, table = true }
+local function plain(v, depth)
+    if not PLAIN[type(v)] then
+        return false
+    end
+    if type(v) == "table" and (depth or 0) < 40 then
+        for k, w in pairs(v) do
+            if not plain(k, (depth or 0) + 1) or not plain(w, (depth or 0) + 1) then
+                return false
+            end
+        end
+    end
+    return true
+end
+
+describe("stored NaN payloads", function()
+    it("come out of the Lua reader as Lua's NaN, interpreted and compiled, as from the C decoder", function()
+        assert.is_true(#FORGED > 150)
+        for _, d in ipairs(FORGED) do
+            local inputs = { "\193\1\4" .. d, "\193\1\6\2\0\4" .. d .. "\5\1x",
+                             "\193\1\6\0\1\5\1k\4" .. d, "\193\1\6\0\1\4" .. d .. "\2" }
+            for _, bytes in ipairs(inputs) do
+                -- 200 times: the loop compiles, and the compiled reader must
+                -- check the bits as the interpreter does.
+                for _ = 1, 200 do
+                    local ok, v = read_string(bytes)
+                    assert.is_true(plain(v), "a forged " .. type(v) .. " from " .. ("%q"):format(bytes))
+                    if ok then
+                        local c = codec.decode(bytes)
+                        assert.is_true(same(v, c), ("%q"):format(bytes))
+                    end
+                end
+            end
+            local ok, v = read_string("\193\1\4" .. d)
+            assert.is_true(ok)
+            assert.is_true(type(v) == "number" and v ~= v)
+        end
+    end)
+
+    it("as a created time make the bytes not a value, on every read path", function()
+        local region = cache.make_region():configure("dogpile.cache.shared_memory", {
+            expiration_time = 60, arguments = { name = "envelope_spec_nan" } })
+        local payload = codec.encode("v")
+        for i, d in ipairs(FORGED) do
+            local bytes = "DPLV\1\0\0\0" .. d .. payload
+            assert.is_nil(envelope.created(ffi.cast("const uint8_t *", bytes), #bytes))
+            local ct, err = envelope.unpack(bytes)
+            assert.is_nil(ct)
+            assert.matches("not a finite number", err)
+            region.backend:set("k" .. i, bytes)
+        end
+        local inf = "DPLV\1\0\0\0" .. double_bytes(0x7ff00000, 0) .. payload
+        assert.is_nil(envelope.unpack(inf))
+        local errors = region:stats().errors
+        for _ = 1, 3 do
+            for i = 1, #FORGED do
+                assert.are.equal(cache.NO_VALUE, region:get("k" .. i))
+                assert.are.same({ cache.NO_VALUE }, region:get_multi({ "k" .. i }))
+            end
+        end
+        assert.are.equal(errors + 6 * #FORGED, region:stats().errors)
+        -- A creator replaces what does not decode.
+        assert.are.equal("new", region:get_or_create("k1", function() return "new" end))
+    end)
+end)
+
+-- -- Differential fuzz of the in-place reader -------------------------------------
+-- Mutations of valid encodings, with forged doubles spliced in, for
+-- DP_FUZZ_LUA_SECONDS (default 3): whatever the Lua reader accepts, the C
+-- decoder accepts and agrees on, and only plain Lua values come out.
+describe("the in-place reader under fuzzing", function()
+    it("never accepts what the C decoder refuses, never disagrees, never forges", function()
+        local clock = require "dogpile.lib".C
+        local seconds = tonumber(os.getenv("DP_FUZZ_LUA_SECONDS")) or 3
+        local seeds = {}
+        for i = 1, 60 do
+            seeds[i] = codec.encode(value(0))
+        end
+        for _, d in ipairs(FORGED) do
+            seeds[#seeds + 1] = "\193\1\6\1\1\4" .. d .. "\4" .. d .. "\3\2"
+        end
+        local deadline = clock.dp_clock_monotonic() + seconds
+        local runs, accepted = 0, 0
+        while clock.dp_clock_monotonic() < deadline do
+            for _ = 1, 200 do
+                local bytes = seeds[rnd(#seeds) + 1]
+                for _ = 0, rnd(3) do
+                    local op, at = rnd(5), rnd(#bytes) + 1
+                    if op == 0 then
+                        bytes = bytes:sub(1, at - 1) .. string.char(rnd(256)) .. bytes:sub(at + 1)
+                    elseif op == 1 then
+                        bytes = bytes:sub(1, at - 1) .. "\4" .. FORGED[rnd(#FORGED) + 1] .. bytes:sub(at)
+                    elseif op == 2 then
+                        bytes = bytes:sub(1, at)
+                    elseif op == 3 then
+                        local other = seeds[rnd(#seeds) + 1]
+                        bytes = bytes:sub(1, at) .. other:sub(rnd(#other) + 1)
+                    else
+                        bytes = bytes:sub(1, at - 1) .. FORGED[rnd(#FORGED) + 1] .. bytes:sub(at + 8)
+                    end
+                end
+                local ok, v = read_string(bytes)
+                assert.is_true(plain(v), "a forged " .. type(v) .. " from " .. ("%q"):format(bytes))
+                if check(bytes) then
+                    accepted = accepted + 1
+                end
+                runs = runs + 1
+            end
+        end
+        assert.is_true(runs > 1000, "only " .. runs .. " runs")
+        assert.is_true(accepted > 500, accepted .. " of " .. runs .. " accepted")
+    end)
+end)

@@ -10,10 +10,12 @@
 -- bytes it accepts, it returns what the C decoder returns (spec/envelope_spec.lua
 -- compares them on valid, mutated and random inputs).
 local ffi = require "ffi"
+local bit = require "bit"
 local lib = require "dogpile.lib"
 
 local ffi_string, ffi_cast, ffi_copy = ffi.string, ffi.cast, ffi.copy
 local type, char, byte = type, string.char, string.byte
+local band = bit.band
 local tnew = require "table.new"
 
 lib.own_source()
@@ -24,10 +26,32 @@ local MAGIC, FORMAT, HEADER = "DPLV", 1, 16
 M.MAGIC, M.FORMAT, M.HEADER = MAGIC, FORMAT, HEADER
 
 local u8p = ffi.typeof("const uint8_t *")
+local u32p = ffi.typeof("const uint32_t *")
 local dblp = ffi.typeof("const double *")
 local dbl = ffi.new("double[1]")
 local LITTLE = ffi.abi("le")
 local M1, M2, M3, M4 = byte(MAGIC, 1, 4)
+
+-- -- Doubles from storage ------------------------------------------------------
+-- LuaJIT keeps every non-number value as a NaN with a type tag in its high
+-- bits: a NaN read through an FFI double is handed to Lua as is, so 8 stored
+-- bytes could make a "table" at an address of the writer's choosing. Every
+-- double that comes from a backend is therefore looked at as bits first, and
+-- a NaN becomes Lua's own (what lua_pushnumber does for the C decoder).
+local NAN = 0 / 0
+local bits = ffi.new("union { double d; uint32_t w[2]; }")
+local HI, LO = LITTLE and 1 or 0, LITTLE and 0 or 1
+local EXP = 0x7ff00000
+
+local function stored_double(src)
+    ffi_copy(bits, src, 8)
+    local hi = bits.w[HI]
+    if band(hi, EXP) == EXP and (band(hi, 0xfffff) ~= 0 or bits.w[LO] ~= 0) then
+        return NAN
+    end
+    return bits.d
+end
+M.stored_double = stored_double
 
 function M.pack(ct, payload)
     dbl[0] = ct
@@ -35,12 +59,16 @@ function M.pack(ct, payload)
 end
 
 --- The created time of the envelope at `p` (`n` bytes), or nil when the
--- bytes are not one.
+-- bytes are not one (a created time that is not a finite number included:
+-- it could neither expire nor be invalidated).
 local function created(p, n)
     if n < HEADER or p[0] ~= M1 or p[1] ~= M2 or p[2] ~= M3 or p[3] ~= M4 or p[4] ~= FORMAT then
         return nil
     end
     -- The envelope starts a malloc'd buffer or a Lua string: 8 is aligned.
+    if band(ffi_cast(u32p, p + 8)[HI], EXP) == EXP then
+        return nil
+    end
     return ffi_cast(dblp, p + 8)[0]
 end
 M.created = created
@@ -57,8 +85,11 @@ function M.unpack(bytes)
     if p[4] ~= FORMAT then
         return nil, "unknown value format " .. p[4]
     end
-    ffi_copy(dbl, p + 8, 8)
-    return dbl[0]
+    local ct = stored_double(p + 8)
+    if ct ~= ct or ct == 1 / 0 or ct == -1 / 0 then
+        return nil, "the created time is not a finite number"
+    end
+    return ct
 end
 
 -- -- The codec, read in place ----------------------------------------------------
@@ -201,8 +232,7 @@ local function item(p, pos, n, depth)
         if n - pos < 8 or not LITTLE then
             return false
         end
-        ffi_copy(dbl, p + pos, 8)
-        return true, dbl[0], pos + 8
+        return true, stored_double(p + pos), pos + 8
     elseif tag == 0x02 then
         return true, true, pos
     elseif tag == 0x01 then
