@@ -535,6 +535,169 @@ io.write(v, " ", string.format("%.3f", now() - t0), "\n")
         end)
     end)
 
+    describe("a full disk", function()
+        -- Each case mounts a small tmpfs of its own (the specs run as root,
+        -- in CI too: a mount that fails fails the case) and runs the region in
+        -- a child process, so that a SIGBUS shows as the child's status
+        -- instead of killing busted.
+        local function with_tmpfs(size, fn)
+            local mnt = tmpdir()
+            local out = sh(("mount -t tmpfs -o size=%s tmpfs '%s'; echo rc=$?"):format(size, mnt))
+            assert.matches("rc=0\n$", out, 1, false,
+                           "cannot mount a tmpfs (the lmdb specs need root): " .. out)
+            finally(function()
+                sh("umount '" .. mnt .. "'")
+            end)
+            fn(mnt)
+        end
+
+        local function fill(dir)
+            sh("dd if=/dev/zero of='" .. dir .. "/filler' bs=4k")
+        end
+
+        -- Runs a child script; its output and exit status (128 + n: signal n).
+        local function run_status(file, ...)
+            local args = { ... }
+            for i, a in ipairs(args) do
+                args[i] = "'" .. tostring(a) .. "'"
+            end
+            local out = sh("(luajit " .. file .. " " .. table.concat(args, " ") .. ") 2>&1; echo rc=$?")
+            return out:gsub("rc=%d+\n$", ""), tonumber(out:match("rc=(%d+)\n$"))
+        end
+
+        local FULL = "no space left on device"
+
+        it("opening a region on a full file system is an error naming the path", function()
+            with_tmpfs("256k", function(mnt)
+                fill(mnt)
+                local path = mnt .. "/cache"
+                local f = tmpdir() .. "/open.lua"
+                write(f, [[
+local cache = require "dogpile.cache"
+local ok, err = pcall(function()
+    cache.make_region():configure("dogpile.cache.lmdb", { arguments = { path = arg[1] } })
+end)
+io.write(tostring(ok), " ", tostring(err), "\n")
+]])
+                local out, status = run_status(f, path)
+                assert.are.equal(0, status, "the child died (status " .. tostring(status)
+                                 .. "; 135 is SIGBUS): " .. out)
+                assert.matches("^false ", out)
+                assert.matches(FULL, out, 1, true)
+                assert.matches("'" .. path, out, 1, true)
+                assert.not_matches("Input/output error", out, 1, true)
+            end)
+        end)
+
+        it("the data file growing on a full file system: an error naming the path, the "
+           .. "values kept, and sets work again once there is room", function()
+            with_tmpfs("1m", function(mnt)
+                local path = mnt .. "/cache"
+                write(mnt .. "/room", string.rep("r", 256 * 1024)) -- freed later
+                local f = script(tmpdir(), "grow", [[
+local val = string.rep("g", 10000)
+local stored, err = 0, nil
+for i = 1, 1000 do
+    local ok, e = pcall(r.set, r, "k" .. i, val)
+    if not ok then err = e break end
+    stored = i
+end
+io.write("stored=", stored, "\n", "err=", tostring(err), "\n")
+local kept = 0
+for i = 1, stored do
+    if r:get("k" .. i) == val then kept = kept + 1 end
+end
+io.write("kept=", kept, "\n")
+os.remove(arg[4])
+local ok, e = pcall(r.set, r, "after", val)
+io.write("after=", tostring(ok), " ", tostring(e), " ", tostring(r:get("after") == val), "\n")
+]])
+                local out, status = run_status(f, path, "{ map_size = 16 * 2^20, max_bytes = 8 * 2^20 }",
+                                               "", mnt .. "/room")
+                assert.are.equal(0, status, "the child died (status " .. tostring(status) .. "): "
+                                 .. out)
+                local stored = tonumber(out:match("stored=(%d+)"))
+                assert.is_true(stored > 10 and stored < 1000, out)
+                local err = out:match("err=([^\n]*)")
+                assert.matches("dogpile.cache.lmdb: set 'k" .. (stored + 1) .. "' failed", err, 1,
+                               true)
+                assert.matches(FULL, err, 1, true)
+                assert.matches("'" .. path .. "'", err, 1, true)
+                assert.are.equal(stored, tonumber(out:match("kept=(%d+)")), out)
+                assert.matches("after=true nil true", out, 1, true)
+            end)
+        end)
+
+        it("lock waits when the lock file's page has no block: the holder and its waiters "
+           .. "poll instead, the release reaches them, nobody dies", function()
+            with_tmpfs("1m", function(mnt)
+                local path = mnt .. "/cache"
+                -- The environment exists and holds a value, but dogpile-locks
+                -- has never been mapped: its page needs a block, and there is
+                -- none left.
+                local r = region(path, { map_size = "256k" })
+                r:set("before", "kept")
+                r.actual_backend:close()
+                r = nil
+                collectgarbage()
+                fill(mnt)
+                local work = tmpdir()
+                local started = work .. "/started"
+                local holder = script(work, "holder", [[
+local ok, err = pcall(r.get_or_create, r, "held", function()
+    append(arg[4], "started")
+    sleep(0.5)
+    return "from the holder"
+end)
+io.write(tostring(ok), " ", tostring(err), "\n")
+io.write("released=", string.format("%.6f", now()), "\n")
+io.write("before=", tostring(r:get("before")), "\n")
+]])
+                local waiter = script(work, "waiter", [[
+local ok, err = pcall(r.get_or_create, r, "held", function() return "from a waiter" end)
+io.write(tostring(ok), " ", tostring(err), "\n")
+io.write("done=", string.format("%.6f", now()), "\n")
+]])
+                local args = "{ map_size = 262144, lock_timeout = 10 }"
+                sh(("(luajit %s '%s' '%s' '' '%s'; echo rc=$?) > %s/holder.out 2>&1 &")
+                   :format(holder, path, args, started, work))
+                local t0 = now()
+                while count_lines(started) == 0 do
+                    assert.is_true(now() - t0 < 10, "the holder never started: "
+                                   .. tostring(read(work .. "/holder.out")))
+                    ffi.C.usleep(5000)
+                end
+                local cmd = {}
+                for i = 1, 3 do
+                    cmd[i] = ("(luajit %s '%s' '%s'; echo rc=$?) > %s/waiter%d.out 2>&1 &")
+                        :format(waiter, path, args, work, i)
+                end
+                sh(table.concat(cmd, " ") .. " wait")
+                t0 = now()
+                while not (read(work .. "/holder.out") or ""):match("rc=%d+") do
+                    assert.is_true(now() - t0 < 10, "the holder never finished")
+                    ffi.C.usleep(5000)
+                end
+                local hout = read(work .. "/holder.out")
+                assert.matches("rc=0\n$", hout, 1, false, "the holder died: " .. hout)
+                -- the creator ran; storing its value failed on the full disk
+                assert.matches("^false ", hout)
+                assert.matches(FULL, hout, 1, true)
+                assert.matches("before=kept", hout, 1, true)
+                local released = tonumber(hout:match("released=([%d.]+)"))
+                for i = 1, 3 do
+                    local out = read(work .. "/waiter" .. i .. ".out")
+                    assert.matches("rc=0\n$", out, 1, false, "a waiter died: " .. out)
+                    assert.matches(FULL, out, 1, true)
+                    local done = tonumber(out:match("done=([%d.]+)"))
+                    -- polled: noticed the release well before lock_timeout
+                    assert.is_true(done - released < 1, "waited " .. (done - released)
+                                   .. " s after the release: " .. out)
+                end
+            end)
+        end)
+    end)
+
     describe("space", function()
         it("evicts expired entries first, then least recently used, never the rest", function()
             local dir = tmpdir()
