@@ -705,18 +705,14 @@ static int lm_set(void *self, const char *key, size_t klen, const char *value, s
         rc = flush_touches(s, txn);
         if (!rc)
             rc = maybe_sweep(s, txn);
-        if (!rc && tree_bytes(s, txn) + need > s->max_bytes) {
+        /* An overwrite frees the old value: only the difference counts. */
+        MDB_val old;
+        double old_need = !rc && mdb_get(txn, s->dbi, &k, &old) == 0 && old.mv_size >= HDR
+            ? (double)entry_need(s, klen, old.mv_size - HDR) : 0;
+        if (!rc && s->on_full == ON_FULL_EVICT &&
+            tree_bytes(s, txn) + need - old_need > s->max_bytes) {
             size_t deleted = 0;
-            int lru = s->on_full == ON_FULL_EVICT;
-            rc = evict(s, txn, lru ? s->max_bytes * 0.9 - need : s->max_bytes - need, lru, 0,
-                       &deleted);
-            double used = rc ? 0 : tree_bytes(s, txn);
-            if (!rc && !lru && used + need > s->max_bytes) {
-                mdb_txn_abort(txn);
-                return dp_err_set(err, DP_EBACKEND, "'%s' is full: %.0f bytes of max_bytes %.0f "
-                                  "used and nothing expired (on_full = \"error\")", s->path,
-                                  used, s->max_bytes);
-            }
+            rc = evict(s, txn, s->max_bytes * 0.9 - need, 1, 0, &deleted);
         }
         MDB_val v = {vlen + HDR, NULL};
         if (!rc)
@@ -727,10 +723,25 @@ static int lm_set(void *self, const char *key, size_t klen, const char *value, s
             wr_double(p, s->ttl > 0 ? now + s->ttl : 0);
             wr_double(p + 8, now);
             memcpy(p + HDR, value, vlen);
-            rc = mdb_txn_commit(txn);
-        } else {
-            mdb_txn_abort(txn);
         }
+        /* on_full = "error": judged on the tree as it is with the new value
+         * in place (pages exactly, the old value freed); past the bound,
+         * expired entries may go, nothing else. */
+        if (!rc && s->on_full == ON_FULL_ERROR && tree_bytes(s, txn) > s->max_bytes) {
+            size_t deleted = 0;
+            rc = evict(s, txn, 0, 0, 0, &deleted);
+            double used = rc ? 0 : tree_bytes(s, txn);
+            if (!rc && used > s->max_bytes) {
+                mdb_txn_abort(txn);
+                return dp_err_set(err, DP_EBACKEND, "'%s' is full: storing %zu bytes would use "
+                                  "%.0f bytes of max_bytes %.0f and nothing expired (on_full = "
+                                  "\"error\")", s->path, vlen, used, s->max_bytes);
+            }
+        }
+        if (!rc)
+            rc = mdb_txn_commit(txn);
+        else
+            mdb_txn_abort(txn);
         if (rc == 0)
             return DP_OK;
         if (rc != MDB_MAP_FULL)

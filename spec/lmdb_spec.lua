@@ -781,6 +781,26 @@ io.write(n, "\n")
                 assert.are.equal(val, r:get("k" .. i), "k" .. i .. " lost")
             end
             assert.are.equal(0, r.actual_backend:stats().evictions)
+            -- Full, but an overwrite that fits once the old value is freed
+            -- succeeds: the same size, a smaller one, and back.
+            local same, smaller = string.rep("s", 1000), string.rep("m", 10)
+            for i = 1, stored, math.max(1, math.floor(stored / 20)) do
+                r:set("k" .. i, same)
+                assert.are.equal(same, r:get("k" .. i))
+                r:set("k" .. i, smaller)
+                assert.are.equal(smaller, r:get("k" .. i))
+                r:set("k" .. i, val)
+                assert.are.equal(val, r:get("k" .. i))
+            end
+            -- one that does not fit is still refused, and changes nothing
+            local ok, e = pcall(r.set, r, "k1", string.rep("B", 60 * 1024))
+            assert.is_false(ok)
+            assert.matches("'" .. dir .. "' is full", e, 1, true)
+            assert.are.equal(val, r:get("k1"))
+            for i = 1, stored do
+                assert.are.equal(val, r:get("k" .. i), "k" .. i .. " lost")
+            end
+            assert.are.equal(0, r.actual_backend:stats().evictions)
             for i = 1, 40 do -- spread over the tree: pages are freed once emptied
                 r:delete("k" .. i)
             end
