@@ -82,6 +82,10 @@
 #define TOUCH_MAX 1024       /* queued access-time updates per process */
 #define FORMAT "dogpile-lmdb 1"
 #define LOCK_SPAN ((uint64_t)1 << 62)
+/* A byte of the lock file past every key's slot: each instance holds a
+ * shared lock on it while open (see "Settings between processes"). */
+#define OPEN_BYTE ((off_t)LOCK_SPAN)
+#define OPEN_WAIT 10.0       /* seconds another opener may hold it exclusively */
 
 enum { ON_FULL_EVICT, ON_FULL_ERROR };
 enum { SYNC_FULL, SYNC_META, SYNC_NONE };
@@ -98,8 +102,12 @@ typedef struct inst {
     char *path;       /* realpath */
     char *lock_path;
     int subdir;       /* path is a directory (else MDB_NOSUBDIR) */
-    /* settings: every region on the path must agree */
+    /* settings: every region on the path must agree (map_size and max_bytes
+     * as in use: the file's when another process had it open, see "Settings
+     * between processes"; asked_*: what this process's regions asked for) */
     double map_size, max_bytes, ttl, lru_resolution, sweep_interval;
+    double asked_map_size, asked_max_bytes;
+    int open_fd;      /* holds a shared OFD lock on OPEN_BYTE of the lock file */
     int max_readers, sync, on_full, mode;
     /* the environment of this process */
     MDB_env *env;
@@ -216,8 +224,93 @@ static int lmdb_lock_alloc(inst *s, dp_err *err)
     return DP_OK;
 }
 
-/* Opens s->env for this process and checks (or writes) the format tag. */
-static int env_open(inst *s, dp_err *err)
+/* -- Settings between processes ----------------------------------------------
+ * map_size and max_bytes must be the same in every process on a path: a
+ * process with a smaller max_bytes evicts what the others keep, one with a
+ * smaller map fails once the file has grown past it. The settings in use are
+ * stored in the file ("msettings": two doubles) and held stable while any
+ * process has the path open: each instance holds a shared OFD lock on
+ * OPEN_BYTE of the lock file for its lifetime (the kernel drops it with the
+ * process). An opener that gets the byte exclusively is alone: it writes its
+ * own settings, then turns its lock shared. Any other opener waits for that
+ * shared lock (so the settings it reads are written) and adopts the file's
+ * settings when they differ from its own, with a note that the Lua module
+ * logs. Settings change, then, when a process opens the path while no other
+ * has it open. */
+
+enum { SETTINGS_KEEP, SETTINGS_ADOPT, SETTINGS_WRITE };
+
+static int ofd_set(int fd, off_t at, short type, int wait)
+{
+    struct flock fl = {0};
+    fl.l_type = type;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = at;
+    fl.l_len = 1;
+    int rc;
+    do
+        rc = fcntl(fd, wait ? F_OFD_SETLKW : F_OFD_SETLK, &fl);
+    while (rc != 0 && errno == EINTR);
+    return rc;
+}
+
+/* Takes the shared lock on OPEN_BYTE (exclusively first, when it can): 1 when
+ * alone (held exclusively), 0 when shared, -1 with err set. */
+static int open_byte_take(inst *s, dp_err *err)
+{
+    if (ofd_set(s->open_fd, OPEN_BYTE, F_WRLCK, 0) == 0)
+        return 1;
+    double deadline = dp_clock_monotonic() + OPEN_WAIT, step = 0.001;
+    for (;;) {
+        if (ofd_set(s->open_fd, OPEN_BYTE, F_RDLCK, 0) == 0)
+            return 0;
+        int e = errno;
+        if (e != EAGAIN && e != EACCES) {
+            dp_err_set(err, DP_EBACKEND, NAME ": cannot lock '%s': %s", s->lock_path,
+                       strerror(e));
+            return -1;
+        }
+        if (dp_clock_monotonic() >= deadline) {
+            dp_err_set(err, DP_EBACKEND, NAME ": another process has been opening '%s' for %g "
+                       "s without finishing (stopped?)", s->path, OPEN_WAIT);
+            return -1;
+        }
+        dp_clock_sleep(step);
+        step = step * 2 < 0.008 ? step * 2 : 0.008;
+    }
+}
+
+/* In the open's first transaction: write our settings, or read the file's
+ * and adopt them (*adopt set, mapsize applied after the commit). */
+static int settings_sync(inst *s, MDB_txn *txn, MDB_dbi dbi, int mode, double file[2])
+{
+    MDB_val k = {9, "msettings"}, v;
+    int g = mdb_get(txn, dbi, &k, &v);
+    if (g && g != MDB_NOTFOUND)
+        return g;
+    if (g == 0 && v.mv_size == 16) {
+        double m = rd_double(v.mv_data), b = rd_double((char *)v.mv_data + 8);
+        if (m == s->map_size && b == s->max_bytes)
+            return 0; /* no write: a full disk can still be opened and read */
+        if (mode == SETTINGS_ADOPT && m >= 65536 && m <= 1e15 && b > 0 && b <= m * 0.9) {
+            file[0] = m;
+            file[1] = b;
+            return 0;
+        }
+    }
+    char buf[16];
+    wr_double(buf, s->map_size);
+    wr_double(buf + 8, s->max_bytes);
+    v.mv_size = 16;
+    v.mv_data = buf;
+    return mdb_put(txn, dbi, &k, &v, 0);
+}
+
+/* Opens s->env for this process and checks (or writes) the format tag, and
+ * the settings as `settings` says (SETTINGS_KEEP in a forked child: they are
+ * the parent's). When it adopts the file's settings, a note for the log is
+ * left in err->msg with err->code DP_OK. */
+static int env_open(inst *s, int settings, dp_err *err)
 {
     MDB_env *env;
     int rc = lmdb_lock_alloc(s, err);
@@ -282,6 +375,9 @@ static int env_open(inst *s, dp_err *err)
             rc = g;
         }
     }
+    double file[2] = {0, 0};
+    if (!rc && settings != SETTINGS_KEEP)
+        rc = settings_sync(s, txn, dbi, settings, file);
     if (!rc)
         rc = mdb_txn_commit(txn);
     else if (txn)
@@ -292,6 +388,16 @@ static int env_open(inst *s, dp_err *err)
             return full_fail(err, NAME ": initialising the LMDB environment", s->path, rc);
         return dp_err_set(err, DP_EBACKEND, NAME ": cannot initialise '%s': %s", s->path,
                           mdb_strerror(rc));
+    }
+    if (file[0] > 0 && (file[0] != s->map_size || file[1] != s->max_bytes)) {
+        if (err)
+            snprintf(err->msg, sizeof err->msg, NAME ": '%s' is open in another process with "
+                     "map_size %.0f and max_bytes %.0f: using those, not the %.0f and %.0f asked "
+                     "for (settings change when no other process has it open)", s->path,
+                     file[0], file[1], s->map_size, s->max_bytes);
+        mdb_env_set_mapsize(env, (size_t)file[0]);
+        s->map_size = file[0];
+        s->max_bytes = file[1];
     }
     s->env = env;
     s->dbi = dbi;
@@ -322,7 +428,7 @@ static int ensure_env(inst *s, dp_err *err)
             free(h);
         }
         uv_mutex_unlock(&s->mu);
-        rc = env_open(s, err); /* the old MDB_env is abandoned on purpose */
+        rc = env_open(s, SETTINGS_KEEP, err); /* the old MDB_env is abandoned on purpose */
     }
     uv_mutex_unlock(&instances_mu);
     return rc;
@@ -799,8 +905,9 @@ static void lm_stats(void *self, dp_backend_stats *out)
         if (rtxn_get(s, &txn) == 0) {
             MDB_stat st;
             if (mdb_stat(txn, s->dbi, &st) == 0) {
-                MDB_val k = {6, "msweep"}, v;
-                size_t meta = 1 + (mdb_get(txn, s->dbi, &k, &v) == 0);
+                MDB_val k = {6, "msweep"}, k2 = {9, "msettings"}, v;
+                size_t meta = 1 + (mdb_get(txn, s->dbi, &k, &v) == 0) +
+                              (mdb_get(txn, s->dbi, &k2, &v) == 0);
                 out->items = (double)(st.ms_entries > meta ? st.ms_entries - meta : 0);
                 out->bytes = tree_bytes(s, txn);
             }
@@ -923,16 +1030,7 @@ static void wake_all(_Atomic uint32_t *gen)
 
 static int ofd_lock(int fd, uint64_t slot, int wait)
 {
-    struct flock fl = {0};
-    fl.l_type = F_WRLCK;
-    fl.l_whence = SEEK_SET;
-    fl.l_start = (off_t)slot;
-    fl.l_len = 1;
-    int rc;
-    do
-        rc = fcntl(fd, wait ? F_OFD_SETLKW : F_OFD_SETLK, &fl);
-    while (rc != 0 && errno == EINTR);
-    return rc;
+    return ofd_set(fd, (off_t)slot, F_WRLCK, wait);
 }
 
 static int lm_lock(void *self, const char *key, size_t klen, double timeout, dp_err *err)
@@ -1104,6 +1202,8 @@ static void inst_free(inst *s)
         close(h->fd);
         free(h);
     }
+    if (s->open_fd >= 0)
+        close(s->open_fd); /* drops this process's share of OPEN_BYTE */
     uv_mutex_destroy(&s->mu);
     free(s->path);
     free(s->lock_path);
@@ -1261,8 +1361,8 @@ static int lm_open(void *ud, const dp_arg *args, size_t nargs, void **self, dp_e
             break;
     if (s) {
         const char *what = NULL;
-        if (s->map_size != want.map_size) what = "map_size";
-        else if (s->max_bytes != want.max_bytes) what = "max_bytes";
+        if (s->asked_map_size != want.map_size) what = "map_size";
+        else if (s->asked_max_bytes != want.max_bytes) what = "max_bytes";
         else if (s->max_readers != want.max_readers) what = "max_readers";
         else if (s->sync != want.sync) what = "sync";
         else if (s->ttl != want.ttl) what = "expiration_time";
@@ -1292,8 +1392,9 @@ static int lm_open(void *ud, const dp_arg *args, size_t nargs, void **self, dp_e
     }
     memcpy(p, real, rl + 1);
     snprintf(lp, rl + 32, subdir ? "%s/dogpile-locks" : "%s-dogpile-locks", real);
-    s->map_size = want.map_size;
-    s->max_bytes = want.max_bytes;
+    s->map_size = s->asked_map_size = want.map_size;
+    s->max_bytes = s->asked_max_bytes = want.max_bytes;
+    s->open_fd = -1;
     s->max_readers = want.max_readers;
     s->sync = want.sync;
     s->ttl = want.ttl;
@@ -1305,16 +1406,19 @@ static int lm_open(void *ud, const dp_arg *args, size_t nargs, void **self, dp_e
     s->lock_path = lp;
     s->subdir = subdir;
     uv_mutex_init(&s->mu);
-    int fd = open(lp, O_RDWR | O_CREAT | O_CLOEXEC, want.mode);
-    if (fd < 0) {
+    s->open_fd = open(lp, O_RDWR | O_CREAT | O_CLOEXEC, want.mode);
+    if (s->open_fd < 0) {
         int e = errno;
         uv_mutex_unlock(&instances_mu);
         dp_err_set(err, DP_EBACKEND, NAME ": cannot open the lock file '%s': %s", lp, strerror(e));
         inst_free(s);
         return DP_EBACKEND;
     }
-    close(fd);
-    int rc = env_open(s, err);
+    int alone = open_byte_take(s, err);
+    int rc = alone < 0 ? DP_EBACKEND
+                       : env_open(s, alone ? SETTINGS_WRITE : SETTINGS_ADOPT, err);
+    if (rc == DP_OK && alone && ofd_set(s->open_fd, OPEN_BYTE, F_RDLCK, 0) != 0)
+        rc = dp_err_set(err, DP_EBACKEND, NAME ": cannot lock '%s': %s", lp, strerror(errno));
     if (rc != DP_OK) {
         uv_mutex_unlock(&instances_mu);
         inst_free(s);

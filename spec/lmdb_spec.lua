@@ -469,6 +469,79 @@ io.write(v, " ", string.format("%.3f", now() - t0), "\n")
             assert.are.equal(7, stale)
         end)
 
+        it("a process asking for other map_size and max_bytes than the processes that have "
+           .. "the path open uses theirs, says so once, and evicts none of their data", function()
+            local dir = tmpdir()
+            local ready, done = dir .. "/ready", dir .. "/done"
+            local first = script(dir, "first", [[
+local val = string.rep("f", 10000)
+for i = 1, 300 do r:set("f" .. i, val) end -- ~3 MB: more than the other's map
+append(arg[4], "ready")
+local t0 = now()
+while not io.open(arg[5]) and now() - t0 < 30 do sleep(0.01) end
+local kept = 0
+for i = 1, 300 do
+    if r:get("f" .. i) == val then kept = kept + 1 end
+end
+io.write("kept=", kept, " evictions=", r.actual_backend:stats().evictions, "\n")
+]])
+            sh(("(luajit %s '%s' '{ map_size = 8 * 2^20, max_bytes = 4 * 2^20 }' '' '%s' '%s'; "
+                .. "echo rc=$?) > %s/first.out 2>&1 &"):format(first, dir, ready, done, dir))
+            local t0 = now()
+            while count_lines(ready) == 0 do
+                assert.is_true(now() - t0 < 20, "the first process never got ready: "
+                               .. tostring(read(dir .. "/first.out")))
+                ffi.C.usleep(10000)
+            end
+            local regmod = require "dogpile.cache.region"
+            local old_log, logged = regmod.log, {}
+            cache.set_logger(function(msg) logged[#logged + 1] = msg end)
+            local ok, r = pcall(region, dir, { map_size = "2m" })
+            regmod.log = old_log
+            write(done, "")
+            assert.is_true(ok, tostring(r))
+            assert.are.equal(1, #logged, table.concat(logged, "\n"))
+            assert.matches("dogpile.cache.lmdb: '" .. dir .. "' is open in another process with "
+                           .. "map_size 8388608 and max_bytes 4194304: using those, not the "
+                           .. "2097152 and 1258291 asked for (settings change when no other "
+                           .. "process has it open)",
+                           logged[1], 1, true)
+            local b = r.actual_backend
+            assert.are.equal(4 * 2 ^ 20, b:stats().max_bytes)
+            -- it reads past its own 2m map, and its sets evict nothing
+            local val = string.rep("f", 10000)
+            for i = 1, 300 do
+                assert.are.equal(val, r:get("f" .. i), "f" .. i)
+            end
+            for i = 1, 20 do
+                r:set("s" .. i, val)
+            end
+            assert.are.equal(0, b:stats().evictions)
+            t0 = now()
+            while not (read(dir .. "/first.out") or ""):match("rc=%d+") do
+                assert.is_true(now() - t0 < 30, "the first process never finished")
+                ffi.C.usleep(10000)
+            end
+            assert.matches("kept=300 evictions=0\nrc=0\n$", read(dir .. "/first.out"))
+            -- Nobody else has it open now: the next opener's settings apply,
+            -- silently (this process closes its own first).
+            b:close()
+            r, b = nil, nil
+            collectgarbage()
+            logged = {}
+            cache.set_logger(function(msg) logged[#logged + 1] = msg end)
+            r = region(dir, { map_size = "16m", max_bytes = "2m" })
+            regmod.log = old_log
+            assert.are.same({}, logged)
+            assert.are.equal(2 * 2 ^ 20, r.actual_backend:stats().max_bytes)
+            r:set("after", val) -- over its bound: evicts down to it
+            assert.is_true(r.actual_backend:stats().bytes <= 2 * 2 ^ 20)
+            assert.are.equal(val, r:get("after"))
+            -- and a later process adopts these
+            local g = script(dir, "later", [[io.write(r.actual_backend:stats().max_bytes, "\n")]])
+            assert.matches("\n2097152\n$", run(g, dir, "{}"))
+        end)
+
         local HOLDER = [[
 local started = arg[4]
 r:get_or_create("held", function()

@@ -8,6 +8,7 @@ require "dogpile.backends.lmdb" -- registers the C backend
 local c = require "dogpile.cache.backends.c"
 local util = require "dogpile.cache.util"
 local lib = require "dogpile.lib"
+local ffi = require "ffi"
 
 local type, pairs, tostring = type, pairs, tostring
 
@@ -41,6 +42,18 @@ local function new(arguments)
         end
     end
     local backend = c.open(NAME, rest)
+    -- A success with a message: the path was open in another process with
+    -- other map_size / max_bytes, and this one uses the file's (lmdb.c,
+    -- "Settings between processes"). Said once, where fail_open goes.
+    local note = ffi.string(backend.err.msg)
+    if note ~= "" then
+        local region = package.loaded["dogpile.cache.region"]
+        if region and region.log then
+            region.log(note)
+        else
+            io.stderr:write(note, "\n")
+        end
+    end
     backend.lock_timeout = lock_timeout
     backend.key_mangler = util.length_conditional_mangler(MAX_KEY + 1, util.sha1_mangle_key)
     return backend
