@@ -1,8 +1,9 @@
--- Starts and stops a real nginx (Debian's nginx-extras) for spec/ngx_spec.lua
--- and bench/ngx_hit.lua: its own prefix in a temporary folder, a loopback
--- port, 2 workers, the fixture spec/fixtures/nginx, and the dogpile modules
--- this Lua state loads (found through package.path and package.cpath, so the
--- stage that LUA_PATH/LUA_CPATH name is the one nginx uses too).
+-- Starts and stops a real nginx (Debian's nginx-extras) for spec/ngx_spec.lua,
+-- spec/ngx_redis_spec.lua, bench/ngx_hit.lua and bench/ngx_redis.lua: its own
+-- prefix in a temporary folder, a loopback port, 2 workers, a fixture folder
+-- (spec/fixtures/nginx unless told), and the dogpile modules this Lua state
+-- loads (found through package.path and package.cpath, so the stage that
+-- LUA_PATH/LUA_CPATH name is the one nginx uses too).
 local _M = {}
 
 _M.NGINX = os.getenv("DP_TEST_NGINX") or "/usr/sbin/nginx"
@@ -48,25 +49,38 @@ local function free_port()
 end
 
 --- Starts nginx; returns a server object with :url(path), :get(path),
--- :concurrent(path, n), :log(), :stop().
-function _M.start()
+-- :concurrent(path, n), :log(), :stop(). `opts` (optional): `fixture` (a
+-- folder under spec/fixtures, default "nginx"), `vars` (more ${NAME}s for
+-- its nginx.conf), `env` (environment variables for nginx, which its
+-- nginx.conf passes on with `env NAME;`), `ready` (a path that answers 200
+-- once nginx is up, default /stats?name=x).
+function _M.start(opts)
+    opts = opts or {}
     local root = dir_of(debug.getinfo(1, "S").source:sub(2), "spec/ngx_support.lua")
-    local fixtures = root .. "spec/fixtures/nginx"
+    local fixtures = root .. "spec/fixtures/" .. (opts.fixture or "nginx")
     local lmod = dir_of(package.searchpath("dogpile.cache.region", package.path),
                         "dogpile/cache/region.lua")
     local cmod = dir_of(package.searchpath("dogpile.core", package.cpath), "dogpile/core.so")
     local prefix = read("mktemp -d /tmp/dogpile-nginx.XXXXXX"):gsub("%s+$", "")
     assert(sh("mkdir -p " .. q(prefix) .. "/conf " .. q(prefix) .. "/logs " .. q(prefix) .. "/tmp"))
-    local self = setmetatable({ prefix = prefix }, { __index = _M })
+    local self = setmetatable({ prefix = prefix, ready = opts.ready }, { __index = _M })
+    local env = ""
+    for k, v in pairs(opts.env or {}) do
+        env = env .. " " .. k .. "=" .. q(tostring(v))
+    end
     local template = assert(io.open(fixtures .. "/nginx.conf")):read("*a")
     for attempt = 1, 5 do
         self.port = free_port()
-        local conf = template:gsub("%${([%w_]+)}", {
+        local vars = {
             PORT = tostring(self.port),
             LUA_PATH = lmod .. "?.lua;" .. fixtures .. "/?.lua;/usr/share/lua/5.1/?.lua;;",
             LUA_CPATH = cmod .. "?.so;;",
             FIXTURES = fixtures,
-        })
+        }
+        for k, v in pairs(opts.vars or {}) do
+            vars[k] = tostring(v)
+        end
+        local conf = template:gsub("%${([%w_]+)}", vars)
         local f = assert(io.open(prefix .. "/conf/nginx.conf", "w"))
         f:write(conf)
         f:close()
@@ -74,7 +88,7 @@ function _M.start()
         -- inherits it, which the ASan-built C modules nginx loads need (the
         -- sanitizer runtime must come first); leak checking stays off, as
         -- for busted (nginx and LuaJIT are not instrumented).
-        local cmd = _M.NGINX .. " -p " .. q(prefix) .. " -c conf/nginx.conf -e logs/error.log"
+        local cmd = (env ~= "" and ("env" .. env .. " ") or "") .. _M.NGINX .. " -p " .. q(prefix) .. " -c conf/nginx.conf -e logs/error.log"
             .. " -g 'daemon on; master_process on;' >" .. q(prefix) .. "/logs/start.log 2>&1"
         if sh(cmd) and self:wait_up() then
             return self
@@ -93,7 +107,7 @@ end
 
 function _M:wait_up()
     for _ = 1, 100 do
-        if read(_M.CURL .. " -s -m 2 -o /dev/null -w '%{http_code}' " .. q(self:url("/stats?name=x")))
+        if read(_M.CURL .. " -s -m 2 -o /dev/null -w '%{http_code}' " .. q(self:url(self.ready or "/stats?name=x")))
             == "200" then
             return true
         end

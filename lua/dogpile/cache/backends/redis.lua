@@ -2,9 +2,11 @@
 -- process and machine that reaches it, with a distributed lock per key.
 -- Arguments (README, "dogpile.cache.redis"): url, host, port, db, username,
 -- password, socket_timeout, connect_timeout, redis_expiration_time,
--- distributed_lock, lock_timeout, lock_sleep, lock_prefix.
-require "dogpile.backends.redis" -- registers the C backend
-local c = require "dogpile.cache.backends.c"
+-- distributed_lock, lock_timeout, lock_sleep, lock_prefix, and for inside
+-- nginx pool_size and pool_idle_timeout (accepted and unused outside it).
+-- Inside nginx the same names, arguments, bytes and lock run over cosockets
+-- instead (dogpile.cache.backends.redis_cosocket): hiredis would block the
+-- worker.
 local lib = require "dogpile.lib"
 
 local type, pairs, tostring = type, pairs, tostring
@@ -35,14 +37,32 @@ local function open(name, arguments, rest)
     elseif type(distributed) ~= "boolean" then
         lib.raise(name .. ": distributed_lock must be a boolean, got " .. type(distributed))
     end
+    local pool_size, idle = arguments.pool_size, arguments.pool_idle_timeout
+    if pool_size ~= nil and (type(pool_size) ~= "number" or pool_size < 1
+                             or pool_size ~= math.floor(pool_size)) then
+        lib.raise(name .. ": pool_size must be a positive integer (connections kept idle per "
+                  .. "nginx worker), got " .. tostring(pool_size))
+    end
+    if idle ~= nil and (type(idle) ~= "number" or not (idle > 0) or idle == math.huge) then
+        lib.raise(name .. ": pool_idle_timeout must be a positive number of seconds, got "
+                  .. tostring(idle))
+    end
+    local ngx = rawget(_G, "ngx")
+    if type(ngx) == "table" and ngx.config and ngx.config.ngx_lua_version and ngx.socket then
+        return require("dogpile.cache.backends.redis_cosocket").open(name, arguments,
+                                                                     lock_timeout, distributed,
+                                                                     rest)
+    end
+    require "dogpile.backends.redis" -- registers the C backend
     rest = rest or {}
     for k, v in pairs(arguments) do
-        if k ~= "distributed_lock" and rest[k] == nil then
+        if k ~= "distributed_lock" and k ~= "pool_size" and k ~= "pool_idle_timeout"
+            and rest[k] == nil then
             rest[k] = v
         end
     end
     rest.lock_timeout = lock_timeout
-    local backend = c.open(name, rest)
+    local backend = require("dogpile.cache.backends.c").open(name, rest)
     backend.lock_timeout = lock_timeout
     if not distributed then
         -- The region's own lock: callers in this Lua state only.

@@ -1,0 +1,532 @@
+--- RESP (the Redis protocol) over nginx cosockets: what dogpile.cache.redis
+-- and dogpile.cache.redis_sentinel speak inside nginx (the C backend,
+-- hiredis, blocks the worker). One `server` describes where to connect and
+-- how; every operation takes a connection from the worker's keepalive pool
+-- (`ngx.socket.tcp` + `setkeepalive`), runs its command or pipeline and
+-- gives the connection back.
+--
+-- Connections. A new connection (never reused from the pool) is set up
+-- first: AUTH, SELECT, and for a sentinel-found master a ROLE check, as the C
+-- backend does. A connection that saw an I/O or protocol error is closed,
+-- never pooled, and the pool's generation (part of its name) is bumped, so
+-- that the idle connections opened before the failure are left to expire
+-- and the next operation connects anew: after a server restart, and without
+-- reloading nginx. An operation that fails on a reused connection because
+-- the server closed it is retried once on a fresh one. Each send and each
+-- read is bounded by socket_timeout, connecting by connect_timeout.
+--
+-- Sentinel. The master's address is asked of the sentinels (each in turn)
+-- when the worker knows none, and forgotten on any connection failure or a
+-- READONLY, LOADING or MASTERDOWN reply, so that the next operation asks
+-- again: a failover is followed without reloading nginx.
+--
+-- Replies: a bulk string is a Lua string (`false` for a nil one), an
+-- integer a number, an array a table (n = its length); the second result
+-- says which (`"$"`, `":"`, `"*"`, `"+"` status, `"-"` error reply). A
+-- failure is `nil, message`, the message naming the operation and server
+-- as the C backend's do ("GET: no answer from 127.0.0.1:6379 within
+-- socket_timeout (1 s)").
+local lib = require "dogpile.lib"
+
+local ngx = ngx
+local byte, sub, find, format = string.byte, string.sub, string.find, string.format
+local tonumber, tostring, type, pairs, ipairs, concat, min =
+      tonumber, tostring, type, pairs, ipairs, table.concat, math.min
+
+lib.own_source()
+
+local _M = {}
+
+local CRLF = "\r\n"
+
+-- -- Replies -----------------------------------------------------------------------
+
+local read_reply
+
+-- An array of `n` replies (nested arrays allowed). An error reply inside an
+-- array (EXEC, say) stays a string: only the type of the top level is given.
+local function read_array(sock, n)
+    local t = { n = n }
+    for i = 1, n do
+        local v, kind = read_reply(sock)
+        if v == nil then
+            return nil, kind
+        end
+        t[i] = v
+    end
+    return t, "*"
+end
+
+--- One reply from `sock`: value, kind; nil, err on an I/O or protocol error.
+function read_reply(sock)
+    local line, err, partial = sock:receive()
+    if not line then
+        if err == "timeout" and partial and partial ~= "" then
+            -- Part of a reply came and is now consumed: the connection is
+            -- out of step, whatever the caller does next.
+            err = "timeout, mid-reply"
+        end
+        return nil, err
+    end
+    local c = byte(line)
+    if c == 36 then -- $
+        local n = tonumber(sub(line, 2))
+        if n == nil then
+            return nil, "protocol error: bad bulk length '" .. line .. "'"
+        end
+        if n < 0 then
+            return false, "$"
+        end
+        local data, err2 = sock:receive(n + 2)
+        if not data then
+            return nil, err2
+        end
+        return sub(data, 1, n), "$"
+    elseif c == 43 then -- +
+        return sub(line, 2), "+"
+    elseif c == 45 then -- -
+        return sub(line, 2), "-"
+    elseif c == 58 then -- :
+        return tonumber(sub(line, 2)), ":"
+    elseif c == 42 then -- *
+        local n = tonumber(sub(line, 2))
+        if n == nil then
+            return nil, "protocol error: bad array length '" .. line .. "'"
+        end
+        if n < 0 then
+            return false, "*"
+        end
+        return read_array(sock, n)
+    end
+    return nil, "protocol error: unexpected reply '" .. sub(line, 1, 40) .. "'"
+end
+_M.read_reply = read_reply
+
+-- -- Requests ----------------------------------------------------------------------
+
+--- Append the command `args` (an array of strings and numbers, `n` of them)
+-- to the fragments `out` from index `i`; returns the next index. The
+-- fragments go to sock:send as they are (no concatenation).
+local function encode_into(out, i, args, n)
+    out[i] = "*"
+    out[i + 1] = n
+    out[i + 2] = CRLF
+    i = i + 3
+    for k = 1, n do
+        local a = tostring(args[k])
+        out[i] = "$"
+        out[i + 1] = #a
+        out[i + 2] = CRLF
+        out[i + 3] = a
+        out[i + 4] = CRLF
+        i = i + 5
+    end
+    return i
+end
+_M.encode_into = encode_into
+
+--- The fragments of one command.
+function _M.encode(args)
+    local out = {}
+    encode_into(out, 1, args, args.n or #args)
+    return out
+end
+
+-- -- Servers -----------------------------------------------------------------------
+
+local Server = {}
+Server.__index = Server
+_M.Server = Server
+
+--- Where the server is, for messages.
+function Server:where()
+    if self.sentinels then
+        return format("master '%s' at %s", self.service,
+                      self.master_host and (self.master_host .. ":" .. self.master_port)
+                      or "(unknown)")
+    elseif self.unix then
+        return "unix:" .. self.unix
+    end
+    return self.host .. ":" .. self.port
+end
+
+-- The options of connect(): the pool's name says where, as whom and which
+-- db, and its generation (bumped after a failure).
+local function pool_opts(self, addr)
+    local opts = self.opts
+    if opts == nil or self.opts_gen ~= self.gen or self.opts_addr ~= addr then
+        opts = {
+            pool = format("dogpile.redis:%s/%d/%s/%s#%d", addr, self.db, self.username or "",
+                          self.password and ngx.crc32_long(self.password) or "", self.gen),
+            pool_size = self.pool_size,
+        }
+        self.opts, self.opts_gen, self.opts_addr = opts, self.gen, addr
+    end
+    return opts
+end
+
+local function raw_connect(self, host, port, opts)
+    local sock = ngx.socket.tcp()
+    sock:settimeouts(self.connect_ms, self.socket_ms, self.socket_ms)
+    local ok, err
+    if port then
+        ok, err = sock:connect(host, port, opts)
+    else
+        ok, err = sock:connect("unix:" .. host, opts)
+    end
+    if not ok then
+        local addr = port and (host .. ":" .. port) or ("unix:" .. host)
+        if err == "timeout" then
+            return nil, format("cannot connect to %s within connect_timeout (%g s)", addr,
+                               self.connect_timeout)
+        end
+        return nil, "cannot connect to " .. addr .. ": " .. tostring(err)
+    end
+    return sock
+end
+
+-- A failure while talking to the server: a timeout says so with the limit.
+local function io_fail(self, op, err)
+    if err == "timeout" or err == "timeout, mid-reply" then
+        return format("%s: no answer from %s within socket_timeout (%g s)", op, self:where(),
+                      self.socket_timeout)
+    end
+    return format("%s: %s: %s", op, self:where(), tostring(err or "connection lost"))
+end
+
+-- One command on a connection being set up; a refusal is a configuration
+-- error ("AUTH with the password refused: WRONGPASS ...").
+local function setup_cmd(self, sock, args, what)
+    local ok, err = sock:send(_M.encode(args))
+    local v, kind
+    if ok then
+        v, kind = read_reply(sock)
+    end
+    if not ok or v == nil then
+        return nil, io_fail(self, what, err or kind)
+    end
+    if kind == "-" then
+        return nil, what .. " refused: " .. v
+    end
+    return v, kind
+end
+
+-- Ask each sentinel in turn for the master's address.
+local function find_master(self)
+    local last = "no sentinel answered"
+    for _, s in ipairs(self.sentinels) do
+        local sock, err = raw_connect(self, s[1], s[2], nil)
+        if not sock then
+            last = err
+        else
+            local v, kind = setup_cmd(self, sock, { "SENTINEL", "get-master-addr-by-name",
+                                                    self.service, n = 3 },
+                                      format("sentinel %s:%d", s[1], s[2]))
+            if v and kind == "*" and type(v[1]) == "string" and type(v[2]) == "string" then
+                sock:setkeepalive(self.idle_ms, self.pool_size)
+                self.master_host, self.master_port = v[1], tonumber(v[2])
+                return true
+            end
+            sock:close()
+            if v == nil then
+                last = kind
+            else
+                last = format("sentinel %s:%d knows no master named '%s'", s[1], s[2],
+                              self.service)
+            end
+        end
+    end
+    return nil, format("cannot find the master of '%s' through %d sentinel(s): %s",
+                       self.service, #self.sentinels, last)
+end
+
+-- A fresh connection: authenticated, on its db, and (sentinel) to a master.
+local function setup(self, sock)
+    local ok, err = true, nil
+    if self.password then
+        if self.username then
+            ok, err = setup_cmd(self, sock, { "AUTH", self.username, self.password, n = 3 },
+                                "AUTH as user '" .. self.username .. "'")
+        else
+            ok, err = setup_cmd(self, sock, { "AUTH", self.password, n = 2 },
+                                "AUTH with the password")
+        end
+    end
+    if ok and self.db ~= 0 then
+        ok, err = setup_cmd(self, sock, { "SELECT", self.db, n = 2 },
+                            "SELECT of db " .. self.db)
+    end
+    if ok and self.sentinels then
+        local v
+        v, err = setup_cmd(self, sock, { "ROLE", n = 1 }, "ROLE")
+        ok = v ~= nil
+        if ok and not (type(v) == "table" and v[1] == "master") then
+            ok, err = nil, format("%s:%d, given by the sentinels as the master of '%s', is not "
+                                  .. "a master (yet)", self.master_host, self.master_port,
+                                  self.service)
+        end
+    end
+    return ok, err
+end
+
+--- Forget what a failure may have made wrong: the pooled connections (a new
+-- generation) and, with sentinels, the master's address.
+function Server:broken()
+    self.gen = self.gen + 1
+    if self.sentinels then
+        self.master_host, self.master_port = nil, nil
+    end
+end
+
+--- A connection: sock, reused (true when it came from the pool); or nil, err.
+function Server:connect()
+    local host, port = self.host, self.port
+    if self.sentinels then
+        if not self.master_host then
+            local ok, err = find_master(self)
+            if not ok then
+                return nil, err
+            end
+        end
+        host, port = self.master_host, self.master_port
+    elseif self.unix then
+        host, port = self.unix, nil
+    end
+    local sock, err = raw_connect(self, host, port,
+                                  pool_opts(self, port and (host .. ":" .. port) or host))
+    if not sock then
+        self:broken()
+        return nil, err
+    end
+    if sock:getreusedtimes() > 0 then
+        return sock, true
+    end
+    local ok
+    ok, err = setup(self, sock)
+    if not ok then
+        sock:close()
+        self:broken()
+        return nil, err
+    end
+    return sock, false
+end
+
+--- Give a connection back to the pool (in step: every reply read).
+function Server:keep(sock)
+    sock:setkeepalive(self.idle_ms, self.pool_size)
+end
+
+-- The server closed a reused connection (a restart): worth one retry.
+local function closed(err)
+    return err == "closed" or err == "broken pipe" or err == "connection reset by peer"
+end
+
+-- A reply after which this connection (and, with sentinels, this master)
+-- must not be used again.
+local function breaks(v, kind)
+    return kind == "-" and (find(v, "^READONLY") or find(v, "^LOADING")
+                            or find(v, "^MASTERDOWN")) ~= nil
+end
+
+--- Send `req` (fragments, see encode_into) and read `nrep` replies (1 when
+-- nil). One reply: value, kind. Several: an array of values and one of
+-- kinds. nil, err on failure (connection, I/O, protocol, or a reply that
+-- breaks the connection); an ordinary error reply is returned as kind "-".
+function Server:call(op, req, nrep)
+    for attempt = 1, 2 do
+        local sock, reused = self:connect()
+        if not sock then
+            return nil, reused
+        end
+        local ok, err = sock:send(req)
+        local v, kind
+        if ok then
+            if nrep == nil then
+                v, kind = read_reply(sock)
+                if v == nil then
+                    err = kind
+                end
+            else
+                local vs, kinds = {}, {}
+                for i = 1, nrep do
+                    local x, k = read_reply(sock)
+                    if x == nil then
+                        err = k
+                        break
+                    end
+                    vs[i], kinds[i] = x, k
+                end
+                v, kind = vs, kinds
+            end
+        end
+        if err == nil then
+            if nrep == nil and breaks(v, kind) then
+                sock:close()
+                local w = self:where()
+                self:broken()
+                return nil, format("%s: %s: %s", op, w, v)
+            end
+            sock:setkeepalive(self.idle_ms, self.pool_size)
+            return v, kind
+        end
+        sock:close()
+        local msg = io_fail(self, op, err)
+        self:broken()
+        if not (reused and attempt == 1 and closed(err)) then
+            return nil, msg
+        end
+    end
+end
+
+--- One command (an array of strings and numbers): value, kind or nil, err.
+function Server:command(op, args)
+    return self:call(op, _M.encode(args))
+end
+
+-- -- Configuration -------------------------------------------------------------------
+
+-- "redis://[user:password@]host[:port][/db]" or "unix:///path[?db=N]", as
+-- the C backend reads it.
+local function parse_url(s, name, url)
+    if sub(url, 1, 7) == "unix://" then
+        local path, q = url:match("^unix://([^?]*)%??(.*)$")
+        if q ~= "" then
+            local db = q:match("^db=(%d+)$")
+            if not db then
+                return nil, name .. ": url '" .. url .. "': the only query is ?db=N"
+            end
+            s.db = tonumber(db)
+        end
+        if sub(path, 1, 1) ~= "/" then
+            return nil, name .. ": url '" .. url .. "' needs an absolute socket path "
+                        .. "(unix:///path/to/socket)"
+        end
+        s.unix = path
+        return true
+    end
+    if sub(url, 1, 8) ~= "redis://" then
+        return nil, name .. ": url '" .. url .. "' must start with redis:// or unix://"
+    end
+    local p = sub(url, 9)
+    local userinfo, rest = p:match("^(.*)@([^@]*)$")
+    if userinfo then
+        p = rest
+        local user, pass = userinfo:match("^([^:]*):(.*)$")
+        if user then
+            s.password = pass
+            if user ~= "" then
+                s.username = user
+            end
+        elseif userinfo ~= "" then
+            s.password = userinfo -- redis://password@host, as redis-py reads it
+        end
+    end
+    local hostport, db = p:match("^([^/]*)/?(.*)$")
+    if db ~= "" then
+        if not db:match("^%d+$") then
+            return nil, name .. ": url: db '" .. db .. "' is not a number"
+        end
+        s.db = tonumber(db)
+    end
+    local host, port = hostport:match("^(.*):(%d+)$")
+    if not host then
+        host = hostport
+    else
+        s.port = tonumber(port)
+    end
+    host = host:match("^%[(.*)%]$") or host
+    if host ~= "" then
+        s.host = host
+    end
+    return true
+end
+
+local KNOWN = "url, host, port, db, username, password, socket_timeout, connect_timeout, "
+    .. "redis_expiration_time, lock_timeout, lock_sleep, lock_prefix, pool_size, "
+    .. "pool_idle_timeout"
+
+local function seconds(name, k, v)
+    if type(v) ~= "number" or not (v > 0) or v == math.huge then
+        return nil, name .. ": " .. k .. " must be a positive number of seconds"
+    end
+    return v
+end
+
+--- The server (and the backend's settings) from the arguments of
+-- dogpile.cache.redis or dogpile.cache.redis_sentinel: the same names,
+-- defaults and checks as the C backend's, plus pool_size and
+-- pool_idle_timeout. `sentinels` is {{host, port}, ...}. nil, err on a bad
+-- argument.
+function _M.server(name, arguments, sentinels)
+    local s = setmetatable({
+        name = name, host = "127.0.0.1", port = 6379, db = 0, socket_timeout = 1,
+        connect_timeout = 1, lock_timeout = 30, lock_sleep = 0.1, lock_prefix = "_lock",
+        ttl = 0, pool_size = 30, pool_idle_timeout = 60, gen = 0,
+    }, Server)
+    if arguments.url ~= nil then
+        if type(arguments.url) ~= "string" then
+            return nil, name .. ": url must be a string"
+        end
+        local ok, err = parse_url(s, name, arguments.url)
+        if not ok then
+            return nil, err
+        end
+    end
+    local keys = {}
+    for k in pairs(arguments) do
+        keys[#keys + 1] = k
+    end
+    table.sort(keys)
+    for _, k in ipairs(keys) do
+        local v, err = arguments[k], nil
+        if k == "url" or (sentinels and (k == "sentinels" or k == "service_name")) then
+            if k == "service_name" then
+                if type(v) ~= "string" then
+                    return nil, name .. ": service_name must be a string"
+                end
+                s.service = v
+            end
+        elseif k == "host" or k == "username" or k == "password" or k == "lock_prefix" then
+            if type(v) ~= "string" then
+                return nil, name .. ": " .. k .. " must be a string"
+            end
+            s[k] = v
+        elseif k == "port" or k == "db" then
+            if type(v) ~= "number" or v < 0 or v > 65535 or v ~= math.floor(v) then
+                return nil, name .. ": " .. k .. " must be a non-negative integer"
+            end
+            s[k] = v
+        elseif k == "socket_timeout" or k == "connect_timeout" or k == "lock_timeout"
+            or k == "lock_sleep" or k == "pool_idle_timeout" then
+            s[k], err = seconds(name, k, v)
+        elseif k == "redis_expiration_time" then
+            s.ttl, err = seconds(name, k, v)
+        elseif k == "pool_size" then
+            if type(v) ~= "number" or v < 1 or v ~= math.floor(v) then
+                return nil, name .. ": pool_size must be a positive integer (connections "
+                            .. "kept idle per worker)"
+            end
+            s.pool_size = v
+        elseif k ~= "distributed_lock" then
+            return nil, format("%s: unknown argument '%s' (known: %s%s)", name, tostring(k),
+                               sentinels and "sentinels, service_name, " or "", KNOWN)
+        end
+        if err then
+            return nil, err
+        end
+    end
+    if sentinels then
+        if #sentinels == 0 or not s.service then
+            return nil, name .. ": the arguments 'sentinels' (a list of {host, port}) and "
+                        .. "'service_name' are required"
+        end
+        s.sentinels = sentinels
+    end
+    s.socket_ms = math.max(1, math.floor(s.socket_timeout * 1000 + 0.5))
+    s.connect_ms = math.max(1, math.floor(s.connect_timeout * 1000 + 0.5))
+    s.idle_ms = math.floor(s.pool_idle_timeout * 1000 + 0.5)
+    s.ttl_ms = s.ttl > 0 and math.ceil(s.ttl * 1000) or nil
+    return s
+end
+
+return _M
