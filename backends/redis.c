@@ -37,6 +37,18 @@
  * release without taking the lock (wait_unlocked) subscribes the same way and
  * returns at the first message, or when a poll finds the key gone or holding
  * another token.
+ *
+ * Change notification (notify_channel, for dogpile.cache.tiered). Every
+ * write (SET, DEL and their multi forms) is followed, in the same pipeline
+ * on the same connection, by a PUBLISH of the keys it changed, so the
+ * message can never overtake the write. A listener thread per instance (so
+ * per process) keeps a connection of its own SUBSCRIBEd to the channel and
+ * pushes the keys others published into the change feed `notify_feed`
+ * (core/feed.c); its own instance's messages carry its sender tag and are
+ * skipped (the writer pushed them itself). The channel is lost when its
+ * connection fails: the listener reconnects with a backoff (10 ms doubling to
+ * 1 s), and once subscribed again resets the feed, since what changed in the
+ * gap was announced to nobody; readers then drop their copies.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -60,6 +72,7 @@
 #include <lua.h>
 
 #include "dogpile.h"
+#include "dogpile_feed.h"
 
 #define NAME "dogpile.cache.redis"
 #define SENTINEL_NAME "dogpile.cache.redis_sentinel"
@@ -110,6 +123,13 @@ typedef struct inst {
     int nunsubbing;
     char master[300];  /* sentinel mode: "host:port" last connected to */
     _Atomic uint64_t hits, misses;
+    /* change notification (NULL channel: none) */
+    char *notify_channel, *notify_feed;
+    char sender[17];   /* this instance's tag on its messages */
+    dp_feed *feed;
+    uv_thread_t listener;
+    int listening;
+    _Atomic int stop, subscribed;
 } inst;
 
 static inst *instances;
@@ -617,6 +637,97 @@ static long long ttl_ms(const inst *s)
     return s->ttl > 0 ? (long long)ceil(s->ttl * 1000) : 0;
 }
 
+/* -- Change notification: the publishing side ------------------------------------ */
+
+/* The message for n changed keys: the sender tag (16 bytes), then each key
+ * as "<length>:<bytes>". */
+static int notify_payload(inst *s, size_t n, const char *const *keys, const size_t *klens,
+                          char **out, size_t *outlen, dp_err *err)
+{
+    size_t cap = 16;
+    for (size_t i = 0; i < n; i++)
+        cap += klens[i] + 24;
+    char *p = malloc(cap);
+    if (!p)
+        return dp_err_set(err, DP_ENOMEM, "out of memory");
+    memcpy(p, s->sender, 16);
+    size_t len = 16;
+    for (size_t i = 0; i < n; i++) {
+        len += (size_t)snprintf(p + len, cap - len, "%zu:", klens[i]);
+        memcpy(p + len, keys[i], klens[i]);
+        len += klens[i];
+    }
+    *out = p;
+    *outlen = len;
+    return DP_OK;
+}
+
+typedef struct notified {
+    build_fn build;
+    void *ud;
+    inst *s;
+    const char *payload;
+    size_t plen;
+} notified;
+
+static void build_notified(redisContext *c, void *ud)
+{
+    notified *w = ud;
+    w->build(c, w->ud);
+    const char *argv[3] = {"PUBLISH", w->s->notify_channel, w->payload};
+    size_t lens[3] = {7, strlen(w->s->notify_channel), w->plen};
+    redisAppendCommandArgv(c, 3, argv, lens);
+}
+
+/* run() a write of n keys; with notify_channel, its PUBLISH follows in the
+ * same pipeline (replies must then hold ncmd + 1; the PUBLISH reply is
+ * consumed here). A refused PUBLISH fails the write: a change nobody hears
+ * of would leave other processes' copies stale. */
+static int run_write(inst *s, const char *op, build_fn build, void *ud, size_t ncmd,
+                     redisReply **replies, size_t n, const char *const *keys,
+                     const size_t *klens, dp_err *err)
+{
+    if (!s->notify_channel)
+        return run(s, op, build, ud, ncmd, replies, err);
+    char *payload;
+    size_t plen;
+    int rc = notify_payload(s, n, keys, klens, &payload, &plen, err);
+    if (rc != DP_OK)
+        return rc;
+    notified w = {build, ud, s, payload, plen};
+    rc = run(s, op, build_notified, &w, ncmd + 1, replies, err);
+    free(payload);
+    if (rc != DP_OK)
+        return rc;
+    redisReply *pub = replies[ncmd];
+    if (pub->type == REDIS_REPLY_ERROR) {
+        rc = dp_err_set(err, DP_EBACKEND, "%s: PUBLISH on '%s' refused: %s", op,
+                        s->notify_channel, pub->str);
+        for (size_t i = 0; i < ncmd; i++)
+            freeReplyObject(replies[i]);
+    }
+    freeReplyObject(pub);
+    return rc;
+}
+
+/* One write command changing n keys, with its notification. */
+static int write1(inst *s, const char *op, int argc, const char **argv, const size_t *lens,
+                  size_t n, const char *const *keys, const size_t *klens, dp_err *err)
+{
+    argv_cmd a = {argc, argv, lens};
+    redisReply *r[2];
+    int rc = run_write(s, op, build_argv, &a, 1, r, n, keys, klens, err);
+    if (rc != DP_OK)
+        return rc;
+    if (r[0]->type == REDIS_REPLY_ERROR) {
+        char w[320];
+        where(s, w, sizeof w);
+        rc = dp_err_set(err, DP_EBACKEND, "%s: %s: %s", op, w, r[0]->str);
+    }
+    freeReplyObject(r[0]);
+    return rc;
+}
+
 static int rd_set(void *self, const char *key, size_t klen, const char *value, size_t vlen,
                   dp_err *err)
 {
@@ -626,11 +737,7 @@ static int rd_set(void *self, const char *key, size_t klen, const char *value, s
     int n = snprintf(px, sizeof px, "%lld", ms);
     const char *argv[5] = {"SET", key, value, "PX", px};
     size_t lens[5] = {3, klen, vlen, 2, (size_t)n};
-    redisReply *r;
-    int rc = run1(s, "SET", ms ? 5 : 3, argv, lens, &r, err);
-    if (rc == DP_OK)
-        freeReplyObject(r);
-    return rc;
+    return write1(s, "SET", ms ? 5 : 3, argv, lens, 1, &key, &klen, err);
 }
 
 static int rd_del(void *self, const char *key, size_t klen, dp_err *err)
@@ -638,11 +745,7 @@ static int rd_del(void *self, const char *key, size_t klen, dp_err *err)
     inst *s = self;
     const char *argv[2] = {"DEL", key};
     size_t lens[2] = {3, klen};
-    redisReply *r;
-    int rc = run1(s, "DEL", 2, argv, lens, &r, err);
-    if (rc == DP_OK)
-        freeReplyObject(r);
-    return rc;
+    return write1(s, "DEL", 2, argv, lens, 1, &key, &klen, err);
 }
 
 /* -- Multi forms: MGET, a pipeline of SETs, one DEL ---------------------------------- */
@@ -744,10 +847,10 @@ static int rd_set_multi(void *self, size_t n, const char *const *keys, const siz
     long long ms = ttl_ms(s);
     if (ms)
         p.pxlen = (size_t)snprintf(p.px, sizeof p.px, "%lld", ms);
-    redisReply **replies = malloc(n * sizeof *replies);
+    redisReply **replies = malloc((n + 1) * sizeof *replies);
     if (!replies)
         return dp_err_set(err, DP_ENOMEM, "out of memory");
-    int rc = run(s, "SET (pipeline)", build_sets, &p, n, replies, err);
+    int rc = run_write(s, "SET (pipeline)", build_sets, &p, n, replies, n, keys, klens, err);
     if (rc == DP_OK) {
         for (size_t i = 0; i < n; i++) {
             if (replies[i]->type == REDIS_REPLY_ERROR && rc == DP_OK)
@@ -770,12 +873,9 @@ static int rd_del_multi(void *self, size_t n, const char *const *keys, const siz
     int rc = keys_argv("DEL", n, keys, klens, &argv, &lens, err);
     if (rc != DP_OK)
         return rc;
-    redisReply *r;
-    rc = run1(s, "DEL", (int)(n + 1), argv, lens, &r, err);
+    rc = write1(s, "DEL", (int)(n + 1), argv, lens, n, keys, klens, err);
     free(argv);
     free(lens);
-    if (rc == DP_OK)
-        freeReplyObject(r);
     return rc;
 }
 
@@ -1198,10 +1298,157 @@ static int rd_unlock(void *self, const char *key, size_t klen, dp_err *err)
     return rc;
 }
 
+/* -- Change notification: the listener ------------------------------------------- */
+
+/* Push the keys of one message into the feed, unless this instance sent it.
+ * A malformed message cannot be trusted to name what changed: reset. */
+static void listener_message(inst *s, const char *p, size_t len)
+{
+    if (len >= 16 && memcmp(p, s->sender, 16) == 0)
+        return;
+    if (len < 16) {
+        dp_feed_reset(s->feed);
+        return;
+    }
+    size_t pos = 16;
+    while (pos < len) {
+        size_t klen = 0, digits = 0;
+        while (pos < len && p[pos] >= '0' && p[pos] <= '9' && digits < 19) {
+            klen = klen * 10 + (size_t)(p[pos] - '0');
+            pos++;
+            digits++;
+        }
+        if (digits == 0 || pos >= len || p[pos] != ':' || klen > len - pos - 1) {
+            dp_feed_reset(s->feed);
+            return;
+        }
+        pos++;
+        dp_feed_push(s->feed, p + pos, klen, 0, DP_FEED_FLEET);
+        pos += klen;
+    }
+}
+
+/* A pushed message on our channel: its keys go into the feed; anything else
+ * (the subscribe confirmation) is ignored. */
+static void listener_reply(inst *s, redisReply *r)
+{
+    if (r->type == REDIS_REPLY_ARRAY && r->elements == 3 &&
+        r->element[0]->type == REDIS_REPLY_STRING &&
+        strcmp(r->element[0]->str, "message") == 0 &&
+        r->element[2]->type == REDIS_REPLY_STRING)
+        listener_message(s, r->element[2]->str, r->element[2]->len);
+}
+
+/* Sleep `seconds` in slices, returning early when asked to stop. */
+static void listener_pause(inst *s, double seconds)
+{
+    double end = dp_clock_monotonic() + seconds;
+    while (!atomic_load(&s->stop)) {
+        double left = end - dp_clock_monotonic();
+        if (left <= 0)
+            break;
+        dp_clock_sleep(left < 0.05 ? left : 0.05);
+    }
+}
+
+/* Read messages until the connection fails or the instance closes. */
+static void listener_read(inst *s, redisContext *c)
+{
+    while (!atomic_load(&s->stop)) {
+        void *r = NULL;
+        while (redisGetReplyFromReader(c, &r) == REDIS_OK && r) {
+            listener_reply(s, r);
+            freeReplyObject(r);
+            r = NULL;
+        }
+        if (c->err)
+            return;
+        struct pollfd p = {.fd = c->fd, .events = POLLIN};
+        int n = poll(&p, 1, 100);
+        if (n < 0 && errno != EINTR)
+            return;
+        if (n > 0 && redisBufferRead(c) != REDIS_OK)
+            return;
+    }
+}
+
+static void listener_main(void *arg)
+{
+    inst *s = arg;
+    /* This thread only reads and writes its own socket: a peer that closed
+     * it must give an error here, not kill the process. */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    double backoff = 0.01;
+    while (!atomic_load(&s->stop)) {
+        redisContext *c = NULL;
+        dp_err e;
+        if (conn_open(s, &c, &e) == DP_OK) {
+            const char *argv[2] = {"SUBSCRIBE", s->notify_channel};
+            size_t lens[2] = {9, strlen(s->notify_channel)};
+            redisReply *r = redisCommandArgv(c, 2, argv, lens);
+            int ok = r && r->type == REDIS_REPLY_ARRAY && r->elements == 3;
+            if (r)
+                freeReplyObject(r);
+            if (ok) {
+                /* Subscribed: from here on every change is heard. Whatever
+                 * changed before was not, so readers start over. */
+                dp_feed_reset(s->feed);
+                atomic_store(&s->subscribed, 1);
+                backoff = 0.01;
+                listener_read(s, c);
+                atomic_store(&s->subscribed, 0);
+            }
+        }
+        if (c)
+            redisFree(c);
+        listener_pause(s, backoff);
+        backoff = backoff * 2 < 1 ? backoff * 2 : 1;
+    }
+}
+
+/* Start the listener of a new instance and wait (at most the time to connect
+ * and subscribe once) until it is subscribed, so that a region configured
+ * now hears every change made after configure returns while the server is
+ * up. A server down now is not an error: the listener keeps trying. */
+static int listener_start(inst *s, dp_err *err)
+{
+    const char *fname = s->notify_feed ? s->notify_feed : s->notify_channel;
+    int rc = dp_feed_open(fname, strlen(fname), 0, &s->feed);
+    if (rc != DP_OK)
+        return dp_err_set(err, rc, "%s: cannot open the change feed: %s", s->name,
+                          dp_strerror(rc));
+    char token[33];
+    new_token(token);
+    memcpy(s->sender, token, 16);
+    s->sender[16] = '\0';
+    if (uv_thread_create(&s->listener, listener_main, s) != 0)
+        return dp_err_set(err, DP_ENOMEM, "%s: cannot start the listener thread", s->name);
+    s->listening = 1;
+    double end = dp_clock_monotonic() + s->connect_timeout + s->socket_timeout;
+    while (!atomic_load(&s->subscribed) && dp_clock_monotonic() < end)
+        dp_clock_sleep(0.001);
+    return DP_OK;
+}
+
+static void listener_stop(inst *s)
+{
+    if (s->listening) {
+        atomic_store(&s->stop, 1);
+        uv_thread_join(&s->listener);
+        s->listening = 0;
+    }
+    dp_feed_close(s->feed);
+    s->feed = NULL;
+}
+
 /* -- Instances --------------------------------------------------------------------- */
 
 static void inst_free(inst *s)
 {
+    listener_stop(s);
     while (s->idle) {
         conn *c = s->idle;
         s->idle = c->next;
@@ -1230,6 +1477,8 @@ static void inst_free(inst *s)
     free(s->password);
     free(s->lock_prefix);
     free(s->service);
+    free(s->notify_channel);
+    free(s->notify_feed);
     free(s);
 }
 
@@ -1368,7 +1617,8 @@ static int parse_sentinels(inst *s, const dp_arg *a, dp_err *err)
 }
 
 #define KNOWN "url, host, port, db, username, password, socket_timeout, connect_timeout, " \
-              "redis_expiration_time, lock_timeout, lock_sleep, lock_prefix"
+              "redis_expiration_time, lock_timeout, lock_sleep, lock_prefix, notify_channel, " \
+              "notify_feed"
 
 static int cmp_args(const void *a, const void *b)
 {
@@ -1431,6 +1681,10 @@ static int open_with(const char *name, const dp_arg *args, size_t nargs, void **
             rc = arg_seconds(a, &s->lock_sleep, name, err);
         } else if (strcmp(a->name, "lock_prefix") == 0) {
             rc = arg_string(a, &s->lock_prefix, name, err);
+        } else if (strcmp(a->name, "notify_channel") == 0) {
+            rc = arg_string(a, &s->notify_channel, name, err);
+        } else if (strcmp(a->name, "notify_feed") == 0) {
+            rc = arg_string(a, &s->notify_feed, name, err);
         } else if (sentinel && strcmp(a->name, "sentinels") == 0) {
             rc = parse_sentinels(s, a, err);
         } else if (sentinel && strcmp(a->name, "service_name") == 0) {
@@ -1445,6 +1699,10 @@ static int open_with(const char *name, const dp_arg *args, size_t nargs, void **
                         "and 'service_name' are required", name);
     if (rc == DP_OK && (!s->host || !s->lock_prefix))
         rc = dp_err_set(err, DP_ENOMEM, "out of memory");
+    if (rc == DP_OK && s->notify_feed && !s->notify_channel)
+        rc = dp_err_set(err, DP_EINVAL, "%s: notify_feed needs notify_channel", name);
+    if (rc == DP_OK && s->notify_channel && !s->notify_channel[0])
+        rc = dp_err_set(err, DP_EINVAL, "%s: notify_channel must not be empty", name);
     if (rc != DP_OK) {
         inst_free(s);
         return rc;
@@ -1536,6 +1794,16 @@ static int open_with(const char *name, const dp_arg *args, size_t nargs, void **
         inst_free(s);
         *self = found;
         return DP_OK;
+    }
+    if (s->notify_channel) {
+        /* Under instances_mu: a second opener of the same arguments must
+         * not get the instance before its listener runs. */
+        rc = listener_start(s, err);
+        if (rc != DP_OK) {
+            uv_mutex_unlock(&instances_mu);
+            inst_free(s);
+            return rc;
+        }
     }
     s->handles = 1;
     s->next = instances;

@@ -49,6 +49,15 @@ typedef struct dp_feed_cursor {
     double reset_at;   /* out: wall-clock time of the latest reset of the feed */
 } dp_feed_cursor;
 
+/** Scopes, for producers and readers that share this meaning (the tiered
+ * backend and the redis listener): how widely shared the store is where a
+ * change was seen. A change at scope S makes copies in tiers of scope <= S
+ * suspect. */
+#define DP_FEED_STATE   1 /* one Lua state */
+#define DP_FEED_PROCESS 2 /* every Lua state of one process */
+#define DP_FEED_HOST    3 /* every process of one host */
+#define DP_FEED_FLEET   4 /* every host */
+
 /** Default number of entries in a feed's ring. */
 #define DP_FEED_CAPACITY 4096
 

@@ -1,0 +1,907 @@
+--- dogpile.cache.tiered: several backends in front of one another, kept
+-- coherent across Lua states, processes and hosts.
+--
+--   arguments = {
+--     tiers = { {backend = NAME, arguments = {...}, max_age = SECONDS}, ... },
+--     prefix = "dogpile:tiered:",  -- names the change channel and the invalidation key
+--     name = nil,                  -- the invalidation's name (default: the region's)
+--   }
+--
+-- Two to four tiers, the first nearest the caller, the last the most shared
+-- (the "bottom"). The region hands this backend CachedValue tables; tiers
+-- that store bytes get the envelope of the value codec, so the bottom's
+-- bytes are the ones any other region on that backend reads and writes.
+--
+-- Reads go down the tiers; a value found in tier N is copied into the tiers
+-- above it with its original created time. Writes and deletes go to the
+-- bottom first; the shared tiers above it drop the key (readers fill them
+-- again), the tiers of this Lua state take the new value.
+--
+-- Coherence. Every change is pushed into a change feed (core/feed.c): one per
+-- bottom store and process, drained by each Lua state's reader before a hit
+-- (one FFI load when nothing changed). A write in this process pushes
+-- directly; a write in another process reaches it through the bottom's
+-- notification: Redis PUBLISHes the changed keys on `prefix.."changes"` and
+-- a listener thread of the redis backend pushes them into the feed. A reader
+-- that missed changes (its cursor fell off the ring, or the channel was lost
+-- and came back) drops every copy above the bottom. A bottom with no
+-- notification (memcached, lmdb, a Lua backend) needs a max_age on every
+-- tier above it: then a copy is served at most that long.
+--
+-- The region's read of tier 1: when tier 1 is a dogpile.cache.memory, the
+-- backend exposes `front = {store = T, sync = fn}` (the region reads T after
+-- fn()); otherwise it goes through get().
+local ffi = require "ffi"
+local lib = require "dogpile.lib"
+local api = require "dogpile.cache.api"
+local envelope = require "dogpile.cache.envelope"
+local memory = require "dogpile.cache.backends.memory"
+
+local C = lib.C
+local NO_VALUE = api.NO_VALUE
+local CachedValue = api.CachedValue
+local VALUE_VERSION = api.VALUE_VERSION
+local clock_upper = lib.clock_upper
+local raise = lib.raise
+local ffi_string, ffi_cast, ffi_new, ffi_gc = ffi.string, ffi.cast, ffi.new, ffi.gc
+local type, pairs, ipairs, tostring, setmetatable, getmetatable, pcall, error, next, select =
+      type, pairs, ipairs, tostring, setmetatable, getmetatable, pcall, error, next, select
+local sort, concat = table.sort, table.concat
+local math_min, math_max = math.min, math.max
+
+lib.own_source()
+
+local NAME = "dogpile.cache.tiered"
+
+-- The change feed (core/dogpile_feed.h). These declarations belong in
+-- lua/dogpile/lib.lua with the rest of the core's; they are here until that
+-- file takes them.
+if not pcall(ffi.typeof, "dp_feed_cursor") then
+    ffi.cdef [[
+typedef struct dp_feed dp_feed;
+typedef struct dp_feed_cursor {
+    uint64_t seq; uint64_t epoch; uint32_t stamp; uint32_t origin;
+    int reset; int more; double reset_at;
+} dp_feed_cursor;
+int dp_feed_open(const char *name, size_t len, size_t capacity, dp_feed **out);
+void dp_feed_close(dp_feed *f);
+const volatile uint32_t *dp_feed_stamp(dp_feed *f);
+int dp_feed_push(dp_feed *f, const char *key, size_t klen, uint32_t origin, int scope);
+void dp_feed_reset(dp_feed *f);
+void dp_feed_cursor_init(dp_feed *f, dp_feed_cursor *c);
+int dp_feed_read(dp_feed *f, dp_feed_cursor *c, dp_bytes *keys, size_t *lens,
+                 int32_t *scopes, size_t max, size_t *n);
+]]
+end
+
+-- How widely a tier is shared: a change seen at scope S makes the copies in
+-- tiers of scope <= S suspect.
+local STATE, PROCESS, HOST, FLEET = 1, 2, 3, 4
+local SCOPES = {
+    ["dogpile.cache.memory"] = STATE,
+    ["dogpile.cache.shared_memory"] = PROCESS,
+    ["dogpile.cache.ngx_shared"] = HOST,
+    ["dogpile.cache.lmdb"] = HOST,
+}
+-- Bottoms whose writes reach every process that shares them.
+local NOTIFYING = {
+    ["dogpile.cache.redis"] = true,
+    ["dogpile.cache.redis_sentinel"] = true,
+    ["dogpile.cache.shared_memory"] = true, -- one process: the feed is enough
+    ["dogpile.cache.memory"] = true,        -- one Lua state
+    ["dogpile.cache.ngx_shared"] = true,    -- the dict's own feed (ngx_shared.lua)
+}
+
+local DRAIN_BATCH = 256
+
+-- -- Bytes of the tiers that store them ------------------------------------------
+-- The bottom holds the plain envelope. A shared tier above it holds the
+-- time the copy was taken (8 bytes) before the envelope: max_age and the
+-- reset floor (see Reader) judge copies by it, never by the created time.
+
+local HEADER = envelope.HEADER
+local pack_envelope, unpack_envelope, read_value = envelope.pack, envelope.unpack, envelope.read
+local stored_double = envelope.stored_double
+local u8p = envelope.u8p or ffi.typeof("const uint8_t *")
+local dbl = ffi_new("double[1]")
+
+local codec -- loaded on first use: a region of memory tiers only never needs it
+
+local function encode(cv)
+    codec = codec or require "dogpile.codec"
+    local ok, payload = pcall(codec.encode, cv.payload)
+    if not ok then
+        error(payload, 0)
+    end
+    return pack_envelope(cv.metadata.ct, payload)
+end
+
+-- CachedValue, or nil with why.
+local function decode(bytes)
+    local ct, err = unpack_envelope(bytes)
+    if not ct then
+        return nil, err
+    end
+    local ok, value = read_value(ffi_cast(u8p, bytes) + HEADER, #bytes - HEADER)
+    if not ok then
+        codec = codec or require "dogpile.codec"
+        local v, derr = codec.decode(bytes:sub(HEADER + 1))
+        if v == nil and derr ~= nil then
+            return nil, derr
+        end
+        value = v
+    end
+    return CachedValue.new(value, { ct = ct, v = VALUE_VERSION })
+end
+
+local function stamp_bytes(t)
+    dbl[0] = t
+    return ffi_string(dbl, 8)
+end
+
+-- -- Errors ---------------------------------------------------------------------
+
+-- A tier failed: the message names the tier, its backend, the operation and
+-- the key (the region adds its own prefix and applies fail_open).
+local function tier_error(tier, op, key, err)
+    if type(err) ~= "string" then
+        return err
+    end
+    return "tier " .. tier.index .. " (" .. tier.name .. "): " .. op
+        .. (key ~= nil and (" '" .. tostring(key) .. "'") or "") .. ": " .. err
+end
+
+-- -- Tiers ----------------------------------------------------------------------
+
+local Tier = {}
+Tier.__index = Tier
+
+--- The CachedValue of `key` in this tier, or nil. `floor`: copies taken
+-- before it are ignored (a shared upper tier after a reset).
+function Tier:get(key, floor, now)
+    local v = self.backend:get(key)
+    if v == NO_VALUE or v == nil then
+        return nil
+    end
+    if not self.serialized then
+        if self.stored then
+            local at = self.stored[key]
+            if at == nil or now - at > self.max_age then
+                return nil
+            end
+        end
+        return v
+    end
+    if type(v) ~= "string" then
+        return nil
+    end
+    if not self.bottom then
+        if #v < 8 then
+            return nil
+        end
+        local at = stored_double(ffi_cast(u8p, v))
+        if not (at >= floor) or (self.max_age and now - at > self.max_age) then
+            return nil
+        end
+        v = v:sub(9)
+    end
+    local cv = decode(v)
+    return cv
+end
+
+function Tier:put(key, cv, at)
+    if not self.serialized then
+        self.backend:set(key, cv)
+        if self.stored then
+            self.stored[key] = at
+        end
+        return
+    end
+    local bytes = encode(cv)
+    if not self.bottom then
+        bytes = stamp_bytes(at) .. bytes
+    end
+    self.backend:set(key, bytes)
+end
+
+function Tier:delete(key)
+    self.backend:delete(key)
+    if self.stored then
+        self.stored[key] = nil
+    end
+end
+
+--- Drop every copy this Lua state can reach: a memory tier is emptied; a
+-- shared tier is fenced by the floor instead (see Reader).
+function Tier:clear()
+    local b = self.backend
+    local cache = b._cache
+    if cache then
+        local keys = {}
+        for k in pairs(cache) do
+            keys[#keys + 1] = k
+        end
+        for i = 1, #keys do
+            b:delete(keys[i])
+        end
+    end
+    if self.stored then
+        self.stored = {}
+    end
+end
+
+local function canonical(arguments)
+    local keys = {}
+    for k in pairs(arguments or {}) do
+        keys[#keys + 1] = tostring(k)
+    end
+    sort(keys)
+    local out = {}
+    for i, k in ipairs(keys) do
+        out[i] = k .. "=" .. tostring(arguments[k])
+    end
+    return concat(out, "\n")
+end
+
+-- -- The reader of a change feed ----------------------------------------------------
+-- One per tiered backend (one region in one Lua state): a cursor in the
+-- process-wide feed of the bottom store, tagged with an origin so that it
+-- skips what this backend pushed itself.
+
+local Feed = {}
+Feed.__index = Feed
+
+local function open_feed(name)
+    local out = ffi_new("dp_feed*[1]")
+    local rc = C.dp_feed_open(name, #name, 0, out)
+    if rc ~= lib.DP_OK then
+        raise(NAME .. ": cannot open the change feed '" .. name .. "': " .. lib.strerror(rc))
+    end
+    local f = ffi_gc(out[0], C.dp_feed_close)
+    local cur = ffi_new("dp_feed_cursor")
+    cur.origin = C.dp_lock_owner_new()
+    C.dp_feed_cursor_init(f, cur)
+    return setmetatable({
+        name = name,
+        handle = f,
+        stamp = C.dp_feed_stamp(f),
+        cursor = cur,
+        origin = cur.origin,
+        keys = ffi_gc(ffi_new("dp_bytes"), C.dp_bytes_free),
+        lens = ffi_new("size_t[?]", DRAIN_BATCH),
+        scopes = ffi_new("int32_t[?]", DRAIN_BATCH),
+        n = ffi_new("size_t[1]"),
+    }, Feed)
+end
+
+function Feed:push(key, scope)
+    C.dp_feed_push(self.handle, key, #key, self.origin, scope)
+end
+
+--- Read everything pushed since the last read: calls on_key(key, scope) for
+-- each, or on_reset(reset_at) once when entries were missed.
+function Feed:drain(on_key, on_reset, ctx)
+    local cur, keys, lens, scopes, n = self.cursor, self.keys, self.lens, self.scopes, self.n
+    for _ = 1, 1e6 do
+        C.dp_feed_read(self.handle, cur, keys, lens, scopes, DRAIN_BATCH, n)
+        if cur.reset ~= 0 then
+            on_reset(ctx, cur.reset_at)
+        else
+            local pos = 0
+            for i = 0, tonumber(n[0]) - 1 do
+                local len = tonumber(lens[i])
+                on_key(ctx, ffi_string(keys.data + pos, len), scopes[i])
+                pos = pos + len
+            end
+        end
+        if cur.more == 0 then
+            break
+        end
+    end
+    return cur.stamp
+end
+
+-- -- The region's invalidation, kept in the bottom tier ----------------------------
+-- One signed number (the invalidation time: positive hard, negative soft)
+-- stored as an ordinary value under `prefix.."invalidated:"..name`. Each
+-- backend caches it; the feed tells when it changed (the key is pushed like
+-- any other), and a reset reloads it.
+
+local Invalidator = {}
+Invalidator.__index = Invalidator
+
+function Invalidator:_load()
+    local t = self.tiered
+    local ok, cv = pcall(t.bottom.get, t.bottom, self.key, -1 / 0, 0)
+    if not ok then
+        -- Keep what we had; try again at the next look.
+        self.dirty = true
+        return
+    end
+    self.dirty = false
+    local v = cv and cv.payload
+    if type(v) == "number" and v == v then
+        self.at = v < 0 and -v or v
+        self.hard = v > 0
+    else
+        self.at, self.hard = nil, nil
+    end
+    if t.poll_every then
+        self.next_load = clock_upper() + t.poll_every
+    end
+end
+
+-- The region calls this on every hit, after the read synced the feed: no
+-- sync here, a flag and (without notification) a clock.
+function Invalidator:_current()
+    if self.dirty or (self.next_load and clock_upper() >= self.next_load) then
+        self:_load()
+    end
+    return self.at, self.hard
+end
+
+function Invalidator:invalidate(hard)
+    hard = hard ~= false
+    local t = self.tiered
+    local at = C.dp_clock_stamp()
+    local cv = CachedValue.new(hard and at or -at, { ct = at, v = VALUE_VERSION })
+    local ok, err = pcall(t.bottom.put, t.bottom, self.key, cv, at)
+    if not ok then
+        error(tier_error(t.bottom, "invalidate", self.key, err), 0)
+    end
+    t.feed:push(self.key, FLEET)
+    self.at, self.hard, self.dirty = at, hard, false
+end
+
+function Invalidator:is_invalidated(ct)
+    local at = self:_current()
+    return at ~= nil and ct < at
+end
+
+function Invalidator:is_hard_invalidated(ct)
+    local at, hard = self:_current()
+    return hard == true and ct < at
+end
+
+function Invalidator:is_soft_invalidated(ct)
+    local at, hard = self:_current()
+    return hard == false and ct < at
+end
+
+function Invalidator:was_hard_invalidated()
+    local _, hard = self:_current()
+    return hard == true
+end
+
+function Invalidator:was_soft_invalidated()
+    local _, hard = self:_current()
+    return hard == false
+end
+
+-- -- The lock --------------------------------------------------------------------
+-- The most shared tier's. Whoever takes it is about to create the value:
+-- its next read skips the tiers of this Lua state, so that it sees what
+-- another process stored in the shared tiers meanwhile, not an older copy.
+
+local TMutex = {}
+TMutex.__index = TMutex
+
+function TMutex:acquire(wait)
+    local got = self.inner:acquire(wait)
+    if got then
+        self.tiered.bypass[self.key] = true
+    end
+    return got
+end
+
+function TMutex:release()
+    return self.inner:release()
+end
+
+function TMutex:locked()
+    local f = self.inner.locked
+    return f and f(self.inner)
+end
+
+local TWaitMutex = setmetatable({}, { __index = TMutex })
+TWaitMutex.__index = TWaitMutex
+
+function TWaitMutex:wait_unlocked()
+    return self.inner:wait_unlocked()
+end
+
+-- -- The backend ----------------------------------------------------------------------
+
+local Tiered = {}
+Tiered.__index = Tiered
+-- The region hands CachedValue tables; the tiers serialize for themselves.
+Tiered.serialized = false
+
+-- A key changed elsewhere: drop it from every tier above the bottom that may
+-- hold a copy the change made stale.
+local function on_key(self, key, scope)
+    local tiers, n = self.tiers, self.n
+    for i = 1, n - 1 do
+        local t = tiers[i]
+        if t.scope <= scope then
+            t:delete(key)
+        end
+    end
+    local inv = self.invalidator
+    if inv and key == inv.key then
+        inv.dirty = true
+    end
+end
+
+local function on_reset(self, reset_at)
+    local tiers = self.tiers
+    for i = 1, self.n - 1 do
+        tiers[i]:clear()
+    end
+    if reset_at > self.floor then
+        self.floor = reset_at
+    end
+    if self.invalidator then
+        self.invalidator.dirty = true
+    end
+end
+
+local function drain(self)
+    self.drains = self.drains + 1
+    return self.feed:drain(on_key, on_reset, self)
+end
+
+-- Upper tiers with a max_age and no copy time of their own (Lua tables):
+-- sweep them often enough that no copy outlives it.
+local function sweep(self, now)
+    for i = 1, self.n - 1 do
+        local t = self.tiers[i]
+        if t.stored then
+            local limit = now - t.max_age + t.sweep_every
+            local old = {}
+            for k, at in pairs(t.stored) do
+                if at <= limit then
+                    old[#old + 1] = k
+                end
+            end
+            for j = 1, #old do
+                t:delete(old[j])
+            end
+        end
+    end
+    self.next_sweep = now + self.sweep_every
+end
+
+--- Copy `cv`, read from tier `from`, into the tiers above it, most shared
+-- first; then make sure no change pushed meanwhile is left unapplied to it.
+local function promote(self, key, cv, from, at, drains0)
+    local tiers = self.tiers
+    for j = from - 1, 1, -1 do
+        local t = tiers[j]
+        local ok = pcall(t.put, t, key, cv, at)
+        if not ok then
+            break -- an upper tier that cannot take it (full, too big) only misses
+        end
+    end
+    -- A change of this key announced while we read it below must win over the
+    -- copies just made: drain now. If another coroutine drained while we were
+    -- reading (a yielding tier), what it applied may predate our copies:
+    -- drop them.
+    if self.drains ~= drains0 then
+        for j = from - 1, 1, -1 do
+            pcall(tiers[j].delete, tiers[j], key)
+        end
+    end
+    self.sync()
+end
+
+-- Read from tier `from` down; the CachedValue or NO_VALUE.
+function Tiered:_read_down(key, from)
+    local tiers, n = self.tiers, self.n
+    local drains0 = self.drains
+    local at = C.dp_clock_now()
+    local floor = self.floor
+    for i = from, n do
+        local t = tiers[i]
+        local ok, cv = pcall(t.get, t, key, floor, at)
+        if not ok then
+            error(tier_error(t, "get", key, cv), 0)
+        end
+        if cv then
+            local hits = self.hits
+            hits[i] = hits[i] + 1
+            if i > 1 then
+                promote(self, key, cv, i, at, drains0)
+            end
+            return cv
+        end
+    end
+    return NO_VALUE
+end
+
+function Tiered:get(key)
+    self.sync()
+    local bypass = self.bypass
+    if bypass[key] then
+        bypass[key] = nil
+        return self:_read_down(key, 2)
+    end
+    return self:_read_down(key, 1)
+end
+
+function Tiered:get_multi(keys)
+    local out = {}
+    for i = 1, #keys do
+        out[i] = self:get(keys[i])
+    end
+    return out
+end
+
+-- The write protocol, for set and delete alike: the bottom first (Redis
+-- publishes the change in the same round trip), then the shared tiers above
+-- drop the key, then the change is pushed to the other Lua states of this
+-- process, then the tiers of this Lua state take the new value. A reader
+-- that copied an older value into a shared tier meanwhile drains the push
+-- after copying, and drops it. A failing tier does not stop the others: the
+-- error, naming the first tier that failed, is raised at the end.
+local function write(self, op, keys, values)
+    local tiers, n = self.tiers, self.n
+    local first_err
+    local bottom = tiers[n]
+    local ok, err
+    if op == "set" then
+        if #keys == 1 then
+            ok, err = pcall(bottom.put, bottom, keys[1], values[1], 0)
+        else
+            ok, err = pcall(self._bottom_set_multi, self, keys, values)
+        end
+    else
+        if #keys == 1 then
+            ok, err = pcall(bottom.delete, bottom, keys[1])
+        else
+            ok, err = pcall(self._bottom_delete_multi, self, keys)
+        end
+    end
+    if not ok then
+        first_err = tier_error(bottom, op, keys[1], err)
+    end
+    for i = n - 1, 1, -1 do
+        local t = tiers[i]
+        if t.scope > STATE then
+            for j = 1, #keys do
+                local dok, derr = pcall(t.delete, t, keys[j])
+                if not dok and not first_err then
+                    first_err = tier_error(t, "delete", keys[j], derr)
+                end
+            end
+        end
+    end
+    local feed = self.feed
+    for j = 1, #keys do
+        feed:push(keys[j], PROCESS)
+    end
+    local at = C.dp_clock_now()
+    for i = n - 1, 1, -1 do
+        local t = tiers[i]
+        if t.scope == STATE then
+            for j = 1, #keys do
+                local wok, werr
+                if op == "set" then
+                    wok, werr = pcall(t.put, t, keys[j], values[j], at)
+                else
+                    wok, werr = pcall(t.delete, t, keys[j])
+                end
+                if not wok and not first_err then
+                    first_err = tier_error(t, op, keys[j], werr)
+                end
+            end
+        end
+    end
+    if first_err then
+        error(first_err, 0)
+    end
+end
+
+function Tiered:_bottom_set_multi(keys, values)
+    local bottom = self.tiers[self.n]
+    local b = bottom.backend
+    if not b.set_multi then
+        for i = 1, #keys do
+            bottom:put(keys[i], values[i], 0)
+        end
+        return
+    end
+    local mapping = {}
+    for i = 1, #keys do
+        mapping[keys[i]] = bottom.serialized and encode(values[i]) or values[i]
+    end
+    b:set_multi(mapping)
+end
+
+function Tiered:_bottom_delete_multi(keys)
+    local b = self.tiers[self.n].backend
+    if b.delete_multi then
+        b:delete_multi(keys)
+    else
+        for i = 1, #keys do
+            b:delete(keys[i])
+        end
+    end
+end
+
+function Tiered:set(key, value)
+    write(self, "set", { key }, { value })
+end
+
+function Tiered:delete(key)
+    write(self, "delete", { key })
+end
+
+function Tiered:set_multi(mapping)
+    local keys, values = {}, {}
+    for k, v in pairs(mapping) do
+        keys[#keys + 1] = k
+        values[#keys] = v
+    end
+    if #keys > 0 then
+        write(self, "set", keys, values)
+    end
+end
+
+function Tiered:delete_multi(keys)
+    if #keys > 0 then
+        write(self, "delete", keys)
+    end
+end
+
+function Tiered:get_mutex(key)
+    local t = self.lock_tier
+    if not t then
+        return nil
+    end
+    local inner = t.backend:get_mutex(key)
+    if inner == nil then
+        return nil
+    end
+    local mt = (type(inner) == "table" and inner.wait_unlocked) and TWaitMutex or TMutex
+    return setmetatable({ inner = inner, tiered = self, key = key }, mt)
+end
+
+--- Hits per tier since the backend opened; `front_hits`, the region's own
+-- reads of tier 1 (front.store), are added to tier 1's.
+function Tiered:tier_hits(front_hits)
+    local out = {}
+    for i = 1, self.n do
+        out[i] = self.hits[i]
+    end
+    out[1] = out[1] + (front_hits or 0)
+    return out
+end
+
+function Tiered:stats()
+    local b = self.tiers[1].backend
+    local st = b.stats and b:stats() or {}
+    return { evictions = st.evictions or 0, tier_hits = self:tier_hits(0) }
+end
+
+--- The region's invalidator (the region asks at configure), named after the
+-- region unless the `name` argument says otherwise.
+function Tiered:region_invalidator(region)
+    local inv = self.invalidator
+    if not self.inv_named and region and region.name ~= nil then
+        inv.key = self.prefix .. "invalidated:" .. tostring(region.name)
+        inv.dirty = true
+    end
+    return inv
+end
+
+function Tiered:close()
+    for _, t in ipairs(self.tiers) do
+        if t.backend.close then
+            pcall(t.backend.close, t.backend)
+        end
+    end
+end
+
+-- -- Configure ------------------------------------------------------------------------
+
+local function check_tiers(tiers)
+    if type(tiers) ~= "table" then
+        raise(NAME .. ": arguments.tiers must be an array of {backend = NAME, arguments = {...}, "
+              .. "max_age = SECONDS}, got " .. type(tiers))
+    end
+    local n = #tiers
+    if n < 2 or n > 4 then
+        raise(NAME .. ": arguments.tiers must hold 2 to 4 tiers, got " .. n)
+    end
+    for i = 1, n do
+        local spec = tiers[i]
+        if type(spec) ~= "table" or type(spec.backend) ~= "string" then
+            raise(NAME .. ": tier " .. i .. " must be {backend = NAME, ...}, got "
+                  .. (type(spec) == "table" and ("backend = " .. type(spec.backend)) or type(spec)))
+        end
+        for k in pairs(spec) do
+            if k ~= "backend" and k ~= "arguments" and k ~= "max_age" then
+                raise(NAME .. ": tier " .. i .. ": unknown field '" .. tostring(k)
+                      .. "' (known: backend, arguments, max_age)")
+            end
+        end
+        if spec.arguments ~= nil and type(spec.arguments) ~= "table" then
+            raise(NAME .. ": tier " .. i .. ": arguments must be a table, got " .. type(spec.arguments))
+        end
+        local m = spec.max_age
+        if m ~= nil and (type(m) ~= "number" or not (m > 0)) then
+            raise(NAME .. ": tier " .. i .. ": max_age must be a positive number of seconds, got "
+                  .. tostring(m))
+        end
+        if spec.backend == NAME then
+            raise(NAME .. ": tier " .. i .. " cannot itself be tiered")
+        end
+    end
+    if tiers[n].max_age ~= nil then
+        raise(NAME .. ": tier " .. n .. " is the bottom (the store of record); max_age applies "
+              .. "to the tiers above it")
+    end
+end
+
+local function copy(t)
+    local out = {}
+    for k, v in pairs(t or {}) do
+        out[k] = v
+    end
+    return out
+end
+
+local function new(arguments)
+    arguments = arguments or {}
+    if type(arguments) ~= "table" then
+        raise(NAME .. ": arguments must be a table, got " .. type(arguments))
+    end
+    for k in pairs(arguments) do
+        if k ~= "tiers" and k ~= "prefix" and k ~= "name" then
+            raise(NAME .. ": unknown argument '" .. tostring(k) .. "' (known: tiers, prefix, name)")
+        end
+    end
+    local specs = arguments.tiers
+    check_tiers(specs)
+    local prefix = arguments.prefix or "dogpile:tiered:"
+    if type(prefix) ~= "string" then
+        raise(NAME .. ": prefix must be a string, got " .. type(prefix))
+    end
+    local n = #specs
+    local bottom_name = specs[n].backend
+    local in_nginx = bottom_name == "dogpile.cache.ngx_shared"
+    local notifying = NOTIFYING[bottom_name]
+    if not notifying then
+        for i = 1, n - 1 do
+            if not specs[i].max_age then
+                raise(NAME .. ": tier " .. n .. " (" .. bottom_name .. ") tells nobody what "
+                      .. "changed, so a copy above it could be served stale forever: give tier "
+                      .. i .. " (" .. specs[i].backend .. ") a max_age (the longest a copy may "
+                      .. "be served there)")
+            end
+        end
+    end
+
+    local region_mod = require "dogpile.cache.region"
+    local feed_name = "tiered:" .. bottom_name .. "\n" .. canonical(specs[n].arguments)
+        .. "\n#" .. prefix
+    local tiers = {}
+    for i = 1, n do
+        local spec = specs[i]
+        local args = copy(spec.arguments)
+        if i == n and (bottom_name == "dogpile.cache.redis"
+                       or bottom_name == "dogpile.cache.redis_sentinel") then
+            -- The redis backend publishes every change on this channel, and
+            -- its listener pushes what others publish into our feed.
+            args.notify_channel = prefix .. "changes"
+            args.notify_feed = feed_name
+        end
+        local backend = region_mod.load_backend(spec.backend, args)
+        local scope = SCOPES[spec.backend] or FLEET
+        local t = setmetatable({
+            index = i,
+            name = spec.backend,
+            backend = backend,
+            serialized = backend.serialized == true,
+            scope = scope,
+            max_age = spec.max_age,
+            bottom = i == n,
+        }, Tier)
+        if i < n and not t.serialized and t.max_age then
+            -- Lua tables keep no copy time: this tier keeps one per key.
+            t.stored = {}
+            t.sweep_every = t.max_age / 4
+        end
+        tiers[i] = t
+    end
+
+    local self = setmetatable({
+        tiers = tiers,
+        n = n,
+        bottom = tiers[n],
+        prefix = prefix,
+        hits = {},
+        bypass = {},
+        drains = 0,
+        floor = -1 / 0,
+        inv_named = arguments.name ~= nil,
+    }, Tiered)
+    for i = 1, n do
+        self.hits[i] = 0
+    end
+    for i = n, 1, -1 do
+        if tiers[i].backend.get_mutex then
+            self.lock_tier = tiers[i]
+            break
+        end
+    end
+    self.key_mangler = tiers[n].backend.key_mangler
+
+    -- Without notification, the invalidation is reloaded as often as the
+    -- shortest max_age lets a copy live.
+    if not notifying then
+        local m = math.huge
+        for i = 1, n - 1 do
+            m = math_min(m, specs[i].max_age)
+        end
+        self.poll_every = m
+    end
+
+    if in_nginx then
+        self.feed = tiers[n].backend:change_feed(prefix)
+    else
+        self.feed = open_feed(feed_name)
+    end
+    local feed = self.feed
+
+    -- The hit path's check: one load and compare while nothing changed.
+    local sweep_every
+    for i = 1, n - 1 do
+        if tiers[i].sweep_every then
+            sweep_every = math_min(sweep_every or math.huge, tiers[i].sweep_every)
+        end
+    end
+    self.sweep_every = sweep_every
+    self.next_sweep = 0
+    local sync
+    if feed.sync_fn then
+        sync = feed.sync_fn(self, on_key, on_reset)
+    else
+        local stamp_ptr = feed.stamp
+        local last = feed.cursor.stamp
+        if sweep_every then
+            sync = function()
+                if stamp_ptr[0] ~= last then
+                    last = drain(self)
+                end
+                local now = clock_upper()
+                if now >= self.next_sweep then
+                    sweep(self, now)
+                end
+            end
+        else
+            sync = function()
+                if stamp_ptr[0] ~= last then
+                    last = drain(self)
+                end
+            end
+        end
+    end
+    self.sync = sync
+
+    local inv = setmetatable({
+        tiered = self,
+        key = prefix .. "invalidated:" .. tostring(arguments.name or ""),
+        dirty = true,
+    }, Invalidator)
+    self.invalidator = inv
+
+    if not tiers[1].serialized and getmetatable(tiers[1].backend) ~= nil
+        and tiers[1].backend._cache then
+        self.front = { store = tiers[1].backend._cache, sync = sync }
+    end
+    return self
+end
+
+return { new = new, Tiered = Tiered, _memory = memory }
