@@ -2,9 +2,11 @@
 -- one is chosen to create it; while it works the others get the previous value
 -- at once or, when there is none, wait for the new one.
 local lib = require "dogpile.lib"
+local context = require "dogpile.context"
 
 local C = lib.C
-local OWNER = lib.OWNER
+local OWNER = context.OWNER
+local log_quietly = context.log_quietly
 local raise = lib.raise
 local pcall, error, type, setmetatable, getmetatable, tostring =
       pcall, error, type, setmetatable, getmetatable, tostring
@@ -36,15 +38,6 @@ _M.NeedRegenerationException = NeedRegenerationException
 
 -- -- Waiting -----------------------------------------------------------------
 
-local user_sleep
-
--- Phases of lua-nginx-module where ngx.sleep may yield.
-local NGX_YIELDABLE = {
-    rewrite = true, access = true, content = true, timer = true,
-    ssl_cert = true, ssl_session_fetch = true, ssl_client_hello = true,
-    server_rewrite = true,
-}
-
 --- How a waiter waits in this Lua state: `fn(seconds)` must yield the running
 -- coroutine to the host's scheduler for that long. `nil` restores the default
 -- (ngx.sleep inside nginx where it can yield, otherwise blocking the thread).
@@ -53,20 +46,12 @@ function _M.set_sleep(fn)
     if fn ~= nil and type(fn) ~= "function" then
         raise("dogpile: set_sleep expects a function(seconds) or nil, got " .. type(fn))
     end
-    user_sleep = fn
+    context.set_sleep(fn)
 end
 
---- The yielding sleep in force here, or nil when waiting must block.
-local function current_sleep()
-    if user_sleep then
-        return user_sleep
-    end
-    local ngx = ngx
-    if ngx and ngx.sleep and ngx.get_phase and NGX_YIELDABLE[ngx.get_phase()] then
-        return ngx.sleep
-    end
-    return nil
-end
+--- The yielding sleep in force in this Lua state, or nil when waiting must
+-- block (dogpile.context keeps it).
+local current_sleep = context.sleep
 _M.current_sleep = current_sleep
 
 --- Wait with a yielding sleep until `try()` succeeds, backing off.
@@ -169,6 +154,19 @@ local function release_quietly(mutex)
     pcall(mutex.release, mutex)
 end
 
+-- Release once the value is in hand: a lock that cannot be released (its
+-- backend went down meanwhile, say) is the lock's problem, not the caller's,
+-- who has the value; it is logged, not raised. A lock with a timeout frees
+-- itself; the core's cannot fail to release a lock its caller holds.
+local function release_logged(mutex)
+    local ok, err = pcall(mutex.release, mutex)
+    if not ok then
+        log_quietly("dogpile: the lock was not released after the value was made "
+                    .. "(the value is returned): " .. tostring(err))
+    end
+end
+_M.release_logged = release_logged
+
 --- The lock's decision, shared by Lock:enter and the region.
 -- The callbacks take a context `ctx` rather than being closures: creating a
 -- closure is not compiled by LuaJIT (FNEW), and the miss path should be.
@@ -222,7 +220,7 @@ local function run(mutex, ctx, creator, read, is_expired, async_creator, has, va
     if has2 then
         has_value, value, created = true, value2, created2
         if not is_expired(ctx, created2) then
-            mutex:release()
+            release_logged(mutex)
             return value2, "fresh", waited
         end
     end
@@ -236,10 +234,11 @@ local function run(mutex, ctx, creator, read, is_expired, async_creator, has, va
         return value, "async", waited
     end
     local ok3, new = pcall(creator, ctx)
-    mutex:release()
     if not ok3 then
+        release_quietly(mutex)
         error(new, 0)
     end
+    release_logged(mutex)
     return new, "created", waited
 end
 _M._run = run

@@ -1,5 +1,6 @@
 --- dogpile.cache: regions over pluggable backends, under the dogpile lock.
 local lib = require "dogpile.lib"
+local context = require "dogpile.context"
 local api = require "dogpile.cache.api"
 local region = require "dogpile.cache.region"
 local util = require "dogpile.cache.util"
@@ -34,7 +35,7 @@ function _M.set_logger(fn)
     if type(fn) ~= "function" then
         raise("dogpile.cache: set_logger expects a function(message), got " .. type(fn))
     end
-    region.log = fn
+    context.set_logger(fn)
 end
 
 --- `cache.load_regions(path_or_table)` -> {name = region}. Each entry names

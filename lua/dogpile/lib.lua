@@ -1,5 +1,6 @@
 --- The C core, bound through the LuaJIT FFI: every declaration lives here.
 -- Also the shared error helper that points an error at the user's line.
+-- What belongs to a Lua state (lock owner, sleep, logger) is in dogpile.context.
 local ffi = require "ffi"
 local core = require "dogpile.core"
 
@@ -101,21 +102,10 @@ local _M = {
     clock_upper = clock_upper,
     library_path = core.library_path,
     version = core.version,
-    -- One owner tag per Lua state: a blocking wait on a lock that this state
-    -- holds could never end, and the core refuses it by this tag.
-    OWNER = C.dp_lock_owner_new(),
     DP_OK = 0, DP_EBUSY = 1, DP_ETIMEDOUT = 2, DP_EDEADLK = 3,
     DP_ENOTHELD = 4, DP_ENOMEM = 5, DP_EINVAL = 6, DP_EDECODE = 7, DP_EDEPTH = 8,
     DP_EVERSION = 9, DP_ENOTFOUND = 10, DP_ETOOBIG = 11, DP_EMISMATCH = 12, DP_EBACKEND = 13,
 }
-
--- When this Lua state closes, whatever locks it still holds are released,
--- so that a host closing a state never strands the threads of other states.
-local guard = newproxy(true)
-getmetatable(guard).__gc = function()
-    C.dp_lock_release_owner(_M.OWNER)
-end
-_M._owner_guard = guard
 
 -- The sources of this package's own modules: errors skip their frames so
 -- that the position prefix names the caller's line, however deep inside the

@@ -1,101 +1,93 @@
 --- CacheRegion: a backend, an expiration time, a key generator and an
 -- optional key mangler, with get/set/delete and get_or_create under the lock.
-local ffi = require "ffi"
+--
+-- This file is the region object: make_region, configure (which chooses,
+-- once, everything a call would otherwise re-derive), the public methods, the
+-- failure policy and the counters. The rest lives by concern:
+--   options.lua       checks of options, keys, expiration times
+--   invalidation.lua  invalidation strategies
+--   registry.lua      backend names -> backends
+--   read.lua          the freshness judgement and the read strategies
+--   write.lua         storing values
+--   values.lua        the codec and the envelope, for byte-storing backends
+--   create.lua        locks and the miss path (get_or_create, _multi)
+--   decorators.lua    cache_on_arguments, cache_multi_on_arguments
 local lib = require "dogpile.lib"
+local context = require "dogpile.context"
 local dogpile = require "dogpile"
 local api = require "dogpile.cache.api"
 local proxy = require "dogpile.cache.proxy"
 local util = require "dogpile.cache.util"
-local envelope = require "dogpile.cache.envelope"
-local CBackend = require("dogpile.cache.backends.c").CBackend
-local memory_backend = require "dogpile.cache.backends.memory"
+local options = require "dogpile.cache.options"
+local invalidation = require "dogpile.cache.invalidation"
+local registry = require "dogpile.cache.registry"
+local values = require "dogpile.cache.values"
+local read = require "dogpile.cache.read"
+local write = require "dogpile.cache.write"
+local create = require "dogpile.cache.create"
+local decorators = require "dogpile.cache.decorators"
 
 local C = lib.C
-local clock_upper = lib.clock_upper
 local raise = lib.raise
 local NO_VALUE = api.NO_VALUE
-local VALUE_VERSION = api.VALUE_VERSION
-local CachedValue = api.CachedValue
 local is_callable = dogpile.is_callable
-local run = dogpile._run
-local core_mutex = dogpile.core_mutex
-local rawequal, next, type, pairs, ipairs, tostring, select, setmetatable, getmetatable, rawget,
-      pcall, error, unpack, require = rawequal, next, type, pairs, ipairs, tostring, select, setmetatable, getmetatable, rawget,
-      pcall, error, unpack, require
-local sort, concat = table.sort, table.concat
-local char, byte = string.char, string.byte
+local check_key, check_expiration, check_opts = options.check_key, options.check_expiration,
+    options.check
+local FRESH = read.FRESH
+local fetch, fetch_multi, judge_value = read.fetch, read.fetch_multi, read.judge_value
+local store, store_multi = write.store, write.store_multi
+local new_value, new_metadata = write.new_value, write.new_metadata
+local type, pairs, tostring, setmetatable, rawget, rawset, rawequal, pcall, error =
+      type, pairs, tostring, setmetatable, rawget, rawset, rawequal, pcall, error
+local sort = table.sort
+local HUGE = math.huge
 
 lib.own_source()
 
-local _M = {}
+local _M = {
+    MAKE_OPTS = options.MAKE_OPTS,
+    CONFIGURE_OPTS = options.CONFIGURE_OPTS,
+    DefaultInvalidationStrategy = invalidation.DefaultInvalidationStrategy,
+    register_backend = registry.register_backend,
+    load_backend = registry.load_backend,
+    pack_envelope = values.pack_envelope,
+    unpack_envelope = values.unpack_envelope,
+}
 
--- -- Invalidation --------------------------------------------------------------
-
---- dogpile.cache's DefaultInvalidationStrategy: one invalidation time, hard or
--- soft, kept in this region object.
-local DefaultInvalidation = {}
-DefaultInvalidation.__index = DefaultInvalidation
-_M.DefaultInvalidationStrategy = DefaultInvalidation
-
-function DefaultInvalidation.new()
-    return setmetatable({ _hard = nil, _invalidated = nil }, DefaultInvalidation)
-end
-
-function DefaultInvalidation:invalidate(hard)
-    self._hard = hard ~= false
-    self._invalidated = C.dp_clock_stamp()
-end
-
-function DefaultInvalidation:is_invalidated(ct)
-    local at = self._invalidated
-    return at ~= nil and ct < at
-end
-
-function DefaultInvalidation:was_hard_invalidated()
-    return self._hard == true
-end
-
-function DefaultInvalidation:is_hard_invalidated(ct)
-    return self._hard == true and self:is_invalidated(ct)
-end
-
-function DefaultInvalidation:was_soft_invalidated()
-    return self._hard == false
-end
-
-function DefaultInvalidation:is_soft_invalidated(ct)
-    return self._hard == false and self:is_invalidated(ct)
-end
-
-local INVALIDATOR_METHODS = { "invalidate", "is_invalidated", "is_hard_invalidated",
-    "is_soft_invalidated", "was_hard_invalidated", "was_soft_invalidated" }
-
--- -- The envelope of serialized values ------------------------------------------
--- (dogpile/cache/envelope.lua): magic, format, flags, the created time, then
--- the payload.
-
-local HEADER = envelope.HEADER
-local pack_envelope, unpack_envelope = envelope.pack, envelope.unpack
-local read_value, created_at, write_scalar = envelope.read, envelope.created, envelope.write_scalar
-local u8p = envelope.u8p
-local ffi_string, ffi_cast = ffi.string, ffi.cast
-local DP_OK, DP_ENOTFOUND = lib.DP_OK, lib.DP_ENOTFOUND
-
-_M.pack_envelope, _M.unpack_envelope = pack_envelope, unpack_envelope
+-- `region_module.log`, read or assigned, is the logger of dogpile.context
+-- (cache.set_logger): kept for code written when the logger lived here.
+setmetatable(_M, {
+    __index = function(_, k)
+        if k == "log" then
+            return context.logger()
+        end
+        return nil
+    end,
+    __newindex = function(t, k, v)
+        if k == "log" then
+            context.set_logger(v)
+        else
+            rawset(t, k, v)
+        end
+    end,
+})
 
 -- -- Region ----------------------------------------------------------------------
 
 local Region = {}
 -- A configured region looks its methods up in Region directly (the hit path);
--- an unconfigured one goes through a function that refuses `backend`.
+-- an unconfigured one goes through a function that refuses what only a
+-- configured region has.
 local CONFIGURED = { __index = Region }
+local NEEDS_CONFIGURE = { backend = true, actual_backend = true, _lookup = true,
+                          _lookup_multi = true }
 local UNCONFIGURED = {
     __index = function(self, k)
         local v = Region[k]
         if v ~= nil then
             return v
         end
-        if k == "backend" or k == "actual_backend" then
+        if NEEDS_CONFIGURE[k] then
             raise("dogpile.cache: region " .. self:_label() .. " is not configured; "
                   .. "call region:configure(backend_name, opts) first")
         end
@@ -109,49 +101,13 @@ function Region:_label()
     return name and ("'" .. tostring(name) .. "'") or "(unnamed)"
 end
 
-local MAKE_OPTS = {
-    name = "string", function_key_generator = "function",
-    function_multi_key_generator = "function", key_mangler = "function",
-    serializer = "function", deserializer = "function", async_creation_runner = "function",
-}
-_M.MAKE_OPTS = MAKE_OPTS
-
-local CONFIGURE_OPTS = {
-    expiration_time = "number", arguments = "table", wrap = "table",
-    replace_existing_backend = "boolean", region_invalidator = "table", fail_open = "boolean",
-}
-_M.CONFIGURE_OPTS = CONFIGURE_OPTS
-
-local function check_opts(who, opts, allowed)
-    if opts == nil then
-        return {}
-    end
-    if type(opts) ~= "table" then
-        raise("dogpile.cache: " .. who .. ": options must be a table, got " .. type(opts))
-    end
-    for k, v in pairs(opts) do
-        local want = allowed[k]
-        if not want then
-            raise("dogpile.cache: " .. who .. ": unknown option '" .. tostring(k) .. "'")
-        end
-        local ok = type(v) == want or (want == "function" and is_callable(v))
-        if k == "key_mangler" and v == "sha1" then
-            ok = true
-        end
-        if not ok then
-            raise("dogpile.cache: " .. who .. ": " .. k .. " must be a " .. want .. ", got " .. type(v))
-        end
-    end
-    return opts
-end
-
 -- Regions by creation sequence number, weak keys: see _M.regions().
 local REGIONS = setmetatable({}, { __mode = "k" })
 local REGIONS_SEQ = 0
 
 --- `cache.make_region(opts)`.
 function _M.make_region(opts)
-    opts = check_opts("make_region", opts, MAKE_OPTS)
+    opts = check_opts("make_region", opts, options.MAKE_OPTS)
     local mangler = opts.key_mangler
     if mangler == "sha1" then
         mangler = util.sha1_mangle_key
@@ -167,7 +123,7 @@ function _M.make_region(opts)
         deserializer = opts.deserializer,
         async_creation_runner = opts.async_creation_runner,
         is_configured = false,
-        region_invalidator = DefaultInvalidation.new(),
+        region_invalidator = invalidation.DefaultInvalidationStrategy.new(),
     }
     REGIONS_SEQ = REGIONS_SEQ + 1
     REGIONS[self] = REGIONS_SEQ
@@ -186,9 +142,9 @@ function _M.regions()
     return out
 end
 
-local function new_stats()
+local function new_stats(front)
     return { hits = 0, misses = 0, creations = 0, stale_served = 0, lock_waits = 0,
-             errors = 0, evictions = 0 }
+             errors = 0, evictions = 0, front_hits = front and 0 or nil }
 end
 
 --- Wrap the backend in proxies: the first in `wrap` is outermost.
@@ -206,10 +162,28 @@ local function apply_wrap(backend, wrap)
     return backend
 end
 
+-- The read strategy (read.choose), kept in the region's own fields: the hit
+-- reads them and asks nothing else.
+local function set_reader(self)
+    local s = read.choose(self.backend, self.actual_backend, self._codec)
+    self._reader = s.name
+    self._lookup, self._lookup_multi = s.lookup, s.multi
+    self._direct = s.direct
+    self._mem, self._cb = s.mem, s.cb
+    self._front, self._front_sync = s.front, s.sync
+end
+
+-- The invalidation strategy and how the hit judges it.
+local function set_invalidator(self, inv, from_backend)
+    self.region_invalidator = inv
+    self._backend_inv = from_backend
+    self._inv_judge = invalidation.judge_for(inv)
+end
+
 --- `region:configure(backend_name, opts)` -> region.
 -- @raise when already configured, on an unknown backend or a bad option
 function Region:configure(backend_name, opts)
-    opts = check_opts("configure", opts, CONFIGURE_OPTS)
+    opts = check_opts("configure", opts, options.CONFIGURE_OPTS)
     if rawget(self, "is_configured") and not opts.replace_existing_backend then
         raise("dogpile.cache: region " .. self:_label() .. " is already configured with backend '"
               .. tostring(self._backend_name) .. "'; pass replace_existing_backend = true to replace it")
@@ -217,37 +191,13 @@ function Region:configure(backend_name, opts)
     if type(backend_name) ~= "string" then
         raise("dogpile.cache: configure: backend name must be a string, got " .. type(backend_name))
     end
-    local inv = opts.region_invalidator
-    if inv then
-        for _, m in ipairs(INVALIDATOR_METHODS) do
-            if not is_callable(inv[m]) then
-                raise("dogpile.cache: configure: region_invalidator has no method " .. m)
-            end
-        end
+    local given_inv = opts.region_invalidator
+    if given_inv then
+        invalidation.check(given_inv, "configure: region_invalidator")
     end
-    local backend = _M.load_backend(backend_name, opts.arguments or {})
-    local serialized = backend.serialized == true
-    if (self.serializer == nil) ~= (self.deserializer == nil) then
-        raise("dogpile.cache: region " .. self:_label() .. " has a "
-              .. (self.serializer and "serializer but no deserializer" or "deserializer but no serializer")
-              .. "; give both or neither")
-    end
-    local encode_payload, decode_payload = self.serializer, self.deserializer
-    local raw_decode
-    if serialized and not encode_payload then
-        -- The default codec: exact for every plain Lua value.
-        local codec = require "dogpile.codec"
-        local codec_decode = codec.decode
-        raw_decode = codec_decode
-        encode_payload = codec.encode
-        decode_payload = function(bytes)
-            local value, err = codec_decode(bytes)
-            if value == nil and err ~= nil then
-                error(err, 0)
-            end
-            return value
-        end
-    end
+    local backend = registry.load_backend(backend_name, opts.arguments or {})
+    local codec = values.codec(self.serializer, self.deserializer, backend.serialized == true,
+                               self:_label())
 
     self._backend_name = backend_name
     self.actual_backend = backend
@@ -256,38 +206,14 @@ function Region:configure(backend_name, opts)
     if not self._user_key_mangler then
         self.key_mangler = backend.key_mangler
     end
-    if inv then
-        self.region_invalidator = inv
-        self._backend_inv = nil
-    elseif is_callable(backend.region_invalidator) then
-        -- A backend whose storage is shared between processes may keep the
-        -- invalidation there too, so that it reaches every process.
-        self.region_invalidator = backend:region_invalidator(self)
-        self._backend_inv = true
-    elseif self._backend_inv then
-        self.region_invalidator = DefaultInvalidation.new()
-        self._backend_inv = nil
-    end
-    self._default_inv = getmetatable(self.region_invalidator) == DefaultInvalidation
-    self._serialized = serialized
-    self._encode_payload, self._decode_payload = encode_payload, decode_payload
-    self._raw_decode = raw_decode
-    self._direct = self.backend == backend and backend.infallible == true
-    -- Read C backends in place (c_fetch) unless a proxy or a serializer of
-    -- the user's stands between.
-    -- The unbounded memory backend's table, read directly on the hit.
-    self._mem = nil
-    if self.backend == backend and getmetatable(backend) == memory_backend.Memory then
-        self._mem = backend._cache
-    end
-    self._cb = nil
-    if self.backend == backend and raw_decode and backend.handle ~= nil
-        and getmetatable(backend) == CBackend then
-        self._cb = backend
-    end
+    set_invalidator(self, invalidation.choose(given_inv, backend, self,
+                                              rawget(self, "region_invalidator"),
+                                              rawget(self, "_backend_inv")))
+    self._codec = codec
+    set_reader(self)
     self.fail_open = opts.fail_open == true
     self._domain = C.dp_lock_domain_new()
-    self._stats = new_stats()
+    self._stats = new_stats(self._front ~= nil)
     -- A shared backend counts evictions since it opened; report ours since now.
     self._evictions_base = 0
     local base = self:_backend_evictions()
@@ -318,9 +244,9 @@ function Region:configure_from_config(config, prefix)
         end
     end
     local exp = conf[prefix .. "expiration_time"]
-    if exp ~= nil and type(exp) ~= "number" then
+    if exp ~= nil and not options.finite(exp) then
         raise("dogpile.cache: configure_from_config: " .. prefix .. "expiration_time must be a "
-              .. "number of seconds, got '" .. tostring(exp) .. "'")
+              .. "finite number of seconds, got '" .. tostring(exp) .. "'")
     end
     return self:configure(backend, {
         expiration_time = exp,
@@ -334,10 +260,13 @@ end
 function Region:wrap(p)
     self.backend = apply_wrap(self.backend, { p })
     -- Every read now goes through the proxy.
-    self._mem, self._cb, self._direct = nil, nil, false
+    set_reader(self)
 end
 
+--- `region:invalidate(hard)`: `hard` nil or true: hard; false: soft.
+-- @raise when hard is not a boolean or nil
 function Region:invalidate(hard)
+    options.check_hard(hard, "invalidate")
     if hard == nil then
         hard = true
     end
@@ -359,6 +288,10 @@ function Region:stats()
     local b = rawget(self, "actual_backend")
     local overruns = b and rawget(b, "lock_overruns")
     out.lock_overruns = type(overruns) == "number" and overruns or 0
+    -- Hits per tier, where the backend has tiers (front.md).
+    if b and is_callable(b.tier_hits) then
+        out.tier_hits = b:tier_hits(st.front_hits or 0)
+    end
     return out
 end
 
@@ -373,17 +306,7 @@ function Region:_backend_evictions()
     return nil
 end
 
--- -- Talking to the backend ------------------------------------------------------
-
-local function log(msg)
-    local ngx = ngx
-    if ngx and ngx.log then
-        ngx.log(ngx.WARN, msg)
-    else
-        io.stderr:write(msg, "\n")
-    end
-end
-_M.log = log
+-- -- The failure policy ----------------------------------------------------------
 
 --- A backend call raised `err`. Under fail_open: log, count, carry on as a
 -- miss. Otherwise raise an error naming the backend, the operation and the
@@ -398,204 +321,19 @@ function Region:_failed(op, key, err)
         end
         raise(what .. " failed: " .. err)
     end
-    _M.log("dogpile.cache: region " .. self:_label() .. ": " .. what
-           .. " failed (treated as a miss, fail_open): " .. tostring(err))
+    context.log("dogpile.cache: region " .. self:_label() .. ": " .. what
+                .. " failed (treated as a miss, fail_open): " .. tostring(err))
 end
 
-local function decode(self, bytes)
-    if bytes == NO_VALUE or bytes == nil then
-        return NO_VALUE
-    end
-    local ct, err = unpack_envelope(bytes)
-    local ok, value = false, err
-    if ct then
-        local raw = self._raw_decode
-        if raw then
-            -- The default codec: scalars are read in Lua, in compiled code;
-            -- the rest by the C decoder, which returns nil, err on bad bytes
-            -- and never raises, so it needs no pcall.
-            ok, value = read_value(ffi_cast(u8p, bytes) + HEADER, #bytes - HEADER)
-            if not ok then
-                value, err = raw(bytes:sub(HEADER + 1))
-                ok = value ~= nil or err == nil
-                if not ok then
-                    value = err
-                end
-            end
-        else
-            ok, value = pcall(self._decode_payload, bytes:sub(HEADER + 1))
-        end
-    end
-    if not ok then
-        self._stats.errors = self._stats.errors + 1
-        _M.log("dogpile.cache: region " .. self:_label() .. ": a stored value does not decode "
-               .. "(treated as a miss): " .. tostring(value))
-        return NO_VALUE
-    end
-    return CachedValue.new(value, { ct = ct, v = VALUE_VERSION })
+--- Stored bytes that do not decode: counted, logged, and a miss.
+function Region:_undecodable(err)
+    self._stats.errors = self._stats.errors + 1
+    context.log("dogpile.cache: region " .. self:_label() .. ": a stored value does not decode "
+                .. "(treated as a miss): " .. err)
 end
 
-local function encode(self, cv, key)
-    local ok, payload = pcall(self._encode_payload, cv.payload)
-    if not ok then
-        if type(payload) ~= "string" then
-            error(payload, 0)
-        end
-        raise("dogpile.cache: region " .. self:_label() .. ": cannot store key '" .. tostring(key)
-              .. "': " .. payload)
-    end
-    if type(payload) ~= "string" then
-        raise("dogpile.cache: region " .. self:_label() .. ": the serializer returned a "
-              .. type(payload) .. ", not a string")
-    end
-    return pack_envelope(cv.metadata.ct, payload)
-end
-
--- One read from the backend, normalized to a CachedValue or NO_VALUE.
-local function fetch(self, backend, key)
-    local v
-    if self._direct then
-        -- A built-in in-process backend that cannot fail: no pcall, so a hit
-        -- compiles into one trace (a trace that starts in a function called
-        -- through pcall aborts when it returns into the pcall frame).
-        v = backend:get(key)
-    else
-        local ok
-        ok, v = pcall(backend.get, backend, key)
-        if not ok then
-            self:_failed("get", key, v)
-            return NO_VALUE
-        end
-    end
-    if self._serialized then
-        return decode(self, v)
-    end
-    if v == nil then
-        return NO_VALUE
-    end
-    return v
-end
-
--- Is a value created at `ct` usable on a hit: within `exp` seconds (nil: no
--- expiry; the cheap clock bound first, the precise clock only near the
--- expiry) and not invalidated since? `now` (optional) is a clock reading
--- taken once for many values. Small enough for the JIT to inline.
-local function fresh(self, ct, exp, now)
-    if exp ~= nil then
-        if now ~= nil then
-            if now - ct > exp then
-                return false
-            end
-        elseif clock_upper() - ct > exp and C.dp_clock_now() - ct > exp then
-            return false
-        end
-    end
-    if self._default_inv then
-        local at = self.region_invalidator._invalidated
-        return at == nil or ct >= at
-    end
-    return not self.region_invalidator:is_invalidated(ct)
-end
-
--- A C backend with the default codec, read in place: one FFI call fills the
--- backend's buffer, the created time is read there, and a fresh value is
--- decoded from it; no envelope string, no CachedValue. Returns true and the
--- value on a fresh hit; otherwise false and a CachedValue or NO_VALUE for the
--- slow path to judge. `exp` nil: no expiry. Raises nothing but what
--- _failed raises.
-local function c_fetch(self, cb, key, exp)
-    local bytes = cb.bytes
-    local rc = C.dp_backend_get(cb.handle, key, #key, bytes, cb.err)
-    if rc ~= DP_OK then
-        if rc ~= DP_ENOTFOUND then
-            self:_failed("get", key, ffi_string(cb.err.msg))
-        end
-        return false, NO_VALUE
-    end
-    local p, n = ffi_cast(u8p, bytes.data), tonumber(bytes.len)
-    local ct = created_at(p, n)
-    if ct and fresh(self, ct, exp) then
-        local ok, value = read_value(p + HEADER, n - HEADER)
-        if ok then
-            return true, value
-        end
-    end
-    return false, decode(self, ffi_string(p, n))
-end
-
-local function fetch_multi(self, backend, keys)
-    local ok, vs = pcall(proxy.get_multi, backend, keys)
-    if not ok then
-        self:_failed("get_multi", keys[1], vs)
-        vs = {}
-    end
-    local out = {}
-    for i = 1, #keys do
-        local v = vs[i]
-        if self._serialized then
-            v = decode(self, v)
-        elseif v == nil then
-            v = NO_VALUE
-        end
-        out[i] = v
-    end
-    return out
-end
-
-local function store(self, backend, key, cv)
-    local cb = self._cb
-    if cb then
-        -- In place (envelope.write_scalar), or the encoded string; either way
-        -- straight to the C backend, which reports failure in err.
-        local md = cv.metadata
-        local p, n = write_scalar(md.ct, cv.payload)
-        if not p then
-            p = encode(self, cv, key)
-            n = #p
-        end
-        if C.dp_backend_set(cb.handle, key, #key, p, n, cb.err) ~= DP_OK then
-            self:_failed("set", key, ffi_string(cb.err.msg))
-        end
-        return
-    end
-    local v = cv
-    if self._serialized then
-        v = encode(self, cv, key)
-    end
-    local ok, err = pcall(backend.set, backend, key, v)
-    if not ok then
-        self:_failed("set", key, err)
-    end
-end
-
-local function store_multi(self, backend, mapping)
-    if self._serialized then
-        local enc = {}
-        for k, cv in pairs(mapping) do
-            enc[k] = encode(self, cv, k)
-        end
-        mapping = enc
-    end
-    local ok, err = pcall(proxy.set_multi, backend, mapping)
-    if not ok then
-        self:_failed("set_multi", next(mapping), err)
-    end
-end
-
-local function check_key(key, who)
-    if type(key) ~= "string" then
-        raise("dogpile.cache: " .. who .. ": key must be a string, got " .. type(key))
-    end
-end
-
-local function check_expiration(exp, who)
-    if exp ~= nil and type(exp) ~= "number" then
-        raise("dogpile.cache: " .. who .. ": expiration_time must be a number of seconds or nil, got "
-              .. type(exp))
-    end
-end
-
-local function mangle(self, key)
+--- The backend's key for `key`.
+function Region:_mangle(key)
     local km = self.key_mangler
     if km then
         key = km(key)
@@ -606,148 +344,60 @@ local function mangle(self, key)
     end
     return key
 end
+local mangle = Region._mangle
 
--- Is a value usable as it is (not a miss, not invalidated, not expired)?
--- Also says whether it may be served stale while another caller regenerates.
-local function classify(self, value, exp)
-    if value == NO_VALUE then
-        return "missing"
+-- The expiration time of a call: the caller's, else the region's; nil when
+-- it never expires (negative). Checked only when given, off the common path.
+local function expiration(self, exp, who)
+    if exp == nil then
+        exp = self.expiration_time
+    elseif not (type(exp) == "number" and exp > -HUGE and exp < HUGE) then
+        check_expiration(exp, who)
     end
-    local md = value.metadata
-    local ct = md.ct
-    if md.v ~= VALUE_VERSION then
-        return "missing"
+    if exp ~= nil and exp < 0 then
+        return nil
     end
-    local inv = self.region_invalidator
-    if inv:is_hard_invalidated(ct) then
-        return "missing"
-    end
-    if inv:is_soft_invalidated(ct) or (exp ~= nil and C.dp_clock_now() - ct > exp) then
-        return "stale"
-    end
-    return "fresh"
+    return exp
 end
 
--- -- get / set / delete -----------------------------------------------------------
+-- -- get -------------------------------------------------------------------------
 
 --- `region:get(key, expiration_time, ignore_expiration)` -> value or NO_VALUE.
 function Region:get(key, expiration_time, ignore_expiration)
-    local backend = self.backend
+    local lookup = self._lookup
     if type(key) ~= "string" then
         check_key(key, "get")
     end
-    if expiration_time ~= nil and type(expiration_time) ~= "number" then
-        check_expiration(expiration_time, "get")
-    end
+    local exp = expiration(self, expiration_time, "get")
     if self.key_mangler then
         key = mangle(self, key)
     end
     local st = self._stats
-    local mem, cb, value = self._mem, self._cb, nil
-    if mem then
-        value = mem[key]
-        if value == nil then
-            value = NO_VALUE
+    if ignore_expiration then
+        local cv = fetch(self, key)
+        if rawequal(cv, NO_VALUE) then
+            st.misses = st.misses + 1
+            return NO_VALUE
         end
-    elseif cb and not ignore_expiration then
-        local exp = expiration_time or self.expiration_time
-        local hit
-        hit, value = c_fetch(self, cb, key, (exp ~= nil and exp >= 0) and exp or nil)
-        if hit then
-            st.hits = st.hits + 1
-            return value
-        end
-    else
-        value = fetch(self, backend, key)
+        st.hits = st.hits + 1
+        return cv.payload
     end
-    if not rawequal(value, NO_VALUE) then
-        if ignore_expiration then
-            st.hits = st.hits + 1
-            return value.payload
-        end
-        local exp = expiration_time or self.expiration_time
-        if fresh(self, value.metadata.ct, (exp ~= nil and exp >= 0) and exp or nil) then
-            st.hits = st.hits + 1
-            return value.payload
-        end
+    local hit, value = lookup(self, key, exp)
+    if hit then
+        st.hits = st.hits + 1
+        return value
     end
     st.misses = st.misses + 1
     return NO_VALUE
 end
 
-local function unexpired(self, value, exp, ignore_expiration)
-    if value == NO_VALUE or ignore_expiration then
-        return value
-    end
-    local ct = value.metadata.ct
-    if exp ~= nil and exp >= 0 and C.dp_clock_now() - ct > exp then
-        return NO_VALUE
-    end
-    if self.region_invalidator:is_invalidated(ct) then
-        return NO_VALUE
-    end
-    return value
-end
-
--- get_multi on a C backend with the default codec: one call of the
--- backend's get_multi, every value read in place (as c_fetch does), the
--- clock read once. Values the Lua reader declines take the slow path.
-local function c_get_multi(self, cb, keys, exp)
-    local n = #keys
-    local st, out = self._stats, {}
-    local ok, data, lens = pcall(cb.get_multi_in_place, cb, keys)
-    if not ok then
-        self:_failed("get_multi", keys[1], data)
-        st.misses = st.misses + n
-        for i = 1, n do
-            out[i] = NO_VALUE
-        end
-        return out
-    end
-    local p = ffi_cast(u8p, data)
-    local now = exp ~= nil and C.dp_clock_now() or nil
-    local pos, hits = 0, 0
-    for i = 1, n do
-        local len = tonumber(lens[i - 1])
-        local v = NO_VALUE
-        if len >= 0 then
-            local q = p + pos
-            pos = pos + len
-            local ct = created_at(q, len)
-            if ct then
-                if fresh(self, ct, exp, now) then
-                    local decoded
-                    decoded, v = read_value(q + HEADER, len - HEADER)
-                    if not decoded then
-                        v = decode(self, ffi_string(q, len))
-                        v = v == NO_VALUE and v or v.payload
-                    end
-                else
-                    v = NO_VALUE
-                end
-            else
-                v = decode(self, ffi_string(q, len)) -- counts and logs the bad bytes
-            end
-        end
-        if v == NO_VALUE then
-            out[i] = NO_VALUE
-        else
-            hits = hits + 1
-            out[i] = v
-        end
-    end
-    st.hits = st.hits + hits
-    st.misses = st.misses + (n - hits)
-    return out
-end
-
 --- `region:get_multi(keys, expiration_time, ignore_expiration)` -> array.
 function Region:get_multi(keys, expiration_time, ignore_expiration)
-    local backend = self.backend
+    local lookup_multi = self._lookup_multi
     if type(keys) ~= "table" then
         raise("dogpile.cache: get_multi: keys must be an array of strings, got " .. type(keys))
     end
-    check_expiration(expiration_time, "get_multi")
+    local exp = expiration(self, expiration_time, "get_multi")
     local n = #keys
     if n == 0 then
         return {}
@@ -757,79 +407,79 @@ function Region:get_multi(keys, expiration_time, ignore_expiration)
         check_key(keys[i], "get_multi")
         mangled[i] = mangle(self, keys[i])
     end
-    local exp = expiration_time or self.expiration_time
-    local st, out = self._stats, {}
-    if self._cb and not ignore_expiration then
-        return c_get_multi(self, self._cb, mangled, (exp ~= nil and exp >= 0) and exp or nil)
-    end
-    local values = fetch_multi(self, backend, mangled)
-    for i = 1, n do
-        local v = unexpired(self, values[i], exp, ignore_expiration)
-        if v == NO_VALUE then
-            st.misses = st.misses + 1
-            out[i] = NO_VALUE
-        else
-            st.hits = st.hits + 1
-            out[i] = v.payload
+    local st = self._stats
+    local out, hits
+    if ignore_expiration then
+        out, hits = fetch_multi(self, mangled), 0
+        for i = 1, n do
+            local cv = out[i]
+            if not rawequal(cv, NO_VALUE) then
+                hits = hits + 1
+                out[i] = cv.payload
+            end
         end
+    else
+        out, hits = lookup_multi(self, mangled, exp)
     end
+    st.hits = st.hits + hits
+    st.misses = st.misses + (n - hits)
     return out
 end
 
 --- `region:get_value_metadata(key, expiration_time, ignore_expiration)` ->
 -- CachedValue or nil.
 function Region:get_value_metadata(key, expiration_time, ignore_expiration)
-    local backend = self.backend
+    local _ = self.backend
     check_key(key, "get_value_metadata")
-    check_expiration(expiration_time, "get_value_metadata")
-    local value = fetch(self, backend, mangle(self, key))
-    value = unexpired(self, value, expiration_time or self.expiration_time, ignore_expiration)
-    if value == NO_VALUE then
+    local exp = expiration(self, expiration_time, "get_value_metadata")
+    local cv = fetch(self, mangle(self, key))
+    if rawequal(cv, NO_VALUE) then
         return nil
     end
-    return value
+    if ignore_expiration or judge_value(self, cv, exp) == FRESH then
+        return cv
+    end
+    return nil
 end
 
-local function new_value(payload)
-    return CachedValue.new(payload, { ct = C.dp_clock_stamp(), v = VALUE_VERSION })
-end
+-- -- set / delete ----------------------------------------------------------------
 
 function Region:set(key, value)
-    local backend = self.backend
+    local _ = self.backend
     check_key(key, "set")
-    store(self, backend, mangle(self, key), new_value(value))
+    store(self, mangle(self, key), new_value(value))
 end
 
 -- Store keys[i] = values[i] for i = 1..n, nil values included (a mapping
 -- table cannot hold them).
-function Region:_set_pairs(keys, values, n)
-    local backend = self.backend
-    local md = { ct = C.dp_clock_stamp(), v = VALUE_VERSION }
+function Region:_set_pairs(keys, vals, n)
+    local _ = self.backend
+    local md = new_metadata()
     local out, any = {}, false
     for i = 1, n do
         check_key(keys[i], "set_multi")
-        out[mangle(self, keys[i])] = CachedValue.new(values[i], md)
+        out[mangle(self, keys[i])] = { payload = vals[i], metadata = md }
         any = true
     end
     if any then
-        store_multi(self, backend, out)
+        store_multi(self, out)
     end
 end
 
 function Region:set_multi(mapping)
-    local backend = self.backend
+    local _ = self.backend
     if type(mapping) ~= "table" then
         raise("dogpile.cache: set_multi: mapping must be a table {key = value}, got " .. type(mapping))
     end
-    local md = { ct = C.dp_clock_stamp(), v = VALUE_VERSION }
+    local md = new_metadata()
     local out, any = {}, false
     for k, v in pairs(mapping) do
         check_key(k, "set_multi")
-        out[mangle(self, k)] = CachedValue.new(v, md)
+        out[mangle(self, k)] = { payload = v, metadata = md }
         any = true
     end
     if any then
-        store_multi(self, backend, out)
+        store_multi(self, out)
     end
 end
 
@@ -862,196 +512,30 @@ function Region:delete_multi(keys)
     end
 end
 
--- -- Mutexes ---------------------------------------------------------------------
-
--- Under fail_open a backend lock that cannot be taken because the backend is
--- down lets the creator run without it.
-local FailOpenMutex = {}
-FailOpenMutex.__index = FailOpenMutex
-
-function FailOpenMutex:acquire(wait)
-    local ok, got = pcall(self.inner.acquire, self.inner, wait)
-    if ok then
-        self.unlocked = false
-        return got
-    end
-    self.region:_failed("lock", self.key, got)
-    self.unlocked = true
-    return true
-end
-
--- Waiting for the holder to let go (dogpile's run()) goes through too; a
--- failure there is logged and the caller goes on to acquire.
-function FailOpenMutex:wait_unlocked()
-    local inner = self.inner
-    local f = type(inner) == "table" and inner.wait_unlocked
-    if not f then
-        return false
-    end
-    local ok, r = pcall(f, inner)
-    if not ok then
-        self.region:_failed("lock", self.key, r)
-        return false
-    end
-    return r
-end
-
-function FailOpenMutex:release()
-    if self.unlocked then
-        self.unlocked = false
-        return
-    end
-    local ok, err = pcall(self.inner.release, self.inner)
-    if not ok then
-        self.region:_failed("unlock", self.key, err)
-    end
-end
-
---- The mutex for a mangled key: the backend's own lock when it has one,
--- otherwise the core's per-key lock in this region's domain.
-function Region:_mutex(key)
-    local backend = self.backend
-    if backend.get_mutex then
-        local ok, m = pcall(backend.get_mutex, backend, key)
-        if not ok then
-            self:_failed("get_mutex", key, m)
-            m = nil
-        elseif m ~= nil then
-            dogpile.check_mutex(m, "dogpile.cache: backend get_mutex")
-            if self.fail_open then
-                return setmetatable({ inner = m, region = self, key = key }, FailOpenMutex)
-            end
-            return m
-        end
-    end
-    return core_mutex(self._domain, key)
-end
-
--- -- get_or_create ----------------------------------------------------------------
-
-local function call_creator(creator, creator_args)
-    if creator_args == nil then
-        return creator()
-    end
-    return creator(unpack(creator_args, 1, creator_args.n or #creator_args))
-end
-
--- The miss path's callbacks for dogpile's run(), over a context table (no
--- closures: LuaJIT does not compile their creation).
-local function slow_read(ctx)
-    local self = ctx.region
-    local v = fetch(self, ctx.backend, ctx.key)
-    if classify(self, v, ctx.exp) == "missing" then
-        return false
-    end
-    return true, v.payload, v.metadata.ct
-end
-
-local function slow_is_expired(ctx, ct)
-    local exp = ctx.exp
-    return ctx.region.region_invalidator:is_soft_invalidated(ct)
-        or (exp ~= nil and C.dp_clock_now() - ct > exp)
-end
-
-local function slow_gen(ctx)
-    local self = ctx.region
-    local st = self._stats
-    st.creations = st.creations + 1
-    local ok, value = pcall(call_creator, ctx.creator, ctx.creator_args)
-    if not ok then
-        st.errors = st.errors + 1
-        error(value, 0)
-    end
-    local should_cache_fn = ctx.should_cache_fn
-    if not should_cache_fn or should_cache_fn(value) then
-        store(self, ctx.backend, ctx.key, new_value(value))
-    end
-    return value
-end
-
-local function slow_async(ctx, mutex)
-    local self = ctx.region
-    local creator, creator_args = ctx.creator, ctx.creator_args
-    local function go()
-        return call_creator(creator, creator_args)
-    end
-    self._stats.creations = self._stats.creations + 1
-    return self.async_creation_runner(self, ctx.orig_key, go, mutex)
-end
-
-function Region:_get_or_create_slow(key, orig_key, creator, exp, should_cache_fn,
-                                    creator_args, first)
-    local st = self._stats
-    local ctx = { region = self, backend = self.backend, key = key, orig_key = orig_key,
-                  creator = creator, creator_args = creator_args, exp = exp,
-                  should_cache_fn = should_cache_fn }
-    local has = classify(self, first, exp) ~= "missing"
-    local value, how, waited = run(self:_mutex(key), ctx, slow_gen, slow_read, slow_is_expired,
-                                   self.async_creation_runner and slow_async or nil,
-                                   has, has and first.payload or nil,
-                                   has and first.metadata.ct or -1)
-    -- Counted by the first read: this lookup found no fresh value.
-    st.misses = st.misses + 1
-    if waited then
-        st.lock_waits = st.lock_waits + 1
-    end
-    if how == "stale" or how == "async" then
-        st.stale_served = st.stale_served + 1
-    end
-    return value
-end
+-- -- get_or_create -------------------------------------------------------------------
 
 --- `region:get_or_create(key, creator, expiration_time, should_cache_fn,
 -- creator_args)` -> value, under the dogpile lock.
 -- @raise whatever the creator raises, after releasing the lock
 function Region:get_or_create(key, creator, expiration_time, should_cache_fn, creator_args)
-    local backend = self.backend
+    local lookup = self._lookup
     if type(key) ~= "string" then
         check_key(key, "get_or_create")
     end
     if type(creator) ~= "function" and not is_callable(creator) then
         raise("dogpile.cache: get_or_create: creator must be a function, got " .. type(creator))
     end
-    local exp = expiration_time
-    if exp == nil then
-        exp = self.expiration_time
-    elseif type(exp) ~= "number" then
-        check_expiration(exp, "get_or_create")
-    end
-    if exp ~= nil and exp < 0 then
-        exp = nil
-    end
+    local exp = expiration(self, expiration_time, "get_or_create")
     local orig_key = key
     if self.key_mangler then
         key = mangle(self, key)
     end
-    local value = nil
-    local mem, cb = self._mem, self._cb
-    if mem then
-        value = mem[key]
-        if value == nil then
-            value = NO_VALUE
-        end
-    elseif cb then
-        local hit
-        hit, value = c_fetch(self, cb, key, exp)
-        if hit then
-            local st = self._stats
-            st.hits = st.hits + 1
-            return value
-        end
-    else
-        value = fetch(self, backend, key)
-    end
-    -- The hit: one read, no closure, no lock; the cheap clock bound first.
-    if not rawequal(value, NO_VALUE) then
-        local md = value.metadata
-        local ct = md.ct
-        if md.v == VALUE_VERSION and fresh(self, ct, exp) then
-            local st = self._stats
-            st.hits = st.hits + 1
-            return value.payload
-        end
+    -- The hit, as get's: one read, no closure, no lock.
+    local hit, value = lookup(self, key, exp)
+    if hit then
+        local st = self._stats
+        st.hits = st.hits + 1
+        return value
     end
     if should_cache_fn ~= nil and not is_callable(should_cache_fn) then
         raise("dogpile.cache: get_or_create: should_cache_fn must be a function or nil, got "
@@ -1060,465 +544,56 @@ function Region:get_or_create(key, creator, expiration_time, should_cache_fn, cr
     if creator_args ~= nil and type(creator_args) ~= "table" then
         raise("dogpile.cache: get_or_create: creator_args must be an array, got " .. type(creator_args))
     end
-    return self:_get_or_create_slow(key, orig_key, creator, exp, should_cache_fn, creator_args, value)
-end
-
-local function release_all(held)
-    for i = 1, #held do
-        local m = held[i].mutex
-        if m then
-            held[i].mutex = nil
-            pcall(m.release, m)
-        end
-    end
+    return create.get_or_create(self, key, orig_key, creator, exp, should_cache_fn, creator_args,
+                                value)
 end
 
 --- `region:get_or_create_multi(keys, creator, expiration_time, should_cache_fn)`
 -- -> array. The creator is called once, with the distinct keys that need
--- creating in the order they first appear. Locks are taken in the order of
--- the mangled keys, so that callers with overlapping key sets cannot deadlock,
--- and every held key is read again before creating, so that a key another
--- caller has just created is not created twice.
+-- creating in the order they first appear, and must return one value for
+-- each. Locks are taken in the order of the mangled keys, so that callers
+-- with overlapping key sets cannot deadlock, and every held key is read
+-- again before creating, so that a key another caller has just created is
+-- not created twice.
+-- @raise whatever the creator raises, or when it returns the wrong number of
+-- values (then nothing is stored), after releasing every lock
 function Region:get_or_create_multi(keys, creator, expiration_time, should_cache_fn)
-    local backend = self.backend
+    local _ = self.backend
     if type(keys) ~= "table" then
         raise("dogpile.cache: get_or_create_multi: keys must be an array of strings, got " .. type(keys))
     end
     if not is_callable(creator) then
         raise("dogpile.cache: get_or_create_multi: creator must be a function, got " .. type(creator))
     end
-    check_expiration(expiration_time, "get_or_create_multi")
+    local exp = expiration(self, expiration_time, "get_or_create_multi")
     if should_cache_fn ~= nil and not is_callable(should_cache_fn) then
         raise("dogpile.cache: get_or_create_multi: should_cache_fn must be a function or nil, got "
               .. type(should_cache_fn))
     end
-    local n = #keys
-    if n == 0 then
+    if #keys == 0 then
         return {}
     end
-    local exp = expiration_time or self.expiration_time
-    if exp ~= nil and exp < 0 then
-        exp = nil
+    for i = 1, #keys do
+        check_key(keys[i], "get_or_create_multi")
     end
-    local uniq, index = {}, {}
-    for i = 1, n do
-        local k = keys[i]
-        check_key(k, "get_or_create_multi")
-        if not index[k] then
-            uniq[#uniq + 1] = k
-            index[k] = #uniq
-        end
-    end
-    local mangled = {}
-    for i = 1, #uniq do
-        mangled[i] = mangle(self, uniq[i])
-    end
-    local st = self._stats
-    local values = fetch_multi(self, backend, mangled)
-    local results, pending = {}, {}
-    for i = 1, #uniq do
-        local v = values[i]
-        local state = classify(self, v, exp)
-        if state == "fresh" then
-            st.hits = st.hits + 1
-            results[i] = v.payload
-        else
-            st.misses = st.misses + 1
-            pending[#pending + 1] = { i = i, state = state, stale = v }
-        end
-    end
-    if #pending > 0 then
-        sort(pending, function(a, b) return mangled[a.i] < mangled[b.i] end)
-        local held = {}
-        local ok, err = pcall(function()
-            for _, e in ipairs(pending) do
-                local m = self:_mutex(mangled[e.i])
-                if e.state == "stale" then
-                    if m:acquire(false) then
-                        e.mutex = m
-                        held[#held + 1] = e
-                    else
-                        st.stale_served = st.stale_served + 1
-                        results[e.i] = e.stale.payload
-                    end
-                else
-                    if not m:acquire(false) then
-                        st.lock_waits = st.lock_waits + 1
-                        m:acquire(true)
-                    end
-                    e.mutex = m
-                    held[#held + 1] = e
-                end
-            end
-            if #held == 0 then
-                return
-            end
-            -- Read again what we hold: another caller may have created it.
-            local hk = {}
-            for j = 1, #held do
-                hk[j] = mangled[held[j].i]
-            end
-            local again = fetch_multi(self, backend, hk)
-            local create = {}
-            for j = 1, #held do
-                local e, v = held[j], again[j]
-                if classify(self, v, exp) == "fresh" then
-                    results[e.i] = v.payload
-                    local m = e.mutex
-                    e.mutex = nil
-                    m:release()
-                else
-                    create[#create + 1] = e
-                end
-            end
-            if #create == 0 then
-                return
-            end
-            sort(create, function(a, b) return a.i < b.i end)
-            local args = {}
-            for j = 1, #create do
-                args[j] = uniq[create[j].i]
-            end
-            st.creations = st.creations + 1
-            local cok, new = pcall(creator, unpack(args, 1, #create))
-            if not cok then
-                st.errors = st.errors + 1
-                error(new, 0)
-            end
-            if type(new) ~= "table" then
-                raise("dogpile.cache: get_or_create_multi: the creator must return an array of "
-                      .. #create .. " values, got " .. type(new))
-            end
-            local md = { ct = C.dp_clock_stamp(), v = VALUE_VERSION }
-            local to_store, any = {}, false
-            for j = 1, #create do
-                local v = new[j]
-                results[create[j].i] = v
-                if not should_cache_fn or should_cache_fn(v) then
-                    to_store[mangled[create[j].i]] = CachedValue.new(v, md)
-                    any = true
-                end
-            end
-            if any then
-                store_multi(self, backend, to_store)
-            end
-        end)
-        release_all(held)
-        if not ok then
-            error(err, 0)
-        end
-    end
-    local out = {}
-    for i = 1, n do
-        out[i] = results[index[keys[i]]]
-    end
-    return out
+    return create.get_or_create_multi(self, keys, creator, exp, should_cache_fn)
 end
 
--- -- Decorators ----------------------------------------------------------------
-
-local function pack(...)
-    return { n = select("#", ...), ... }
+--- The mutex for a mangled key (the backend's own lock, or the core's).
+function Region:_mutex(key)
+    return create.mutex_for(self, key)
 end
 
-local Cached = {}
-Cached.__index = Cached
-
-Cached.__call = function(self, ...)
-    local key = self._keygen(...)
-    local exp = self._exp
-    if self._exp_fn then
-        exp = exp()
-    end
-    return self._region:get_or_create(key, self.original, exp, self._should_cache, pack(...))
-end
-
-function Cached:invalidate(...)
-    self._region:delete(self._keygen(...))
-end
-
-function Cached:set(value, ...)
-    self._region:set(self._keygen(...), value)
-end
-
-function Cached:get(...)
-    return self._region:get(self._keygen(...))
-end
-
-function Cached:refresh(...)
-    local value = self.original(...)
-    self._region:set(self._keygen(...), value)
-    return value
-end
-
-local DECORATOR_OPTS = { namespace = "string", expiration_time = "number",
-    should_cache_fn = "function", to_str = "function", function_key_generator = "function" }
-
-local function check_decorator_opts(who, opts, allowed)
-    if opts == nil then
-        return {}
-    end
-    if type(opts) ~= "table" then
-        raise("dogpile.cache: " .. who .. ": options must be a table, got " .. type(opts))
-    end
-    for k, v in pairs(opts) do
-        local want = allowed[k]
-        if not want then
-            raise("dogpile.cache: " .. who .. ": unknown option '" .. tostring(k) .. "'")
-        end
-        local ok = type(v) == want or (want == "function" and is_callable(v))
-            or (k == "expiration_time" and is_callable(v))
-        if not ok then
-            raise("dogpile.cache: " .. who .. ": " .. k .. " must be a " .. want .. ", got " .. type(v))
-        end
-    end
-    return opts
-end
+-- -- Decorators ----------------------------------------------------------------------
 
 --- `region:cache_on_arguments(opts)` -> decorator.
 function Region:cache_on_arguments(opts)
-    opts = check_decorator_opts("cache_on_arguments", opts, DECORATOR_OPTS)
-    local keygen_factory = opts.function_key_generator or self.function_key_generator
-    return function(fn)
-        if not is_callable(fn) then
-            raise("dogpile.cache: cache_on_arguments: can only decorate a function, got " .. type(fn))
-        end
-        return setmetatable({
-            original = fn,
-            _region = self,
-            _keygen = keygen_factory(opts.namespace, fn, opts.to_str),
-            _exp = opts.expiration_time,
-            _exp_fn = is_callable(opts.expiration_time),
-            _should_cache = opts.should_cache_fn,
-        }, Cached)
-    end
+    return decorators.cache_on_arguments(self, opts)
 end
-
-local CachedMulti = {}
-CachedMulti.__index = CachedMulti
-
-CachedMulti.__call = function(self, ...)
-    local n = select("#", ...)
-    local args = { ... }
-    local keys = self._keygen(...)
-    local by_key = {}
-    for i = 1, n do
-        by_key[keys[i]] = args[i]
-    end
-    local fn = self.original
-    local function creator(...)
-        local m = select("#", ...)
-        local a = { ... }
-        for i = 1, m do
-            a[i] = by_key[a[i]]
-        end
-        return fn(unpack(a, 1, m))
-    end
-    local exp = self._exp
-    if self._exp_fn then
-        exp = exp()
-    end
-    local region = self._region
-    if not self._asdict then
-        return region:get_or_create_multi(keys, creator, exp, self._should_cache)
-    end
-    local should_cache = self._should_cache
-    local function dict_create(...)
-        local m = select("#", ...)
-        local d = creator(...)
-        if type(d) ~= "table" then
-            raise("dogpile.cache: cache_multi_on_arguments (asdict): the function must return "
-                  .. "a table keyed by argument, got " .. type(d))
-        end
-        local out = {}
-        for i = 1, m do
-            local v = d[by_key[(select(i, ...))]]
-            if v == nil then
-                v = NO_VALUE
-            end
-            out[i] = v
-        end
-        return out
-    end
-    local function cache_fn(v)
-        if v == NO_VALUE then
-            return false
-        end
-        return not should_cache or should_cache(v)
-    end
-    local res = region:get_or_create_multi(keys, dict_create, exp, cache_fn)
-    local out = {}
-    for i = 1, n do
-        local v = res[i]
-        if v ~= NO_VALUE and args[i] ~= nil then
-            out[args[i]] = v
-        end
-    end
-    return out
-end
-
-function CachedMulti:invalidate(...)
-    self._region:delete_multi(self._keygen(...))
-end
-
-function CachedMulti:set(mapping)
-    local args = {}
-    for k in pairs(mapping) do
-        args[#args + 1] = k
-    end
-    local keys = self._keygen(unpack(args))
-    local out = {}
-    for i = 1, #args do
-        out[keys[i]] = mapping[args[i]]
-    end
-    self._region:set_multi(out)
-end
-
-function CachedMulti:get(...)
-    return self._region:get_multi(self._keygen(...))
-end
-
-function CachedMulti:refresh(...)
-    local n = select("#", ...)
-    local args = { ... }
-    local keys = self._keygen(...)
-    local values = self.original(...)
-    if type(values) ~= "table" then
-        raise("dogpile.cache: cache_multi_on_arguments: the function must return a table, got "
-              .. type(values))
-    end
-    local ks, vs, m = {}, {}, 0
-    for i = 1, n do
-        local v
-        if self._asdict then
-            if args[i] ~= nil then
-                v = values[args[i]]
-            end
-            -- As in the call: an argument absent from the result is not cached.
-            if v == nil then
-                goto continue
-            end
-        else
-            v = values[i]
-        end
-        m = m + 1
-        ks[m], vs[m] = keys[i], v
-        ::continue::
-    end
-    self._region:_set_pairs(ks, vs, m)
-    return values
-end
-
-local MULTI_DECORATOR_OPTS = { namespace = "string", expiration_time = "number",
-    should_cache_fn = "function", to_str = "function", asdict = "boolean",
-    function_multi_key_generator = "function" }
 
 --- `region:cache_multi_on_arguments(opts)` -> decorator.
 function Region:cache_multi_on_arguments(opts)
-    opts = check_decorator_opts("cache_multi_on_arguments", opts, MULTI_DECORATOR_OPTS)
-    local keygen_factory = opts.function_multi_key_generator or self.function_multi_key_generator
-    return function(fn)
-        if not is_callable(fn) then
-            raise("dogpile.cache: cache_multi_on_arguments: can only decorate a function, got "
-                  .. type(fn))
-        end
-        return setmetatable({
-            original = fn,
-            _region = self,
-            _keygen = keygen_factory(opts.namespace, fn, opts.to_str),
-            _exp = opts.expiration_time,
-            _exp_fn = is_callable(opts.expiration_time),
-            _should_cache = opts.should_cache_fn,
-            _asdict = opts.asdict == true,
-        }, CachedMulti)
-    end
-end
-
--- -- The backend registry ---------------------------------------------------------
-
-local BACKENDS = {
-    ["dogpile.cache.memory"] = "dogpile.cache.backends.memory",
-    ["dogpile.cache.null"] = "dogpile.cache.backends.null",
-    ["dogpile.cache.shared_memory"] = "dogpile.cache.backends.shared_memory",
-    ["dogpile.cache.lmdb"] = "dogpile.cache.backends.lmdb",
-    ["dogpile.cache.redis"] = "dogpile.cache.backends.redis",
-    ["dogpile.cache.redis_sentinel"] = "dogpile.cache.backends.redis_sentinel",
-    ["dogpile.cache.ngx_shared"] = "dogpile.cache.backends.ngx_shared",
-    ["dogpile.cache.memcached"] = "dogpile.cache.backends.memcached",
-}
-
---- `cache.register_backend(name, module_name_or_factory)`.
-function _M.register_backend(name, module_or_factory)
-    if type(name) ~= "string" then
-        raise("dogpile.cache: register_backend: name must be a string, got " .. type(name))
-    end
-    if type(module_or_factory) ~= "string" and not is_callable(module_or_factory) then
-        raise("dogpile.cache: register_backend: expected a module name or a factory "
-              .. "function(arguments), got " .. type(module_or_factory))
-    end
-    BACKENDS[name] = module_or_factory
-end
-
-local function registered_names()
-    local names = {}
-    for k in pairs(BACKENDS) do
-        names[#names + 1] = k
-    end
-    sort(names)
-    return concat(names, ", ")
-end
-
---- A new backend object for `name`, made from `arguments`.
-function _M.load_backend(name, arguments)
-    local factory = BACKENDS[name]
-    if factory == nil and C.dp_backend_find(name) ~= nil then
-        -- A C backend the host registered with dp_backend_register().
-        return require("dogpile.cache.backends.c").open(name, arguments)
-    end
-    local plugin = false
-    if factory == nil then
-        -- A plugin: a backend installed as a rock is found by its module
-        -- name, as dogpile.cache finds plugins by entry points.
-        local ok, mod = pcall(require, name)
-        if ok then
-            factory, plugin = mod, true
-        elseif type(mod) == "string" and mod:find("module '" .. name .. "' not found", 1, true) then
-            raise("dogpile.cache: unknown backend '" .. name .. "'; registered backends: "
-                  .. registered_names() .. " (cache.register_backend adds one), and no Lua "
-                  .. "module '" .. name .. "' was found either")
-        else
-            raise("dogpile.cache: backend '" .. name .. "': loading module '" .. name
-                  .. "' failed: " .. tostring(mod))
-        end
-    end
-    if type(factory) == "string" or plugin then
-        local mod = factory
-        if not plugin then
-            local ok
-            ok, mod = pcall(require, factory)
-            if not ok then
-                raise("dogpile.cache: backend '" .. name .. "': cannot load module '" .. factory
-                      .. "': " .. tostring(mod))
-            end
-        else
-            factory = name
-        end
-        if type(mod) == "table" and is_callable(mod.new) then
-            factory = mod.new
-        elseif is_callable(mod) then
-            factory = mod
-        else
-            raise("dogpile.cache: backend '" .. name .. "': module '" .. factory
-                  .. "' returned neither a factory nor a table with .new(arguments)")
-        end
-    end
-    local backend = factory(arguments)
-    if (type(backend) ~= "table" and type(backend) ~= "userdata") or not is_callable(backend.get)
-        or not is_callable(backend.set) or not is_callable(backend.delete) then
-        raise("dogpile.cache: backend '" .. name .. "': the factory returned a " .. type(backend)
-              .. ", not an object with get, set and delete methods")
-    end
-    return backend
+    return decorators.cache_multi_on_arguments(self, opts)
 end
 
 return _M

@@ -4,6 +4,7 @@ local ffi = require "ffi"
 local lib = require "dogpile.lib"
 local api = require "dogpile.cache.api"
 local dogpile = require "dogpile"
+local context = require "dogpile.context"
 
 local C = lib.C
 local NO_VALUE = api.NO_VALUE
@@ -146,7 +147,7 @@ end
 -- be created twice, never waited for forever.
 
 local DP_EBUSY, DP_ETIMEDOUT, DP_EDEADLK = lib.DP_EBUSY, lib.DP_ETIMEDOUT, lib.DP_EDEADLK
-local OWNER = lib.OWNER
+local OWNER = context.OWNER
 local monotonic = C.dp_clock_monotonic
 local math_min = math.min
 -- dogpile.lua's steps for yielding waiters (see there).
@@ -232,7 +233,7 @@ function BackendMutex:acquire(wait)
     end
     local b, key = self.b, self.key
     local timeout, unbounded, deadline = wait_bound(b)
-    local sleep = dogpile.current_sleep()
+    local sleep = context.sleep()
     if sleep then
         if poll(sleep, try_both, self, unbounded, deadline) then
             return true
@@ -295,11 +296,10 @@ function BackendMutex:release()
         local limit = b.lock_timeout
         if rc == lib.DP_ENOTHELD or (limit and limit >= 0 and held_for > limit) then
             b.lock_overruns = b.lock_overruns + 1
-            local log = package.loaded["dogpile.cache.region"]
-            log = log and log.log or function(msg) io.stderr:write(msg, "\n") end
-            log(string.format("%s: the lock for key '%s' was held for %.3f s, longer than "
-                              .. "lock_timeout (%s s): another caller may have created the value "
-                              .. "too", b.name, key, held_for, tostring(limit)))
+            context.log(string.format("%s: the lock for key '%s' was held for %.3f s, longer "
+                                      .. "than lock_timeout (%s s): another caller may have "
+                                      .. "created the value too", b.name, key, held_for,
+                                      tostring(limit)))
             if rc == lib.DP_ENOTHELD then
                 return
             end
@@ -357,7 +357,7 @@ function BackendWaitMutex:wait_unlocked()
     end
     local b, key = self.b, self.key
     local timeout, unbounded, deadline = wait_bound(b)
-    local sleep = dogpile.current_sleep()
+    local sleep = context.sleep()
     if sleep then
         if both_free(self) then
             return true

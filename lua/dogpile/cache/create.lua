@@ -1,0 +1,336 @@
+--- The miss path of a region: the lock for a key (the backend's own, or the
+-- core's per-key lock), get_or_create past its hit under dogpile's run(), and
+-- get_or_create_multi. Every lock taken here is released on every way out.
+local lib = require "dogpile.lib"
+local dogpile = require "dogpile"
+local api = require "dogpile.cache.api"
+local read = require "dogpile.cache.read"
+local write = require "dogpile.cache.write"
+
+local raise = lib.raise
+local run = dogpile._run
+local core_mutex = dogpile.core_mutex
+local release_logged = dogpile.release_logged
+local NO_VALUE = api.NO_VALUE
+local FRESH, STALE, MISSING = read.FRESH, read.STALE, read.MISSING
+local judge, judge_value = read.judge, read.judge_value
+local fetch, fetch_multi = read.fetch, read.fetch_multi
+local store, store_multi = write.store, write.store_multi
+local new_value, new_metadata = write.new_value, write.new_metadata
+local type, pcall, error, setmetatable, unpack, tostring, ipairs =
+      type, pcall, error, setmetatable, unpack, tostring, ipairs
+local sort, maxn = table.sort, table.maxn
+
+lib.own_source()
+
+local _M = {}
+
+-- -- Mutexes -------------------------------------------------------------------------
+
+-- Under fail_open a backend lock that cannot be taken because the backend is
+-- down lets the creator run without it.
+local FailOpenMutex = {}
+FailOpenMutex.__index = FailOpenMutex
+
+function FailOpenMutex:acquire(wait)
+    local ok, got = pcall(self.inner.acquire, self.inner, wait)
+    if ok then
+        self.unlocked = false
+        return got
+    end
+    self.region:_failed("lock", self.key, got)
+    self.unlocked = true
+    return true
+end
+
+-- Waiting for the holder to let go (dogpile's run()) goes through too; a
+-- failure there is logged and the caller goes on to acquire.
+function FailOpenMutex:wait_unlocked()
+    local inner = self.inner
+    local f = type(inner) == "table" and inner.wait_unlocked
+    if not f then
+        return false
+    end
+    local ok, r = pcall(f, inner)
+    if not ok then
+        self.region:_failed("lock", self.key, r)
+        return false
+    end
+    return r
+end
+
+function FailOpenMutex:release()
+    if self.unlocked then
+        self.unlocked = false
+        return
+    end
+    local ok, err = pcall(self.inner.release, self.inner)
+    if not ok then
+        self.region:_failed("unlock", self.key, err)
+    end
+end
+
+--- The mutex for a mangled key: the backend's own lock when it has one,
+-- otherwise the core's per-key lock in the region's domain.
+local function mutex_for(region, key)
+    local backend = region.backend
+    if backend.get_mutex then
+        local ok, m = pcall(backend.get_mutex, backend, key)
+        if not ok then
+            region:_failed("get_mutex", key, m)
+            m = nil
+        elseif m ~= nil then
+            dogpile.check_mutex(m, "dogpile.cache: backend get_mutex")
+            if region.fail_open then
+                return setmetatable({ inner = m, region = region, key = key }, FailOpenMutex)
+            end
+            return m
+        end
+    end
+    return core_mutex(region._domain, key)
+end
+_M.mutex_for = mutex_for
+
+-- -- get_or_create's miss path ---------------------------------------------------------
+
+local function call_creator(creator, creator_args)
+    if creator_args == nil then
+        return creator()
+    end
+    return creator(unpack(creator_args, 1, creator_args.n or #creator_args))
+end
+
+-- The callbacks for dogpile's run(), over a context table (no closures:
+-- LuaJIT does not compile their creation).
+local function slow_read(ctx)
+    local region = ctx.region
+    local cv = fetch(region, ctx.key)
+    if judge_value(region, cv, ctx.exp) == MISSING then
+        return false
+    end
+    return true, cv.payload, cv.metadata.ct
+end
+
+-- Only values that are not MISSING reach here (slow_read, and the first read).
+local function slow_is_expired(ctx, ct)
+    return judge(ctx.region, ct, ctx.exp) ~= FRESH
+end
+
+local function slow_gen(ctx)
+    local region = ctx.region
+    local st = region._stats
+    st.creations = st.creations + 1
+    local ok, value = pcall(call_creator, ctx.creator, ctx.creator_args)
+    if not ok then
+        st.errors = st.errors + 1
+        error(value, 0)
+    end
+    local should_cache_fn = ctx.should_cache_fn
+    if not should_cache_fn or should_cache_fn(value) then
+        store(region, ctx.key, new_value(value))
+    end
+    return value
+end
+
+local function slow_async(ctx, mutex)
+    local region = ctx.region
+    local creator, creator_args = ctx.creator, ctx.creator_args
+    local function go()
+        return call_creator(creator, creator_args)
+    end
+    region._stats.creations = region._stats.creations + 1
+    return region.async_creation_runner(region, ctx.orig_key, go, mutex)
+end
+
+--- get_or_create past a first read that found no fresh value: `first` is
+-- what it found (a CachedValue or NO_VALUE). Counts the miss, the wait and
+-- a stale value served.
+function _M.get_or_create(region, key, orig_key, creator, exp, should_cache_fn, creator_args,
+                          first)
+    local st = region._stats
+    local ctx = { region = region, key = key, orig_key = orig_key,
+                  creator = creator, creator_args = creator_args, exp = exp,
+                  should_cache_fn = should_cache_fn }
+    local has = judge_value(region, first, exp) ~= MISSING
+    local value, how, waited = run(mutex_for(region, key), ctx, slow_gen, slow_read,
+                                   slow_is_expired,
+                                   region.async_creation_runner and slow_async or nil,
+                                   has, has and first.payload or nil,
+                                   has and first.metadata.ct or -1)
+    -- Counted by the first read: this lookup found no fresh value.
+    st.misses = st.misses + 1
+    if waited then
+        st.lock_waits = st.lock_waits + 1
+    end
+    if how == "stale" or how == "async" then
+        st.stale_served = st.stale_served + 1
+    end
+    return value
+end
+
+-- -- get_or_create_multi -------------------------------------------------------------
+
+local function release_all(held)
+    for i = 1, #held do
+        local m = held[i].mutex
+        if m then
+            held[i].mutex = nil
+            release_logged(m)
+        end
+    end
+end
+
+-- How many values a creator's array holds: `n` when it says, else up to its
+-- last non-nil element (so a nil in the middle is a value, not an end).
+local function count_values(t)
+    local n = t.n
+    if type(n) == "number" then
+        return n
+    end
+    return maxn(t)
+end
+
+-- Under the locks in `held` (each {i =, mutex =}): read again, create what is
+-- still needed with one creator call, store it. Fills `results`.
+local function create_held(region, held, uniq, mangled, results, creator, exp, should_cache_fn)
+    local st = region._stats
+    -- Read again what we hold: another caller may have created it.
+    local hk = {}
+    for j = 1, #held do
+        hk[j] = mangled[held[j].i]
+    end
+    local again = fetch_multi(region, hk)
+    local create = {}
+    for j = 1, #held do
+        local e, cv = held[j], again[j]
+        if judge_value(region, cv, exp) == FRESH then
+            results[e.i] = cv.payload
+            local m = e.mutex
+            e.mutex = nil
+            release_logged(m)
+        else
+            create[#create + 1] = e
+        end
+    end
+    local n = #create
+    if n == 0 then
+        return
+    end
+    sort(create, function(a, b) return a.i < b.i end)
+    local args = {}
+    for j = 1, n do
+        args[j] = uniq[create[j].i]
+    end
+    st.creations = st.creations + 1
+    local ok, new = pcall(creator, unpack(args, 1, n))
+    if not ok then
+        st.errors = st.errors + 1
+        error(new, 0)
+    end
+    if type(new) ~= "table" then
+        st.errors = st.errors + 1
+        raise("dogpile.cache: get_or_create_multi: the creator must return an array of "
+              .. n .. " values, got " .. type(new))
+    end
+    -- A value missing from the array would be cached as nil: refuse the
+    -- array instead, and store none of it.
+    local got = count_values(new)
+    if got ~= n then
+        st.errors = st.errors + 1
+        raise("dogpile.cache: get_or_create_multi: the creator was called with " .. n
+              .. " keys and must return one value for each, in order (expected " .. n
+              .. ", got " .. tostring(got) .. "; an array with nil values gives its length "
+              .. "in a field n); nothing was stored")
+    end
+    local md = new_metadata()
+    local to_store, any = {}, false
+    for j = 1, n do
+        local v = new[j]
+        results[create[j].i] = v
+        if not should_cache_fn or should_cache_fn(v) then
+            to_store[mangled[create[j].i]] = { payload = v, metadata = md }
+            any = true
+        end
+    end
+    if any then
+        store_multi(region, to_store)
+    end
+end
+
+-- Take the locks of the keys in `pending` (sorted by mangled key, so that
+-- callers with overlapping key sets cannot deadlock): a stale value whose lock
+-- is taken is served as it is; a missing one waits. Then create under them.
+local function lock_and_create(region, pending, held, uniq, mangled, results, creator, exp,
+                               should_cache_fn)
+    local st = region._stats
+    for _, e in ipairs(pending) do
+        local m = mutex_for(region, mangled[e.i])
+        if e.state == STALE then
+            if m:acquire(false) then
+                e.mutex = m
+                held[#held + 1] = e
+            else
+                st.stale_served = st.stale_served + 1
+                results[e.i] = e.stale.payload
+            end
+        else
+            if not m:acquire(false) then
+                st.lock_waits = st.lock_waits + 1
+                m:acquire(true)
+            end
+            e.mutex = m
+            held[#held + 1] = e
+        end
+    end
+    if #held > 0 then
+        create_held(region, held, uniq, mangled, results, creator, exp, should_cache_fn)
+    end
+end
+
+--- get_or_create_multi over checked arguments; `exp` nil: no expiry.
+function _M.get_or_create_multi(region, keys, creator, exp, should_cache_fn)
+    local n = #keys
+    local uniq, index = {}, {}
+    for i = 1, n do
+        local k = keys[i]
+        if not index[k] then
+            uniq[#uniq + 1] = k
+            index[k] = #uniq
+        end
+    end
+    local mangled = {}
+    for i = 1, #uniq do
+        mangled[i] = region:_mangle(uniq[i])
+    end
+    local st = region._stats
+    local got = fetch_multi(region, mangled)
+    local results, pending = {}, {}
+    for i = 1, #uniq do
+        local cv = got[i]
+        local state = judge_value(region, cv, exp)
+        if state == FRESH then
+            st.hits = st.hits + 1
+            results[i] = cv.payload
+        else
+            st.misses = st.misses + 1
+            pending[#pending + 1] = { i = i, state = state, stale = cv }
+        end
+    end
+    if #pending > 0 then
+        sort(pending, function(a, b) return mangled[a.i] < mangled[b.i] end)
+        local held = {}
+        local ok, err = pcall(lock_and_create, region, pending, held, uniq, mangled, results,
+                              creator, exp, should_cache_fn)
+        release_all(held)
+        if not ok then
+            error(err, 0)
+        end
+    end
+    local out = {}
+    for i = 1, n do
+        out[i] = results[index[keys[i]]]
+    end
+    return out
+end
+
+return _M

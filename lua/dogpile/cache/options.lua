@@ -1,0 +1,118 @@
+--- Checking what a caller hands the region: option tables (make_region,
+-- configure, the decorators), keys, expiration times and invalidate's `hard`.
+-- Each check raises a `dogpile.cache:` error at the caller's line.
+local lib = require "dogpile.lib"
+local dogpile = require "dogpile"
+
+local raise = lib.raise
+local is_callable = dogpile.is_callable
+local type, pairs, tostring = type, pairs, tostring
+local HUGE = math.huge
+
+lib.own_source()
+
+local _M = {}
+
+--- make_region's options and their types.
+_M.MAKE_OPTS = {
+    name = "string", function_key_generator = "function",
+    function_multi_key_generator = "function", key_mangler = "function",
+    serializer = "function", deserializer = "function", async_creation_runner = "function",
+}
+
+--- configure's options and their types.
+_M.CONFIGURE_OPTS = {
+    expiration_time = "number", arguments = "table", wrap = "table",
+    replace_existing_backend = "boolean", region_invalidator = "table", fail_open = "boolean",
+}
+
+--- cache_on_arguments's options (expiration_time may also be a function).
+_M.DECORATOR_OPTS = {
+    namespace = "string", expiration_time = "number", should_cache_fn = "function",
+    to_str = "function", function_key_generator = "function",
+}
+
+--- cache_multi_on_arguments's options.
+_M.MULTI_DECORATOR_OPTS = {
+    namespace = "string", expiration_time = "number", should_cache_fn = "function",
+    to_str = "function", asdict = "boolean", function_multi_key_generator = "function",
+}
+
+-- Values accepted besides the declared type: key_mangler = "sha1" (for
+-- make_region), and an expiration_time function (for the decorators).
+local CALLABLE_EXPIRATION = { [_M.DECORATOR_OPTS] = true, [_M.MULTI_DECORATOR_OPTS] = true }
+
+local function also_accepted(k, v, allowed)
+    if k == "key_mangler" then
+        return v == "sha1"
+    end
+    return k == "expiration_time" and CALLABLE_EXPIRATION[allowed] == true and is_callable(v)
+end
+
+--- Is `exp` a usable expiration time: a finite number (negative: never
+-- expires)? NaN and the infinities are not (a NaN compares false with every
+-- time, so it would silently never expire).
+local function finite(exp)
+    return type(exp) == "number" and exp > -HUGE and exp < HUGE
+end
+_M.finite = finite
+
+--- `exp` nil or a finite number of seconds.
+-- @raise otherwise
+function _M.check_expiration(exp, who)
+    if exp == nil or finite(exp) then
+        return
+    end
+    if type(exp) == "number" then
+        raise("dogpile.cache: " .. who .. ": expiration_time must be a finite number of seconds "
+              .. "(-1: never expires) or nil, got " .. tostring(exp))
+    end
+    raise("dogpile.cache: " .. who .. ": expiration_time must be a number of seconds or nil, got "
+          .. type(exp))
+end
+
+--- Check an option table against `allowed` ({name = type}); returns the
+-- table ({} for nil).
+-- @raise on a non-table, an unknown option or a value of the wrong type
+function _M.check(who, opts, allowed)
+    if opts == nil then
+        return {}
+    end
+    if type(opts) ~= "table" then
+        raise("dogpile.cache: " .. who .. ": options must be a table, got " .. type(opts))
+    end
+    for k, v in pairs(opts) do
+        local want = allowed[k]
+        if not want then
+            raise("dogpile.cache: " .. who .. ": unknown option '" .. tostring(k) .. "'")
+        end
+        local ok = type(v) == want or (want == "function" and is_callable(v))
+            or also_accepted(k, v, allowed)
+        if not ok then
+            raise("dogpile.cache: " .. who .. ": " .. k .. " must be a " .. want .. ", got " .. type(v))
+        end
+        if k == "expiration_time" and type(v) == "number" then
+            _M.check_expiration(v, who)
+        end
+    end
+    return opts
+end
+
+--- @raise when `key` is not a string
+function _M.check_key(key, who)
+    if type(key) ~= "string" then
+        raise("dogpile.cache: " .. who .. ": key must be a string, got " .. type(key))
+    end
+end
+
+--- invalidate's `hard`: nil (true) or a boolean. Anything else is refused
+-- rather than read as true: `invalidate("no")` must not invalidate hard.
+-- @raise otherwise
+function _M.check_hard(hard, who)
+    if hard ~= nil and type(hard) ~= "boolean" then
+        raise("dogpile.cache: " .. who .. ": hard must be true, false or nil, got "
+              .. type(hard) .. " " .. tostring(hard))
+    end
+end
+
+return _M

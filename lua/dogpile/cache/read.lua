@@ -1,0 +1,345 @@
+--- The read path of a region: the one judgement of freshness, and the read
+-- strategies a region chooses once, at configure:
+--
+--   memory   the unbounded memory backend's own table, read directly;
+--   c        a C backend with the default codec, read in place in its buffer;
+--   front    a backend with a `front` (a memory tier: `{store = T, sync =
+--            fn}`): sync, read T, and on anything but a fresh value there,
+--            the backend's full read;
+--   generic  `backend:get`, under pcall unless the backend is infallible.
+--
+-- Every strategy answers a lookup the same way: `true, payload` for a fresh
+-- value, else `false, value` where value is a CachedValue (stale, or not
+-- usable at all) or NO_VALUE, for the miss path to judge again. `get` and
+-- `get_or_create` share that one hit path.
+local ffi = require "ffi"
+local lib = require "dogpile.lib"
+local api = require "dogpile.cache.api"
+local proxy = require "dogpile.cache.proxy"
+local envelope = require "dogpile.cache.envelope"
+local values = require "dogpile.cache.values"
+local CBackend = require("dogpile.cache.backends.c").CBackend
+local Memory = require("dogpile.cache.backends.memory").Memory
+
+local C = lib.C
+local raise = lib.raise
+local is_callable = require("dogpile").is_callable
+local clock_upper = lib.clock_upper
+local NO_VALUE = api.NO_VALUE
+local VALUE_VERSION = api.VALUE_VERSION
+local HEADER = envelope.HEADER
+local read_value, created_at = envelope.read, envelope.created
+local u8p = envelope.u8p
+local decode = values.decode
+local ffi_string, ffi_cast = ffi.string, ffi.cast
+local DP_OK, DP_ENOTFOUND = lib.DP_OK, lib.DP_ENOTFOUND
+local rawequal, pcall, getmetatable, tonumber, type = rawequal, pcall, getmetatable, tonumber, type
+
+lib.own_source()
+
+local _M = {}
+
+-- -- The judgement ----------------------------------------------------------------
+
+local FRESH, STALE, MISSING = "fresh", "stale", "missing"
+_M.FRESH, _M.STALE, _M.MISSING = FRESH, STALE, MISSING
+
+--- What a value created at `ct` is to `region`: FRESH (usable as it is),
+-- STALE (expired, or soft-invalidated: may be served while another caller
+-- regenerates) or MISSING (hard-invalidated). `exp` nil: no expiry. `now`
+-- (optional) is one clock reading for many values; without it, the cheap
+-- upper bound of the clock first, and the precise clock only near the
+-- expiry. Small enough for the JIT to inline into every hit.
+local function judge(region, ct, exp, now)
+    local invalidated = region._inv_judge(region.region_invalidator, ct)
+    if invalidated then
+        return invalidated
+    end
+    if exp ~= nil then
+        if now ~= nil then
+            if now - ct > exp then
+                return STALE
+            end
+        elseif clock_upper() - ct > exp and C.dp_clock_now() - ct > exp then
+            return STALE
+        end
+    end
+    return FRESH
+end
+_M.judge = judge
+
+--- The judgement of a CachedValue or NO_VALUE: a miss, or a value of another
+-- format version, is MISSING.
+local function judge_value(region, cv, exp, now)
+    if rawequal(cv, NO_VALUE) then
+        return MISSING
+    end
+    local md = cv.metadata
+    if md.v ~= VALUE_VERSION then
+        return MISSING
+    end
+    return judge(region, md.ct, exp, now)
+end
+_M.judge_value = judge_value
+
+-- -- Reading ------------------------------------------------------------------------
+
+-- Bytes -> CachedValue; bytes that do not decode count as an error, are
+-- logged, and are a miss.
+local function decode_counted(region, bytes)
+    local cv, err = decode(region._codec, bytes)
+    if err then
+        region:_undecodable(err)
+    end
+    return cv
+end
+
+--- One read from the backend, normalized to a CachedValue or NO_VALUE; no
+-- judgement. A backend failure goes through the region's failure policy.
+local function fetch(region, key)
+    local backend = region.backend
+    local v
+    if region._direct then
+        -- A built-in in-process backend that cannot fail: no pcall, so a hit
+        -- compiles into one trace (a trace that starts in a function called
+        -- through pcall aborts when it returns into the pcall frame).
+        v = backend:get(key)
+    else
+        local ok
+        ok, v = pcall(backend.get, backend, key)
+        if not ok then
+            region:_failed("get", key, v)
+            return NO_VALUE
+        end
+    end
+    if region._codec then
+        return decode_counted(region, v)
+    end
+    if v == nil then
+        return NO_VALUE
+    end
+    return v
+end
+_M.fetch = fetch
+
+--- The values of `keys` from the backend (its get_multi, or a loop), each a
+-- CachedValue or NO_VALUE; no judgement.
+local function fetch_multi(region, keys)
+    local ok, vs = pcall(proxy.get_multi, region.backend, keys)
+    if not ok then
+        region:_failed("get_multi", keys[1], vs)
+        vs = {}
+    end
+    local codec = region._codec
+    local out = {}
+    for i = 1, #keys do
+        local v = vs[i]
+        if codec then
+            v = decode_counted(region, v)
+        elseif v == nil then
+            v = NO_VALUE
+        end
+        out[i] = v
+    end
+    return out
+end
+_M.fetch_multi = fetch_multi
+
+-- -- Single-key strategies ------------------------------------------------------------
+
+local function judged(region, cv, exp)
+    if not rawequal(cv, NO_VALUE) then
+        local md = cv.metadata
+        if md.v == VALUE_VERSION and judge(region, md.ct, exp) == FRESH then
+            return true, cv.payload
+        end
+    end
+    return false, cv
+end
+
+local function generic_lookup(region, key, exp)
+    return judged(region, fetch(region, key), exp)
+end
+
+local function memory_lookup(region, key, exp)
+    local cv = region._mem[key]
+    if cv == nil then
+        return false, NO_VALUE
+    end
+    return judged(region, cv, exp)
+end
+
+-- In place: one FFI call fills the backend's buffer, the created time is read
+-- there, and a fresh value is decoded from it; no envelope string, no
+-- CachedValue. Anything else takes the slow path as a decoded CachedValue.
+local function c_lookup(region, key, exp)
+    local cb = region._cb
+    local bytes = cb.bytes
+    local rc = C.dp_backend_get(cb.handle, key, #key, bytes, cb.err)
+    if rc ~= DP_OK then
+        if rc ~= DP_ENOTFOUND then
+            region:_failed("get", key, ffi_string(cb.err.msg))
+        end
+        return false, NO_VALUE
+    end
+    local p, n = ffi_cast(u8p, bytes.data), tonumber(bytes.len)
+    local ct = created_at(p, n)
+    if ct and judge(region, ct, exp) == FRESH then
+        local ok, value = read_value(p + HEADER, n - HEADER)
+        if ok then
+            return true, value
+        end
+    end
+    return false, decode_counted(region, ffi_string(p, n))
+end
+
+-- The front tier first (front.md): sync (cheap when nothing is pending), then
+-- its table; anything but a fresh value there is the backend's full read.
+local function front_lookup(region, key, exp)
+    local sync = region._front_sync
+    if sync then
+        sync()
+    end
+    local cv = region._front[key]
+    if cv ~= nil then
+        local md = cv.metadata
+        if md.v == VALUE_VERSION and judge(region, md.ct, exp) == FRESH then
+            local st = region._stats
+            st.front_hits = st.front_hits + 1
+            return true, cv.payload
+        end
+    end
+    return judged(region, fetch(region, key), exp)
+end
+
+-- -- Multi-key strategies --------------------------------------------------------------
+-- `multi(region, keys, exp)` -> an array of payloads (NO_VALUE where there is
+-- no fresh value) and the number of hits.
+
+local function generic_multi(region, keys, exp)
+    local got = fetch_multi(region, keys)
+    local now = exp ~= nil and C.dp_clock_now() or nil
+    local out, hits = {}, 0
+    for i = 1, #keys do
+        local cv = got[i]
+        if judge_value(region, cv, exp, now) == FRESH then
+            hits = hits + 1
+            out[i] = cv.payload
+        else
+            out[i] = NO_VALUE
+        end
+    end
+    return out, hits
+end
+
+-- One call of the backend's get_multi, every value read in place (as
+-- c_lookup does), the clock read once. Values the Lua reader declines take
+-- the slow path.
+local function c_multi(region, keys, exp)
+    local n = #keys
+    local out = {}
+    local cb = region._cb
+    local ok, data, lens = pcall(cb.get_multi_in_place, cb, keys)
+    if not ok then
+        region:_failed("get_multi", keys[1], data)
+        for i = 1, n do
+            out[i] = NO_VALUE
+        end
+        return out, 0
+    end
+    local p = ffi_cast(u8p, data)
+    local now = exp ~= nil and C.dp_clock_now() or nil
+    local pos, hits = 0, 0
+    for i = 1, n do
+        local len = tonumber(lens[i - 1])
+        local v = NO_VALUE
+        if len >= 0 then
+            local q = p + pos
+            pos = pos + len
+            local ct = created_at(q, len)
+            if ct then
+                if judge(region, ct, exp, now) == FRESH then
+                    local decoded
+                    decoded, v = read_value(q + HEADER, len - HEADER)
+                    if not decoded then
+                        v = decode_counted(region, ffi_string(q, len))
+                        v = rawequal(v, NO_VALUE) and v or v.payload
+                    end
+                end
+            else
+                decode_counted(region, ffi_string(q, len)) -- counts and logs the bad bytes
+            end
+        end
+        if not rawequal(v, NO_VALUE) then
+            hits = hits + 1
+        end
+        out[i] = v
+    end
+    return out, hits
+end
+
+-- The front table for each key, the backend's get_multi for the rest.
+local function front_multi(region, keys, exp)
+    local sync = region._front_sync
+    if sync then
+        sync()
+    end
+    local front, st = region._front, region._stats
+    local now = exp ~= nil and C.dp_clock_now() or nil
+    local out, hits, rest, where = {}, 0, {}, {}
+    for i = 1, #keys do
+        local cv = front[keys[i]]
+        if cv ~= nil and judge_value(region, cv, exp, now) == FRESH then
+            hits = hits + 1
+            out[i] = cv.payload
+        else
+            rest[#rest + 1] = keys[i]
+            where[#rest] = i
+        end
+    end
+    st.front_hits = st.front_hits + hits
+    if #rest > 0 then
+        local got, more = generic_multi(region, rest, exp)
+        for j = 1, #rest do
+            out[where[j]] = got[j]
+        end
+        hits = hits + more
+    end
+    return out, hits
+end
+
+-- -- The choice, at configure ---------------------------------------------------------
+
+--- The read strategy for a region whose outermost backend is `backend` (after
+-- wrapping) and whose backend object is `actual`, with codec `codec` (nil:
+-- Lua values). Returns `{name =, lookup =, multi =, direct =, mem =, cb =,
+-- front =, sync =}` for the region to keep: a proxy in between, or a
+-- serializer of the user's, leaves the generic strategy.
+function _M.choose(backend, actual, codec)
+    local unwrapped = backend == actual
+    local s = { name = "generic", lookup = generic_lookup, multi = generic_multi,
+                direct = unwrapped and actual.infallible == true }
+    if not unwrapped then
+        return s
+    end
+    local front = actual.front
+    if front ~= nil then
+        if type(front) ~= "table" or type(front.store) ~= "table"
+            or (front.sync ~= nil and not is_callable(front.sync)) then
+            raise("dogpile.cache: configure: the backend's front must be {store = table, "
+                  .. "sync = function or nil}, got " .. type(front))
+        end
+        s.name, s.lookup, s.multi = "front", front_lookup, front_multi
+        s.front, s.sync = front.store, front.sync
+    elseif getmetatable(actual) == Memory then
+        s.name, s.lookup = "memory", memory_lookup
+        s.mem = actual._cache
+    elseif codec and codec.raw_decode and actual.handle ~= nil
+        and getmetatable(actual) == CBackend then
+        s.name, s.lookup, s.multi = "c", c_lookup, c_multi
+        s.cb = actual
+    end
+    return s
+end
+
+return _M

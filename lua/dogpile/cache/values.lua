@@ -1,0 +1,112 @@
+--- Cached values as bytes, for backends that store strings: the codec a
+-- region uses (chosen once, at configure), and the envelope around it
+-- (dogpile/cache/envelope.lua: magic, format, flags, the created time, then
+-- the payload).
+local ffi = require "ffi"
+local lib = require "dogpile.lib"
+local api = require "dogpile.cache.api"
+local envelope = require "dogpile.cache.envelope"
+
+local raise = lib.raise
+local NO_VALUE = api.NO_VALUE
+local VALUE_VERSION = api.VALUE_VERSION
+local HEADER = envelope.HEADER
+local pack_envelope, unpack_envelope = envelope.pack, envelope.unpack
+local read_value = envelope.read
+local u8p = envelope.u8p
+local ffi_cast = ffi.cast
+local type, pcall, error, tostring, require = type, pcall, error, tostring, require
+
+lib.own_source()
+
+local _M = {}
+
+_M.pack_envelope, _M.unpack_envelope = pack_envelope, unpack_envelope
+
+--- The codec of a region: `{encode = fn, decode = fn, raw_decode = fn or
+-- nil}`. The user's serializer and deserializer when given (both or
+-- neither), else, for a backend that stores bytes, the default codec, whose
+-- raw decoder (`raw_decode`: nil, err on bad bytes, never raises) lets
+-- values be read in place. nil for a backend that keeps Lua values (not
+-- `serialized`), whatever the serializer.
+-- @raise when only one of serializer and deserializer is given
+function _M.codec(serializer, deserializer, serialized, label)
+    if (serializer == nil) ~= (deserializer == nil) then
+        raise("dogpile.cache: region " .. label .. " has a "
+              .. (serializer and "serializer but no deserializer" or "deserializer but no serializer")
+              .. "; give both or neither")
+    end
+    if not serialized then
+        -- Values stay Lua values: a serializer has nothing to do.
+        return nil
+    end
+    if serializer then
+        return { encode = serializer, decode = deserializer }
+    end
+    -- The default codec: exact for every plain Lua value.
+    local codec = require "dogpile.codec"
+    local codec_decode = codec.decode
+    return {
+        encode = codec.encode,
+        decode = function(bytes)
+            local value, err = codec_decode(bytes)
+            if value == nil and err ~= nil then
+                error(err, 0)
+            end
+            return value
+        end,
+        raw_decode = codec_decode,
+    }
+end
+
+--- Bytes from the backend -> a CachedValue, or NO_VALUE with the reason
+-- (the region counts and logs it: bytes that do not decode are a miss).
+function _M.decode(codec, bytes)
+    if bytes == NO_VALUE or bytes == nil then
+        return NO_VALUE
+    end
+    local ct, err = unpack_envelope(bytes)
+    local ok, value = false, err
+    if ct then
+        local raw = codec.raw_decode
+        if raw then
+            -- The default codec: scalars are read in Lua, in compiled code;
+            -- the rest by the C decoder, which returns nil, err on bad bytes
+            -- and never raises, so it needs no pcall.
+            ok, value = read_value(ffi_cast(u8p, bytes) + HEADER, #bytes - HEADER)
+            if not ok then
+                value, err = raw(bytes:sub(HEADER + 1))
+                ok = value ~= nil or err == nil
+                if not ok then
+                    value = err
+                end
+            end
+        else
+            ok, value = pcall(codec.decode, bytes:sub(HEADER + 1))
+        end
+    end
+    if not ok then
+        return NO_VALUE, tostring(value)
+    end
+    return { payload = value, metadata = { ct = ct, v = VALUE_VERSION } }
+end
+
+--- A CachedValue -> the bytes `region` stores under `key`.
+-- @raise when the serializer fails or returns something else than a string
+function _M.encode(codec, cv, key, region)
+    local ok, payload = pcall(codec.encode, cv.payload)
+    if not ok then
+        if type(payload) ~= "string" then
+            error(payload, 0)
+        end
+        raise("dogpile.cache: region " .. region:_label() .. ": cannot store key '" .. tostring(key)
+              .. "': " .. payload)
+    end
+    if type(payload) ~= "string" then
+        raise("dogpile.cache: region " .. region:_label() .. ": the serializer returned a "
+              .. type(payload) .. ", not a string")
+    end
+    return pack_envelope(cv.metadata.ct, payload)
+end
+
+return _M
