@@ -28,10 +28,8 @@
  * expired entries at the old end of the queues are dropped before anything
  * fresh is evicted.
  */
-#define _GNU_SOURCE /* dladdr, RTLD_NODELETE */
-#include <dlfcn.h>
-#include <math.h>
 #include <sched.h>
+#include <stddef.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -79,14 +77,34 @@ typedef struct slot {
     _Atomic uint64_t hits, misses;
 } slot;
 
+/* The arguments, read by the core from the table below. */
+typedef struct shm_settings {
+    dp_str name;                  /* any bytes */
+    int64_t max_bytes, max_items; /* 0: unbounded */
+    double ttl;                   /* 0: none */
+    int policy;                   /* POLICY_* */
+} shm_settings;
+
+static const char *const policies[] = {"s3fifo", "lru", NULL};
+
+static const dp_arg_spec shm_args[] = {
+    {.name = "name", .kind = DP_SPEC_BYTES, .flags = DP_SPEC_KEY, .min = 1, .def_str = "default",
+     .offset = offsetof(shm_settings, name)},
+    {.name = "max_bytes", .kind = DP_SPEC_SIZE, .flags = DP_SPEC_ABOVE_MIN,
+     .offset = offsetof(shm_settings, max_bytes)},
+    {.name = "max_items", .kind = DP_SPEC_INT, .min = 1,
+     .offset = offsetof(shm_settings, max_items)},
+    {.name = "expiration_time", .kind = DP_SPEC_SECONDS, .flags = DP_SPEC_ABOVE_MIN,
+     .offset = offsetof(shm_settings, ttl)},
+    {.name = "eviction", .kind = DP_SPEC_ENUM, .choices = policies, .def = POLICY_S3FIFO,
+     .offset = offsetof(shm_settings, policy)},
+    {0},
+};
+
 typedef struct shm {
-    struct shm *next;
-    int handles;
-    char *name;
-    size_t name_len;
+    const char *name;               /* the core's settings: live until destroy */
     double max_bytes, max_items, ttl;
     int policy;
-    uint32_t domain;
     shard shards[NSHARDS];
     slot slots[NSLOTS];
     _Alignas(64) _Atomic int writer; /* a writer holds or wants the index */
@@ -97,15 +115,6 @@ typedef struct shm {
     size_t ghost_slots;
     _Atomic uint64_t evictions, expirations;
 } shm;
-
-static shm *instances;
-static uv_mutex_t instances_mu;
-static uv_once_t instances_once = UV_ONCE_INIT;
-
-static void instances_init(void)
-{
-    uv_mutex_init(&instances_mu);
-}
 
 /* -- Hashing and entries ------------------------------------------------- */
 
@@ -586,15 +595,11 @@ static void shm_stats(void *self, dp_backend_stats *out)
     out->expirations = (double)atomic_load(&s->expirations);
 }
 
-static uint32_t shm_lock_domain(void *self)
-{
-    return ((shm *)self)->domain;
-}
+/* -- Instances (the core shares them: one per name) ------------------------------ */
 
-/* -- Instances ---------------------------------------------------------------- */
-
-static void shm_free(shm *s)
+static void shm_destroy(void *self)
 {
+    shm *s = self;
     for (int i = 0; i < NSHARDS; i++) {
         shard *sh = &s->shards[i];
         for (size_t b = 0; b < sh->nbuckets; b++) {
@@ -610,203 +615,64 @@ static void shm_free(shm *s)
     uv_mutex_destroy(&s->wmu);
     uv_mutex_destroy(&s->qmu);
     free(s->ghost);
-    free(s->name);
     free(s);
 }
 
-static void shm_close(void *self)
-{
-    shm *s = self;
-    uv_mutex_lock(&instances_mu);
-    int last = --s->handles == 0;
-    if (last) {
-        shm **pp = &instances;
-        while (*pp != s)
-            pp = &(*pp)->next;
-        *pp = s->next;
-    }
-    uv_mutex_unlock(&instances_mu);
-    if (last)
-        shm_free(s);
-}
-
-
-static const char *policy_name(int p)
-{
-    return p == POLICY_LRU ? "lru" : "s3fifo";
-}
-
-static int shm_open(void *ud, const dp_arg *args, size_t nargs, void **self, dp_err *err)
+static int shm_create(void *ud, const void *settings, void **self, dp_err *err)
 {
     (void)ud;
-    const char *name = "default";
-    size_t name_len = 7;
-    double max_bytes = 0, max_items = 0, ttl = 0;
-    int policy = POLICY_S3FIFO;
-    for (size_t i = 0; i < nargs; i++) {
-        const dp_arg *a = &args[i];
-        if (strcmp(a->name, "name") == 0) {
-            if (a->type != DP_ARG_STRING || a->len == 0)
-                return dp_err_set(err, DP_EINVAL, NAME ": name must be a non-empty string");
-            name = a->string;
-            name_len = a->len;
-        } else if (strcmp(a->name, "max_bytes") == 0) {
-            if (!dp_arg_size(a, &max_bytes) || !(max_bytes > 0) || isinf(max_bytes))
-                return dp_err_set(err, DP_EINVAL, NAME ": max_bytes must be a positive number of "
-                                  "bytes (or a string like \"64m\")");
-        } else if (strcmp(a->name, "max_items") == 0) {
-            if (a->type != DP_ARG_NUMBER || !(a->number >= 1) || a->number != floor(a->number))
-                return dp_err_set(err, DP_EINVAL, NAME ": max_items must be a positive integer");
-            max_items = a->number;
-        } else if (strcmp(a->name, "expiration_time") == 0) {
-            if (a->type != DP_ARG_NUMBER || !(a->number > 0))
-                return dp_err_set(err, DP_EINVAL, NAME ": expiration_time must be a positive "
-                                  "number of seconds");
-            ttl = a->number;
-        } else if (strcmp(a->name, "eviction") == 0) {
-            if (a->type == DP_ARG_STRING && a->len == 3 && memcmp(a->string, "lru", 3) == 0)
-                policy = POLICY_LRU;
-            else if (a->type == DP_ARG_STRING && a->len == 6 && memcmp(a->string, "s3fifo", 6) == 0)
-                policy = POLICY_S3FIFO;
-            else
-                return dp_err_set(err, DP_EINVAL, NAME ": eviction must be \"s3fifo\" or \"lru\"");
-        } else {
-            return dp_err_set(err, DP_EINVAL, NAME ": unknown argument '%s' (known: name, "
-                              "max_bytes, max_items, expiration_time, eviction)", a->name);
-        }
-    }
-
-    uv_once(&instances_once, instances_init);
-    uv_mutex_lock(&instances_mu);
-    shm *s;
-    for (s = instances; s; s = s->next)
-        if (s->name_len == name_len && memcmp(s->name, name, name_len) == 0)
-            break;
-    if (s) {
-        const char *what = NULL;
-        double had = 0, want = 0;
-        if (s->max_bytes != max_bytes) { what = "max_bytes"; had = s->max_bytes; want = max_bytes; }
-        else if (s->max_items != max_items) { what = "max_items"; had = s->max_items; want = max_items; }
-        else if (s->ttl != ttl) { what = "expiration_time"; had = s->ttl; want = ttl; }
-        if (what || s->policy != policy) {
-            uv_mutex_unlock(&instances_mu);
-            if (!what)
-                return dp_err_set(err, DP_EMISMATCH, NAME ": '%.*s' is already open with "
-                                  "eviction \"%s\", not \"%s\"", (int)name_len, name,
-                                  policy_name(s->policy), policy_name(policy));
-            return dp_err_set(err, DP_EMISMATCH, NAME ": '%.*s' is already open with %s %.15g, "
-                              "not %.15g (0: unbounded); every region sharing a name must agree",
-                              (int)name_len, name, what, had, want);
-        }
-        s->handles++;
-        uv_mutex_unlock(&instances_mu);
-        *self = s;
-        return DP_OK;
-    }
+    const shm_settings *cfg = settings;
+    /* A power of two: a ghost slot is then a mask, not a division per set. */
+    size_t want = cfg->max_items > 0 ? (size_t)cfg->max_items : (size_t)(cfg->max_bytes / 256);
+    size_t slots = GHOST_SLOTS_MIN;
+    while (slots < want && slots < ((size_t)1 << 40))
+        slots *= 2;
     /* The reader slots are cache-line aligned: calloc promises only 16. */
-    size_t ssize = (sizeof *s + 63) / 64 * 64;
-    s = aligned_alloc(64, ssize);
-    if (s)
-        memset(s, 0, ssize);
-    char *nm = s ? malloc(name_len + 1) : NULL;
-    size_t slots = max_items > 0 ? (size_t)max_items : (size_t)(max_bytes / 256);
-    if (slots < GHOST_SLOTS_MIN)
-        slots = GHOST_SLOTS_MIN;
-    /* A power of two: a slot is then a mask, not a 64-bit division per set. */
-    size_t pow2 = GHOST_SLOTS_MIN;
-    while (pow2 < slots && pow2 < ((size_t)1 << 40))
-        pow2 *= 2;
-    slots = pow2;
-    uint64_t *ghost = s && policy == POLICY_S3FIFO ? calloc(slots, sizeof *ghost) : NULL;
-    if (!s || !nm || (policy == POLICY_S3FIFO && !ghost)) {
-        uv_mutex_unlock(&instances_mu);
+    size_t ssize = (sizeof(shm) + 63) / 64 * 64;
+    shm *s = aligned_alloc(64, ssize);
+    uint64_t *ghost = cfg->policy == POLICY_S3FIFO ? calloc(slots, sizeof *ghost) : NULL;
+    if (!s || (cfg->policy == POLICY_S3FIFO && !ghost)) {
         free(s);
-        free(nm);
         free(ghost);
-        return dp_err_set(err, DP_ENOMEM, NAME ": out of memory opening '%.*s'", (int)name_len, name);
+        return dp_err_set(err, DP_ENOMEM, NAME ": out of memory opening '%s'", cfg->name.data);
     }
-    memcpy(nm, name, name_len);
-    nm[name_len] = '\0';
-    s->name = nm;
-    s->name_len = name_len;
-    s->max_bytes = max_bytes;
-    s->max_items = max_items;
-    s->ttl = ttl;
-    s->policy = policy;
+    memset(s, 0, ssize);
+    s->name = cfg->name.data;
+    s->max_bytes = (double)cfg->max_bytes;
+    s->max_items = (double)cfg->max_items;
+    s->ttl = cfg->ttl;
+    s->policy = cfg->policy;
     s->ghost = ghost;
     s->ghost_slots = slots;
-    s->handles = 1;
     uv_mutex_init(&s->wmu);
     uv_mutex_init(&s->qmu);
-    /* The lock domain is named by the store's name bytes, all of them. */
-    size_t plen = sizeof NAME ":" - 1;
-    char *dom = malloc(plen + name_len);
-    if (!dom) {
-        uv_mutex_unlock(&instances_mu);
-        shm_free(s);
-        return dp_err_set(err, DP_ENOMEM, NAME ": out of memory opening '%.*s'", (int)name_len, name);
-    }
-    memcpy(dom, NAME ":", plen);
-    memcpy(dom + plen, name, name_len);
-    s->domain = dp_lock_domain(dom, plen + name_len);
-    free(dom);
-    s->next = instances;
-    instances = s;
-    uv_mutex_unlock(&instances_mu);
     *self = s;
     return DP_OK;
 }
 
 static const dp_backend_ops shm_ops = {
     .name = NAME,
-    .open = shm_open,
+    .args = shm_args,
+    .settings_size = sizeof(shm_settings),
+    .create = shm_create,
+    .destroy = shm_destroy,
     .get = shm_get,
     .set = shm_set,
     .del = shm_del,
     .stats = shm_stats,
-    .lock_domain = shm_lock_domain,
-    .close = shm_close,
     .infallible = 1,
 };
 
 /* -- Lua module ------------------------------------------------------------------
- * `require "dogpile.backends.shared_memory"` registers the ops with the core;
- * lua/dogpile/cache/backends/shared_memory.lua opens instances through it. */
-
-/* Lua unloads a C module (dlclose) when the last state that required it
- * closes, but the core's registry keeps &shm_ops for the life of the process
- * (dogpile.h's @note) and the instances live in this file's statics: a state
- * opened after every other one closed would register into a registry still
- * pointing into the unmapped copy and crash. So the module pins itself: the
- * dlopen with RTLD_NODELETE is never closed, and the first copy stays mapped
- * until the process ends. */
-static uv_once_t module_once = UV_ONCE_INIT;
-static uv_mutex_t module_mu;
-static int pinned;
-
-static void module_init(void)
-{
-    uv_mutex_init(&module_mu);
-    Dl_info info;
-    pinned = dladdr((const void *)&shm_ops, &info) && info.dli_fname &&
-             dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE) != NULL;
-}
+ * `require "dogpile.backends.shared_memory"` registers the ops with the core
+ * (which pins this module: the registry keeps &shm_ops for the process's
+ * life); lua/dogpile/cache/backends/shared_memory.lua opens instances. */
 
 int luaopen_dogpile_backends_shared_memory(lua_State *L);
 
 __attribute__((visibility("default"))) int luaopen_dogpile_backends_shared_memory(lua_State *L)
 {
-    uv_once(&module_once, module_init);
-    if (!pinned)
-        return luaL_error(L, NAME ": cannot keep the module loaded (dlopen RTLD_NODELETE failed)");
-    /* Register only when the registry lacks these ops (the first state, or
-     * the first after dp_shutdown()), not once per state: registering again
-     * rewrites the registry entry, which dp_backend_open() in another thread
-     * reads after dropping the registry's mutex (a data race ThreadSanitizer
-     * reports). module_mu keeps two first requires from both writing. */
-    uv_mutex_lock(&module_mu);
-    int rc = dp_backend_find(NAME) == &shm_ops ? DP_OK : dp_backend_register(&shm_ops, NULL);
-    uv_mutex_unlock(&module_mu);
+    int rc = dp_backend_register(&shm_ops, NULL);
     if (rc != DP_OK)
         return luaL_error(L, NAME ": cannot register the backend: %s", dp_strerror(rc));
     lua_pushstring(L, NAME);

@@ -12,10 +12,14 @@
 #include <uv.h>
 
 #include "dogpile.h"
+#include "private.h"
 
 struct dp_backend {
     const dp_backend_ops *ops;
     void *self;
+    dp__instance *inst;   /* declared backends: the registry's entry */
+    uint32_t domain;      /* declared backends: the instance's lock domain */
+    double lock_timeout;  /* this handle's, -1: unbounded or none */
 };
 
 typedef struct registered {
@@ -55,7 +59,14 @@ static void err_clear(dp_err *err)
 
 DP_API int dp_backend_register(const dp_backend_ops *ops, void *ud)
 {
-    if (!ops || !ops->name || !ops->open || !ops->get || !ops->set || !ops->del || !ops->close)
+    if (!ops || !ops->name || !ops->get || !ops->set || !ops->del)
+        return DP_EINVAL;
+    /* Either the backend opens and shares its instances itself, or it
+     * declares its arguments and the core does (not half of each). */
+    int own = ops->open && ops->close;
+    int declared = ops->args && ops->create && ops->destroy;
+    if (own == declared || (declared && (ops->open || ops->close || ops->lock_domain)) ||
+        (own && (ops->create || ops->destroy)))
         return DP_EINVAL;
     if ((ops->lock == NULL) != (ops->unlock == NULL))
         return DP_EINVAL;
@@ -75,8 +86,12 @@ DP_API int dp_backend_register(const dp_backend_ops *ops, void *ud)
             break;
     int rc = DP_OK;
     if (r) {
-        r->ops = ops;
-        r->ud = ud;
+        /* The same table again (each Lua state requires the module) writes
+         * nothing: an open in another thread may be reading the entry. */
+        if (r->ops != ops || r->ud != ud) {
+            r->ops = ops;
+            r->ud = ud;
+        }
     } else if ((r = malloc(sizeof *r))) {
         r->ops = ops;
         r->ud = ud;
@@ -128,7 +143,12 @@ DP_API int dp_backend_open(const char *name, const dp_arg *args, size_t nargs,
         return dp_err_set(err, DP_ENOMEM, "out of memory");
     b->ops = ops;
     b->self = NULL;
-    int rc = ops->open(ud, args, nargs, &b->self, err);
+    b->inst = NULL;
+    b->domain = 0;
+    b->lock_timeout = -1;
+    int rc = ops->create ? dp__instance_open(ops, ud, args, nargs, &b->inst, &b->self,
+                                             &b->domain, &b->lock_timeout, err)
+                         : ops->open(ud, args, nargs, &b->self, err);
     if (rc != DP_OK) {
         free(b);
         if (err && err->code == DP_OK)
@@ -165,6 +185,8 @@ DP_API void dp_backend_stat(dp_backend *b, dp_backend_stats *out)
 
 DP_API uint32_t dp_backend_lock_domain(dp_backend *b)
 {
+    if (b->inst)
+        return b->domain;
     return b->ops->lock_domain ? b->ops->lock_domain(b->self) : 0;
 }
 
@@ -267,7 +289,10 @@ DP_API void dp_backend_close(dp_backend *b)
 {
     if (!b)
         return;
-    b->ops->close(b->self);
+    if (b->inst)
+        dp__instance_close(b->inst);
+    else
+        b->ops->close(b->self);
     free(b);
 }
 
@@ -317,8 +342,6 @@ DP_API void dp_bytes_free(dp_bytes *b)
     b->len = b->cap = 0;
 }
 
-void dp__lock_shutdown(void);
-
 DP_API void dp_shutdown(void)
 {
     uv_once(&reg_once, reg_init);
@@ -330,4 +353,14 @@ DP_API void dp_shutdown(void)
     }
     uv_mutex_unlock(&reg_mu);
     dp__lock_shutdown();
+}
+
+DP_API double dp_backend_lock_timeout(dp_backend *b)
+{
+    return b->lock_timeout;
+}
+
+const char *dp__backend_name(dp_backend *b)
+{
+    return b->ops->name;
 }

@@ -109,3 +109,34 @@ DP_API const char *dp_version(void)
 {
     return DP_VERSION;
 }
+
+/* -- Backoff ------------------------------------------------------------------ */
+
+DP_API void dp_backoff_init(dp_backoff *bo, double timeout, double max_step)
+{
+    bo->step = DP_BACKOFF_FIRST;
+    bo->max = max_step > 0 ? max_step : DP_BACKOFF_MAX;
+    bo->unbounded = timeout < 0;
+    bo->deadline = bo->unbounded ? 0 : dp_clock_monotonic() + timeout;
+}
+
+DP_API double dp_backoff_next(dp_backoff *bo)
+{
+    double step = bo->step < bo->max ? bo->step : bo->max;
+    bo->step = step * DP_BACKOFF_GROWTH;
+    if (bo->unbounded)
+        return step;
+    double left = bo->deadline - dp_clock_monotonic();
+    if (left <= 0)
+        return 0;
+    return step < left ? step : left;
+}
+
+DP_API int dp_backoff_sleep(dp_backoff *bo)
+{
+    double step = dp_backoff_next(bo);
+    if (step <= 0)
+        return 0;
+    dp_clock_sleep(step);
+    return 1;
+}

@@ -57,6 +57,16 @@ DP_API const char *dp_strerror(int status);
 /** The library version, "MAJOR.MINOR.PATCH". */
 DP_API const char *dp_version(void);
 
+/** The revision of this header's C interface, for a backend or host built
+ * outside the tree. 2 added, all at the end of what existed: dp_backend_ops'
+ * args, settings_size, identify, create and destroy (a table built against
+ * revision 1 is shorter, so such a module must be recompiled, its source
+ * unchanged); the declared arguments (dp_arg_spec, dp_args_*); the two-level
+ * lock (dp_backend_acquire, dp_backend_release, dp_backend_wait_released,
+ * dp_backend_lock_timeout); dp_backoff. Nothing was removed or changed in
+ * meaning. */
+#define DP_HEADER_REVISION 2
+
 /* -- Clock --------------------------------------------------------------- */
 
 /** Wall-clock time in epoch seconds. Values are shared between processes and
@@ -312,7 +322,10 @@ DP_API int dp_reader_finish(dp_reader *r);
  * `ud` for the life of the process: both must outlive every instance (a
  * static table is the usual choice; the shared object that holds `ops` is
  * pinned, so a Lua C module that registers it is never unloaded). Arguments (dp_arg names and strings) are
- * borrowed for the duration of open() only. Keys and values handed to get,
+ * borrowed for the duration of open() only. A backend that declares its
+ * arguments (ops->args) never sees them: the core fills a settings struct
+ * that it owns, hands it to create() and keeps it, unchanged, until after
+ * destroy() returns, so an instance may point into it. Keys and values handed to get,
  * set and delete are borrowed for the call. A dp_bytes is owned by the caller:
  * get() writes the value into it, growing `data` with realloc(), and the
  * caller releases it with dp_bytes_free(). An instance from dp_backend_open()
@@ -345,6 +358,104 @@ typedef struct dp_arg {
     const char *string;  /* DP_ARG_STRING */
     size_t len;          /* DP_ARG_STRING */
 } dp_arg;
+
+/* -- Declared arguments -----------------------------------------------------
+ *
+ * A backend lists what it accepts in one table of dp_arg_spec, ended by an
+ * entry whose name is NULL; dp_args_fill() reads a region's arguments into
+ * the backend's settings struct by that table: defaults first, then each
+ * argument checked against its kind and bounds, with one message format for
+ * every backend ("dogpile.cache.X: max_items must be a positive integer, got
+ * string \"10\""). Unknown names are refused with the list of known ones.
+ * Arguments are applied in table order, whatever order they came in, so a
+ * DP_SPEC_CUSTOM entry listed first (a url) may set fields that later
+ * entries (host, port) override.
+ *
+ * Each kind writes one C type at `offset` in the settings struct:
+ *   DP_SPEC_INT      int64_t   a number without fraction, min <= v (<= max)
+ *   DP_SPEC_SECONDS  double    a number of seconds, fractions allowed
+ *   DP_SPEC_SIZE     int64_t   bytes: a number, or a string "64k", "10m", "1g"
+ *                              (powers of 1024; rounded down to whole bytes)
+ *   DP_SPEC_BOOL     int       a boolean: 0 or 1
+ *   DP_SPEC_STR      char *    a string of min..max bytes (no NUL byte),
+ *                              copied with malloc(); NULL when absent and
+ *                              without default
+ *   DP_SPEC_BYTES    dp_str    the same, any bytes (a NUL too); data is
+ *                              NUL-terminated after its len bytes
+ *   DP_SPEC_ENUM     int       one of `choices` (a NULL-ended list of
+ *                              names): its index
+ *   DP_SPEC_CUSTOM   -         parse(settings, arg, err) does it all (a url
+ *                              that sets several fields); clear(settings)
+ *                              undoes it for dp_args_free()
+ * Bounds: min (exclusive with DP_SPEC_ABOVE_MIN) and max; max 0 means no
+ * upper bound. NaN is always refused; infinity (math.huge) only with
+ * DP_SPEC_INFINITE, for DP_SPEC_SECONDS. Defaults (`def`, or `def_str` for
+ * strings) are the backend's choice and are not checked against the bounds.
+ */
+
+#define DP_SPEC_INT     1
+#define DP_SPEC_SECONDS 2
+#define DP_SPEC_SIZE    3
+#define DP_SPEC_BOOL    4
+#define DP_SPEC_STR     5
+#define DP_SPEC_ENUM    6
+#define DP_SPEC_CUSTOM  7
+#define DP_SPEC_BYTES   8
+
+/** A DP_SPEC_BYTES value: len bytes at data, then a NUL. */
+typedef struct dp_str {
+    char *data;
+    size_t len;
+} dp_str;
+
+/* Flags of a dp_arg_spec. */
+#define DP_SPEC_REQUIRED     0x01 /* refused when absent */
+#define DP_SPEC_ABOVE_MIN    0x02 /* v > min rather than v >= min */
+#define DP_SPEC_INFINITE     0x04 /* DP_SPEC_SECONDS: math.huge accepted (no limit) */
+#define DP_SPEC_KEY          0x08 /* names the shared instance: opens with other
+                                   * values get instances of their own */
+#define DP_SPEC_HANDLE       0x10 /* belongs to the handle, not the instance:
+                                   * handles of one instance may differ */
+#define DP_SPEC_LOCK_TIMEOUT 0x20 /* DP_SPEC_SECONDS: the handle's lock_timeout,
+                                   * which bounds dp_backend_acquire's waits */
+
+typedef struct dp_arg_spec {
+    const char *name;             /* the argument's name; NULL ends the table */
+    int kind;                     /* DP_SPEC_* */
+    unsigned flags;               /* DP_SPEC_REQUIRED | ... */
+    double min, max;              /* bounds (strings: of the length) */
+    double def;                   /* default of the kinds that are not strings */
+    const char *def_str;          /* DP_SPEC_STR, DP_SPEC_BYTES: default (NULL: none) */
+    const char *const *choices;   /* DP_SPEC_ENUM: names, then NULL */
+    const char *what;             /* what it "must be", when the text the
+                                   * core writes from the kind and bounds
+                                   * does not say it well (NULL: generated) */
+    size_t offset;                /* offsetof(settings struct, field) */
+    /* DP_SPEC_CUSTOM: DP_OK, or an error in err (the core prefixes nothing:
+     * write "<backend>: <name> ..." yourself). */
+    int (*parse)(void *settings, const dp_arg *arg, dp_err *err);
+    /* DP_SPEC_CUSTOM, optional: free what parse() allocated. */
+    void (*clear)(void *settings);
+} dp_arg_spec;
+
+/** Fill `settings` (out; the struct the table describes) from `args` (in,
+ * borrowed), as the table `spec` (in) says; `backend` (the registered name)
+ * prefixes every message. DP_OK, or DP_EINVAL with the message in err, or
+ * DP_ENOMEM. On failure nothing is left to free; on success free it with
+ * dp_args_free(). */
+DP_API int dp_args_fill(const char *backend, const dp_arg_spec *spec, const dp_arg *args,
+                        size_t nargs, void *settings, dp_err *err);
+
+/** Free what dp_args_fill() allocated in `settings` (its strings, and what
+ * DP_SPEC_CUSTOM entries' clear() frees), and set those fields to NULL. */
+DP_API void dp_args_free(const dp_arg_spec *spec, void *settings);
+
+/** The first entry of `spec` whose field differs between the settings `a`
+ * and `b`, among entries that are neither DP_SPEC_KEY, DP_SPEC_HANDLE nor
+ * DP_SPEC_CUSTOM, or NULL when they agree. With `out` (may be NULL), writes
+ * "max_items 3, not 5" (a's value, then b's) in at most `cap` bytes. */
+DP_API const dp_arg_spec *dp_args_diff(const dp_arg_spec *spec, const void *a, const void *b,
+                                       char *out, size_t cap);
 
 /** What a backend reports; fields it does not track stay 0. */
 typedef struct dp_backend_stats {
@@ -409,12 +520,43 @@ typedef struct dp_backend_ops {
      * registry orders the threads of one process first, as for lock. */
     int (*wait_unlocked)(void *self, const char *key, size_t klen, double timeout,
                          dp_err *err);
+
+    /* -- Header revision 2: instances the core makes, shares and frees ---
+     * Set args, settings_size, create and destroy instead of open, close
+     * and lock_domain. dp_backend_open() then fills a settings struct of
+     * settings_size bytes from the region's arguments by the table `args`
+     * (see dp_args_fill), and looks the instance up by its identity: the
+     * backend's name and identify()'s bytes, or by default the values of
+     * the DP_SPEC_KEY entries. Found: the handle joins it (refused with
+     * DP_EMISMATCH when another argument differs, except DP_SPEC_HANDLE
+     * ones: "'x' is already open with max_items 3, not 5"). Not found:
+     * create() makes it, without any lock held, while other opens of the
+     * same identity wait. The last close calls destroy(); meanwhile an open
+     * of the same identity waits until it is gone, so that two instances of
+     * one identity never exist at once (LMDB forbids it). Each instance gets
+     * the process-wide lock domain named "<ops->name>:<identity>", where
+     * the identity is identify()'s bytes, or the one DP_SPEC_KEY value's
+     * bytes as given (a C host can name it with dp_lock_domain), or with
+     * several, each as "<decimal length>:<bytes>", one after another. */
+    const dp_arg_spec *args;
+    size_t settings_size;
+    /* Optional (NULL: the DP_SPEC_KEY values): the identity's bytes in
+     * `id` (appended; the core empties it first), for an identity computed
+     * from the settings (a resolved path). DP_OK or an error in err. */
+    int (*identify)(void *ud, const void *settings, dp_bytes *id, dp_err *err);
+    /* Make the instance from `settings` (borrowed until destroy() returns).
+     * DP_OK with *self set, or an error in err. */
+    int (*create)(void *ud, const void *settings, void **self, dp_err *err);
+    /* Free the instance: no handle is left and no call is running. */
+    void (*destroy)(void *self);
 } dp_backend_ops;
 
 typedef struct dp_backend dp_backend;
 
 /** Register `ops` (in, kept) with `ud` (in, kept) under ops->name; a second
- * registration of the same name replaces the first for later opens.
+ * registration of the same name replaces the first for later opens (the same
+ * ops and ud again: nothing changes). Required: name, get, set, del, and
+ * either open and close, or args, create and destroy (not both pairs).
  * DP_OK, DP_EINVAL (no name or a missing required operation), DP_ENOMEM. */
 DP_API int dp_backend_register(const dp_backend_ops *ops, void *ud);
 
@@ -461,6 +603,110 @@ DP_API int dp_backend_delete_multi(dp_backend *b, size_t n, const char *const *k
                                    const size_t *klens, dp_err *err);
 /** Close the handle (NULL is fine); the pointer is invalid afterwards. */
 DP_API void dp_backend_close(dp_backend *b);
+
+/* -- The two-level lock ------------------------------------------------------
+ *
+ * What a cache asks for when a value must be created: the core's per-key
+ * lock in the instance's domain (dp_lock_*: orders the threads and Lua states
+ * of this process, waiters sleep on a condition variable), then the
+ * backend's own lock (ops->lock: orders the processes), so that a backend
+ * sees at most one caller per key and process. A backend without a lock of
+ * its own gets the first level alone. Both levels are released together.
+ * dp_backend_lock/unlock/wait_unlocked stay the backend's level alone.
+ *
+ * Waits are bounded by `timeout` (a caller passes dp_backend_lock_timeout()
+ * to bound them by the handle's lock_timeout): past it the holder is taken to
+ * be stuck and DP_ETIMEDOUT says so; the caller may then go ahead without the
+ * lock (as an expired Redis lock is taken over), so that nothing waits
+ * forever, at the price of a value made twice. `owner` is the caller's tag
+ * (dp_lock_owner_new), as for dp_lock_wait: a blocking wait on a lock held
+ * under the same owner is refused with DP_EDEADLK.
+ *
+ * @note The caller owns the dp_backend_hold, zeroed before its first
+ * acquire; it records which levels are held, so one hold serves one key at a
+ * time. The core keeps no pointer to it, nor to the key.
+ */
+
+/** What dp_backend_acquire() took for one key. */
+typedef struct dp_backend_hold {
+    int core;       /* out: 1 while the core's per-key lock is held */
+    int proc;       /* out: 1 while the backend's own lock is held */
+    int overrun;    /* out (dp_backend_release): the backend's lock was held
+                     * past lock_timeout, or had expired and been taken by
+                     * someone else: another caller may have made the value
+                     * too (not an error: say so in a log) */
+    double since;   /* out: dp_clock_monotonic() when `proc` was taken */
+} dp_backend_hold;
+
+/** The handle's lock_timeout in seconds (its DP_SPEC_LOCK_TIMEOUT argument),
+ * or -1 when unbounded: math.huge, or none declared. */
+DP_API double dp_backend_lock_timeout(dp_backend *b);
+
+/** Take both levels for `key` into `h` (in/out, nothing held in it).
+ * timeout 0: try once: DP_OK (both held) or DP_EBUSY (nothing held).
+ * timeout > 0: block at most that long, < 0: without limit: DP_OK (both
+ * held); DP_ETIMEDOUT: a level is still held by someone else (h says what
+ * this call holds: the core level may be; release it with
+ * dp_backend_release whether or not the caller goes ahead); DP_EDEADLK:
+ * held under `owner` (nothing held). DP_EINVAL: the instance has no lock
+ * domain. Any other code is the backend's failure in err (nothing held). */
+DP_API int dp_backend_acquire(dp_backend *b, const char *key, size_t klen, uint32_t owner,
+                              double timeout, dp_backend_hold *h, dp_err *err);
+
+/** Release what `h` (in/out) holds for `key`: the backend's level, then the
+ * core's. DP_OK (h->overrun set when the lock had outlived lock_timeout or
+ * been taken over); DP_ENOTHELD: `h` holds nothing; or the backend's failure
+ * in err (the core level is released all the same). From any thread. */
+DP_API int dp_backend_release(dp_backend *b, const char *key, size_t klen, dp_backend_hold *h,
+                              dp_err *err);
+
+/** 1 when dp_backend_wait_released() can wait on this handle: the backend
+ * has no lock of its own, or it has wait_unlocked. */
+DP_API int dp_backend_can_wait_released(dp_backend *b);
+
+/** Wait, taking nothing, until whoever holds `key`'s lock at the call (in
+ * this process, then in the others) releases it, so that every waiter reads
+ * the holder's value at once instead of taking the lock in turn. timeout 0:
+ * check once: DP_OK (free) or DP_EBUSY. Otherwise DP_OK (released, or was
+ * free), DP_ETIMEDOUT (still held after `timeout` seconds; < 0: no limit),
+ * DP_EDEADLK (held under `owner`), DP_EINVAL (the backend cannot wait: see
+ * dp_backend_can_wait_released), or the backend's failure in err. Nothing
+ * is held afterwards. */
+DP_API int dp_backend_wait_released(dp_backend *b, const char *key, size_t klen,
+                                    uint32_t owner, double timeout, dp_err *err);
+
+/* -- Backoff -----------------------------------------------------------------
+ *
+ * The one policy of every polling wait (a lock that cannot wake its waiters:
+ * a server's, or a yielding waiter's): sleep DP_BACKOFF_FIRST, then each
+ * step a quarter longer, up to a ceiling, never past the deadline. A quarter
+ * (not doubling) keeps a waiter at most about a quarter of its wait late.
+ * A dp_backoff is the caller's (a plain struct: on the stack, or ffi.new in
+ * Lua, whose yielding waiters sleep dp_backoff_next()'s steps themselves).
+ */
+
+#define DP_BACKOFF_FIRST  0.001
+#define DP_BACKOFF_GROWTH 1.25
+#define DP_BACKOFF_MAX    0.02
+
+typedef struct dp_backoff {
+    double step;      /* the next step before clipping */
+    double max;       /* the ceiling of a step */
+    double deadline;  /* dp_clock_monotonic() bound; ignored when unbounded */
+    int unbounded;
+} dp_backoff;
+
+/** Start `bo` (out) for a wait of `timeout` seconds (< 0: no limit) whose
+ * steps grow up to `max_step` seconds (<= 0: DP_BACKOFF_MAX). */
+DP_API void dp_backoff_init(dp_backoff *bo, double timeout, double max_step);
+
+/** The next step to wait, in seconds, clipped to what is left before the
+ * deadline; 0 once the deadline has passed. Grows the step. */
+DP_API double dp_backoff_next(dp_backoff *bo);
+
+/** Sleep the next step (blocking the thread). 1 after a sleep, 0 when the
+ * deadline had passed (no sleep). */
+DP_API int dp_backoff_sleep(dp_backoff *bo);
 
 /** Read a size argument: a number of bytes, or a string such as "64k",
  * "10m", "1g" (powers of 1024). 1 with *out set, or 0 if `a` is neither. */

@@ -15,6 +15,7 @@
 #include <uv.h>
 
 #include "dogpile.h"
+#include "private.h"
 
 #define NSTRIPES 64
 
@@ -384,8 +385,6 @@ DP_API size_t dp_lock_count(void)
 }
 
 /* Called by dp_shutdown() (backend.c): no lock may be held or waited for. */
-void dp__lock_shutdown(void);
-
 void dp__lock_shutdown(void)
 {
     uv_once(&init_once, init_registry);
