@@ -1980,3 +1980,231 @@ describe("async_creation_runner errors", function()
         assert.are.equal(0, tonumber(C.dp_lock_count()))
     end)
 end)
+
+-- -- Issue 19: refusals and the locks around a creator ----------------------------
+
+describe("region get_or_create_multi and the creator's array", function()
+    support.no_leaks()
+
+    it("refuses an array with too few values, naming the counts, and stores nothing", function()
+        local r = memory_region()
+        local calls = 0
+        local err = raises_here("dogpile.cache: get_or_create_multi:", function() r:get_or_create_multi({ "a", "b", "c" }, function(...) calls = calls + 1 return { "A", "B" } end) end,
+                                "expected 3, got 2", "nothing was stored")
+        assert.is_string(err)
+        assert.are.equal(1, calls)
+        assert.are.same({ NO_VALUE, NO_VALUE, NO_VALUE }, r:get_multi({ "a", "b", "c" }))
+        assert.is_nil(next(r.actual_backend._cache), "nothing stored")
+        assert.are.equal(1, r:stats().errors)
+        -- The locks were released: the same keys are created at once.
+        assert.are.same({ 1, 2, 3 }, r:get_or_create_multi({ "a", "b", "c" }, function() return { 1, 2, 3 } end))
+    end)
+
+    it("refuses an array with too many values", function()
+        local r = memory_region()
+        raises_here("dogpile.cache: get_or_create_multi:", function() r:get_or_create_multi({ "a", "b" }, function() return { 1, 2, 3 } end) end,
+                    "expected 2, got 3")
+        assert.are.same({ NO_VALUE, NO_VALUE }, r:get_multi({ "a", "b" }))
+    end)
+
+    it("counts only the keys still to create, and a nil value given with n is cached as nil", function()
+        local r = memory_region()
+        r:set("a", "A")
+        local got
+        local res = r:get_or_create_multi({ "a", "b", "c" }, function(...)
+            got = { ... }
+            return { n = 2, nil, "C" }
+        end)
+        assert.are.same({ "b", "c" }, got)
+        assert.are.equal("A", res[1])
+        assert.is_nil(res[2])
+        assert.are.equal("C", res[3])
+        local b = r:get("b")
+        assert.is_nil(b)
+        assert.is_false(rawequal(NO_VALUE, b))
+        -- A nil in the middle is a value too: the array runs to its last one.
+        local res2 = r:get_or_create_multi({ "x", "y", "z" }, function() return { "X", nil, "Z" } end)
+        assert.are.equal("X", res2[1])
+        assert.are.equal("Z", res2[3])
+        assert.is_nil(r:get("y"))
+        assert.is_false(rawequal(NO_VALUE, r:get("y")))
+    end)
+
+    it("releases a backend's own locks when the count is wrong", function()
+        local held, acquired, released = {}, 0, 0
+        cache.register_backend("test.count_locks", function()
+            local b = require("fixtures.dict_backend").new({})
+            b.get_mutex = function(_, key)
+                return {
+                    acquire = function() acquired = acquired + 1 held[key] = true return true end,
+                    release = function() released = released + 1 held[key] = nil end,
+                }
+            end
+            return b
+        end)
+        local r = cache.make_region():configure("test.count_locks")
+        assert.has_error(function()
+            r:get_or_create_multi({ "a", "b" }, function() return { 1 } end)
+        end)
+        assert.are.equal(2, acquired)
+        assert.are.equal(2, released)
+        assert.is_nil(next(held))
+    end)
+
+    it("through cache_multi_on_arguments: a function returning too few values is an error", function()
+        local r = memory_region()
+        local calls = 0
+        local f = r:cache_multi_on_arguments()(function(...)
+            calls = calls + 1
+            return { "one" }
+        end)
+        raises_here("dogpile.cache: get_or_create_multi:", function() f(1, 2) end, "expected 2, got 1")
+        assert.are.equal(1, calls)
+        assert.are.same({ NO_VALUE, NO_VALUE }, f:get(1, 2))
+    end)
+end)
+
+describe("expiration times that are not finite", function()
+    support.no_leaks()
+
+    local NAN, INF = 0 / 0, math.huge
+
+    it("are refused by configure, configure_from_config and load_regions", function()
+        for _, bad in ipairs { NAN, INF, -INF } do
+            local r = cache.make_region()
+            raises_here("dogpile.cache: configure: expiration_time must be a finite number", function() r:configure("dogpile.cache.memory", { expiration_time = bad }) end, tostring(bad))
+            assert.is_false(r.is_configured)
+        end
+        for _, s in ipairs { "inf", "-inf", "nan" } do
+            local r = cache.make_region()
+            raises_here("dogpile.cache: configure_from_config: cache.expiration_time must be a finite", function() r:configure_from_config({ ["cache.backend"] = "dogpile.cache.memory", ["cache.expiration_time"] = s }, "cache.") end)
+        end
+        raises_here("dogpile.cache: configure: expiration_time must be a finite", function() cache.load_regions({ r = { backend = "dogpile.cache.memory", expiration_time = INF } }) end)
+    end)
+
+    it("are refused by get, get_multi, get_value_metadata, get_or_create and get_or_create_multi", function()
+        local r = memory_region()
+        r:set("k", "v")
+        local calls = 0
+        local function creator() calls = calls + 1 return "new" end
+        for _, bad in ipairs { NAN, INF, -INF } do
+            raises_here("dogpile.cache: get: expiration_time must be a finite number", function() r:get("k", bad) end, "-1: never expires")
+            raises_here("dogpile.cache: get_multi: expiration_time must be a finite", function() r:get_multi({ "k" }, bad) end)
+            raises_here("dogpile.cache: get_value_metadata: expiration_time must be a finite", function() r:get_value_metadata("k", bad) end)
+            raises_here("dogpile.cache: get_or_create: expiration_time must be a finite", function() r:get_or_create("k", creator, bad) end)
+            raises_here("dogpile.cache: get_or_create_multi: expiration_time must be a finite", function() r:get_or_create_multi({ "k" }, creator, bad) end)
+        end
+        assert.are.equal(0, calls)
+        -- -1 and finite values still work.
+        assert.are.equal("v", r:get("k", -1))
+        assert.are.equal("v", r:get_or_create("k", creator, 1e9))
+    end)
+
+    it("are refused by the decorators, as an option and from an expiration_time function", function()
+        local r = memory_region()
+        local f = function(x) return x end
+        raises_here("dogpile.cache: cache_on_arguments: expiration_time must be a finite", function() r:cache_on_arguments({ expiration_time = INF }) end)
+        raises_here("dogpile.cache: cache_multi_on_arguments: expiration_time must be a finite", function() r:cache_multi_on_arguments({ expiration_time = NAN }) end)
+        local calls = 0
+        local g = r:cache_on_arguments({ expiration_time = function() return NAN end })(function(x)
+            calls = calls + 1
+            return x
+        end)
+        raises_here("dogpile.cache: cache_on_arguments: the expiration_time function returned", function() g(1) end, "nan")
+        local h = r:cache_multi_on_arguments({ expiration_time = function() return -INF end })(f)
+        raises_here("dogpile.cache: cache_multi_on_arguments: the expiration_time function returned", function() h(1) end, "-inf")
+        assert.are.equal(0, calls)
+        local ok = r:cache_on_arguments({ expiration_time = function() return 60 end })(f)
+        assert.are.equal(3, ok(3))
+    end)
+end)
+
+describe("region:invalidate's argument", function()
+    support.no_leaks()
+
+    it("must be a boolean or nil: invalidate('no') is refused, not taken as hard", function()
+        local r = memory_region()
+        r:set("k", "v")
+        sleep(0.002)
+        raises_here("dogpile.cache: invalidate: hard must be true, false or nil", function() r:invalidate("no") end, "string")
+        raises_here("dogpile.cache: invalidate: hard must be", function() r:invalidate(0) end, "number")
+        assert.are.equal("v", r:get("k"))
+        assert.is_false(r.region_invalidator:was_hard_invalidated())
+        assert.is_false(r.region_invalidator:was_soft_invalidated())
+        local s = cache.DefaultInvalidationStrategy.new()
+        raises_here("dogpile.cache: invalidate: hard must be", function() s:invalidate("yes") end)
+        r:invalidate(false)
+        assert.is_true(r.region_invalidator:was_soft_invalidated())
+        r:invalidate()
+        assert.are.equal(NO_VALUE, r:get("k"))
+    end)
+end)
+
+describe("a lock release that fails after the creator succeeded", function()
+    support.no_leaks()
+
+    -- A backend whose lock cannot be released (its server went away after
+    -- the lock was taken, say).
+    local function failing_release_region()
+        local releases = 0
+        cache.register_backend("test.bad_release", function()
+            local b = require("fixtures.dict_backend").new({})
+            b.get_mutex = function(_, key)
+                local m = { held = false }
+                function m.acquire() m.held = true return true end
+                function m.release()
+                    releases = releases + 1
+                    m.held = false
+                    error("test.bad_release: release of the lock for key '" .. key .. "': connection lost", 0)
+                end
+                return m
+            end
+            return b
+        end)
+        return cache.make_region({ name = "rel" }):configure("test.bad_release"), function() return releases end
+    end
+
+    it("is logged, and get_or_create returns the value it stored", function()
+        local lines = capture_log()
+        local r, releases = failing_release_region()
+        local calls = 0
+        assert.are.equal("v", r:get_or_create("k", function() calls = calls + 1 return "v" end))
+        assert.are.equal(1, calls)
+        assert.are.equal(1, releases())
+        assert.are.equal("v", r:get("k"))
+        assert.are.equal(1, #lines)
+        assert.truthy(lines[1]:find("connection lost", 1, true), lines[1])
+        assert.truthy(lines[1]:find("key 'k'", 1, true), lines[1])
+    end)
+
+    it("is logged by get_or_create_multi too", function()
+        local lines = capture_log()
+        local r, releases = failing_release_region()
+        assert.are.same({ 1, 2 }, r:get_or_create_multi({ "a", "b" }, function() return { 1, 2 } end))
+        assert.are.equal(2, releases())
+        assert.are.equal(2, #lines)
+        assert.are.same({ 1, 2 }, r:get_multi({ "a", "b" }))
+    end)
+
+    it("does not hide the creator's own error", function()
+        local lines = capture_log()
+        local r = failing_release_region()
+        local boom = setmetatable({}, { __tostring = function() return "boom" end })
+        local ok, err = pcall(r.get_or_create, r, "k", function() error(boom) end)
+        assert.is_false(ok)
+        assert.are.equal(boom, err)
+        assert.are.equal(NO_VALUE, r:get("k"))
+        assert.are.equal(0, #lines)
+    end)
+
+    it("is logged by dogpile.Lock:enter, which returns the value", function()
+        local lines = capture_log()
+        local m = { acquire = function() return true end,
+                    release = function() error("mutex gone", 0) end }
+        local lock = dogpile.Lock.new(m, function() return "made", 1 end,
+                                      function() error(dogpile.NeedRegenerationException) end, 10)
+        assert.are.equal("made", lock:enter())
+        assert.are.equal(1, #lines)
+        assert.truthy(lines[1]:find("mutex gone", 1, true))
+    end)
+end)

@@ -177,6 +177,13 @@ local REGIONS = {
       { arguments = { name = "jit_spec" } }, "dogpile.cache.shared_memory", 0.5 },
 }
 
+-- A backend with a front (front.md, support.front_backend): the region
+-- reads its table after its sync function.
+cache.register_backend("spec.jit_front", function() return support.front_backend() end)
+REGIONS[#REGIONS + 1] = { "a front table with expiration_time", { expiration_time = 3600 },
+                          "spec.jit_front" }
+REGIONS[#REGIONS + 1] = { "a front table without expiration_time", {}, "spec.jit_front" }
+
 local LOOPS = {
     { "region:get", get_loop },
     { "region:get_or_create", get_or_create_loop },

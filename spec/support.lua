@@ -143,4 +143,64 @@ function _M.count_lines(path)
     return n
 end
 
+-- -- A two-tier Lua backend with a front (front.md) ------------------------------
+
+--- A backend of two tiers, each a table of CachedValues: `front.store` (tier
+-- 1, read by the region directly) and `below` (tier 2, what another process
+-- would see). `get` reads both, returns the newer copy and promotes it;
+-- `set`/`delete` write through both. `front.sync()` drops the keys queued in
+-- `pending` (as a change feed would) and counts its calls; it costs one table
+-- load when nothing is pending. `invalidator` is shared by every region over
+-- it. Counters: gets (calls of get), syncs, tier1/tier2 (hits of get per tier).
+function _M.front_backend(invalidator)
+    local api = require "dogpile.cache.api"
+    local NO_VALUE = api.NO_VALUE
+    local T, below = {}, {}
+    local b = { gets = 0, syncs = 0, tier1 = 0, tier2 = 0, pending = {}, npending = 0,
+                below = below, invalidator = invalidator }
+    local state = b
+    b.front = {
+        store = T,
+        sync = function()
+            state.syncs = state.syncs + 1
+            if state.npending ~= 0 then
+                for k in pairs(state.pending) do
+                    T[k] = nil
+                end
+                state.pending, state.npending = {}, 0
+            end
+        end,
+    }
+    -- The newer of the two copies; tier 2's is promoted.
+    function b.get(self, key)
+        self.gets = self.gets + 1
+        local v1, v2 = T[key], below[key]
+        if v2 ~= nil and (v1 == nil or v2.metadata.ct > v1.metadata.ct) then
+            self.tier2 = self.tier2 + 1
+            T[key] = v2
+            return v2
+        elseif v1 ~= nil then
+            self.tier1 = self.tier1 + 1
+            return v1
+        end
+        return NO_VALUE
+    end
+    function b.set(_, key, value)
+        T[key], below[key] = value, value
+    end
+    function b.delete(_, key)
+        T[key], below[key] = nil, nil
+    end
+    --- Another process changed `key` in tier 2: queue it for sync().
+    function b.changed_elsewhere(self, key, value)
+        below[key] = value
+        self.pending[key] = true
+        self.npending = self.npending + 1
+    end
+    function b.tier_hits(self, front_hits)
+        return { self.tier1 + front_hits, self.tier2 }
+    end
+    return b
+end
+
 return _M

@@ -8,9 +8,10 @@ local options = require "dogpile.cache.options"
 
 local raise = lib.raise
 local is_callable = dogpile.is_callable
-local finite, check_expiration = options.finite, options.check_expiration
+local finite = options.finite
 local NO_VALUE = api.NO_VALUE
-local type, pairs, select, setmetatable, unpack = type, pairs, select, setmetatable, unpack
+local type, pairs, select, setmetatable, unpack, tostring =
+      type, pairs, select, setmetatable, unpack, tostring
 
 lib.own_source()
 
@@ -30,7 +31,9 @@ local function expiration(self, who)
     if self._exp_fn then
         exp = exp()
         if exp ~= nil and not finite(exp) then
-            check_expiration(exp, who .. ": the expiration_time function's result")
+            raise("dogpile.cache: " .. who .. ": the expiration_time function returned "
+                  .. (type(exp) == "number" and tostring(exp) or ("a " .. type(exp)))
+                  .. "; it must return a finite number of seconds (-1: never expires) or nil")
         end
     end
     return exp
