@@ -9,11 +9,12 @@
  * reconfiguring, and keys on a dead server fail fast instead of moving.
  *
  * The lock between processes (and machines) is memcached's `add` of a lock
- * key with a random token and a finite expiry; release reads the lock key
- * back and deletes it only if it still holds our token (README explains the
- * one race memcached leaves, since it has no compare-and-delete that
- * libmemcached exposes). Threads of one process are ordered before that by the
- * core's per-key lock in this instance's lock domain (see c.lua). */
+ * key with a random token and a finite expiry; release is a compare-and-
+ * delete: `gets` the lock key, and when it still holds our token, `cas` it
+ * with its CAS unique to an expiry in the past (the item is gone at once),
+ * so a lock that expired and was taken by another holder is never removed,
+ * however long ours was held. Threads of one process are ordered before that
+ * by the core's per-key lock in this instance's lock domain (see c.lua). */
 #include <errno.h>
 #include <inttypes.h>
 #include <math.h>
@@ -60,11 +61,10 @@ typedef struct mc {
     held *locks;
     uint32_t domain;
     time_t expire;         /* memcached_expire_time: the TTL sent with each set */
-    double item_size_max;  /* bytes */
+    double item_size_max;  /* bytes, when the user set it (0: the server's, as it answers) */
     double lock_timeout;   /* seconds: the longest a lock is held */
     time_t lock_expire;    /* the lock key's expiry: ceil(lock_timeout) + 1 */
     double lock_backoff_max;
-    double socket_timeout;
     uint64_t token_seq;
     _Atomic uint64_t hits, misses;
 } mc;
@@ -101,15 +101,44 @@ static void conn_put(mc *s, memcached_st *m)
     uv_mutex_unlock(&s->mu);
 }
 
+/* libmemcached's last error message, as a user reads it: it starts with the
+ * address of its own structure, "(0x55d1c0ffee00) ", repeats the server
+ * (",  host: h:p") and ends with its source position (" -> file.cc:145");
+ * the message keeps the words in between. */
+static void clean_detail(const char *in, char *out, size_t cap)
+{
+    if (in[0] == '(' && in[1] == '0' && in[2] == 'x') {
+        const char *close = strchr(in, ')');
+        if (close)
+            in = close + 1;
+    }
+    while (*in == ' ')
+        in++;
+    size_t n = strlen(in);
+    const char *cut;
+    if ((cut = strstr(in, " -> ")) != NULL && (size_t)(cut - in) < n)
+        n = (size_t)(cut - in);
+    if ((cut = strstr(in, "host: ")) != NULL && (size_t)(cut - in) < n)
+        n = (size_t)(cut - in);
+    while (n > 0 && (in[n - 1] == ' ' || in[n - 1] == ','))
+        n--;
+    if (n >= cap)
+        n = cap - 1;
+    memcpy(out, in, n);
+    out[n] = '\0';
+}
+
 /* Describe a libmemcached failure for `key`, naming the server it maps to. */
 static int mc_fail(memcached_st *m, const char *op, const char *key, size_t klen,
                    memcached_return_t rc, dp_err *err)
 {
     memcached_return_t r2;
     const memcached_instance_st *srv = memcached_server_by_key(m, key, klen, &r2);
-    const char *detail = memcached_last_error_message(m);
-    if (!detail || !*detail)
-        detail = memcached_strerror(m, rc);
+    char detail[200];
+    const char *raw = memcached_last_error_message(m);
+    clean_detail(raw ? raw : "", detail, sizeof detail);
+    if (!detail[0])
+        snprintf(detail, sizeof detail, "%s", memcached_strerror(m, rc));
     if (srv)
         return dp_err_set(err, DP_EBACKEND, "%s on server %s:%u: %s", op,
                           memcached_server_name(srv), (unsigned)memcached_server_port(srv),
@@ -170,30 +199,75 @@ static int mc_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_er
     return status;
 }
 
+static memcached_return_t stat_item_size_max(const memcached_instance_st *srv, const char *key,
+                                             size_t klen, const char *value, size_t vlen,
+                                             void *ctx)
+{
+    (void)srv;
+    if (klen == 13 && memcmp(key, "item_size_max", 13) == 0 && vlen > 0 && vlen < 32) {
+        char buf[32];
+        memcpy(buf, value, vlen);
+        buf[vlen] = '\0';
+        *(double *)ctx = strtod(buf, NULL);
+    }
+    return MEMCACHED_SUCCESS;
+}
+
+/* The item size limit of `srv`, as it says in `stats settings` (memcached
+ * -I); 0 when it does not answer. Asked through a handle of its own that
+ * names only that server, with the instance's timeouts. */
+static double server_item_size_max(mc *s, const memcached_instance_st *srv)
+{
+    double limit = 0;
+    uv_mutex_lock(&s->mu);
+    memcached_st *one = memcached_clone(NULL, s->master);
+    uv_mutex_unlock(&s->mu);
+    if (!one)
+        return 0;
+    memcached_servers_reset(one);
+    if (memcached_success(memcached_server_add(one, memcached_server_name(srv),
+                                               memcached_server_port(srv))))
+        memcached_stat_execute(one, "settings", stat_item_size_max, &limit);
+    memcached_free(one);
+    return limit;
+}
+
+/* The size limit is the server's: a value it refuses as too large is an
+ * error naming the value's size and the limit the server gives (nothing is
+ * assumed on this side, so a server started with -I 4m takes 2 MiB values).
+ * A limit the user sets (item_size_max) is checked before sending. */
 static int mc_set(void *self, const char *key, size_t klen, const char *value, size_t vlen,
                   dp_err *err)
 {
     mc *s = self;
     if (check_key(key, klen, err) != DP_OK)
         return err->code;
-    if ((double)vlen + klen + ITEM_OVERHEAD > s->item_size_max)
+    if (s->item_size_max > 0 && (double)vlen + klen + ITEM_OVERHEAD > s->item_size_max)
         return dp_err_set(err, DP_ETOOBIG,
-                          "a value of %zu bytes is larger than the server's item size limit "
-                          "(item_size_max = %.0f bytes, less %d bytes for the key and header; "
-                          "memcached -I sets it)",
+                          "a value of %zu bytes is larger than the item size limit set "
+                          "(item_size_max = %.0f bytes, less %d bytes for the key and header)",
                           vlen, s->item_size_max, (int)(klen + ITEM_OVERHEAD));
     memcached_st *m = conn_get(s, err);
     if (!m)
         return DP_ENOMEM;
     memcached_return_t rc = memcached_set(m, key, klen, value, vlen, s->expire, 0);
     int status = DP_OK;
-    if (rc == MEMCACHED_E2BIG)
-        status = dp_err_set(err, DP_ETOOBIG,
-                            "the server refused a value of %zu bytes as too large (its item "
-                            "size limit, memcached -I, is below item_size_max = %.0f bytes)",
-                            vlen, s->item_size_max);
-    else if (!memcached_success(rc))
+    if (rc == MEMCACHED_E2BIG) {
+        memcached_return_t r2;
+        const memcached_instance_st *srv = memcached_server_by_key(m, key, klen, &r2);
+        double limit = srv ? server_item_size_max(s, srv) : 0;
+        if (srv && limit > 0)
+            status = dp_err_set(err, DP_ETOOBIG, "a value of %zu bytes is larger than the item "
+                                "size limit of server %s:%u (item_size_max = %.0f bytes, with "
+                                "the key and header; memcached -I sets it)", vlen,
+                                memcached_server_name(srv), (unsigned)memcached_server_port(srv),
+                                limit);
+        else
+            status = dp_err_set(err, DP_ETOOBIG, "the server refused a value of %zu bytes as "
+                                "larger than its item size limit (memcached -I)", vlen);
+    } else if (!memcached_success(rc)) {
         status = mc_fail(m, "set", key, klen, rc, err);
+    }
     conn_put(s, m);
     return status;
 }
@@ -421,13 +495,16 @@ static int mc_lock(void *self, const char *key, size_t klen, double timeout, dp_
     }
 }
 
-/* Release: only a lock that still holds our token is deleted. memcached has
- * no compare-and-delete that libmemcached exposes, so this is a read then a
- * delete; the lock could change hands between the two only if it expired
- * meanwhile. It lives at least lock_timeout (see lock_expire), and the read
- * and the delete each end within socket_timeout, so we delete only when
- * that much time is left: elapsed + 2 * socket_timeout < lock_timeout.
- * Otherwise the lock is left to expire by itself. */
+/* memcached reads an expiry above 30 days as a Unix time: this one, in 1970,
+ * makes an item expire at once. */
+#define EXPIRED ((time_t)(30 * 24 * 3600 + 1))
+
+/* Release: a compare-and-delete. `gets` returns the lock key's token and its
+ * CAS unique; only when the token is ours is the key stored again with that
+ * CAS and an expiry in the past, which memcached refuses if anyone changed
+ * the key since the `gets` (it expired and another holder added it). So the
+ * release is prompt whenever the lock is still ours, and never removes
+ * another holder's. DP_ENOTHELD (with a message) when it was no longer ours. */
 static int mc_unlock(void *self, const char *key, size_t klen, dp_err *err)
 {
     mc *s = self;
@@ -442,10 +519,7 @@ static int mc_unlock(void *self, const char *key, size_t klen, dp_err *err)
     uv_mutex_unlock(&s->mu);
     if (!h)
         return DP_ENOTHELD;
-    if (dp_clock_monotonic() - h->taken + 2 * s->socket_timeout >= s->lock_timeout) {
-        free(h); /* expired, or about to: deleting could remove the next holder's */
-        return DP_OK;
-    }
+    double held_for = dp_clock_monotonic() - h->taken;
     char lk[MAX_KEY + 1];
     size_t lklen = lock_key(key, klen, lk);
     memcached_st *m = conn_get(s, err);
@@ -453,25 +527,96 @@ static int mc_unlock(void *self, const char *key, size_t klen, dp_err *err)
         free(h);
         return DP_ENOMEM;
     }
-    int status = DP_OK;
-    size_t vlen = 0;
-    uint32_t flags;
-    memcached_return_t rc;
-    char *v = memcached_get(m, lk, lklen, &vlen, &flags, &rc);
-    if (v) {
-        if (vlen == h->tlen && memcmp(v, h->token, vlen) == 0) {
-            rc = memcached_delete(m, lk, lklen, 0);
-            if (!memcached_success(rc) && rc != MEMCACHED_NOTFOUND)
-                status = mc_fail(m, "delete of the lock key", lk, lklen, rc, err);
+    memcached_behavior_set(m, MEMCACHED_BEHAVIOR_SUPPORT_CAS, 1);
+    const char *keys[1] = {lk};
+    size_t lens[1] = {lklen};
+    int status = DP_OK, ours = 0;
+    uint64_t cas = 0;
+    memcached_return_t rc = memcached_mget(m, keys, lens, 1);
+    if (!memcached_success(rc)) {
+        status = mc_fail(m, "gets of the lock key", lk, lklen, rc, err);
+    } else {
+        memcached_result_st res_s;
+        memcached_result_st *res = memcached_result_create(m, &res_s);
+        while (res && memcached_fetch_result(m, &res_s, &rc) != NULL) {
+            if (memcached_result_length(&res_s) == h->tlen &&
+                memcmp(memcached_result_value(&res_s), h->token, h->tlen) == 0) {
+                ours = 1;
+                cas = memcached_result_cas(&res_s);
+            }
         }
-        /* else: ours expired and another holder took it: leave theirs */
-        free(v);
-    } else if (rc != MEMCACHED_NOTFOUND) {
-        status = mc_fail(m, "get of the lock key", lk, lklen, rc, err);
+        memcached_result_free(&res_s);
+        if (rc != MEMCACHED_END && rc != MEMCACHED_SUCCESS && rc != MEMCACHED_NOTFOUND)
+            status = mc_fail(m, "gets of the lock key", lk, lklen, rc, err);
     }
+    if (status == DP_OK && ours) {
+        rc = memcached_cas(m, lk, lklen, "", 0, EXPIRED, 0, cas);
+        if (rc == MEMCACHED_DATA_EXISTS || rc == MEMCACHED_NOTFOUND)
+            ours = 0; /* expired and taken since the gets: theirs now */
+        else if (!memcached_success(rc))
+            status = mc_fail(m, "release (cas) of the lock key", lk, lklen, rc, err);
+    }
+    memcached_behavior_set(m, MEMCACHED_BEHAVIOR_SUPPORT_CAS, 0);
     conn_put(s, m);
     free(h);
+    if (status == DP_OK && !ours)
+        status = dp_err_set(err, DP_ENOTHELD, "the lock had expired after %.3f s (lock_timeout "
+                            "%g s) and was left to whoever holds it now", held_for,
+                            s->lock_timeout);
     return status;
+}
+
+/* Wait, without taking it, until the holder seen at the call lets go of the
+ * lock: the lock key read with `get` every 1 ms doubling to lock_backoff_max
+ * until it is gone or holds another token (a later holder is not waited
+ * for). Polling, not a notification: a holder that dies is noticed when its
+ * key expires, and waiters never depend on the release reaching them. */
+static int mc_wait_unlocked(void *self, const char *key, size_t klen, double timeout,
+                            dp_err *err)
+{
+    mc *s = self;
+    char lk[MAX_KEY + 1];
+    size_t lklen = lock_key(key, klen, lk);
+    char first[64];
+    size_t flen = 0;
+    int seen = 0;
+    double deadline = dp_clock_monotonic() + (timeout > 0 ? timeout : 0);
+    double step = 0.001;
+    for (;;) {
+        memcached_st *m = conn_get(s, err);
+        if (!m)
+            return DP_ENOMEM;
+        size_t vlen = 0;
+        uint32_t flags;
+        memcached_return_t rc;
+        char *v = memcached_get(m, lk, lklen, &vlen, &flags, &rc);
+        if (!v && rc != MEMCACHED_NOTFOUND && rc != MEMCACHED_SUCCESS) {
+            int st = mc_fail(m, "get of the lock key", lk, lklen, rc, err);
+            conn_put(s, m);
+            return st;
+        }
+        conn_put(s, m);
+        size_t cmp = vlen < sizeof first ? vlen : sizeof first;
+        int held = v && (!seen || (vlen == flen && memcmp(v, first, cmp) == 0));
+        if (v && !seen) {
+            memcpy(first, v, cmp);
+            flen = vlen;
+            seen = 1;
+        }
+        free(v);
+        if (!held)
+            return DP_OK;
+        if (timeout == 0)
+            return DP_EBUSY;
+        double now = dp_clock_monotonic();
+        if (timeout > 0 && now >= deadline)
+            return DP_ETIMEDOUT;
+        double d = step;
+        if (timeout > 0 && d > deadline - now)
+            d = deadline - now;
+        dp_clock_sleep(d);
+        step = step * 2 < s->lock_backoff_max ? step * 2 : s->lock_backoff_max;
+    }
 }
 
 /* -- Open and close ------------------------------------------------------------------ */
@@ -533,6 +678,53 @@ static int behavior(mc *s, memcached_behavior_t b, uint64_t v, const char *what,
     return DP_OK;
 }
 
+/* One server of the list: "host:port" or "host" (port 11211); host a name
+ * or an IPv4 address (letters, digits, '.', '-', '_'), port 1 to 65535. */
+static int check_server(const char *srv, size_t n, dp_err *err)
+{
+    const char *colon = memchr(srv, ':', n);
+    size_t hlen = colon ? (size_t)(colon - srv) : n;
+    int ok = hlen > 0;
+    for (size_t i = 0; ok && i < hlen; i++) {
+        unsigned char c = (unsigned char)srv[i];
+        ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+             c == '.' || c == '-' || c == '_';
+    }
+    if (!ok)
+        return dp_err_set(err, DP_EINVAL, NAME ": url '%.*s' does not parse: the host must be a "
+                          "name or an address (\"host:port\")", (int)(n > 200 ? 200 : n), srv);
+    if (!colon)
+        return DP_OK;
+    const char *port = colon + 1;
+    size_t plen = n - hlen - 1;
+    unsigned long v = 0;
+    ok = plen > 0 && plen <= 5;
+    for (size_t i = 0; ok && i < plen; i++) {
+        ok = port[i] >= '0' && port[i] <= '9';
+        v = v * 10 + (unsigned long)(port[i] - '0');
+    }
+    if (!ok || v < 1 || v > 65535)
+        return dp_err_set(err, DP_EINVAL, NAME ": url '%.*s' does not parse: the port '%.*s' is "
+                          "not a number from 1 to 65535", (int)(n > 200 ? 200 : n), srv,
+                          (int)(plen > 40 ? 40 : plen), port);
+    return DP_OK;
+}
+
+static int check_url(const char *list, dp_err *err)
+{
+    const char *p = list;
+    for (;;) {
+        const char *end = strchr(p, ',');
+        size_t n = end ? (size_t)(end - p) : strlen(p);
+        int rc = check_server(p, n, err);
+        if (rc != DP_OK)
+            return rc;
+        if (!end)
+            return DP_OK;
+        p = end + 1;
+    }
+}
+
 static int mc_open(void *ud, const dp_arg *args, size_t nargs, void **self, dp_err *err)
 {
     (void)ud;
@@ -549,7 +741,6 @@ static int mc_open(void *ud, const dp_arg *args, size_t nargs, void **self, dp_e
     size_t hashlen = 0;
     s->lock_timeout = 30;
     s->lock_backoff_max = 0.05;
-    s->item_size_max = 1024 * 1024;
     int rc = DP_OK;
     for (size_t i = 0; i < nargs && rc == DP_OK; i++) {
         const dp_arg *a = &args[i];
@@ -613,9 +804,10 @@ static int mc_open(void *ud, const dp_arg *args, size_t nargs, void **self, dp_e
     s->lock_expire = (time_t)ceil(s->lock_timeout) + 1;
     if (s->lock_expire > 30 * 24 * 3600)
         s->lock_expire = 30 * 24 * 3600;
-    s->socket_timeout = socket_timeout;
 
-    /* The server list: "h1:p1,h2:p2" (the Lua module joins a list). */
+    /* The server list: "h1:p1,h2:p2" (the Lua module joins a list), each
+     * checked here: libmemcached's parser turns what it cannot read into
+     * 127.0.0.1:11211 or a port modulo 65536 without a word. */
     char *list = malloc(urllen + 1);
     if (!list) {
         mc_free(s);
@@ -623,6 +815,11 @@ static int mc_open(void *ud, const dp_arg *args, size_t nargs, void **self, dp_e
     }
     memcpy(list, url, urllen);
     list[urllen] = '\0';
+    if ((rc = check_url(list, err)) != DP_OK) {
+        free(list);
+        mc_free(s);
+        return rc;
+    }
     memcached_server_st *servers = memcached_servers_parse(list);
     if (!servers || memcached_server_list_count(servers) == 0) {
         dp_err_set(err, DP_EINVAL, NAME ": cannot parse url '%s' (expected \"host:port\" or a "
@@ -713,6 +910,7 @@ static const dp_backend_ops mc_ops = {
     .infallible = 0,
     .lock = mc_lock,
     .unlock = mc_unlock,
+    .wait_unlocked = mc_wait_unlocked,
     .get_multi = mc_get_multi,
 };
 

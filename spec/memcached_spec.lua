@@ -33,11 +33,13 @@ end
 
 local own = {} -- port -> pid of servers this file started
 
-local function start_server(port)
+-- `flags`: more of memcached's options, e.g. "-I 4m".
+local function start_server(port, flags)
     port = port or tonumber(sh(FREE_PORT):match("%d+"))
     -- -d: memcached daemonizes (nothing is left to reap), its pid in a file
     local pidfile = os.tmpname()
-    sh(("memcached -d -P %s -l 127.0.0.1 -p %d -U 0 -m 64 -u root"):format(pidfile, port))
+    sh(("memcached -d -P %s -l 127.0.0.1 -p %d -U 0 -m 64 -u root %s")
+        :format(pidfile, port, flags or ""))
     local t0 = now()
     while not port_open(port) or not (read(pidfile) or ""):match("%d+") do
         assert(now() - t0 < 10, "memcached on port " .. port .. " did not start")
@@ -312,6 +314,16 @@ describe("dogpile.cache.memcached", function()
                 { { url = 5 }, "url must be" },
                 { { url = {} }, "url must name at least one server" },
                 { { url = { "a:1", 2 } }, "url[2] must be" },
+                { { url = "127.0.0.1:abc" }, "url '127.0.0.1:abc' does not parse: the port 'abc' "
+                                             .. "is not a number from 1 to 65535" },
+                { { url = "127.0.0.1:99999" }, "url '127.0.0.1:99999' does not parse" },
+                { { url = "127.0.0.1:0" }, "the port '0' is not a number from 1 to 65535" },
+                { { url = "127.0.0.1:" }, "url '127.0.0.1:' does not parse" },
+                { { url = "127.0.0.1:11211 x" }, "url '127.0.0.1:11211 x' does not parse" },
+                { { url = { "127.0.0.1:11211", "localhost:port" } },
+                  "url 'localhost:port' does not parse" },
+                { { url = ":11211" }, "url ':11211' does not parse: the host must be" },
+                { { url = "a,,b" }, "url '' does not parse" },
                 { { lock_timeout = -1 }, "lock_timeout must be a finite positive number" },
                 { { lock_timeout = math.huge }, "lock_timeout must be a finite positive number" },
                 { { socket_timeout = "slow" }, "socket_timeout must be a number" },
@@ -370,26 +382,48 @@ describe("dogpile.cache.memcached", function()
             assert.matches("not a valid memcached key", err, 1, true)
         end)
 
-        it("refuses a value larger than the item size limit, naming both", function()
+        it("refuses a value larger than the server's item size limit, naming both", function()
             local r = region()
             local k = fresh()
             local ok, err = pcall(r.set, r, k, string.rep("b", 2 * 1024 * 1024))
             assert.is_false(ok)
             assert.matches("dogpile.cache.memcached: set '" .. k .. "' failed", err, 1, true)
-            assert.matches("a value of %d+ bytes is larger than the server's item size limit", err)
-            assert.matches("item_size_max = 1048576 bytes", err, 1, true)
+            assert.matches("a value of %d+ bytes is larger than the item size limit of server "
+                           .. "127%.0%.0%.1:%d+ %(item_size_max = 1048576 bytes", err)
             local fits = string.rep("f", 1000 * 1000)
             r:set(k, fits)
             assert.are.equal(fits, r:get(k))
+            -- a limit of the user's own is checked before sending
             local small = region({ item_size_max = "64k" })
             ok, err = pcall(small.set, small, k, string.rep("s", 70000))
             assert.is_false(ok)
-            assert.matches("item_size_max = 65536 bytes", err, 1, true)
-            -- a limit set above the server's: the server's refusal is reported clearly
+            assert.matches("larger than the item size limit set (item_size_max = 65536 bytes",
+                           err, 1, true)
+            -- one set above the server's: the server's refusal names the server's
             local lying = region({ item_size_max = "8m" })
             ok, err = pcall(lying.set, lying, k, string.rep("l", 3 * 1024 * 1024))
             assert.is_false(ok)
-            assert.matches("refused a value of %d+ bytes as too large", err)
+            assert.matches("(item_size_max = 1048576 bytes", err, 1, true)
+        end)
+
+        it("takes the limit from the server: a memcached -I 4m takes 2 MiB values", function()
+            local port = start_server(nil, "-I 4m")
+            finally(function() stop_server(port) end)
+            for _, binary in ipairs({ false, true }) do
+                local r = region({ url = "127.0.0.1:" .. port, binary = binary })
+                local k = fresh("big")
+                local two = string.rep("2", 2 * 1024 * 1024)
+                r:set(k, two)
+                assert.are.equal(two, r:get(k))
+                local ok, err = pcall(r.set, r, k, string.rep("5", 5 * 1024 * 1024))
+                assert.is_false(ok)
+                assert.matches("a value of 5242%d+ bytes is larger than the item size limit of "
+                               .. "server 127%.0%.0%.1:" .. port .. " %(item_size_max = 4194304 "
+                               .. "bytes", err)
+                -- memcached drops the key's old value when it refuses a set,
+                -- so that the old one is never served as if the set had worked
+                assert.are.equal(NO_VALUE, r:get(k))
+            end
         end)
     end)
 
@@ -456,9 +490,72 @@ describe("dogpile.cache.memcached", function()
             -- memcached's clock ticks in whole seconds: the expiry sent is
             -- lock_timeout + 1, so the lock lives between 1 and 2 s
             assert.is_true(waited >= 0.6 and waited < 2.2, "the lock lived " .. waited .. " s")
+            -- b1's release comes after its lock expired and b2 took it over:
+            -- b2's is left alone, and b1 learns that it no longer held it
+            local b3 = region().actual_backend
+            assert.are.equal(lib.DP_ENOTHELD, raw_unlock(b1, k))
+            assert.matches("the lock had expired after", ffi.string(b1.err.msg), 1, true)
+            assert.are.equal(lib.DP_EBUSY, raw_lock(b3, k))
             assert.are.equal(lib.DP_OK, raw_unlock(b2, k))
-            -- b1's release comes after its lock expired: nothing is deleted
-            assert.are.equal(lib.DP_OK, raw_unlock(b1, k))
+            assert.are.equal(lib.DP_OK, raw_lock(b3, k))
+            assert.are.equal(lib.DP_OK, raw_unlock(b3, k))
+        end)
+
+        it("is released at once while it is ours, however long the creator ran: lock_timeout "
+           .. "2, a creator of 1.5 s, waiters in 4 processes return within ~100 ms of it",
+           function()
+            local dir = tmpdir()
+            local key = fresh("slow")
+            local counter, started = dir .. "/creations", dir .. "/started"
+            local urls = table.concat(URLS, ",")
+            -- socket_timeout 1 (the default): held + 2 x socket_timeout was
+            -- past lock_timeout, and the old rule left the lock to expire
+            local args = "{ lock_timeout = 2, socket_timeout = 1 }"
+            local f = script(dir, "slow", [[
+local key, counter, started = arg[3], arg[4], arg[5]
+local v = r:get_or_create(key, function()
+    append(counter, "x")
+    append(started, "started")
+    sleep(1.5)
+    append(arg[6], string.format("%.6f", now()))
+    return "created"
+end)
+io.write(v, " ", string.format("%.6f", now()), "\n")
+]])
+            local created = dir .. "/created"
+            sh(("luajit %s '%s' '%s' '%s' '%s' '%s' '%s' > %s/creator.out 2>&1 &")
+                :format(f, urls, args, key, counter, started, created, dir))
+            local t0 = now()
+            while count_lines(started) == 0 do
+                assert.is_true(now() - t0 < 10, "the creator never started: "
+                               .. tostring(read(dir .. "/creator.out")))
+                sleep(0.005)
+            end
+            local cmd = {}
+            for i = 1, 4 do
+                cmd[i] = ("luajit %s '%s' '%s' '%s' '%s' '%s' '%s' > %s/out%d 2>&1 &")
+                    :format(f, urls, args, key, counter, dir .. "/no", created, dir, i)
+            end
+            sh(table.concat(cmd, " ") .. " wait")
+            t0 = now()
+            while not (read(dir .. "/creator.out") or ""):match("\n") do
+                assert.is_true(now() - t0 < 10, "the creator never finished")
+                sleep(0.005)
+            end
+            assert.are.equal(1, count_lines(counter), "creator calls")
+            local done_creating = tonumber(read(created):match("[%d.]+"))
+            local lags = {}
+            for i = 1, 4 do
+                local out = read(dir .. "/out" .. i)
+                local v, t = out:match("^(%a+) ([%d.]+)\n")
+                assert.are.equal("created", v, out)
+                lags[i] = tonumber(t) - done_creating
+            end
+            table.sort(lags)
+            -- lock_backoff_max (0.05) bounds the poll; the rest is slack
+            -- for a loaded machine, far below the ~1 s the old rule cost
+            assert.is_true(lags[4] < 0.15, ("waiters returned %.3f to %.3f s after the "
+                           .. "creator"):format(lags[1], lags[4]))
         end)
 
         it("distributed_lock = false uses only this process's lock", function()
@@ -595,6 +692,10 @@ io.write(v, " ", string.format("%.3f", now() - t0), "\n")
                 assert.is_false(ok)
                 assert.matches("dogpile.cache.memcached: get '" .. on2 .. "' failed", err, 1, true)
                 assert.matches("127.0.0.1:" .. p2, err, 1, true)
+                -- libmemcached's own message, without its pointer and source position
+                assert.not_matches("0x%x%x%x%x", err)
+                assert.not_matches("%.cc", err)
+                assert.not_matches("libmemcached/", err, 1, true)
                 assert.is_true(took < 0.3 + 0.5, "took " .. took .. " s")
             end
             local t0 = now()
