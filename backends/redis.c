@@ -47,8 +47,10 @@
  * (core/feed.c); its own instance's messages carry its sender tag and are
  * skipped (the writer pushed them itself). The channel is lost when its
  * connection fails: the listener reconnects with a backoff (10 ms doubling to
- * 1 s), and once subscribed again resets the feed, since what changed in the
- * gap was announced to nobody; readers then drop their copies.
+ * 100 ms: a server back is heard within about 100 ms, which bounds how long
+ * a copy may outlive a change made right after it returned), and once
+ * subscribed again resets the feed, since what changed in the gap was
+ * announced to nobody; readers then drop their copies.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -1405,7 +1407,7 @@ static void listener_main(void *arg)
         if (c)
             redisFree(c);
         listener_pause(s, backoff);
-        backoff = backoff * 2 < 1 ? backoff * 2 : 1;
+        backoff = backoff * 2 < 0.1 ? backoff * 2 : 0.1;
     }
 }
 

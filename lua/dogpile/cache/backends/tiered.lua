@@ -368,12 +368,15 @@ function Invalidator:is_soft_invalidated(ct)
     return hard == false and ct < at
 end
 
+-- Asked outside a read (by the user, say): apply what is pending first.
 function Invalidator:was_hard_invalidated()
+    self.tiered.sync()
     local _, hard = self:_current()
     return hard == true
 end
 
 function Invalidator:was_soft_invalidated()
+    self.tiered.sync()
     local _, hard = self:_current()
     return hard == false
 end

@@ -1,0 +1,617 @@
+-- dogpile.cache.tiered: configuration, reads down and promotion, writes
+-- through, the lock, invalidation, stats and failures in one Lua state; then
+-- coherence between real processes and threads on a redis-server of its own
+-- (3 LuaJIT processes on memory -> redis, one process of 4 threads on
+-- memory -> shared_memory -> redis, 4 threads on memory -> shared_memory with
+-- no server): random operations checked for stale reads after 100 ms, a
+-- stampede from all of them, hard and soft invalidation, a redis restart.
+local cache = require "dogpile.cache"
+local support = require "support"
+local ffi = require "ffi"
+local now, sleep, sh, write, read, count_lines = support.now, support.sleep, support.sh,
+    support.write, support.read, support.count_lines
+
+local NO_VALUE = cache.NO_VALUE
+-- The region code maps "dogpile.cache.tiered" to its module once it
+-- registers it; until then the spec does.
+pcall(cache.register_backend, "dogpile.cache.tiered", "dogpile.cache.backends.tiered")
+
+local TMP = (sh("mktemp -d /tmp/dogpile-tiered-XXXXXX"):gsub("%s+$", ""))
+local SRC = debug.getinfo(1, "S").source:sub(2):match("^(.*)/[^/]+$") or "spec"
+local FIX = SRC .. "/fixtures/tiered"
+
+-- -- A redis-server of our own ------------------------------------------------
+
+local function free_port()
+    math.randomseed(os.time() + math.floor(os.clock() * 1e6))
+    for _ = 1, 1000 do
+        local port = math.random(20000, 39999)
+        if sh("(exec 3<>/dev/tcp/127.0.0.1/" .. port .. ") 2>/dev/null && echo busy") == "" then
+            return port
+        end
+    end
+    error("no free port")
+end
+
+local servers = {}
+
+local function start_redis(port)
+    port = port or free_port()
+    local dir = TMP .. "/redis" .. port
+    os.execute("mkdir -p " .. dir)
+    os.remove(dir .. "/redis.pid")
+    local conf = dir .. "/redis.conf"
+    write(conf, table.concat({ "port " .. port, "bind 127.0.0.1", 'save ""', "appendonly no",
+        "dir " .. dir, "daemonize yes", "pidfile " .. dir .. "/redis.pid",
+        "logfile " .. dir .. "/redis.log" }, "\n") .. "\n")
+    local out = sh("redis-server " .. conf)
+    local srv = { port = port, dir = dir }
+    local t0 = now()
+    while true do
+        srv.pid = (read(dir .. "/redis.pid") or ""):match("%d+")
+        if srv.pid and sh("redis-cli -p " .. port .. " ping"):match("PONG") then
+            break
+        end
+        assert(now() - t0 < 10, "redis-server did not start: " .. out)
+        sleep(0.02)
+    end
+    servers[#servers + 1] = srv
+    return srv
+end
+
+local function stop_redis(srv)
+    if srv.pid then
+        sh("kill -9 " .. srv.pid)
+        local t0 = now()
+        while sh("kill -0 " .. srv.pid .. " 2>/dev/null && echo alive"):match("alive")
+            and now() - t0 < 5 do
+            sleep(0.01)
+        end
+        srv.pid = nil
+    end
+end
+
+local REDIS
+local function redis_port()
+    if not REDIS then
+        REDIS = start_redis()
+    end
+    return REDIS.port
+end
+
+-- -- Regions ----------------------------------------------------------------------
+
+local uniq = 0
+local function fresh(prefix)
+    uniq = uniq + 1
+    return string.format("%s:%d:%d", prefix, math.random(1e9), uniq)
+end
+
+local function tiered(tiers, conf, extra)
+    conf = conf or {}
+    local args = { tiers = tiers }
+    for k, v in pairs(extra or {}) do
+        args[k] = v
+    end
+    conf.arguments = args
+    return cache.make_region(conf.make):configure("dogpile.cache.tiered", {
+        expiration_time = conf.expiration_time, arguments = args, fail_open = conf.fail_open })
+end
+
+local function ms(name, l1_args, max_age)
+    return { { backend = "dogpile.cache.memory", arguments = l1_args, max_age = max_age },
+             { backend = "dogpile.cache.shared_memory", arguments = { name = name } } }
+end
+
+local function mr(extra)
+    local args = { port = redis_port(), socket_timeout = 0.5, connect_timeout = 0.5 }
+    for k, v in pairs(extra or {}) do
+        args[k] = v
+    end
+    return { { backend = "dogpile.cache.memory" }, { backend = "dogpile.cache.redis", arguments = args } }
+end
+
+-- -- The checker ------------------------------------------------------------------
+-- Reads logged by the workers, judged against every write logged: a read
+-- that started more than `lag` after a write completed must not return what
+-- that write replaced. Allowed for a read r of key k: the value of each
+-- write to k that completed before r.start - lag and was not followed (a
+-- later write starting after it ended) by another such write; the value of
+-- every write to k still in flight then (ended after r.start - lag and
+-- started before r.end); NO_VALUE when no write completed before. Failed
+-- writes may or may not have taken effect: allowed, never required.
+
+local function load_ops(files)
+    local ops = {}
+    for _, path in ipairs(files) do
+        for line in (read(path) or ""):gmatch("[^\n]+") do
+            local op, k, v, t0, t1, ok = line:match("^(%a) (%S+) (%S+) (%S+) (%S+) (%d)$")
+            if op then
+                ops[#ops + 1] = { op = op, k = k, v = v, t0 = tonumber(t0), t1 = tonumber(t1),
+                                  ok = ok == "1", src = path }
+            end
+        end
+    end
+    return ops
+end
+
+-- Returns violations (array of strings) and how many reads were judged.
+-- `since`: writes before it are forgotten (a server restart lost them) and
+-- only reads starting after since + settle are judged.
+local function check(ops, lag, since, settle)
+    since, settle = since or -math.huge, settle or 0
+    local writes = {}
+    for _, o in ipairs(ops) do
+        if (o.op == "W" or o.op == "D") and o.t0 >= since then
+            local w = writes[o.k] or {}
+            writes[o.k] = w
+            w[#w + 1] = o
+        end
+    end
+    local bad, judged = {}, 0
+    for _, r in ipairs(ops) do
+        if r.op == "R" and r.ok and r.t0 > since + settle then
+            local ws = writes[r.k] or {}
+            local done = {}
+            for _, w in ipairs(ws) do
+                if w.ok and w.t1 < r.t0 - lag then
+                    done[#done + 1] = w
+                end
+            end
+            local allowed = {}
+            for _, w in ipairs(done) do
+                local dominated = false
+                for _, w2 in ipairs(done) do
+                    if w2.t0 > w.t1 then
+                        dominated = true
+                        break
+                    end
+                end
+                if not dominated then
+                    allowed[w.v] = true
+                end
+            end
+            if #done == 0 then
+                allowed["~"] = true
+            end
+            for _, w in ipairs(ws) do
+                if (w.t1 >= r.t0 - lag or not w.ok) and w.t0 < r.t1 then
+                    allowed[w.v] = true
+                end
+            end
+            judged = judged + 1
+            if not allowed[r.v] then
+                bad[#bad + 1] = string.format("%s read %s = %s at %.3f", r.src:match("[^/]+$"),
+                                              r.k, r.v, r.t0)
+            end
+        end
+    end
+    return bad, judged
+end
+
+local THREADS_BIN
+local function threads_bin()
+    if not THREADS_BIN then
+        THREADS_BIN = TMP .. "/threads"
+        local out = sh("cc -O1 -o " .. THREADS_BIN .. " " .. FIX .. "/threads.c "
+                       .. "$(pkg-config --cflags --libs luajit) -pthread")
+        assert(read(THREADS_BIN) ~= nil, "cannot build the threads harness: " .. out)
+    end
+    return THREADS_BIN
+end
+
+-- Start the participants (each an array: "luajit" or "threads N"), with the
+-- worker's arguments after MODE LAYOUT PORT OUT START; wait for all; return
+-- their output files (a threaded one expands to one file per thread).
+local function run_all(mode, parts, rest, start)
+    local cmd, files = {}, {}
+    for i, p in ipairs(parts) do
+        local out = string.format("%s/%s-%d-%d", TMP, mode, uniq, i)
+        local runner = p.threads and (threads_bin() .. " " .. p.threads) or "luajit"
+        cmd[#cmd + 1] = string.format("%s %s/worker.lua %s %s %d %s %.3f %s > %s.err 2>&1 &",
+                                      runner, FIX, mode, p.layout, p.port or 0, out, start,
+                                      rest, out)
+        if p.threads then
+            for t = 1, p.threads do
+                files[#files + 1] = out .. "." .. t
+            end
+        else
+            files[#files + 1] = out
+        end
+        files.err = files.err or {}
+        files.err[#files.err + 1] = out .. ".err"
+    end
+    sh(table.concat(cmd, " ") .. " wait")
+    for _, e in ipairs(files.err) do
+        local text = read(e) or ""
+        assert.are.equal("", text, "a participant failed: " .. text)
+    end
+    return files
+end
+
+describe("dogpile.cache.tiered", function()
+    support.no_leaks()
+
+    teardown(function()
+        for _, srv in ipairs(servers) do
+            stop_redis(srv)
+        end
+        os.execute("rm -rf " .. TMP)
+    end)
+
+    describe("configure", function()
+        it("takes two to four tiers, each {backend, arguments, max_age}", function()
+            support.raises_here("dogpile.cache.tiered: arguments.tiers must hold 2 to 4", function() tiered({ { backend = "dogpile.cache.memory" } }) end)
+            support.raises_here("dogpile.cache.tiered: tier 2: unknown field 'size'", function() tiered({ { backend = "dogpile.cache.memory" }, { backend = "dogpile.cache.memory", size = 1 } }) end)
+            support.raises_here("dogpile.cache.tiered: tier 1: max_age must be a positive", function() tiered({ { backend = "dogpile.cache.memory", max_age = -1 }, { backend = "dogpile.cache.memory" } }) end)
+            support.raises_here("dogpile.cache.tiered: unknown argument 'tier'", function() cache.make_region():configure("dogpile.cache.tiered", { arguments = { tier = {} } }) end)
+        end)
+
+        it("refuses a bottom without notification unless every tier above has a max_age",
+           function()
+            local port = 1 -- never connected: the refusal comes first
+            support.raises_here("dogpile.cache.tiered: tier 2 (dogpile.cache.memcached) tells nobody", function() tiered({ { backend = "dogpile.cache.memory" }, { backend = "dogpile.cache.memcached", arguments = { url = "127.0.0.1:" .. port } } }) end)
+        end)
+
+        it("works from a load_regions config file", function()
+            local path = TMP .. "/regions.lua"
+            write(path, [[
+return {
+    layered = {
+        backend = "dogpile.cache.tiered",
+        expiration_time = 60,
+        arguments = { tiers = {
+            { backend = "dogpile.cache.memory", arguments = { max_items = 100 } },
+            { backend = "dogpile.cache.shared_memory", arguments = { name = "tiered-conf" } },
+        } },
+    },
+}]])
+            local r = cache.load_regions(path).layered
+            r:set("a", { 1, 2 })
+            assert.are.same({ 1, 2 }, r:get("a"))
+        end)
+    end)
+
+    describe("in one Lua state (memory -> shared_memory)", function()
+        it("reads down and promotes with the original created time", function()
+            local name = fresh("promote")
+            local a = tiered(ms(name), { expiration_time = 60 })
+            local b = tiered(ms(name), { expiration_time = 60 })
+            a:set("k", "v")
+            local ct = a:get_value_metadata("k").metadata.ct
+            sleep(0.01)
+            assert.are.equal("v", b:get("k"))
+            assert.are.same({ 0, 1 }, b.actual_backend:tier_hits(0))
+            local l1 = b.actual_backend.tiers[1].backend._cache
+            assert.are.equal(ct, l1.k.metadata.ct)
+            assert.are.equal(ct, b:get_value_metadata("k").metadata.ct)
+        end)
+
+        it("set, delete, set_multi, delete_multi in one region are seen by another at once",
+           function()
+            local name = fresh("coherent")
+            local a = tiered(ms(name), { expiration_time = 60 })
+            local b = tiered(ms(name), { expiration_time = 60 })
+            a:set("k", 1)
+            assert.are.equal(1, b:get("k"))
+            a:set("k", 2)
+            assert.are.equal(2, b:get("k"))
+            b:delete("k")
+            assert.are.equal(NO_VALUE, a:get("k"))
+            a:set_multi({ x = "x1", y = "y1" })
+            assert.are.same({ "x1", "y1" }, b:get_multi({ "x", "y" }))
+            b:set_multi({ x = "x2", y = "y2" })
+            assert.are.same({ "x2", "y2" }, a:get_multi({ "x", "y" }))
+            a:delete_multi({ "x", "y" })
+            assert.are.same({ NO_VALUE, NO_VALUE }, b:get_multi({ "x", "y" }))
+        end)
+
+        it("get_or_create_multi and the decorators go through the tiers", function()
+            local name = fresh("multi")
+            local a = tiered(ms(name), { expiration_time = 60 })
+            local b = tiered(ms(name), { expiration_time = 60 })
+            local calls = 0
+            local vals = a:get_or_create_multi({ "p", "q", "p" }, function(...)
+                calls = calls + 1
+                local out = {}
+                for i, k in ipairs({ ... }) do
+                    out[i] = k .. "!"
+                end
+                return out
+            end)
+            assert.are.same({ "p!", "q!", "p!" }, vals)
+            assert.are.equal(1, calls)
+            assert.are.same({ "p!", "q!" }, b:get_multi({ "p", "q" }))
+            local n = 0
+            local f = b:cache_on_arguments({ namespace = "sq" })(function(x)
+                n = n + 1
+                return x * x
+            end)
+            assert.are.equal(9, f(3))
+            assert.are.equal(9, f(3))
+            assert.are.equal(1, n)
+            f:invalidate(3)
+            assert.are.equal(9, f(3))
+            assert.are.equal(2, n)
+        end)
+
+        it("hard and soft invalidation in one region reach the other", function()
+            local name = fresh("inv")
+            local a = tiered(ms(name), { expiration_time = 60, make = { name = "r" } })
+            local b = tiered(ms(name), { expiration_time = 60, make = { name = "r" } })
+            a:set("k", "old")
+            assert.are.equal("old", b:get("k"))
+            sleep(0.002)
+            a:invalidate(true)
+            assert.are.equal(NO_VALUE, b:get("k"))
+            assert.is_true(b.region_invalidator:was_hard_invalidated())
+            b:set("k", "new")
+            sleep(0.002)
+            b:invalidate(false)
+            assert.is_true(a.region_invalidator:was_soft_invalidated())
+            local calls = 0
+            assert.are.equal("regen", a:get_or_create("k", function()
+                calls = calls + 1
+                return "regen"
+            end))
+            assert.are.equal(1, calls)
+            assert.are.equal("regen", b:get("k"))
+        end)
+
+        it("a max_age on the memory tier bounds how long its copy is served", function()
+            local name = fresh("maxage")
+            local a = tiered(ms(name, nil, 0.2), { expiration_time = 60 })
+            a:set("k", "v")
+            -- Changed behind the tiers' back: only max_age can bring it back.
+            local shm = a.actual_backend.tiers[2]
+            shm:put("k", cache.CachedValue.new("changed", { ct = now(), v = cache.VALUE_VERSION }), 0)
+            assert.are.equal("v", a:get("k"))
+            sleep(0.25)
+            assert.are.equal("changed", a:get("k"))
+        end)
+
+        it("the lock is the most shared tier's: one creator across Lua states", function()
+            local name = fresh("lock")
+            local a = tiered(ms(name), { expiration_time = 60 })
+            local m = a.actual_backend:get_mutex("k")
+            assert.is_not_nil(m)
+            assert.is_true(m:acquire(false))
+            local b = tiered(ms(name), { expiration_time = 60 })
+            local m2 = b.actual_backend:get_mutex("k")
+            assert.is_false(m2:acquire(false))
+            m:release()
+            assert.is_true(m2:acquire(false))
+            m2:release()
+        end)
+    end)
+
+    describe("memory -> redis", function()
+        it("a change in another process reaches this one's memory tier", function()
+            local k = fresh("proc")
+            local r = tiered(mr(), { expiration_time = 60 })
+            r:set(k, "mine")
+            assert.are.equal("mine", r:get(k))
+            local t0 = now()
+            local f = TMP .. "/set.lua"
+            write(f, [[
+local cache = require "dogpile.cache"
+pcall(cache.register_backend, "dogpile.cache.tiered", "dogpile.cache.backends.tiered")
+local r = cache.make_region():configure("dogpile.cache.tiered", { arguments = { tiers = {
+    { backend = "dogpile.cache.memory" },
+    { backend = "dogpile.cache.redis", arguments = { port = tonumber(arg[1]), socket_timeout = 0.5,
+      connect_timeout = 0.5 } } } } })
+if arg[3] == "delete" then r:delete(arg[2]) else r:set(arg[2], arg[3]) end
+]])
+            sh(string.format("luajit %s %d '%s' theirs", f, redis_port(), k))
+            local seen
+            while now() - t0 < 2 do
+                seen = r:get(k)
+                if seen == "theirs" then
+                    break
+                end
+                sleep(0.001)
+            end
+            assert.are.equal("theirs", seen)
+            sh(string.format("luajit %s %d '%s' delete", f, redis_port(), k))
+            sleep(0.1)
+            assert.are.equal(NO_VALUE, r:get(k))
+        end)
+
+        it("without fail_open a failing bottom names the tier, its backend, the operation "
+           .. "and the key; with it, the memory tier is still served", function()
+            local srv = start_redis()
+            local tiers = { { backend = "dogpile.cache.memory" },
+                            { backend = "dogpile.cache.redis", arguments = { port = srv.port,
+                              socket_timeout = 0.3, connect_timeout = 0.3 } } }
+            local strict = tiered(tiers, { expiration_time = 60 })
+            local open = tiered(tiers, { expiration_time = 60, fail_open = true })
+            open:set("held", "v")
+            stop_redis(srv)
+            local ok, err = pcall(strict.get, strict, "missing")
+            assert.is_false(ok)
+            assert.matches("tier 2 %(dogpile.cache.redis%): get 'missing'", err)
+            cache.set_logger(function() end)
+            assert.are.equal("v", open:get("held"))
+            local calls = 0
+            assert.are.equal("made", open:get_or_create("other", function()
+                calls = calls + 1
+                return "made"
+            end))
+            assert.are.equal(1, calls)
+            assert.is_true(open:stats().errors > 0)
+            cache.set_logger(function(msg) io.stderr:write(msg, "\n") end)
+        end)
+    end)
+
+    describe("between processes and threads", function()
+        it("1,000+ random operations: 3 processes on memory -> redis and 4 threads on "
+           .. "memory -> shared_memory -> redis never read a value older than 100 ms", function()
+            local port = redis_port()
+            sh("redis-cli -p " .. port .. " flushall")
+            uniq = uniq + 1
+            local start = now() + 1.0
+            local files = run_all("random", {
+                { layout = "mr", port = port }, { layout = "mr", port = port },
+                { layout = "mr", port = port }, { layout = "msr", port = port, threads = 4 },
+            }, string.format("160 40 %d", uniq), start)
+            local ops = load_ops(files)
+            assert.is_true(#ops >= 1000, "only " .. #ops .. " operations")
+            local bad, judged = check(ops, 0.1)
+            assert.is_true(judged >= 300, "only " .. judged .. " reads judged")
+            assert.are.same({}, bad)
+        end)
+
+        it("the checker catches a hand-made memory region in front of redis (no coherence)",
+           function()
+            local port = redis_port()
+            sh("redis-cli -p " .. port .. " flushall")
+            uniq = uniq + 1
+            local files = run_all("random", {
+                { layout = "naive", port = port }, { layout = "naive", port = port },
+                { layout = "naive", port = port },
+            }, string.format("160 20 %d", uniq), now() + 0.5)
+            local bad = check(load_ops(files), 0.1)
+            assert.is_true(#bad > 0, "the checker found nothing stale in an incoherent setup")
+        end)
+
+        it("4 threads on memory -> shared_memory, no server: never stale", function()
+            uniq = uniq + 1
+            local files = run_all("random", { { layout = "ms", threads = 4 } },
+                                  string.format("300 30 %d", uniq), now() + 0.3)
+            local ops = load_ops(files)
+            assert.is_true(#ops >= 1000, "only " .. #ops .. " operations")
+            local bad, judged = check(ops, 0.1)
+            assert.is_true(judged >= 300, "only " .. judged .. " reads judged")
+            assert.are.same({}, bad)
+        end)
+
+        it("a stampede from 3 processes and 4 threads runs the creator once", function()
+            local port = redis_port()
+            local key = fresh("stampede")
+            local counter = TMP .. "/stampede-count-" .. uniq
+            local files = run_all("stampede", {
+                { layout = "mr", port = port }, { layout = "mr", port = port },
+                { layout = "mr", port = port }, { layout = "msr", port = port, threads = 4 },
+            }, string.format("'%s' '%s'", key, counter), now() + 1.0)
+            assert.are.equal(1, count_lines(counter))
+            local ops = load_ops(files)
+            assert.are.equal(7, #ops)
+            for _, o in ipairs(ops) do
+                assert.are.equal("created", o.v)
+            end
+        end)
+
+        it("hard and soft invalidation from this process are seen by the others", function()
+            local port = redis_port()
+            local hk, sk = fresh("hard"), fresh("soft")
+            local r = tiered(mr(), { expiration_time = 600, make = { name = "spec" } },
+                             { prefix = "tiered-spec:" })
+            r:set(hk, "old")
+            r:set(sk, "orig")
+            uniq = uniq + 1
+            local t_start = now() + 0.8
+            local stop = t_start + 1.2
+            local t_hard, t_soft = t_start + 0.3, t_start + 0.7
+            -- The watchers run in the background while this process invalidates.
+            local cmd, files = {}, {}
+            for i = 1, 2 do
+                local out = string.format("%s/watch-%d-%d", TMP, uniq, i)
+                files[i] = out
+                cmd[i] = string.format("luajit %s/worker.lua watch mr %d %s %.3f %.3f '%s' '%s' "
+                                       .. "> %s.err 2>&1 &", FIX, port, out, t_start, stop, hk, sk,
+                                       out)
+            end
+            sh(table.concat(cmd, " "))
+            while now() < t_hard do
+                sleep(0.001)
+            end
+            t_hard = now()
+            r:invalidate(true)
+            while now() < t_soft do
+                sleep(0.001)
+            end
+            t_soft = now()
+            r:invalidate(false)
+            while now() < stop + 0.5 do
+                sleep(0.01)
+            end
+            -- Hard: each watcher's get turns into a miss within 100 ms.
+            -- Soft: within 100 ms each watcher's get_or_create returns a new
+            -- value, made by one creator call across both (the other serves
+            -- the old value meanwhile, then hears of the new one).
+            local soft_creations = 0
+            for _, out in ipairs(files) do
+                assert.are.equal("", read(out .. ".err") or "")
+                local ops = load_ops({ out })
+                assert.are.equal("old", ops[1].v)
+                local miss, changed
+                local before_soft
+                for _, o in ipairs(ops) do
+                    if o.op == "H" and o.v == "~" then
+                        miss = miss or o
+                    elseif o.op == "G" then
+                        if o.t0 < t_soft then
+                            before_soft = o.v
+                        elseif o.v ~= before_soft then
+                            changed = changed or o
+                        end
+                    elseif o.op == "C" and o.t0 >= t_soft then
+                        soft_creations = soft_creations + 1
+                    end
+                end
+                assert.is_not_nil(miss, "the hard invalidation was never seen")
+                assert.is_true(miss.t0 >= t_hard - 0.01 and miss.t0 < t_hard + 0.1,
+                               string.format("hard seen %.3f s after", miss.t0 - t_hard))
+                assert.is_not_nil(changed, "the soft invalidation was never seen")
+                assert.is_true(changed.t0 < t_soft + 0.1,
+                               string.format("soft seen %.3f s after", changed.t0 - t_soft))
+            end
+            assert.are.equal(1, soft_creations)
+        end)
+
+        it("redis restarted mid-run: nothing stale once it is back", function()
+            local srv = start_redis()
+            uniq = uniq + 1
+            local start = now() + 1.0
+            local until_t = start + 6.0
+            local cmd, files = {}, {}
+            for i = 1, 3 do
+                local out = string.format("%s/restart-%d-%d", TMP, uniq, i)
+                files[i] = out
+                cmd[i] = string.format("luajit %s/worker.lua random mr %d %s %.3f 0 20 %d %.3f "
+                                       .. "> %s.err 2>&1 &", FIX, srv.port, out, start, uniq + i,
+                                       until_t, out)
+            end
+            sh(table.concat(cmd, " "))
+            while now() < start + 1.0 do
+                sleep(0.01)
+            end
+            stop_redis(srv)
+            sleep(0.5)
+            local restarting = now()
+            start_redis(srv.port)
+            local back = now()
+            assert.is_true(back + 1.5 < until_t, "the restart took too long to leave time to check")
+            while now() < until_t + 1.0 do
+                sleep(0.05)
+            end
+            for _, out in ipairs(files) do
+                assert.are.equal("", read(out .. ".err") or "")
+            end
+            local ops = load_ops(files)
+            local failed = 0
+            for _, o in ipairs(ops) do
+                if not o.ok then
+                    failed = failed + 1
+                end
+            end
+            assert.is_true(failed > 0, "no operation failed while redis was down")
+            -- Reads after the server is back and the listener resubscribed
+            -- (it retries every 100 ms at most) are judged against the
+            -- writes made since.
+            local bad, judged = check(ops, 0.1, restarting, back - restarting + 0.2)
+            assert.is_true(judged >= 100, "only " .. judged .. " reads judged")
+            assert.are.same({}, bad)
+        end)
+    end)
+end)
