@@ -110,7 +110,7 @@ local INSIDE, DEPTH = 16, 32
 
 -- The state of one read. Reads never yield nor call out, so one set of
 -- upvalues serves them all; each read resets what it uses.
-local s, p, n, pos, op, at
+local p, n, pos, op, at
 local st, sp, base
 local marks, mp
 local memo, meta
@@ -635,12 +635,15 @@ end
 -- -- The opcode loop -------------------------------------------------------------
 
 local function read_line()
-    local e = find(s, "\n", pos + 1, true)
-    if not e then
+    local e = pos
+    while e < n and p[e] ~= 10 do
+        e = e + 1
+    end
+    if e >= n then
         fail("truncated: no end of line", pos)
     end
-    local line = sub(s, pos + 1, e - 1)
-    pos = e
+    local line = ffi_string(p + pos, e - pos)
+    pos = e + 1
     return line
 end
 
@@ -661,7 +664,7 @@ local function read_bytes(len)
     if len > n - pos then
         fail(format("declared length %s beyond the %d bytes left", tostring(len), n - pos))
     end
-    local str = sub(s, pos + 1, pos + len)
+    local str = ffi_string(p + pos, len)
     pos = pos + len
     return str
 end
@@ -971,12 +974,16 @@ local function finish(v)
     return v
 end
 
-local function load(str, opts)
-    if type(str) ~= "string" then
-        return false, "dogpile.cache.pickle: expected bytes (a string), got " .. type(str)
+local function load(str, opts, len)
+    if type(str) == "string" then
+        p, n = ffi_cast(u8p, str), #str
+    elseif type(str) == "cdata" and type(len) == "number" and len >= 0 then
+        p, n = ffi_cast(u8p, str), len
+    else
+        return false, "dogpile.cache.pickle: expected bytes (a string, or a pointer and a length), got "
+            .. type(str)
     end
-    s, n, pos, op, at = str, #str, 0, nil, 0
-    p = ffi_cast(u8p, str)
+    pos, op, at = 0, nil, 0
     st, sp, base = tnew(16, 0), 0, 0
     marks, mp = {}, 0
     memo = { n = 0 }
@@ -994,7 +1001,7 @@ local function load(str, opts)
         ok, v = pcall(finish, v)
     end
     -- Let go of the input and the partial value at once.
-    s, p, st, memo, meta, marks = nil, nil, nil, nil, nil, nil
+    p, st, memo, meta, marks = nil, nil, nil, nil, nil
     if not ok and type(v) == "string" and sub(v, 1, 21) ~= "dogpile.cache.pickle:" then
         v = "dogpile.cache.pickle: " .. v
     end
@@ -1004,10 +1011,11 @@ end
 --- Reads a pickle. Returns `true, value` or `false, message`; never raises
 -- on any bytes (the message names what was refused, the opcode and the
 -- byte offset).
--- @param str the bytes
+-- @param str the bytes: a string, or a pointer (cdata) with `len`
 -- @param opts optional: `mark` (marked decoding, see pyvalue.lua),
 --   `int64` (ints beyond 2^53 as int64_t cdata instead of an error),
 --   `max_depth` (default `MAX_DEPTH`)
+-- @param len the length when `str` is a pointer
 _M.load = load
 
 --- Reads a pickle; as `load`, but raises the message.
@@ -1167,6 +1175,11 @@ local function put_key(k)
 end
 
 local function put_table(t)
+    -- Python would write a container holding itself through the memo;
+    -- the reader refuses cycles, so the writer does too.
+    if onpath[t] then
+        wfail("a cyclic value")
+    end
     local known = wmemo[t]
     if known then
         if known < 256 then
@@ -1176,9 +1189,6 @@ local function put_table(t)
             put_u32(known)
         end
         return
-    end
-    if onpath[t] then
-        wfail("a cyclic value")
     end
     if wdepth >= wmax then
         wfail(format("nested deeper than %d", wmax))
