@@ -456,7 +456,8 @@ static int shm_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_e
         rd_unlock(sl);
         return dp_err_set(err, DP_ENOMEM, "out of memory copying a %zu-byte value", e->vlen);
     }
-    memcpy(out->data, e->data + e->klen, e->vlen);
+    if (e->vlen) /* an empty value into a buffer never grown: data is NULL */
+        memcpy(out->data, e->data + e->klen, e->vlen);
     out->len = e->vlen;
     if (s->policy == POLICY_S3FIFO) {
         /* Written only until it saturates: a hot key's line stays shared. */

@@ -82,7 +82,8 @@ static int tpl_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_e
     if (it && dp_bytes_reserve(out, it->vlen) != DP_OK) {
         rc = dp_err_set(err, DP_ENOMEM, NAME ": out of memory");
     } else if (it) {
-        memcpy(out->data, it->data + klen, it->vlen);
+        if (it->vlen) /* an empty value into a buffer never grown: data is NULL */
+            memcpy(out->data, it->data + klen, it->vlen);
         out->len = it->vlen;
         rc = DP_OK;
     }
