@@ -1137,3 +1137,62 @@ describe("dogpile", function()
         end)
     end)
 end)
+
+-- -- The per-state context ----------------------------------------------------------
+
+describe("dogpile.context (what belongs to this Lua state)", function()
+    support.no_leaks()
+    local context = require "dogpile.context"
+    local cache = require "dogpile.cache"
+
+    it("holds the sleep that dogpile.set_sleep sets, as every module sees it", function()
+        local function my_sleep() end
+        dogpile.set_sleep(my_sleep)
+        finally(function() dogpile.set_sleep(nil) end)
+        assert.are.equal(my_sleep, context.sleep())
+        assert.are.equal(my_sleep, dogpile.current_sleep())
+        dogpile.set_sleep(nil)
+        assert.is_nil(context.sleep())
+        assert.is_nil(dogpile.current_sleep())
+    end)
+
+    it("holds the logger that cache.set_logger sets; the region module's log names it too", function()
+        local region_mod = require "dogpile.cache.region"
+        local saved = context.logger()
+        finally(function() context.set_logger(saved) end)
+        local lines = {}
+        local function logger(msg) lines[#lines + 1] = msg end
+        cache.set_logger(logger)
+        assert.are.equal(logger, context.logger())
+        assert.are.equal(logger, region_mod.log)
+        -- A region's fail_open line goes there.
+        cache.register_backend("test.ctx_down", function()
+            return { get = function() error("down", 0) end, set = function() end,
+                     delete = function() end }
+        end)
+        local r = cache.make_region():configure("test.ctx_down", { fail_open = true })
+        assert.are.equal(cache.NO_VALUE, r:get("k"))
+        assert.are.equal(1, #lines)
+        assert.truthy(lines[1]:find("down", 1, true))
+        -- Code that assigns the region module's log (written when the logger
+        -- lived there) still sets the state's logger.
+        local other = function() end
+        region_mod.log = other
+        assert.are.equal(other, context.logger())
+        context.set_logger(nil)
+        assert.is_function(context.logger())
+        assert.are_not.equal(other, context.logger())
+    end)
+
+    it("owns this state's locks: a lock taken through a region carries its owner tag", function()
+        assert.is_number(context.OWNER)
+        assert.is_nil(lib.OWNER, "the owner tag lives in dogpile.context only")
+        local r = cache.make_region():configure("dogpile.cache.memory")
+        local m = r:_mutex("k")
+        assert.is_true(m:acquire(false))
+        local owner = require("ffi").new("uint32_t[1]")
+        assert.are.equal(1, C.dp_lock_held(m.domain, "k", 1, owner))
+        assert.are.equal(context.OWNER, owner[0])
+        m:release()
+    end)
+end)

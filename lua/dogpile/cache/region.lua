@@ -162,8 +162,8 @@ local function apply_wrap(backend, wrap)
     return backend
 end
 
--- The read strategy (read.choose), kept in the region's own fields: the hit
--- reads them and asks nothing else.
+-- The read strategy (read.choose) and the matching store, kept in the
+-- region's own fields: a call reads them and derives nothing.
 local function set_reader(self)
     local s = read.choose(self.backend, self.actual_backend, self._codec)
     self._reader = s.name
@@ -171,6 +171,7 @@ local function set_reader(self)
     self._direct = s.direct
     self._mem, self._cb = s.mem, s.cb
     self._front, self._front_sync = s.front, s.sync
+    self._store = write.choose(s)
 end
 
 -- The invalidation strategy and how the hit judges it.

@@ -29,23 +29,22 @@ function _M.new_metadata()
     return { ct = C.dp_clock_stamp(), v = VALUE_VERSION }
 end
 
---- Store CachedValue `cv` under mangled `key`. A backend failure goes
--- through the region's failure policy.
-function _M.store(region, key, cv)
+-- A C backend with the default codec: the value written in place
+-- (envelope.write_scalar) or encoded, either way straight to the backend,
+-- which reports failure in err.
+local function c_store(region, key, cv)
     local cb = region._cb
-    if cb then
-        -- In place (envelope.write_scalar), or the encoded string; either way
-        -- straight to the C backend, which reports failure in err.
-        local p, n = write_scalar(cv.metadata.ct, cv.payload)
-        if not p then
-            p = encode(region._codec, cv, key, region)
-            n = #p
-        end
-        if C.dp_backend_set(cb.handle, key, #key, p, n, cb.err) ~= DP_OK then
-            region:_failed("set", key, ffi_string(cb.err.msg))
-        end
-        return
+    local p, n = write_scalar(cv.metadata.ct, cv.payload)
+    if not p then
+        p = encode(region._codec, cv, key, region)
+        n = #p
     end
+    if C.dp_backend_set(cb.handle, key, #key, p, n, cb.err) ~= DP_OK then
+        region:_failed("set", key, ffi_string(cb.err.msg))
+    end
+end
+
+local function generic_store(region, key, cv)
     local backend = region.backend
     local v = cv
     local codec = region._codec
@@ -56,6 +55,18 @@ function _M.store(region, key, cv)
     if not ok then
         region:_failed("set", key, err)
     end
+end
+
+--- The store function for a region read with strategy `s` (read.choose):
+-- in place when the reads are.
+function _M.choose(s)
+    return s.cb and c_store or generic_store
+end
+
+--- Store CachedValue `cv` under mangled `key` with the region's store
+-- function. A backend failure goes through the region's failure policy.
+function _M.store(region, key, cv)
+    return region._store(region, key, cv)
 end
 
 --- Store `{mangled key = CachedValue}` with one backend call where it has one.
