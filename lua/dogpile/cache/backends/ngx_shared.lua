@@ -334,6 +334,118 @@ function Backend:region_invalidator(region)
                         Invalidator)
 end
 
+-- -- The change feed for a tiered region's upper tiers --------------------------
+-- (dogpile.cache.tiered over ngx_shared: each worker keeps a memory tier in
+-- front of the dict.) A sequence number and a ring of changed keys in the
+-- dict, which every worker sees: a write bumps `<prefix>feed:seq` (incr is
+-- atomic across workers) and stores "<seq>:<pid>:<key>" in slot seq % RING.
+-- Each worker drains it from a timer every DRAIN_EVERY seconds, so a hit
+-- costs nothing; the timer runs between the worker's yields, and a dict read
+-- never yields, so a copy cannot be made from a value older than a drain
+-- already applied. Entries carry their seq: a slot holding another one was
+-- overwritten (the worker fell behind by a whole ring) or evicted, and a seq
+-- that went backwards was evicted too: the worker then drops every copy.
+
+local FEED_RING, DRAIN_EVERY, HOST_SCOPE = 4096, 0.01, 3
+
+local Feed = {}
+Feed.__index = Feed
+
+function Feed:push(key)
+    local dict, prefix = self.dict, self.prefix
+    local seq, err = dict:incr(prefix .. "seq", 1, 0)
+    if not seq then
+        error(NAME .. ": cannot announce a change of '" .. key .. "': " .. tostring(err), 0)
+    end
+    local ok, serr = dict:set(prefix .. (seq % FEED_RING), seq .. ":" .. ngx.worker.pid() .. ":" .. key)
+    if not ok then
+        -- An announcement that cannot be stored must not go unseen: the
+        -- readers find the slot without it and start over.
+        error(NAME .. ": cannot announce a change of '" .. key .. "': " .. tostring(serr), 0)
+    end
+end
+
+-- Apply what was pushed since the last drain: on_key(ctx, key, scope) for
+-- each entry of another worker, on_reset(ctx, now) when entries were lost.
+-- An entry whose slot is not written yet (incr done, set to come) ends the
+-- drain: the next one starts there.
+function Feed:drain(on_key, on_reset, ctx)
+    local dict, prefix = self.dict, self.prefix
+    local head = dict:get(prefix .. "seq") or 0
+    local last = self.last
+    if head == last then
+        return
+    end
+    ctx.drains = ctx.drains + 1
+    if head < last or head - last > FEED_RING then
+        self.last = head
+        on_reset(ctx, ngx.now())
+        return
+    end
+    local me = tostring(ngx.worker.pid())
+    for seq = last + 1, head do
+        local v = dict:get(prefix .. (seq % FEED_RING))
+        local s, pid, key = nil, nil, nil
+        if v then
+            s, pid, key = v:match("^(%d+):(%d+):(.*)$")
+            s = tonumber(s)
+        end
+        if s == nil or s < seq then
+            if v == nil and seq < head then
+                -- Evicted (or never stored): what changed is unknown.
+                self.last = head
+                on_reset(ctx, ngx.now())
+                return
+            end
+            return -- not written yet
+        elseif s > seq then
+            self.last = head
+            on_reset(ctx, ngx.now())
+            return
+        end
+        self.last = seq
+        if pid ~= me then
+            on_key(ctx, key, HOST_SCOPE)
+        end
+    end
+end
+
+--- The change feed of this dict under `prefix` (dogpile.cache.tiered asks
+-- for it). Its sync_fn gives the tiered backend's hit-path sync: it only
+-- makes sure this worker's drain timer runs (timers cannot start in
+-- init_by_lua, where a region may be configured before the fork).
+function Backend:change_feed(prefix)
+    local feed = setmetatable({ dict = self.dict, prefix = prefix .. "feed:" }, Feed)
+    feed.last = self.dict:get(feed.prefix .. "seq") or 0
+    function feed.sync_fn(ctx, on_key, on_reset)
+        local started = false
+        local function tick(premature)
+            if not premature then
+                feed:drain(on_key, on_reset, ctx)
+            end
+        end
+        local function start()
+            if ngx.get_phase() == "init" then
+                return
+            end
+            local ok, err = ngx.timer.every(DRAIN_EVERY, tick)
+            if not ok then
+                error(NAME .. ": cannot start the change feed's timer: " .. tostring(err), 0)
+            end
+            started = true
+            -- Whatever changed before this worker listened is unknown.
+            feed.last = feed.dict:get(feed.prefix .. "seq") or 0
+            on_reset(ctx, ngx.now())
+        end
+        return function()
+            if not started then
+                start()
+            end
+        end
+    end
+    return feed
+end
+
 function Backend:stats()
     local dict = self.dict
     local out = { evictions = 0 }
