@@ -169,7 +169,24 @@ local function put_table(t)
         put(rawget(t, "payload"))
         buf:put(", ")
         path[depth] = "metadata"
-        put(rawget(t, "metadata"))
+        local md = rawget(t, "metadata")
+        if type(md) == "table" and getmetatable(md) == nil and type(md.ct) == "number" then
+            -- as Python's _gen_metadata builds it: ct (a float), then v
+            buf:put('{"ct": ', float_repr(md.ct))
+            for k, v in pairs(md) do
+                if k ~= "ct" and k ~= "v" then
+                    buf:put(", ", key_text(k), ": ")
+                    put(v)
+                end
+            end
+            if md.v ~= nil then
+                buf:put(', "v": ')
+                put(md.v)
+            end
+            buf:put("}")
+        else
+            put(md)
+        end
         buf:put("]")
     elseif mt == list_mt or mt == tuple_mt or (mt ~= dict_mt and is_array(t)) then
         local len = (mt == list_mt or mt == tuple_mt) and rawget(t, "n") or #t

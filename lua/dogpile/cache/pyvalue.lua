@@ -21,6 +21,15 @@ local tonumber = tonumber
 
 lib.own_source()
 
+-- libc's printf and strtod: LuaJIT's own formatter rounds exact ties half
+-- up, where glibc (and Python's dtoa) round them to even.
+pcall(ffi.cdef, [[
+int snprintf(char *str, size_t size, const char *format, ...);
+double strtod(const char *nptr, char **endptr);
+]])
+local C = ffi.C
+local fmtbuf = ffi.new("char[64]")
+
 local _M = { _VERSION = "0.1.0" }
 
 --- Python's None inside a container (a list item, a dict value or key, a set
@@ -140,41 +149,65 @@ function _M.is_int64(v)
 end
 
 -- Shortest-digits repr, as CPython's float_repr_style 'short' (David Gay's
--- mode 0): the fewest significant digits that read back as `x`, written fixed
--- when the decimal exponent is in [-4, 16), else as d.ddde+XX.
+-- mode 0): the fewest significant digits that read back as `x`, the nearest
+-- to `x` among those; written fixed when the decimal exponent is in
+-- [-4, 16), else as d.ddde+XX.
+local function sci(p, x)
+    C.snprintf(fmtbuf, 64, "%.*e", ffi.new("int", p - 1), x)
+    return ffi.string(fmtbuf)
+end
+
+local function split(s)
+    local mant, exp = s:match("^(.-)e(.*)$")
+    return (mant:gsub("%.", "")), tonumber(exp)
+end
+
+-- The p-digit decimal one unit above the digits `d` (exponent `e`): its
+-- digits and exponent.
+local function next_up(d, e)
+    local i = #d
+    while i > 0 and d:sub(i, i) == "9" do
+        i = i - 1
+    end
+    if i == 0 then
+        return "1" .. ("0"):rep(#d - 1), e + 1
+    end
+    return d:sub(1, i - 1) .. string.char(d:byte(i) + 1) .. ("0"):rep(#d - i), e
+end
+
+local function reads_back(d, e, x)
+    return C.strtod(d:sub(1, 1) .. "." .. d:sub(2) .. "e" .. e, nil) == x
+end
+
 local function digits_of(x)
-    -- Round-tripping is monotonic in the number of digits: bisect 1..17.
+    local _, m = nil, nil
+    m, _ = math.frexp(x)
+    if m == 0.5 then
+        -- A power of two: the interval of doubles that read back as x is
+        -- half as wide below it as above, so the nearest p-digit decimal
+        -- may miss while the one above it reads back. Search every p.
+        for p = 1, 17 do
+            local d, e = split(sci(p, x))
+            if reads_back(d, e, x) then
+                return d, e
+            end
+            local ud, ue = next_up(d, e)
+            if reads_back(ud, ue, x) then
+                return ud, ue
+            end
+        end
+    end
+    -- Otherwise reading back is monotonic in the number of digits: bisect.
     local lo, hi = 1, 17
     while lo < hi do
         local mid = floor((lo + hi) / 2)
-        if tonumber(format("%." .. (mid - 1) .. "e", x)) == x then
+        if C.strtod(sci(mid, x), nil) == x then
             hi = mid
         else
             lo = mid + 1
         end
     end
-    local s = format("%." .. (lo - 1) .. "e", x)
-    local mant, exp = s:match("^(.-)e(.*)$")
-    -- The correctly rounded decimal is the nearest; at a power of two the
-    -- interval below x is half as wide and a shorter neighbour above may be
-    -- the one that reads back, as Gay's algorithm finds.
-    if lo > 1 then
-        local shorter = format("%." .. (lo - 2) .. "e", x)
-        local m2, e2 = shorter:match("^(.-)e(.*)$")
-        local d = m2:gsub("%.", "")
-        -- one unit up in the last place
-        local up = tostring(tonumber(d) + 1)
-        local e = tonumber(e2)
-        if #up > #d then
-            up = up:sub(1, -2)
-            e = e + 1
-        end
-        local cand = up:sub(1, 1) .. (#up > 1 and "." .. up:sub(2) or "") .. "e" .. e
-        if tonumber(cand) == x then
-            mant, exp = cand:match("^(.-)e(.*)$")
-        end
-    end
-    return (mant:gsub("%.", "")), tonumber(exp)
+    return split(sci(lo, x))
 end
 
 --- Python's `repr(x)` of a float (what `json.dumps` and `str()` write).
