@@ -5,7 +5,7 @@ local ffi = require "ffi"
 local core = require "dogpile.core"
 
 local debug_getinfo = debug.getinfo
-local error = error
+local error, tonumber, pcall = error, tonumber, pcall
 
 ffi.cdef [[
 const char *dp_strerror(int status);

@@ -22,8 +22,10 @@ local DefaultInvalidation = {}
 DefaultInvalidation.__index = DefaultInvalidation
 _M.DefaultInvalidationStrategy = DefaultInvalidation
 
+-- `_invalidated` is false, not nil, until the first invalidation: a field
+-- that exists is read without a look into the metatable on every hit.
 function DefaultInvalidation.new()
-    return setmetatable({ _hard = nil, _invalidated = nil }, DefaultInvalidation)
+    return setmetatable({ _hard = false, _invalidated = false }, DefaultInvalidation)
 end
 
 --- @raise when `hard` is neither nil nor a boolean
@@ -35,11 +37,11 @@ end
 
 function DefaultInvalidation:is_invalidated(ct)
     local at = self._invalidated
-    return at ~= nil and ct < at
+    return at ~= false and ct < at
 end
 
 function DefaultInvalidation:was_hard_invalidated()
-    return self._hard == true
+    return self._invalidated ~= false and self._hard == true
 end
 
 function DefaultInvalidation:is_hard_invalidated(ct)
@@ -47,7 +49,7 @@ function DefaultInvalidation:is_hard_invalidated(ct)
 end
 
 function DefaultInvalidation:was_soft_invalidated()
-    return self._hard == false
+    return self._invalidated ~= false and self._hard == false
 end
 
 function DefaultInvalidation:is_soft_invalidated(ct)
@@ -62,7 +64,7 @@ end
 
 local function judge_default(inv, ct)
     local at = inv._invalidated
-    if at == nil or ct >= at then
+    if at == false or ct >= at then
         return nil
     end
     return inv._hard and MISSING or STALE
