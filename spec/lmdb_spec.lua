@@ -4,7 +4,9 @@
 -- `luajit` processes that inherit LUA_PATH and LUA_CPATH.
 local cache = require "dogpile.cache"
 local support = require "support"
+local together = require "together"
 local now, sh, write, read = support.now, support.sh, support.write, support.read
+local sleep = support.sleep
 local ffi = require "ffi"
 
 local NO_VALUE = cache.NO_VALUE
@@ -53,7 +55,7 @@ end
 
 local function script(dir, name, body)
     local path = dir .. "/" .. name .. ".lua"
-    write(path, PRELUDE .. body)
+    write(path, PRELUDE .. together.CHILD .. body)
     return path
 end
 
@@ -317,8 +319,8 @@ io.write("status=", st[0], "\n")
             local dir = tmpdir()
             local counter = dir .. "/creations"
             local f = script(dir, "stampede", [[
-local counter, start = arg[4], tonumber(arg[5])
-while now() < start do sleep(0.001) end
+local counter = arg[4]
+start_together(arg[5])
 local t0 = now()
 local v = r:get_or_create("hot", function()
     append(counter, "x")
@@ -327,13 +329,13 @@ local v = r:get_or_create("hot", function()
 end)
 io.write(v, " ", string.format("%.3f", now() - t0), "\n")
 ]])
-            local start = now() + 0.6
+            local start = dir .. "/start"
             local cmd = {}
             for i = 1, 8 do
-                cmd[i] = string.format("luajit %s '%s' '{}' '' '%s' '%.3f' > %s/out%d &",
+                cmd[i] = string.format("luajit %s '%s' '{}' '' '%s' '%s' > %s/out%d",
                                        f, dir, counter, start, dir, i)
             end
-            sh(table.concat(cmd, " ") .. " wait")
+            together.run(cmd, start)
             assert.are.equal(1, count_lines(counter))
             for i = 1, 8 do
                 local out = read(dir .. "/out" .. i)
@@ -364,8 +366,8 @@ end
             local dir = tmpdir()
             local counter, blocking = dir .. "/creations", dir .. "/blocking"
             local f = script(dir, "waiters", COUNT_BLOCKING .. [[
-local counter, start = arg[4], tonumber(arg[5])
-while now() < start do sleep(0.001) end
+local counter = arg[4]
+start_together(arg[5])
 local t0 = now()
 local v = r:get_or_create("hot", function()
     append(counter, "x")
@@ -374,14 +376,14 @@ local v = r:get_or_create("hot", function()
 end)
 io.write(v, " ", string.format("%.3f", now() - t0), "\n")
 ]])
-            local start = now() + 0.6
+            local start = dir .. "/start"
             local cmd = {}
             for i = 1, 8 do
-                cmd[i] = string.format("luajit %s '%s' '{ lock_timeout = 10 }' '' '%s' '%.3f' "
-                                       .. "'%s' > %s/out%d 2>&1 &", f, dir, counter, start,
+                cmd[i] = string.format("luajit %s '%s' '{ lock_timeout = 10 }' '' '%s' '%s' "
+                                       .. "'%s' > %s/out%d 2>&1", f, dir, counter, start,
                                        blocking, dir, i)
             end
-            sh(table.concat(cmd, " ") .. " wait")
+            together.run(cmd, start)
             assert.are.equal(1, count_lines(counter))
             for i = 1, 8 do
                 assert.matches("^created ", read(dir .. "/out" .. i))
@@ -434,9 +436,10 @@ io.write(v, "\n")
             local dir = tmpdir()
             local counter = dir .. "/creations"
             region(dir, {}, 0.3):set("hot", "old")
+            local set_at = now()
             local f = script(dir, "stale", [[
-local counter, start = arg[4], tonumber(arg[5])
-while now() < start do sleep(0.001) end
+local counter = arg[4]
+start_together(arg[5])
 local t0 = now()
 local v = r:get_or_create("hot", function()
     append(counter, "x")
@@ -445,13 +448,16 @@ local v = r:get_or_create("hot", function()
 end)
 io.write(v, " ", string.format("%.3f", now() - t0), "\n")
 ]])
-            local start = now() + 0.6
+            local start = dir .. "/start"
             local cmd = {}
             for i = 1, 8 do
-                cmd[i] = string.format("luajit %s '%s' '{}' 0.3 '%s' '%.3f' > %s/out%d &",
+                cmd[i] = string.format("luajit %s '%s' '{}' 0.3 '%s' '%s' > %s/out%d",
                                        f, dir, counter, start, dir, i)
             end
-            sh(table.concat(cmd, " ") .. " wait")
+            -- the go only once "old" is stale (0.3 s)
+            together.run(cmd, start, nil, function()
+                sleep(math.max(0, set_at + 0.35 - now()))
+            end)
             assert.are.equal(1, count_lines(counter))
             local stale, created = 0, 0
             for i = 1, 8 do
@@ -727,26 +733,31 @@ io.write("released=", string.format("%.6f", now()), "\n")
 io.write("before=", tostring(r:get("before")), "\n")
 ]])
                 local waiter = script(work, "waiter", [[
+start_together(arg[4])
 local ok, err = pcall(r.get_or_create, r, "held", function() return "from a waiter" end)
 io.write(tostring(ok), " ", tostring(err), "\n")
 io.write("done=", string.format("%.6f", now()), "\n")
 ]])
                 local args = "{ map_size = 262144, lock_timeout = 10 }"
-                sh(("(luajit %s '%s' '%s' '' '%s'; echo rc=$?) > %s/holder.out 2>&1 &")
-                   :format(holder, path, args, started, work))
-                local t0 = now()
-                while count_lines(started) == 0 do
-                    assert.is_true(now() - t0 < 10, "the holder never started: "
-                                   .. tostring(read(work .. "/holder.out")))
-                    ffi.C.usleep(5000)
-                end
+                -- The waiters are loaded and ready first; they ask once the
+                -- holder has the lock.
+                local start = work .. "/start"
                 local cmd = {}
                 for i = 1, 3 do
-                    cmd[i] = ("(luajit %s '%s' '%s'; echo rc=$?) > %s/waiter%d.out 2>&1 &")
-                        :format(waiter, path, args, work, i)
+                    cmd[i] = ("(luajit %s '%s' '%s' '' '%s'; echo rc=$?) > %s/waiter%d.out 2>&1")
+                        :format(waiter, path, args, start, work, i)
                 end
-                sh(table.concat(cmd, " ") .. " wait")
-                t0 = now()
+                together.run(cmd, start, nil, function()
+                    sh(("(luajit %s '%s' '%s' '' '%s'; echo rc=$?) > %s/holder.out 2>&1 &")
+                       :format(holder, path, args, started, work))
+                    local t0 = now()
+                    while count_lines(started) == 0 do
+                        assert.is_true(now() - t0 < 10, "the holder never started: "
+                                       .. tostring(read(work .. "/holder.out")))
+                        ffi.C.usleep(5000)
+                    end
+                end)
+                local t0 = now()
                 while not (read(work .. "/holder.out") or ""):match("rc=%d+") do
                     assert.is_true(now() - t0 < 10, "the holder never finished")
                     ffi.C.usleep(5000)

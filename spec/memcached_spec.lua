@@ -8,6 +8,7 @@ local cache = require "dogpile.cache"
 local util = require "dogpile.cache.util"
 local lib = require "dogpile.lib"
 local support = require "support"
+local together = require "together"
 local now, sleep, sh, write, read, count_lines = support.now, support.sleep, support.sh, support.write, support.read, support.count_lines
 local ffi = require "ffi"
 
@@ -124,7 +125,7 @@ end
 
 local function script(dir, name, body)
     local path = dir .. "/" .. name .. ".lua"
-    write(path, PRELUDE .. body)
+    write(path, PRELUDE .. together.CHILD .. body)
     return path
 end
 
@@ -511,7 +512,7 @@ describe("dogpile.cache.memcached", function()
             -- socket_timeout 1 (the default): held + 2 x socket_timeout was
             -- past lock_timeout, and the old rule left the lock to expire
             local args = "{ lock_timeout = 2, socket_timeout = 1 }"
-            local f = script(dir, "slow", [[
+            local BODY = [[
 local key, counter, started = arg[3], arg[4], arg[5]
 local v = r:get_or_create(key, function()
     append(counter, "x")
@@ -521,23 +522,29 @@ local v = r:get_or_create(key, function()
     return "created"
 end)
 io.write(v, " ", string.format("%.6f", now()), "\n")
-]])
-            local created = dir .. "/created"
-            sh(("luajit %s '%s' '%s' '%s' '%s' '%s' '%s' > %s/creator.out 2>&1 &")
-                :format(f, urls, args, key, counter, started, created, dir))
-            local t0 = now()
-            while count_lines(started) == 0 do
-                assert.is_true(now() - t0 < 10, "the creator never started: "
-                               .. tostring(read(dir .. "/creator.out")))
-                sleep(0.005)
-            end
+]]
+            local creator = script(dir, "creator", BODY)
+            -- the waiters are loaded and ready first, and ask once the
+            -- creator has the lock
+            local waiter = script(dir, "waiter", "start_together(arg[7])\n" .. BODY)
+            local created, start = dir .. "/created", dir .. "/start"
             local cmd = {}
             for i = 1, 4 do
-                cmd[i] = ("luajit %s '%s' '%s' '%s' '%s' '%s' '%s' > %s/out%d 2>&1 &")
-                    :format(f, urls, args, key, counter, dir .. "/no", created, dir, i)
+                cmd[i] = ("luajit %s '%s' '%s' '%s' '%s' '%s' '%s' '%s' > %s/out%d 2>&1")
+                    :format(waiter, urls, args, key, counter, dir .. "/no", created, start, dir,
+                            i)
             end
-            sh(table.concat(cmd, " ") .. " wait")
-            t0 = now()
+            together.run(cmd, start, nil, function()
+                sh(("luajit %s '%s' '%s' '%s' '%s' '%s' '%s' > %s/creator.out 2>&1 &")
+                    :format(creator, urls, args, key, counter, started, created, dir))
+                local t0 = now()
+                while count_lines(started) == 0 do
+                    assert.is_true(now() - t0 < 10, "the creator never started: "
+                                   .. tostring(read(dir .. "/creator.out")))
+                    sleep(0.005)
+                end
+            end)
+            local t0 = now()
             while not (read(dir .. "/creator.out") or ""):match("\n") do
                 assert.is_true(now() - t0 < 10, "the creator never finished")
                 sleep(0.005)
@@ -571,8 +578,8 @@ io.write(v, " ", string.format("%.6f", now()), "\n")
             local dir = tmpdir()
             local counter = dir .. "/creations"
             local f = script(dir, "stampede", [[
-local key, counter, start = arg[3], arg[4], tonumber(arg[5])
-while now() < start do sleep(0.001) end
+local key, counter = arg[3], arg[4]
+start_together(arg[5])
 local t0 = now()
 local v = r:get_or_create(key, function()
     append(counter, "x")
@@ -581,14 +588,14 @@ local v = r:get_or_create(key, function()
 end)
 io.write(v, " ", string.format("%.3f", now() - t0), "\n")
 ]])
-            local start = now() + 0.6
+            local start = dir .. "/start"
             local key = fresh("hot")
             local cmd = {}
             for i = 1, 8 do
-                cmd[i] = ("luajit %s '%s' '{}' '%s' '%s' '%.3f' > %s/out%d 2>&1 &")
+                cmd[i] = ("luajit %s '%s' '{}' '%s' '%s' '%s' > %s/out%d 2>&1")
                     :format(f, table.concat(URLS, ","), key, counter, start, dir, i)
             end
-            sh(table.concat(cmd, " ") .. " wait")
+            together.run(cmd, start)
             assert.are.equal(1, count_lines(counter))
             for i = 1, 8 do
                 local out = read(dir .. "/out" .. i)
