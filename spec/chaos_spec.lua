@@ -58,6 +58,10 @@ local TMP = (sh("mktemp -d /tmp/dogpile-chaos-XXXXXX"):gsub("%s+$", ""))
 
 -- -- Processes ---------------------------------------------------------------------
 
+-- Every server and load process started and not yet seen gone (pid ->
+-- true), for the teardown: a pid seen gone may be reused, never signalled.
+local started = {}
+
 -- A zombie is not alive: the servers (daemons) and the load processes
 -- (started through a shell that exits) are reaped by pid 1, which may take
 -- its time.
@@ -76,6 +80,7 @@ end
 -- Kill and wait until gone (a killed server could otherwise answer once more).
 local function kill_wait(pid)
     if not alive(pid) then
+        started[pid or false] = nil
         return
     end
     ffi.C.kill(pid, SIGCONT)
@@ -85,10 +90,16 @@ local function kill_wait(pid)
         sleep(0.005)
     end
     assert(not alive(pid), "process " .. pid .. " survived SIGKILL")
+    started[pid] = nil
 end
 
+-- The servers and probes run without the sanitizer runtime that the test
+-- command preloads into this process for the instrumented core (it would
+-- slow every restart by seconds).
+local BARE = "env -u LD_PRELOAD "
+
 local function port_open(port)
-    return sh("bash -c '(exec 3<>/dev/tcp/127.0.0.1/" .. port .. ") 2>/dev/null && echo up'")
+    return sh(BARE .. "bash -c '(exec 3<>/dev/tcp/127.0.0.1/" .. port .. ") 2>/dev/null && echo up'")
         :match("up") ~= nil
 end
 
@@ -103,8 +114,6 @@ local function free_port()
     error("no free loopback port found")
 end
 
--- Every server and load process started, for the teardown.
-local started = {}
 
 -- -- Servers ---------------------------------------------------------------------
 
@@ -119,14 +128,14 @@ local function start_redis(srv)
         "dir " .. srv.dir, "daemonize yes", "pidfile " .. srv.dir .. "/redis.pid",
         "logfile " .. srv.dir .. "/redis.log" }, "\n") .. "\n")
     os.remove(srv.dir .. "/redis.pid")
-    local out = sh("redis-server " .. conf)
+    local out = sh(BARE .. "redis-server " .. conf)
     local t0 = now()
     while true do
         local probe = now()
         srv.pid = tonumber((read(srv.dir .. "/redis.pid") or ""):match("%d+"))
         if srv.pid then
-            started[#started + 1] = srv.pid
-            if sh("redis-cli -p " .. srv.port .. " ping"):match("PONG") then
+            started[srv.pid] = true
+            if sh(BARE .. "redis-cli -p " .. srv.port .. " ping"):match("PONG") then
                 return probe
             end
         end
@@ -141,14 +150,14 @@ local function start_memcached(srv)
     os.execute("mkdir -p " .. srv.dir)
     local pidfile = srv.dir .. "/memcached.pid"
     os.remove(pidfile)
-    local out = sh(fmt("memcached -d -P %s -l 127.0.0.1 -p %d -U 0 -m 64 -u root", pidfile,
+    local out = sh(BARE .. fmt("memcached -d -P %s -l 127.0.0.1 -p %d -U 0 -m 64 -u root", pidfile,
                        srv.port))
     local t0 = now()
     while true do
         local probe = now()
         srv.pid = tonumber((read(pidfile) or ""):match("%d+"))
         if srv.pid then
-            started[#started + 1] = srv.pid
+            started[srv.pid] = true
             if port_open(srv.port) then
                 return probe
             end
@@ -253,7 +262,7 @@ local function run_phases(phases, ctx)
             assert(pid, "could not start a load process")
             run.pids[id] = pid
             ctx.pids[#ctx.pids + 1] = pid
-            started[#started + 1] = pid
+            started[pid] = true
         end
     end
     -- The chaos, on schedule. A recovery is the SIGCONT, or the moment the
@@ -292,6 +301,7 @@ local function run_phases(phases, ctx)
         for id, pid in ipairs(run.pids) do
             assert(not alive(pid), run.name .. ": load process " .. id
                    .. " still running well after its end")
+            started[pid] = nil
             run.workers[id] = parse_log(fmt("%s/%s-%d.log", TMP, run.name, id))
             run.workers[id].stderr = read(fmt("%s/%s-%d.err", TMP, run.name, id)) or ""
         end
@@ -365,6 +375,11 @@ local function judge(fail_open, run)
     -- neither raised nor turned into a miss), ending after the recovery.
     local t_end = t_start + DURATION
     for k, rec in ipairs(run.recoveries) do
+        if rec.t > t_end - RECOVERY then
+            problem(fmt("the %s planned earlier came only at +%.2f s, too late to judge the "
+                        .. "recovery before the load ends at +%d s (the spec's own delay)",
+                        rec.what, rec.t - t_start, DURATION))
+        end
         local worst = 0
         for id, w in ipairs(run.workers) do
             local first
@@ -425,7 +440,7 @@ end
 
 describe("chaos", function()
     teardown(function()
-        for _, pid in ipairs(started) do
+        for pid in pairs(started) do
             pcall(kill_wait, pid)
         end
         -- DP_CHAOS_KEEP=1 keeps the load processes' logs for a look.
