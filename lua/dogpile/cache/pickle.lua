@@ -113,7 +113,12 @@ local INSIDE, DEPTH = 16, 32
 local p, n, pos, op, at
 local st, sp, base
 local marks, mp
-local memo, meta
+local memo, memo_count, meta
+local tclear = require "table.clear"
+-- The work tables outlive a read (no allocation per read); after a large
+-- input (which bounds how much they grew) they are dropped, not cleared.
+local REUSE_LIMIT = 4096
+local st_keep, marks_keep, memo_keep, meta_keep = tnew(64, 0), tnew(16, 0), tnew(64, 0), tnew(0, 32)
 local recheck, max_depth, marked, want_int64
 
 local function fail(msg, where)
@@ -669,13 +674,14 @@ local function read_bytes(len)
     return str
 end
 
+-- Stored at idx + 1: MEMOIZE counts from 0 and the array part starts at 1.
 local function memo_put(idx)
     under(1)
-    memo[idx] = st[sp]
+    memo[idx + 1] = st[sp]
 end
 
 local function memo_get(idx)
-    local v = memo[idx]
+    local v = memo[idx + 1]
     if v == nil then
         fail(format("memo key %s not found", tostring(idx)))
     end
@@ -699,9 +705,8 @@ local function run()
             push(read_bytes(len))
         elseif op == 0x94 then -- MEMOIZE
             under(1)
-            local idx = memo.n
-            memo[idx] = st[sp]
-            memo.n = idx + 1
+            memo_count = memo_count + 1
+            memo[memo_count] = st[sp]
         elseif op == 0x4b then -- BININT1
             need(1)
             push(p[pos])
@@ -974,6 +979,10 @@ local function finish(v)
     return v
 end
 
+local function run_and_finish()
+    return finish(run())
+end
+
 local function load(str, opts, len)
     if type(str) == "string" then
         p, n = ffi_cast(u8p, str), #str
@@ -984,10 +993,10 @@ local function load(str, opts, len)
             .. type(str)
     end
     pos, op, at = 0, nil, 0
-    st, sp, base = tnew(16, 0), 0, 0
-    marks, mp = {}, 0
-    memo = { n = 0 }
-    meta = {}
+    st, sp, base = st_keep, 0, 0
+    marks, mp = marks_keep, 0
+    memo, memo_count = memo_keep, 0
+    meta = meta_keep
     recheck = false
     if opts then
         max_depth = opts.max_depth or _M.MAX_DEPTH
@@ -996,12 +1005,16 @@ local function load(str, opts, len)
     else
         max_depth, marked, want_int64 = _M.MAX_DEPTH, false, false
     end
-    local ok, v = pcall(run)
-    if ok then
-        ok, v = pcall(finish, v)
-    end
+    local ok, v = pcall(run_and_finish)
     -- Let go of the input and the partial value at once.
-    p, st, memo, meta, marks = nil, nil, nil, nil, nil
+    p = nil
+    if n > REUSE_LIMIT then
+        st_keep, marks_keep, memo_keep, meta_keep = tnew(64, 0), tnew(16, 0), tnew(64, 0), tnew(0, 32)
+    else
+        tclear(st)
+        tclear(memo)
+        tclear(meta)
+    end
     if not ok and type(v) == "string" and sub(v, 1, 21) ~= "dogpile.cache.pickle:" then
         v = "dogpile.cache.pickle: " .. v
     end

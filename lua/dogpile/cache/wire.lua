@@ -21,7 +21,7 @@ local pyvalue = require "dogpile.cache.pyvalue"
 
 local type, pcall, error, tostring, setmetatable, getmetatable =
     type, pcall, error, tostring, setmetatable, getmetatable
-local find, sub, format = string.find, string.sub, string.format
+local find, sub, format, match = string.find, string.sub, string.format, string.match
 
 lib.own_source()
 
@@ -141,14 +141,22 @@ function _M.decode(bytes, serializer)
     if not bar then
         return false, "dogpile.cache: not a dogpile.cache value (no \"|\" after the metadata)"
     end
-    local ok, md = pyjson.load(sub(bytes, 1, bar - 1))
-    if not ok then
-        return false, md
-    end
-    local ct
-    ok, ct = check_metadata(md)
-    if not ok then
-        return false, ct
+    -- What Python writes is one shape: read it with one match, anything
+    -- else with the full JSON reader.
+    local ok, md, ct
+    local cts, vs = match(bytes, '^{"ct": (%-?%d[%d.e+-]*), "v": (%d+)}|')
+    ct = cts and tonumber(cts)
+    if ct then
+        md = { ct = ct, v = tonumber(vs) }
+    else
+        ok, md = pyjson.load(sub(bytes, 1, bar - 1))
+        if not ok then
+            return false, md
+        end
+        ok, ct = check_metadata(md)
+        if not ok then
+            return false, ct
+        end
     end
     local payload
     ok, payload = (serializer or PICKLE):load(sub(bytes, bar + 1))
