@@ -454,9 +454,10 @@ describe("dogpile.cache.memcached", function()
         end)
 
         it("is released only by its owner: an expired lock taken over is left alone", function()
-            local b1 = region().actual_backend
-            local b2 = region().actual_backend -- another instance: another owner
-            local b3 = region().actual_backend
+          for _, binary in ipairs({ false, true }) do
+            local b1 = region({ binary = binary }).actual_backend
+            local b2 = region({ binary = binary }).actual_backend -- another owner
+            local b3 = region({ binary = binary }).actual_backend
             local k = fresh()
             local m1 = b1:get_mutex(k)
             assert.is_true(m1:acquire(false))
@@ -464,7 +465,13 @@ describe("dogpile.cache.memcached", function()
             -- ours disappears (as if expired); another owner takes it
             b1:delete("dogpile-lock:" .. k)
             assert.are.equal(lib.DP_OK, raw_lock(b2, k))
-            m1:release() -- must not remove b2's lock
+            local regmod = require "dogpile.cache.region"
+            local old_log, logged = regmod.log, {}
+            regmod.log = function(msg) logged[#logged + 1] = msg end
+            local ok, e = pcall(m1.release, m1) -- must not remove b2's lock
+            regmod.log = old_log
+            assert.is_true(ok, tostring(e))
+            assert.are.equal(1, #logged, "the lost lock is logged")
             assert.are.equal(lib.DP_EBUSY, raw_lock(b3, k))
             assert.are.equal(lib.DP_OK, raw_unlock(b2, k))
             assert.are.equal(lib.DP_OK, raw_lock(b3, k))
@@ -475,6 +482,7 @@ describe("dogpile.cache.memcached", function()
             assert.are.equal(lib.DP_OK, raw_lock(b1, long))
             assert.are.equal(lib.DP_EBUSY, raw_lock(b2, long))
             assert.are.equal(lib.DP_OK, raw_unlock(b1, long))
+          end
         end)
 
         it("expires within a second after lock_timeout; waits back off and end at the timeout", function()
