@@ -353,8 +353,14 @@ function Invalidator:invalidate(hard)
     self.at, self.hard, self.dirty = at, hard, false
 end
 
+-- Every hit asks this: two loads when nothing is pending.
 function Invalidator:is_invalidated(ct)
-    local at = self:_current()
+    local at
+    if self.dirty or self.next_load then
+        at = self:_current()
+    else
+        at = self.at
+    end
     return at ~= nil and ct < at
 end
 

@@ -1,0 +1,261 @@
+--- dogpile.cache.tiered (issue 14, item 7), in one run:
+--   1. an L1 hit of a tiered region (memory -> redis) against a plain memory
+--      region's hit: region:get on NKEYS keys cycled through, median ns per
+--      hit; target <= 1.2x, and the loop compiles with no trace abort;
+--   2. the coherence delay: this process sets a key, another process (a
+--      reader polling region:get on its memory tier) reports when it first
+--      sees the new value; p50 and p99 over the sets; target p99 <= 100 ms;
+--   3. a Zipf workload (s = 1.0 over ZKEYS keys, get_or_create, every miss
+--      created): hit rate of the memory tier and ns per call, memory -> redis
+--      (memory tier bounded to 10% of the keys) against redis alone.
+--
+--   luajit bench/tiered.lua [hits = 2e6] [sets = 200]  (BENCH_QUICK=1: small counts)
+--
+-- LUA_PATH and LUA_CPATH must reach the modules (bench/run sets them; or
+-- `. .ci/lib.sh && use_stage NAME`). The server is REDIS_PORT's when set,
+-- else a redis-server of our own (bench/servers_lib.lua). Prints ROW lines
+-- (bench/lib.lua) for bench/run's table.
+local here = debug.getinfo(1, "S").source:sub(2):match("^(.*)/[^/]*$") or "."
+local lib = dofile(here .. "/lib.lua")
+local S = dofile(here .. "/servers_lib.lua")
+local jit = require "jit"
+local cache = require "dogpile.cache"
+pcall(cache.register_backend, "dogpile.cache.tiered", "dogpile.cache.backends.tiered")
+
+local format = string.format
+local NO_VALUE = cache.NO_VALUE
+
+local HITS = tonumber(arg and arg[1]) or lib.count(2e6, 2e4)
+local SETS = tonumber(arg and arg[2]) or lib.count(200, 20)
+local NKEYS = 1000
+local ZKEYS, ZOPS = lib.count(100000, 5000), lib.count(200000, 5000)
+
+local port, stop_server, origin = S.redis()
+io.write(format("redis-server: %s, port %d\n", origin, port))
+
+local REDIS = { port = port, socket_timeout = 1, connect_timeout = 1 }
+local function tiered(l1_args, prefix)
+    return cache.make_region():configure("dogpile.cache.tiered", {
+        expiration_time = 3600,
+        arguments = { prefix = prefix or "bench-tiered:", tiers = {
+            { backend = "dogpile.cache.memory", arguments = l1_args },
+            { backend = "dogpile.cache.redis", arguments = REDIS },
+        } },
+    })
+end
+
+-- -- 1. L1 hit vs a plain memory region hit ----------------------------------------
+
+local vmdef = require "jit.vmdef"
+local aborts = {}
+local function on_trace(what, tr, func, pc, otr, oex)
+    if what == "abort" then
+        local msg = vmdef.traceerr[otr] or tostring(otr)
+        if type(oex) ~= "nil" then
+            msg = pcall(string.format, msg, oex) and string.format(msg, oex) or msg
+        end
+        local info = require("jit.util").funcinfo(func, pc)
+        aborts[#aborts + 1] = format("trace %d: %s at %s", tr, msg, tostring(info.loc))
+    end
+end
+
+local keys = {}
+for i = 1, NKEYS do
+    keys[i] = "key" .. i
+end
+
+-- One loop per region, so that each compiles to its own trace.
+local function make_loop()
+    return loadstring([[
+        local r, keys, nkeys = ...
+        return function(n)
+            local sum, j = 0, 1
+            for _ = 1, n do
+                sum = sum + r:get(keys[j])
+                j = j + 1
+                if j > nkeys then j = 1 end
+            end
+            return sum
+        end
+    ]])
+end
+
+local mem = cache.make_region():configure("dogpile.cache.memory", { expiration_time = 3600 })
+local tr = tiered(nil, "bench-tiered-hit:")
+for i = 1, NKEYS do
+    mem:set(keys[i], i)
+    tr:set(keys[i], i)
+end
+local mem_loop = make_loop()(mem, keys, NKEYS)
+local tr_loop = make_loop()(tr, keys, NKEYS)
+-- Only the hit loops' traces are watched, while they warm up and compile
+-- (the stores above, and the timing harness, are no concern of the hit).
+jit.flush()
+jit.attach(on_trace, "trace")
+for _, loop in ipairs({ mem_loop, tr_loop }) do
+    loop(1e5)
+    loop(lib.count(1e6, 1e5))
+end
+jit.attach(on_trace)
+-- The two loops take turns, so that a noisy neighbour weighs on both alike;
+-- the ratio is the median of the turns' ratios.
+local mem_t, tr_t, ratios = {}, {}, {}
+for round = 1, (lib.quick and 1 or 7) do
+    mem_t[round] = lib.ns_per_op(mem_loop, HITS)
+    tr_t[round] = lib.ns_per_op(tr_loop, HITS)
+    ratios[round] = tr_t[round] / mem_t[round]
+end
+local mem_ns, tr_ns = lib.median(mem_t), lib.median(tr_t)
+local ratio = lib.median(ratios)
+local front_hits = tr:stats().front_hits
+io.write(format("L1 hit: tiered %.1f ns, memory region %.1f ns (median ratio of turns %.2fx); "
+                .. "front hits %s; trace aborts: %d\n", tr_ns, mem_ns, ratio, tostring(front_hits),
+                #aborts))
+for _, a in ipairs(aborts) do
+    io.write("  ", a, "\n")
+end
+lib.row("tiered_l1_hit", "tiered (memory -> redis) L1 get hit vs memory region get hit",
+        mem_ns * ratio, "ns/op", "memory region", mem_ns, "<=1.2")
+lib.row("tiered_l1_aborts", "trace aborts in the hit loops", #aborts, "n", "-", nil, "abs<=0")
+
+-- -- 2. Coherence delay ------------------------------------------------------------
+
+local reader = os.tmpname()
+do
+    local f = assert(io.open(reader, "w"))
+    f:write([[
+local cache = require "dogpile.cache"
+pcall(cache.register_backend, "dogpile.cache.tiered", "dogpile.cache.backends.tiered")
+local dogpile = require "dogpile"
+local port, key, n, deadline = tonumber(arg[1]), arg[2], tonumber(arg[3]), tonumber(arg[4])
+local r = cache.make_region():configure("dogpile.cache.tiered", { expiration_time = 3600,
+    arguments = { prefix = "bench-tiered:", tiers = { { backend = "dogpile.cache.memory" },
+    { backend = "dogpile.cache.redis", arguments = { port = port, socket_timeout = 1,
+      connect_timeout = 1 } } } } })
+io.write("ready\n") io.flush()
+local last = -1
+local now = dogpile.now
+while last < n and now() < deadline do
+    local v = r:get(key)
+    if v ~= cache.NO_VALUE and v ~= last then
+        last = v
+        io.write(v, " ", string.format("%.6f", now()), "\n")
+        io.flush()
+    end
+end
+]])
+    f:close()
+end
+
+local key = "coherence:" .. os.time()
+local w = tiered(nil)
+w:set(key, 0)
+local deadline = lib.wall() + 30 + SETS * 0.05
+local p = assert(io.popen(format("luajit %s %d '%s' %d %.3f", reader, port, key, SETS, deadline)))
+assert(p:read("*l") == "ready", "the reader did not start")
+local set_at = {}
+local ffi = require "ffi"
+pcall(ffi.cdef, "int usleep(unsigned int usec);")
+for i = 1, SETS do
+    ffi.C.usleep(20000)
+    set_at[i] = lib.wall()
+    w:set(key, i)
+end
+local delays = {}
+for line in p:lines() do
+    local v, t = line:match("^(%d+) ([%d.]+)$")
+    v = tonumber(v)
+    if v and v >= 1 and set_at[v] then
+        delays[#delays + 1] = (tonumber(t) - set_at[v]) * 1e3
+    end
+end
+p:close()
+os.remove(reader)
+table.sort(delays)
+local function pct(q)
+    return delays[math.max(1, math.ceil(q * #delays))] or 0 / 0
+end
+io.write(format("coherence delay over %d sets (%d seen): p50 %.3f ms, p99 %.3f ms, max %.3f ms\n",
+                SETS, #delays, pct(0.5), pct(0.99), delays[#delays] or 0 / 0))
+lib.row("tiered_coherence_p50", "tiered coherence delay p50 (set in one process -> seen in another)",
+        pct(0.5), "ms", "-", nil, "")
+lib.row("tiered_coherence_p99", "tiered coherence delay p99", pct(0.99), "ms", "-", nil, "abs<=100")
+lib.row("tiered_coherence_seen", "sets seen by the other process", #delays, "n", "-", nil,
+        "abs>=" .. SETS)
+
+-- -- 3. Zipf: memory -> redis vs redis alone -------------------------------------------
+
+-- Zipf(1.0) over ZKEYS keys by inverse CDF on a precomputed table.
+local cdf = {}
+do
+    local h = 0
+    for i = 1, ZKEYS do
+        h = h + 1 / i
+        cdf[i] = h
+    end
+    for i = 1, ZKEYS do
+        cdf[i] = cdf[i] / h
+    end
+end
+local function zipf()
+    local u = math.random()
+    local lo, hi = 1, ZKEYS
+    while lo < hi do
+        local mid = math.floor((lo + hi) / 2)
+        if cdf[mid] < u then
+            lo = mid + 1
+        else
+            hi = mid
+        end
+    end
+    return lo
+end
+
+local function zipf_run(r, seed)
+    math.randomseed(seed)
+    local creations = 0
+    local function creator()
+        creations = creations + 1
+        return "v"
+    end
+    local t0 = lib.clock()
+    for _ = 1, ZOPS do
+        r:get_or_create("z" .. zipf(), creator)
+    end
+    return (lib.clock() - t0) * 1e9 / ZOPS, creations
+end
+
+local prefix = "zipf:" .. os.time() .. ":"
+local alone = cache.make_region():configure("dogpile.cache.redis", {
+    expiration_time = 3600, arguments = REDIS })
+alone.key_mangler = function(k) return prefix .. "a:" .. k end
+local LIMIT = math.floor(ZKEYS / 10)
+local layered = tiered({ max_items = LIMIT }, "bench-tiered-zipf:")
+layered.key_mangler = function(k) return prefix .. "t:" .. k end
+-- Every key stored first (in batches), so that the measured pass is all
+-- hits: from the memory tier where the LRU kept the key, else from redis.
+for i = 1, ZKEYS, 1000 do
+    local batch = {}
+    for j = i, math.min(ZKEYS, i + 999) do
+        batch["z" .. j] = "v"
+    end
+    alone:set_multi(batch)
+    layered:set_multi(batch)
+end
+zipf_run(layered, 1) -- the memory tier settles on the popular keys
+local th = layered.actual_backend:tier_hits(layered:stats().front_hits or 0)
+local tiered_ns, tiered_created = zipf_run(layered, 2)
+local th2 = layered.actual_backend:tier_hits(layered:stats().front_hits or 0)
+local alone_ns, alone_created = zipf_run(alone, 2)
+local l1, l2 = th2[1] - th[1], th2[2] - th[2]
+local l1_rate = l1 / ZOPS
+io.write(format("zipf(1.0), %d keys, %d gets, memory tier %d items: memory -> redis %.0f ns/op "
+                .. "(memory tier hit rate %.1f%%, redis %d, created %d); redis alone %.0f ns/op "
+                .. "(created %d)\n", ZKEYS, ZOPS, LIMIT, tiered_ns, 100 * l1_rate, l2,
+                tiered_created, alone_ns, alone_created))
+lib.row("tiered_zipf_latency", "zipf get_or_create hits: memory -> redis vs redis alone", tiered_ns,
+        "ns/op", "redis alone", alone_ns, "")
+lib.row("tiered_zipf_l1_rate", "zipf: memory tier hit rate (10% of keys held)", 100 * l1_rate,
+        "%", "-", nil, "")
+
+stop_server()
