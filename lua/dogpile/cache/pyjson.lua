@@ -240,6 +240,7 @@ put = function(v)
 end
 
 --- `json.dumps(v)` with Python's defaults.
+-- @param v the value (see pyvalue.lua for the mapping)
 -- @param opts optional: `empty_table` ("dict", the default, or "list"), `max_depth`
 -- @raise on a value JSON cannot hold (bytes, sets, functions, cycles), naming its path
 function _M.dumps(v, opts)
@@ -483,6 +484,7 @@ end
 
 --- `json.loads(text)` with Python's defaults. Returns `true, value` or
 -- `false, message`; never raises on any input.
+-- @param text the JSON text
 -- @param opts optional: `mark` (lists and dicts marked, integer-valued floats
 --   wrapped: see pyvalue.lua), `int64` (ints beyond 2^53 as int64_t cdata),
 --   `max_depth`

@@ -31,8 +31,10 @@ local _M = { _VERSION = "0.1.0" }
 -- miss to Python (region.py), and to the region using this module.
 _M.VALUE_VERSION = 2
 --- memcached flags of a pickled value (pymemcache FLAG_PICKLE,
--- python-memcached _FLAG_PICKLE) and of plain bytes.
-_M.FLAG_PICKLE, _M.FLAG_BYTES = 1, 0
+-- python-memcached _FLAG_PICKLE).
+_M.FLAG_PICKLE = 1
+--- memcached flags of plain bytes (a region with a serializer).
+_M.FLAG_BYTES = 0
 
 local float_repr = pyvalue.float_repr
 local CachedValue_mt = pyvalue.CachedValue_mt
@@ -172,6 +174,8 @@ end
 -- dogpile.cache CachedValue: a pickle of CachedValue(payload, {"ct": ct,
 -- "v": 2}), flags 1. Both clients read protocol 4 whatever protocol they
 -- write (`opts.protocol` = 5 writes pymemcache's header).
+-- @param payload the value
+-- @param ct the created time (epoch seconds, a float)
 -- @param opts optional: pickle.dumps options
 -- @raise on a payload pickle refuses, or a ct that is not a finite number
 function _M.encode_memcached(payload, ct, opts)
