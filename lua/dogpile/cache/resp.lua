@@ -280,9 +280,9 @@ end
 
 --- A connection: sock, reused (true when it came from the pool); or nil, err.
 function Server:connect()
-    local host, port = self.host, self.port
+    local host, port, known = self.host, self.port, self.master_host ~= nil
     if self.sentinels then
-        if not self.master_host then
+        if not known then
             local ok, err = find_master(self)
             if not ok then
                 return nil, err
@@ -294,6 +294,16 @@ function Server:connect()
     end
     local sock, err = raw_connect(self, host, port,
                                   pool_opts(self, port and (host .. ":" .. port) or host))
+    if not sock and known and not find(err, "within connect_timeout", 1, true) then
+        -- A master this worker knew is gone (refused, not slow): the
+        -- sentinels may already name its successor. Ask once more now.
+        self:broken()
+        local ok = find_master(self)
+        if ok and (self.master_host ~= host or self.master_port ~= port) then
+            host, port = self.master_host, self.master_port
+            sock, err = raw_connect(self, host, port, pool_opts(self, host .. ":" .. port))
+        end
+    end
     if not sock then
         self:broken()
         return nil, err
@@ -442,8 +452,8 @@ local function parse_url(s, name, url)
 end
 
 local KNOWN = "url, host, port, db, username, password, socket_timeout, connect_timeout, "
-    .. "redis_expiration_time, lock_timeout, lock_sleep, lock_prefix, pool_size, "
-    .. "pool_idle_timeout"
+    .. "redis_expiration_time, lock_timeout, lock_sleep, lock_prefix, "
+    .. "notify_channel, notify_feed, pool_size, pool_idle_timeout"
 
 local function seconds(name, k, v)
     if type(v) ~= "number" or not (v > 0) or v == math.huge then
@@ -486,7 +496,8 @@ function _M.server(name, arguments, sentinels)
                 end
                 s.service = v
             end
-        elseif k == "host" or k == "username" or k == "password" or k == "lock_prefix" then
+        elseif k == "host" or k == "username" or k == "password" or k == "lock_prefix"
+            or k == "notify_channel" or k == "notify_feed" then
             if type(v) ~= "string" then
                 return nil, name .. ": " .. k .. " must be a string"
             end
@@ -514,6 +525,11 @@ function _M.server(name, arguments, sentinels)
         if err then
             return nil, err
         end
+    end
+    if s.notify_feed and not s.notify_channel then
+        return nil, name .. ": notify_feed needs notify_channel"
+    elseif s.notify_channel == "" then
+        return nil, name .. ": notify_channel must not be empty"
     end
     if sentinels then
         if #sentinels == 0 or not s.service then

@@ -132,11 +132,55 @@ local function check(self, op, v, kind)
     end
 end
 
+-- This worker's tag on its change notifications (the C backend's sender
+-- tag: 16 bytes that its listener recognises as its own).
+local function sender(self)
+    local pid = ngx.worker.pid()
+    if self.sender_pid ~= pid then
+        self.sender, self.sender_pid = _M.new_token():sub(1, 16), pid
+    end
+    return self.sender
+end
+
+-- Send the write commands `req` (`ncmd` of them, changing `keys`) and
+-- check their replies. With notify_channel, a PUBLISH of the keys follows
+-- in the same pipeline, as the C backend does (for dogpile.cache.tiered):
+-- "<sender><len>:<key>...".
+local function write(self, op, req, ncmd, keys)
+    local s = self.s
+    local channel = s.notify_channel
+    if channel then
+        local parts = { sender(self) }
+        for i = 1, #keys do
+            local k = keys[i]
+            parts[i + 1] = #k .. ":" .. k
+        end
+        encode_into(req, #req + 1, { "PUBLISH", channel, table.concat(parts) }, 3)
+        ncmd = ncmd + 1
+    end
+    local vs, kinds = s:call(op, req, ncmd)
+    if vs == nil then
+        error(kinds, 0)
+    end
+    for j = 1, ncmd do
+        if kinds[j] == "-" then
+            if channel and j == ncmd then
+                error(op .. ": PUBLISH on '" .. channel .. "' refused: " .. vs[j], 0)
+            end
+            error(op .. ": " .. s:where() .. ": " .. vs[j], 0)
+        end
+    end
+end
+
 function Backend:_set(key, value)
     local s = self.s
-    local args = s.ttl_ms and { "SET", key, value, "PX", s.ttl_ms, n = 5 }
-        or { "SET", key, value, n = 3 }
-    check(self, "SET", s:command("SET", args))
+    local req = {}
+    if s.ttl_ms then
+        encode_into(req, 1, { "SET", key, value, "PX", s.ttl_ms }, 5)
+    else
+        encode_into(req, 1, { "SET", key, value }, 3)
+    end
+    write(self, "SET", req, 1, { key })
 end
 
 function Backend:set(key, value)
@@ -148,7 +192,7 @@ function Backend:set(key, value)
 end
 
 function Backend:_delete(key)
-    check(self, "DEL", self.s:command("DEL", { "DEL", key, n = 2 }))
+    write(self, "DEL", resp.encode({ "DEL", key, n = 2 }), 1, { key })
 end
 
 function Backend:delete(key)
@@ -201,26 +245,19 @@ end
 
 function Backend:_set_multi(mapping)
     local s = self.s
-    local req, i, n = {}, 1, 0
+    local req, i, n, keys = {}, 1, 0, {}
     local args = { "SET", "", "", "PX", s.ttl_ms }
     local nargs = s.ttl_ms and 5 or 3
     for k, v in pairs(mapping) do
         args[2], args[3] = k, v
         i = encode_into(req, i, args, nargs)
         n = n + 1
+        keys[n] = k
     end
     if n == 0 then
         return
     end
-    local vs, kinds = s:call("SET (pipeline)", req, n)
-    if vs == nil then
-        error(kinds, 0)
-    end
-    for j = 1, n do
-        if kinds[j] == "-" then
-            error("SET (pipeline): " .. vs[j], 0)
-        end
-    end
+    write(self, "SET (pipeline)", req, n, keys)
 end
 
 function Backend:set_multi(mapping)
@@ -240,7 +277,7 @@ function Backend:_delete_multi(keys)
     for i = 1, n do
         args[i + 1] = keys[i]
     end
-    check(self, "DEL", self.s:command("DEL", args))
+    write(self, "DEL", resp.encode(args), 1, keys)
 end
 
 function Backend:delete_multi(keys)
@@ -276,6 +313,7 @@ local function new_token()
     end
     return table.concat(t)
 end
+_M.new_token = new_token
 
 -- The waits of this worker, by lock (domain and lock key): the coroutines
 -- waiting for one lock's release share one record {sema, n, listening,

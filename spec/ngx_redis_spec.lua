@@ -1,0 +1,526 @@
+-- dogpile.cache.redis and dogpile.cache.redis_sentinel inside a real nginx
+-- (nginx-extras, 2 workers, spec/fixtures/nginx_redis) over cosockets, on
+-- the same redis-server as plain LuaJIT processes on the C backend
+-- (hiredis), both loading one regions file: one creator for a stampede of
+-- 200 requests and 2 processes, values read byte for byte across, waiters
+-- woken by the release's PUBLISH, a Sentinel failover while nginx serves, a
+-- SIGSTOPped and a restarted server, and the phases that cannot yield. The
+-- spec starts its own redis-servers, sentinel and nginx, and stops them.
+local cache = require "dogpile.cache"
+local support = require "support"
+local ngx_support = require "ngx_support"
+local values = dofile(debug.getinfo(1, "S").source:sub(2):gsub("ngx_redis_spec%.lua$", "")
+                      .. "fixtures/nginx_redis/values.lua")
+local ffi = require "ffi"
+
+local now, sleep, sh, write, read = support.now, support.sleep, support.sh, support.write,
+    support.read
+local NO_VALUE = cache.NO_VALUE
+
+pcall(ffi.cdef, "int setenv(const char *name, const char *value, int overwrite);")
+
+local FIXTURES = debug.getinfo(1, "S").source:sub(2):gsub("ngx_redis_spec%.lua$", "")
+    .. "fixtures/nginx_redis"
+local TMP = (sh("mktemp -d /tmp/dogpile-ngx-redis-XXXXXX"):gsub("%s+$", ""))
+
+-- -- Servers (as spec/redis_spec.lua starts them) --------------------------------------
+
+local function free_port()
+    math.randomseed(os.time() + math.floor(os.clock() * 1e6))
+    for _ = 1, 1000 do
+        local port = math.random(20000, 39999)
+        if sh("(exec 3<>/dev/tcp/127.0.0.1/" .. port .. ") 2>/dev/null && echo busy") == "" then
+            return port
+        end
+    end
+    error("no free port")
+end
+
+local servers = {}
+
+local function wait_pid(pidfile, port, what, log)
+    local t0 = now()
+    while true do
+        local pid = (read(pidfile) or ""):match("%d+")
+        if pid and sh("redis-cli -p " .. port .. " ping"):match("PONG") then
+            return pid
+        end
+        assert(now() - t0 < 10, what .. " did not start: " .. (read(log) or ""))
+        sleep(0.02)
+    end
+end
+
+local function start_server(extra, port)
+    port = port or free_port()
+    local dir = TMP .. "/srv" .. port
+    os.execute("mkdir -p " .. dir)
+    local conf = dir .. "/redis.conf"
+    write(conf, table.concat({
+        "port " .. port, "bind 127.0.0.1", 'save ""', "appendonly no", "dir " .. dir,
+        "daemonize yes", "pidfile " .. dir .. "/redis.pid", "logfile " .. dir .. "/redis.log",
+        extra or "" }, "\n") .. "\n")
+    os.remove(dir .. "/redis.pid")
+    sh("redis-server " .. conf)
+    local srv = { port = port, dir = dir }
+    srv.pid = wait_pid(dir .. "/redis.pid", port, "redis-server", dir .. "/redis.log")
+    servers[#servers + 1] = srv
+    return srv
+end
+
+local function start_sentinel(master_port, name)
+    local port = free_port()
+    local dir = TMP .. "/sentinel" .. port
+    os.execute("mkdir -p " .. dir)
+    local conf = dir .. "/sentinel.conf"
+    write(conf, table.concat({
+        "port " .. port, "bind 127.0.0.1", "dir " .. dir, "daemonize yes",
+        "pidfile " .. dir .. "/sentinel.pid", "logfile " .. dir .. "/sentinel.log",
+        "sentinel monitor " .. name .. " 127.0.0.1 " .. master_port .. " 1",
+        "sentinel down-after-milliseconds " .. name .. " 500",
+        "sentinel failover-timeout " .. name .. " 3000",
+        "sentinel parallel-syncs " .. name .. " 1" }, "\n") .. "\n")
+    sh("redis-server " .. conf .. " --sentinel")
+    local srv = { port = port, dir = dir }
+    srv.pid = wait_pid(dir .. "/sentinel.pid", port, "the sentinel", dir .. "/sentinel.log")
+    servers[#servers + 1] = srv
+    return srv
+end
+
+local function stop_server(srv)
+    if srv.pid then
+        sh("kill -CONT " .. srv.pid .. "; kill -9 " .. srv.pid)
+        local t0 = now()
+        while sh("kill -0 " .. srv.pid .. " 2>/dev/null && echo alive"):match("alive")
+            and now() - t0 < 5 do
+            sleep(0.01)
+        end
+        srv.pid = nil
+    end
+end
+
+local function cli(port, cmd)
+    return (sh("redis-cli -p " .. port .. " " .. cmd):gsub("%s+$", ""))
+end
+
+local function wait_for(what, fn, limit, why)
+    local t0 = now()
+    while not fn() do
+        assert(now() - t0 < limit, what .. " did not happen within " .. limit .. " s"
+               .. (why and (": " .. tostring(why())) or ""))
+        sleep(0.05)
+    end
+end
+
+local uniq = 0
+local function fresh(prefix)
+    uniq = uniq + 1
+    return ("%s-%d-%d-%d"):format(prefix, os.time(), math.random(1e6), uniq)
+end
+
+-- A plain LuaJIT process on the C backend, loading the fixture's regions
+-- file (arg[1]) as nginx does; it starts `body` at the wall-clock time
+-- arg[2].
+local PROCESS = [[
+local cache = require "dogpile.cache"
+local ffi = require "ffi"
+pcall(ffi.cdef, "int usleep(unsigned int usec);")
+local function sleep(s) ffi.C.usleep(math.floor(s * 1e6)) end
+local function now() return require("dogpile").now() end
+local regions = cache.load_regions(arg[1])
+local start = tonumber(arg[2])
+while now() < start do sleep(0.001) end
+]]
+
+local function process_script(name, body)
+    local path = TMP .. "/" .. name .. ".lua"
+    write(path, PROCESS .. body)
+    return path
+end
+
+describe("dogpile.cache.redis inside nginx (cosockets)", function()
+    if not ngx_support.available() then
+        it("needs nginx-extras", function()
+            error("nginx-extras is not installed (/usr/sbin/nginx with the Lua module; "
+                  .. ".ci/test installs it)", 0)
+        end)
+        return
+    end
+
+    local main, paused, master, replica, sentinel, env, regions, nginx
+
+    setup(function()
+        main = start_server()
+        paused = start_server()
+        master = start_server()
+        replica = start_server("replicaof 127.0.0.1 " .. master.port)
+        wait_for("replication", function()
+            return cli(replica.port, "INFO replication"):match("master_link_status:up") ~= nil
+        end, 10)
+        sentinel = start_sentinel(master.port, "dpn")
+        wait_for("the sentinel discovering the replica", function()
+            return cli(sentinel.port, "SENTINEL replicas dpn"):match(tostring(replica.port)) ~= nil
+        end, 15)
+        env = { DP_REDIS_PORT = main.port, DP_PAUSED_PORT = paused.port,
+                DP_SENTINEL_PORT = sentinel.port }
+        for k, v in pairs(env) do
+            ffi.C.setenv(k, tostring(v), 1)
+        end
+        -- This busted process is a plain LuaJIT process too: the C backend.
+        regions = cache.load_regions(FIXTURES .. "/regions.lua")
+        -- Stored before nginx starts: init_worker's get must still miss.
+        regions.redis:set("iw0", "stored")
+        regions.redis:set("iw1", "stored")
+        nginx = ngx_support.start({ fixture = "nginx_redis", ready = "/ready", env = env })
+    end)
+
+    teardown(function()
+        local log = nginx and nginx:log() or ""
+        if nginx then
+            nginx:stop()
+        end
+        for _, srv in ipairs(servers) do
+            stop_server(srv)
+        end
+        os.execute("rm -rf '" .. TMP .. "'")
+        assert.is_nil(log:match("%[alert%][^\n]*") or log:match("%[emerg%][^\n]*")
+                      or log:match("%[crit%][^\n]*"), "nginx error.log:\n" .. log)
+    end)
+
+    local function get(path)
+        local body, status, t = nginx:get(path)
+        return body, status, t
+    end
+
+    local function value_of(body)
+        return (body:match("^(.*) %d+$"))
+    end
+
+    it("outside nginx the same names stay on the C backend (hiredis)", function()
+        assert.are.equal(require("dogpile.cache.backends.c").CBackend,
+                         getmetatable(regions.redis.actual_backend))
+        assert.are.equal(require("dogpile.cache.backends.c").CBackend,
+                         getmetatable(regions.sentinel.actual_backend))
+    end)
+
+    it("values written on either side are read on the other, byte for byte", function()
+        local raw = regions.redis.actual_backend -- the C backend: the stored bytes
+        local envelope = require "dogpile.cache.envelope"
+        local kinds = 0
+        for kind, v in pairs(values) do
+            kinds = kinds + 1
+            local kn, kp = fresh("from-nginx-" .. kind), fresh("from-plain-" .. kind)
+            local body, status = get("/set_value?key=" .. kn .. "&kind=" .. kind)
+            assert.are.equal(200, status, body)
+            regions.redis:set(kp, v)
+            assert.are.same(v, regions.redis:get(kn), kind)
+            body, status = get("/check_value?key=" .. kp .. "&kind=" .. kind)
+            assert.are.equal("same", body, kind)
+            -- The same bytes but for the created time (envelope bytes 9-16);
+            -- a table's hash part is written in its iteration order, which
+            -- is not the same in two Lua states, so only its value counts.
+            local bn, bp = raw:get(kn), raw:get(kp)
+            assert.are.equal(bp:sub(1, 8), bn:sub(1, 8), kind)
+            if kind ~= "table" then
+                assert.are.equal(bp:sub(envelope.HEADER + 1), bn:sub(envelope.HEADER + 1), kind)
+            end
+            -- What nginx reads raw is what hiredis reads.
+            local hex = get("/raw?key=" .. kn)
+            assert.are.equal((bn:gsub(".", function(c) return ("%02x"):format(c:byte()) end)),
+                             hex, kind)
+        end
+        assert.is_true(kinds >= 10)
+        -- get_multi, set (plain) and delete (nginx) across.
+        local k = fresh("deleted")
+        regions.redis:set(k, "x")
+        assert.are.equal("x", value_of(get("/get?key=" .. k)))
+        assert.are.equal(200, select(2, get("/set?key=" .. k .. "&value=y")))
+        assert.are.equal("y", regions.redis:get(k))
+    end)
+
+    it("a stampede of 200 requests and 2 plain processes on one missing key runs the creator once", function()
+        local key = fresh("stampede")
+        local script = process_script("stampede", [[
+local key, port, out = arg[3], arg[4], arg[5]
+local v = regions.redis:get_or_create(key, function()
+    local p = io.popen("redis-cli -p " .. port .. " INCR count:" .. key)
+    local n = tonumber(p:read("*a"))
+    p:close()
+    sleep(0.2)
+    return key .. "#" .. n .. "@plain"
+end)
+local f = io.open(out, "w")
+f:write(v)
+f:close()
+]])
+        local start = now() + 1.5
+        for i = 1, 2 do
+            os.execute(("DP_REDIS_PORT=%d luajit %s %s %.3f %s %d %s/stampede%d.out "
+                        .. "> %s/stampede%d.err 2>&1 &")
+                       :format(main.port, script, FIXTURES .. "/regions.lua", start, key,
+                               main.port, TMP, i, TMP, i))
+        end
+        while now() < start do
+            sleep(0.001)
+        end
+        local res = nginx:concurrent("/get_or_create?key=" .. key .. "&sleep=0.2", 200)
+        assert.are.equal(200, #res)
+        local seen, pids = {}, {}
+        for _, r in ipairs(res) do
+            assert.are.equal(200, r.status, r.body)
+            local v, pid = r.body:match("^(.*) (%d+)$")
+            seen[v] = true
+            pids[pid] = true
+        end
+        wait_for("the plain processes", function()
+            return read(TMP .. "/stampede1.out") and read(TMP .. "/stampede2.out")
+        end, 15, function() return read(TMP .. "/stampede1.err") .. read(TMP .. "/stampede2.err") end)
+        seen[read(TMP .. "/stampede1.out")] = true
+        seen[read(TMP .. "/stampede2.out")] = true
+        local distinct = {}
+        for v in pairs(seen) do
+            distinct[#distinct + 1] = v
+        end
+        assert.are.same({ key .. "#1@" .. (distinct[1] or ""):match("@(%a+)$") }, distinct)
+        assert.are.equal("1", cli(main.port, "GET count:" .. key))
+        local n = 0
+        for _ in pairs(pids) do
+            n = n + 1
+        end
+        assert.are.equal(2, n, "both workers answered")
+        assert.are.equal("0", cli(main.port, "EXISTS _lock" .. key))
+        assert.are.equal("0", (cli(main.port, "PUBSUB NUMSUB _lock" .. key):match("(%d+)%s*$")))
+    end)
+
+    it("waiters in nginx share one subscription per worker and are woken by the release's PUBLISH, not a poll", function()
+        -- lock_sleep 2: a waiter that only polled (1 ms doubling to 2 s)
+        -- would look at 0.511 s and then at 1.023 s; the holder, a plain
+        -- process, releases at about 0.6 s.
+        local key = fresh("woken")
+        local script = process_script("holder", [[
+local key = arg[3]
+local m = regions.redis.backend:get_mutex(key)
+assert(m:acquire(false))
+sleep(0.6)
+regions.redis:set(key, "from the holder")
+m:release()
+]])
+        local start = now() + 1
+        os.execute(("DP_REDIS_PORT=%d luajit %s %s %.3f %s > %s/holder.out 2>&1 &")
+                   :format(main.port, script, FIXTURES .. "/regions.lua", start, key, TMP))
+        while now() < start + 0.1 do
+            sleep(0.001)
+        end
+        assert.are.equal("1", cli(main.port, "EXISTS _lock" .. key), read(TMP .. "/holder.out"))
+        local out = TMP .. "/woken.txt"
+        os.execute(("%s -s -m 10 -Z --parallel-immediate --parallel-max 40 -o /dev/null "
+                    .. "-w '%%{http_code} %%{time_total}\\n' '%s' > %s 2>/dev/null &")
+                   :format(ngx_support.CURL, nginx:url("/get_or_create?region=slowpoll&key="
+                                                        .. key .. "&n=[1-40]"), out))
+        -- While they wait: one subscriber per worker at most.
+        local most = 0
+        wait_for("a subscriber", function()
+            local subs = tonumber((cli(main.port, "PUBSUB NUMSUB _lock" .. key)
+                                   :match("(%d+)%s*$")))
+            most = math.max(most, subs)
+            return subs >= 1 or (read(out) or "") ~= ""
+        end, 2)
+        assert.is_true(most >= 1 and most <= 2, "subscribers: " .. most)
+        wait_for("the 40 requests", function()
+            local _, lines = (read(out) or ""):gsub("\n", "")
+            return lines >= 40
+        end, 10)
+        local max = 0
+        for code, t in read(out):gmatch("(%d+) ([%d.]+)") do
+            assert.are.equal("200", code)
+            max = math.max(max, tonumber(t))
+        end
+        -- Started 0.1 s into the 0.6 s hold: done at ~0.5 s, well before 0.9 s.
+        assert.is_true(max < 0.85, "slowest waiter: " .. max .. " s")
+        assert.are.equal("from the holder", value_of(get("/get?key=" .. key)))
+        assert.are.equal("0", (cli(main.port, "PUBSUB NUMSUB _lock" .. key):match("(%d+)%s*$")))
+    end)
+
+    it("nginx holding the lock excludes plain processes, and its release PUBLISHes for their waits", function()
+        local key = fresh("nginx-holds")
+        local script = process_script("waiter", [[
+local key, out = arg[3], arg[4]
+local t0 = now()
+local v = regions.redis:get_or_create(key, function() return "from the process" end)
+local f = io.open(out, "w")
+f:write(v, " ", now() - t0)
+f:close()
+]])
+        local sub = TMP .. "/sub.txt"
+        os.execute(("timeout 10 redis-cli -p %d SUBSCRIBE _lock%s > %s 2>&1 &")
+                   :format(main.port, key, sub))
+        os.execute(("%s -s -m 10 '%s' > %s/holder.body 2>/dev/null &")
+                   :format(ngx_support.CURL, nginx:url("/get_or_create?key=" .. key
+                                                        .. "&sleep=0.7"), TMP))
+        wait_for("nginx taking the lock", function()
+            return cli(main.port, "EXISTS _lock" .. key) == "1"
+        end, 5)
+        os.execute(("DP_REDIS_PORT=%d luajit %s %s 0 %s %s/waiter.out > %s/waiter.err 2>&1 &")
+                   :format(main.port, script, FIXTURES .. "/regions.lua", key, TMP, TMP))
+        wait_for("the process", function() return read(TMP .. "/waiter.out") end, 10,
+                 function() return read(TMP .. "/waiter.err") end)
+        local v, t = read(TMP .. "/waiter.out"):match("^(.*) ([%d.]+)$")
+        assert.are.equal(key .. "#1@nginx", v, read(TMP .. "/waiter.err"))
+        assert.is_true(tonumber(t) < 0.7 + 0.3, "the process waited " .. t .. " s")
+        assert.are.equal(key .. "#1@nginx", value_of(read(TMP .. "/holder.body")))
+        assert.are.equal("1", cli(main.port, "GET count:" .. key))
+        -- The release published on the lock key's channel, as the C backend's does.
+        wait_for("the release's message", function()
+            return (read(sub) or ""):find("message\n_lock" .. key, 1, true) ~= nil
+        end, 2, function() return read(sub) end)
+    end)
+
+    it("while Redis is SIGSTOPped: other locations answer in under 10 ms, cache requests fail within socket_timeout", function()
+        assert.are.equal(200, select(2, get("/set?region=paused&key=p&value=v")))
+        sh("kill -STOP " .. paused.pid)
+        finally(function() sh("kill -CONT " .. paused.pid) end)
+        local dir = TMP .. "/paused"
+        os.execute("mkdir -p " .. dir)
+        os.execute(("%s -s -m 10 -Z --parallel-immediate --parallel-max 20 -o '%s/#1' "
+                    .. "-w '%%{http_code} %%{time_total} %%{url_effective}\\n' '%s' > %s/codes 2>/dev/null &")
+                   :format(ngx_support.CURL, dir, nginx:url("/get?region=paused&key=p&n=[1-20]"),
+                           dir))
+        sleep(0.05)
+        -- A worker blocked on the stopped server would hold these for
+        -- socket_timeout (1 s): all 20 are answered before the cache
+        -- requests have even failed, each in under 10 ms (the median: the
+        -- slowest also carries the test machine's scheduling noise).
+        local out = sh(("%s -s -m 5 -o /dev/null -H 'Connection: close' -w '%%{http_code} "
+                        .. "%%{time_total}\\n' '%s'"):format(ngx_support.CURL,
+                                                            nginx:url("/plain?n=[1-20]")))
+        local times = {}
+        for code, t in out:gmatch("(%d+) ([%d.]+)") do
+            assert.are.equal("200", code)
+            times[#times + 1] = tonumber(t)
+        end
+        assert.are.equal(20, #times, out)
+        table.sort(times)
+        local said = "times: " .. table.concat(times, " ") .. " s"
+        assert.is_true(times[10] < 0.010, said)
+        assert.is_true(times[20] < 0.1, said)
+        assert.are.equal("", read(dir .. "/codes") or "", "the cache requests ended first")
+        wait_for("the cache requests", function()
+            local _, n = (read(dir .. "/codes") or ""):gsub("\n", "")
+            return n >= 20
+        end, 10)
+        local n = 0
+        for code, t, i in read(dir .. "/codes"):gmatch("(%d+) ([%d.]+) [^\n]-n=(%d+)\n") do
+            n = n + 1
+            local body = read(dir .. "/" .. i)
+            assert.are.equal("500", code, body)
+            assert.is_true(tonumber(t) < 1 + 0.3, "took " .. t .. " s")
+            assert.matches("dogpile.cache.redis: get 'p' failed: GET: no answer from 127.0.0.1:"
+                           .. paused.port .. " within socket_timeout (1 s)", body, 1, true)
+        end
+        assert.are.equal(20, n)
+        sh("kill -CONT " .. paused.pid)
+        assert.are.equal("v", value_of(get("/get?region=paused&key=p")))
+    end)
+
+    it("a restarted server is used again without reloading nginx; errors name backend, operation and key", function()
+        for _ = 1, 4 do -- pooled connections in both workers
+            assert.are.equal(200, select(2, get("/set?region=paused&key=r&value=before")))
+        end
+        stop_server(paused)
+        local body, status, t = get("/get?region=paused&key=r")
+        assert.are.equal(500, status)
+        assert.matches("dogpile.cache.redis: get 'r' failed: ", body, 1, true)
+        assert.matches("127.0.0.1:" .. paused.port, body, 1, true)
+        assert.is_true(t < 0.5, body)
+        body = get("/set?region=paused&key=r&value=x")
+        assert.matches("dogpile.cache.redis: set 'r' failed: ", body, 1, true)
+        local restarted = start_server(nil, paused.port)
+        paused.pid, restarted.pid = restarted.pid, nil -- stopped once, as `paused`
+        for _ = 1, 10 do
+            body, status = get("/set?region=paused&key=r&value=after")
+            assert.are.equal(200, status, body .. "\n" .. nginx:log())
+            assert.are.equal("after", value_of(get("/get?region=paused&key=r")))
+        end
+    end)
+
+    it("follows a Sentinel failover while serving", function()
+        local body, status = get("/set?region=sentinel&key=before&value=first")
+        assert.are.equal(200, status, body)
+        assert.are.equal("first", value_of(get("/get?region=sentinel&key=before")))
+        assert.are.equal("first", regions.sentinel:get("before"),
+                         tostring(regions.sentinel.actual_backend:get("before")))
+        wait_for("replication of the key", function()
+            return cli(replica.port, "EXISTS before") == "1"
+        end, 5)
+        stop_server(master)
+        -- nginx is not reloaded: requests fail (promptly) until the sentinel
+        -- has promoted the replica, then work on the new master.
+        local t0 = now()
+        while true do
+            local b, st, t = get("/set?region=sentinel&key=after&value=second")
+            assert.is_true(t < 2, "a request took " .. t .. " s during the failover")
+            if st == 200 then
+                break
+            end
+            assert.matches("dogpile.cache.redis_sentinel: set 'after' failed: ", b, 1, true)
+            assert(now() - t0 < 30, "no failover within 30 s: " .. b)
+            sleep(0.1)
+        end
+        assert.matches(tostring(replica.port),
+                       cli(sentinel.port, "SENTINEL get-master-addr-by-name dpn"))
+        for _ = 1, 10 do -- both workers
+            assert.are.equal("first", value_of(get("/get?region=sentinel&key=before")))
+            assert.are.equal("second", value_of(get("/get?region=sentinel&key=after")))
+        end
+        assert.are.equal("1", cli(replica.port, "EXISTS after"))
+        local key = fresh("sentinel-goc")
+        assert.are.equal(key .. "#1@nginx", value_of(get("/get_or_create?region=sentinel&key="
+                                                          .. key)))
+    end)
+
+    it("phases that cannot yield never block: get is a miss, writes go to a timer, the creator runs without the lock", function()
+        local function result(phase, name)
+            local r
+            wait_for(phase .. "'s result", function()
+                r = get("/result?name=" .. name)
+                return r ~= "nil"
+            end, 5)
+            local ok, got, created, ms = r:match("^(%a+)|(.-)|(.-)|([%d.]+)$")
+            assert.are.equal("ok", ok, r)
+            assert.are.equal("miss", got, phase .. ": " .. r)
+            assert.are.equal("created in " .. phase, created, r)
+            return tonumber(ms)
+        end
+        local function landed(phase, key)
+            wait_for(phase .. "'s deferred writes", function()
+                return regions.redis:get(key .. ":written") == "written in " .. phase
+                    and regions.redis:get(key .. ":created") == "created in " .. phase
+            end, 5)
+        end
+        -- init_worker ran at startup, where "iw0" and "iw1" were stored.
+        for id = 0, 1 do
+            assert.is_true(result("init_worker", "init_worker:iw" .. id) < 100)
+            landed("init_worker", "iw" .. id)
+        end
+        local phases = { "set", "header_filter", "body_filter", "log", "balancer" }
+        for _, phase in ipairs(phases) do
+            local key = fresh(phase)
+            regions.redis:set(key, "stored")
+            local body, status = get("/phase_" .. phase .. "?key=" .. key)
+            assert.are.equal(200, status, body)
+            assert.is_true(result(phase, phase .. ":" .. key) < 100)
+            landed(phase, key)
+        end
+        -- On a stopped server nothing waits: a call that did would take
+        -- socket_timeout (1 s) at least.
+        sh("kill -STOP " .. paused.pid)
+        finally(function() sh("kill -CONT " .. paused.pid) end)
+        for _, phase in ipairs(phases) do
+            local key = fresh(phase .. "-stopped")
+            local body, status, t = get("/phase_" .. phase .. "?region=paused&key=" .. key)
+            assert.are.equal(200, status, body)
+            assert.is_true(t < 0.2, phase .. ": the request took " .. t .. " s")
+            local ms = result(phase, phase .. ":" .. key)
+            assert.is_true(ms < 100, phase .. " took " .. ms .. " ms")
+        end
+    end)
+end)
