@@ -1,7 +1,8 @@
 --- dogpile.cache.memcached: one or several memcached servers through
 -- libmemcached, keys spread by consistent hashing (ketama), a distributed
--- lock per key (`add` with a token and a finite expiry, released only by its
--- owner), one multi-get for get_multi.
+-- lock per key (`add` with a token and a finite expiry, released by a
+-- compare-and-delete while it is still its owner's; waiters poll the lock
+-- key), one multi-get for get_multi; values up to the servers' own size limit.
 -- Arguments (README, "dogpile.cache.memcached"): url, binary,
 -- memcached_expire_time, distributed_lock, lock_timeout, lock_backoff_max,
 -- socket_timeout, connect_timeout, retry_timeout, dead_timeout,
