@@ -176,9 +176,9 @@ end)
 describe("the read strategy", function()
     support.no_leaks()
 
-    it("is chosen at configure: memory table, C in place, front, or the generic read", function()
+    it("is chosen at configure: memory table, direct, C in place, front, or the generic read", function()
         assert.are.equal("memory", cache.make_region():configure("dogpile.cache.memory")._reader)
-        assert.are.equal("generic", cache.make_region():configure("dogpile.cache.memory", {
+        assert.are.equal("direct", cache.make_region():configure("dogpile.cache.memory", {
             arguments = { max_items = 10 } })._reader)
         assert.are.equal("c", cache.make_region():configure("dogpile.cache.shared_memory", {
             arguments = { name = "front_spec" } })._reader)
@@ -186,7 +186,9 @@ describe("the read strategy", function()
             serializer = function(v) return tostring(v) end, deserializer = function(s) return s end,
         }):configure("dogpile.cache.shared_memory", { arguments = { name = "front_spec" } })._reader)
         assert.are.equal("front", (front_region())._reader)
-        assert.are.equal("generic", cache.make_region():configure("dogpile.cache.null")._reader)
+        assert.are.equal("direct", cache.make_region():configure("dogpile.cache.null")._reader)
+        cache.register_backend("test.plain_lua", "fixtures.dict_backend")
+        assert.are.equal("generic", cache.make_region():configure("test.plain_lua")._reader)
     end)
 
     it("is the generic read behind a proxy, given at configure or by wrap later", function()

@@ -2,6 +2,7 @@
 -- strategies a region chooses once, at configure:
 --
 --   memory   the unbounded memory backend's own table, read directly;
+--   direct   an infallible backend of Lua values: its get, without pcall;
 --   c        a C backend with the default codec, read in place in its buffer;
 --   front    a backend with a `front` (a memory tier: `{store = T, sync =
 --            fn}`): sync, read T, and on anything but a fresh value there,
@@ -159,6 +160,17 @@ end
 
 local function generic_lookup(region, key, exp)
     return judged(region, fetch(region, key), exp)
+end
+
+-- An infallible backend of Lua values (the LRU memory backend, null): its
+-- get, called without pcall, returns a CachedValue or NO_VALUE.
+local function direct_lookup(region, key, exp)
+    local backend = region.backend
+    local cv = backend:get(key)
+    if cv == nil then
+        cv = NO_VALUE
+    end
+    return judged(region, cv, exp)
 end
 
 local function memory_lookup(region, key, exp)
@@ -338,6 +350,8 @@ function _M.choose(backend, actual, codec)
         and getmetatable(actual) == CBackend then
         s.name, s.lookup, s.multi = "c", c_lookup, c_multi
         s.cb = actual
+    elseif s.direct and not codec then
+        s.name, s.lookup = "direct", direct_lookup
     end
     return s
 end
