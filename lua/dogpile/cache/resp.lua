@@ -102,6 +102,111 @@ function read_reply(sock)
 end
 _M.read_reply = read_reply
 
+-- -- Replies read in chunks --------------------------------------------------------
+-- A reply of bulk strings (GET's, MGET's) read with receiveany, a chunk at a
+-- time, and cut up in Lua: one cosocket call for a whole small reply where
+-- receive() needs two per string (the length line, then the bytes). Only
+-- for a command whose reply is the last thing the server sends on the
+-- connection: a chunk may hold all that is there.
+
+local CHUNK = 65536
+
+-- From `buf` at `pos`: one bulk string (or nil bulk) whose bytes may not all
+-- have arrived yet. Returns value (false: nil bulk), the new buf and pos;
+-- or nil, err.
+local function cut_bulk(sock, buf, pos)
+    local e = find(buf, "\r\n", pos, true)
+    while not e do
+        local more, err = sock:receiveany(CHUNK)
+        if not more then
+            return nil, err
+        end
+        buf, pos = sub(buf, pos) .. more, 1
+        e = find(buf, "\r\n", pos, true)
+    end
+    if byte(buf, pos) ~= 36 then -- $
+        return nil, "protocol error: expected a bulk string, got '" .. sub(buf, pos, e - 1) .. "'"
+    end
+    local n = tonumber(sub(buf, pos + 1, e - 1))
+    if n == nil then
+        return nil, "protocol error: bad bulk length"
+    end
+    if n < 0 then
+        return false, buf, e + 2
+    end
+    local last = e + 1 + n + 2 -- the value's final \n
+    if #buf < last then
+        -- The rest is exactly known: read no further than the reply.
+        local more, err = sock:receive(last - #buf)
+        if not more then
+            return nil, err
+        end
+        buf = buf .. more
+    end
+    return sub(buf, e + 2, e + 1 + n), buf, last + 1
+end
+
+--- A GET's reply: the value (false: nil), "$"; an error reply: message, "-";
+-- nil, err on an I/O or protocol error.
+function _M.read_bulk(sock)
+    local buf, err = sock:receiveany(CHUNK)
+    if not buf then
+        return nil, err
+    end
+    local c = byte(buf)
+    if c == 45 or c == 43 or c == 58 then -- -, +, : (one line)
+        local e = find(buf, "\r\n", 1, true)
+        while not e do
+            local more, err2 = sock:receiveany(CHUNK)
+            if not more then
+                return nil, err2
+            end
+            buf = buf .. more
+            e = find(buf, "\r\n", 1, true)
+        end
+        return sub(buf, 2, e - 1), c == 45 and "-" or c == 43 and "+" or ":"
+    end
+    local v, rest = cut_bulk(sock, buf, 1)
+    if v == nil then
+        return nil, rest
+    end
+    return v, "$"
+end
+
+--- An MGET's reply of `n` bulk strings into `out` (false for a nil one):
+-- out, "*"; an error reply: message, "-"; nil, err.
+function _M.read_bulks(sock, n, out)
+    local buf, err = sock:receiveany(CHUNK)
+    if not buf then
+        return nil, err
+    end
+    local e = find(buf, "\r\n", 1, true)
+    while not e do
+        local more, err2 = sock:receiveany(CHUNK)
+        if not more then
+            return nil, err2
+        end
+        buf = buf .. more
+        e = find(buf, "\r\n", 1, true)
+    end
+    local c = byte(buf)
+    if c == 45 then
+        return sub(buf, 2, e - 1), "-"
+    elseif c ~= 42 or tonumber(sub(buf, 2, e - 1)) ~= n then
+        return nil, "protocol error: unexpected reply '" .. sub(buf, 1, e - 1) .. "'"
+    end
+    local pos = e + 2
+    for i = 1, n do
+        local v
+        v, buf, pos = cut_bulk(sock, buf, pos)
+        if v == nil then
+            return nil, buf
+        end
+        out[i] = v
+    end
+    return out, "*"
+end
+
 -- -- Requests ----------------------------------------------------------------------
 
 --- Append the command `args` (an array of strings and numbers, `n` of them)
@@ -342,7 +447,9 @@ end
 -- nil). One reply: value, kind. Several: an array of values and one of
 -- kinds. nil, err on failure (connection, I/O, protocol, or a reply that
 -- breaks the connection); an ordinary error reply is returned as kind "-".
-function Server:call(op, req, nrep)
+-- `reader` (optional, one reply): reads it instead of read_reply, as
+-- reader(sock, ra, rb) (read_bulk, read_bulks).
+function Server:call(op, req, nrep, reader, ra, rb)
     for attempt = 1, 2 do
         local sock, reused = self:connect()
         if not sock then
@@ -352,7 +459,7 @@ function Server:call(op, req, nrep)
         local v, kind
         if ok then
             if nrep == nil then
-                v, kind = read_reply(sock)
+                v, kind = (reader or read_reply)(sock, ra, rb)
                 if v == nil then
                     err = kind
                 end

@@ -38,7 +38,7 @@ local ffi = require "ffi"
 local ngx = ngx
 local NO_VALUE = api.NO_VALUE
 local get_phase = ngx.get_phase
-local encode_into = resp.encode_into
+local encode_into, read_bulk, read_bulks = resp.encode_into, resp.read_bulk, resp.read_bulks
 local type, tostring, setmetatable, error, pcall, select, min =
       type, tostring, setmetatable, error, pcall, select, math.min
 local format = string.format
@@ -107,7 +107,8 @@ function Backend:get(key)
         return NO_VALUE
     end
     -- A table of its own: call() may yield (connecting) before it sends.
-    local v, kind = self.s:call("GET", { GET_HEAD, #key, "\r\n", key, "\r\n" })
+    local v, kind = self.s:call("GET", { GET_HEAD, #key, "\r\n", key, "\r\n" }, nil,
+                                read_bulk)
     if kind == "$" then
         if v then
             self.hits = self.hits + 1
@@ -224,17 +225,12 @@ function Backend:get_multi(keys)
         req[j], req[j + 1], req[j + 2], req[j + 3], req[j + 4] = "$", #k, "\r\n", k, "\r\n"
         j = j + 5
     end
-    local v, kind = self.s:call("MGET", req)
+    local v, kind = self.s:call("MGET", req, nil, read_bulks, n, out)
     check(self, "MGET", v, kind)
-    if kind ~= "*" or v.n ~= n then
-        error("MGET: unexpected reply", 0)
-    end
     local hits = 0
     for i = 1, n do
-        local x = v[i]
-        if x then
+        if out[i] then
             hits = hits + 1
-            out[i] = x
         else
             out[i] = NO_VALUE
         end
