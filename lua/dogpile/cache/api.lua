@@ -30,7 +30,7 @@ function CachedValue.new(payload, metadata)
         lib.raise("dogpile.cache: CachedValue.new: metadata must be a table {ct = , v = }, got "
                   .. type(metadata))
     end
-    -- A plain table, as API.md describes it: no metatable to set on the hit
+    -- A plain table, as docs/API.md describes it: no metatable to set on the hit
     -- path of byte-storing backends (a setmetatable there can end a trace).
     return { payload = payload, metadata = metadata }
 end
