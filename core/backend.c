@@ -2,7 +2,9 @@
  *
  * The registry is process-wide: a backend module registers its ops once, and
  * every Lua state of the process opens instances through it. Opening and
- * closing are cold (a mutex); get, set and delete go straight to the ops. */
+ * closing are cold (a mutex); get, set and delete go straight to the ops,
+ * through the circuit breaker (breaker.h) for a backend that talks to a
+ * server: one pointer test for the others. */
 #define _GNU_SOURCE /* dladdr, RTLD_NODELETE */
 #include <dlfcn.h>
 #include <stdarg.h>
@@ -11,6 +13,7 @@
 #include <string.h>
 #include <uv.h>
 
+#include "breaker.h"
 #include "dogpile.h"
 #include "private.h"
 
@@ -20,6 +23,8 @@ struct dp_backend {
     dp__instance *inst;   /* declared backends: the registry's entry */
     uint32_t domain;      /* declared backends: the instance's lock domain */
     double lock_timeout;  /* this handle's, -1: unbounded or none */
+    dp__breaker *br;      /* the store's circuit breaker when enabled, else NULL */
+    dp__breaker *brref;   /* the reference this handle holds (enabled or not) */
 };
 
 typedef struct registered {
@@ -138,42 +143,83 @@ DP_API int dp_backend_open(const char *name, const dp_arg *args, size_t nargs,
     void *ud;
     if (!name || !find(name, &ops, &ud))
         return dp_err_set(err, DP_EINVAL, "no C backend is registered as '%s'", name ? name : "(null)");
+    /* The circuit_* arguments are the core's: taken out here, so that a
+     * backend parsing its own arguments never sees them. */
+    int net = dp__circuit_networked(ops->name);
+    dp__circuit_cfg cfg;
+    dp_arg *rest = NULL;
+    if (net) {
+        int rc = dp__circuit_args(ops->name, args, nargs, &cfg, &rest, &nargs, err);
+        if (rc != DP_OK)
+            return rc;
+        if (rest)
+            args = rest;
+    }
     dp_backend *b = malloc(sizeof *b);
-    if (!b)
+    if (!b) {
+        free(rest);
         return dp_err_set(err, DP_ENOMEM, "out of memory");
+    }
     b->ops = ops;
     b->self = NULL;
     b->inst = NULL;
     b->domain = 0;
     b->lock_timeout = -1;
+    b->br = b->brref = NULL;
     int rc = ops->create ? dp__instance_open(ops, ud, args, nargs, &b->inst, &b->self,
                                              &b->domain, &b->lock_timeout, err)
                          : ops->open(ud, args, nargs, &b->self, err);
+    free(rest);
     if (rc != DP_OK) {
         free(b);
         if (err && err->code == DP_OK)
             dp_err_set(err, rc, "%s", dp_strerror(rc));
         return rc;
     }
+    if (net) {
+        /* One breaker per store: the lock domain names it (server, db, lock
+         * prefix), whichever instance or handle the backend gave. */
+        rc = dp__breaker_join(ops->name, dp_backend_lock_domain(b), b->self, &cfg, &b->brref,
+                              err);
+        if (rc != DP_OK) {
+            dp_backend_close(b);
+            return rc;
+        }
+        if (cfg.failures > 0)
+            b->br = b->brref;
+    }
     *out = b;
     return DP_OK;
 }
 
+/* Every dispatcher: straight to the op without a breaker; with one, the op
+ * between dp__breaker_enter and dp__breaker_leave. */
+#define GUARDED(b, err, call)                                                   \
+    do {                                                                        \
+        dp__breaker *br_ = (b)->br;                                             \
+        if (!br_)                                                               \
+            return (call);                                                      \
+        dp__guard g_;                                                           \
+        if (dp__breaker_enter(br_, &g_, (err)) != DP_OK)                        \
+            return DP_EBACKEND;                                                 \
+        return dp__breaker_leave(br_, &g_, (call), (err));                      \
+    } while (0)
+
 DP_API int dp_backend_get(dp_backend *b, const char *key, size_t klen, dp_bytes *out,
                           dp_err *err)
 {
-    return b->ops->get(b->self, key, klen, out, err);
+    GUARDED(b, err, b->ops->get(b->self, key, klen, out, err));
 }
 
 DP_API int dp_backend_set(dp_backend *b, const char *key, size_t klen, const char *value,
                           size_t vlen, dp_err *err)
 {
-    return b->ops->set(b->self, key, klen, value, vlen, err);
+    GUARDED(b, err, b->ops->set(b->self, key, klen, value, vlen, err));
 }
 
 DP_API int dp_backend_delete(dp_backend *b, const char *key, size_t klen, dp_err *err)
 {
-    return b->ops->del(b->self, key, klen, err);
+    GUARDED(b, err, b->ops->del(b->self, key, klen, err));
 }
 
 DP_API void dp_backend_stat(dp_backend *b, dp_backend_stats *out)
@@ -205,14 +251,17 @@ DP_API int dp_backend_lock(dp_backend *b, const char *key, size_t klen, double t
 {
     if (!b->ops->lock)
         return dp_err_set(err, DP_EINVAL, "%s has no lock of its own", b->ops->name);
-    return b->ops->lock(b->self, key, klen, timeout, err);
+    GUARDED(b, err, b->ops->lock(b->self, key, klen, timeout, err));
 }
 
 DP_API int dp_backend_unlock(dp_backend *b, const char *key, size_t klen, dp_err *err)
 {
     if (!b->ops->unlock)
         return dp_err_set(err, DP_EINVAL, "%s has no lock of its own", b->ops->name);
-    return b->ops->unlock(b->self, key, klen, err);
+    /* Refused too when open: the lock expires by itself, and a release
+     * that waited socket_timeout would cost the caller what the breaker
+     * saved it. */
+    GUARDED(b, err, b->ops->unlock(b->self, key, klen, err));
 }
 
 DP_API int dp_backend_has_wait_unlocked(dp_backend *b)
@@ -226,12 +275,11 @@ DP_API int dp_backend_wait_unlocked(dp_backend *b, const char *key, size_t klen,
     if (!b->ops->wait_unlocked)
         return dp_err_set(err, DP_EINVAL, "%s cannot wait for its lock's release",
                           b->ops->name);
-    return b->ops->wait_unlocked(b->self, key, klen, timeout, err);
+    GUARDED(b, err, b->ops->wait_unlocked(b->self, key, klen, timeout, err));
 }
 
-DP_API int dp_backend_get_multi(dp_backend *b, size_t n, const char *const *keys,
-                                const size_t *klens, dp_bytes *out, int64_t *vlens,
-                                dp_err *err)
+static int get_multi(dp_backend *b, size_t n, const char *const *keys, const size_t *klens,
+                     dp_bytes *out, int64_t *vlens, dp_err *err)
 {
     out->len = 0;
     if (b->ops->get_multi)
@@ -258,9 +306,8 @@ DP_API int dp_backend_get_multi(dp_backend *b, size_t n, const char *const *keys
     return rc;
 }
 
-DP_API int dp_backend_set_multi(dp_backend *b, size_t n, const char *const *keys,
-                                const size_t *klens, const char *const *values,
-                                const size_t *vlens, dp_err *err)
+static int set_multi(dp_backend *b, size_t n, const char *const *keys, const size_t *klens,
+                     const char *const *values, const size_t *vlens, dp_err *err)
 {
     if (b->ops->set_multi)
         return b->ops->set_multi(b->self, n, keys, klens, values, vlens, err);
@@ -272,8 +319,8 @@ DP_API int dp_backend_set_multi(dp_backend *b, size_t n, const char *const *keys
     return DP_OK;
 }
 
-DP_API int dp_backend_delete_multi(dp_backend *b, size_t n, const char *const *keys,
-                                   const size_t *klens, dp_err *err)
+static int delete_multi(dp_backend *b, size_t n, const char *const *keys, const size_t *klens,
+                        dp_err *err)
 {
     if (b->ops->del_multi)
         return b->ops->del_multi(b->self, n, keys, klens, err);
@@ -285,6 +332,35 @@ DP_API int dp_backend_delete_multi(dp_backend *b, size_t n, const char *const *k
     return DP_OK;
 }
 
+/* The multi forms count as one call: the core's loop stops at the first
+ * failure anyway. */
+DP_API int dp_backend_get_multi(dp_backend *b, size_t n, const char *const *keys,
+                                const size_t *klens, dp_bytes *out, int64_t *vlens,
+                                dp_err *err)
+{
+    GUARDED(b, err, get_multi(b, n, keys, klens, out, vlens, err));
+}
+
+DP_API int dp_backend_set_multi(dp_backend *b, size_t n, const char *const *keys,
+                                const size_t *klens, const char *const *values,
+                                const size_t *vlens, dp_err *err)
+{
+    GUARDED(b, err, set_multi(b, n, keys, klens, values, vlens, err));
+}
+
+DP_API int dp_backend_delete_multi(dp_backend *b, size_t n, const char *const *keys,
+                                   const size_t *klens, dp_err *err)
+{
+    GUARDED(b, err, delete_multi(b, n, keys, klens, err));
+}
+
+DP_API void dp_backend_circuit(dp_backend *b, dp_circuit_stats *out)
+{
+    memset(out, 0, sizeof *out);
+    if (b->brref)
+        dp__breaker_stats(b->brref, out);
+}
+
 DP_API void dp_backend_close(dp_backend *b)
 {
     if (!b)
@@ -293,6 +369,7 @@ DP_API void dp_backend_close(dp_backend *b)
         dp__instance_close(b->inst);
     else
         b->ops->close(b->self);
+    dp__breaker_drop(b->brref);
     free(b);
 }
 
@@ -352,6 +429,7 @@ DP_API void dp_shutdown(void)
         free(r);
     }
     uv_mutex_unlock(&reg_mu);
+    dp__circuit_shutdown();
     dp__lock_shutdown();
 }
 

@@ -604,6 +604,56 @@ DP_API int dp_backend_delete_multi(dp_backend *b, size_t n, const char *const *k
 /** Close the handle (NULL is fine); the pointer is invalid afterwards. */
 DP_API void dp_backend_close(dp_backend *b);
 
+/* -- Circuit breaker ---------------------------------------------------------
+ *
+ * A backend that talks to a server (dogpile.cache.redis, redis_sentinel,
+ * memcached, and any name given to dp_circuit_declare) gets a circuit
+ * breaker per store in the process: one per lock domain (server, db, lock
+ * prefix), shared by every handle, Lua state and thread. dp_backend_open
+ * takes its arguments out before the backend sees them:
+ *   circuit_failures  integer >= 0, default 3: consecutive failures that
+ *                     open it; 0: no breaker
+ *   circuit_cooldown  seconds > 0, default 1: how long it stays open
+ *   circuit_slow      seconds >= 0 (math.huge: never), default 0.1: a
+ *                     failure that took at least this long (a timeout)
+ *                     opens it at once
+ * A failure is DP_EBACKEND from any dispatcher below (get, set, delete,
+ * the multi forms, lock, unlock, wait_unlocked, and so the two-level lock);
+ * a miss, DP_EBUSY, DP_ETIMEDOUT of a lock wait, DP_ETOOBIG and DP_EINVAL
+ * are not. Open, every call returns DP_EBACKEND at once, without touching
+ * the server, err saying since when and the last failure. After the
+ * cool-down one call (one thread) goes through as the probe: a call that
+ * reaches the server and does not fail closes it, a failure reopens it for
+ * another cool-down, anything else (a bad key) leaves the next call to
+ * probe; a probe not back within a cool-down lets one more through. Every
+ * handle on a store must agree on the three arguments (DP_EMISMATCH). */
+
+#define DP_CIRCUIT_CLOSED  0
+#define DP_CIRCUIT_OPEN    1
+#define DP_CIRCUIT_PROBING 2 /* open, its probe in flight */
+
+/** What dp_backend_circuit reports (counts as doubles, for Lua). */
+typedef struct dp_circuit_stats {
+    int enabled;         /* 0: no breaker (not networked, or circuit_failures 0) */
+    int state;           /* DP_CIRCUIT_* */
+    double failures;     /* consecutive failures counted, while closed */
+    double opened;       /* times it opened from closed */
+    double reopened;     /* probes that failed */
+    double probes;       /* calls let through as probes */
+    double refused;      /* calls refused while open */
+    double since;        /* epoch seconds this outage began; 0 when closed */
+    double circuit_failures, circuit_cooldown, circuit_slow; /* the settings */
+    char last_error[200]; /* the last failure's message ("" before any) */
+} dp_circuit_stats;
+
+/** Fill `out` with the breaker of `b`'s store (zeroed when it has none). */
+DP_API void dp_backend_circuit(dp_backend *b, dp_circuit_stats *out);
+
+/** Say that the backend registered (or to be registered) as `name` talks
+ * to a server: its opens accept the circuit_* arguments and get a breaker.
+ * DP_OK, DP_EINVAL (no name), DP_ENOMEM. */
+DP_API int dp_circuit_declare(const char *name);
+
 /* -- The two-level lock ------------------------------------------------------
  *
  * What a cache asks for when a value must be created: the core's per-key
