@@ -2,13 +2,14 @@
  * shared by every process and thread on the machine, with a lock per key
  * between processes.
  *
- * Instances. One MDB_env per environment and process: a registry keyed by
- * the realpath of `path`, refcounted and guarded by a mutex, so two regions on
- * one path share the map and the reader table. LMDB forbids using an env
- * across fork(): a pthread_atfork child handler bumps a generation counter,
- * and the first operation in the child reopens the environment. The parent's
- * MDB_env and its reader transactions are abandoned in the child (never
- * closed: closing would clear reader slots that the parent still uses).
+ * Instances. One MDB_env per environment and process: the core shares the
+ * instance between regions by identity, the realpath of `path` (identify),
+ * so two regions on one path share the map and the reader table. LMDB forbids
+ * using an env across fork(): a pthread_atfork child handler bumps a
+ * generation counter, and the first operation in the child reopens the
+ * environment. The parent's MDB_env and its reader transactions are abandoned
+ * in the child (never closed: closing would clear reader slots that the
+ * parent still uses).
  *
  * Records. One unnamed database. Values live under 'v'..key with a 16-byte
  * header (expiry time, last access time; doubles, stored unaligned) before
@@ -60,6 +61,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -86,9 +88,59 @@
  * shared lock on it while open (see "Settings between processes"). */
 #define OPEN_BYTE ((off_t)LOCK_SPAN)
 #define OPEN_WAIT 10.0       /* seconds another opener may hold it exclusively */
+/* The longest step of a polling wait (dp_backoff): a holder that died or a
+ * release that woke nobody is noticed within it. */
+#define POLL_MAX 0.008
 
 enum { ON_FULL_EVICT, ON_FULL_ERROR };
 enum { SYNC_FULL, SYNC_META, SYNC_NONE };
+
+/* -- Arguments: the struct the core fills, and the table it fills it by --- */
+
+typedef struct lm_settings {
+    char *path;            /* as given; the identity is its realpath */
+    int64_t map_size;
+    int64_t max_bytes;     /* 0: 60% of map_size */
+    int64_t max_readers;
+    int sync, on_full;     /* SYNC_*, ON_FULL_* */
+    double ttl, lru_resolution, sweep_interval;
+    char *mode;            /* octal, checked by identify() */
+    double lock_timeout;   /* the handle's: bounds the core's two-level lock */
+} lm_settings;
+
+static const char *const syncs[] = {"full", "meta", "none", NULL};
+static const char *const on_fulls[] = {"evict", "error", NULL};
+
+static const dp_arg_spec lm_args[] = {
+    {.name = "path", .kind = DP_SPEC_STR, .flags = DP_SPEC_REQUIRED | DP_SPEC_KEY, .min = 1,
+     .max = PATH_MAX - 1, .offset = offsetof(lm_settings, path)},
+    {.name = "map_size", .kind = DP_SPEC_SIZE, .min = 65536, .max = 1e15,
+     .def = 256.0 * 1024 * 1024, .offset = offsetof(lm_settings, map_size)},
+    {.name = "max_bytes", .kind = DP_SPEC_SIZE, .flags = DP_SPEC_ABOVE_MIN,
+     .offset = offsetof(lm_settings, max_bytes)},
+    {.name = "max_readers", .kind = DP_SPEC_INT, .min = 1, .max = 1e6, .def = 126,
+     .offset = offsetof(lm_settings, max_readers)},
+    {.name = "sync", .kind = DP_SPEC_ENUM, .choices = syncs, .def = SYNC_META,
+     .offset = offsetof(lm_settings, sync)},
+    {.name = "expiration_time", .kind = DP_SPEC_SECONDS, .flags = DP_SPEC_ABOVE_MIN,
+     .offset = offsetof(lm_settings, ttl)},
+    {.name = "on_full", .kind = DP_SPEC_ENUM, .choices = on_fulls, .def = ON_FULL_EVICT,
+     .offset = offsetof(lm_settings, on_full)},
+    {.name = "lru_resolution", .kind = DP_SPEC_SECONDS, .def = 60,
+     .offset = offsetof(lm_settings, lru_resolution)},
+    {.name = "sweep_interval", .kind = DP_SPEC_SECONDS, .flags = DP_SPEC_ABOVE_MIN, .def = 60,
+     .offset = offsetof(lm_settings, sweep_interval)},
+    {.name = "mode", .kind = DP_SPEC_STR, .min = 1, .def_str = "0644",
+     .what = "an octal string such as \"0640\"", .offset = offsetof(lm_settings, mode)},
+    /* A dead holder's lock is released by the kernel at once: this bounds
+     * how long a stuck one keeps the others waiting. */
+    {.name = "lock_timeout", .kind = DP_SPEC_SECONDS,
+     .flags = DP_SPEC_ABOVE_MIN | DP_SPEC_INFINITE | DP_SPEC_HANDLE | DP_SPEC_LOCK_TIMEOUT,
+     .def = 30, .offset = offsetof(lm_settings, lock_timeout)},
+    {0},
+};
+
+/* -- Instance ----------------------------------------------------------------- */
 
 typedef struct held_lock {
     struct held_lock *next;
@@ -97,24 +149,21 @@ typedef struct held_lock {
 } held_lock;
 
 typedef struct inst {
-    struct inst *next;
-    int handles;
+    const lm_settings *cfg; /* the core's: valid until destroy */
     char *path;       /* realpath */
     char *lock_path;
     int subdir;       /* path is a directory (else MDB_NOSUBDIR) */
-    /* settings: every region on the path must agree (map_size and max_bytes
-     * as in use: the file's when another process had it open, see "Settings
-     * between processes"; asked_*: what this process's regions asked for) */
-    double map_size, max_bytes, ttl, lru_resolution, sweep_interval;
-    double asked_map_size, asked_max_bytes;
+    int mode;         /* cfg->mode, parsed */
+    /* in use: the file's when another process had it open (see "Settings
+     * between processes"), else what cfg asked for */
+    double map_size, max_bytes;
     int open_fd;      /* holds a shared OFD lock on OPEN_BYTE of the lock file */
-    int max_readers, sync, on_full, mode;
     /* the environment of this process */
+    uv_mutex_t env_mu; /* reopening after fork */
     MDB_env *env;
     MDB_dbi dbi;
     unsigned gen;     /* fork generation the env was opened in */
     size_t maxkey;
-    uint32_t domain;
     _Atomic(MDB_txn *) pool[NPOOL];
     uv_mutex_t mu;    /* touch buffer and held locks */
     char **touch;
@@ -124,9 +173,7 @@ typedef struct inst {
     _Atomic uint64_t hits, misses, evictions, expirations;
 } inst;
 
-static inst *instances;
-static uv_mutex_t instances_mu;
-static uv_once_t instances_once = UV_ONCE_INIT;
+static uv_once_t fork_once = UV_ONCE_INIT;
 static _Atomic unsigned fork_gen;
 
 static void on_fork_child(void)
@@ -134,9 +181,8 @@ static void on_fork_child(void)
     atomic_fetch_add(&fork_gen, 1);
 }
 
-static void instances_init(void)
+static void fork_init(void)
 {
-    uv_mutex_init(&instances_mu);
     pthread_atfork(NULL, NULL, on_fork_child);
 }
 
@@ -213,7 +259,7 @@ static int lmdb_lock_alloc(inst *s, dp_err *err)
     int fd = open(lp, O_RDWR | O_CREAT | O_CLOEXEC, s->mode);
     if (fd < 0)
         return DP_OK; /* mdb_env_open says why, naming the path */
-    off_t want = ((off_t)s->max_readers * 64 + 256 + 4095) / 4096 * 4096;
+    off_t want = ((off_t)s->cfg->max_readers * 64 + 256 + 4095) / 4096 * 4096;
     struct stat st;
     if (fstat(fd, &st) == 0 && st.st_size > want)
         want = st.st_size;
@@ -260,7 +306,8 @@ static int open_byte_take(inst *s, dp_err *err)
 {
     if (ofd_set(s->open_fd, OPEN_BYTE, F_WRLCK, 0) == 0)
         return 1;
-    double deadline = dp_clock_monotonic() + OPEN_WAIT, step = 0.001;
+    dp_backoff bo;
+    dp_backoff_init(&bo, OPEN_WAIT, POLL_MAX);
     for (;;) {
         if (ofd_set(s->open_fd, OPEN_BYTE, F_RDLCK, 0) == 0)
             return 0;
@@ -270,13 +317,11 @@ static int open_byte_take(inst *s, dp_err *err)
                        strerror(e));
             return -1;
         }
-        if (dp_clock_monotonic() >= deadline) {
+        if (!dp_backoff_sleep(&bo)) {
             dp_err_set(err, DP_EBACKEND, NAME ": another process has been opening '%s' for %g "
                        "s without finishing (stopped?)", s->path, OPEN_WAIT);
             return -1;
         }
-        dp_clock_sleep(step);
-        step = step * 2 < 0.008 ? step * 2 : 0.008;
     }
 }
 
@@ -320,13 +365,13 @@ static int env_open(inst *s, int settings, dp_err *err)
     if (rc)
         return mdb_fail(err, s, "mdb_env_create", rc);
     mdb_env_set_mapsize(env, (size_t)s->map_size);
-    mdb_env_set_maxreaders(env, (unsigned)s->max_readers);
+    mdb_env_set_maxreaders(env, (unsigned)s->cfg->max_readers);
     unsigned flags = MDB_NOTLS | MDB_NORDAHEAD;
     if (!s->subdir)
         flags |= MDB_NOSUBDIR;
-    if (s->sync == SYNC_META)
+    if (s->cfg->sync == SYNC_META)
         flags |= MDB_NOMETASYNC;
-    else if (s->sync == SYNC_NONE)
+    else if (s->cfg->sync == SYNC_NONE)
         flags |= MDB_NOSYNC | MDB_NOMETASYNC;
     rc = mdb_env_open(env, s->path, flags, (mdb_mode_t)s->mode);
     if (rc) {
@@ -413,7 +458,7 @@ static int ensure_env(inst *s, dp_err *err)
 {
     if (s->gen == atomic_load_explicit(&fork_gen, memory_order_relaxed))
         return DP_OK;
-    uv_mutex_lock(&instances_mu);
+    uv_mutex_lock(&s->env_mu);
     int rc = DP_OK;
     if (s->gen != atomic_load(&fork_gen)) {
         pool_drop(s, 0);
@@ -430,7 +475,7 @@ static int ensure_env(inst *s, dp_err *err)
         uv_mutex_unlock(&s->mu);
         rc = env_open(s, SETTINGS_KEEP, err); /* the old MDB_env is abandoned on purpose */
     }
-    uv_mutex_unlock(&instances_mu);
+    uv_mutex_unlock(&s->env_mu);
     return rc;
 }
 
@@ -493,7 +538,7 @@ static int lm_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_er
     if ((rc = rtxn_get(s, &txn)))
         return rc == MDB_READERS_FULL
             ? dp_err_set(err, DP_EBACKEND, "get on '%s': all %d reader slots are in use "
-                         "(raise max_readers)", s->path, s->max_readers)
+                         "(raise max_readers)", s->path, (int)s->cfg->max_readers)
             : mdb_fail(err, s, "get (mdb_txn_begin)", rc);
     rc = mdb_get(txn, s->dbi, &k, &v);
     if (rc == MDB_NOTFOUND || (rc == 0 && v.mv_size < HDR)) {
@@ -522,7 +567,7 @@ static int lm_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_er
     out->len = vlen;
     rtxn_put(s, txn);
     atomic_fetch_add_explicit(&s->hits, 1, memory_order_relaxed);
-    if (now - atime > s->lru_resolution)
+    if (now - atime > s->cfg->lru_resolution)
         touch_add(s, key, klen);
     return DP_OK;
 }
@@ -733,8 +778,8 @@ static int emergency_evict(inst *s, dp_err *err)
             break;
         size_t deleted = 0;
         double used = tree_bytes(s, txn);
-        rc = evict(s, txn, s->on_full == ON_FULL_EVICT ? used / 2 : used * 2,
-                   s->on_full == ON_FULL_EVICT, batches[b], &deleted);
+        rc = evict(s, txn, s->cfg->on_full == ON_FULL_EVICT ? used / 2 : used * 2,
+                   s->cfg->on_full == ON_FULL_EVICT, batches[b], &deleted);
         if (rc == 0)
             rc = mdb_txn_commit(txn);
         else
@@ -746,7 +791,7 @@ static int emergency_evict(inst *s, dp_err *err)
     }
     if (rc == 0 && progressed)
         return DP_OK;
-    if (s->on_full == ON_FULL_ERROR)
+    if (s->cfg->on_full == ON_FULL_ERROR)
         return dp_err_set(err, DP_EBACKEND, "'%s' is full: LMDB's map of %.0f bytes has no room "
                           "(on_full = \"error\"; raise map_size)", s->path, s->map_size);
     return dp_err_set(err, DP_EBACKEND, "'%s' is full: LMDB's map of %.0f bytes has no room and "
@@ -757,7 +802,7 @@ static int emergency_evict(inst *s, dp_err *err)
 /* Runs the expiry sweep in `txn` when it is due. */
 static int maybe_sweep(inst *s, MDB_txn *txn)
 {
-    if (!(s->ttl > 0))
+    if (!(s->cfg->ttl > 0))
         return 0;
     double now = dp_clock_now(), due = 0;
     MDB_val k = {6, "msweep"}, v;
@@ -770,7 +815,7 @@ static int maybe_sweep(inst *s, MDB_txn *txn)
     if (rc)
         return rc;
     char buf[8];
-    wr_double(buf, now + s->sweep_interval);
+    wr_double(buf, now + s->cfg->sweep_interval);
     v.mv_size = 8;
     v.mv_data = buf;
     return mdb_put(txn, s->dbi, &k, &v, 0);
@@ -815,7 +860,7 @@ static int lm_set(void *self, const char *key, size_t klen, const char *value, s
         MDB_val old;
         double old_need = !rc && mdb_get(txn, s->dbi, &k, &old) == 0 && old.mv_size >= HDR
             ? (double)entry_need(s, klen, old.mv_size - HDR) : 0;
-        if (!rc && s->on_full == ON_FULL_EVICT &&
+        if (!rc && s->cfg->on_full == ON_FULL_EVICT &&
             tree_bytes(s, txn) + need - old_need > s->max_bytes) {
             size_t deleted = 0;
             rc = evict(s, txn, s->max_bytes * 0.9 - need, 1, 0, &deleted);
@@ -826,14 +871,14 @@ static int lm_set(void *self, const char *key, size_t klen, const char *value, s
         if (!rc) {
             char *p = v.mv_data;
             double now = dp_clock_now();
-            wr_double(p, s->ttl > 0 ? now + s->ttl : 0);
+            wr_double(p, s->cfg->ttl > 0 ? now + s->cfg->ttl : 0);
             wr_double(p + 8, now);
             memcpy(p + HDR, value, vlen);
         }
         /* on_full = "error": judged on the tree as it is with the new value
          * in place (pages exactly, the old value freed); past the bound,
          * expired entries may go, nothing else. */
-        if (!rc && s->on_full == ON_FULL_ERROR && tree_bytes(s, txn) > s->max_bytes) {
+        if (!rc && s->cfg->on_full == ON_FULL_ERROR && tree_bytes(s, txn) > s->max_bytes) {
             size_t deleted = 0;
             rc = evict(s, txn, 0, 0, 0, &deleted);
             double used = rc ? 0 : tree_bytes(s, txn);
@@ -921,11 +966,6 @@ static void lm_stats(void *self, dp_backend_stats *out)
     out->expirations = (double)atomic_load(&s->expirations);
 }
 
-static uint32_t lm_lock_domain(void *self)
-{
-    return ((inst *)self)->domain;
-}
-
 /* -- The lock between processes ------------------------------------------------------ */
 /* Waking. The first page of the lock file (mapped shared; the OFD locks are
  * advisory and ignore its contents) holds WAKE_SLOTS pairs of 32-bit words,
@@ -933,8 +973,8 @@ static uint32_t lm_lock_domain(void *self)
  * unlock closes the descriptor (releasing the lock), bumps the generation and,
  * when someone waits, FUTEX_WAKEs them all (a shared futex: it works between
  * processes). A bounded waiter reads the generation before trying the lock,
- * and on failure FUTEX_WAITs for a change of it, for 1 ms doubling to 8 ms at
- * most: a holder that dies (the kernel drops its lock but bumps nothing) or
+ * and on failure FUTEX_WAITs for a change of it, for dp_backoff's steps (1 ms,
+ * a quarter longer each time, POLL_MAX at most): a holder that dies (the kernel drops its lock but bumps nothing) or
  * a process that releases without bumping is still noticed by polling. Two
  * keys on one pair only wake each other spuriously. Where the page cannot be
  * mapped, the wait falls back to plain sleeps. */
@@ -1049,8 +1089,8 @@ static int lm_lock(void *self, const char *key, size_t klen, double timeout, dp_
         return dp_err_set(err, DP_EBACKEND, "cannot open the lock file '%s': %s", s->lock_path,
                           strerror(errno));
     }
-    double deadline = timeout > 0 ? dp_clock_monotonic() + timeout : 0;
-    double step = 0.001;
+    dp_backoff bo;
+    dp_backoff_init(&bo, timeout, POLL_MAX);
     _Atomic uint32_t *gen = timeout > 0 ? wake_pair(wake_words(s), slot) : NULL;
     for (;;) {
         /* Read before trying: an unlock after the failed try changes it. */
@@ -1064,23 +1104,18 @@ static int lm_lock(void *self, const char *key, size_t klen, double timeout, dp_
             return dp_err_set(err, DP_EBACKEND, "cannot lock '%s': %s", s->lock_path,
                               strerror(e));
         }
-        if (timeout == 0) {
+        double step = timeout == 0 ? 0 : dp_backoff_next(&bo);
+        if (step <= 0) {
             close(fd);
             free(h);
-            return DP_EBUSY;
-        }
-        double left = deadline - dp_clock_monotonic();
-        if (left <= 0) {
-            close(fd);
-            free(h);
-            return dp_err_set(err, DP_ETIMEDOUT, "the lock for the key in '%s' was still held "
-                              "after %g s", s->lock_path, timeout);
+            return timeout == 0 ? DP_EBUSY
+                                : dp_err_set(err, DP_ETIMEDOUT, "the lock for the key in '%s' "
+                                             "was still held after %g s", s->lock_path, timeout);
         }
         if (gen)
-            wake_wait(gen, seen, step < left ? step : left);
+            wake_wait(gen, seen, step);
         else
-            dp_clock_sleep(step < left ? step : left);
-        step = step * 2 < 0.008 ? step * 2 : 0.008;
+            dp_clock_sleep(step);
     }
     h->slot = slot;
     h->fd = fd;
@@ -1117,8 +1152,8 @@ static int lm_unlock(void *self, const char *key, size_t klen, dp_err *err)
 
 /* Wait, without locking, until the slot's holder lets go: F_OFD_GETLK on a
  * descriptor of our own says whether any other descriptor holds the byte; in
- * between, sleep on the slot's wake word (see "Waking") for 1 ms doubling to
- * 8 ms, so an unlock wakes us at once and a holder that died (nothing bumped)
+ * between, sleep on the slot's wake word (see "Waking") for dp_backoff's
+ * steps, so an unlock wakes us at once and a holder that died (nothing bumped)
  * is noticed by the next check. The generation is read before each check, so
  * an unlock right after a check is never slept through. */
 static int ofd_held(int fd, uint64_t slot, int *held)
@@ -1147,8 +1182,8 @@ static int lm_wait_unlocked(void *self, const char *key, size_t klen, double tim
         return dp_err_set(err, DP_EBACKEND, "cannot open the lock file '%s': %s", s->lock_path,
                           strerror(errno));
     _Atomic uint32_t *gen = timeout != 0 ? wake_pair(wake_words(s), slot) : NULL;
-    double deadline = timeout > 0 ? dp_clock_monotonic() + timeout : 0;
-    double step = 0.001;
+    dp_backoff bo;
+    dp_backoff_init(&bo, timeout, POLL_MAX);
     for (;;) {
         uint32_t seen = gen ? atomic_load(gen) : 0;
         int held;
@@ -1162,27 +1197,23 @@ static int lm_wait_unlocked(void *self, const char *key, size_t klen, double tim
             rc = DP_OK;
             break;
         }
-        if (timeout == 0) {
-            rc = DP_EBUSY;
-            break;
-        }
-        double left = timeout > 0 ? deadline - dp_clock_monotonic() : step;
-        if (left <= 0) {
-            rc = dp_err_set(err, DP_ETIMEDOUT, "the lock for the key in '%s' was still held "
-                            "after %g s", s->lock_path, timeout);
+        double step = timeout == 0 ? 0 : dp_backoff_next(&bo);
+        if (step <= 0) {
+            rc = timeout == 0 ? DP_EBUSY
+                              : dp_err_set(err, DP_ETIMEDOUT, "the lock for the key in '%s' was "
+                                           "still held after %g s", s->lock_path, timeout);
             break;
         }
         if (gen)
-            wake_wait(gen, seen, step < left ? step : left);
+            wake_wait(gen, seen, step);
         else
-            dp_clock_sleep(step < left ? step : left);
-        step = step * 2 < 0.008 ? step * 2 : 0.008;
+            dp_clock_sleep(step);
     }
     close(fd);
     return rc;
 }
 
-/* -- Instances --------------------------------------------------------------------------- */
+/* -- Instances (the core shares them: one per realpath) -------------------------------- */
 
 static void inst_free(inst *s)
 {
@@ -1205,212 +1236,105 @@ static void inst_free(inst *s)
     if (s->open_fd >= 0)
         close(s->open_fd); /* drops this process's share of OPEN_BYTE */
     uv_mutex_destroy(&s->mu);
+    uv_mutex_destroy(&s->env_mu);
     free(s->path);
     free(s->lock_path);
     free(s);
 }
 
-static void lm_close(void *self)
+static void lm_destroy(void *self)
 {
     inst *s = self;
-    uv_mutex_lock(&instances_mu);
-    int last = --s->handles == 0;
-    if (last) {
-        inst **pp = &instances;
-        while (*pp != s)
-            pp = &(*pp)->next;
-        *pp = s->next;
-    }
-    uv_mutex_unlock(&instances_mu);
-    if (last) {
-        if (s->env && s->gen == atomic_load(&fork_gen) && s->ntouch)
-            flush_touches_own_txn(s);
-        inst_free(s);
-    }
+    if (s->env && s->gen == atomic_load(&fork_gen) && s->ntouch)
+        flush_touches_own_txn(s);
+    inst_free(s);
 }
 
-
-static int is(const dp_arg *a, const char *s)
+static int parse_mode(const char *text)
 {
-    return a->type == DP_ARG_STRING && a->len == strlen(s) && memcmp(a->string, s, a->len) == 0;
+    char *end = NULL;
+    long v = strtol(text, &end, 8);
+    return text[0] && !*end && v > 0 && v <= 0777 ? (int)v : -1;
 }
 
-#define KNOWN "path, map_size, max_bytes, max_readers, sync, expiration_time, on_full, " \
-              "lru_resolution, sweep_interval, mode"
+static double max_bytes_of(const lm_settings *cfg)
+{
+    return cfg->max_bytes > 0 ? (double)cfg->max_bytes : floor((double)cfg->map_size * 0.6);
+}
 
-static int lm_open(void *ud, const dp_arg *args, size_t nargs, void **self, dp_err *err)
+/* The identity is the realpath of `path`, which needs the path to exist: a
+ * missing one becomes a directory here (an existing one is used as it is).
+ * The checks that read two arguments, or an argument's digits, run here too,
+ * before any instance is looked up or made. */
+static int lm_identify(void *ud, const void *settings, dp_bytes *id, dp_err *err)
 {
     (void)ud;
-    char path[PATH_MAX];
-    int have_path = 0;
-    inst want = {0};
-    want.map_size = 256.0 * 1024 * 1024;
-    want.max_bytes = -1;
-    want.max_readers = 126;
-    want.sync = SYNC_META;
-    want.on_full = ON_FULL_EVICT;
-    want.lru_resolution = 60;
-    want.sweep_interval = 60;
-    want.mode = 0644;
-    for (size_t i = 0; i < nargs; i++) {
-        const dp_arg *a = &args[i];
-        if (strcmp(a->name, "path") == 0) {
-            if (a->type != DP_ARG_STRING || a->len == 0 || a->len >= sizeof path)
-                return dp_err_set(err, DP_EINVAL, NAME ": path must be a non-empty string");
-            memcpy(path, a->string, a->len);
-            path[a->len] = '\0';
-            have_path = 1;
-        } else if (strcmp(a->name, "map_size") == 0) {
-            if (!dp_arg_size(a, &want.map_size) || !(want.map_size >= 65536) ||
-                want.map_size > 1e15)
-                return dp_err_set(err, DP_EINVAL, NAME ": map_size must be a number of bytes "
-                                  "of at least 65536 (or a string like \"256m\")");
-        } else if (strcmp(a->name, "max_bytes") == 0) {
-            if (!dp_arg_size(a, &want.max_bytes) || !(want.max_bytes > 0))
-                return dp_err_set(err, DP_EINVAL, NAME ": max_bytes must be a positive number "
-                                  "of bytes (or a string like \"100m\")");
-        } else if (strcmp(a->name, "max_readers") == 0) {
-            if (a->type != DP_ARG_NUMBER || !(a->number >= 1 && a->number <= 1e6) ||
-                a->number != floor(a->number))
-                return dp_err_set(err, DP_EINVAL, NAME ": max_readers must be a positive integer");
-            want.max_readers = (int)a->number;
-        } else if (strcmp(a->name, "sync") == 0) {
-            if (is(a, "full"))
-                want.sync = SYNC_FULL;
-            else if (is(a, "meta"))
-                want.sync = SYNC_META;
-            else if (is(a, "none"))
-                want.sync = SYNC_NONE;
-            else
-                return dp_err_set(err, DP_EINVAL, NAME ": sync must be \"full\", \"meta\" or "
-                                  "\"none\"");
-        } else if (strcmp(a->name, "expiration_time") == 0) {
-            if (a->type != DP_ARG_NUMBER || !(a->number > 0))
-                return dp_err_set(err, DP_EINVAL, NAME ": expiration_time must be a positive "
-                                  "number of seconds");
-            want.ttl = a->number;
-        } else if (strcmp(a->name, "on_full") == 0) {
-            if (is(a, "evict"))
-                want.on_full = ON_FULL_EVICT;
-            else if (is(a, "error"))
-                want.on_full = ON_FULL_ERROR;
-            else
-                return dp_err_set(err, DP_EINVAL, NAME ": on_full must be \"evict\" or \"error\"");
-        } else if (strcmp(a->name, "lru_resolution") == 0) {
-            if (a->type != DP_ARG_NUMBER || !(a->number >= 0))
-                return dp_err_set(err, DP_EINVAL, NAME ": lru_resolution must be a number of "
-                                  "seconds >= 0");
-            want.lru_resolution = a->number;
-        } else if (strcmp(a->name, "sweep_interval") == 0) {
-            if (a->type != DP_ARG_NUMBER || !(a->number > 0))
-                return dp_err_set(err, DP_EINVAL, NAME ": sweep_interval must be a positive "
-                                  "number of seconds");
-            want.sweep_interval = a->number;
-        } else if (strcmp(a->name, "mode") == 0) {
-            char *end = NULL;
-            char buf[16];
-            if (a->type == DP_ARG_STRING && a->len > 0 && a->len < sizeof buf) {
-                memcpy(buf, a->string, a->len);
-                buf[a->len] = '\0';
-                want.mode = (int)strtol(buf, &end, 8);
-            }
-            if (!end || *end || want.mode <= 0 || want.mode > 0777)
-                return dp_err_set(err, DP_EINVAL, NAME ": mode must be an octal string such as "
-                                  "\"0640\"");
-        } else {
-            return dp_err_set(err, DP_EINVAL, NAME ": unknown argument '%s' (known: " KNOWN ")",
-                              a->name);
-        }
-    }
-    if (!have_path)
-        return dp_err_set(err, DP_EINVAL, NAME ": the argument 'path' is required (a directory, "
-                          "created if missing, or an LMDB data file)");
-    if (want.max_bytes < 0)
-        want.max_bytes = floor(want.map_size * 0.6);
-    if (want.max_bytes > want.map_size * 0.9)
+    const lm_settings *cfg = settings;
+    if (parse_mode(cfg->mode) < 0)
+        return dp_err_set(err, DP_EINVAL, NAME ": mode must be an octal string such as \"0640\", "
+                          "got string \"%.40s\"", cfg->mode);
+    if (max_bytes_of(cfg) > (double)cfg->map_size * 0.9)
         return dp_err_set(err, DP_EINVAL, NAME ": max_bytes %.0f leaves too little of map_size "
-                          "%.0f for LMDB's copy-on-write pages (at most 90%%)", want.max_bytes,
-                          want.map_size);
-
-    /* A missing path becomes a directory; an existing one is used as it is. */
+                          "%.0f for LMDB's copy-on-write pages (at most 90%%)", max_bytes_of(cfg),
+                          (double)cfg->map_size);
     struct stat st;
-    int subdir = 1;
-    if (stat(path, &st) != 0) {
-        if (errno != ENOENT || mkdir(path, 0755) != 0)
+    if (stat(cfg->path, &st) != 0) {
+        if (errno != ENOENT || mkdir(cfg->path, 0755) != 0)
             return dp_err_set(err, DP_EBACKEND, NAME ": cannot create the directory '%s': %s",
-                              path, strerror(errno));
-    } else if (S_ISREG(st.st_mode)) {
-        subdir = 0;
-    } else if (!S_ISDIR(st.st_mode)) {
+                              cfg->path, strerror(errno));
+    } else if (!S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode)) {
         return dp_err_set(err, DP_EBACKEND, NAME ": '%s' is neither a directory nor an LMDB "
-                          "data file", path);
+                          "data file", cfg->path);
     }
     char real[PATH_MAX];
-    if (!realpath(path, real))
-        return dp_err_set(err, DP_EBACKEND, NAME ": cannot resolve '%s': %s", path,
+    if (!realpath(cfg->path, real))
+        return dp_err_set(err, DP_EBACKEND, NAME ": cannot resolve '%s': %s", cfg->path,
                           strerror(errno));
     if (access(real, R_OK | W_OK) != 0)
         return dp_err_set(err, DP_EBACKEND, NAME ": cannot open '%s' for reading and writing: %s",
                           real, strerror(errno));
+    size_t n = strlen(real);
+    if (dp_bytes_reserve(id, id->len + n) != DP_OK)
+        return dp_err_set(err, DP_ENOMEM, NAME ": out of memory opening '%s'", real);
+    memcpy(id->data + id->len, real, n);
+    id->len += n;
+    return DP_OK;
+}
 
-    uv_once(&instances_once, instances_init);
-    uv_mutex_lock(&instances_mu);
-    inst *s;
-    for (s = instances; s; s = s->next)
-        if (strcmp(s->path, real) == 0)
-            break;
-    if (s) {
-        const char *what = NULL;
-        if (s->asked_map_size != want.map_size) what = "map_size";
-        else if (s->asked_max_bytes != want.max_bytes) what = "max_bytes";
-        else if (s->max_readers != want.max_readers) what = "max_readers";
-        else if (s->sync != want.sync) what = "sync";
-        else if (s->ttl != want.ttl) what = "expiration_time";
-        else if (s->on_full != want.on_full) what = "on_full";
-        else if (s->lru_resolution != want.lru_resolution) what = "lru_resolution";
-        else if (s->sweep_interval != want.sweep_interval) what = "sweep_interval";
-        else if (s->mode != want.mode) what = "mode";
-        if (what) {
-            uv_mutex_unlock(&instances_mu);
-            return dp_err_set(err, DP_EMISMATCH, NAME ": '%s' is already open in this process "
-                              "with another %s; every region on one path must agree", real, what);
-        }
-        s->handles++;
-        uv_mutex_unlock(&instances_mu);
-        *self = s;
-        return DP_OK;
-    }
-    s = calloc(1, sizeof *s);
+static int lm_create(void *ud, const void *settings, void **self, dp_err *err)
+{
+    (void)ud;
+    const lm_settings *cfg = settings;
+    uv_once(&fork_once, fork_init);
+    char real[PATH_MAX];
+    struct stat st;
+    if (!realpath(cfg->path, real) || stat(real, &st) != 0)
+        return dp_err_set(err, DP_EBACKEND, NAME ": cannot resolve '%s': %s", cfg->path,
+                          strerror(errno));
     size_t rl = strlen(real);
+    inst *s = calloc(1, sizeof *s);
     char *p = s ? malloc(rl + 1) : NULL;
     char *lp = p ? malloc(rl + 32) : NULL;
     if (!lp) {
-        uv_mutex_unlock(&instances_mu);
         free(s);
         free(p);
         return dp_err_set(err, DP_ENOMEM, NAME ": out of memory opening '%s'", real);
     }
     memcpy(p, real, rl + 1);
-    snprintf(lp, rl + 32, subdir ? "%s/dogpile-locks" : "%s-dogpile-locks", real);
-    s->map_size = s->asked_map_size = want.map_size;
-    s->max_bytes = s->asked_max_bytes = want.max_bytes;
-    s->open_fd = -1;
-    s->max_readers = want.max_readers;
-    s->sync = want.sync;
-    s->ttl = want.ttl;
-    s->on_full = want.on_full;
-    s->lru_resolution = want.lru_resolution;
-    s->sweep_interval = want.sweep_interval;
-    s->mode = want.mode;
+    s->cfg = cfg;
     s->path = p;
     s->lock_path = lp;
-    s->subdir = subdir;
+    s->subdir = !S_ISREG(st.st_mode);
+    snprintf(lp, rl + 32, s->subdir ? "%s/dogpile-locks" : "%s-dogpile-locks", real);
+    s->mode = parse_mode(cfg->mode);
+    s->map_size = (double)cfg->map_size;
+    s->max_bytes = max_bytes_of(cfg);
     uv_mutex_init(&s->mu);
-    s->open_fd = open(lp, O_RDWR | O_CREAT | O_CLOEXEC, want.mode);
+    uv_mutex_init(&s->env_mu);
+    s->open_fd = open(lp, O_RDWR | O_CREAT | O_CLOEXEC, s->mode);
     if (s->open_fd < 0) {
-        int e = errno;
-        uv_mutex_unlock(&instances_mu);
-        dp_err_set(err, DP_EBACKEND, NAME ": cannot open the lock file '%s': %s", lp, strerror(e));
+        dp_err_set(err, DP_EBACKEND, NAME ": cannot open the lock file '%s': %s", lp,
+                   strerror(errno));
         inst_free(s);
         return DP_EBACKEND;
     }
@@ -1420,30 +1344,24 @@ static int lm_open(void *ud, const dp_arg *args, size_t nargs, void **self, dp_e
     if (rc == DP_OK && alone && ofd_set(s->open_fd, OPEN_BYTE, F_RDLCK, 0) != 0)
         rc = dp_err_set(err, DP_EBACKEND, NAME ": cannot lock '%s': %s", lp, strerror(errno));
     if (rc != DP_OK) {
-        uv_mutex_unlock(&instances_mu);
         inst_free(s);
         return rc;
     }
-    char dom[PATH_MAX + 32];
-    int dl = snprintf(dom, sizeof dom, NAME ":%s", real);
-    s->domain = dp_lock_domain(dom, (size_t)dl);
-    s->handles = 1;
-    s->next = instances;
-    instances = s;
-    uv_mutex_unlock(&instances_mu);
-    *self = s;
+    *self = s; /* err->msg may hold env_open's note (settings adopted), with DP_OK */
     return DP_OK;
 }
 
 static const dp_backend_ops lm_ops = {
     .name = NAME,
-    .open = lm_open,
+    .args = lm_args,
+    .settings_size = sizeof(lm_settings),
+    .identify = lm_identify,
+    .create = lm_create,
+    .destroy = lm_destroy,
     .get = lm_get,
     .set = lm_set,
     .del = lm_del,
     .stats = lm_stats,
-    .lock_domain = lm_lock_domain,
-    .close = lm_close,
     .infallible = 0,
     .lock = lm_lock,
     .unlock = lm_unlock,
@@ -1451,14 +1369,14 @@ static const dp_backend_ops lm_ops = {
 };
 
 /* -- Lua module ----------------------------------------------------------------------------
- * `require "dogpile.backends.lmdb"` registers the ops with the core;
- * lua/dogpile/cache/backends/lmdb.lua opens instances through it. */
+ * `require "dogpile.backends.lmdb"` registers the ops with the core (which
+ * pins this module); lua/dogpile/cache/backends/lmdb.lua opens instances. */
 
 int luaopen_dogpile_backends_lmdb(lua_State *L);
 
 __attribute__((visibility("default"))) int luaopen_dogpile_backends_lmdb(lua_State *L)
 {
-    uv_once(&instances_once, instances_init);
+    uv_once(&fork_once, fork_init);
     int rc = dp_backend_register(&lm_ops, NULL);
     if (rc != DP_OK)
         return luaL_error(L, NAME ": cannot register the backend: %s", dp_strerror(rc));
