@@ -30,8 +30,8 @@ local lib = require "dogpile.lib"
 
 local ngx = ngx
 local byte, sub, find, format = string.byte, string.sub, string.find, string.format
-local tonumber, tostring, type, pairs, ipairs, concat, min =
-      tonumber, tostring, type, pairs, ipairs, table.concat, math.min
+local tonumber, tostring, type, pairs, ipairs, setmetatable =
+      tonumber, tostring, type, pairs, ipairs, setmetatable
 
 lib.own_source()
 

@@ -1,6 +1,7 @@
 --- dogpile.cache.redis_sentinel: dogpile.cache.redis on whichever server the
 -- sentinels name as the master of `service_name`; after a failover the next
--- operations find the new master by themselves.
+-- operations find the new master by themselves. Inside nginx, over cosockets
+-- (backends/redis.lua dispatches).
 -- Arguments: sentinels ({{host, port}, ...} or {{host = h, port = p}, ...} or
 -- {"host:port", ...}), service_name, and those of dogpile.cache.redis
 -- (except url, host and port).
