@@ -560,7 +560,8 @@ end
 
 local KNOWN = "url, host, port, db, username, password, socket_timeout, connect_timeout, "
     .. "redis_expiration_time, lock_timeout, lock_sleep, lock_prefix, "
-    .. "notify_channel, notify_feed, pool_size, pool_idle_timeout"
+    .. "notify_channel, notify_feed, circuit_failures, circuit_cooldown, circuit_slow, "
+    .. "pool_size, pool_idle_timeout"
 
 local function seconds(name, k, v)
     if type(v) ~= "number" or not (v > 0) or v == math.huge then
@@ -619,6 +620,12 @@ function _M.server(name, arguments, sentinels)
             s[k], err = seconds(name, k, v)
         elseif k == "redis_expiration_time" then
             s.ttl, err = seconds(name, k, v)
+        elseif k == "circuit_failures" or k == "circuit_cooldown" or k == "circuit_slow" then
+            -- The C core's circuit breaker (core/breaker.c): accepted so
+            -- that one regions file serves both; not applied over cosockets.
+            if type(v) ~= "number" or v < 0 or v ~= v then
+                return nil, name .. ": " .. k .. " must be a number >= 0"
+            end
         elseif k == "pool_size" then
             if type(v) ~= "number" or v < 1 or v ~= math.floor(v) then
                 return nil, name .. ": pool_size must be a positive integer (connections "
