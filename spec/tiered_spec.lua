@@ -579,8 +579,8 @@ if arg[3] == "delete" then r:delete(arg[2]) else r:set(arg[2], arg[3]) end
             os.execute("chmod 777 " .. dir)
             finally(function() os.execute("rm -rf " .. dir) end)
             local out = dir .. "/ops"
-            local srv = ngx_support.start({ fixture = "tiered/nginx", vars = { OUT = out },
-                                            ready = "/ready" })
+            local srv = ngx_support.start({ fixture = "tiered/nginx", ready = "/ready",
+                                            vars = { OUT = out, LAYOUT = "ngx", RPORT = 0 } })
             finally(function() srv:stop() end)
             local body, code = srv:get(string.format("/start?at=%.3f&n=500&keys=30&seed=%d",
                                                      now() + 0.5, uniq))
@@ -595,6 +595,45 @@ if arg[3] == "delete" then r:delete(arg[2]) else r:set(arg[2], arg[3]) end
                 files[#files + 1] = path
             end
             assert.are.equal(2, #files)
+            local ops = load_ops(files)
+            assert.is_true(#ops >= 1000, "only " .. #ops .. " operations")
+            local bad, judged = check(ops, 0.1)
+            assert.is_true(judged >= 300, "only " .. judged .. " reads judged")
+            assert.are.same({}, bad)
+            assert.is_nil(srv:log():find("[error]", 1, true), srv:log())
+        end)
+
+        it("inside nginx, 2 workers on memory -> ngx_shared -> redis and a plain process on "
+           .. "memory -> redis: random operations never read a value older than 100 ms",
+           function()
+            local ngx_support = require "ngx_support"
+            assert.is_true(ngx_support.available(), "nginx-extras (the Lua module) is not installed")
+            local port = redis_port()
+            sh("redis-cli -p " .. port .. " flushall")
+            uniq = uniq + 1
+            local dir = (sh("mktemp -d /tmp/dogpile-tiered-ngx-XXXXXX"):gsub("%s+$", ""))
+            os.execute("chmod 777 " .. dir)
+            finally(function() os.execute("rm -rf " .. dir) end)
+            local out = dir .. "/ops"
+            local srv = ngx_support.start({ fixture = "tiered/nginx", ready = "/ready",
+                                            vars = { OUT = out, LAYOUT = "ngx_redis", RPORT = port } })
+            finally(function() srv:stop() end)
+            local start = now() + 1.0
+            local body, code = srv:get(string.format("/start?at=%.3f&n=400&keys=30&seed=%d",
+                                                     start, uniq))
+            assert.are.equal(200, code, body)
+            local plain = run_all("random", { { layout = "mr", port = port } },
+                                  string.format("400 30 %d", uniq), start)
+            local t0 = now()
+            while srv:get("/done") ~= "2\n" do
+                assert.is_true(now() - t0 < 60, "the workers did not finish: " .. srv:log())
+                sleep(0.1)
+            end
+            local files = { plain[1] }
+            for path in sh("ls " .. out .. ".*"):gmatch("[^\n]+") do
+                files[#files + 1] = path
+            end
+            assert.are.equal(3, #files)
             local ops = load_ops(files)
             assert.is_true(#ops >= 1000, "only " .. #ops .. " operations")
             local bad, judged = check(ops, 0.1)

@@ -52,6 +52,7 @@ local math_min, math_max = math.min, math.max
 lib.own_source()
 
 local NAME = "dogpile.cache.tiered"
+local ngx = ngx
 
 -- The change feed (core/dogpile_feed.h). These declarations belong in
 -- lua/dogpile/lib.lua with the rest of the core's; they are here until that
@@ -301,6 +302,132 @@ function Feed:drain(on_key, on_reset, ctx)
     return cur.stamp
 end
 
+-- -- Inside nginx over Redis: a SUBSCRIBE per worker -------------------------------
+-- The cosocket redis backend PUBLISHes its writes as the C backend does; no
+-- thread of ours can block on a socket inside nginx, so each worker runs a
+-- timer that keeps a cosocket SUBSCRIBEd to the channel (a light thread reads
+-- it, with no read timeout to log) and applies what others announce to every
+-- tiered backend of the worker on that feed. Writes in the worker are
+-- applied to its other backends at once. A lost subscription is retried
+-- every 100 ms at most; once subscribed again every reader starts over.
+
+local NGX_FEEDS = {} -- feed name -> feed, in this worker
+
+local NgxRedisFeed = {}
+NgxRedisFeed.__index = NgxRedisFeed
+
+-- Each application counts as a drain of the reader: a read that yielded
+-- meanwhile (a cosocket) then drops the copies it makes (see promote).
+local function ngx_key(feed, r, key, scope)
+    r.drains = r.drains + 1
+    feed.on_key(r, key, scope)
+end
+
+local function ngx_reset(feed)
+    for r in pairs(feed.readers) do
+        r.drains = r.drains + 1
+        feed.on_reset(r, ngx.now())
+    end
+end
+
+function NgxRedisFeed:push(key, scope, from)
+    for r in pairs(self.readers) do
+        if r ~= from then
+            ngx_key(self, r, key, scope)
+        end
+    end
+end
+
+local function ngx_apply(feed, payload)
+    local own = feed.bottom.sender
+    if #payload < 16 or (own and payload:sub(1, 16) == own) then
+        return
+    end
+    local pos, len = 17, #payload
+    while pos <= len do
+        local digits, colon = payload:match("^(%d+)():", pos)
+        local klen = tonumber(digits)
+        if not klen or colon + klen > len then
+            ngx_reset(feed)
+            return
+        end
+        local key = payload:sub(colon + 1, colon + klen)
+        for r in pairs(feed.readers) do
+            ngx_key(feed, r, key, FLEET)
+        end
+        pos = colon + klen + 1
+    end
+end
+
+local function ngx_listen(premature, feed)
+    if premature then
+        return
+    end
+    local resp = require "dogpile.cache.resp"
+    local s = feed.bottom.s
+    local backoff = 0.01
+    while not ngx.worker.exiting() do
+        local sock = s:connect()
+        local ok = false
+        if sock then
+            local sent = sock:send(resp.encode({ "SUBSCRIBE", feed.channel, n = 2 }))
+            local v, kind
+            if sent then
+                v, kind = resp.read_reply(sock)
+            end
+            ok = v ~= nil and kind == "*" and v[1] == "subscribe"
+        end
+        if ok then
+            backoff = 0.01
+            ngx_reset(feed)
+            sock:settimeouts(s.connect_ms, s.socket_ms, 86400000)
+            local reader = ngx.thread.spawn(function()
+                while true do
+                    local v, kind = resp.read_reply(sock)
+                    if v == nil then
+                        return
+                    end
+                    if kind == "*" and v[1] == "message" and type(v[3]) == "string" then
+                        ngx_apply(feed, v[3])
+                    end
+                end
+            end)
+            while not ngx.worker.exiting() and coroutine.status(reader) ~= "dead" do
+                ngx.sleep(0.05)
+            end
+            ngx.thread.kill(reader)
+        end
+        if sock then
+            sock:close()
+        end
+        ngx.sleep(backoff)
+        backoff = math_min(backoff * 2, 0.1)
+    end
+end
+
+local function ngx_redis_feed(name, bottom, channel)
+    local feed = NGX_FEEDS[name]
+    if not feed then
+        feed = setmetatable({ bottom = bottom, channel = channel,
+                              readers = setmetatable({}, { __mode = "k" }) }, NgxRedisFeed)
+        NGX_FEEDS[name] = feed
+    end
+    function feed.sync_fn(ctx, on_key, on_reset)
+        feed.on_key, feed.on_reset = on_key, on_reset
+        feed.readers[ctx] = true
+        return function()
+            if not feed.started and ngx.get_phase() ~= "init" then
+                local ok, err = ngx.timer.at(0, ngx_listen, feed)
+                if not ok then
+                    error(NAME .. ": cannot start the change listener: " .. tostring(err), 0)
+                end
+                feed.started = true
+            end
+        end
+    end
+    return feed
+end
+
 -- -- The region's invalidation, kept in the bottom tier ----------------------------
 -- One signed number (the invalidation time: positive hard, negative soft)
 -- stored as an ordinary value under `prefix.."invalidated:"..name`. Each
@@ -349,7 +476,7 @@ function Invalidator:invalidate(hard)
     if not ok then
         error(tier_error(t.bottom, "invalidate", self.key, err), 0)
     end
-    t.feed:push(self.key, FLEET)
+    t.feed:push(self.key, FLEET, t)
     self.at, self.hard, self.dirty = at, hard, false
 end
 
@@ -555,6 +682,7 @@ end
 -- error, naming the first tier that failed, is raised at the end.
 local function write(self, op, keys, values)
     local tiers, n = self.tiers, self.n
+    local drains0 = self.drains
     local first_err
     local bottom = tiers[n]
     local ok, err
@@ -587,7 +715,7 @@ local function write(self, op, keys, values)
     end
     local feed = self.feed
     for j = 1, #keys do
-        feed:push(keys[j], PROCESS)
+        feed:push(keys[j], PROCESS, self)
     end
     local at = C.dp_clock_now()
     for i = n - 1, 1, -1 do
@@ -602,6 +730,18 @@ local function write(self, op, keys, values)
                 end
                 if not wok and not first_err then
                     first_err = tier_error(t, op, keys[j], werr)
+                end
+            end
+        end
+    end
+    -- Changes applied while the bottom write yielded (a cosocket) may be
+    -- newer than ours: our copies must not outlive them.
+    if self.drains ~= drains0 and op == "set" then
+        for i = n - 1, 1, -1 do
+            local t = tiers[i]
+            if t.scope == STATE then
+                for j = 1, #keys do
+                    pcall(t.delete, t, keys[j])
                 end
             end
         end
@@ -859,6 +999,8 @@ local function new(arguments)
 
     if in_nginx then
         self.feed = tiers[n].backend:change_feed(prefix)
+    elseif ngx and tiers[n].backend.s and not tiers[n].backend.handle then
+        self.feed = ngx_redis_feed(feed_name, tiers[n].backend, prefix .. "changes")
     else
         self.feed = open_feed(feed_name)
     end
