@@ -202,7 +202,9 @@ local function c_lookup(region, key, exp)
             return true, value
         end
     end
-    return false, decode_counted(region, ffi_string(p, n))
+    -- What the Lua reader declines (long varints, deep tables) or what is
+    -- not fresh: the C decoder's value, judged like any other.
+    return judged(region, decode_counted(region, ffi_string(p, n)), exp)
 end
 
 -- The front tier first (front.md): sync (cheap when nothing is pending), then
