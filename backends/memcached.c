@@ -1,9 +1,12 @@
 /* memcached.c -- the dogpile.cache.memcached backend, on libmemcached.
  *
- * One instance per region (dp_backend_open): a master memcached_st holding
- * the server list and the behaviours, and a mutex-guarded pool of clones, so
- * that no memcached_st is ever used by two threads at once (libmemcached's
- * handles are not thread-safe). Keys are spread over the servers by
+ * An instance is a master memcached_st holding the server list and the
+ * behaviours, and a mutex-guarded pool of clones, so that no memcached_st is
+ * ever used by two threads at once (libmemcached's handles are not
+ * thread-safe). Every argument names the instance (DP_SPEC_KEY): regions
+ * with the same arguments share one, in every Lua state and thread; regions
+ * on the same servers with other settings (an expiry, the protocol) each have
+ * their own. Keys are spread over the servers by
  * consistent hashing (ketama); a server that fails is retried after
  * `retry_timeout` seconds, so a restarted server is used again without
  * reconfiguring, and keys on a dead server fail fast instead of moving.
@@ -19,6 +22,7 @@
 #include <inttypes.h>
 #include <math.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,6 +44,68 @@
 /* An item's size on the server beyond key and value (header, CAS, suffix). */
 #define ITEM_OVERHEAD 64
 
+/* -- Arguments: the struct the core fills, and the table it fills it by --- */
+
+typedef struct mc_settings {
+    char *url;                 /* "host:port,host:port" (the Lua module joins a list) */
+    int binary, distributed_lock;
+    double expire;             /* memcached_expire_time: the TTL sent with each set */
+    double lock_timeout;       /* the longest a lock is held: the lock key's expiry */
+    double lock_backoff_max;
+    double socket_timeout, connect_timeout, retry_timeout, dead_timeout;
+    int64_t failure_limit;
+    int remove_failed, nodelay, keepalive, noblock;
+    int hash;                  /* index in hashes[] */
+    int64_t item_size_max;     /* bytes, when the user set it (0: the server's, as it answers) */
+} mc_settings;
+
+static const char *const hash_names[] = {"md5", "crc", "fnv1_64", "fnv1a_64", "fnv1_32",
+                                         "fnv1a_32", "jenkins", "murmur", NULL};
+static const memcached_hash_t hashes[] = {
+    MEMCACHED_HASH_MD5, MEMCACHED_HASH_CRC, MEMCACHED_HASH_FNV1_64, MEMCACHED_HASH_FNV1A_64,
+    MEMCACHED_HASH_FNV1_32, MEMCACHED_HASH_FNV1A_32, MEMCACHED_HASH_JENKINS,
+    MEMCACHED_HASH_MURMUR,
+};
+
+#define KEY DP_SPEC_KEY
+#define F(field) offsetof(mc_settings, field)
+static const dp_arg_spec mc_args[] = {
+    {.name = "url", .kind = DP_SPEC_STR, .flags = KEY, .min = 1, .def_str = "127.0.0.1:11211",
+     .what = "\"host:port\" or a list of them", .offset = F(url)},
+    {.name = "binary", .kind = DP_SPEC_BOOL, .flags = KEY, .offset = F(binary)},
+    {.name = "memcached_expire_time", .kind = DP_SPEC_SECONDS, .flags = KEY, .offset = F(expire)},
+    {.name = "distributed_lock", .kind = DP_SPEC_BOOL, .flags = KEY, .def = 1,
+     .offset = F(distributed_lock)},
+    {.name = "lock_timeout", .kind = DP_SPEC_SECONDS,
+     .flags = KEY | DP_SPEC_ABOVE_MIN | DP_SPEC_LOCK_TIMEOUT, .def = 30,
+     .what = "a finite positive number of seconds (the lock key's expiry on the server)",
+     .offset = F(lock_timeout)},
+    {.name = "lock_backoff_max", .kind = DP_SPEC_SECONDS, .flags = KEY, .min = 0.001, .def = 0.05,
+     .offset = F(lock_backoff_max)},
+    {.name = "socket_timeout", .kind = DP_SPEC_SECONDS, .flags = KEY, .min = 0.001, .def = 1,
+     .offset = F(socket_timeout)},
+    {.name = "connect_timeout", .kind = DP_SPEC_SECONDS, .flags = KEY, .min = 0.001, .def = 1,
+     .offset = F(connect_timeout)},
+    {.name = "retry_timeout", .kind = DP_SPEC_SECONDS, .flags = KEY, .min = 1, .def = 1,
+     .offset = F(retry_timeout)},
+    {.name = "dead_timeout", .kind = DP_SPEC_SECONDS, .flags = KEY, .min = 1, .def = 1,
+     .offset = F(dead_timeout)},
+    {.name = "server_failure_limit", .kind = DP_SPEC_INT, .flags = KEY, .min = 1, .def = 2,
+     .offset = F(failure_limit)},
+    {.name = "remove_failed_servers", .kind = DP_SPEC_BOOL, .flags = KEY,
+     .offset = F(remove_failed)},
+    {.name = "tcp_nodelay", .kind = DP_SPEC_BOOL, .flags = KEY, .def = 1, .offset = F(nodelay)},
+    {.name = "tcp_keepalive", .kind = DP_SPEC_BOOL, .flags = KEY, .offset = F(keepalive)},
+    {.name = "no_block", .kind = DP_SPEC_BOOL, .flags = KEY, .def = 1, .offset = F(noblock)},
+    {.name = "hash", .kind = DP_SPEC_ENUM, .flags = KEY, .choices = hash_names,
+     .offset = F(hash)}, /* md5: ketama's usual point hash */
+    {.name = "item_size_max", .kind = DP_SPEC_SIZE, .flags = KEY, .min = 1024,
+     .offset = F(item_size_max)},
+    {0},
+};
+#undef F
+#undef KEY
+
 /* -- Instance ----------------------------------------------------------------- */
 
 /* A lock this instance holds: the token it wrote, so that any thread can
@@ -54,17 +120,14 @@ typedef struct held {
 } held;
 
 typedef struct mc {
-    memcached_st *master;  /* configured once; only cloned, under mu */
-    uv_mutex_t mu;         /* guards pool and locks */
+    const mc_settings *cfg; /* the core's: valid until destroy */
+    memcached_st *master;   /* configured once; only cloned, under mu */
+    uv_mutex_t mu;          /* guards pool and locks */
     memcached_st **pool;
     size_t npool, cappool;
     held *locks;
-    uint32_t domain;
-    time_t expire;         /* memcached_expire_time: the TTL sent with each set */
-    double item_size_max;  /* bytes, when the user set it (0: the server's, as it answers) */
-    double lock_timeout;   /* seconds: the longest a lock is held */
-    time_t lock_expire;    /* the lock key's expiry: ceil(lock_timeout) + 1 */
-    double lock_backoff_max;
+    time_t expire;          /* cfg->expire in whole seconds */
+    time_t lock_expire;     /* the lock key's expiry: ceil(lock_timeout) + 1 */
     uint64_t token_seq;
     _Atomic uint64_t hits, misses;
 } mc;
@@ -189,7 +252,11 @@ static int mc_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_er
             atomic_fetch_add_explicit(&s->hits, 1, memory_order_relaxed);
         }
         free(v);
-    } else if (rc == MEMCACHED_NOTFOUND || rc == MEMCACHED_SUCCESS) {
+    } else if (rc == MEMCACHED_SUCCESS) {
+        /* an empty value: libmemcached hands back no buffer for it */
+        out->len = 0;
+        atomic_fetch_add_explicit(&s->hits, 1, memory_order_relaxed);
+    } else if (rc == MEMCACHED_NOTFOUND) {
         atomic_fetch_add_explicit(&s->misses, 1, memory_order_relaxed);
         status = DP_ENOTFOUND;
     } else {
@@ -242,11 +309,12 @@ static int mc_set(void *self, const char *key, size_t klen, const char *value, s
     mc *s = self;
     if (check_key(key, klen, err) != DP_OK)
         return err->code;
-    if (s->item_size_max > 0 && (double)vlen + klen + ITEM_OVERHEAD > s->item_size_max)
+    double limit_set = (double)s->cfg->item_size_max;
+    if (limit_set > 0 && (double)vlen + klen + ITEM_OVERHEAD > limit_set)
         return dp_err_set(err, DP_ETOOBIG,
                           "a value of %zu bytes is larger than the item size limit set "
                           "(item_size_max = %.0f bytes, less %d bytes for the key and header)",
-                          vlen, s->item_size_max, (int)(klen + ITEM_OVERHEAD));
+                          vlen, limit_set, (int)(klen + ITEM_OVERHEAD));
     memcached_st *m = conn_get(s, err);
     if (!m)
         return DP_ENOMEM;
@@ -403,11 +471,6 @@ static void mc_stats(void *self, dp_backend_stats *out)
     out->max_bytes = 0;
 }
 
-static uint32_t mc_lock_domain(void *self)
-{
-    return ((mc *)self)->domain;
-}
-
 /* -- The distributed lock --------------------------------------------------------- */
 
 /* `dogpile-lock:<key>`, or `dogpile-lock:<sha1 hex of key>` when that would
@@ -441,9 +504,15 @@ static size_t make_token(mc *s, char *buf, size_t cap)
     return n > 0 && (size_t)n < cap ? (size_t)n : cap - 1;
 }
 
+/* With distributed_lock = false the lock is the core's alone (this process's
+ * threads and Lua states), as dogpile.cache's distributed_lock=False: the
+ * operations below take, release and wait for nothing on the servers. */
+
 static int mc_lock(void *self, const char *key, size_t klen, double timeout, dp_err *err)
 {
     mc *s = self;
+    if (!s->cfg->distributed_lock)
+        return DP_OK;
     char lk[MAX_KEY + 1];
     size_t lklen = lock_key(key, klen, lk);
     held *h = malloc(sizeof *h + klen);
@@ -452,8 +521,8 @@ static int mc_lock(void *self, const char *key, size_t klen, double timeout, dp_
     h->tlen = make_token(s, h->token, sizeof h->token);
     h->klen = klen;
     memcpy(h->key, key, klen);
-    double deadline = dp_clock_monotonic() + (timeout > 0 ? timeout : 0);
-    double step = 0.001;
+    dp_backoff bo;
+    dp_backoff_init(&bo, timeout, s->cfg->lock_backoff_max);
     for (;;) {
         memcached_st *m = conn_get(s, err);
         if (!m) {
@@ -477,21 +546,10 @@ static int mc_lock(void *self, const char *key, size_t klen, double timeout, dp_
             return st;
         }
         conn_put(s, m);
-        if (timeout == 0) {
+        if (timeout == 0 || !dp_backoff_sleep(&bo)) {
             free(h);
-            return DP_EBUSY;
+            return timeout == 0 ? DP_EBUSY : DP_ETIMEDOUT;
         }
-        double now = dp_clock_monotonic();
-        if (timeout > 0 && now >= deadline) {
-            free(h);
-            return DP_ETIMEDOUT;
-        }
-        /* Back off: 1 ms doubling to lock_backoff_max, never past the deadline. */
-        double d = step;
-        if (timeout > 0 && d > deadline - now)
-            d = deadline - now;
-        dp_clock_sleep(d);
-        step = step * 2 < s->lock_backoff_max ? step * 2 : s->lock_backoff_max;
     }
 }
 
@@ -508,6 +566,8 @@ static int mc_lock(void *self, const char *key, size_t klen, double timeout, dp_
 static int mc_unlock(void *self, const char *key, size_t klen, dp_err *err)
 {
     mc *s = self;
+    if (!s->cfg->distributed_lock)
+        return DP_OK;
     uv_mutex_lock(&s->mu);
     held **pp = &s->locks, *h = NULL;
     for (; *pp; pp = &(*pp)->next)
@@ -562,26 +622,28 @@ static int mc_unlock(void *self, const char *key, size_t klen, dp_err *err)
     if (status == DP_OK && !ours)
         status = dp_err_set(err, DP_ENOTHELD, "the lock had expired after %.3f s (lock_timeout "
                             "%g s) and was left to whoever holds it now", held_for,
-                            s->lock_timeout);
+                            s->cfg->lock_timeout);
     return status;
 }
 
 /* Wait, without taking it, until the holder seen at the call lets go of the
- * lock: the lock key read with `get` every 1 ms doubling to lock_backoff_max
- * until it is gone or holds another token (a later holder is not waited
+ * lock: the lock key read with `get` at dp_backoff's steps (up to
+ * lock_backoff_max) until it is gone or holds another token (a later holder is not waited
  * for). Polling, not a notification: a holder that dies is noticed when its
  * key expires, and waiters never depend on the release reaching them. */
 static int mc_wait_unlocked(void *self, const char *key, size_t klen, double timeout,
                             dp_err *err)
 {
     mc *s = self;
+    if (!s->cfg->distributed_lock)
+        return DP_OK;
     char lk[MAX_KEY + 1];
     size_t lklen = lock_key(key, klen, lk);
     char first[64];
     size_t flen = 0;
     int seen = 0;
-    double deadline = dp_clock_monotonic() + (timeout > 0 ? timeout : 0);
-    double step = 0.001;
+    dp_backoff bo;
+    dp_backoff_init(&bo, timeout, s->cfg->lock_backoff_max);
     for (;;) {
         memcached_st *m = conn_get(s, err);
         if (!m)
@@ -606,23 +668,16 @@ static int mc_wait_unlocked(void *self, const char *key, size_t klen, double tim
         free(v);
         if (!held)
             return DP_OK;
-        if (timeout == 0)
-            return DP_EBUSY;
-        double now = dp_clock_monotonic();
-        if (timeout > 0 && now >= deadline)
-            return DP_ETIMEDOUT;
-        double d = step;
-        if (timeout > 0 && d > deadline - now)
-            d = deadline - now;
-        dp_clock_sleep(d);
-        step = step * 2 < s->lock_backoff_max ? step * 2 : s->lock_backoff_max;
+        if (timeout == 0 || !dp_backoff_sleep(&bo))
+            return timeout == 0 ? DP_EBUSY : DP_ETIMEDOUT;
     }
 }
 
-/* -- Open and close ------------------------------------------------------------------ */
+/* -- Instances (the core shares them: one per set of arguments) ----------------------- */
 
-static void mc_free(mc *s)
+static void mc_destroy(void *self)
 {
+    mc *s = self;
     for (size_t i = 0; i < s->npool; i++)
         memcached_free(s->pool[i]);
     free(s->pool);
@@ -637,38 +692,6 @@ static void mc_free(mc *s)
     free(s);
 }
 
-static void mc_close(void *self)
-{
-    mc_free(self);
-}
-
-static int is(const dp_arg *a, const char *name)
-{
-    return strcmp(a->name, name) == 0;
-}
-
-static int want_number(const dp_arg *a, double min, double *out, dp_err *err)
-{
-    if (a->type != DP_ARG_NUMBER || !(a->number >= min) || !isfinite(a->number))
-        return dp_err_set(err, DP_EINVAL, NAME ": %s must be a number >= %g, got %s", a->name,
-                          min, a->type == DP_ARG_NUMBER ? "an out-of-range number" : "another type");
-    *out = a->number;
-    return DP_OK;
-}
-
-static int want_bool(const dp_arg *a, int *out, dp_err *err)
-{
-    if (a->type != DP_ARG_BOOLEAN)
-        return dp_err_set(err, DP_EINVAL, NAME ": %s must be a boolean", a->name);
-    *out = a->number != 0;
-    return DP_OK;
-}
-
-#define KNOWN "url, binary, memcached_expire_time, lock_timeout, lock_backoff_max, " \
-              "socket_timeout, connect_timeout, retry_timeout, dead_timeout, " \
-              "server_failure_limit, remove_failed_servers, tcp_nodelay, tcp_keepalive, " \
-              "no_block, hash, item_size_max"
-
 static int behavior(mc *s, memcached_behavior_t b, uint64_t v, const char *what, dp_err *err)
 {
     memcached_return_t rc = memcached_behavior_set(s->master, b, v);
@@ -679,7 +702,9 @@ static int behavior(mc *s, memcached_behavior_t b, uint64_t v, const char *what,
 }
 
 /* One server of the list: "host:port" or "host" (port 11211); host a name
- * or an IPv4 address (letters, digits, '.', '-', '_'), port 1 to 65535. */
+ * or an IPv4 address (letters, digits, '.', '-', '_'), port 1 to 65535.
+ * Checked here: libmemcached's parser turns what it cannot read into
+ * 127.0.0.1:11211 or a port modulo 65536 without a word. */
 static int check_server(const char *srv, size_t n, dp_err *err)
 {
     const char *colon = memchr(srv, ':', n);
@@ -725,174 +750,66 @@ static int check_url(const char *list, dp_err *err)
     }
 }
 
-static int mc_open(void *ud, const dp_arg *args, size_t nargs, void **self, dp_err *err)
+static int mc_create(void *ud, const void *settings, void **self, dp_err *err)
 {
     (void)ud;
-    mc *s = calloc(1, sizeof *s);
-    if (!s)
-        return dp_err_set(err, DP_ENOMEM, "out of memory");
-    uv_mutex_init(&s->mu);
-    const char *url = "127.0.0.1:11211";
-    size_t urllen = strlen(url);
-    int binary = 0, nodelay = 1, keepalive = 0, noblock = 1, remove_failed = 0;
-    double expire = 0, socket_timeout = 1.0, connect_timeout = 1.0, retry_timeout = 1;
-    double dead_timeout = 1, failure_limit = 2, v;
-    const char *hash = NULL;
-    size_t hashlen = 0;
-    s->lock_timeout = 30;
-    s->lock_backoff_max = 0.05;
-    int rc = DP_OK;
-    for (size_t i = 0; i < nargs && rc == DP_OK; i++) {
-        const dp_arg *a = &args[i];
-        if (is(a, "url")) {
-            if (a->type != DP_ARG_STRING || a->len == 0)
-                rc = dp_err_set(err, DP_EINVAL, NAME ": url must be \"host:port\" or a list of them");
-            url = a->string;
-            urllen = a->len;
-        } else if (is(a, "binary")) {
-            rc = want_bool(a, &binary, err);
-        } else if (is(a, "memcached_expire_time")) {
-            rc = want_number(a, 0, &expire, err);
-        } else if (is(a, "lock_timeout")) {
-            rc = want_number(a, 0.001, &s->lock_timeout, err);
-        } else if (is(a, "lock_backoff_max")) {
-            rc = want_number(a, 0.001, &s->lock_backoff_max, err);
-        } else if (is(a, "socket_timeout")) {
-            rc = want_number(a, 0.001, &socket_timeout, err);
-        } else if (is(a, "connect_timeout")) {
-            rc = want_number(a, 0.001, &connect_timeout, err);
-        } else if (is(a, "retry_timeout")) {
-            rc = want_number(a, 1, &retry_timeout, err);
-        } else if (is(a, "dead_timeout")) {
-            rc = want_number(a, 1, &dead_timeout, err);
-        } else if (is(a, "server_failure_limit")) {
-            rc = want_number(a, 1, &failure_limit, err);
-        } else if (is(a, "remove_failed_servers")) {
-            rc = want_bool(a, &remove_failed, err);
-        } else if (is(a, "tcp_nodelay")) {
-            rc = want_bool(a, &nodelay, err);
-        } else if (is(a, "tcp_keepalive")) {
-            rc = want_bool(a, &keepalive, err);
-        } else if (is(a, "no_block")) {
-            rc = want_bool(a, &noblock, err);
-        } else if (is(a, "hash")) {
-            if (a->type != DP_ARG_STRING)
-                rc = dp_err_set(err, DP_EINVAL, NAME ": hash must be a string");
-            hash = a->string;
-            hashlen = a->len;
-        } else if (is(a, "item_size_max")) {
-            if (!dp_arg_size(a, &v) || !(v >= 1024))
-                rc = dp_err_set(err, DP_EINVAL, NAME ": item_size_max must be a number of bytes "
-                                "(>= 1024) or a size such as \"1m\"");
-            else
-                s->item_size_max = v;
-        } else {
-            rc = dp_err_set(err, DP_EINVAL, NAME ": unknown argument '%s' (known: " KNOWN ")",
-                            a->name);
-        }
-    }
-    if (rc != DP_OK) {
-        mc_free(s);
+    const mc_settings *cfg = settings;
+    int rc = check_url(cfg->url, err);
+    if (rc != DP_OK)
         return rc;
+    memcached_server_st *servers = memcached_servers_parse(cfg->url);
+    if (!servers || memcached_server_list_count(servers) == 0) {
+        if (servers)
+            memcached_server_list_free(servers);
+        return dp_err_set(err, DP_EINVAL, NAME ": cannot parse url '%s' (expected \"host:port\" "
+                          "or a list of them)", cfg->url);
     }
-    s->expire = (time_t)ceil(expire);
+    mc *s = calloc(1, sizeof *s);
+    if (!s) {
+        memcached_server_list_free(servers);
+        return dp_err_set(err, DP_ENOMEM, NAME ": out of memory");
+    }
+    uv_mutex_init(&s->mu);
+    s->cfg = cfg;
+    s->expire = (time_t)ceil(cfg->expire);
     /* memcached counts relative expiry in whole seconds on a clock that
      * ticks once a second, so an expiry of N lives between N - 1 and N
      * seconds: N = ceil(lock_timeout) + 1 keeps the lock at least
      * lock_timeout and at most a second more. At most 30 days (beyond that
      * memcached reads an absolute time). */
-    s->lock_expire = (time_t)ceil(s->lock_timeout) + 1;
-    if (s->lock_expire > 30 * 24 * 3600)
-        s->lock_expire = 30 * 24 * 3600;
-
-    /* The server list: "h1:p1,h2:p2" (the Lua module joins a list), each
-     * checked here: libmemcached's parser turns what it cannot read into
-     * 127.0.0.1:11211 or a port modulo 65536 without a word. */
-    char *list = malloc(urllen + 1);
-    if (!list) {
-        mc_free(s);
-        return dp_err_set(err, DP_ENOMEM, "out of memory");
-    }
-    memcpy(list, url, urllen);
-    list[urllen] = '\0';
-    if ((rc = check_url(list, err)) != DP_OK) {
-        free(list);
-        mc_free(s);
-        return rc;
-    }
-    memcached_server_st *servers = memcached_servers_parse(list);
-    if (!servers || memcached_server_list_count(servers) == 0) {
-        dp_err_set(err, DP_EINVAL, NAME ": cannot parse url '%s' (expected \"host:port\" or a "
-                   "list of them)", list);
-        free(list);
-        if (servers)
-            memcached_server_list_free(servers);
-        mc_free(s);
-        return DP_EINVAL;
-    }
+    s->lock_expire = cfg->lock_timeout < 30 * 24 * 3600 - 1
+        ? (time_t)ceil(cfg->lock_timeout) + 1 : 30 * 24 * 3600;
     s->master = memcached_create(NULL);
     if (!s->master || !memcached_success(memcached_server_push(s->master, servers))) {
         memcached_server_list_free(servers);
-        free(list);
-        mc_free(s);
-        return dp_err_set(err, DP_ENOMEM, "out of memory");
+        mc_destroy(s);
+        return dp_err_set(err, DP_ENOMEM, NAME ": out of memory");
     }
     memcached_server_list_free(servers);
-
-    memcached_hash_t h = MEMCACHED_HASH_MD5; /* ketama's usual point hash */
-    if (hash) {
-        static const struct { const char *n; memcached_hash_t h; } hashes[] = {
-            { "md5", MEMCACHED_HASH_MD5 }, { "crc", MEMCACHED_HASH_CRC },
-            { "fnv1_64", MEMCACHED_HASH_FNV1_64 }, { "fnv1a_64", MEMCACHED_HASH_FNV1A_64 },
-            { "fnv1_32", MEMCACHED_HASH_FNV1_32 }, { "fnv1a_32", MEMCACHED_HASH_FNV1A_32 },
-            { "jenkins", MEMCACHED_HASH_JENKINS }, { "murmur", MEMCACHED_HASH_MURMUR },
-        };
-        size_t i;
-        for (i = 0; i < sizeof hashes / sizeof hashes[0]; i++)
-            if (strlen(hashes[i].n) == hashlen && memcmp(hashes[i].n, hash, hashlen) == 0)
-                break;
-        if (i == sizeof hashes / sizeof hashes[0]) {
-            free(list);
-            mc_free(s);
-            return dp_err_set(err, DP_EINVAL, NAME ": hash must be one of md5, crc, fnv1_64, "
-                              "fnv1a_64, fnv1_32, fnv1a_32, jenkins, murmur");
-        }
-        h = hashes[i].h;
-    }
-    uint64_t sock_ms = (uint64_t)ceil(socket_timeout * 1000);
+    uint64_t sock_ms = (uint64_t)ceil(cfg->socket_timeout * 1000);
     if ((rc = behavior(s, MEMCACHED_BEHAVIOR_DISTRIBUTION,
                        MEMCACHED_DISTRIBUTION_CONSISTENT_KETAMA, "distribution", err)) ||
-        (rc = behavior(s, MEMCACHED_BEHAVIOR_KETAMA_HASH, h, "hash", err)) ||
-        (rc = behavior(s, MEMCACHED_BEHAVIOR_BINARY_PROTOCOL, binary, "binary", err)) ||
-        (rc = behavior(s, MEMCACHED_BEHAVIOR_NO_BLOCK, noblock, "no_block", err)) ||
-        (rc = behavior(s, MEMCACHED_BEHAVIOR_TCP_NODELAY, nodelay, "tcp_nodelay", err)) ||
-        (rc = behavior(s, MEMCACHED_BEHAVIOR_TCP_KEEPALIVE, keepalive, "tcp_keepalive", err)) ||
+        (rc = behavior(s, MEMCACHED_BEHAVIOR_KETAMA_HASH, hashes[cfg->hash], "hash", err)) ||
+        (rc = behavior(s, MEMCACHED_BEHAVIOR_BINARY_PROTOCOL, cfg->binary, "binary", err)) ||
+        (rc = behavior(s, MEMCACHED_BEHAVIOR_NO_BLOCK, cfg->noblock, "no_block", err)) ||
+        (rc = behavior(s, MEMCACHED_BEHAVIOR_TCP_NODELAY, cfg->nodelay, "tcp_nodelay", err)) ||
+        (rc = behavior(s, MEMCACHED_BEHAVIOR_TCP_KEEPALIVE, cfg->keepalive, "tcp_keepalive",
+                       err)) ||
         (rc = behavior(s, MEMCACHED_BEHAVIOR_POLL_TIMEOUT, sock_ms, "socket_timeout", err)) ||
         (rc = behavior(s, MEMCACHED_BEHAVIOR_SND_TIMEOUT, sock_ms * 1000, "socket_timeout", err)) ||
         (rc = behavior(s, MEMCACHED_BEHAVIOR_RCV_TIMEOUT, sock_ms * 1000, "socket_timeout", err)) ||
         (rc = behavior(s, MEMCACHED_BEHAVIOR_CONNECT_TIMEOUT,
-                       (uint64_t)ceil(connect_timeout * 1000), "connect_timeout", err)) ||
-        (rc = behavior(s, MEMCACHED_BEHAVIOR_RETRY_TIMEOUT, (uint64_t)ceil(retry_timeout),
+                       (uint64_t)ceil(cfg->connect_timeout * 1000), "connect_timeout", err)) ||
+        (rc = behavior(s, MEMCACHED_BEHAVIOR_RETRY_TIMEOUT, (uint64_t)ceil(cfg->retry_timeout),
                        "retry_timeout", err)) ||
-        (rc = behavior(s, MEMCACHED_BEHAVIOR_DEAD_TIMEOUT, (uint64_t)ceil(dead_timeout),
+        (rc = behavior(s, MEMCACHED_BEHAVIOR_DEAD_TIMEOUT, (uint64_t)ceil(cfg->dead_timeout),
                        "dead_timeout", err)) ||
-        (rc = behavior(s, MEMCACHED_BEHAVIOR_SERVER_FAILURE_LIMIT, (uint64_t)failure_limit,
+        (rc = behavior(s, MEMCACHED_BEHAVIOR_SERVER_FAILURE_LIMIT, (uint64_t)cfg->failure_limit,
                        "server_failure_limit", err)) ||
-        (rc = behavior(s, MEMCACHED_BEHAVIOR_REMOVE_FAILED_SERVERS, remove_failed,
+        (rc = behavior(s, MEMCACHED_BEHAVIOR_REMOVE_FAILED_SERVERS, cfg->remove_failed,
                        "remove_failed_servers", err))) {
-        free(list);
-        mc_free(s);
+        mc_destroy(s);
         return rc;
-    }
-    /* One lock domain per server list: regions on the same servers in this
-     * process meet the same per-key locks. */
-    char dom[1100];
-    int dl = snprintf(dom, sizeof dom, NAME " %s", list);
-    free(list);
-    s->domain = dp_lock_domain(dom, dl > 0 && (size_t)dl < sizeof dom ? (size_t)dl : sizeof dom - 1);
-    if (s->domain == 0) {
-        mc_free(s);
-        return dp_err_set(err, DP_ENOMEM, "out of memory");
     }
     *self = s;
     return DP_OK;
@@ -900,13 +817,14 @@ static int mc_open(void *ud, const dp_arg *args, size_t nargs, void **self, dp_e
 
 static const dp_backend_ops mc_ops = {
     .name = NAME,
-    .open = mc_open,
+    .args = mc_args,
+    .settings_size = sizeof(mc_settings),
+    .create = mc_create,
+    .destroy = mc_destroy,
     .get = mc_get,
     .set = mc_set,
     .del = mc_del,
     .stats = mc_stats,
-    .lock_domain = mc_lock_domain,
-    .close = mc_close,
     .infallible = 0,
     .lock = mc_lock,
     .unlock = mc_unlock,
@@ -915,8 +833,9 @@ static const dp_backend_ops mc_ops = {
 };
 
 /* -- Lua module -------------------------------------------------------------------------
- * `require "dogpile.backends.memcached"` registers the ops with the core;
- * lua/dogpile/cache/backends/memcached.lua opens instances through it. */
+ * `require "dogpile.backends.memcached"` registers the ops with the core
+ * (which pins this module); lua/dogpile/cache/backends/memcached.lua opens
+ * instances. */
 
 int luaopen_dogpile_backends_memcached(lua_State *L);
 
