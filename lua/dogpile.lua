@@ -3,6 +3,7 @@
 -- at once or, when there is none, wait for the new one.
 local lib = require "dogpile.lib"
 local context = require "dogpile.context"
+local holders = require "dogpile.holders"
 
 local C = lib.C
 local OWNER = context.OWNER
@@ -84,9 +85,17 @@ local function blocked_wait(rc, key)
     raise("dogpile: waiting for the lock for key '" .. key .. "': " .. lib.strerror(rc))
 end
 
-local function try_core(domain, key)
+local took, gave, reclaim = holders.took, holders.gave, holders.reclaim
+
+local function try_core(domain, key, tracked)
     local rc = C.dp_lock_try(domain, key, #key, OWNER)
+    if rc == DP_EBUSY and reclaim(domain, key) then
+        rc = C.dp_lock_try(domain, key, #key, OWNER)
+    end
     if rc == DP_OK then
+        if tracked then
+            took(domain, key)
+        end
         return true
     elseif rc == DP_EBUSY then
         return false
@@ -95,14 +104,18 @@ local function try_core(domain, key)
 end
 
 --- A mutex for `key` in lock domain `domain` (from the core's registry).
-function _M.core_mutex(domain, key)
-    return setmetatable({ domain = domain, key = key }, Mutex)
+-- `tracked`: the lock is held by the coroutine that takes it until it
+-- releases it or hands it over (the region's get_or_create): one abandoned
+-- with it is released (dogpile.holders). Untracked, a mutex may be released
+-- by any coroutine at any time, as API.md allows.
+function _M.core_mutex(domain, key, tracked)
+    return setmetatable({ domain = domain, key = key, tracked = tracked }, Mutex)
 end
 
 --- `wait` nil or true: block (or yield) until acquired; false: try once.
 function Mutex:acquire(wait)
-    local domain, key = self.domain, self.key
-    if try_core(domain, key) then
+    local domain, key, tracked = self.domain, self.key, self.tracked
+    if try_core(domain, key, tracked) then
         return true
     end
     if wait == false then
@@ -110,13 +123,21 @@ function Mutex:acquire(wait)
     end
     local sleep = current_sleep()
     if sleep then
-        return wait_yielding(sleep, try_core, domain, key)
+        return wait_yielding(sleep, try_core, domain, key, tracked)
     end
-    return blocked_wait(C.dp_lock_wait(domain, key, #key, OWNER, -1), key)
+    local rc = C.dp_lock_wait(domain, key, #key, OWNER, -1)
+    if rc == DP_EDEADLK and reclaim(domain, key) then
+        rc = C.dp_lock_wait(domain, key, #key, OWNER, -1)
+    end
+    blocked_wait(rc, key)
+    if tracked then
+        took(domain, key)
+    end
+    return true
 end
 
 local function core_free(domain, key)
-    return C.dp_lock_held(domain, key, #key, nil) == 0
+    return C.dp_lock_held(domain, key, #key, nil) == 0 or reclaim(domain, key)
 end
 
 --- Wait, without taking the lock, until whoever holds it now releases it (at
@@ -133,11 +154,22 @@ function Mutex:wait_unlocked()
         end
         return wait_yielding(sleep, core_free, domain, key)
     end
-    return blocked_wait(C.dp_lock_wait_unlocked(domain, key, #key, OWNER, -1), key)
+    local rc = C.dp_lock_wait_unlocked(domain, key, #key, OWNER, -1)
+    if rc == DP_EDEADLK and reclaim(domain, key) then
+        rc = DP_OK
+    end
+    return blocked_wait(rc, key)
+end
+
+--- The lock goes on to another coroutine on purpose (the async creation
+-- runner releases it): it is no longer this coroutine's to be abandoned with.
+function Mutex:hand_over()
+    gave(self.domain, self.key)
 end
 
 function Mutex:release()
     local key = self.key
+    gave(self.domain, key)
     if C.dp_lock_release(self.domain, key, #key) ~= DP_OK then
         raise("dogpile: release of the lock for key '" .. key .. "', which is not held")
     end
@@ -226,6 +258,10 @@ local function run(mutex, ctx, creator, read, is_expired, async_creator, has, va
     end
     if has_value and async_creator then
         -- The runner now owns the mutex and must release it.
+        local hand_over = type(mutex) == "table" and mutex.hand_over
+        if hand_over then
+            hand_over(mutex)
+        end
         local ok2, err = pcall(async_creator, ctx, mutex)
         if not ok2 then
             release_quietly(mutex)

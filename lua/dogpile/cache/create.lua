@@ -59,6 +59,14 @@ function FailOpenMutex:wait_unlocked()
     return r
 end
 
+function FailOpenMutex:hand_over()
+    local inner = self.inner
+    local f = not self.unlocked and type(inner) == "table" and inner.hand_over
+    if f then
+        f(inner)
+    end
+end
+
 function FailOpenMutex:release()
     if self.unlocked then
         self.unlocked = false
@@ -87,7 +95,7 @@ local function mutex_for(region, key)
             return m
         end
     end
-    return core_mutex(region._domain, key)
+    return core_mutex(region._domain, key, true)
 end
 _M.mutex_for = mutex_for
 

@@ -5,8 +5,10 @@ local lib = require "dogpile.lib"
 local api = require "dogpile.cache.api"
 local dogpile = require "dogpile"
 local context = require "dogpile.context"
+local holders = require "dogpile.holders"
 
 local C = lib.C
+local took, gave, reclaim = holders.took, holders.gave, holders.reclaim
 local NO_VALUE = api.NO_VALUE
 local DP_OK, DP_ENOTFOUND = lib.DP_OK, lib.DP_ENOTFOUND
 local ffi_string, ffi_new, ffi_gc = ffi.string, ffi.new, ffi.gc
@@ -134,7 +136,7 @@ function CBackend:delete_multi(keys)
 end
 
 local function mutex_in_domain(self, key)
-    return dogpile.core_mutex(self.lock_domain, key)
+    return dogpile.core_mutex(self.lock_domain, key, true)
 end
 
 -- -- The backend's own lock (between processes) --------------------------------
@@ -190,11 +192,15 @@ local function try_both(self)
     local key, b = self.key, self.b
     if not self.core then
         local rc = C.dp_lock_try(b.lock_domain, key, #key, OWNER)
+        if rc == DP_EBUSY and reclaim(b.lock_domain, key) then
+            rc = C.dp_lock_try(b.lock_domain, key, #key, OWNER)
+        end
         if rc == DP_EBUSY then
             return false
         elseif rc ~= DP_OK then
             lock_failed(self, "taking", rc)
         end
+        took(b.lock_domain, key, self)
         self.core = true
     end
     local rc = C.dp_backend_lock(b.handle, key, #key, 0, b.err)
@@ -203,6 +209,7 @@ local function try_both(self)
         self.since = monotonic()
         return true
     end
+    gave(b.lock_domain, key)
     C.dp_lock_release(b.lock_domain, key, #key)
     self.core = false
     if rc == DP_EBUSY then
@@ -244,7 +251,11 @@ function BackendMutex:acquire(wait)
     -- Blocking: the threads of this process sleep on the core's condition
     -- variable; the one that gets it waits for the other processes.
     local rc = C.dp_lock_wait(b.lock_domain, key, #key, OWNER, unbounded and -1 or timeout)
+    if rc == DP_EDEADLK and reclaim(b.lock_domain, key) then
+        rc = C.dp_lock_wait(b.lock_domain, key, #key, OWNER, unbounded and -1 or timeout)
+    end
     if rc == DP_OK then
+        took(b.lock_domain, key, self)
         self.core = true
     elseif rc == DP_EDEADLK then
         error("dogpile: the lock for key '" .. key .. "' is held by another coroutine "
@@ -266,12 +277,21 @@ function BackendMutex:acquire(wait)
         self.stolen = true
     else
         if self.core then
+            gave(b.lock_domain, key)
             C.dp_lock_release(b.lock_domain, key, #key)
             self.core = false
         end
         lock_failed(self, "taking", rc)
     end
     return true
+end
+
+--- The lock goes on to another coroutine on purpose (the async creation
+-- runner releases it): it is no longer this coroutine's to be abandoned with.
+function BackendMutex:hand_over()
+    if self.core then
+        gave(self.b.lock_domain, self.key)
+    end
 end
 
 function BackendMutex:release()
@@ -285,6 +305,7 @@ function BackendMutex:release()
     self.proc, self.core = false, false
     local rc = proc and C.dp_backend_unlock(b.handle, key, #key, b.err) or DP_OK
     if core then
+        gave(b.lock_domain, key)
         C.dp_lock_release(b.lock_domain, key, #key)
     end
     if proc then
@@ -335,7 +356,7 @@ end
 -- Free in this process and in the backend right now (no wait)?
 local function both_free(self)
     local key, b = self.key, self.b
-    if C.dp_lock_held(b.lock_domain, key, #key, nil) == 1 then
+    if C.dp_lock_held(b.lock_domain, key, #key, nil) == 1 and not reclaim(b.lock_domain, key) then
         return false
     end
     local rc = C.dp_backend_wait_unlocked(b.handle, key, #key, 0, b.err)
@@ -369,6 +390,9 @@ function BackendWaitMutex:wait_unlocked()
         return false
     end
     local rc = C.dp_lock_wait_unlocked(b.lock_domain, key, #key, OWNER, unbounded and -1 or timeout)
+    if rc == DP_EDEADLK and reclaim(b.lock_domain, key) then
+        rc = DP_OK
+    end
     if rc == DP_EDEADLK then
         error("dogpile: the lock for key '" .. key .. "' is held by another coroutine "
               .. "of this Lua state, so blocking the thread would wait forever; "

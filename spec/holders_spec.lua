@@ -1,0 +1,154 @@
+-- Issue 19 item 4: a lock taken by a coroutine that is then abandoned (never
+-- resumed, then collected) or that ended holding it is released: at once for
+-- a waiter of the same Lua state, and at the next collection for everyone.
+local cache = require "dogpile.cache"
+local dogpile = require "dogpile"
+local holders = require "dogpile.holders"
+local lib = require "dogpile.lib"
+local support = require "support"
+
+local C = lib.C
+
+local function full_gc()
+    collectgarbage()
+    collectgarbage()
+end
+
+-- A coroutine that starts get_or_create on `key` and yields inside the
+-- creator, never to be resumed. Returns nothing that keeps it alive.
+local function abandon(region, key)
+    local co = coroutine.create(function()
+        region:get_or_create(key, function()
+            coroutine.yield("creating")
+            return "never"
+        end)
+    end)
+    local ok, what = coroutine.resume(co)
+    assert(ok and what == "creating", tostring(what))
+end
+
+local BACKENDS = {
+    { "dogpile.cache.memory", {} },
+    { "dogpile.cache.shared_memory", { name = "holders_spec" } },
+}
+if os.getenv("DP_TEST_LMDB") ~= "0" then
+    BACKENDS[#BACKENDS + 1] = { "dogpile.cache.lmdb", nil }
+end
+
+describe("a lock held by an abandoned coroutine", function()
+    support.no_leaks()
+    local tmp
+    before_each(function()
+        tmp = os.tmpname()
+        os.remove(tmp)
+        os.execute("mkdir -p " .. tmp)
+    end)
+    after_each(function()
+        os.execute("rm -rf " .. tmp)
+    end)
+
+    for _, b in ipairs(BACKENDS) do
+        local name = b[1]
+        local function region()
+            local args = b[2] or { path = tmp, lock_timeout = 5 }
+            return cache.make_region():configure(name, { expiration_time = 60, arguments = args })
+        end
+
+        it("is released at the next collection, with no waiter: " .. name, function()
+            local r = region()
+            abandon(r, "k")
+            assert.are.equal(1, tonumber(C.dp_lock_count()))
+            assert.are.equal(1, holders.count())
+            full_gc()
+            assert.are.equal(0, tonumber(C.dp_lock_count()))
+            assert.are.equal(0, holders.count())
+            local calls = 0
+            assert.are.equal("v", r:get_or_create("k", function() calls = calls + 1 return "v" end))
+            assert.are.equal(1, calls)
+        end)
+
+        it("is taken over by a blocking caller of the same state once collected: " .. name, function()
+            local r = region()
+            abandon(r, "k")
+            -- The coroutine is collected, but the sweep is off: the waiter
+            -- itself must find the lock abandoned.
+            holders._sweeping = false
+            full_gc()
+            assert.are.equal(1, tonumber(C.dp_lock_count()))
+            local ok, v = pcall(r.get_or_create, r, "k", function() return "v" end)
+            holders._sweeping = true
+            assert.is_true(ok, tostring(v))
+            assert.are.equal("v", v)
+        end)
+
+        it("is taken over by a yielding caller of the same state: " .. name, function()
+            local r = region()
+            local s = support.scheduler()
+            dogpile.set_sleep(s.sleep)
+            local got
+            holders._sweeping = false
+            local ok, err = pcall(function()
+                abandon(r, "k")
+                s.spawn(function()
+                    -- The abandoned coroutine becomes garbage while this one
+                    -- waits for its lock.
+                    full_gc()
+                    got = r:get_or_create("k", function() return "v" end)
+                end)
+                s.run()
+            end)
+            dogpile.set_sleep(nil)
+            holders._sweeping = true
+            assert.is_true(ok, tostring(err))
+            assert.are.equal("v", got)
+        end)
+    end
+
+    it("is still held while the coroutine lives, suspended", function()
+        local r = cache.make_region():configure("dogpile.cache.memory", { expiration_time = 60 })
+        local co = coroutine.create(function()
+            r:get_or_create("k", function()
+                coroutine.yield()
+                return "late"
+            end)
+        end)
+        coroutine.resume(co)
+        full_gc()
+        assert.are.equal(1, tonumber(C.dp_lock_count()))
+        -- A blocking caller of the same state is told why it cannot wait.
+        support.raises_here("dogpile:", function() r:get_or_create("k", function() return "x" end) end,
+                            "held by another coroutine")
+        assert.is_true(coroutine.resume(co))
+        assert.are.equal(0, tonumber(C.dp_lock_count()))
+        assert.are.equal("late", r:get("k"))
+    end)
+
+    it("is not taken for abandoned when handed to the async creation runner", function()
+        local pending = {}
+        local r = cache.make_region({
+            async_creation_runner = function(region, key, creator, mutex)
+                pending[#pending + 1] = function()
+                    region:set(key, creator())
+                    mutex:release()
+                end
+            end,
+        }):configure("dogpile.cache.memory", { expiration_time = 1 })
+        r:set("k", "old")
+        local md = r:get_value_metadata("k")
+        md.metadata.ct = md.metadata.ct - 10 -- expired
+        local got
+        local co = coroutine.create(function()
+            got = r:get_or_create("k", function() return "new" end)
+        end)
+        assert.is_true(coroutine.resume(co))
+        assert.are.equal("old", got)
+        assert.are.equal("dead", coroutine.status(co))
+        co = nil
+        full_gc()
+        -- The runner still holds the lock: nobody released it under it.
+        assert.are.equal(1, tonumber(C.dp_lock_count()))
+        pending[1]()
+        assert.are.equal(0, tonumber(C.dp_lock_count()))
+        assert.are.equal("new", r:get("k"))
+    end)
+end)
