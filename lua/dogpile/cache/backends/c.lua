@@ -317,10 +317,18 @@ function BackendMutex:release()
         local limit = b.lock_timeout
         if rc == lib.DP_ENOTHELD or (limit and limit >= 0 and held_for > limit) then
             b.lock_overruns = b.lock_overruns + 1
-            context.log(string.format("%s: the lock for key '%s' was held for %.3f s, longer "
-                                      .. "than lock_timeout (%s s): another caller may have "
-                                      .. "created the value too", b.name, key, held_for,
-                                      tostring(limit)))
+            if limit and limit >= 0 and held_for > limit then
+                context.log(string.format("%s: the lock for key '%s' was held for %.3f s, longer "
+                                          .. "than lock_timeout (%s s): another caller may have "
+                                          .. "created the value too", b.name, key, held_for,
+                                          tostring(limit)))
+            else
+                -- Lost early (evicted, a restarted server): the backend says how.
+                context.log(string.format("%s: the lock for key '%s' was no longer held when "
+                                          .. "released after %.3f s (%s): another caller may "
+                                          .. "have created the value too", b.name, key, held_for,
+                                          ffi_string(b.err.msg)))
+            end
             if rc == lib.DP_ENOTHELD then
                 return
             end
