@@ -11,9 +11,12 @@
  * Why a slow failure opens it at once: a failure that took a timeout costs
  * the next call a timeout too, so waiting for more of them only spends the
  * caller's time (100 fail_open calls against a SIGSTOPped server must take
- * under two timeouts in all); a fast failure (a refused connection, an
- * error reply about one key) costs nothing to repeat, and a few in a row
- * are needed before refusing calls on keys that would work.
+ * under two timeouts in all). A fast failure (a refused connection, a
+ * server of a memcached list marked dead, an error reply about one key)
+ * costs microseconds to repeat, while opening refuses calls on keys that
+ * would work (the live servers of the list): 20 in a row (Hystrix's
+ * request volume threshold) before refusing, any success in between
+ * starting the count again.
  */
 #include <math.h>
 #include <stddef.h>
@@ -29,7 +32,7 @@
 #define PREFIX "circuit_"
 
 static const dp_arg_spec circuit_spec[] = {
-    {.name = "circuit_failures", .kind = DP_SPEC_INT, .min = 0, .def = 3,
+    {.name = "circuit_failures", .kind = DP_SPEC_INT, .min = 0, .def = 20,
      .what = "a non-negative integer (consecutive failures that open the circuit; 0: none)",
      .offset = offsetof(dp__circuit_cfg, failures)},
     {.name = "circuit_cooldown", .kind = DP_SPEC_SECONDS, .flags = DP_SPEC_ABOVE_MIN, .def = 1,
@@ -284,7 +287,7 @@ int dp__breaker_report(dp__breaker *br, const dp__guard *g, int rc, dp_err *err)
         uv_mutex_unlock(&br->mu);
         return rc;
     }
-    snprintf(br->last, sizeof br->last, "%s", err && err->msg[0] ? err->msg : "backend failure");
+    snprintf(br->last, sizeof br->last, "%.199s", err && err->msg[0] ? err->msg : "backend failure");
     if (g->probe && st == DP__PROBING) {
         br->reopened++;
         br->opened_mono = now;

@@ -611,7 +611,7 @@ DP_API void dp_backend_close(dp_backend *b);
  * breaker per store in the process: one per lock domain (server, db, lock
  * prefix), shared by every handle, Lua state and thread. dp_backend_open
  * takes its arguments out before the backend sees them:
- *   circuit_failures  integer >= 0, default 3: consecutive failures that
+ *   circuit_failures  integer >= 0, default 20: consecutive failures that
  *                     open it; 0: no breaker
  *   circuit_cooldown  seconds > 0, default 1: how long it stays open
  *   circuit_slow      seconds >= 0 (math.huge: never), default 0.1: a

@@ -198,8 +198,8 @@ static void test_args(void)
 
     rc = open_fake("defaults", NAN, NAN, NAN, &b, &err);
     st = stats_of(b);
-    CHECK(rc == DP_OK && st.circuit_failures == 3 && st.circuit_cooldown == 1 &&
-          st.circuit_slow == 0.1, "defaults: 3 failures, 1 s cool-down, 0.1 s slow");
+    CHECK(rc == DP_OK && st.circuit_failures == 20 && st.circuit_cooldown == 1 &&
+          st.circuit_slow == 0.1, "defaults: 20 failures, 1 s cool-down, 0.1 s slow");
     dp_backend_close(b);
 
     rc = open_fake("bad", -1, NAN, NAN, &b, &err);
