@@ -21,6 +21,7 @@ local BACKENDS = {
     ["dogpile.cache.lmdb"] = "dogpile.cache.backends.lmdb",
     ["dogpile.cache.redis"] = "dogpile.cache.backends.redis",
     ["dogpile.cache.redis_sentinel"] = "dogpile.cache.backends.redis_sentinel",
+    ["dogpile.cache.redis_cluster"] = "dogpile.cache.backends.redis_cluster",
     ["dogpile.cache.ngx_shared"] = "dogpile.cache.backends.ngx_shared",
     ["dogpile.cache.memcached"] = "dogpile.cache.backends.memcached",
     ["dogpile.cache.tiered"] = "dogpile.cache.backends.tiered",

@@ -1,0 +1,1678 @@
+/* redis_cluster.c -- dogpile.cache.redis_cluster: a cache on a Redis Cluster,
+ * as a real cluster client (no proxy): keys go straight to the master that
+ * serves their slot.
+ *
+ * Routing. The slot map (16384 slots -> master) comes from CLUSTER SLOTS,
+ * asked of the startup nodes and then of any node known. A key's slot is
+ * CRC16 of the key, or of its {hash tag}, mod 16384. MOVED rewrites the
+ * slot's entry (and every 16th one reloads the whole map from the node that
+ * sent it: a reshard moves slots in runs); ASK sends ASKING and the command
+ * to the named node for that one command; TRYAGAIN and CLUSTERDOWN are
+ * retried with dp_backoff until socket_timeout has passed. A node that
+ * cannot be reached makes the map reload from another node: after a
+ * failover the next operation finds the promoted replica by itself.
+ *
+ * Instances and connections. The core shares one instance per identity
+ * (the startup nodes and the lock prefix) among the Lua states and threads
+ * of the process; the instance keeps one pool of idle hiredis contexts per
+ * node, each behind its node's mutex, as dogpile.cache.redis does for its
+ * one server (a context is used by one thread at a time; one that failed is
+ * freed and the node's older idle ones dropped; a reused one closed by the
+ * server is retried once on a fresh one; a fork()ed child drops the
+ * parent's). The slot map is read without a lock (one relaxed load); nodes
+ * are only ever added, so a node pointer stays valid until destroy.
+ *
+ * Multi forms. The keys are grouped by node; every group's pipeline (GET,
+ * SET or DEL per key: keys of different slots cannot share an MGET in a
+ * cluster) is written to its node before any reply is read, so the nodes
+ * work at the same time. Redirected keys go round again; keys whose node
+ * cannot be reached fail alone: get_multi then still fills the values of
+ * the others, marks the failed ones -2 in vlens and returns DP_EBACKEND
+ * (see the README section: what the core does with that).
+ *
+ * The lock. The same as dogpile.cache.redis's, so both read one another's
+ * locks: SET <lock_prefix><key> <token> NX PX <lock_timeout> on the node of
+ * the lock key's slot, the token 16 random bytes in hex, released by a
+ * script that deletes the key only while it holds our token. The release
+ * SPUBLISHes on a shard channel named like the lock key (Redis 7 sharded
+ * pub/sub: the message stays in that shard instead of crossing the whole
+ * cluster), to which waiters SSUBSCRIBE on the same node; without a message
+ * they poll with dp_backoff up to lock_sleep. A failover of that node cannot
+ * keep a lock past lock_timeout: Redis 7 replicates SET PX as an absolute
+ * PXAT, so the promoted replica expires it at the same moment (and a lock
+ * the replica never got is simply free there).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <math.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include <hiredis/hiredis.h>
+#include <hiredis/sds.h>
+#include <lauxlib.h>
+#include <lua.h>
+
+#include "dogpile.h"
+
+#define NAME "dogpile.cache.redis_cluster"
+#define NSLOTS 16384
+#define MAX_NODES 1024
+#define MAX_HOPS 16        /* redirections and reconnections of one command */
+#define MAX_ROUNDS 8       /* rounds of a multi operation */
+#define MOVED_RELOAD 16    /* every this many MOVED replies reload the map */
+
+/* dogpile.cache.redis's release, publishing on the shard channel instead. */
+static const char UNLOCK_SCRIPT[] =
+    "if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) "
+    "redis.pcall('spublish', KEYS[1], '') return 1 "
+    "else return 0 end";
+
+/* -- Arguments --------------------------------------------------------------- */
+
+typedef struct rc_settings {
+    char *nodes;       /* "host:port,host:port" */
+    char *username, *password, *lock_prefix;
+    double socket_timeout, connect_timeout, ttl, lock_timeout, lock_sleep;
+} rc_settings;
+
+static void set_str(char **slot, char *v)
+{
+    free(*slot);
+    *slot = v;
+}
+
+/* "redis+cluster://[user:password@]h1:p1,h2:p2[/0]", as redis-py's
+ * RedisCluster.from_url reads "redis://" (also accepted). */
+static int parse_url(void *settings, const dp_arg *a, dp_err *err)
+{
+    rc_settings *st = settings;
+    if (a->type != DP_ARG_STRING)
+        return dp_err_set(err, DP_EINVAL, NAME ": url must be a string");
+    char buf[2048];
+    if (a->len >= sizeof buf)
+        return dp_err_set(err, DP_EINVAL, NAME ": url is too long");
+    memcpy(buf, a->string, a->len);
+    buf[a->len] = '\0';
+    char *p;
+    if (strncmp(buf, "redis+cluster://", 16) == 0)
+        p = buf + 16;
+    else if (strncmp(buf, "redis://", 8) == 0)
+        p = buf + 8;
+    else
+        return dp_err_set(err, DP_EINVAL, NAME ": url '%s' must start with redis+cluster:// "
+                          "(or redis://); a cluster has no unix sockets", buf);
+    char *at = strrchr(p, '@');
+    if (at) {
+        *at = '\0';
+        char *colon = strchr(p, ':');
+        if (colon) {
+            *colon = '\0';
+            set_str(&st->password, strdup(colon + 1));
+            if (*p)
+                set_str(&st->username, strdup(p));
+        } else if (*p) {
+            set_str(&st->password, strdup(p)); /* redis://password@host, as redis-py */
+        }
+        p = at + 1;
+    }
+    char *slash = strchr(p, '/');
+    if (slash) {
+        if (slash[1] && strcmp(slash + 1, "0") != 0)
+            return dp_err_set(err, DP_EINVAL, NAME ": url '%s': a cluster has database 0 only, "
+                              "not '%s'", a->string, slash + 1);
+        *slash = '\0';
+    }
+    if (!*p)
+        return dp_err_set(err, DP_EINVAL, NAME ": url '%s' names no node", buf);
+    set_str(&st->nodes, strdup(p));
+    if (!st->nodes)
+        return dp_err_set(err, DP_ENOMEM, NAME ": out of memory");
+    return DP_OK;
+}
+
+/* Arguments of dogpile.cache.redis that mean nothing in a cluster. */
+static int refuse_arg(void *settings, const dp_arg *a, dp_err *err)
+{
+    (void)settings;
+    const char *why = "it has no meaning in a cluster";
+    if (strcmp(a->name, "db") == 0)
+        why = "a cluster has database 0 only";
+    else if (strcmp(a->name, "host") == 0 || strcmp(a->name, "port") == 0)
+        why = "name the nodes with startup_nodes = {\"host:port\", ...} or url = "
+              "\"redis+cluster://host:port,...\"";
+    else if (strncmp(a->name, "notify_", 7) == 0)
+        why = "change notification is dogpile.cache.redis's only";
+    return dp_err_set(err, DP_EINVAL, NAME ": '%s' is not an argument of a cluster: %s",
+                      a->name, why);
+}
+
+#define REFUSED(n) {.name = n, .kind = DP_SPEC_CUSTOM, .parse = refuse_arg}
+
+static const dp_arg_spec rc_args[] = {
+    {.name = "url", .kind = DP_SPEC_CUSTOM, .parse = parse_url},
+    {.name = "startup_nodes", .kind = DP_SPEC_STR, .flags = DP_SPEC_KEY, .min = 1,
+     .what = "a list of \"host:port\"", .offset = offsetof(rc_settings, nodes)},
+    {.name = "username", .kind = DP_SPEC_STR, .offset = offsetof(rc_settings, username)},
+    {.name = "password", .kind = DP_SPEC_STR, .offset = offsetof(rc_settings, password)},
+    {.name = "socket_timeout", .kind = DP_SPEC_SECONDS, .flags = DP_SPEC_ABOVE_MIN, .def = 1,
+     .offset = offsetof(rc_settings, socket_timeout)},
+    {.name = "connect_timeout", .kind = DP_SPEC_SECONDS, .flags = DP_SPEC_ABOVE_MIN, .def = 1,
+     .offset = offsetof(rc_settings, connect_timeout)},
+    {.name = "redis_expiration_time", .kind = DP_SPEC_SECONDS, .flags = DP_SPEC_ABOVE_MIN,
+     .offset = offsetof(rc_settings, ttl)},
+    {.name = "lock_timeout", .kind = DP_SPEC_SECONDS,
+     .flags = DP_SPEC_ABOVE_MIN | DP_SPEC_LOCK_TIMEOUT, .def = 30,
+     .what = "a positive, finite number of seconds (the lock's expiry in Redis)",
+     .offset = offsetof(rc_settings, lock_timeout)},
+    {.name = "lock_sleep", .kind = DP_SPEC_SECONDS, .flags = DP_SPEC_ABOVE_MIN, .def = 0.1,
+     .offset = offsetof(rc_settings, lock_sleep)},
+    {.name = "lock_prefix", .kind = DP_SPEC_STR, .flags = DP_SPEC_KEY, .def_str = "_lock",
+     .offset = offsetof(rc_settings, lock_prefix)},
+    REFUSED("db"), REFUSED("host"), REFUSED("port"), REFUSED("notify_channel"),
+    REFUSED("notify_feed"),
+    {0},
+};
+
+/* -- Instances ------------------------------------------------------------------ */
+
+typedef struct conn {
+    struct conn *next;
+    redisContext *c;
+    unsigned gen;
+} conn;
+
+typedef struct node {
+    char host[256];
+    int port;
+    char addr[272];   /* "host:port", for messages */
+    uv_mutex_t mu;    /* idle, gen, pid */
+    conn *idle;
+    unsigned gen;
+    pid_t pid;
+} node;
+
+typedef struct held {
+    struct held *next;
+    char *key;
+    size_t klen;
+    char token[33];
+} held;
+
+typedef struct rc {
+    const rc_settings *cfg; /* the core's, valid until destroy */
+    size_t prefix_len;
+    uv_mutex_t mu;          /* adding nodes; held */
+    node *nodes[MAX_NODES];
+    _Atomic int nnodes;
+    _Atomic uint16_t slots[NSLOTS]; /* index + 1 into nodes; 0: unknown */
+    uv_mutex_t refresh_mu;  /* one map reload at a time */
+    _Atomic unsigned version; /* bumped by each reload */
+    _Atomic unsigned moved, rr;
+    held *held;
+    _Atomic uint64_t hits, misses;
+} rc;
+
+/* -- Small things shared with redis.c's way of doing I/O ---------------------- */
+
+static struct timeval tv_of(double s)
+{
+    struct timeval tv;
+    tv.tv_sec = (time_t)s;
+    tv.tv_usec = (suseconds_t)((s - (double)tv.tv_sec) * 1e6);
+    return tv;
+}
+
+/* hiredis writes with write(): a peer that closed would raise SIGPIPE. The
+ * commands go out with send(MSG_NOSIGNAL) instead; only connecting (AUTH
+ * through hiredis) masks the signal, as redis.c explains. */
+typedef struct nopipe {
+    sigset_t old;
+    int pending;
+} nopipe;
+
+static void nopipe_begin(nopipe *np)
+{
+    sigset_t set, pend;
+    sigemptyset(&set);
+    sigaddset(&set, SIGPIPE);
+    sigpending(&pend);
+    np->pending = sigismember(&pend, SIGPIPE) == 1;
+    pthread_sigmask(SIG_BLOCK, &set, &np->old);
+}
+
+static void nopipe_end(nopipe *np)
+{
+    if (!np->pending) {
+        sigset_t set, pend;
+        sigemptyset(&set);
+        sigaddset(&set, SIGPIPE);
+        struct timespec zero = {0, 0};
+        sigpending(&pend);
+        if (sigismember(&pend, SIGPIPE) == 1)
+            while (sigtimedwait(&set, NULL, &zero) == -1 && errno == EINTR)
+                ;
+    }
+    pthread_sigmask(SIG_SETMASK, &np->old, NULL);
+}
+
+static int send_nosignal(redisContext *c)
+{
+    size_t len = sdslen(c->obuf), off = 0;
+    while (off < len) {
+        ssize_t n = send(c->fd, c->obuf + off, len - off, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            int e = errno;
+            c->err = REDIS_ERR_IO;
+            snprintf(c->errstr, sizeof c->errstr, "%s", strerror(e));
+            errno = e;
+            return REDIS_ERR;
+        }
+        off += (size_t)n;
+    }
+    sdsclear(c->obuf);
+    return REDIS_OK;
+}
+
+static pid_t cur_pid;
+static pthread_once_t pid_once = PTHREAD_ONCE_INIT;
+
+static void pid_after_fork(void)
+{
+    cur_pid = getpid();
+}
+
+static void pid_init(void)
+{
+    cur_pid = getpid();
+    pthread_atfork(NULL, NULL, pid_after_fork);
+}
+
+static pid_t self_pid(void)
+{
+    pthread_once(&pid_once, pid_init);
+    return cur_pid;
+}
+
+static int closed_by_peer(redisContext *c)
+{
+    return c->err == REDIS_ERR_EOF ||
+           (c->err == REDIS_ERR_IO && (errno == ECONNRESET || errno == EPIPE));
+}
+
+static int io_fail(rc *s, node *n, redisContext *c, const char *op, dp_err *err)
+{
+    if (c->err == REDIS_ERR_IO && (errno == EAGAIN || errno == EWOULDBLOCK || errno == ETIMEDOUT ||
+                                   strstr(c->errstr, "temporarily unavailable")))
+        return dp_err_set(err, DP_EBACKEND, NAME ": %s: no answer from node %s within "
+                          "socket_timeout (%g s)", op, n->addr, s->cfg->socket_timeout);
+    return dp_err_set(err, DP_EBACKEND, NAME ": %s: node %s: %s", op, n->addr,
+                      c->errstr[0] ? c->errstr : "connection lost");
+}
+
+/* -- Slots ---------------------------------------------------------------------- */
+
+/* CRC16-CCITT (XModem), the cluster's key hash. */
+static const uint16_t crc16tab[256] = {
+    0x0000, 0x1021, 0x2042, 0x3063, 0x4084, 0x50a5, 0x60c6, 0x70e7, 0x8108, 0x9129, 0xa14a,
+    0xb16b, 0xc18c, 0xd1ad, 0xe1ce, 0xf1ef, 0x1231, 0x0210, 0x3273, 0x2252, 0x52b5, 0x4294,
+    0x72f7, 0x62d6, 0x9339, 0x8318, 0xb37b, 0xa35a, 0xd3bd, 0xc39c, 0xf3ff, 0xe3de, 0x2462,
+    0x3443, 0x0420, 0x1401, 0x64e6, 0x74c7, 0x44a4, 0x5485, 0xa56a, 0xb54b, 0x8528, 0x9509,
+    0xe5ee, 0xf5cf, 0xc5ac, 0xd58d, 0x3653, 0x2672, 0x1611, 0x0630, 0x76d7, 0x66f6, 0x5695,
+    0x46b4, 0xb75b, 0xa77a, 0x9719, 0x8738, 0xf7df, 0xe7fe, 0xd79d, 0xc7bc, 0x48c4, 0x58e5,
+    0x6886, 0x78a7, 0x0840, 0x1861, 0x2802, 0x3823, 0xc9cc, 0xd9ed, 0xe98e, 0xf9af, 0x8948,
+    0x9969, 0xa90a, 0xb92b, 0x5af5, 0x4ad4, 0x7ab7, 0x6a96, 0x1a71, 0x0a50, 0x3a33, 0x2a12,
+    0xdbfd, 0xcbdc, 0xfbbf, 0xeb9e, 0x9b79, 0x8b58, 0xbb3b, 0xab1a, 0x6ca6, 0x7c87, 0x4ce4,
+    0x5cc5, 0x2c22, 0x3c03, 0x0c60, 0x1c41, 0xedae, 0xfd8f, 0xcdec, 0xddcd, 0xad2a, 0xbd0b,
+    0x8d68, 0x9d49, 0x7e97, 0x6eb6, 0x5ed5, 0x4ef4, 0x3e13, 0x2e32, 0x1e51, 0x0e70, 0xff9f,
+    0xefbe, 0xdfdd, 0xcffc, 0xbf1b, 0xaf3a, 0x9f59, 0x8f78, 0x9188, 0x81a9, 0xb1ca, 0xa1eb,
+    0xd10c, 0xc12d, 0xf14e, 0xe16f, 0x1080, 0x00a1, 0x30c2, 0x20e3, 0x5004, 0x4025, 0x7046,
+    0x6067, 0x83b9, 0x9398, 0xa3fb, 0xb3da, 0xc33d, 0xd31c, 0xe37f, 0xf35e, 0x02b1, 0x1290,
+    0x22f3, 0x32d2, 0x4235, 0x5214, 0x6277, 0x7256, 0xb5ea, 0xa5cb, 0x95a8, 0x8589, 0xf56e,
+    0xe54f, 0xd52c, 0xc50d, 0x34e2, 0x24c3, 0x14a0, 0x0481, 0x7466, 0x6447, 0x5424, 0x4405,
+    0xa7db, 0xb7fa, 0x8799, 0x97b8, 0xe75f, 0xf77e, 0xc71d, 0xd73c, 0x26d3, 0x36f2, 0x0691,
+    0x16b0, 0x6657, 0x7676, 0x4615, 0x5634, 0xd94c, 0xc96d, 0xf90e, 0xe92f, 0x99c8, 0x89e9,
+    0xb98a, 0xa9ab, 0x5844, 0x4865, 0x7806, 0x6827, 0x18c0, 0x08e1, 0x3882, 0x28a3, 0xcb7d,
+    0xdb5c, 0xeb3f, 0xfb1e, 0x8bf9, 0x9bd8, 0xabbb, 0xbb9a, 0x4a75, 0x5a54, 0x6a37, 0x7a16,
+    0x0af1, 0x1ad0, 0x2ab3, 0x3a92, 0xfd2e, 0xed0f, 0xdd6c, 0xcd4d, 0xbdaa, 0xad8b, 0x9de8,
+    0x8dc9, 0x7c26, 0x6c07, 0x5c64, 0x4c45, 0x3ca2, 0x2c83, 0x1ce0, 0x0cc1, 0xef1f, 0xff3e,
+    0xcf5d, 0xdf7c, 0xaf9b, 0xbfba, 0x8fd9, 0x9ff8, 0x6e17, 0x7e36, 0x4e55, 0x5e74, 0x2e93,
+    0x3eb2, 0x0ed1, 0x1ef0,
+};
+
+static uint16_t crc16(const char *buf, size_t len)
+{
+    uint16_t crc = 0;
+    for (size_t i = 0; i < len; i++)
+        crc = (uint16_t)((crc << 8) ^ crc16tab[((crc >> 8) ^ (unsigned char)buf[i]) & 0xff]);
+    return crc;
+}
+
+/* The slot of a key: only the part between the first '{' and the next '}'
+ * is hashed when it is not empty, so "{user1}.a" and "{user1}.b" share one. */
+static int key_slot(const char *key, size_t len)
+{
+    const char *open = memchr(key, '{', len);
+    if (open) {
+        size_t rest = len - (size_t)(open - key) - 1;
+        const char *close = memchr(open + 1, '}', rest);
+        if (close && close > open + 1)
+            return crc16(open + 1, (size_t)(close - open - 1)) & (NSLOTS - 1);
+    }
+    return crc16(key, len) & (NSLOTS - 1);
+}
+
+/* The node with this address, added when new; NULL when out of memory or
+ * past MAX_NODES. */
+static node *node_get(rc *s, const char *host, size_t hlen, int port)
+{
+    if (hlen >= sizeof ((node *)0)->host)
+        return NULL;
+    uv_mutex_lock(&s->mu);
+    int n = atomic_load(&s->nnodes);
+    node *found = NULL;
+    for (int i = 0; i < n && !found; i++)
+        if (s->nodes[i]->port == port && strlen(s->nodes[i]->host) == hlen &&
+            memcmp(s->nodes[i]->host, host, hlen) == 0)
+            found = s->nodes[i];
+    if (!found && n < MAX_NODES && (found = calloc(1, sizeof *found))) {
+        memcpy(found->host, host, hlen);
+        found->host[hlen] = '\0';
+        found->port = port;
+        snprintf(found->addr, sizeof found->addr, "%s:%d", found->host, port);
+        uv_mutex_init(&found->mu);
+        found->pid = self_pid();
+        s->nodes[n] = found;
+        atomic_store_explicit(&s->nnodes, n + 1, memory_order_release);
+    }
+    uv_mutex_unlock(&s->mu);
+    return found;
+}
+
+static int node_index(rc *s, node *nd)
+{
+    int n = atomic_load_explicit(&s->nnodes, memory_order_acquire);
+    for (int i = 0; i < n; i++)
+        if (s->nodes[i] == nd)
+            return i;
+    return -1;
+}
+
+static node *slot_node(rc *s, int slot)
+{
+    unsigned i = atomic_load_explicit(&s->slots[slot], memory_order_acquire);
+    return i ? s->nodes[i - 1] : NULL;
+}
+
+static void slot_set(rc *s, int slot, node *nd)
+{
+    int i = node_index(s, nd);
+    if (i >= 0)
+        atomic_store_explicit(&s->slots[slot], (uint16_t)(i + 1), memory_order_release);
+}
+
+/* "host:port" (the host may be an IPv6 address: the port is after the last
+ * colon) to a node. */
+static node *node_of_addr(rc *s, const char *addr, size_t len)
+{
+    const char *colon = NULL;
+    for (size_t i = len; i > 0; i--)
+        if (addr[i - 1] == ':') {
+            colon = addr + i - 1;
+            break;
+        }
+    if (!colon || colon == addr)
+        return NULL;
+    int port = atoi(colon + 1);
+    if (port <= 0 || port > 65535)
+        return NULL;
+    return node_get(s, addr, (size_t)(colon - addr), port);
+}
+
+/* -- Connections ------------------------------------------------------------------ */
+
+static int conn_open(rc *s, node *n, redisContext **out, dp_err *err)
+{
+    struct timeval ct = tv_of(s->cfg->connect_timeout);
+    redisContext *c = redisConnectWithTimeout(n->host, n->port, ct);
+    if (!c)
+        return dp_err_set(err, DP_ENOMEM, NAME ": out of memory connecting");
+    if (c->err) {
+        int timed_out = c->err == REDIS_ERR_IO && (errno == EINPROGRESS || errno == ETIMEDOUT ||
+                                                   strstr(c->errstr, "timed out"));
+        if (timed_out)
+            dp_err_set(err, DP_EBACKEND, NAME ": cannot connect to node %s within "
+                       "connect_timeout (%g s)", n->addr, s->cfg->connect_timeout);
+        else
+            dp_err_set(err, DP_EBACKEND, NAME ": cannot connect to node %s: %s", n->addr,
+                       c->errstr);
+        redisFree(c);
+        return DP_EBACKEND;
+    }
+    redisSetTimeout(c, tv_of(s->cfg->socket_timeout));
+    redisEnableKeepAlive(c);
+    if (s->cfg->password) {
+        const char *u = s->cfg->username;
+        const char *argv[3] = {"AUTH", u ? u : s->cfg->password, s->cfg->password};
+        redisReply *r = redisCommandArgv(c, u ? 3 : 2, argv, NULL);
+        int rc = DP_OK;
+        if (!r)
+            rc = io_fail(s, n, c, "AUTH", err);
+        else if (r->type == REDIS_REPLY_ERROR)
+            /* A configuration error, not an outage. */
+            rc = dp_err_set(err, DP_EINVAL, NAME ": AUTH%s%s%s refused by node %s: %s",
+                            u ? " as user '" : "", u ? u : "", u ? "'" : "", n->addr, r->str);
+        if (r)
+            freeReplyObject(r);
+        if (rc != DP_OK) {
+            redisFree(c);
+            return rc;
+        }
+    }
+    *out = c;
+    return DP_OK;
+}
+
+static int conn_take(rc *s, node *n, conn **out, int *reused, dp_err *err)
+{
+    conn *stale = NULL, *got = NULL;
+    uv_mutex_lock(&n->mu);
+    pid_t pid = self_pid();
+    if (n->pid != pid) {
+        stale = n->idle; /* a fork()ed child: the parent's sockets */
+        n->idle = NULL;
+        n->pid = pid;
+        n->gen++;
+    }
+    while (n->idle && !got) {
+        conn *c = n->idle;
+        n->idle = c->next;
+        if (c->gen == n->gen) {
+            got = c;
+        } else {
+            c->next = stale;
+            stale = c;
+        }
+    }
+    unsigned gen = n->gen;
+    uv_mutex_unlock(&n->mu);
+    while (stale) {
+        conn *c = stale;
+        stale = c->next;
+        redisFree(c->c);
+        free(c);
+    }
+    if (got) {
+        *reused = 1;
+        *out = got;
+        return DP_OK;
+    }
+    *reused = 0;
+    conn *c = malloc(sizeof *c);
+    if (!c)
+        return dp_err_set(err, DP_ENOMEM, NAME ": out of memory");
+    nopipe np;
+    nopipe_begin(&np);
+    int rc = conn_open(s, n, &c->c, err);
+    nopipe_end(&np);
+    if (rc != DP_OK) {
+        free(c);
+        return rc;
+    }
+    c->gen = gen;
+    c->next = NULL;
+    *out = c;
+    return DP_OK;
+}
+
+static void conn_give(node *n, conn *c, int broken)
+{
+    uv_mutex_lock(&n->mu);
+    if (broken) {
+        if (c->gen == n->gen)
+            n->gen++;
+    } else if (c->gen == n->gen && n->pid == self_pid()) {
+        c->next = n->idle;
+        n->idle = c;
+        c = NULL;
+    }
+    uv_mutex_unlock(&n->mu);
+    if (c) {
+        redisFree(c->c);
+        free(c);
+    }
+}
+
+/* -- The slot map ---------------------------------------------------------------- */
+
+/* Read one CLUSTER SLOTS reply into the map. An empty host means "the node
+ * you asked". */
+static int load_slots(rc *s, node *asked, redisReply *r, dp_err *err)
+{
+    if (r->type != REDIS_REPLY_ARRAY || r->elements == 0)
+        return dp_err_set(err, DP_EBACKEND, NAME ": CLUSTER SLOTS on %s: %s", asked->addr,
+                          r->type == REDIS_REPLY_ERROR ? r->str : "no slot is served");
+    for (size_t i = 0; i < r->elements; i++) {
+        redisReply *e = r->element[i];
+        if (e->type != REDIS_REPLY_ARRAY || e->elements < 3 ||
+            e->element[0]->type != REDIS_REPLY_INTEGER ||
+            e->element[1]->type != REDIS_REPLY_INTEGER ||
+            e->element[2]->type != REDIS_REPLY_ARRAY || e->element[2]->elements < 2)
+            continue;
+        redisReply *m = e->element[2];
+        if (m->element[1]->type != REDIS_REPLY_INTEGER)
+            continue;
+        node *nd;
+        if (m->element[0]->type == REDIS_REPLY_STRING && m->element[0]->len > 0 &&
+            strcmp(m->element[0]->str, "?") != 0)
+            nd = node_get(s, m->element[0]->str, m->element[0]->len, (int)m->element[1]->integer);
+        else
+            nd = node_get(s, asked->host, strlen(asked->host), (int)m->element[1]->integer);
+        if (!nd)
+            continue;
+        long long lo = e->element[0]->integer, hi = e->element[1]->integer;
+        int idx = node_index(s, nd);
+        for (long long sl = lo < 0 ? 0 : lo; sl <= hi && sl < NSLOTS; sl++)
+            atomic_store_explicit(&s->slots[sl], (uint16_t)(idx + 1), memory_order_release);
+        /* The replicas too, so that a failover finds them known. */
+        for (size_t k = 3; k < e->elements; k++) {
+            redisReply *rp = e->element[k];
+            if (rp->type == REDIS_REPLY_ARRAY && rp->elements >= 2 &&
+                rp->element[0]->type == REDIS_REPLY_STRING && rp->element[0]->len > 0 &&
+                rp->element[1]->type == REDIS_REPLY_INTEGER)
+                node_get(s, rp->element[0]->str, rp->element[0]->len,
+                         (int)rp->element[1]->integer);
+        }
+    }
+    return DP_OK;
+}
+
+static int ask_slots(rc *s, node *n, dp_err *err)
+{
+    conn *cn;
+    int reused, rc = conn_take(s, n, &cn, &reused, err);
+    if (rc != DP_OK)
+        return rc;
+    redisAppendCommand(cn->c, "CLUSTER SLOTS");
+    redisReply *r = NULL;
+    if (send_nosignal(cn->c) != REDIS_OK || redisGetReply(cn->c, (void **)&r) != REDIS_OK || !r) {
+        rc = io_fail(s, n, cn->c, "CLUSTER SLOTS", err);
+        conn_give(n, cn, 1);
+        return rc;
+    }
+    rc = load_slots(s, n, r, err);
+    freeReplyObject(r);
+    conn_give(n, cn, 0);
+    return rc;
+}
+
+/* Reload the map, unless another thread did since the caller looked at
+ * `seen` (its version): `prefer` (may be NULL) is asked first, then every
+ * known node in turn from a rotating start. */
+static int refresh(rc *s, unsigned seen, node *prefer, dp_err *err)
+{
+    uv_mutex_lock(&s->refresh_mu);
+    int rc = DP_OK;
+    if (atomic_load(&s->version) == seen) {
+        dp_err e;
+        snprintf(e.msg, sizeof e.msg, "no node is known");
+        rc = prefer ? ask_slots(s, prefer, &e) : DP_EBACKEND;
+        int n = atomic_load(&s->nnodes);
+        unsigned start = atomic_fetch_add(&s->rr, 1);
+        for (int i = 0; i < n && rc != DP_OK; i++) {
+            node *nd = s->nodes[(start + (unsigned)i) % (unsigned)n];
+            if (nd != prefer)
+                rc = ask_slots(s, nd, &e);
+        }
+        if (rc == DP_OK)
+            atomic_fetch_add(&s->version, 1);
+        else
+            dp_err_set(err, DP_EBACKEND, NAME ": cannot read the slot map from any of %d "
+                       "node(s); the last said: %s", n, e.msg);
+    }
+    uv_mutex_unlock(&s->refresh_mu);
+    return rc;
+}
+
+/* The node serving `slot`, reloading the map once when it is unknown. */
+static node *route(rc *s, int slot, dp_err *err)
+{
+    node *n = slot_node(s, slot);
+    if (n)
+        return n;
+    if (refresh(s, atomic_load(&s->version), NULL, err) != DP_OK)
+        return NULL;
+    n = slot_node(s, slot);
+    if (!n)
+        dp_err_set(err, DP_EBACKEND, NAME ": no node serves slot %d (is every slot of the "
+                   "cluster assigned?)", slot);
+    return n;
+}
+
+/* -- Redirections ------------------------------------------------------------------ */
+
+enum { RD_NONE, RD_MOVED, RD_ASK, RD_RETRY };
+
+/* What an error reply asks of the client; for MOVED and ASK, *to is the
+ * node named. */
+static int redirect_of(rc *s, const redisReply *r, int *slot, node **to)
+{
+    if (r->type != REDIS_REPLY_ERROR)
+        return RD_NONE;
+    int moved = strncmp(r->str, "MOVED ", 6) == 0;
+    if (moved || strncmp(r->str, "ASK ", 4) == 0) {
+        const char *p = r->str + (moved ? 6 : 4);
+        char *end;
+        long sl = strtol(p, &end, 10);
+        if (*end != ' ' || sl < 0 || sl >= NSLOTS)
+            return RD_NONE;
+        node *n = node_of_addr(s, end + 1, strlen(end + 1));
+        if (!n)
+            return RD_NONE;
+        *slot = (int)sl;
+        *to = n;
+        return moved ? RD_MOVED : RD_ASK;
+    }
+    if (strncmp(r->str, "TRYAGAIN", 8) == 0 || strncmp(r->str, "CLUSTERDOWN", 11) == 0)
+        return RD_RETRY;
+    return RD_NONE;
+}
+
+static void on_moved(rc *s, int slot, node *to)
+{
+    slot_set(s, slot, to);
+    /* A reshard moves slots in runs: reload now and then rather than learn
+     * them one MOVED at a time. */
+    if (atomic_fetch_add(&s->moved, 1) % MOVED_RELOAD == MOVED_RELOAD - 1) {
+        dp_err e;
+        refresh(s, atomic_load(&s->version), to, &e);
+    }
+}
+
+/* One command on node n (after ASKING when `asking`): its reply in *out.
+ * Retried once on a fresh connection when a reused one was closed. */
+static int node_run(rc *s, node *n, const char *op, int asking, int argc, const char **argv,
+                    const size_t *lens, redisReply **out, dp_err *err)
+{
+    for (int attempt = 0;; attempt++) {
+        conn *cn;
+        int reused, rc = conn_take(s, n, &cn, &reused, err);
+        if (rc != DP_OK)
+            return rc;
+        redisContext *c = cn->c;
+        if (asking)
+            redisAppendCommand(c, "ASKING");
+        redisAppendCommandArgv(c, argc, argv, lens);
+        redisReply *r = NULL;
+        int ok = send_nosignal(c) == REDIS_OK;
+        if (ok && asking) {
+            ok = redisGetReply(c, (void **)&r) == REDIS_OK && r;
+            if (r)
+                freeReplyObject(r);
+            r = NULL;
+        }
+        ok = ok && redisGetReply(c, (void **)&r) == REDIS_OK && r;
+        if (ok) {
+            conn_give(n, cn, 0);
+            *out = r;
+            return DP_OK;
+        }
+        int retry = reused && attempt == 0 && closed_by_peer(c);
+        if (!retry)
+            io_fail(s, n, c, op, err);
+        conn_give(n, cn, 1);
+        if (!retry)
+            return DP_EBACKEND;
+    }
+}
+
+/* Run one command on the key's slot, following MOVED and ASK, retrying
+ * TRYAGAIN and CLUSTERDOWN within socket_timeout, and finding the slot's new
+ * master when its node cannot be reached. `ask` (may be NULL): start with
+ * ASKING on that node. The reply in *out is never a redirection. */
+static int exec_slot(rc *s, int slot, node *ask, const char *op, int argc, const char **argv,
+                     const size_t *lens, redisReply **out, dp_err *err)
+{
+    dp_backoff bo;
+    int backing = 0;
+    for (int hop = 0; hop < MAX_HOPS; hop++) {
+        node *n = ask ? ask : route(s, slot, err);
+        if (!n)
+            return DP_EBACKEND;
+        unsigned seen = atomic_load(&s->version);
+        redisReply *r;
+        int rc = node_run(s, n, op, ask != NULL, argc, argv, lens, &r, err);
+        if (rc == DP_EBACKEND && !ask) {
+            /* Down, or failed over: if the map now names another master for
+             * the slot, go there. */
+            dp_err e;
+            if (refresh(s, seen, NULL, &e) == DP_OK && slot_node(s, slot) != n)
+                continue;
+            return rc;
+        }
+        if (rc != DP_OK)
+            return rc;
+        ask = NULL;
+        int sl;
+        node *to;
+        switch (redirect_of(s, r, &sl, &to)) {
+        case RD_NONE:
+            *out = r;
+            return DP_OK;
+        case RD_MOVED:
+            on_moved(s, sl, to);
+            break;
+        case RD_ASK:
+            ask = to;
+            break;
+        case RD_RETRY:
+            if (!backing) {
+                dp_backoff_init(&bo, s->cfg->socket_timeout, 0.05);
+                backing = 1;
+            }
+            if (!dp_backoff_sleep(&bo)) {
+                dp_err_set(err, DP_EBACKEND, NAME ": %s: node %s: %s (still after "
+                           "socket_timeout, %g s)", op, n->addr, r->str, s->cfg->socket_timeout);
+                freeReplyObject(r);
+                return DP_EBACKEND;
+            }
+            if (strncmp(r->str, "CLUSTERDOWN", 11) == 0) {
+                dp_err e;
+                refresh(s, atomic_load(&s->version), NULL, &e);
+            }
+            hop--; /* bounded by the deadline instead */
+            break;
+        }
+        freeReplyObject(r);
+    }
+    return dp_err_set(err, DP_EBACKEND, NAME ": %s: more than %d redirections for slot %d",
+                      op, MAX_HOPS, slot);
+}
+
+/* exec_slot for a key, an error reply turned into err. */
+static int exec_key(rc *s, const char *key, size_t klen, const char *op, int argc,
+                    const char **argv, const size_t *lens, redisReply **out, dp_err *err)
+{
+    int rc = exec_slot(s, key_slot(key, klen), NULL, op, argc, argv, lens, out, err);
+    if (rc == DP_OK && (*out)->type == REDIS_REPLY_ERROR) {
+        dp_err_set(err, DP_EBACKEND, NAME ": %s: %s", op, (*out)->str);
+        freeReplyObject(*out);
+        return DP_EBACKEND;
+    }
+    return rc;
+}
+
+/* -- Values ------------------------------------------------------------------------ */
+
+static int rc_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_err *err)
+{
+    rc *s = self;
+    const char *argv[2] = {"GET", key};
+    size_t lens[2] = {3, klen};
+    redisReply *r;
+    int st = exec_key(s, key, klen, "GET", 2, argv, lens, &r, err);
+    if (st != DP_OK)
+        return st;
+    if (r->type == REDIS_REPLY_NIL) {
+        freeReplyObject(r);
+        atomic_fetch_add_explicit(&s->misses, 1, memory_order_relaxed);
+        return DP_ENOTFOUND;
+    }
+    if (r->type != REDIS_REPLY_STRING) {
+        freeReplyObject(r);
+        return dp_err_set(err, DP_EBACKEND, NAME ": GET: the key holds a value of another type");
+    }
+    if (dp_bytes_reserve(out, r->len ? r->len : 1) != DP_OK) {
+        freeReplyObject(r);
+        return dp_err_set(err, DP_ENOMEM, NAME ": out of memory copying a %zu-byte value",
+                          r->len);
+    }
+    memcpy(out->data, r->str, r->len);
+    out->len = r->len;
+    freeReplyObject(r);
+    atomic_fetch_add_explicit(&s->hits, 1, memory_order_relaxed);
+    return DP_OK;
+}
+
+static long long ttl_ms(const rc *s)
+{
+    return s->cfg->ttl > 0 ? (long long)ceil(s->cfg->ttl * 1000) : 0;
+}
+
+static int rc_set(void *self, const char *key, size_t klen, const char *value, size_t vlen,
+                  dp_err *err)
+{
+    rc *s = self;
+    char px[32];
+    long long ms = ttl_ms(s);
+    int n = snprintf(px, sizeof px, "%lld", ms);
+    const char *argv[5] = {"SET", key, value, "PX", px};
+    size_t lens[5] = {3, klen, vlen, 2, (size_t)n};
+    redisReply *r;
+    int st = exec_key(s, key, klen, "SET", ms ? 5 : 3, argv, lens, &r, err);
+    if (st == DP_OK)
+        freeReplyObject(r);
+    return st;
+}
+
+static int rc_del(void *self, const char *key, size_t klen, dp_err *err)
+{
+    rc *s = self;
+    const char *argv[2] = {"DEL", key};
+    size_t lens[2] = {3, klen};
+    redisReply *r;
+    int st = exec_key(s, key, klen, "DEL", 2, argv, lens, &r, err);
+    if (st == DP_OK)
+        freeReplyObject(r);
+    return st;
+}
+
+/* -- Multi forms: one pipeline per node, all written before any is read ------------- */
+
+typedef struct multi {
+    rc *s;
+    const char *op;                 /* "GET", "SET" or "DEL" */
+    size_t n;
+    const char *const *keys, *const *values;
+    const size_t *klens, *vlens;
+    char px[32];
+    size_t pxlen;
+    /* per key */
+    int *slot;
+    node **at;
+    redisReply **reply;             /* the final reply, or NULL when failed */
+    char *failed;                   /* 1: its node could not be reached */
+    size_t *order;                  /* keys grouped by node */
+    size_t nfailed;
+    dp_err first;                   /* why the first failed key failed */
+} multi;
+
+static void fail_key(multi *m, size_t i, const dp_err *why)
+{
+    if (!m->failed[i]) {
+        m->failed[i] = 1;
+        if (m->nfailed++ == 0)
+            m->first = *why;
+    }
+}
+
+typedef struct group {
+    node *n;
+    conn *cn;
+    int reused;
+    size_t from, to;   /* its keys: order[from..to) */
+    size_t down_from;  /* order[down_from..to) are unanswered when down */
+    int down;          /* its node could not be reached */
+    dp_err err;
+} group;
+
+/* The command of key i alone, for an ASK redirection. */
+static int key_argv(multi *m, size_t i, const char **argv, size_t *lens)
+{
+    if (m->op[0] == 'S') {
+        argv[0] = "SET", argv[1] = m->keys[i], argv[2] = m->values[i];
+        argv[3] = "PX", argv[4] = m->px;
+        lens[0] = 3, lens[1] = m->klens[i], lens[2] = m->vlens[i];
+        lens[3] = 2, lens[4] = m->pxlen;
+        return m->pxlen ? 5 : 3;
+    }
+    argv[0] = m->op, argv[1] = m->keys[i];
+    lens[0] = 3, lens[1] = m->klens[i];
+    return 2;
+}
+
+/* Read group g's replies. Redirected keys (and all of them when a reused
+ * connection turns out closed by the server, in the first round) are put
+ * back into todo. */
+static void read_group(multi *m, group *g, size_t *todo, size_t *again, int round,
+                       int *retry_later)
+{
+    rc *s = m->s;
+    size_t p = g->from;
+    int broken = 0;
+    for (; p < g->to; p++) {
+        redisReply *r = NULL;
+        if (redisGetReply(g->cn->c, (void **)&r) != REDIS_OK || !r) {
+            broken = 1;
+            break;
+        }
+        size_t i = m->order[p];
+        int sl;
+        node *to;
+        switch (redirect_of(s, r, &sl, &to)) {
+        case RD_NONE:
+            m->reply[i] = r;
+            r = NULL;
+            break;
+        case RD_MOVED:
+            on_moved(s, sl, to);
+            todo[(*again)++] = i;
+            break;
+        case RD_ASK: {
+            /* Rare (a slot being migrated): this key alone. */
+            const char *argv[5];
+            size_t lens[5];
+            int argc = key_argv(m, i, argv, lens);
+            dp_err e;
+            if (exec_slot(s, m->slot[i], to, m->op, argc, argv, lens, &m->reply[i], &e) != DP_OK)
+                fail_key(m, i, &e);
+            break;
+        }
+        case RD_RETRY:
+            *retry_later = 1;
+            todo[(*again)++] = i;
+            break;
+        }
+        if (r)
+            freeReplyObject(r);
+    }
+    if (broken) {
+        if (g->reused && round == 0 && closed_by_peer(g->cn->c)) {
+            for (; p < g->to; p++)
+                todo[(*again)++] = m->order[p];
+        } else {
+            io_fail(s, g->n, g->cn->c, m->op, &g->err);
+            g->down = 1;
+            g->down_from = p;
+        }
+    }
+    conn_give(g->n, g->cn, broken);
+    g->cn = NULL;
+}
+
+/* One round: the keys in todo[0..ntodo) to their nodes; what must go round
+ * again is written back into todo, its count returned. */
+static size_t multi_round(multi *m, size_t *todo, size_t ntodo, int round, int *retry_later)
+{
+    rc *s = m->s;
+    size_t again = 0;
+    for (size_t t = 0; t < ntodo; t++) {
+        dp_err e;
+        size_t i = todo[t];
+        if (!(m->at[i] = route(s, m->slot[i], &e)))
+            fail_key(m, i, &e);
+    }
+    /* Nodes are only added: every m->at[] is among the first nnodes now. */
+    int nnodes = atomic_load(&s->nnodes);
+    group *g = calloc((size_t)nnodes, sizeof *g);
+    size_t *count = calloc((size_t)nnodes, sizeof *count);
+    if (!g || !count) {
+        dp_err e;
+        dp_err_set(&e, DP_ENOMEM, NAME ": out of memory");
+        for (size_t t = 0; t < ntodo; t++)
+            fail_key(m, todo[t], &e);
+        free(g);
+        free(count);
+        return 0;
+    }
+    int ng = 0;
+    for (size_t t = 0; t < ntodo; t++) {
+        size_t i = todo[t];
+        if (!m->at[i])
+            continue;
+        int k;
+        for (k = 0; k < ng && g[k].n != m->at[i]; k++)
+            ;
+        if (k == ng)
+            g[ng++].n = m->at[i];
+        count[k]++;
+    }
+    size_t pos = 0;
+    for (int k = 0; k < ng; k++) {
+        g[k].from = g[k].to = pos;
+        pos += count[k];
+    }
+    for (size_t t = 0; t < ntodo; t++) {
+        size_t i = todo[t];
+        if (!m->at[i])
+            continue;
+        int k;
+        for (k = 0; g[k].n != m->at[i]; k++)
+            ;
+        m->order[g[k].to++] = i;
+    }
+    /* Write every pipeline, then read them all: the nodes work at once. */
+    unsigned seen = atomic_load(&s->version);
+    for (int k = 0; k < ng; k++) {
+        if (conn_take(s, g[k].n, &g[k].cn, &g[k].reused, &g[k].err) != DP_OK) {
+            g[k].cn = NULL;
+            g[k].down = 1;
+            g[k].down_from = g[k].from;
+            continue;
+        }
+        for (size_t p = g[k].from; p < g[k].to; p++) {
+            const char *argv[5];
+            size_t lens[5];
+            int argc = key_argv(m, m->order[p], argv, lens);
+            redisAppendCommandArgv(g[k].cn->c, argc, argv, lens);
+        }
+        if (send_nosignal(g[k].cn->c) != REDIS_OK) {
+            int retry = g[k].reused && round == 0 && closed_by_peer(g[k].cn->c);
+            if (retry) {
+                for (size_t p = g[k].from; p < g[k].to; p++)
+                    todo[again++] = m->order[p];
+            } else {
+                io_fail(s, g[k].n, g[k].cn->c, m->op, &g[k].err);
+                g[k].down = 1;
+                g[k].down_from = g[k].from;
+            }
+            conn_give(g[k].n, g[k].cn, 1);
+            g[k].cn = NULL;
+        }
+    }
+    for (int k = 0; k < ng; k++)
+        if (g[k].cn)
+            read_group(m, &g[k], todo, &again, round, retry_later);
+    int down = 0;
+    for (int k = 0; k < ng; k++)
+        down |= g[k].down;
+    if (down) {
+        /* A node could not be reached: failed over? Its keys go round again
+         * when the map now sends them elsewhere, and fail otherwise. */
+        dp_err e;
+        int fresh = refresh(s, seen, NULL, &e) == DP_OK;
+        for (int k = 0; k < ng; k++) {
+            if (!g[k].down)
+                continue;
+            for (size_t p = g[k].down_from; p < g[k].to; p++) {
+                size_t i = m->order[p];
+                if (fresh && slot_node(s, m->slot[i]) != g[k].n && round + 1 < MAX_ROUNDS)
+                    todo[again++] = i;
+                else
+                    fail_key(m, i, &g[k].err);
+            }
+        }
+    }
+    free(g);
+    free(count);
+    return again;
+}
+
+/* Run m->op for every key; afterwards each key has a reply or is failed. */
+static int multi_run(multi *m, dp_err *err)
+{
+    size_t n = m->n;
+    m->slot = malloc(n * sizeof *m->slot);
+    m->at = malloc(n * sizeof *m->at);
+    m->reply = calloc(n, sizeof *m->reply);
+    m->failed = calloc(n, 1);
+    m->order = malloc(n * sizeof *m->order);
+    size_t *todo = malloc(n * sizeof *todo);
+    if (!m->slot || !m->at || !m->reply || !m->failed || !m->order || !todo) {
+        free(todo);
+        return dp_err_set(err, DP_ENOMEM, NAME ": out of memory");
+    }
+    for (size_t i = 0; i < n; i++) {
+        m->slot[i] = key_slot(m->keys[i], m->klens[i]);
+        todo[i] = i;
+    }
+    size_t ntodo = n;
+    dp_backoff bo;
+    int backing = 0;
+    for (int round = 0; ntodo && round < MAX_ROUNDS + 64; round++) {
+        int retry_later = 0;
+        ntodo = multi_round(m, todo, ntodo, round < MAX_ROUNDS ? round : MAX_ROUNDS - 1,
+                            &retry_later);
+        if (ntodo && retry_later) {
+            if (!backing) {
+                dp_backoff_init(&bo, m->s->cfg->socket_timeout, 0.05);
+                backing = 1;
+            }
+            if (!dp_backoff_sleep(&bo))
+                break;
+        } else if (round >= MAX_ROUNDS) {
+            break;
+        }
+    }
+    if (ntodo) {
+        dp_err e;
+        dp_err_set(&e, DP_EBACKEND, NAME ": %s: still redirected or TRYAGAIN after "
+                   "socket_timeout (%g s)", m->op, m->s->cfg->socket_timeout);
+        for (size_t t = 0; t < ntodo; t++)
+            fail_key(m, todo[t], &e);
+    }
+    free(todo);
+    return DP_OK;
+}
+
+static void multi_free(multi *m)
+{
+    if (m->reply)
+        for (size_t i = 0; i < m->n; i++)
+            if (m->reply[i])
+                freeReplyObject(m->reply[i]);
+    free(m->slot);
+    free(m->at);
+    free(m->reply);
+    free(m->failed);
+    free(m->order);
+}
+
+/* The failure of a multi form: some keys' nodes failed. */
+static int multi_failed(multi *m, dp_err *err)
+{
+    return dp_err_set(err, DP_EBACKEND, "%s (%zu of %zu keys failed)", m->first.msg, m->nfailed,
+                      m->n);
+}
+
+/* A reply that is an error (WRONGTYPE, OOM) fails its key too. */
+static void error_replies(multi *m)
+{
+    for (size_t i = 0; i < m->n; i++)
+        if (m->reply[i] && m->reply[i]->type == REDIS_REPLY_ERROR) {
+            dp_err e;
+            dp_err_set(&e, DP_EBACKEND, NAME ": %s: %s", m->op, m->reply[i]->str);
+            freeReplyObject(m->reply[i]);
+            m->reply[i] = NULL;
+            fail_key(m, i, &e);
+        }
+}
+
+/* get_multi: values in key order; a key whose node failed has vlens[i] -2
+ * and the call returns DP_EBACKEND with the others filled in. */
+static int rc_get_multi(void *self, size_t n, const char *const *keys, const size_t *klens,
+                        dp_bytes *out, int64_t *vlens, dp_err *err)
+{
+    rc *s = self;
+    out->len = 0;
+    if (n == 0)
+        return DP_OK;
+    multi m = {.s = s, .op = "GET", .n = n, .keys = keys, .klens = klens};
+    int st = multi_run(&m, err);
+    if (st == DP_OK) {
+        error_replies(&m);
+        size_t total = 0;
+        for (size_t i = 0; i < n; i++)
+            if (m.reply[i] && m.reply[i]->type == REDIS_REPLY_STRING)
+                total += m.reply[i]->len;
+        if (dp_bytes_reserve(out, total ? total : 1) != DP_OK) {
+            st = dp_err_set(err, DP_ENOMEM, NAME ": out of memory copying %zu bytes", total);
+        } else {
+            uint64_t hits = 0, misses = 0;
+            for (size_t i = 0; i < n; i++) {
+                redisReply *r = m.reply[i];
+                if (r && r->type == REDIS_REPLY_STRING) {
+                    memcpy(out->data + out->len, r->str, r->len);
+                    out->len += r->len;
+                    vlens[i] = (int64_t)r->len;
+                    hits++;
+                } else {
+                    vlens[i] = m.failed[i] ? -2 : -1;
+                    misses += !m.failed[i];
+                }
+            }
+            atomic_fetch_add_explicit(&s->hits, hits, memory_order_relaxed);
+            atomic_fetch_add_explicit(&s->misses, misses, memory_order_relaxed);
+            if (m.nfailed)
+                st = multi_failed(&m, err);
+        }
+    }
+    multi_free(&m);
+    return st;
+}
+
+static int rc_set_multi(void *self, size_t n, const char *const *keys, const size_t *klens,
+                        const char *const *values, const size_t *vlens, dp_err *err)
+{
+    rc *s = self;
+    if (n == 0)
+        return DP_OK;
+    multi m = {.s = s, .op = "SET", .n = n, .keys = keys, .klens = klens, .values = values,
+               .vlens = vlens};
+    long long ms = ttl_ms(s);
+    if (ms)
+        m.pxlen = (size_t)snprintf(m.px, sizeof m.px, "%lld", ms);
+    int st = multi_run(&m, err);
+    if (st == DP_OK) {
+        error_replies(&m);
+        if (m.nfailed)
+            st = multi_failed(&m, err);
+    }
+    multi_free(&m);
+    return st;
+}
+
+static int rc_del_multi(void *self, size_t n, const char *const *keys, const size_t *klens,
+                        dp_err *err)
+{
+    rc *s = self;
+    if (n == 0)
+        return DP_OK;
+    multi m = {.s = s, .op = "DEL", .n = n, .keys = keys, .klens = klens};
+    int st = multi_run(&m, err);
+    if (st == DP_OK) {
+        error_replies(&m);
+        if (m.nfailed)
+            st = multi_failed(&m, err);
+    }
+    multi_free(&m);
+    return st;
+}
+
+static void rc_stats(void *self, dp_backend_stats *out)
+{
+    rc *s = self;
+    out->hits = (double)atomic_load(&s->hits);
+    out->misses = (double)atomic_load(&s->misses);
+}
+
+/* -- The distributed lock --------------------------------------------------------------- */
+
+static char *lock_key(rc *s, const char *key, size_t klen, size_t *outlen)
+{
+    char *lk = malloc(s->prefix_len + klen + 1);
+    if (lk) {
+        memcpy(lk, s->cfg->lock_prefix, s->prefix_len);
+        memcpy(lk + s->prefix_len, key, klen);
+        lk[s->prefix_len + klen] = '\0';
+        *outlen = s->prefix_len + klen;
+    }
+    return lk;
+}
+
+static void new_token(char out[33])
+{
+    unsigned char b[16];
+    if (getrandom(b, sizeof b, 0) != (ssize_t)sizeof b) {
+        double t = dp_clock_now();
+        pid_t pid = getpid();
+        memset(b, 0, sizeof b);
+        memcpy(b, &t, sizeof t);
+        memcpy(b + 8, &pid, sizeof pid);
+        b[15] = (unsigned char)rand();
+    }
+    static const char hex[] = "0123456789abcdef";
+    for (int i = 0; i < 16; i++) {
+        out[2 * i] = hex[b[i] >> 4];
+        out[2 * i + 1] = hex[b[i] & 15];
+    }
+    out[32] = '\0';
+}
+
+/* A waiter's own connection to the lock key's node, SSUBSCRIBEd to the lock
+ * key's shard channel (a fresh one each wait: waits are rare, and a
+ * subscribed connection must not go back to the pool). NULL when that
+ * fails: the wait then polls. */
+static redisContext *sub_open(rc *s, const char *lk, size_t lklen)
+{
+    dp_err e;
+    node *n = route(s, key_slot(lk, lklen), &e);
+    if (!n)
+        return NULL;
+    redisContext *c = NULL;
+    nopipe np;
+    nopipe_begin(&np);
+    int saved = errno;
+    if (conn_open(s, n, &c, &e) == DP_OK) {
+        const char *argv[2] = {"SSUBSCRIBE", lk};
+        size_t lens[2] = {10, lklen};
+        redisReply *r = redisCommandArgv(c, 2, argv, lens);
+        if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 3) {
+            redisFree(c); /* MOVED: the slot left this node; poll instead */
+            c = NULL;
+        }
+        if (r)
+            freeReplyObject(r);
+    }
+    nopipe_end(&np);
+    errno = saved;
+    return c;
+}
+
+/* 1: something arrived (a release, or the slot moved), 0: `seconds`
+ * passed, -1: the connection failed. */
+static int sub_wait(redisContext *c, double seconds)
+{
+    void *r = NULL;
+    int got = 0;
+    while (redisGetReplyFromReader(c, &r) == REDIS_OK && r) {
+        freeReplyObject(r);
+        r = NULL;
+        got = 1;
+    }
+    if (c->err)
+        return -1;
+    if (got)
+        return 1;
+    struct pollfd p = {.fd = c->fd, .events = POLLIN};
+    struct timespec ts;
+    ts.tv_sec = (time_t)seconds;
+    ts.tv_nsec = (long)((seconds - (double)ts.tv_sec) * 1e9);
+    int n = ppoll(&p, 1, &ts, NULL);
+    if (n < 0)
+        return errno == EINTR ? 1 : -1;
+    if (n == 0)
+        return 0;
+    int rc = redisBufferRead(c) == REDIS_OK ? 1 : -1;
+    while (rc == 1 && redisGetReplyFromReader(c, &r) == REDIS_OK && r) {
+        freeReplyObject(r);
+        r = NULL;
+    }
+    return rc;
+}
+
+/* Wait one backoff step: for a message on `sub` when there is one. 0 once
+ * the deadline has passed. */
+static int wait_step(redisContext **sub, dp_backoff *bo)
+{
+    double step = dp_backoff_next(bo);
+    if (step <= 0)
+        return 0;
+    if (*sub) {
+        if (sub_wait(*sub, step) < 0) {
+            redisFree(*sub);
+            *sub = NULL;
+        }
+    } else {
+        dp_clock_sleep(step);
+    }
+    return 1;
+}
+
+static int rc_lock(void *self, const char *key, size_t klen, double timeout, dp_err *err)
+{
+    rc *s = self;
+    held *h = calloc(1, sizeof *h);
+    size_t lklen = 0;
+    char *lk = h ? lock_key(s, key, klen, &lklen) : NULL;
+    if (!lk) {
+        free(h);
+        return dp_err_set(err, DP_ENOMEM, NAME ": out of memory");
+    }
+    new_token(h->token);
+    char px[32];
+    int pxn = snprintf(px, sizeof px, "%lld", (long long)ceil(s->cfg->lock_timeout * 1000));
+    const char *argv[6] = {"SET", lk, h->token, "NX", "PX", px};
+    size_t lens[6] = {3, lklen, 32, 2, 2, (size_t)pxn};
+    dp_backoff bo;
+    dp_backoff_init(&bo, timeout, s->cfg->lock_sleep);
+    redisContext *sub = NULL;
+    int tried_sub = 0, rc;
+    for (;;) {
+        redisReply *r;
+        rc = exec_key(s, lk, lklen, "SET NX (lock)", 6, argv, lens, &r, err);
+        if (rc != DP_OK)
+            break;
+        int got = r->type == REDIS_REPLY_STATUS;
+        freeReplyObject(r);
+        if (got) {
+            h->key = lk;
+            h->klen = lklen;
+            lk = NULL;
+            uv_mutex_lock(&s->mu);
+            h->next = s->held;
+            s->held = h;
+            h = NULL;
+            uv_mutex_unlock(&s->mu);
+            break;
+        }
+        if (timeout == 0) {
+            rc = DP_EBUSY;
+            break;
+        }
+        if (!tried_sub) {
+            /* Subscribe, then try again before waiting: a release after
+             * that try is never missed. */
+            tried_sub = 1;
+            if ((sub = sub_open(s, lk, lklen)))
+                continue;
+        }
+        if (!wait_step(&sub, &bo)) {
+            rc = dp_err_set(err, DP_ETIMEDOUT, NAME ": the lock was still held after %g s",
+                            timeout);
+            break;
+        }
+    }
+    if (sub)
+        redisFree(sub);
+    free(lk);
+    free(h);
+    return rc;
+}
+
+/* The lock key's token (malloc'd) or NULL when free. */
+static int lock_token(rc *s, const char *lk, size_t lklen, char **tok, dp_err *err)
+{
+    const char *argv[2] = {"GET", lk};
+    size_t lens[2] = {3, lklen};
+    redisReply *r;
+    int st = exec_key(s, lk, lklen, "GET (lock)", 2, argv, lens, &r, err);
+    if (st != DP_OK)
+        return st;
+    *tok = NULL;
+    if (r->type == REDIS_REPLY_STRING) {
+        if (!(*tok = strndup(r->str, r->len)))
+            st = dp_err_set(err, DP_ENOMEM, NAME ": out of memory");
+    } else if (r->type != REDIS_REPLY_NIL) {
+        st = dp_err_set(err, DP_EBACKEND, NAME ": GET (lock): the lock key holds a value of "
+                        "another type");
+    }
+    freeReplyObject(r);
+    return st;
+}
+
+/* Wait, taking nothing, until the holder seen at the call releases: a
+ * message on the shard channel, or a poll that finds the key gone or holding
+ * another token (a holder that died lets its lock expire silently). */
+static int rc_wait_unlocked(void *self, const char *key, size_t klen, double timeout,
+                            dp_err *err)
+{
+    rc *s = self;
+    size_t lklen = 0;
+    char *lk = lock_key(s, key, klen, &lklen), *first = NULL, *now = NULL;
+    if (!lk)
+        return dp_err_set(err, DP_ENOMEM, NAME ": out of memory");
+    redisContext *sub = timeout != 0 ? sub_open(s, lk, lklen) : NULL;
+    int st = lock_token(s, lk, lklen, &first, err);
+    dp_backoff bo;
+    dp_backoff_init(&bo, timeout, s->cfg->lock_sleep);
+    while (st == DP_OK && first) {
+        if (timeout == 0) {
+            st = DP_EBUSY;
+            break;
+        }
+        int had_sub = sub != NULL;
+        double step = dp_backoff_next(&bo);
+        if (step <= 0) {
+            st = dp_err_set(err, DP_ETIMEDOUT, NAME ": the lock was still held after %g s",
+                            timeout);
+            break;
+        }
+        if (had_sub) {
+            int got = sub_wait(sub, step);
+            if (got > 0)
+                break; /* released (or the slot moved: the reader will see) */
+            if (got < 0) {
+                redisFree(sub);
+                sub = NULL;
+            }
+        } else {
+            dp_clock_sleep(step);
+        }
+        st = lock_token(s, lk, lklen, &now, err);
+        if (st == DP_OK && (!now || strcmp(now, first) != 0)) {
+            free(now);
+            break;
+        }
+        free(now);
+        now = NULL;
+    }
+    if (sub)
+        redisFree(sub);
+    free(first);
+    free(lk);
+    return st;
+}
+
+static int rc_unlock(void *self, const char *key, size_t klen, dp_err *err)
+{
+    rc *s = self;
+    size_t lklen = s->prefix_len + klen;
+    const char *pre = s->cfg->lock_prefix;
+    uv_mutex_lock(&s->mu);
+    held **pp = &s->held, *h = NULL;
+    for (; *pp; pp = &(*pp)->next)
+        if ((*pp)->klen == lklen && memcmp((*pp)->key, pre, s->prefix_len) == 0 &&
+            memcmp((*pp)->key + s->prefix_len, key, klen) == 0) {
+            h = *pp;
+            *pp = h->next;
+            break;
+        }
+    uv_mutex_unlock(&s->mu);
+    if (!h)
+        return DP_ENOTHELD;
+    const char *argv[5] = {"EVAL", UNLOCK_SCRIPT, "1", h->key, h->token};
+    size_t lens[5] = {4, sizeof UNLOCK_SCRIPT - 1, 1, h->klen, 32};
+    redisReply *r;
+    int st = exec_key(s, h->key, h->klen, "EVAL (unlock)", 5, argv, lens, &r, err);
+    if (st == DP_OK) {
+        if (r->type != REDIS_REPLY_INTEGER || r->integer != 1)
+            st = dp_err_set(err, DP_ENOTHELD, NAME ": the lock had expired (lock_timeout %g s) "
+                            "and was no longer ours", s->cfg->lock_timeout);
+        freeReplyObject(r);
+    }
+    free(h->key);
+    free(h);
+    return st;
+}
+
+/* -- Lifecycle ------------------------------------------------------------------------ */
+
+static void rc_destroy(void *self)
+{
+    rc *s = self;
+    int n = atomic_load(&s->nnodes);
+    for (int i = 0; i < n; i++) {
+        node *nd = s->nodes[i];
+        while (nd->idle) {
+            conn *c = nd->idle;
+            nd->idle = c->next;
+            redisFree(c->c);
+            free(c);
+        }
+        uv_mutex_destroy(&nd->mu);
+        free(nd);
+    }
+    while (s->held) {
+        held *h = s->held;
+        s->held = h->next;
+        free(h->key);
+        free(h);
+    }
+    uv_mutex_destroy(&s->mu);
+    uv_mutex_destroy(&s->refresh_mu);
+    free(s);
+}
+
+static int rc_create(void *ud, const void *settings, void **self, dp_err *err)
+{
+    (void)ud;
+    const rc_settings *cfg = settings;
+    if (!cfg->nodes)
+        return dp_err_set(err, DP_EINVAL, NAME ": startup_nodes (a list of \"host:port\") or "
+                          "url (\"redis+cluster://host:port,...\") is required");
+    if (cfg->username && !cfg->password)
+        return dp_err_set(err, DP_EINVAL, NAME ": username needs a password");
+    rc *s = calloc(1, sizeof *s);
+    if (!s)
+        return dp_err_set(err, DP_ENOMEM, NAME ": out of memory");
+    s->cfg = cfg;
+    s->prefix_len = strlen(cfg->lock_prefix);
+    uv_mutex_init(&s->mu);
+    uv_mutex_init(&s->refresh_mu);
+    /* The startup nodes: "host:port" separated by commas (or spaces). */
+    const char *p = cfg->nodes;
+    int st = DP_OK;
+    while (*p && st == DP_OK) {
+        size_t len = strcspn(p, ", ");
+        if (len) {
+            if (!node_of_addr(s, p, len))
+                st = dp_err_set(err, DP_EINVAL, NAME ": startup_nodes: '%.*s' is not "
+                                "\"host:port\"", (int)len, p);
+        }
+        p += len;
+        p += strspn(p, ", ");
+    }
+    if (st == DP_OK && atomic_load(&s->nnodes) == 0)
+        st = dp_err_set(err, DP_EINVAL, NAME ": startup_nodes names no node");
+    if (st == DP_OK) {
+        /* The map now: a refused password is a configuration error to
+         * report here; a cluster that is down is not (it may come up). */
+        dp_err e;
+        nopipe np;
+        nopipe_begin(&np);
+        int saved = errno;
+        st = refresh(s, 0, NULL, &e);
+        errno = saved;
+        nopipe_end(&np);
+        if (st != DP_OK) {
+            int n = atomic_load(&s->nnodes);
+            for (int i = 0; i < n && st != DP_EINVAL; i++) {
+                conn *cn;
+                int reused;
+                if (conn_take(s, s->nodes[i], &cn, &reused, &e) == DP_OK)
+                    conn_give(s->nodes[i], cn, 0);
+                else if (e.code == DP_EINVAL)
+                    st = dp_err_set(err, DP_EINVAL, "%s", e.msg);
+            }
+            if (st != DP_EINVAL)
+                st = DP_OK;
+        }
+    }
+    if (st != DP_OK) {
+        rc_destroy(s);
+        return st;
+    }
+    *self = s;
+    return DP_OK;
+}
+
+static const dp_backend_ops rc_ops = {
+    .name = NAME,
+    .args = rc_args,
+    .settings_size = sizeof(rc_settings),
+    .create = rc_create,
+    .destroy = rc_destroy,
+    .get = rc_get,
+    .set = rc_set,
+    .del = rc_del,
+    .stats = rc_stats,
+    .lock = rc_lock,
+    .unlock = rc_unlock,
+    .wait_unlocked = rc_wait_unlocked,
+    .get_multi = rc_get_multi,
+    .set_multi = rc_set_multi,
+    .del_multi = rc_del_multi,
+};
+
+/* -- Registration -------------------------------------------------------------------- */
+
+int dp_redis_cluster_register(void);
+int luaopen_dogpile_backends_redis_cluster(lua_State *L);
+
+int dp_redis_cluster_register(void)
+{
+    return dp_backend_register(&rc_ops, NULL);
+}
+
+__attribute__((visibility("default"))) int luaopen_dogpile_backends_redis_cluster(lua_State *L)
+{
+    int rc = dp_redis_cluster_register();
+    if (rc != DP_OK)
+        return luaL_error(L, NAME ": cannot register the backend: %s", dp_strerror(rc));
+    lua_pushstring(L, NAME);
+    return 1;
+}
