@@ -563,7 +563,8 @@ static int lm_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_er
         rtxn_put(s, txn);
         return dp_err_set(err, DP_ENOMEM, "out of memory copying a %zu-byte value", vlen);
     }
-    memcpy(out->data, p + HDR, vlen);
+    if (vlen) /* an empty value into a buffer never grown: data is NULL */
+        memcpy(out->data, p + HDR, vlen);
     out->len = vlen;
     rtxn_put(s, txn);
     atomic_fetch_add_explicit(&s->hits, 1, memory_order_relaxed);
