@@ -93,4 +93,23 @@ describe("cache.metrics", function()
         assert.is_nil(text:find("metrics-unconfigured", 1, true))
         assert.is_nil(text:find("metrics-dropped", 1, true))
     end)
+
+    it("exports a tiered region's hits per tier with a tier label", function()
+        local r = cache.make_region({ name = "metrics-tiered" }):configure("dogpile.cache.tiered", {
+            arguments = { tiers = {
+                { backend = "dogpile.cache.memory" },
+                { backend = "dogpile.cache.shared_memory", arguments = { name = "metrics_spec_tiered" } },
+            } } })
+        r:set("a", 1)
+        r:get("a") -- served by tier 1
+        local th = r:stats().tier_hits
+        assert.is_table(th)
+        local text = cache.metrics()
+        assert.is_truthy(text:find("# TYPE dogpile_cache_tier_hits_total counter\n", 1, true))
+        for t = 1, #th do
+            local line = ('dogpile_cache_tier_hits_total{region="metrics-tiered",tier="%d"} %d'):format(t, th[t])
+            assert.is_truthy(text:find(line, 1, true), line .. " in\n" .. text)
+        end
+        assert.is_true(th[1] >= 1)
+    end)
 end)

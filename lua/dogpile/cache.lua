@@ -154,6 +154,22 @@ function _M.metrics()
                                                            fmt_number(stats[i][m[1]] or 0))
         end
     end
+    -- Tiered regions: hits per tier, the tier numbered from 1 (nearest).
+    local tiered = false
+    for i = 1, #labels do
+        local th = stats[i].tier_hits
+        if type(th) == "table" then
+            if not tiered then
+                tiered = true
+                out[#out + 1] = "# HELP dogpile_cache_tier_hits_total Hits served by each tier of a tiered region (1: nearest the caller)."
+                out[#out + 1] = "# TYPE dogpile_cache_tier_hits_total counter"
+            end
+            for t = 1, #th do
+                out[#out + 1] = ("dogpile_cache_tier_hits_total{region=\"%s\",tier=\"%d\"} %s")
+                    :format(labels[i], t, fmt_number(th[t] or 0))
+            end
+        end
+    end
     return concat(out, "\n") .. "\n"
 end
 
