@@ -46,7 +46,8 @@ static const dp_arg_spec circuit_spec[] = {
  * not one: its failures are local (a full disk, a full map), cost no time,
  * and a refused read would only hide data that is there. */
 static const char *const builtin[] = {
-    "dogpile.cache.redis", "dogpile.cache.redis_sentinel", "dogpile.cache.memcached", NULL,
+    "dogpile.cache.redis", "dogpile.cache.redis_sentinel", "dogpile.cache.redis_cluster",
+    "dogpile.cache.memcached", NULL,
 };
 
 typedef struct declared {

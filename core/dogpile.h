@@ -607,7 +607,7 @@ DP_API void dp_backend_close(dp_backend *b);
 /* -- Circuit breaker ---------------------------------------------------------
  *
  * A backend that talks to a server (dogpile.cache.redis, redis_sentinel,
- * memcached, and any name given to dp_circuit_declare) gets a circuit
+ * redis_cluster, memcached, and any name given to dp_circuit_declare) gets a circuit
  * breaker per store in the process: one per lock domain (server, db, lock
  * prefix), shared by every handle, Lua state and thread. dp_backend_open
  * takes its arguments out before the backend sees them:

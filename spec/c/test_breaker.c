@@ -256,7 +256,7 @@ static void test_transitions(void)
     CHECK(atomic_load(&calls) - c0 == 6, "every call so far reached the backend");
 
     int c1 = atomic_load(&calls), refused = 0;
-    double worst = 0;
+    double worst = 0, all = dp_clock_monotonic();
     for (int i = 0; i < 1000; i++) {
         double s = dp_clock_monotonic();
         int r = i % 3 == 0 ? get(b, &err) : i % 3 == 1 ? dp_backend_set(b, K("k"), K("v"), &err)
@@ -264,9 +264,12 @@ static void test_transitions(void)
         worst = fmax(worst, dp_clock_monotonic() - s);
         refused += r == DP_EBACKEND;
     }
+    all = (dp_clock_monotonic() - all) / 1000;
     CHECK(refused == 1000 && atomic_load(&calls) == c1, "open: 1000 calls refused without "
-          "reaching the backend (the slowest %.1f us)", worst * 1e6);
-    CHECK(worst < 0.001, "each refused in microseconds (%.1f us)", worst * 1e6);
+          "reaching the backend");
+    /* A bound loose enough for a sanitizer build on a loaded machine. */
+    CHECK(all < 50e-6, "refused in microseconds: %.2f us on average, the slowest %.1f us",
+          all * 1e6, worst * 1e6);
     CHECK(strstr(err.msg, "circuit open since ") && strstr(err.msg, " UTC (after 3 failures; "
           "the next call probes in 0.") && strstr(err.msg, "last failure: SET: no answer"),
           "the refusal says the circuit is open, since when, why, and the last failure: %s",
