@@ -1152,7 +1152,8 @@ describe("region stats", function()
     it("starts at zero with every counter", function()
         local r = memory_region()
         assert.are.same({ hits = 0, misses = 0, creations = 0, stale_served = 0, lock_waits = 0,
-                          errors = 0, evictions = 0, lock_overruns = 0 }, r:stats())
+                          errors = 0, evictions = 0, lock_overruns = 0, stale_on_error = 0,
+                          early_refreshes = 0 }, r:stats())
     end)
 
     it("counts hits, misses and creations", function()

@@ -1,24 +1,32 @@
 --- The miss path of a region: the lock for a key (the backend's own, or the
 -- core's per-key lock), get_or_create past its hit under dogpile's run(), and
 -- get_or_create_multi. Every lock taken here is released on every way out.
+--
+-- The freshness policies live here too: what a creator's results mean
+-- (`value, expiration_time`, `nil, err`, negative_expiration_time),
+-- stale_if_error, and the refresh early_refresh draws on a fresh value.
 local lib = require "dogpile.lib"
 local dogpile = require "dogpile"
+local context = require "dogpile.context"
+local options = require "dogpile.cache.options"
 local api = require "dogpile.cache.api"
 local read = require "dogpile.cache.read"
 local write = require "dogpile.cache.write"
 
+local C = lib.C
 local raise = lib.raise
+local finite = options.finite
 local run = dogpile._run
 local core_mutex = dogpile.core_mutex
 local release_logged = dogpile.release_logged
 local NO_VALUE = api.NO_VALUE
 local FRESH, STALE, MISSING = read.FRESH, read.STALE, read.MISSING
-local judge, judge_value = read.judge, read.judge_value
+local judge, judge_value, own_exp = read.judge, read.judge_value, read.own_exp
 local fetch, fetch_multi = read.fetch, read.fetch_multi
 local store, store_multi = write.store, write.store_multi
 local new_value, new_metadata = write.new_value, write.new_metadata
-local type, pcall, error, setmetatable, unpack, tostring, ipairs =
-      type, pcall, error, setmetatable, unpack, tostring, ipairs
+local type, pcall, error, setmetatable, unpack, tostring, ipairs, rawequal =
+      type, pcall, error, setmetatable, unpack, tostring, ipairs, rawequal
 local sort, maxn = table.sort, table.maxn
 
 lib.own_source()
@@ -99,6 +107,59 @@ local function mutex_for(region, key)
 end
 _M.mutex_for = mutex_for
 
+-- -- What a creator returned ---------------------------------------------------------
+
+-- `return nil, err`: the creator failed.
+local FAILED = setmetatable({}, { __tostring = function() return "<creator failed>" end })
+_M.FAILED = FAILED
+
+--- A creator's results: the value and its own expiration time (nil: the
+-- call's or the region's; a nil value gets negative_expiration_time), or
+-- FAILED and the message of `return nil, err`.
+-- @raise when a second value is neither a number nor, after nil, a string
+local function outcome(region, value, second, who)
+    if second == nil then
+        if value == nil then
+            return nil, region.negative_expiration_time
+        end
+        return value, nil
+    end
+    local t = type(second)
+    if t == "number" then
+        if not finite(second) then
+            raise("dogpile.cache: " .. who .. ": the creator returned an expiration time of "
+                  .. tostring(second) .. "; it must be a finite number of seconds "
+                  .. "(-1: never expires)")
+        end
+        return value, second
+    elseif t == "string" and value == nil then
+        return FAILED, second
+    end
+    raise("dogpile.cache: " .. who .. ": the creator returned a " .. t .. " after "
+          .. (value == nil and "nil" or "its value") .. "; a second value must be the value's "
+          .. "expiration time (a number of seconds) or, after nil, an error message (a string)")
+end
+_M.outcome = outcome
+
+--- How long ago (seconds, >= 0) a value created at `ct`, with its own
+-- expiration time `ttl`, stopped being fresh for a call whose own is `exp`;
+-- 0 for one that has not expired (soft-invalidated, or refreshed early).
+local function expired_for(ct, ttl, exp, now)
+    exp = own_exp(ttl, exp)
+    if exp == nil then
+        return 0
+    end
+    local ago = now - (ct + exp)
+    return ago > 0 and ago or 0
+end
+
+--- May a value created at `ct` (own expiration time `ttl`) be served instead
+-- of an error, under the region's stale_if_error?
+local function within_window(region, ct, ttl, exp)
+    local window = region.stale_if_error
+    return window ~= nil and expired_for(ct, ttl, exp, C.dp_clock_now()) <= window
+end
+
 -- -- get_or_create's miss path ---------------------------------------------------------
 
 local function call_creator(creator, creator_args)
@@ -109,33 +170,96 @@ local function call_creator(creator, creator_args)
 end
 
 -- The callbacks for dogpile's run(), over a context table (no closures:
--- LuaJIT does not compile their creation).
+-- LuaJIT does not compile their creation). The context keeps the value the
+-- caller holds (`has`, `cur`, `cur_ct`, `cur_ttl`): the last read's, which
+-- the next is_expired judges and a failed creator may fall back to.
 local function slow_read(ctx)
     local region = ctx.region
     local cv = fetch(region, ctx.key)
     if judge_value(region, cv, ctx.exp) == MISSING then
+        ctx.has = false
         return false
     end
-    return true, cv.payload, cv.metadata.ct
+    local md = cv.metadata
+    ctx.has, ctx.cur, ctx.cur_ct, ctx.cur_ttl = true, cv.payload, md.ct, md.ttl
+    return true, cv.payload, md.ct
 end
 
 -- Only values that are not MISSING reach here (slow_read, and the first read).
+-- A value drawn for an early refresh counts as expired until a newer one
+-- replaces it.
 local function slow_is_expired(ctx, ct)
-    return judge(ctx.region, ct, ctx.exp) ~= FRESH
+    local early = ctx.early
+    if early and ct <= early then
+        return true
+    end
+    return judge(ctx.region, ct, own_exp(ctx.cur_ttl, ctx.exp)) ~= FRESH
+end
+
+--- The creator failed (`err`: what it raised or returned) or, with
+-- `store_failed`, the new value could not be stored: the value the caller
+-- holds when that is allowed (an early refresh's value, which is still fresh;
+-- a stale one within stale_if_error), else the error, raised unchanged.
+local function failed(ctx, err, store_failed)
+    local region = ctx.region
+    local st = region._stats
+    if not store_failed then
+        st.errors = st.errors + 1
+    end
+    if ctx.has then
+        local why
+        if ctx.early then
+            why = "the early refresh of key '%s' failed (its value, still fresh, is kept): "
+        elseif within_window(region, ctx.cur_ct, ctx.cur_ttl, ctx.exp) then
+            st.stale_on_error = st.stale_on_error + 1
+            why = "key '%s': its stale value is served (stale_if_error): "
+        end
+        if why then
+            ctx.kept = true
+            context.log_quietly("dogpile.cache: region " .. region:_label() .. ": "
+                                .. why:format(tostring(ctx.key))
+                                .. (store_failed and "storing the new value failed: " or "")
+                                .. tostring(err))
+            return ctx.cur
+        end
+    end
+    error(err, 0)
 end
 
 local function slow_gen(ctx)
     local region = ctx.region
     local st = region._stats
     st.creations = st.creations + 1
-    local ok, value = pcall(call_creator, ctx.creator, ctx.creator_args)
+    local beta = region._beta
+    local t0 = beta and C.dp_clock_monotonic()
+    local ok, value, second = pcall(call_creator, ctx.creator, ctx.creator_args)
     if not ok then
-        st.errors = st.errors + 1
-        error(value, 0)
+        return failed(ctx, value)
+    end
+    local ttl
+    value, ttl = outcome(region, value, second, "get_or_create")
+    if rawequal(value, FAILED) then
+        return failed(ctx, ttl)
     end
     local should_cache_fn = ctx.should_cache_fn
     if not should_cache_fn or should_cache_fn(value) then
-        store(region, ctx.key, new_value(value))
+        local cv = new_value(value, ttl, beta and C.dp_clock_monotonic() - t0 or nil)
+        if not (ctx.has and (ctx.early or region.stale_if_error)) then
+            store(region, ctx.key, cv)
+        else
+            -- A failed store is the creator's failure: the caller keeps the
+            -- value it holds, as it would have. Under fail_open the failure
+            -- is logged and counted, not raised.
+            local errors = st.errors
+            local ok2, err = pcall(store, region, ctx.key, cv)
+            if not ok2 or st.errors ~= errors then
+                if ctx.early or within_window(region, ctx.cur_ct, ctx.cur_ttl, ctx.exp) then
+                    return failed(ctx, ok2 and "the backend failed (fail_open)" or err, true)
+                elseif not ok2 then
+                    error(err, 0)
+                end
+            end
+        end
     end
     return value
 end
@@ -143,8 +267,17 @@ end
 local function slow_async(ctx, mutex)
     local region = ctx.region
     local creator, creator_args = ctx.creator, ctx.creator_args
+    -- Returns what region:set takes, so that `region:set(key, creator())`
+    -- stores the value's own expiration time and its creator's duration.
     local function go()
-        return call_creator(creator, creator_args)
+        local t0 = C.dp_clock_monotonic()
+        local value, second = call_creator(creator, creator_args)
+        local ttl
+        value, ttl = outcome(region, value, second, "async_creation_runner")
+        if rawequal(value, FAILED) then
+            error(ttl, 0)
+        end
+        return value, ttl, C.dp_clock_monotonic() - t0
     end
     region._stats.creations = region._stats.creations + 1
     return region.async_creation_runner(region, ctx.orig_key, go, mutex)
@@ -152,19 +285,36 @@ end
 
 --- get_or_create past a first read that found no fresh value: `first` is
 -- what it found (a CachedValue or NO_VALUE). Counts the miss, the wait and
--- a stale value served.
+-- a stale value served. With `early` (early_refresh drew this fresh value,
+-- `first`, for a refresh): one caller refreshes it under the lock, or hands
+-- it to the async_creation_runner; every other caller keeps it, without
+-- waiting. Counted as a hit already; counts the refresh.
 function _M.get_or_create(region, key, orig_key, creator, exp, should_cache_fn, creator_args,
-                          first)
+                          first, early)
     local st = region._stats
     local ctx = { region = region, key = key, orig_key = orig_key,
                   creator = creator, creator_args = creator_args, exp = exp,
-                  should_cache_fn = should_cache_fn }
-    local has = judge_value(region, first, exp) ~= MISSING
+                  should_cache_fn = should_cache_fn, has = false, early = false }
+    local has = early or judge_value(region, first, exp) ~= MISSING
+    local ct = -1
+    if has then
+        local md = first.metadata
+        ct = md.ct
+        ctx.has, ctx.cur, ctx.cur_ct, ctx.cur_ttl = true, first.payload, ct, md.ttl
+        if early then
+            ctx.early = ct
+        end
+    end
     local value, how, waited = run(mutex_for(region, key), ctx, slow_gen, slow_read,
                                    slow_is_expired,
                                    region.async_creation_runner and slow_async or nil,
-                                   has, has and first.payload or nil,
-                                   has and first.metadata.ct or -1)
+                                   has, has and first.payload or nil, ct)
+    if early then
+        if (how == "created" and not ctx.kept) or how == "async" then
+            st.early_refreshes = st.early_refreshes + 1
+        end
+        return value
+    end
     -- Counted by the first read: this lookup found no fresh value.
     st.misses = st.misses + 1
     if waited then
@@ -211,12 +361,15 @@ local function create_held(region, held, uniq, mangled, results, creator, exp, s
     local create = {}
     for j = 1, #held do
         local e, cv = held[j], again[j]
-        if judge_value(region, cv, exp) == FRESH then
+        local state = judge_value(region, cv, exp)
+        if state == FRESH then
             results[e.i] = cv.payload
             local m = e.mutex
             e.mutex = nil
             release_logged(m)
         else
+            -- The value stale_if_error may serve.
+            e.cv = state == STALE and cv or nil
             create[#create + 1] = e
         end
     end
@@ -230,10 +383,36 @@ local function create_held(region, held, uniq, mangled, results, creator, exp, s
         args[j] = uniq[create[j].i]
     end
     st.creations = st.creations + 1
-    local ok, new = pcall(creator, unpack(args, 1, n))
-    if not ok then
+    local beta = region._beta
+    local t0 = beta and C.dp_clock_monotonic()
+    local ok, new, second = pcall(creator, unpack(args, 1, n))
+    local ttl
+    if ok then
+        -- `array, expiration_time` gives every value of the array its own;
+        -- `nil, err` fails (nothing is stored).
+        new, ttl = outcome(region, new, second, "get_or_create_multi")
+        if new == nil then
+            ttl = nil
+        end
+    end
+    if not ok or rawequal(new, FAILED) then
         st.errors = st.errors + 1
-        error(new, 0)
+        local err = ok and ttl or new
+        -- Under stale_if_error, the keys being created all fall back to
+        -- their stale values, or the error is raised.
+        for j = 1, n do
+            local cv = create[j].cv
+            if cv == nil or not within_window(region, cv.metadata.ct, cv.metadata.ttl, exp) then
+                error(err, 0)
+            end
+        end
+        for j = 1, n do
+            results[create[j].i] = create[j].cv.payload
+        end
+        st.stale_on_error = st.stale_on_error + n
+        context.log_quietly("dogpile.cache: region " .. region:_label() .. ": get_or_create_multi: "
+                            .. n .. " stale values are served (stale_if_error): " .. tostring(err))
+        return
     end
     if type(new) ~= "table" then
         st.errors = st.errors + 1
@@ -250,13 +429,16 @@ local function create_held(region, held, uniq, mangled, results, creator, exp, s
               .. ", got " .. tostring(got) .. "; an array with nil values gives its length "
               .. "in a field n); nothing was stored")
     end
-    local md = new_metadata()
+    local delta = beta and C.dp_clock_monotonic() - t0 or nil
+    local md = new_metadata(ttl, delta)
+    local neg = ttl == nil and region.negative_expiration_time
+    local md_nil = neg and new_metadata(neg, delta) or md
     local to_store, any = {}, false
     for j = 1, n do
         local v = new[j]
         results[create[j].i] = v
         if not should_cache_fn or should_cache_fn(v) then
-            to_store[mangled[create[j].i]] = { payload = v, metadata = md }
+            to_store[mangled[create[j].i]] = { payload = v, metadata = v == nil and md_nil or md }
             any = true
         end
     end

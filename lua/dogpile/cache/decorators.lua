@@ -5,13 +5,15 @@ local lib = require "dogpile.lib"
 local dogpile = require "dogpile"
 local api = require "dogpile.cache.api"
 local options = require "dogpile.cache.options"
+local create = require "dogpile.cache.create"
 
 local raise = lib.raise
 local is_callable = dogpile.is_callable
 local finite = options.finite
 local NO_VALUE = api.NO_VALUE
-local type, pairs, select, setmetatable, unpack, tostring =
-      type, pairs, select, setmetatable, unpack, tostring
+local outcome, FAILED = create.outcome, create.FAILED
+local type, pairs, select, setmetatable, unpack, tostring, rawequal, error =
+      type, pairs, select, setmetatable, unpack, tostring, rawequal, error
 
 lib.own_source()
 
@@ -57,9 +59,17 @@ function Cached:get(...)
     return self._region:get(self._keygen(...))
 end
 
+--- Call the function and store what it returns, as the creator's result
+-- would be (`value, expiration_time`; `nil, err` raises err, storing nothing).
 function Cached:refresh(...)
-    local value = self.original(...)
-    self._region:set(self._keygen(...), value)
+    local region = self._region
+    local value, second = self.original(...)
+    local ttl
+    value, ttl = outcome(region, value, second, "cache_on_arguments: refresh")
+    if rawequal(value, FAILED) then
+        error(ttl, 0)
+    end
+    region:set(self._keygen(...), value, ttl)
     return value
 end
 
@@ -110,7 +120,10 @@ CachedMulti.__call = function(self, ...)
     local should_cache = self._should_cache
     local function dict_create(...)
         local m = select("#", ...)
-        local d = creator(...)
+        local d, second = creator(...)
+        if d == nil and type(second) == "string" then
+            return nil, second -- the function failed: get_or_create_multi raises it
+        end
         if type(d) ~= "table" then
             raise("dogpile.cache: cache_multi_on_arguments (asdict): the function must return "
                   .. "a table keyed by argument, got " .. type(d))
@@ -123,7 +136,7 @@ CachedMulti.__call = function(self, ...)
             end
             out[i] = v
         end
-        return out
+        return out, second
     end
     local function cache_fn(v)
         if v == NO_VALUE then
@@ -167,7 +180,10 @@ function CachedMulti:refresh(...)
     local n = select("#", ...)
     local args = { ... }
     local keys = self._keygen(...)
-    local values = self.original(...)
+    local values, err = self.original(...)
+    if values == nil and type(err) == "string" then
+        error(err, 0)
+    end
     if type(values) ~= "table" then
         raise("dogpile.cache: cache_multi_on_arguments: the function must return a table, got "
               .. type(values))

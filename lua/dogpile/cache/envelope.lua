@@ -1,5 +1,21 @@
---- The bytes of a cached value: the envelope (magic "DPLV", format 1, flags,
--- 2 reserved bytes, the created time as a native double) and the payload.
+--- The bytes of a cached value: the envelope and the payload.
+--
+-- Format 1 (16 bytes): magic "DPLV", the format (1), a flags byte (0), 2
+-- reserved bytes (0), the created time as a native double; the payload
+-- follows.
+-- Format 2 (32 bytes): the same 16 bytes with format 2, then the value's own
+-- expiration time (a double, seconds, negative: never expires) and how long
+-- its creator took (a double, seconds, for early_refresh); flags bit 0 says
+-- the expiration time is there, bit 1 the creator's duration (a field whose
+-- bit is clear holds 0 and means nothing). The payload follows at 32.
+--
+-- A value that has neither is written in format 1, byte for byte as before
+-- format 2 existed, so that a process of an older version sharing the
+-- backend still reads every value a region without the new options writes.
+-- Format 2 has its own number rather than a flag in format 1 so that an older
+-- reader refuses it as "unknown value format 2" (a miss, logged) instead of
+-- reading the two doubles as the start of the payload. Every reader here
+-- accepts both.
 --
 -- `read` decodes the value codec's format (core/codec.c) from a pointer in
 -- Lua, so that a hit on a C backend runs in compiled code straight from the
@@ -24,6 +40,10 @@ local M = {}
 
 local MAGIC, FORMAT, HEADER = "DPLV", 1, 16
 M.MAGIC, M.FORMAT, M.HEADER = MAGIC, FORMAT, HEADER
+-- Format 2: the fields after the first 16 bytes, and their flags.
+local FORMAT2, HEADER2 = 2, 32
+local HAS_TTL, HAS_DELTA = 1, 2
+M.FORMAT2, M.HEADER2, M.HAS_TTL, M.HAS_DELTA = FORMAT2, HEADER2, HAS_TTL, HAS_DELTA
 
 local u8p = ffi.typeof("const uint8_t *")
 local u32p = ffi.typeof("const uint32_t *")
@@ -53,43 +73,108 @@ local function stored_double(src)
 end
 M.stored_double = stored_double
 
-function M.pack(ct, payload)
-    dbl[0] = ct
-    return MAGIC .. char(FORMAT, 0, 0, 0) .. ffi_string(dbl, 8) .. payload
+local function double_bytes(v)
+    dbl[0] = v
+    return ffi_string(dbl, 8)
 end
 
---- The created time of the envelope at `p` (`n` bytes), or nil when the
--- bytes are not one (a created time that is not a finite number included:
--- it could neither expire nor be invalidated).
-local function created(p, n)
-    if n < HEADER or p[0] ~= M1 or p[1] ~= M2 or p[2] ~= M3 or p[3] ~= M4 or p[4] ~= FORMAT then
+--- The envelope around `payload`: format 1 when the value has neither its
+-- own expiration time `ttl` nor its creator's duration `delta`, else format 2.
+-- Both, when given, are finite numbers (the region checks them).
+function M.pack(ct, payload, ttl, delta)
+    if ttl == nil and delta == nil then
+        return MAGIC .. char(FORMAT, 0, 0, 0) .. double_bytes(ct) .. payload
+    end
+    local flags = (ttl ~= nil and HAS_TTL or 0) + (delta ~= nil and HAS_DELTA or 0)
+    return MAGIC .. char(FORMAT2, flags, 0, 0) .. double_bytes(ct) .. double_bytes(ttl or 0)
+        .. double_bytes(delta or 0) .. payload
+end
+
+-- A finite double at `p` (8-aligned), or nil.
+local function finite_at(p)
+    if band(ffi_cast(u32p, p)[HI], EXP) == EXP then
+        return nil
+    end
+    return ffi_cast(dblp, p)[0]
+end
+
+-- The rest of a format 2 header: kept out of `header` so that a format 1
+-- hit's trace holds none of it.
+local function extended(p, n, ct)
+    if n < HEADER2 then
+        return nil
+    end
+    local flags = p[5]
+    local ttl, delta
+    if band(flags, HAS_TTL) ~= 0 then
+        ttl = finite_at(p + 16)
+        if ttl == nil then
+            return nil
+        end
+    end
+    if band(flags, HAS_DELTA) ~= 0 then
+        delta = finite_at(p + 24)
+        if delta == nil or delta < 0 then
+            return nil
+        end
+    end
+    return ct, HEADER2, ttl, delta
+end
+
+--- The envelope at `p` (`n` bytes): the created time, where the payload
+-- starts, the value's own expiration time (nil: none) and its creator's
+-- duration (nil: none); or nil when the bytes are not one (a created time or
+-- field that is not a finite number included: it could neither expire nor be
+-- invalidated).
+local function header(p, n)
+    if n < HEADER or p[0] ~= M1 or p[1] ~= M2 or p[2] ~= M3 or p[3] ~= M4 then
         return nil
     end
     -- The envelope starts a malloc'd buffer or a Lua string: 8 is aligned.
     if band(ffi_cast(u32p, p + 8)[HI], EXP) == EXP then
         return nil
     end
-    return ffi_cast(dblp, p + 8)[0]
+    local ct, f = ffi_cast(dblp, p + 8)[0], p[4]
+    if f == FORMAT then
+        return ct, HEADER
+    elseif f == FORMAT2 then
+        return extended(p, n, ct)
+    end
+    return nil
 end
-M.created = created
+M.header = header
+-- Kept for callers that want the created time only.
+M.created = header
 
---- The created time, or nil and why the bytes are not a value.
+--- The created time, where the payload starts, the value's own expiration
+-- time and its creator's duration (as `header`); or nil and why the bytes
+-- are not a value.
 function M.unpack(bytes)
     if type(bytes) ~= "string" then
         return nil, "the backend returned a " .. type(bytes) .. ", not bytes"
     end
     local p = ffi_cast(u8p, bytes)
-    if #bytes < HEADER or p[0] ~= M1 or p[1] ~= M2 or p[2] ~= M3 or p[3] ~= M4 then
+    local n = #bytes
+    if n < HEADER or p[0] ~= M1 or p[1] ~= M2 or p[2] ~= M3 or p[3] ~= M4 then
         return nil, "the bytes are not a dogpile value (bad magic or too short)"
     end
-    if p[4] ~= FORMAT then
-        return nil, "unknown value format " .. p[4]
+    local f = p[4]
+    if f ~= FORMAT and f ~= FORMAT2 then
+        return nil, "unknown value format " .. f
     end
     local ct = stored_double(p + 8)
     if ct ~= ct or ct == 1 / 0 or ct == -1 / 0 then
         return nil, "the created time is not a finite number"
     end
-    return ct
+    if f == FORMAT then
+        return ct, HEADER
+    end
+    local _, off, ttl, delta = extended(p, n, ct)
+    if not off then
+        return nil, "a format 2 header that is too short or holds a field that is not "
+            .. "a finite number"
+    end
+    return ct, off, ttl, delta
 end
 
 -- -- The codec, read in place ----------------------------------------------------
@@ -295,34 +380,47 @@ local function put_varint(b, pos, v)
     return pos + 1
 end
 
-local function put_header(b, ct)
-    b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7] = M1, M2, M3, M4, FORMAT, 0, 0, 0
+-- The envelope and the codec's 2-byte header; returns where the item goes.
+local function put_header(b, ct, ttl, delta)
     dbl[0] = ct
     ffi_copy(b + 8, dbl, 8)
-    b[HEADER], b[HEADER + 1] = 0xC1, 0x01
+    local at = HEADER
+    if ttl == nil and delta == nil then
+        b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7] = M1, M2, M3, M4, FORMAT, 0, 0, 0
+    else
+        b[0], b[1], b[2], b[3], b[4], b[6], b[7] = M1, M2, M3, M4, FORMAT2, 0, 0
+        b[5] = (ttl ~= nil and HAS_TTL or 0) + (delta ~= nil and HAS_DELTA or 0)
+        dbl[0] = ttl or 0
+        ffi_copy(b + 16, dbl, 8)
+        dbl[0] = delta or 0
+        ffi_copy(b + 24, dbl, 8)
+        at = HEADER2
+    end
+    b[at], b[at + 1] = 0xC1, 0x01
+    return at + 2
 end
 
---- Write the envelope around scalar `v` into the scratch buffer: pointer and
--- length (valid until the next call), or nil when `v` is not a scalar this
--- writer handles (tables; integers beyond 2^52; big-endian doubles).
-function M.write_scalar(ct, v)
+--- Write the envelope (with `ttl` and `delta` as M.pack) around scalar `v`
+-- into the scratch buffer: pointer and length (valid until the next call),
+-- or nil when `v` is not a scalar this writer handles (tables; integers
+-- beyond 2^52; big-endian doubles).
+function M.write_scalar(ct, v, ttl, delta)
     local t = type(v)
-    local at = HEADER + 2
     if t == "string" then
         local len = #v
-        local b = reserve(at + 11 + len)
-        put_header(b, ct)
+        local b = reserve(HEADER2 + 13 + len)
+        local at = put_header(b, ct, ttl, delta)
         b[at] = 0x05
         local pos = put_varint(b, at + 1, len)
         ffi_copy(b + pos, v, len)
         return b, pos + len
     end
-    local b = reserve(at + 11)
+    local b = reserve(HEADER2 + 13)
     if t == "number" then
-        put_header(b, ct)
         -- Below 2^52 the zigzag form (up to 2^53) is exact in a double.
         if v == v and v % 1 == 0 and v > -4503599627370496 and v < 4503599627370496
             and (v ~= 0 or 1 / v > 0) then
+            local at = put_header(b, ct, ttl, delta)
             b[at] = 0x03
             return b, put_varint(b, at + 1, v >= 0 and 2 * v or -2 * v - 1)
         end
@@ -333,16 +431,17 @@ function M.write_scalar(ct, v)
         if not LITTLE then
             return nil
         end
+        local at = put_header(b, ct, ttl, delta)
         b[at] = 0x04
         dbl[0] = v
         ffi_copy(b + at + 1, dbl, 8)
         return b, at + 9
     elseif t == "boolean" then
-        put_header(b, ct)
+        local at = put_header(b, ct, ttl, delta)
         b[at] = v and 0x02 or 0x01
         return b, at + 1
     elseif t == "nil" then
-        put_header(b, ct)
+        local at = put_header(b, ct, ttl, delta)
         b[at] = 0x00
         return b, at + 1
     end

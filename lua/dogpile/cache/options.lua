@@ -24,6 +24,7 @@ _M.MAKE_OPTS = {
 _M.CONFIGURE_OPTS = {
     expiration_time = "number", arguments = "table", wrap = "table",
     replace_existing_backend = "boolean", region_invalidator = "table", fail_open = "boolean",
+    negative_expiration_time = "number", stale_if_error = "number", early_refresh = "number",
 }
 
 --- cache_on_arguments's options (expiration_time may also be a function).
@@ -45,6 +46,8 @@ local CALLABLE_EXPIRATION = { [_M.DECORATOR_OPTS] = true, [_M.MULTI_DECORATOR_OP
 local function also_accepted(k, v, allowed)
     if k == "key_mangler" then
         return v == "sha1"
+    elseif k == "early_refresh" then
+        return type(v) == "boolean" -- true: beta 1
     end
     return k == "expiration_time" and CALLABLE_EXPIRATION[allowed] == true and is_callable(v)
 end
@@ -57,17 +60,19 @@ local function finite(exp)
 end
 _M.finite = finite
 
---- `exp` nil or a finite number of seconds.
+--- `exp` nil or a finite number of seconds; `name` (default
+-- "expiration_time") names it in the message.
 -- @raise otherwise
-function _M.check_expiration(exp, who)
+function _M.check_expiration(exp, who, name)
     if exp == nil or finite(exp) then
         return
     end
+    name = name or "expiration_time"
     if type(exp) == "number" then
-        raise("dogpile.cache: " .. who .. ": expiration_time must be a finite number of seconds "
+        raise("dogpile.cache: " .. who .. ": " .. name .. " must be a finite number of seconds "
               .. "(-1: never expires) or nil, got " .. tostring(exp))
     end
-    raise("dogpile.cache: " .. who .. ": expiration_time must be a number of seconds or nil, got "
+    raise("dogpile.cache: " .. who .. ": " .. name .. " must be a number of seconds or nil, got "
           .. type(exp))
 end
 
@@ -91,8 +96,13 @@ function _M.check(who, opts, allowed)
         if not ok then
             raise("dogpile.cache: " .. who .. ": " .. k .. " must be a " .. want .. ", got " .. type(v))
         end
-        if k == "expiration_time" and type(v) == "number" then
-            _M.check_expiration(v, who)
+        if (k == "expiration_time" or k == "negative_expiration_time") and type(v) == "number" then
+            _M.check_expiration(v, who, k)
+        elseif (k == "stale_if_error" or k == "early_refresh") and type(v) == "number"
+            and not (finite(v) and (v > 0 or (v == 0 and k == "stale_if_error"))) then
+            raise("dogpile.cache: " .. who .. ": " .. k .. " must be a finite number "
+                  .. (k == "stale_if_error" and "of seconds >= 0" or "> 0 (XFetch's beta; 1 is usual)")
+                  .. ", got " .. tostring(v))
         end
     end
     return opts

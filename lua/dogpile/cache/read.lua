@@ -12,7 +12,15 @@
 -- Every strategy answers a lookup the same way: `true, payload` for a fresh
 -- value, else `false, value` where value is a CachedValue (stale, or not
 -- usable at all) or NO_VALUE, for the miss path to judge again. `get` and
--- `get_or_create` share that one hit path.
+-- `get_or_create` share that one hit path. A value's own expiration time
+-- (metadata.ttl; the envelope's in C buffers) overrides the call's.
+--
+-- A region with early_refresh (XFetch, Vattani et al., VLDB 2015) gives
+-- get_or_create a second lookup of each strategy: on a fresh value whose
+-- remaining life r satisfies r <= -delta * beta * ln(rand()) (delta: how long
+-- its creator took, stored with it), it answers `true, payload, cv`, and
+-- get_or_create refreshes cv under the lock. Regions without it never run
+-- that code.
 local ffi = require "ffi"
 local lib = require "dogpile.lib"
 local api = require "dogpile.cache.api"
@@ -28,13 +36,13 @@ local is_callable = require("dogpile").is_callable
 local clock_upper = lib.clock_upper
 local NO_VALUE = api.NO_VALUE
 local VALUE_VERSION = api.VALUE_VERSION
-local HEADER = envelope.HEADER
-local read_value, created_at = envelope.read, envelope.created
+local read_value, header = envelope.read, envelope.header
 local u8p = envelope.u8p
 local decode = values.decode
 local ffi_string, ffi_cast = ffi.string, ffi.cast
 local DP_OK, DP_ENOTFOUND = lib.DP_OK, lib.DP_ENOTFOUND
 local rawequal, pcall, getmetatable, tonumber, type = rawequal, pcall, getmetatable, tonumber, type
+local log, random = math.log, math.random
 
 lib.own_source()
 
@@ -69,6 +77,18 @@ local function judge(region, ct, exp, now)
 end
 _M.judge = judge
 
+--- The expiration time that applies to a value whose own is `ttl` (nil:
+-- none; negative: never expires), for a call whose own is `exp`.
+local function own_exp(ttl, exp)
+    if ttl == nil then
+        return exp
+    elseif ttl < 0 then
+        return nil
+    end
+    return ttl
+end
+_M.own_exp = own_exp
+
 --- The judgement of a CachedValue or NO_VALUE: a miss, or a value of another
 -- format version, is MISSING.
 local function judge_value(region, cv, exp, now)
@@ -79,9 +99,27 @@ local function judge_value(region, cv, exp, now)
     if md.v ~= VALUE_VERSION then
         return MISSING
     end
-    return judge(region, md.ct, exp, now)
+    return judge(region, md.ct, own_exp(md.ttl, exp), now)
 end
 _M.judge_value = judge_value
+
+--- XFetch's draw for a fresh value created at `ct` that expires after `exp`
+-- (nil: never) and whose creator took `delta` seconds: true when this read
+-- should refresh it. The clock's upper bound makes `r` a little short, so a
+-- refresh comes a little early, never late. Past 37 times delta * beta,
+-- -ln(rand()) (at most 36.7 for a double in [2^-53, 1)) cannot reach r: no draw.
+local function elect(region, ct, exp, delta)
+    if exp == nil or delta == nil or delta <= 0 then
+        return false
+    end
+    local w = delta * region._beta
+    local r = ct + exp - clock_upper()
+    if r > 37 * w then
+        return false
+    end
+    return r <= -w * log(random())
+end
+_M.elect = elect
 
 -- -- Reading ------------------------------------------------------------------------
 
@@ -151,8 +189,32 @@ _M.fetch_multi = fetch_multi
 local function judged(region, cv, exp)
     if not rawequal(cv, NO_VALUE) then
         local md = cv.metadata
-        if md.v == VALUE_VERSION and judge(region, md.ct, exp) == FRESH then
-            return true, cv.payload
+        if md.v == VALUE_VERSION then
+            local ttl = md.ttl
+            if ttl ~= nil then
+                exp = ttl >= 0 and ttl or nil
+            end
+            if judge(region, md.ct, exp) == FRESH then
+                return true, cv.payload
+            end
+        end
+    end
+    return false, cv
+end
+
+-- The same, with early_refresh's draw on a fresh value.
+local function judged_early(region, cv, exp)
+    if not rawequal(cv, NO_VALUE) then
+        local md = cv.metadata
+        if md.v == VALUE_VERSION then
+            exp = own_exp(md.ttl, exp)
+            local ct = md.ct
+            if judge(region, ct, exp) == FRESH then
+                if elect(region, ct, exp, md.delta) then
+                    return true, cv.payload, cv
+                end
+                return true, cv.payload
+            end
         end
     end
     return false, cv
@@ -162,15 +224,27 @@ local function generic_lookup(region, key, exp)
     return judged(region, fetch(region, key), exp)
 end
 
+local function generic_early(region, key, exp)
+    return judged_early(region, fetch(region, key), exp)
+end
+
 -- An infallible backend of Lua values (the LRU memory backend, null): its
 -- get, called without pcall, returns a CachedValue or NO_VALUE.
-local function direct_lookup(region, key, exp)
+local function direct_get(region, key)
     local backend = region.backend
     local cv = backend:get(key)
     if cv == nil then
         cv = NO_VALUE
     end
-    return judged(region, cv, exp)
+    return cv
+end
+
+local function direct_lookup(region, key, exp)
+    return judged(region, direct_get(region, key), exp)
+end
+
+local function direct_early(region, key, exp)
+    return judged_early(region, direct_get(region, key), exp)
 end
 
 local function memory_lookup(region, key, exp)
@@ -181,10 +255,21 @@ local function memory_lookup(region, key, exp)
     return judged(region, cv, exp)
 end
 
--- In place: one FFI call fills the backend's buffer, the created time is read
+local function memory_early(region, key, exp)
+    local cv = region._mem[key]
+    if cv == nil then
+        return false, NO_VALUE
+    end
+    return judged_early(region, cv, exp)
+end
+
+-- In place: one FFI call fills the backend's buffer, the envelope is read
 -- there, and a fresh value is decoded from it; no envelope string, no
--- CachedValue. Anything else takes the slow path as a decoded CachedValue.
-local function c_lookup(region, key, exp)
+-- CachedValue. A fresh value the Lua reader declines is the C decoder's;
+-- anything else takes the slow path as a decoded CachedValue. `early`: with
+-- early_refresh's draw (constant in each of the two functions below, so
+-- each compiles without the other's branch).
+local function c_read(region, key, exp, early)
     local cb = region._cb
     local bytes = cb.bytes
     local rc = C.dp_backend_get(cb.handle, key, #key, bytes, cb.err)
@@ -195,21 +280,41 @@ local function c_lookup(region, key, exp)
         return false, NO_VALUE
     end
     local p, n = ffi_cast(u8p, bytes.data), tonumber(bytes.len)
-    local ct = created_at(p, n)
-    if ct and judge(region, ct, exp) == FRESH then
-        local ok, value = read_value(p + HEADER, n - HEADER)
-        if ok then
+    local ct, off, ttl, delta = header(p, n)
+    if ct then
+        if ttl ~= nil then
+            exp = ttl >= 0 and ttl or nil
+        end
+        if judge(region, ct, exp) == FRESH then
+            local ok, value = read_value(p + off, n - off)
+            if not ok then
+                local cv = decode_counted(region, ffi_string(p, n))
+                if rawequal(cv, NO_VALUE) then
+                    return false, cv
+                end
+                value = cv.payload
+            end
+            if early and elect(region, ct, exp, delta) then
+                return true, value, { payload = value, metadata = { ct = ct, v = VALUE_VERSION,
+                                                                    ttl = ttl, delta = delta } }
+            end
             return true, value
         end
     end
-    -- What the Lua reader declines (long varints, deep tables) or what is
-    -- not fresh: the C decoder's value, judged like any other.
-    return judged(region, decode_counted(region, ffi_string(p, n)), exp)
+    return false, decode_counted(region, ffi_string(p, n))
+end
+
+local function c_lookup(region, key, exp)
+    return c_read(region, key, exp, false)
+end
+
+local function c_early(region, key, exp)
+    return c_read(region, key, exp, true)
 end
 
 -- The front tier first (front.md): sync (cheap when nothing is pending), then
 -- its table; anything but a fresh value there is the backend's full read.
-local function front_lookup(region, key, exp)
+local function front_read(region, key, exp, early)
     local sync = region._front_sync
     if sync then
         sync()
@@ -217,13 +322,30 @@ local function front_lookup(region, key, exp)
     local cv = region._front[key]
     if cv ~= nil then
         local md = cv.metadata
-        if md.v == VALUE_VERSION and judge(region, md.ct, exp) == FRESH then
-            local st = region._stats
-            st.front_hits = st.front_hits + 1
-            return true, cv.payload
+        if md.v == VALUE_VERSION then
+            local e = own_exp(md.ttl, exp)
+            if judge(region, md.ct, e) == FRESH then
+                local st = region._stats
+                st.front_hits = st.front_hits + 1
+                if early and elect(region, md.ct, e, md.delta) then
+                    return true, cv.payload, cv
+                end
+                return true, cv.payload
+            end
         end
     end
+    if early then
+        return judged_early(region, fetch(region, key), exp)
+    end
     return judged(region, fetch(region, key), exp)
+end
+
+local function front_lookup(region, key, exp)
+    return front_read(region, key, exp, false)
+end
+
+local function front_early(region, key, exp)
+    return front_read(region, key, exp, true)
 end
 
 -- -- Multi-key strategies --------------------------------------------------------------
@@ -232,7 +354,7 @@ end
 
 local function generic_multi(region, keys, exp)
     local got = fetch_multi(region, keys)
-    local now = exp ~= nil and C.dp_clock_now() or nil
+    local now = C.dp_clock_now()
     local out, hits = {}, 0
     for i = 1, #keys do
         local cv = got[i]
@@ -262,7 +384,7 @@ local function c_multi(region, keys, exp)
         return out, 0
     end
     local p = ffi_cast(u8p, data)
-    local now = exp ~= nil and C.dp_clock_now() or nil
+    local now = C.dp_clock_now()
     local pos, hits = 0, 0
     for i = 1, n do
         local len = tonumber(lens[i - 1])
@@ -270,11 +392,11 @@ local function c_multi(region, keys, exp)
         if len >= 0 then
             local q = p + pos
             pos = pos + len
-            local ct = created_at(q, len)
+            local ct, off, ttl = header(q, len)
             if ct then
-                if judge(region, ct, exp, now) == FRESH then
+                if judge(region, ct, own_exp(ttl, exp), now) == FRESH then
                     local decoded
-                    decoded, v = read_value(q + HEADER, len - HEADER)
+                    decoded, v = read_value(q + off, len - off)
                     if not decoded then
                         v = decode_counted(region, ffi_string(q, len))
                         v = rawequal(v, NO_VALUE) and v or v.payload
@@ -299,7 +421,7 @@ local function front_multi(region, keys, exp)
         sync()
     end
     local front, st = region._front, region._stats
-    local now = exp ~= nil and C.dp_clock_now() or nil
+    local now = C.dp_clock_now()
     local out, hits, rest, where = {}, 0, {}, {}
     for i = 1, #keys do
         local cv = front[keys[i]]
@@ -326,13 +448,13 @@ end
 
 --- The read strategy for a region whose outermost backend is `backend` (after
 -- wrapping) and whose backend object is `actual`, with codec `codec` (nil:
--- Lua values). Returns `{name =, lookup =, multi =, direct =, mem =, cb =,
--- front =, sync =}` for the region to keep: a proxy in between, or a
+-- Lua values). Returns `{name =, lookup =, early =, multi =, direct =, mem =,
+-- cb =, front =, sync =}` (`early`: the lookup with early_refresh's draw) for the region to keep: a proxy in between, or a
 -- serializer of the user's, leaves the generic strategy.
 function _M.choose(backend, actual, codec)
     local unwrapped = backend == actual
-    local s = { name = "generic", lookup = generic_lookup, multi = generic_multi,
-                direct = unwrapped and actual.infallible == true }
+    local s = { name = "generic", lookup = generic_lookup, early = generic_early,
+                multi = generic_multi, direct = unwrapped and actual.infallible == true }
     if not unwrapped then
         return s
     end
@@ -343,17 +465,17 @@ function _M.choose(backend, actual, codec)
             raise("dogpile.cache: configure: the backend's front must be {store = table, "
                   .. "sync = function or nil}, got " .. type(front))
         end
-        s.name, s.lookup, s.multi = "front", front_lookup, front_multi
+        s.name, s.lookup, s.early, s.multi = "front", front_lookup, front_early, front_multi
         s.front, s.sync = front.store, front.sync
     elseif getmetatable(actual) == Memory then
-        s.name, s.lookup = "memory", memory_lookup
+        s.name, s.lookup, s.early = "memory", memory_lookup, memory_early
         s.mem = actual._cache
     elseif codec and codec.raw_decode and actual.handle ~= nil
         and getmetatable(actual) == CBackend then
-        s.name, s.lookup, s.multi = "c", c_lookup, c_multi
+        s.name, s.lookup, s.early, s.multi = "c", c_lookup, c_early, c_multi
         s.cb = actual
     elseif s.direct and not codec then
-        s.name, s.lookup = "direct", direct_lookup
+        s.name, s.lookup, s.early = "direct", direct_lookup, direct_early
     end
     return s
 end

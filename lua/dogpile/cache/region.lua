@@ -37,8 +37,8 @@ local FRESH = read.FRESH
 local fetch, fetch_multi, judge_value = read.fetch, read.fetch_multi, read.judge_value
 local store, store_multi = write.store, write.store_multi
 local new_value, new_metadata = write.new_value, write.new_metadata
-local type, pairs, tostring, setmetatable, rawget, rawset, rawequal, pcall, error =
-      type, pairs, tostring, setmetatable, rawget, rawset, rawequal, pcall, error
+local type, pairs, ipairs, tostring, setmetatable, rawget, rawset, rawequal, pcall, error =
+      type, pairs, ipairs, tostring, setmetatable, rawget, rawset, rawequal, pcall, error
 local sort = table.sort
 local HUGE = math.huge
 
@@ -80,7 +80,7 @@ local Region = {}
 -- configured region has.
 local CONFIGURED = { __index = Region }
 local NEEDS_CONFIGURE = { backend = true, actual_backend = true, _lookup = true,
-                          _lookup_multi = true }
+                          _lookup_create = true, _lookup_multi = true }
 local UNCONFIGURED = {
     __index = function(self, k)
         local v = Region[k]
@@ -144,7 +144,8 @@ end
 
 local function new_stats(front)
     return { hits = 0, misses = 0, creations = 0, stale_served = 0, lock_waits = 0,
-             errors = 0, evictions = 0, front_hits = front and 0 or nil }
+             errors = 0, evictions = 0, stale_on_error = 0, early_refreshes = 0,
+             front_hits = front and 0 or nil }
 end
 
 --- Wrap the backend in proxies: the first in `wrap` is outermost.
@@ -168,6 +169,8 @@ local function set_reader(self)
     local s = read.choose(self.backend, self.actual_backend, self._codec)
     self._reader = s.name
     self._lookup, self._lookup_multi = s.lookup, s.multi
+    -- get_or_create's: with early_refresh's draw when the region has it.
+    self._lookup_create = self._beta and s.early or s.lookup
     self._direct = s.direct
     self._mem, self._cb = s.mem, s.cb
     self._front, self._front_sync = s.front, s.sync
@@ -211,6 +214,14 @@ function Region:configure(backend_name, opts)
                                               rawget(self, "region_invalidator"),
                                               rawget(self, "_backend_inv")))
     self._codec = codec
+    self.negative_expiration_time = opts.negative_expiration_time
+    self.stale_if_error = opts.stale_if_error
+    local beta = opts.early_refresh
+    if beta == true then
+        beta = 1
+    end
+    self.early_refresh = beta or nil
+    self._beta = beta or nil
     set_reader(self)
     self.fail_open = opts.fail_open == true
     self._domain = C.dp_lock_domain_new()
@@ -249,11 +260,25 @@ function Region:configure_from_config(config, prefix)
         raise("dogpile.cache: configure_from_config: " .. prefix .. "expiration_time must be a "
               .. "finite number of seconds, got '" .. tostring(exp) .. "'")
     end
+    local seconds = {}
+    for _, name in ipairs({ "negative_expiration_time", "stale_if_error", "early_refresh" }) do
+        local v = conf[prefix .. name]
+        if v ~= nil and not (name == "early_refresh" and type(v) == "boolean") then
+            if not options.finite(v) then
+                raise("dogpile.cache: configure_from_config: " .. prefix .. name .. " must be a "
+                      .. "finite number, got '" .. tostring(v) .. "'")
+            end
+        end
+        seconds[name] = v
+    end
     return self:configure(backend, {
         expiration_time = exp,
         arguments = arguments,
         replace_existing_backend = conf[prefix .. "replace_existing_backend"] == true,
         fail_open = conf[prefix .. "fail_open"] == true or nil,
+        negative_expiration_time = seconds.negative_expiration_time,
+        stale_if_error = seconds.stale_if_error,
+        early_refresh = seconds.early_refresh,
     })
 end
 
@@ -445,10 +470,26 @@ end
 
 -- -- set / delete ----------------------------------------------------------------
 
-function Region:set(key, value)
+--- `region:set(key, value, expiration_time)`: `expiration_time` (seconds;
+-- negative: never expires) is the value's own, stored with it, as a
+-- creator's second return value. `delta` (seconds its creator took) is kept
+-- for early_refresh, so that an async_creation_runner's
+-- `region:set(key, creator())` stores what the creator returned.
+-- @raise when expiration_time or delta is not a finite number or nil
+function Region:set(key, value, expiration_time, delta)
     local _ = self.backend
     check_key(key, "set")
-    store(self, mangle(self, key), new_value(value))
+    if expiration_time ~= nil and not options.finite(expiration_time) then
+        check_expiration(expiration_time, "set")
+    end
+    if delta ~= nil and not (options.finite(delta) and delta >= 0) then
+        raise("dogpile.cache: set: delta (the creator's duration) must be a finite number of "
+              .. "seconds >= 0 or nil, got " .. tostring(delta))
+    end
+    if not self._beta then
+        delta = nil
+    end
+    store(self, mangle(self, key), new_value(value, expiration_time, delta))
 end
 
 -- Store keys[i] = values[i] for i = 1..n, nil values included (a mapping
@@ -519,7 +560,7 @@ end
 -- creator_args)` -> value, under the dogpile lock.
 -- @raise whatever the creator raises, after releasing the lock
 function Region:get_or_create(key, creator, expiration_time, should_cache_fn, creator_args)
-    local lookup = self._lookup
+    local lookup = self._lookup_create
     if type(key) ~= "string" then
         check_key(key, "get_or_create")
     end
@@ -531,12 +572,16 @@ function Region:get_or_create(key, creator, expiration_time, should_cache_fn, cr
     if self.key_mangler then
         key = mangle(self, key)
     end
-    -- The hit, as get's: one read, no closure, no lock.
-    local hit, value = lookup(self, key, exp)
+    -- The hit, as get's: one read, no closure, no lock. `early` (a
+    -- CachedValue) only with early_refresh: this read was drawn to refresh it.
+    local hit, value, early = lookup(self, key, exp)
     if hit then
         local st = self._stats
         st.hits = st.hits + 1
-        return value
+        if early == nil then
+            return value
+        end
+        value = early
     end
     if should_cache_fn ~= nil and not is_callable(should_cache_fn) then
         raise("dogpile.cache: get_or_create: should_cache_fn must be a function or nil, got "
@@ -546,7 +591,7 @@ function Region:get_or_create(key, creator, expiration_time, should_cache_fn, cr
         raise("dogpile.cache: get_or_create: creator_args must be an array, got " .. type(creator_args))
     end
     return create.get_or_create(self, key, orig_key, creator, exp, should_cache_fn, creator_args,
-                                value)
+                                value, hit)
 end
 
 --- `region:get_or_create_multi(keys, creator, expiration_time, should_cache_fn)`

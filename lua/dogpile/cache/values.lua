@@ -1,7 +1,8 @@
 --- Cached values as bytes, for backends that store strings: the codec a
 -- region uses (chosen once, at configure), and the envelope around it
--- (dogpile/cache/envelope.lua: magic, format, flags, the created time, then
--- the payload).
+-- (dogpile/cache/envelope.lua: magic, format, flags, the created time, the
+-- value's own expiration time and its creator's duration when it has them,
+-- then the payload).
 local ffi = require "ffi"
 local lib = require "dogpile.lib"
 local api = require "dogpile.cache.api"
@@ -10,7 +11,6 @@ local envelope = require "dogpile.cache.envelope"
 local raise = lib.raise
 local NO_VALUE = api.NO_VALUE
 local VALUE_VERSION = api.VALUE_VERSION
-local HEADER = envelope.HEADER
 local pack_envelope, unpack_envelope = envelope.pack, envelope.unpack
 local read_value = envelope.read
 local u8p = envelope.u8p
@@ -65,30 +65,31 @@ function _M.decode(codec, bytes)
     if bytes == NO_VALUE or bytes == nil then
         return NO_VALUE
     end
-    local ct, err = unpack_envelope(bytes)
-    local ok, value = false, err
+    local ct, off, ttl, delta = unpack_envelope(bytes)
+    local ok, value = false, off
     if ct then
         local raw = codec.raw_decode
         if raw then
             -- The default codec: scalars are read in Lua, in compiled code;
             -- the rest by the C decoder, which returns nil, err on bad bytes
             -- and never raises, so it needs no pcall.
-            ok, value = read_value(ffi_cast(u8p, bytes) + HEADER, #bytes - HEADER)
+            ok, value = read_value(ffi_cast(u8p, bytes) + off, #bytes - off)
             if not ok then
-                value, err = raw(bytes:sub(HEADER + 1))
+                local err
+                value, err = raw(bytes:sub(off + 1))
                 ok = value ~= nil or err == nil
                 if not ok then
                     value = err
                 end
             end
         else
-            ok, value = pcall(codec.decode, bytes:sub(HEADER + 1))
+            ok, value = pcall(codec.decode, bytes:sub(off + 1))
         end
     end
     if not ok then
         return NO_VALUE, tostring(value)
     end
-    return { payload = value, metadata = { ct = ct, v = VALUE_VERSION } }
+    return { payload = value, metadata = { ct = ct, v = VALUE_VERSION, ttl = ttl, delta = delta } }
 end
 
 --- A CachedValue -> the bytes `region` stores under `key`.
@@ -106,7 +107,8 @@ function _M.encode(codec, cv, key, region)
         raise("dogpile.cache: region " .. region:_label() .. ": the serializer returned a "
               .. type(payload) .. ", not a string")
     end
-    return pack_envelope(cv.metadata.ct, payload)
+    local md = cv.metadata
+    return pack_envelope(md.ct, payload, md.ttl, md.delta)
 end
 
 return _M

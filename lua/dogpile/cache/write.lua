@@ -19,14 +19,17 @@ lib.own_source()
 
 local _M = {}
 
---- A new CachedValue of `payload`, created now.
-function _M.new_value(payload)
-    return { payload = payload, metadata = { ct = C.dp_clock_stamp(), v = VALUE_VERSION } }
+--- A new CachedValue of `payload`, created now; `ttl` (its own expiration
+-- time) and `delta` (its creator's duration, for early_refresh) when given.
+function _M.new_value(payload, ttl, delta)
+    return { payload = payload,
+             metadata = { ct = C.dp_clock_stamp(), v = VALUE_VERSION, ttl = ttl, delta = delta } }
 end
 
---- Metadata for values stored together: one created time.
-function _M.new_metadata()
-    return { ct = C.dp_clock_stamp(), v = VALUE_VERSION }
+--- Metadata for values stored together: one created time (and `ttl`,
+-- `delta` as new_value).
+function _M.new_metadata(ttl, delta)
+    return { ct = C.dp_clock_stamp(), v = VALUE_VERSION, ttl = ttl, delta = delta }
 end
 
 -- A C backend with the default codec: the value written in place
@@ -34,7 +37,8 @@ end
 -- which reports failure in err.
 local function c_store(region, key, cv)
     local cb = region._cb
-    local p, n = write_scalar(cv.metadata.ct, cv.payload)
+    local md = cv.metadata
+    local p, n = write_scalar(md.ct, cv.payload, md.ttl, md.delta)
     if not p then
         p = encode(region._codec, cv, key, region)
         n = #p
