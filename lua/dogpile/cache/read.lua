@@ -41,7 +41,8 @@ local u8p = envelope.u8p
 local decode = values.decode
 local ffi_string, ffi_cast = ffi.string, ffi.cast
 local DP_OK, DP_ENOTFOUND = lib.DP_OK, lib.DP_ENOTFOUND
-local rawequal, pcall, getmetatable, tonumber, type = rawequal, pcall, getmetatable, tonumber, type
+local rawequal, rawget, pcall, getmetatable, tonumber, type =
+      rawequal, rawget, pcall, getmetatable, tonumber, type
 local log, random = math.log, math.random
 
 lib.own_source()
@@ -190,7 +191,9 @@ local function judged(region, cv, exp)
     if not rawequal(cv, NO_VALUE) then
         local md = cv.metadata
         if md.v == VALUE_VERSION then
-            local ttl = md.ttl
+            -- rawget: a field that is absent (nil) is then one load, with no
+            -- look for an __index in the metadata's metatable.
+            local ttl = rawget(md, "ttl")
             if ttl ~= nil then
                 exp = ttl >= 0 and ttl or nil
             end
@@ -323,7 +326,7 @@ local function front_read(region, key, exp, early)
     if cv ~= nil then
         local md = cv.metadata
         if md.v == VALUE_VERSION then
-            local e = own_exp(md.ttl, exp)
+            local e = own_exp(rawget(md, "ttl"), exp)
             if judge(region, md.ct, e) == FRESH then
                 local st = region._stats
                 st.front_hits = st.front_hits + 1
