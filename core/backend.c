@@ -192,34 +192,57 @@ DP_API int dp_backend_open(const char *name, const dp_arg *args, size_t nargs,
     return DP_OK;
 }
 
-/* Every dispatcher: straight to the op without a breaker; with one, the op
- * between dp__breaker_enter and dp__breaker_leave. */
-#define GUARDED(b, err, call)                                                   \
-    do {                                                                        \
-        dp__breaker *br_ = (b)->br;                                             \
-        if (!br_)                                                               \
-            return (call);                                                      \
-        dp__guard g_;                                                           \
-        if (dp__breaker_enter(br_, &g_, (err)) != DP_OK)                        \
+/* Every dispatcher: straight to the op (a tail jump) without a breaker;
+ * with one, through a function of its own, the op between
+ * dp__breaker_enter and dp__breaker_leave. Kept apart so that the plain
+ * path saves no registers: written inline, the guarded path made every
+ * get of an in-process backend 21 instructions longer (callgrind). */
+#define GUARDED_FN(fn, params, call)                                            \
+    static __attribute__((noinline)) int fn params                              \
+    {                                                                           \
+        dp__breaker *br = b->br;                                                \
+        dp__guard g;                                                            \
+        if (dp__breaker_enter(br, &g, err) != DP_OK)                            \
             return DP_EBACKEND;                                                 \
-        return dp__breaker_leave(br_, &g_, (call), (err));                      \
-    } while (0)
+        return dp__breaker_leave(br, &g, (call), err);                          \
+    }
+
+GUARDED_FN(guarded_get, (dp_backend *b, const char *key, size_t klen, dp_bytes *out,
+                         dp_err *err), b->ops->get(b->self, key, klen, out, err))
+GUARDED_FN(guarded_set, (dp_backend *b, const char *key, size_t klen, const char *value,
+                         size_t vlen, dp_err *err),
+           b->ops->set(b->self, key, klen, value, vlen, err))
+GUARDED_FN(guarded_del, (dp_backend *b, const char *key, size_t klen, dp_err *err),
+           b->ops->del(b->self, key, klen, err))
+GUARDED_FN(guarded_lock, (dp_backend *b, const char *key, size_t klen, double timeout,
+                          dp_err *err), b->ops->lock(b->self, key, klen, timeout, err))
+GUARDED_FN(guarded_unlock, (dp_backend *b, const char *key, size_t klen, dp_err *err),
+           b->ops->unlock(b->self, key, klen, err))
+GUARDED_FN(guarded_wait_unlocked, (dp_backend *b, const char *key, size_t klen,
+                                   double timeout, dp_err *err),
+           b->ops->wait_unlocked(b->self, key, klen, timeout, err))
 
 DP_API int dp_backend_get(dp_backend *b, const char *key, size_t klen, dp_bytes *out,
                           dp_err *err)
 {
-    GUARDED(b, err, b->ops->get(b->self, key, klen, out, err));
+    if (!b->br)
+        return b->ops->get(b->self, key, klen, out, err);
+    return guarded_get(b, key, klen, out, err);
 }
 
 DP_API int dp_backend_set(dp_backend *b, const char *key, size_t klen, const char *value,
                           size_t vlen, dp_err *err)
 {
-    GUARDED(b, err, b->ops->set(b->self, key, klen, value, vlen, err));
+    if (!b->br)
+        return b->ops->set(b->self, key, klen, value, vlen, err);
+    return guarded_set(b, key, klen, value, vlen, err);
 }
 
 DP_API int dp_backend_delete(dp_backend *b, const char *key, size_t klen, dp_err *err)
 {
-    GUARDED(b, err, b->ops->del(b->self, key, klen, err));
+    if (!b->br)
+        return b->ops->del(b->self, key, klen, err);
+    return guarded_del(b, key, klen, err);
 }
 
 DP_API void dp_backend_stat(dp_backend *b, dp_backend_stats *out)
@@ -251,7 +274,9 @@ DP_API int dp_backend_lock(dp_backend *b, const char *key, size_t klen, double t
 {
     if (!b->ops->lock)
         return dp_err_set(err, DP_EINVAL, "%s has no lock of its own", b->ops->name);
-    GUARDED(b, err, b->ops->lock(b->self, key, klen, timeout, err));
+    if (!b->br)
+        return b->ops->lock(b->self, key, klen, timeout, err);
+    return guarded_lock(b, key, klen, timeout, err);
 }
 
 DP_API int dp_backend_unlock(dp_backend *b, const char *key, size_t klen, dp_err *err)
@@ -261,7 +286,9 @@ DP_API int dp_backend_unlock(dp_backend *b, const char *key, size_t klen, dp_err
     /* Refused too when open: the lock expires by itself, and a release
      * that waited socket_timeout would cost the caller what the breaker
      * saved it. */
-    GUARDED(b, err, b->ops->unlock(b->self, key, klen, err));
+    if (!b->br)
+        return b->ops->unlock(b->self, key, klen, err);
+    return guarded_unlock(b, key, klen, err);
 }
 
 DP_API int dp_backend_has_wait_unlocked(dp_backend *b)
@@ -275,7 +302,9 @@ DP_API int dp_backend_wait_unlocked(dp_backend *b, const char *key, size_t klen,
     if (!b->ops->wait_unlocked)
         return dp_err_set(err, DP_EINVAL, "%s cannot wait for its lock's release",
                           b->ops->name);
-    GUARDED(b, err, b->ops->wait_unlocked(b->self, key, klen, timeout, err));
+    if (!b->br)
+        return b->ops->wait_unlocked(b->self, key, klen, timeout, err);
+    return guarded_wait_unlocked(b, key, klen, timeout, err);
 }
 
 static int get_multi(dp_backend *b, size_t n, const char *const *keys, const size_t *klens,
@@ -334,24 +363,41 @@ static int delete_multi(dp_backend *b, size_t n, const char *const *keys, const 
 
 /* The multi forms count as one call: the core's loop stops at the first
  * failure anyway. */
+GUARDED_FN(guarded_get_multi, (dp_backend *b, size_t n, const char *const *keys,
+                               const size_t *klens, dp_bytes *out, int64_t *vlens,
+                               dp_err *err), get_multi(b, n, keys, klens, out, vlens, err))
+GUARDED_FN(guarded_set_multi, (dp_backend *b, size_t n, const char *const *keys,
+                               const size_t *klens, const char *const *values,
+                               const size_t *vlens, dp_err *err),
+           set_multi(b, n, keys, klens, values, vlens, err))
+GUARDED_FN(guarded_delete_multi, (dp_backend *b, size_t n, const char *const *keys,
+                                  const size_t *klens, dp_err *err),
+           delete_multi(b, n, keys, klens, err))
+
 DP_API int dp_backend_get_multi(dp_backend *b, size_t n, const char *const *keys,
                                 const size_t *klens, dp_bytes *out, int64_t *vlens,
                                 dp_err *err)
 {
-    GUARDED(b, err, get_multi(b, n, keys, klens, out, vlens, err));
+    if (!b->br)
+        return get_multi(b, n, keys, klens, out, vlens, err);
+    return guarded_get_multi(b, n, keys, klens, out, vlens, err);
 }
 
 DP_API int dp_backend_set_multi(dp_backend *b, size_t n, const char *const *keys,
                                 const size_t *klens, const char *const *values,
                                 const size_t *vlens, dp_err *err)
 {
-    GUARDED(b, err, set_multi(b, n, keys, klens, values, vlens, err));
+    if (!b->br)
+        return set_multi(b, n, keys, klens, values, vlens, err);
+    return guarded_set_multi(b, n, keys, klens, values, vlens, err);
 }
 
 DP_API int dp_backend_delete_multi(dp_backend *b, size_t n, const char *const *keys,
                                    const size_t *klens, dp_err *err)
 {
-    GUARDED(b, err, delete_multi(b, n, keys, klens, err));
+    if (!b->br)
+        return delete_multi(b, n, keys, klens, err);
+    return guarded_delete_multi(b, n, keys, klens, err);
 }
 
 DP_API void dp_backend_circuit(dp_backend *b, dp_circuit_stats *out)

@@ -295,7 +295,7 @@ int dp__breaker_report(dp__breaker *br, const dp__guard *g, int rc, dp_err *err)
         atomic_store_explicit(&br->state, DP__OPEN, memory_order_release);
     } else if (st == DP__CLOSED) {
         int n = atomic_fetch_add_explicit(&br->fails, 1, memory_order_relaxed) + 1;
-        double took = br->timed ? now - g->t0 : 0;
+        double took = br->timed ? dp__breaker_clock() - g->t0 : 0;
         int slow = br->timed && took >= br->cfg.slow;
         if (n >= br->cfg.failures || slow) {
             br->opened++;
