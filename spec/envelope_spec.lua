@@ -177,6 +177,85 @@ describe("envelope.write_scalar", function()
     end)
 end)
 
+describe("envelope format 2 (a value's own expiration time, its creator's duration)", function()
+    local ffi = require "ffi"
+    local function dbl(v)
+        return ffi.string(ffi.new("double[1]", v), 8)
+    end
+
+    it("is written only for a value that has one of them; format 1 otherwise", function()
+        local payload = codec.encode("v")
+        assert.are.equal("DPLV\1\0\0\0" .. dbl(5.5) .. payload, envelope.pack(5.5, payload))
+        assert.are.equal("DPLV\2\1\0\0" .. dbl(5.5) .. dbl(-1) .. dbl(0) .. payload,
+                         envelope.pack(5.5, payload, -1))
+        assert.are.equal("DPLV\2\2\0\0" .. dbl(5.5) .. dbl(0) .. dbl(0.25) .. payload,
+                         envelope.pack(5.5, payload, nil, 0.25))
+        assert.are.equal("DPLV\2\3\0\0" .. dbl(5.5) .. dbl(30) .. dbl(0.25) .. payload,
+                         envelope.pack(5.5, payload, 30, 0.25))
+    end)
+
+    it("is read back by unpack and header, which say where the payload starts", function()
+        local payload = codec.encode({ 1, 2 })
+        for _, case in ipairs({ { nil, nil, 16 }, { 30, nil, 32 }, { nil, 0.5, 32 }, { -1, 0, 32 },
+                                { 0, 2.5, 32 } }) do
+            local ttl, delta, off = case[1], case[2], case[3]
+            local bytes = envelope.pack(77.5, payload, ttl, delta)
+            local ct, o, t, d = envelope.unpack(bytes)
+            assert.are.same({ 77.5, off, ttl, delta }, { ct, o, t, d })
+            local p = ffi.cast("const uint8_t *", bytes)
+            ct, o, t, d = envelope.header(p, #bytes)
+            assert.are.same({ 77.5, off, ttl, delta }, { ct, o, t, d })
+            assert.are.same({ true, { 1, 2 } }, { envelope.read(p + o, #bytes - o) })
+        end
+    end)
+
+    it("write_scalar writes what pack(ct, codec.encode(v), ttl, delta) makes", function()
+        for _, v in ipairs({ "s", string.rep("x", 500), 42, -7, 0.5, true, false }) do
+            for _, td in ipairs({ { 60 }, { nil, 0.125 }, { -1, 3 } }) do
+                local p, n = envelope.write_scalar(99.25, v, td[1], td[2])
+                assert.are.equal(envelope.pack(99.25, codec.encode(v), td[1], td[2]),
+                                 ffi.string(p, n), tostring(v))
+            end
+        end
+        local p, n = envelope.write_scalar(99.25, nil, 5)
+        assert.are.equal(envelope.pack(99.25, codec.encode(nil), 5), ffi.string(p, n))
+    end)
+
+    it("refuses short headers, fields that are not finite, a negative duration and "
+       .. "unknown formats, on every read path", function()
+        local payload = codec.encode("v")
+        local good = envelope.pack(1, payload, 10, 1)
+        local bad = {
+            { good:sub(1, 31), "too short" },
+            { "DPLV\2\1\0\0" .. dbl(1) .. dbl(0 / 0) .. dbl(0) .. payload, "not a finite number" },
+            { "DPLV\2\1\0\0" .. dbl(1) .. dbl(1 / 0) .. dbl(0) .. payload, "not a finite number" },
+            { "DPLV\2\2\0\0" .. dbl(1) .. dbl(0) .. dbl(-1) .. payload, "not a finite number" },
+            { "DPLV\3\0\0\0" .. dbl(1) .. payload, "unknown value format 3" },
+        }
+        local region = cache.make_region():configure("dogpile.cache.shared_memory", {
+            expiration_time = 60, arguments = { name = "envelope_spec_format2" } })
+        local logged = 0
+        cache.set_logger(function() logged = logged + 1 end)
+        local errors = region:stats().errors
+        for i, case in ipairs(bad) do
+            local ct, err = envelope.unpack(case[1])
+            assert.is_nil(ct)
+            assert.matches(case[2], err, 1, true)
+            assert.is_nil(envelope.header(ffi.cast("const uint8_t *", case[1]), #case[1]))
+            region.backend:set("bad" .. i, case[1])
+            assert.are.equal(cache.NO_VALUE, region:get("bad" .. i))
+            assert.are.same({ cache.NO_VALUE }, region:get_multi({ "bad" .. i }))
+        end
+        require("dogpile.context").set_logger(nil)
+        assert.are.equal(errors + 2 * #bad, region:stats().errors)
+        assert.are.equal(2 * #bad, logged)
+        -- Unknown flag bits are ignored: the layout of format 2 is fixed.
+        region.backend:set("flags", "DPLV\2\255\0\0" .. dbl(require("dogpile").now()) .. dbl(-1)
+                           .. dbl(0) .. payload)
+        assert.are.equal("v", region:get("flags"))
+    end)
+end)
+
 describe("a region on a C backend", function()
     it("reads hits in place and still reports bytes that do not decode", function()
         local region = cache.make_region():configure("dogpile.cache.shared_memory", {
@@ -300,8 +379,9 @@ end)
 
 -- -- Differential fuzz of the in-place reader -------------------------------------
 -- Mutations of valid encodings, with forged doubles spliced in, for
--- DP_FUZZ_LUA_SECONDS (default 3): whatever the Lua reader accepts, the C
--- decoder accepts and agrees on, and only plain Lua values come out.
+-- DP_FUZZ_LUA_SECONDS (default 3; longer on a loaded machine): whatever the
+-- Lua reader accepts, the C decoder accepts and agrees on, and only plain
+-- Lua values come out.
 describe("the in-place reader under fuzzing", function()
     it("never accepts what the C decoder refuses, never disagrees, never forges", function()
         local clock = require "dogpile.lib".C
@@ -313,9 +393,13 @@ describe("the in-place reader under fuzzing", function()
         for _, d in ipairs(FORGED) do
             seeds[#seeds + 1] = "\193\1\6\1\1\4" .. d .. "\4" .. d .. "\3\2"
         end
-        local deadline = clock.dp_clock_monotonic() + seconds
+        -- At least `seconds`, and on until 500 inputs were accepted (a loaded
+        -- machine runs fewer in the time), for at most ten times as long.
+        local t0 = clock.dp_clock_monotonic()
+        local deadline, limit = t0 + seconds, t0 + 10 * seconds
         local runs, accepted = 0, 0
-        while clock.dp_clock_monotonic() < deadline do
+        while clock.dp_clock_monotonic() < deadline
+            or (accepted <= 500 and clock.dp_clock_monotonic() < limit) do
             for _ = 1, 200 do
                 local bytes = seeds[rnd(#seeds) + 1]
                 for _ = 0, rnd(3) do
