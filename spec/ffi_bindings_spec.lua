@@ -10,6 +10,9 @@ for _, name in ipairs({ "dp_buf_init", "dp_buf_reset", "dp_buf_free", "dp_buf_fi
     "dp_buf_put_table", "dp_reader_init", "dp_reader_next", "dp_reader_finish",
     -- C hosts register C backends (an ops table of function pointers); Lua opens them.
     "dp_backend_register", "dp_err_set", "dp_arg_size",
+    -- C backends fill their settings from declared arguments, and say they
+    -- talk to a server (a circuit breaker of their own).
+    "dp_args_fill", "dp_args_free", "dp_args_diff", "dp_circuit_declare",
     -- For a C host at the end of its life, when no Lua state is open.
     "dp_shutdown" }) do
     SKIPPED[name] = true

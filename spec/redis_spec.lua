@@ -594,7 +594,7 @@ append(arg[4], string.format("%.6f", now()))
 
         it("a paused server (SIGSTOP): operations fail within socket_timeout, then work again", function()
             local srv = start_server()
-            local r = region({ port = srv.port, socket_timeout = 0.4, lock_timeout = 2 })
+            local r = region({ port = srv.port, socket_timeout = 0.4, lock_timeout = 2, circuit_cooldown = 0.1 })
             r:set("kept", "value")
             sh("kill -STOP " .. srv.pid)
             local t0 = now()

@@ -109,6 +109,11 @@ local METRICS = {
     { "errors", "Backend failures and undecodable values." },
     { "evictions", "Values the backend evicted, where it reports them." },
     { "lock_overruns", "Creations that outlived a distributed lock's timeout." },
+    { "stale_on_error", "Expired values served because the creator failed (stale_if_error)." },
+    { "early_refreshes", "Fresh values regenerated early (early_refresh)." },
+    { "front_hits", "Hits served by the nearest tier of a tiered region." },
+    { "circuit_opened", "Times the backend's circuit breaker opened (networked C backends)." },
+    { "circuit_refused", "Calls the open circuit breaker refused without asking the server." },
 }
 
 -- Label values escape backslash, double quote and newline (text format 0.0.4).

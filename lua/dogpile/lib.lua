@@ -66,6 +66,43 @@ int dp_backend_delete_multi(dp_backend *b, size_t n, const char *const *keys,
 void dp_backend_close(dp_backend *b);
 int dp_bytes_reserve(dp_bytes *b, size_t need);
 void dp_bytes_free(dp_bytes *b);
+
+typedef struct dp_circuit_stats {
+    int enabled; int state;
+    double failures, opened, reopened, probes, refused, since;
+    double circuit_failures, circuit_cooldown, circuit_slow;
+    char last_error[200];
+} dp_circuit_stats;
+void dp_backend_circuit(dp_backend *b, dp_circuit_stats *out);
+
+typedef struct dp_backend_hold { int core; int proc; int overrun; double since; } dp_backend_hold;
+double dp_backend_lock_timeout(dp_backend *b);
+int dp_backend_acquire(dp_backend *b, const char *key, size_t klen, uint32_t owner,
+                       double timeout, dp_backend_hold *h, dp_err *err);
+int dp_backend_release(dp_backend *b, const char *key, size_t klen, dp_backend_hold *h,
+                       dp_err *err);
+int dp_backend_can_wait_released(dp_backend *b);
+int dp_backend_wait_released(dp_backend *b, const char *key, size_t klen, uint32_t owner,
+                             double timeout, dp_err *err);
+
+typedef struct dp_backoff { double step; double max; double deadline; int unbounded; } dp_backoff;
+void dp_backoff_init(dp_backoff *bo, double timeout, double max_step);
+double dp_backoff_next(dp_backoff *bo);
+int dp_backoff_sleep(dp_backoff *bo);
+
+typedef struct dp_feed dp_feed;
+typedef struct dp_feed_cursor {
+    uint64_t seq; uint64_t epoch; uint32_t stamp; uint32_t origin;
+    int reset; int more; double reset_at;
+} dp_feed_cursor;
+int dp_feed_open(const char *name, size_t len, size_t capacity, dp_feed **out);
+void dp_feed_close(dp_feed *f);
+const volatile uint32_t *dp_feed_stamp(dp_feed *f);
+int dp_feed_push(dp_feed *f, const char *key, size_t klen, uint32_t origin, int scope);
+void dp_feed_reset(dp_feed *f);
+void dp_feed_cursor_init(dp_feed *f, dp_feed_cursor *c);
+int dp_feed_read(dp_feed *f, dp_feed_cursor *c, dp_bytes *keys, size_t *lens,
+                 int32_t *scopes, size_t max, size_t *n);
 ]]
 
 local C = ffi.load(core.library_path)

@@ -305,9 +305,15 @@ function Region:stats()
     for k, v in pairs(st) do
         out[k] = v
     end
-    local ev = self:_backend_evictions()
+    local ev, bs = self:_backend_evictions()
     if ev then
         out.evictions = ev - (self._evictions_base or 0)
+    end
+    -- The circuit breaker of a networked C backend (shared by the process).
+    if bs and bs.circuit_state then
+        out.circuit_state = bs.circuit_state
+        out.circuit_opened, out.circuit_refused = bs.circuit_opened, bs.circuit_refused
+        out.circuit_probes = bs.circuit_probes
     end
     -- Creations that outlived a distributed lock's timeout, where the backend
     -- counts them (per Lua state).
@@ -326,7 +332,7 @@ function Region:_backend_evictions()
     if b and b.stats then
         local ok, bs = pcall(b.stats, b)
         if ok and type(bs) == "table" and type(bs.evictions) == "number" then
-            return bs.evictions
+            return bs.evictions, bs
         end
     end
     return nil
@@ -337,17 +343,52 @@ end
 --- A backend call raised `err`. Under fail_open: log, count, carry on as a
 -- miss. Otherwise raise an error naming the backend, the operation and the
 -- key (a non-string error object propagates unchanged).
+-- Failure lines under fail_open: at most one a second per backend name in
+-- this Lua state, the next one saying how many were left out. A server that
+-- is down fails every call; its log should say so, not drown in it.
+local LOG_EVERY = 1
+local log_limits = {}
+
+local function log_limited(name, line)
+    local now = C.dp_clock_monotonic()
+    local lim = log_limits[name]
+    if lim == nil then
+        lim = { at = -math.huge, suppressed = 0 }
+        log_limits[name] = lim
+    end
+    if now - lim.at < LOG_EVERY then
+        lim.suppressed = lim.suppressed + 1
+        return
+    end
+    if lim.suppressed > 0 then
+        line = line .. " (" .. lim.suppressed .. " more failure(s) of " .. name
+            .. " not logged in the last " .. string.format("%.1f", now - lim.at) .. " s)"
+    end
+    lim.at, lim.suppressed = now, 0
+    context.log(line)
+end
+_M._log_limits = log_limits
+
 function Region:_failed(op, key, err)
     self._stats.errors = self._stats.errors + 1
-    local what = tostring(self._backend_name) .. ": " .. op
-        .. (key ~= nil and (" '" .. tostring(key) .. "'") or "")
+    local name = tostring(self._backend_name)
+    local what = name .. ": " .. op .. (key ~= nil and (" '" .. tostring(key) .. "'") or "")
+    if type(err) == "string" then
+        -- A backend's own message may already say which backend, op and key.
+        local prefix = what .. " failed: "
+        if err:sub(1, #prefix) == prefix then
+            err = err:sub(#prefix + 1)
+        elseif err:sub(1, #name + 2) == name .. ": " then
+            err = err:sub(#name + 3)
+        end
+    end
     if not self.fail_open then
         if type(err) ~= "string" then
             error(err, 0)
         end
         raise(what .. " failed: " .. err)
     end
-    context.log("dogpile.cache: region " .. self:_label() .. ": " .. what
+    log_limited(name, "dogpile.cache: region " .. self:_label() .. ": " .. what
                 .. " failed (treated as a miss, fail_open): " .. tostring(err))
 end
 

@@ -431,16 +431,26 @@ local function backend_mutex(self, key)
                                                                     or BackendMutex)
 end
 
+local CIRCUIT_STATES = { [0] = "closed", "open", "probing" }
+
 function CBackend:stats()
     local st = ffi_new("dp_backend_stats")
     C.dp_backend_stat(self.handle, st)
-    return {
+    local out = {
         items = st.items, bytes = st.bytes, max_items = st.max_items, max_bytes = st.max_bytes,
         hits = st.hits, misses = st.misses, evictions = st.evictions,
         expirations = st.expirations,
         -- this handle's count of locks held past lock_timeout
         lock_overruns = self.lock_overruns,
     }
+    local cs = ffi_new("dp_circuit_stats")
+    C.dp_backend_circuit(self.handle, cs)
+    if cs.enabled == 1 then
+        out.circuit_state = CIRCUIT_STATES[cs.state]
+        out.circuit_opened, out.circuit_refused = cs.opened, cs.refused
+        out.circuit_probes = cs.probes
+    end
+    return out
 end
 
 --- Open an instance of the C backend registered as `name` with the region's

@@ -18,7 +18,6 @@ local C = lib.C
 lib.own_source()
 
 -- Until dogpile.lib declares it and c.lua reads it (the mutex's wait bound).
-pcall(ffi.cdef, "double dp_backend_lock_timeout(dp_backend *b);")
 
 local NAME = "dogpile.cache.lmdb"
 -- LMDB's keys are at most 511 bytes; ours carry a one-byte prefix.

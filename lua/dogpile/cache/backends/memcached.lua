@@ -24,7 +24,6 @@ local sha1_mangle_key = util.sha1_mangle_key
 lib.own_source()
 
 -- Until dogpile.lib declares it and c.lua reads it (the mutex's wait bound).
-pcall(ffi.cdef, "double dp_backend_lock_timeout(dp_backend *b);")
 
 local NAME = "dogpile.cache.memcached"
 -- memcached's key limit (both protocols).

@@ -54,26 +54,7 @@ lib.own_source()
 local NAME = "dogpile.cache.tiered"
 local ngx = ngx
 
--- The change feed (core/dogpile_feed.h). These declarations belong in
--- lua/dogpile/lib.lua with the rest of the core's; they are here until that
--- file takes them.
-if not pcall(ffi.typeof, "dp_feed_cursor") then
-    ffi.cdef [[
-typedef struct dp_feed dp_feed;
-typedef struct dp_feed_cursor {
-    uint64_t seq; uint64_t epoch; uint32_t stamp; uint32_t origin;
-    int reset; int more; double reset_at;
-} dp_feed_cursor;
-int dp_feed_open(const char *name, size_t len, size_t capacity, dp_feed **out);
-void dp_feed_close(dp_feed *f);
-const volatile uint32_t *dp_feed_stamp(dp_feed *f);
-int dp_feed_push(dp_feed *f, const char *key, size_t klen, uint32_t origin, int scope);
-void dp_feed_reset(dp_feed *f);
-void dp_feed_cursor_init(dp_feed *f, dp_feed_cursor *c);
-int dp_feed_read(dp_feed *f, dp_feed_cursor *c, dp_bytes *keys, size_t *lens,
-                 int32_t *scopes, size_t max, size_t *n);
-]]
-end
+-- The change feed (core/dogpile_feed.h) is declared in dogpile.lib.
 
 -- How widely a tier is shared: a change seen at scope S makes the copies in
 -- tiers of scope <= S suspect.
