@@ -246,6 +246,8 @@ describe("circuit breaker", function()
                           .. "lines; circuit opened %d, refused %d calls", kind, took,
                           2 * SOCKET_TIMEOUT + 0.1, worst, logged, st.opened, st.refused))
                 assert.is_true(took < 2 * SOCKET_TIMEOUT + 0.1, fmt("took %.3f s", took))
+                -- At most one failure line a second per backend (issue 19 item 7).
+                assert.is_true(logged <= 2, logged .. " log lines")
                 assert.are.equal(1, st.state) -- open
                 assert.are.equal(1, st.opened)
                 assert.is_true(st.refused >= 99 * 2, "refused " .. st.refused)

@@ -41,6 +41,11 @@ local function capture_log()
     local region_mod = require "dogpile.cache.region"
     local saved = region_mod.log
     local lines = {}
+    -- Each test starts with no failure line recently logged (one a second
+    -- per backend is the limit).
+    for name in pairs(region_mod._log_limits) do
+        region_mod._log_limits[name] = nil
+    end
     cache.set_logger(function(msg) lines[#lines + 1] = msg end)
     finally(function() region_mod.log = saved end)
     return lines
@@ -1032,6 +1037,21 @@ end))
 
 describe("region fail_open", function()
     support.no_leaks()
+
+    it("logs at most one failure line a second per backend, then says how many it left out", function()
+        local lines = capture_log()
+        local r = cache.make_region({ name = "fo-limit" }):configure("test.failing", { fail_open = true })
+        for i = 1, 50 do
+            assert.are.equal("v", r:get_or_create("k" .. i, function() return "v" end))
+        end
+        assert.are.equal(1, #lines)
+        assert.are.equal(1, select(2, lines[1]:gsub("test.failing", "")), lines[1])
+        assert.is_true(r:stats().errors >= 100)
+        require("dogpile.lib").C.dp_clock_sleep(1.05)
+        r:get("again")
+        assert.are.equal(2, #lines)
+        assert.matches("%(%d+ more failure%(s%) of test.failing not logged in the last 1%.%d s%)", lines[2])
+    end)
 
     it("treats a failing backend as a miss: the creator runs and its value is returned", function()
         local lines = capture_log()
