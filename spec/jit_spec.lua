@@ -177,6 +177,22 @@ local REGIONS = {
       { arguments = { name = "jit_spec" } }, "dogpile.cache.shared_memory", 0.5 },
 }
 
+-- Issue 16: values with their own expiration time (format 2 envelopes,
+-- read in place on shared_memory), and regions with early_refresh, whose
+-- get_or_create draws on every hit of a value with a creator's duration
+-- (set's fourth argument here). The 5th field: set's extra arguments.
+REGIONS[#REGIONS + 1] = { "memory, values with their own expiration time",
+                          { expiration_time = 3600 }, nil, 0, { 7200 } }
+REGIONS[#REGIONS + 1] = { "shared_memory, values with their own expiration time",
+                          { expiration_time = 3600, arguments = { name = "jit_spec_ttl" } },
+                          "dogpile.cache.shared_memory", 0.5, { 7200 } }
+REGIONS[#REGIONS + 1] = { "memory with early_refresh",
+                          { expiration_time = 3600, early_refresh = 1 }, nil, 0, { nil, 0.001 } }
+REGIONS[#REGIONS + 1] = { "shared_memory with early_refresh",
+                          { expiration_time = 3600, early_refresh = 1,
+                            arguments = { name = "jit_spec_early" } },
+                          "dogpile.cache.shared_memory", 0.5, { nil, 0.001 } }
+
 -- A backend with a front (front.md, support.front_backend): the region
 -- reads its table after its sync function.
 cache.register_backend("spec.jit_front", function() return support.front_backend() end)
@@ -196,11 +212,12 @@ describe("a cache hit compiles with no trace abort", function()
         for _, l in ipairs(LOOPS) do
             local rname, conf, backend = r[1], r[2], r[3] or "dogpile.cache.memory"
             local bias = r[4] or 0
+            local extra = r[5] or {}
             local lname, loop = l[1], l[2]
             it(lname .. " on " .. rname, function()
                 local region = cache.make_region():configure(backend, conf)
                 for i = 1, NKEYS do
-                    region:set(KEYS[i], i + bias)
+                    region:set(KEYS[i], i + bias, extra[1], extra[2])
                 end
                 assert.are_not.equal(NO_VALUE, region:get(KEYS[1]))
                 creator_calls = 0

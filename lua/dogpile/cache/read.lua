@@ -19,8 +19,8 @@
 -- get_or_create a second lookup of each strategy: on a fresh value whose
 -- remaining life r satisfies r <= -delta * beta * ln(rand()) (delta: how long
 -- its creator took, stored with it), it answers `true, payload, cv`, and
--- get_or_create refreshes cv under the lock. Regions without it never run
--- that code.
+-- get_or_create refreshes cv under the lock (judge_early). Regions without
+-- it never run that code.
 local ffi = require "ffi"
 local lib = require "dogpile.lib"
 local api = require "dogpile.cache.api"
@@ -104,23 +104,37 @@ local function judge_value(region, cv, exp, now)
 end
 _M.judge_value = judge_value
 
---- XFetch's draw for a fresh value created at `ct` that expires after `exp`
--- (nil: never) and whose creator took `delta` seconds: true when this read
--- should refresh it. The clock's upper bound makes `r` a little short, so a
--- refresh comes a little early, never late. Past 37 times delta * beta,
--- -ln(rand()) (at most 36.7 for a double in [2^-53, 1)) cannot reach r: no draw.
-local function elect(region, ct, exp, delta)
-    if exp == nil or delta == nil or delta <= 0 then
-        return false
+--- The judgement with XFetch's draw, for early_refresh: the state of a
+-- value created at `ct` that expires after `exp` (nil: never) and whose
+-- creator took `delta` seconds, and true when this read should refresh it
+-- (a fresh value whose remaining life r <= -delta * beta * ln(rand())). One
+-- reading of the clock's upper bound serves both: r is then a little short,
+-- so a refresh comes a little early, never late; the precise clock is read
+-- only near the expiry, as judge does. Past 37 times delta * beta,
+-- -ln(rand()) (at most 36.7 for a double in [2^-53, 1)) cannot reach r: no
+-- draw, so a hit far from its expiry costs a subtraction and a comparison.
+local function judge_early(region, ct, exp, delta)
+    local invalidated = region._inv_judge(region.region_invalidator, ct)
+    if invalidated then
+        return invalidated, false
+    end
+    if exp == nil then
+        return FRESH, false
+    end
+    local r = ct + exp - clock_upper()
+    if r < 0 and C.dp_clock_now() - ct > exp then
+        return STALE, false
+    end
+    if delta == nil or delta <= 0 then
+        return FRESH, false
     end
     local w = delta * region._beta
-    local r = ct + exp - clock_upper()
     if r > 37 * w then
-        return false
+        return FRESH, false
     end
-    return r <= -w * log(random())
+    return FRESH, r <= -w * log(random())
 end
-_M.elect = elect
+_M.judge_early = judge_early
 
 -- -- Reading ------------------------------------------------------------------------
 
@@ -210,10 +224,10 @@ local function judged_early(region, cv, exp)
     if not rawequal(cv, NO_VALUE) then
         local md = cv.metadata
         if md.v == VALUE_VERSION then
-            exp = own_exp(md.ttl, exp)
-            local ct = md.ct
-            if judge(region, ct, exp) == FRESH then
-                if elect(region, ct, exp, md.delta) then
+            local state, elected = judge_early(region, md.ct, own_exp(rawget(md, "ttl"), exp),
+                                               rawget(md, "delta"))
+            if state == FRESH then
+                if elected then
                     return true, cv.payload, cv
                 end
                 return true, cv.payload
@@ -288,7 +302,13 @@ local function c_read(region, key, exp, early)
         if ttl ~= nil then
             exp = ttl >= 0 and ttl or nil
         end
-        if judge(region, ct, exp) == FRESH then
+        local state, elected
+        if early then
+            state, elected = judge_early(region, ct, exp, delta)
+        else
+            state = judge(region, ct, exp)
+        end
+        if state == FRESH then
             local ok, value = read_value(p + off, n - off)
             if not ok then
                 local cv = decode_counted(region, ffi_string(p, n))
@@ -297,7 +317,7 @@ local function c_read(region, key, exp, early)
                 end
                 value = cv.payload
             end
-            if early and elect(region, ct, exp, delta) then
+            if elected then
                 return true, value, { payload = value, metadata = { ct = ct, v = VALUE_VERSION,
                                                                     ttl = ttl, delta = delta } }
             end
@@ -327,10 +347,16 @@ local function front_read(region, key, exp, early)
         local md = cv.metadata
         if md.v == VALUE_VERSION then
             local e = own_exp(rawget(md, "ttl"), exp)
-            if judge(region, md.ct, e) == FRESH then
+            local state, elected
+            if early then
+                state, elected = judge_early(region, md.ct, e, rawget(md, "delta"))
+            else
+                state = judge(region, md.ct, e)
+            end
+            if state == FRESH then
                 local st = region._stats
                 st.front_hits = st.front_hits + 1
-                if early and elect(region, md.ct, e, md.delta) then
+                if elected then
                     return true, cv.payload, cv
                 end
                 return true, cv.payload
