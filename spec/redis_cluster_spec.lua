@@ -109,13 +109,13 @@ local function masters()
     return out
 end
 
--- A key whose slot is `slot`'s neighbourhood is hard to find by hand: try
+-- A key (or, with lock_prefix, its lock key) served by `master_port`: try
 -- suffixes until CRC16 lands on a master other than `not_port`.
-local function key_on(master_port, prefix)
+local function key_on(master_port, prefix, lock_prefix)
     local topo = cl:topology()
     for i = 1, 10000 do
         local k = prefix .. ":" .. i
-        local o = owner(topo, keyslot(k))
+        local o = owner(topo, keyslot((lock_prefix or "") .. k))
         if o and o.port == master_port then
             return k
         end
@@ -610,7 +610,7 @@ log:close()
             end
             -- a lock on the victim, replicated
             local r = region({ lock_timeout = 3 })
-            local lkey = key_on(victim.port, fresh("lockfail"))
+            local lkey = key_on(victim.port, fresh("lockfail"), "_lock") -- the lock key on the victim
             local m = r:_mutex(lkey)
             assert.is_true(m:acquire(false))
             local locked_at = now()
