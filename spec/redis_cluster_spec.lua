@@ -110,7 +110,7 @@ local function masters()
 end
 
 -- A key (or, with lock_prefix, its lock key) served by `master_port`: try
--- suffixes until CRC16 lands on a master other than `not_port`.
+-- suffixes until CRC16 lands there.
 local function key_on(master_port, prefix, lock_prefix)
     local topo = cl:topology()
     for i = 1, 10000 do
