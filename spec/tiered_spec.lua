@@ -289,6 +289,22 @@ return {
             assert.are.equal(ct, b:get_value_metadata("k").metadata.ct)
         end)
 
+        it("keeps a value's own expiration time and its creator's duration in every tier",
+           function()
+            local name = fresh("ttl")
+            local a = tiered(ms(name), { expiration_time = 60 })
+            local b = tiered(ms(name), { expiration_time = 60 })
+            a:set("k", "v", 5)
+            assert.are.equal(5, b:get_value_metadata("k").metadata.ttl)
+            assert.are.equal("w", a:get_or_create("c", function() return "w", 7 end))
+            local md = b:get_value_metadata("c").metadata
+            assert.are.equal(7, md.ttl)
+            -- The shared tier holds format 2 bytes that a plain region reads.
+            local plain = cache.make_region():configure("dogpile.cache.shared_memory",
+                                                       { arguments = { name = name } })
+            assert.are.equal(7, plain:get_value_metadata("c").metadata.ttl)
+        end)
+
         it("set, delete, set_multi, delete_multi in one region are seen by another at once",
            function()
             local name = fresh("coherent")

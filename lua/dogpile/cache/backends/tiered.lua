@@ -81,7 +81,6 @@ local DRAIN_BATCH = 256
 -- time the copy was taken (8 bytes) before the envelope: max_age and the
 -- reset floor (see Reader) judge copies by it, never by the created time.
 
-local HEADER = envelope.HEADER
 local pack_envelope, unpack_envelope, read_value = envelope.pack, envelope.unpack, envelope.read
 local stored_double = envelope.stored_double
 local u8p = envelope.u8p or ffi.typeof("const uint8_t *")
@@ -95,25 +94,28 @@ local function encode(cv)
     if not ok then
         error(payload, 0)
     end
-    return pack_envelope(cv.metadata.ct, payload)
+    local md = cv.metadata
+    -- The value's own expiration time and its creator's duration travel
+    -- with it (format 2), as a plain region writes them.
+    return pack_envelope(md.ct, payload, md.ttl, md.delta)
 end
 
 -- CachedValue, or nil with why.
 local function decode(bytes)
-    local ct, err = unpack_envelope(bytes)
+    local ct, off, ttl, delta = unpack_envelope(bytes)
     if not ct then
-        return nil, err
+        return nil, off
     end
-    local ok, value = read_value(ffi_cast(u8p, bytes) + HEADER, #bytes - HEADER)
+    local ok, value = read_value(ffi_cast(u8p, bytes) + off, #bytes - off)
     if not ok then
         codec = codec or require "dogpile.codec"
-        local v, derr = codec.decode(bytes:sub(HEADER + 1))
+        local v, derr = codec.decode(bytes:sub(off + 1))
         if v == nil and derr ~= nil then
             return nil, derr
         end
         value = v
     end
-    return CachedValue.new(value, { ct = ct, v = VALUE_VERSION })
+    return CachedValue.new(value, { ct = ct, v = VALUE_VERSION, ttl = ttl, delta = delta })
 end
 
 local function stamp_bytes(t)
