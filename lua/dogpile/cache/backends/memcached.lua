@@ -8,8 +8,12 @@
 -- distributed_lock, lock_timeout, lock_backoff_max, socket_timeout,
 -- connect_timeout, retry_timeout, dead_timeout, server_failure_limit,
 -- remove_failed_servers, tcp_nodelay, tcp_keepalive, no_block, hash,
--- item_size_max. What is Lua's here: `url` given as a list, and the default
--- key mangler.
+-- item_size_max. What is Lua's here: `url` given as a list, the default
+-- key mangler, and for inside nginx pool_size and pool_idle_timeout
+-- (accepted and unused outside it). Inside nginx the same names,
+-- arguments, servers, bytes and lock run over cosockets instead
+-- (dogpile.cache.backends.memcached_cosocket): libmemcached would block the
+-- worker.
 require "dogpile.backends.memcached" -- registers the C backend
 local c = require "dogpile.cache.backends.c"
 local util = require "dogpile.cache.util"
@@ -40,7 +44,32 @@ local function key_mangler(key)
     return key
 end
 
-local function new(arguments)
+-- The pool arguments (nginx only): checked, then taken out of `arguments`.
+local function pool_args(arguments)
+    local pool_size, idle = arguments.pool_size, arguments.pool_idle_timeout
+    if pool_size ~= nil and (type(pool_size) ~= "number" or pool_size < 1
+                             or pool_size ~= math.floor(pool_size)) then
+        lib.raise(NAME .. ": pool_size must be a positive integer (connections kept idle per "
+                  .. "nginx worker and server), got " .. tostring(pool_size))
+    end
+    if idle ~= nil and (type(idle) ~= "number" or not (idle > 0) or idle == math.huge) then
+        lib.raise(NAME .. ": pool_idle_timeout must be a positive number of seconds, got "
+                  .. tostring(idle))
+    end
+    if pool_size == nil and idle == nil then
+        return arguments
+    end
+    local args = {}
+    for k, v in pairs(arguments) do
+        if k ~= "pool_size" and k ~= "pool_idle_timeout" then
+            args[k] = v
+        end
+    end
+    return args, pool_size, idle
+end
+
+-- The arguments as the C backend reads them: `url` one string.
+local function c_arguments(arguments)
     local url = arguments and arguments.url
     if type(url) == "table" then
         -- The C backend reads one string: "host:port,host:port".
@@ -60,8 +89,25 @@ local function new(arguments)
         args.url = concat(url, ",")
         arguments = args
     end
+    return arguments
+end
+
+local function new(arguments)
+    local pool_size, idle
+    if arguments == nil or type(arguments) == "table" then
+        arguments, pool_size, idle = pool_args(arguments or {})
+    end
+    arguments = c_arguments(arguments)
     local backend = c.open(NAME, arguments)
     local t = C.dp_backend_lock_timeout(backend.handle)
+    local ngx = rawget(_G, "ngx")
+    if type(ngx) == "table" and ngx.config and ngx.config.ngx_lua_version and ngx.socket then
+        -- The C backend's reader has checked the arguments (its messages,
+        -- its defaults); opening it connected to nothing.
+        backend:close()
+        return require("dogpile.cache.backends.memcached_cosocket").open(
+            NAME, arguments, t, pool_size, idle, key_mangler)
+    end
     backend.lock_timeout = t < 0 and math.huge or t
     backend.key_mangler = key_mangler
     return backend
