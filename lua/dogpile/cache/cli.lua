@@ -28,22 +28,59 @@ returning {name = {backend = ..., expiration_time = ..., arguments = {...}}},
 as read by cache.load_regions(). FILE defaults to $DOGPILE_CACHE_CONFIG.
 
 Commands:
+  check                       open every region's backend; status 1 on any problem
   list                        the regions, their backends and expiration times
   get REGION KEY              print the value (as the application would get it)
   inspect REGION KEY          value, created time, age, expired or not
   delete REGION KEY           delete a key
   invalidate REGION [--soft]  invalidate a region (see its --help: per process!)
-  stats [REGION]              counters of the regions and of their backends
+  keys REGION [PATTERN] [--limit N]  the region's stored keys (lmdb, redis)
+  flush REGION                delete every value of the region (lmdb, redis)
+  stats [REGION]              counters of the regions and what their backends hold
   bench REGION [--n N]        hit and miss latency of a region
 
 Options:
   --config FILE   the regions config file
+  --json          print data as JSON (one document) instead of text
   -h, --help      this help; `dogpile-cache COMMAND --help` for a command's
 
 Exit status: 0 ok, 1 error (message on stderr), 2 no value for the key.
 ]]
 
 local HELP = {
+    check = [[
+Usage: dogpile-cache [--config FILE] check [--json]
+
+Loads every region of the config file and opens its backend (a misspelled
+backend name, an unknown argument, a bad value, a path that cannot be
+created), then asks each backend once for a key that does not exist, so
+that a server that is down or refuses the credentials is found too. Prints
+one line per region, "ok" or the problem. Exit status 1 when any region has
+a problem (or the file does not load), 0 otherwise.
+]],
+    keys = [[
+Usage: dogpile-cache [--config FILE] keys REGION [PATTERN] [--limit N] [--json]
+
+Lists the keys stored for REGION, as stored (after the region's key_mangler:
+long keys on lmdb are SHA-1 digests), sorted, at most N (default 1000).
+PATTERN is a glob: * any bytes, ? one byte, [abc] [^a] [a-z] sets, \x a
+literal x. lmdb marks keys past the backend's own expiration_time (the
+region's own expiration is judged on read). Redis does not namespace keys by
+region: the keys of a redis region are every key of its database, less the
+held locks (lock_prefix). memory and shared_memory cannot be listed (their
+values live inside each application process), nor ngx_shared (inside nginx
+only), memcached (it cannot list its keys), redis_sentinel, redis_cluster.
+]],
+    flush = [[
+Usage: dogpile-cache [--config FILE] flush REGION [--json]
+
+Deletes every value stored for REGION and prints how many. lmdb: every value
+of the environment at the region's path (in one transaction). redis: every
+key of the region's database except held locks (SCAN, then DEL in batches):
+regions sharing one database are flushed together, and so is anything else
+kept in that database. Backends that `keys` cannot list cannot be flushed
+from here (status 1, saying why).
+]],
     list = [[
 Usage: dogpile-cache [--config FILE] list
 
@@ -93,12 +130,16 @@ region:invalidate() in the application.
     stats = [[
 Usage: dogpile-cache [--config FILE] stats [REGION]
 
-Prints every counter of region:stats() (hits, misses, creations, stale_served,
-lock_waits, errors, evictions, lock_overruns) for REGION or for every region,
-then the backend's own statistics where it reports them (items, bytes, ...).
-Region counters count what happens in one Lua state: here, this command's own
-process, so they are zero. The application's counters are served by
-cache.metrics() (the README's "Metrics" section).
+Prints, for REGION or for every region, what its backend's storage holds,
+asked of the storage itself: lmdb reads the file (items, expired, bytes);
+redis asks the server (DBSIZE of the region's database, held locks, and the
+server's used_memory, maxmemory, keyspace hits and misses, evicted and
+expired keys). Backends whose storage the CLI cannot reach say why.
+
+Counters of region:stats() and of a backend's handle count what happens in
+one process: here, this command's own, so they would be zero and are not
+printed. The application's counters are served by cache.metrics() (the
+README's "Metrics" section).
 ]],
     bench = [[
 Usage: dogpile-cache [--config FILE] bench REGION [--n N]
@@ -211,6 +252,100 @@ local function duration(s)
     return concat(parts, " ") .. fmt(" (%.3fs)", s)
 end
 
+-- -- JSON ----------------------------------------------------------------------
+
+-- Bytes that are not UTF-8 are written as \u00XX (their Latin-1 reading), so
+-- that the document stays valid JSON whatever a key or value holds.
+local function json_string(s)
+    local out, i, n = { '"' }, 1, #s
+    while i <= n do
+        local c = s:byte(i)
+        local len = c < 0x80 and 1 or (c >= 0xC2 and c <= 0xDF) and 2
+                    or (c >= 0xE0 and c <= 0xEF) and 3 or (c >= 0xF0 and c <= 0xF4) and 4 or 0
+        local ok = len > 0 and i + len - 1 <= n
+        for j = i + 1, ok and i + len - 1 or 0 do
+            local b = s:byte(j)
+            if b < 0x80 or b > 0xBF then
+                ok = false
+            end
+        end
+        if not ok then
+            out[#out + 1] = fmt("\\u%04x", c)
+            i = i + 1
+        elseif c == 34 then
+            out[#out + 1] = '\\"'
+            i = i + 1
+        elseif c == 92 then
+            out[#out + 1] = "\\\\"
+            i = i + 1
+        elseif c < 0x20 or c == 0x7F then
+            out[#out + 1] = fmt("\\u%04x", c)
+            i = i + 1
+        else
+            out[#out + 1] = s:sub(i, i + len - 1)
+            i = i + len
+        end
+    end
+    out[#out + 1] = '"'
+    return concat(out)
+end
+
+--- JSON for `v`: a table whose keys are 1..n is an array, any other an
+-- object (keys written as strings, sorted); NaN and infinities, which JSON
+-- lacks, are null; cycles and values without a JSON form are strings.
+local ARRAY = {}
+
+local function json(v, seen)
+    local t = type(v)
+    if t == "string" then
+        return json_string(v)
+    elseif t == "number" then
+        if v ~= v or v == math.huge or v == -math.huge then
+            return "null"
+        end
+        return pretty_number(v)
+    elseif t == "boolean" then
+        return tostring(v)
+    elseif t == "nil" then
+        return "null"
+    elseif t ~= "table" then
+        return json_string("<" .. tostring(v) .. ">")
+    end
+    seen = seen or {}
+    if seen[v] then
+        return '"<cycle>"'
+    end
+    seen[v] = true
+    local n, count = #v, 0
+    for _ in pairs(v) do
+        count = count + 1
+    end
+    local parts = {}
+    if getmetatable(v) == ARRAY or (n > 0 and count == n) then
+        for i = 1, n do
+            parts[i] = json(v[i], seen)
+        end
+        seen[v] = nil
+        return "[" .. concat(parts, ",") .. "]"
+    end
+    local keys = {}
+    for k in pairs(v) do
+        keys[#keys + 1] = k
+    end
+    sort(keys, key_order)
+    for _, k in ipairs(keys) do
+        parts[#parts + 1] = json_string(tostring(k)) .. ":" .. json(v[k], seen)
+    end
+    seen[v] = nil
+    return "{" .. concat(parts, ",") .. "}"
+end
+_M.json = json
+
+-- A table written as a JSON array even when empty ([] rather than {}).
+local function array(t)
+    return setmetatable(t or {}, ARRAY)
+end
+
 -- -- Errors --------------------------------------------------------------------
 
 -- A failure of the command: main() prints it and returns `status`.
@@ -294,11 +429,154 @@ local commands = {}
 
 function commands.list(ctx)
     local conf = ctx.conf()
+    local rows = array()
     for _, name in ipairs(region_names(conf)) do
         local spec = conf[name]
-        local exp = type(spec) == "table" and spec.expiration_time
-        ctx.out(fmt("%s\t%s\t%s\n", name, type(spec) == "table" and tostring(spec.backend) or "?",
-                    exp == nil and "no expiration" or ("expiration_time=" .. tostring(exp))))
+        local exp = type(spec) == "table" and spec.expiration_time or nil
+        local backend = type(spec) == "table" and tostring(spec.backend) or "?"
+        rows[#rows + 1] = { name = name, backend = backend, expiration_time = exp }
+        if not ctx.json then
+            ctx.out(fmt("%s\t%s\t%s\n", name, backend,
+                        exp == nil and "no expiration" or ("expiration_time=" .. tostring(exp))))
+        end
+    end
+    if ctx.json then
+        ctx.out(json({ regions = rows }) .. "\n")
+    end
+    return 0
+end
+
+-- Every region of the file opened, and its backend asked once for a key
+-- that is not there: a name that does not resolve, an argument refused, a
+-- server that is down all show here, each on its region's line.
+function commands.check(ctx, ...)
+    if select("#", ...) > 0 then
+        fail("check: unexpected argument '" .. tostring((...)) .. "'")
+    end
+    local conf = ctx.conf()
+    local cache = require "dogpile.cache"
+    local rows, bad = array(), 0
+    for _, name in ipairs(region_names(conf)) do
+        local spec = conf[name]
+        local backend = type(spec) == "table" and tostring(spec.backend) or "?"
+        local ok, res = pcall(cache.load_regions, { [name] = spec })
+        local problem
+        if not ok then
+            problem = clean(res)
+        else
+            local b = res[name].actual_backend
+            local ok2, err2 = pcall(b.get, b, "dogpile-cache:check")
+            if not ok2 then
+                -- A C backend's own message names no backend: the region adds it.
+                problem = clean(err2)
+                if problem:sub(1, #backend + 1) ~= backend .. ":" then
+                    problem = backend .. ": get failed: " .. problem
+                end
+            end
+            if type(b.close) == "function" then
+                pcall(b.close, b)
+            end
+        end
+        if problem then
+            bad = bad + 1
+        end
+        rows[#rows + 1] = { name = name, backend = backend, ok = problem == nil, problem = problem }
+        if not ctx.json then
+            ctx.out(fmt("%s\t%s\t%s\n", name, backend, problem and ("FAIL: " .. problem) or "ok"))
+        end
+    end
+    if ctx.json then
+        ctx.out(json({ ok = bad == 0, problems = bad, regions = rows }) .. "\n")
+    elseif bad > 0 then
+        ctx.err(fmt("%s: %d of %d regions in '%s' have problems\n", PROG, bad, #rows, ctx.path))
+    end
+    return bad == 0 and 0 or 1
+end
+
+-- The backend name and arguments of region `name`, checked to exist,
+-- without opening it.
+local function region_spec(ctx, name, usage)
+    local conf = ctx.conf()
+    if name == nil then
+        fail("missing REGION (usage: " .. PROG .. " " .. usage .. ")")
+    end
+    local spec = conf[name]
+    if spec == nil then
+        fail("unknown region '" .. name .. "' (regions: " .. concat(region_names(conf), ", ") .. ")")
+    end
+    if type(spec) ~= "table" or type(spec.backend) ~= "string" then
+        fail("region '" .. name .. "' in '" .. ctx.path .. "' names no backend")
+    end
+    return spec.backend, spec.arguments or {}
+end
+
+function commands.keys(ctx, ...)
+    local args = { ... }
+    local name, pattern, limit
+    local i = 1
+    while i <= #args do
+        local a = args[i]
+        if a == "--limit" or a == "-n" then
+            limit = tonumber(args[i + 1])
+            if not limit or limit < 1 or limit ~= floor(limit) then
+                fail("keys: --limit expects a positive integer, got '" .. tostring(args[i + 1]) .. "'")
+            end
+            i = i + 1
+        elseif a:sub(1, 2) == "--" then
+            fail("keys: unknown option '" .. a .. "'")
+        elseif name == nil then
+            name = a
+        elseif pattern == nil then
+            pattern = a
+        else
+            fail("keys: unexpected argument '" .. a .. "'")
+        end
+        i = i + 1
+    end
+    limit = limit or 1000
+    local backend, arguments = region_spec(ctx, name, "keys REGION [PATTERN] [--limit N]")
+    local store = require "dogpile.cache.cli_store"
+    -- One more than asked: to say that there are more.
+    local keys, err = store.keys(backend, arguments, pattern, limit + 1)
+    if not keys then
+        fail("region '" .. name .. "': " .. err)
+    end
+    local more = #keys > limit
+    if more then
+        keys[#keys] = nil
+    end
+    if ctx.json then
+        local list = array()
+        for j, k in ipairs(keys) do
+            list[j] = { key = k.key, expired = k.expired }
+        end
+        ctx.out(json({ region = name, backend = backend, pattern = pattern, limit = limit,
+                       truncated = more, keys = list }) .. "\n")
+        return 0
+    end
+    for _, k in ipairs(keys) do
+        ctx.out(k.key .. (k.expired and "\t(expired)" or "") .. "\n")
+    end
+    if more then
+        ctx.err(fmt("%s: more than %d keys; the first %d are shown (--limit N)\n", PROG, limit, limit))
+    end
+    return 0
+end
+
+function commands.flush(ctx, name, extra)
+    if extra ~= nil then
+        fail("flush: unexpected argument '" .. extra .. "'")
+    end
+    local backend, arguments = region_spec(ctx, name, "flush REGION")
+    local store = require "dogpile.cache.cli_store"
+    local n, err = store.flush(backend, arguments)
+    if not n then
+        fail("region '" .. name .. "': " .. err)
+    end
+    if ctx.json then
+        ctx.out(json({ region = name, backend = backend, deleted = n }) .. "\n")
+    else
+        ctx.out(fmt("flushed region '%s' (%s): %d values deleted\n", name, backend, n))
     end
     return 0
 end
@@ -318,6 +596,10 @@ function commands.get(ctx, name, key)
     if value == require("dogpile.cache").NO_VALUE then
         fail("no value for key '" .. key .. "' in region '" .. name .. "'", 2)
     end
+    if ctx.json then
+        ctx.out(json({ region = name, key = key, value = value }) .. "\n")
+        return 0
+    end
     ctx.out(pretty(value) .. "\n")
     return 0
 end
@@ -333,6 +615,21 @@ function commands.inspect(ctx, name, key)
     local ct = cv.metadata and cv.metadata.ct
     local now = C.dp_clock_now()
     local exp = region.expiration_time
+    if ctx.json then
+        local doc = { region = name, backend = tostring(conf[name].backend), key = key,
+                      value = cv.payload, expiration_time = exp }
+        if type(ct) == "number" then
+            local inv = region.region_invalidator
+            doc.created = ct
+            doc.created_iso = iso(ct)
+            doc.age = now - ct
+            doc.expired = exp ~= nil and exp >= 0 and now - ct > exp
+            doc.invalidated = inv:is_hard_invalidated(ct) and "hard"
+                              or inv:is_soft_invalidated(ct) and "soft" or nil
+        end
+        ctx.out(json(doc) .. "\n")
+        return 0
+    end
     local lines = {
         "region:     " .. name .. " (" .. tostring(conf[name].backend) .. ")",
         "key:        " .. pretty(key),
@@ -368,6 +665,10 @@ function commands.delete(ctx, name, key)
     local region = open_region(conf, ctx.path, name)
     need_key(ctx, region, key)
     guarded(region.delete, region, key)
+    if ctx.json then
+        ctx.out(json({ region = name, key = key, deleted = true }) .. "\n")
+        return 0
+    end
     ctx.out("deleted key '" .. key .. "' from region '" .. name .. "'\n")
     return 0
 end
@@ -398,44 +699,95 @@ function commands.invalidate(ctx, ...)
              .. PROG .. " invalidate --help)")
     end
     guarded(region.invalidate, region, not soft)
+    if ctx.json then
+        ctx.out(json({ region = name, invalidated = soft and "soft" or "hard" }) .. "\n")
+        return 0
+    end
     ctx.out("invalidated region '" .. name .. "' (" .. (soft and "soft" or "hard") .. ")\n")
     return 0
 end
 
-local COUNTERS = { "hits", "misses", "creations", "stale_served", "lock_waits", "errors",
-                   "evictions", "lock_overruns" }
-local BACKEND_STATS = { "items", "bytes", "max_items", "max_bytes", "hits", "misses",
-                        "evictions", "expirations" }
+local BACKEND_STATS = { "items", "bytes", "max_items", "max_bytes" }
 
-function commands.stats(ctx, name)
-    local conf = ctx.conf()
-    local names = name and { name } or region_names(conf)
-    for i, n in ipairs(names) do
-        local region = open_region(conf, ctx.path, n)
-        local st = guarded(region.stats, region)
-        local lines = { (i > 1 and "\n" or "") .. "region " .. n .. " ("
-                        .. tostring(conf[n].backend) .. "), this process:" }
-        for _, c in ipairs(COUNTERS) do
-            lines[#lines + 1] = fmt("  %-14s %s", c, pretty_number(st[c] or 0))
+-- What REGION's storage holds, asked of the storage (cli_store) where the
+-- CLI can reach it. Otherwise, for a backend whose stats() describe shared
+-- storage (a file, a server) its own report; for one that lives inside a
+-- process, why there is nothing to show. A C backend's handle counters
+-- (hits, misses, evictions, ...) are this process's, so never shown.
+local function storage_stats(ctx, conf, name)
+    local backend = conf[name].backend
+    local store = require "dogpile.cache.cli_store"
+    if store.can_enumerate(backend) then
+        local rows, err = store.stats(backend, conf[name].arguments or {})
+        if not rows then
+            fail("region '" .. name .. "': " .. err)
         end
-        local b = region.actual_backend
-        if type(b.stats) == "function" then
-            local bs = guarded(b.stats, b)
-            if type(bs) == "table" then
-                lines[#lines + 1] = "backend:"
-                for _, c in ipairs(BACKEND_STATS) do
-                    if type(bs[c]) == "number" then
-                        lines[#lines + 1] = fmt("  %-14s %s", c, pretty_number(bs[c]))
-                    end
+        return rows
+    end
+    local ok, why = store.can_enumerate(backend)
+    if not ok and type(backend) == "string" and backend:match("^dogpile%.cache%.") then
+        return nil, why
+    end
+    local region = open_region(conf, ctx.path, name)
+    local b = region.actual_backend
+    if type(b.stats) == "function" and not rawget(b, "handle") then
+        local bs = guarded(b.stats, b)
+        local rows = {}
+        if type(bs) == "table" then
+            for _, c in ipairs(BACKEND_STATS) do
+                if type(bs[c]) == "number" then
+                    rows[#rows + 1] = { c, bs[c], "as the backend reports it to this process" }
                 end
             end
         end
-        ctx.out(concat(lines, "\n") .. "\n")
+        return rows
+    end
+    return nil, "the backend reports nothing about its storage"
+end
+
+function commands.stats(ctx, name, extra)
+    if extra ~= nil then
+        fail("stats: unexpected argument '" .. extra .. "'")
+    end
+    local conf = ctx.conf()
+    local names = name and { name } or region_names(conf)
+    local docs = array()
+    for i, n in ipairs(names) do
+        if conf[n] == nil then
+            open_region(conf, ctx.path, n) -- fails, naming the known ones
+        end
+        local backend = tostring(conf[n].backend)
+        local rows, why = storage_stats(ctx, conf, n)
+        if ctx.json then
+            local doc = { region = n, backend = backend, reachable = rows ~= nil, why = why }
+            if rows then
+                doc.storage = {}
+                for _, r in ipairs(rows) do
+                    doc.storage[r[1]] = r[2]
+                end
+            end
+            docs[#docs + 1] = doc
+        else
+            local lines = { (i > 1 and "\n" or "") .. "region " .. n .. " (" .. backend .. ")" }
+            if rows then
+                lines[1] = lines[1] .. ", its storage:"
+                for _, r in ipairs(rows) do
+                    lines[#lines + 1] = fmt("  %-12s %-14s %s", r[1],
+                                            r[2] == nil and "?" or pretty_number(r[2]), r[3])
+                end
+            else
+                lines[1] = lines[1] .. ": its storage cannot be read from here: " .. why
+            end
+            ctx.out(concat(lines, "\n") .. "\n")
+        end
+    end
+    if ctx.json then
+        ctx.out(json({ regions = docs }) .. "\n")
     end
     return 0
 end
 
-local function summary(samples)
+local function summary(samples, as_table)
     sort(samples)
     local n, sum = #samples, 0
     for i = 1, n do
@@ -443,6 +795,10 @@ local function summary(samples)
     end
     local function pct(p)
         return samples[math.max(1, math.ceil(n * p))]
+    end
+    if as_table then
+        return { mean = sum / n * 1e6, p50 = pct(0.5) * 1e6, p99 = pct(0.99) * 1e6,
+                 max = samples[n] * 1e6 }
     end
     return fmt("mean %.2f  p50 %.2f  p99 %.2f  max %.2f", sum / n * 1e6, pct(0.5) * 1e6,
                pct(0.99) * 1e6, samples[n] * 1e6)
@@ -503,6 +859,12 @@ function commands.bench(ctx, ...)
         end
         fail(clean(err))
     end
+    if ctx.json then
+        local h, m = summary(hits, true), summary(misses, true)
+        ctx.out(json({ region = name, backend = tostring(conf[name].backend), n = n,
+                       unit = "microseconds", hit = h, miss = m }) .. "\n")
+        return 0
+    end
     ctx.out(fmt("region %s (%s), %d gets each, microseconds:\n  hit:  %s\n  miss: %s\n", name,
                 tostring(conf[name].backend), n, summary(hits), summary(misses)))
     return 0
@@ -521,6 +883,19 @@ end
 function _M.main(argv, out, err)
     out, err = out or writer(io.stdout), err or writer(io.stderr)
     local path = os.getenv("DOGPILE_CACHE_CONFIG")
+    -- --json anywhere: every command that prints data prints one JSON document.
+    local as_json = false
+    do
+        local rest = {}
+        for j = 1, #argv do
+            if argv[j] == "--json" then
+                as_json = true
+            else
+                rest[#rest + 1] = argv[j]
+            end
+        end
+        argv = rest
+    end
     local i, n = 1, #argv
     local command
     while i <= n do
@@ -577,7 +952,7 @@ function _M.main(argv, out, err)
     end
     local conf
     local ctx = {
-        command = command, path = path, out = out, err = err,
+        command = command, path = path, out = out, err = err, json = as_json,
         conf = function()
             conf = conf or load_config(path)
             return conf
