@@ -1,0 +1,522 @@
+-- dogpile.cache.memcached inside a real nginx (nginx-extras, 2 workers,
+-- spec/fixtures/nginx_memcached) over cosockets, on the same memcached
+-- servers as plain LuaJIT processes on the C backend (libmemcached), both
+-- loading one regions file: keys placed on the server libmemcached's ketama
+-- picks, one creator for a stampede of 200 requests and 2 processes, values
+-- read byte for byte across, the lock held on either side excluding the
+-- other, a SIGSTOPped and a restarted server, the server's size limit, and
+-- the phases that cannot yield. The spec starts its own memcached servers
+-- and nginx, and stops them.
+local cache = require "dogpile.cache"
+local support = require "support"
+local ngx_support = require "ngx_support"
+local values = dofile(debug.getinfo(1, "S").source:sub(2):gsub("ngx_memcached_spec%.lua$", "")
+                      .. "fixtures/nginx_redis/values.lua")
+local ffi = require "ffi"
+
+local now, sleep, sh, write, read = support.now, support.sleep, support.sh, support.write,
+    support.read
+local NO_VALUE = cache.NO_VALUE
+
+pcall(ffi.cdef, "int setenv(const char *name, const char *value, int overwrite);")
+
+local FIXTURES = debug.getinfo(1, "S").source:sub(2):gsub("ngx_memcached_spec%.lua$", "")
+    .. "fixtures/nginx_memcached"
+local TMP = (sh("mktemp -d /tmp/dogpile-ngx-memcached-XXXXXX"):gsub("%s+$", ""))
+
+-- -- Servers (as spec/memcached_spec.lua starts them) ----------------------------------
+
+local FREE_PORT = [[bash -c 'while :; do p=$((20000 + RANDOM % 20000)); ]]
+    .. [[(exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null || { echo $p; exit; }; done']]
+
+local function port_open(port)
+    return os.execute("bash -c '(exec 3<>/dev/tcp/127.0.0.1/" .. port .. ") 2>/dev/null'") == 0
+end
+
+local servers = {} -- port -> pid
+
+-- `port` nil: a free one (another is tried when memcached cannot bind it:
+-- a loopback port may be some connection's local port).
+local function start_server(port)
+    for attempt = 1, port and 1 or 5 do
+        local p = port or tonumber(sh(FREE_PORT):match("%d+"))
+        local pidfile = TMP .. "/memcached-" .. p .. ".pid"
+        os.remove(pidfile)
+        sh(("memcached -d -P %s -l 127.0.0.1 -p %d -U 0 -m 64 -u root"):format(pidfile, p))
+        local t0 = now()
+        while not port_open(p) or not (read(pidfile) or ""):match("%d+") do
+            if now() - t0 > (port and 10 or 2) then
+                assert(not port and attempt < 5, "memcached on port " .. p .. " did not start")
+                p = nil
+                break
+            end
+            sleep(0.02)
+        end
+        if p then
+            servers[p] = read(pidfile):match("%d+")
+            return p
+        end
+    end
+end
+
+local function stop_server(port)
+    local pid = servers[port]
+    if pid then
+        sh("kill -CONT " .. pid .. "; kill -9 " .. pid)
+        servers[port] = nil
+        local t0 = now()
+        while port_open(port) and now() - t0 < 5 do
+            sleep(0.02)
+        end
+    end
+end
+
+-- One command line to a server, its whole reply (through bash's /dev/tcp).
+local function mc(port, cmd)
+    return sh(("bash -c 'exec 3<>/dev/tcp/127.0.0.1/%d; printf \"%s\\r\\nquit\\r\\n\" >&3; "
+               .. "cat <&3'"):format(port, cmd:gsub("\r\n", "\\r\\n")))
+end
+
+local function counted(port, key)
+    return (mc(port, "get count:" .. key):match("VALUE %S+ %d+ %d+\r\n(%d+)\r\n"))
+end
+
+local function wait_for(what, fn, limit, why)
+    local t0 = now()
+    while not fn() do
+        assert(now() - t0 < limit, what .. " did not happen within " .. limit .. " s"
+               .. (why and (": " .. tostring(why())) or ""))
+        sleep(0.05)
+    end
+end
+
+local uniq = 0
+local function fresh(prefix)
+    uniq = uniq + 1
+    return ("%s-%d-%d-%d"):format(prefix, os.time(), math.random(1e6), uniq)
+end
+
+-- A plain LuaJIT process on the C backend, loading the fixture's regions
+-- file (arg[1]) as nginx does; it starts `body` at the wall-clock time
+-- arg[2]. count(port, key) is the creators' counter, as nginx's.
+local PROCESS = [[
+local cache = require "dogpile.cache"
+local ffi = require "ffi"
+pcall(ffi.cdef, "int usleep(unsigned int usec);")
+local function sleep(s) ffi.C.usleep(math.floor(s * 1e6)) end
+local function now() return require("dogpile").now() end
+local function count(port, key)
+    local k = "count:" .. key
+    local p = io.popen(("bash -c 'exec 3<>/dev/tcp/127.0.0.1/%d; printf \"add %s 0 0 1\\r\\n0\\r\\n"
+                        .. "incr %s 1\\r\\nquit\\r\\n\" >&3; cat <&3'"):format(port, k, k))
+    local out = p:read("*a")
+    p:close()
+    return tonumber(out:match("(%d+)%s*$"))
+end
+local regions = cache.load_regions(arg[1])
+local start = tonumber(arg[2])
+while now() < start do sleep(0.001) end
+]]
+
+local function process_script(name, body)
+    local path = TMP .. "/" .. name .. ".lua"
+    write(path, PROCESS .. body)
+    return path
+end
+
+describe("dogpile.cache.memcached inside nginx (cosockets)", function()
+    if not ngx_support.available() then
+        it("needs nginx-extras", function()
+            error("nginx-extras is not installed (/usr/sbin/nginx with the Lua module; "
+                  .. ".ci/test installs it)", 0)
+        end)
+        return
+    end
+
+    local main, r2, r3, paused, env, regions, nginx, envs
+
+    setup(function()
+        main, r2, r3, paused = start_server(), start_server(), start_server(), start_server()
+        env = { DP_MEMCACHED_PORT = main, DP_PAUSED_PORT = paused,
+                DP_RING_URLS = ("127.0.0.1:%d,127.0.0.1:%d,127.0.0.1:%d"):format(main, r2, r3) }
+        envs = ""
+        for k, v in pairs(env) do
+            ffi.C.setenv(k, tostring(v), 1)
+            envs = envs .. k .. "=" .. v .. " "
+        end
+        -- This busted process is a plain LuaJIT process too: the C backend.
+        regions = cache.load_regions(FIXTURES .. "/regions.lua")
+        -- Stored before nginx starts: init_worker's get must still miss.
+        regions.mc:set("iw0", "stored")
+        regions.mc:set("iw1", "stored")
+        nginx = ngx_support.start({ fixture = "nginx_memcached", ready = "/ready", env = env })
+    end)
+
+    teardown(function()
+        local log = nginx and nginx:log() or ""
+        if nginx then
+            nginx:stop()
+        end
+        for port in pairs(servers) do
+            stop_server(port)
+        end
+        os.execute("rm -rf '" .. TMP .. "'")
+        assert.is_nil(log:match("%[alert%][^\n]*") or log:match("%[emerg%][^\n]*")
+                      or log:match("%[crit%][^\n]*"), "nginx error.log:\n" .. log)
+    end)
+
+    local function get(path)
+        local body, status, t = nginx:get(path)
+        return body, status, t
+    end
+
+    local function value_of(body)
+        return (body:match("^(.*) %d+$"))
+    end
+
+    it("outside nginx the same name stays on the C backend (libmemcached)", function()
+        assert.are.equal(require("dogpile.cache.backends.c").CBackend,
+                         getmetatable(regions.mc.actual_backend))
+        assert.are.equal(require("dogpile.cache.backends.c").CBackend,
+                         getmetatable(regions.ring.actual_backend))
+    end)
+
+    it("places every key on the server libmemcached's ketama picks for it", function()
+        -- Stored by libmemcached on 3 servers; nginx looks on each server.
+        -- Some keys hold bytes above 127 (hashed as C's signed chars).
+        local raw = regions.ring.actual_backend
+        local plain, accented = fresh("pl") .. "-", fresh("pl\195\169") .. "-"
+        for i = 1, 300 do
+            raw:set(plain .. i, "x")
+            raw:set(accented .. i, "y")
+        end
+        for _, prefix in ipairs({ plain, accented }) do
+            local q = prefix:gsub("[^%w%-]", function(c) return ("%%%02X"):format(c:byte()) end)
+            local body, status = get("/placement?region=ring&n=300&prefix=" .. q)
+            assert.are.equal(200, status, body)
+            local a, b, c = body:match("^ok (%d+) (%d+) (%d+)$")
+            assert.is_truthy(a, body)
+            -- spread over all three, 300 in all
+            assert.are.equal(300, a + b + c)
+            assert.is_true(tonumber(a) > 30 and tonumber(b) > 30 and tonumber(c) > 30, body)
+        end
+    end)
+
+    it("values written on either side are read on the other, byte for byte", function()
+        local raw = regions.ring.actual_backend -- the C backend: the stored bytes
+        local envelope = require "dogpile.cache.envelope"
+        local kinds = 0
+        for kind, v in pairs(values) do
+            kinds = kinds + 1
+            local kn, kp = fresh("from-nginx-" .. kind), fresh("from-plain-" .. kind)
+            local body, status = get("/set_value?region=ring&key=" .. kn .. "&kind=" .. kind)
+            assert.are.equal(200, status, body)
+            regions.ring:set(kp, v)
+            assert.are.same(v, regions.ring:get(kn), kind)
+            body, status = get("/check_value?region=ring&key=" .. kp .. "&kind=" .. kind)
+            assert.are.equal("same", body, kind)
+            -- The same bytes but for the created time (envelope bytes 9-16);
+            -- a table's hash part is written in its iteration order, which
+            -- is not the same in two Lua states, so only its value counts.
+            local bn, bp = raw:get(kn), raw:get(kp)
+            assert.are.equal(bp:sub(1, 8), bn:sub(1, 8), kind)
+            if kind ~= "table" then
+                assert.are.equal(bp:sub(envelope.HEADER + 1), bn:sub(envelope.HEADER + 1), kind)
+            end
+            -- What nginx reads raw is what libmemcached reads.
+            local hex = get("/raw?region=ring&key=" .. kn)
+            assert.are.equal((bn:gsub(".", function(c) return ("%02x"):format(c:byte()) end)),
+                             hex, kind)
+        end
+        assert.is_true(kinds >= 10)
+        -- Flags 0, as libmemcached's set.
+        local k = fresh("flags")
+        assert.are.equal(200, select(2, get("/set?key=" .. k .. "&value=f")))
+        assert.matches("^VALUE " .. k:gsub("%-", "%%-") .. " 0 %d+\r\n", mc(main, "get " .. k))
+        -- get (nginx), set (plain), then set (nginx) and delete (plain) across.
+        k = fresh("deleted")
+        regions.ring:set(k, "x")
+        assert.are.equal("x", value_of(get("/get?region=ring&key=" .. k)))
+        assert.are.equal(200, select(2, get("/set?region=ring&key=" .. k .. "&value=y")))
+        assert.are.equal("y", regions.ring:get(k))
+        regions.ring:delete(k)
+        assert.are.equal("NO_VALUE", value_of(get("/get?region=ring&key=" .. k)))
+    end)
+
+    it("a stampede of 200 requests and 2 plain processes on one missing key runs the creator once", function()
+        local key = fresh("stampede")
+        local script = process_script("stampede", [[
+local key, port, out = arg[3], tonumber(arg[4]), arg[5]
+local v = regions.ring:get_or_create(key, function()
+    local n = count(port, key)
+    sleep(0.2)
+    return key .. "#" .. n .. "@plain"
+end)
+local f = io.open(out, "w")
+f:write(v)
+f:close()
+]])
+        local start = now() + 1.5
+        for i = 1, 2 do
+            os.execute(("%s luajit %s %s %.3f %s %d %s/stampede%d.out > %s/stampede%d.err 2>&1 &")
+                       :format(envs, script, FIXTURES .. "/regions.lua", start, key, main, TMP, i,
+                               TMP, i))
+        end
+        while now() < start do
+            sleep(0.001)
+        end
+        local res = nginx:concurrent("/get_or_create?region=ring&key=" .. key .. "&sleep=0.2",
+                                     200)
+        assert.are.equal(200, #res)
+        local seen, pids = {}, {}
+        for _, r in ipairs(res) do
+            assert.are.equal(200, r.status, r.body)
+            local v, pid = r.body:match("^(.*) (%d+)$")
+            seen[v] = true
+            pids[pid] = true
+        end
+        wait_for("the plain processes", function()
+            return read(TMP .. "/stampede1.out") and read(TMP .. "/stampede2.out")
+        end, 15, function()
+            return (read(TMP .. "/stampede1.err") or "") .. (read(TMP .. "/stampede2.err") or "")
+        end)
+        seen[read(TMP .. "/stampede1.out")] = true
+        seen[read(TMP .. "/stampede2.out")] = true
+        local distinct = {}
+        for v in pairs(seen) do
+            distinct[#distinct + 1] = v
+        end
+        assert.are.same({ key .. "#1@" .. (distinct[1] or ""):match("@(%a+)$") }, distinct)
+        assert.are.equal("1", counted(main, key))
+        local n = 0
+        for _ in pairs(pids) do
+            n = n + 1
+        end
+        assert.are.equal(2, n, "both workers answered")
+        -- released: the lock key is gone (libmemcached looks on its server)
+        assert.are.equal(NO_VALUE, regions.ring.actual_backend:get("dogpile-lock:" .. key))
+    end)
+
+    it("a plain process holding the lock makes nginx wait for its value, without blocking", function()
+        local key = fresh("plain-holds")
+        local script = process_script("holder", [[
+local key = arg[3]
+local m = regions.ring.backend:get_mutex(key)
+assert(m:acquire(false))
+sleep(0.6)
+regions.ring:set(key, "from the holder")
+m:release()
+]])
+        local start = now() + 1
+        os.execute(("%s luajit %s %s %.3f %s > %s/holder.out 2>&1 &")
+                   :format(envs, script, FIXTURES .. "/regions.lua", start, key, TMP))
+        while now() < start + 0.1 do
+            sleep(0.001)
+        end
+        assert.are_not.equal(NO_VALUE, regions.ring.actual_backend:get("dogpile-lock:" .. key),
+                             read(TMP .. "/holder.out"))
+        local out = TMP .. "/waiters.txt"
+        os.execute(("%s -s -m 10 -Z --parallel-immediate --parallel-max 40 -o '%s/w#1' "
+                    .. "-w '%%{http_code} %%{time_total}\\n' '%s' > %s 2>/dev/null &")
+                   :format(ngx_support.CURL, TMP, nginx:url("/get_or_create?region=ring&key="
+                                                             .. key .. "&n=[1-40]"), out))
+        -- While they wait, the workers answer other requests at once.
+        local _, status, t = get("/plain")
+        assert.are.equal(200, status)
+        assert.is_true(t < 0.1, "/plain took " .. t .. " s")
+        wait_for("the 40 requests", function()
+            local _, lines = (read(out) or ""):gsub("\n", "")
+            return lines >= 40
+        end, 10)
+        local max = 0
+        for code, tt in read(out):gmatch("(%d+) ([%d.]+)") do
+            assert.are.equal("200", code)
+            max = math.max(max, tonumber(tt))
+        end
+        for i = 1, 40 do
+            assert.are.equal("from the holder", value_of(read(TMP .. "/w" .. i)))
+        end
+        -- Started 0.1 s into the 0.6 s hold; polls at most 50 ms apart.
+        assert.is_true(max < 0.85, "slowest waiter: " .. max .. " s")
+        assert.is_nil(counted(main, key), "no creator ran in nginx")
+    end)
+
+    it("nginx holding the lock excludes a plain process, which gets nginx's value", function()
+        local key = fresh("nginx-holds")
+        local script = process_script("waiter", [[
+local key, port, out = arg[3], tonumber(arg[4]), arg[5]
+local t0 = now()
+local v = regions.ring:get_or_create(key, function()
+    count(port, key)
+    return "from the process"
+end)
+local f = io.open(out, "w")
+f:write(v, " ", now() - t0)
+f:close()
+]])
+        os.execute(("%s -s -m 10 '%s' > %s/holder.body 2>/dev/null &")
+                   :format(ngx_support.CURL, nginx:url("/get_or_create?region=ring&key=" .. key
+                                                        .. "&sleep=0.7"), TMP))
+        wait_for("nginx taking the lock", function()
+            return regions.ring.actual_backend:get("dogpile-lock:" .. key) ~= NO_VALUE
+        end, 5)
+        os.execute(("%s luajit %s %s 0 %s %d %s/waiter.out > %s/waiter.err 2>&1 &")
+                   :format(envs, script, FIXTURES .. "/regions.lua", key, main, TMP, TMP))
+        wait_for("the process", function() return read(TMP .. "/waiter.out") end, 10,
+                 function() return read(TMP .. "/waiter.err") end)
+        local v, t = read(TMP .. "/waiter.out"):match("^(.*) ([%d.]+)$")
+        assert.are.equal(key .. "#1@nginx", v, read(TMP .. "/waiter.err"))
+        assert.is_true(tonumber(t) < 0.7 + 0.3, "the process waited " .. t .. " s")
+        wait_for("the holder's answer", function() return read(TMP .. "/holder.body") ~= "" end, 5)
+        assert.are.equal(key .. "#1@nginx", value_of(read(TMP .. "/holder.body")))
+        assert.are.equal("1", counted(main, key))
+        assert.are.equal(NO_VALUE, regions.ring.actual_backend:get("dogpile-lock:" .. key))
+    end)
+
+    it("refuses a value above the server's item size limit, giving the limit it reports", function()
+        local body = get("/too_big?key=" .. fresh("big") .. "&bytes=2000000")
+        assert.matches("dogpile.cache.memcached: set '[^']+' failed: a value of 20000%d%d bytes "
+                       .. "is larger than the item size limit of server 127%.0%.0%.1:" .. main
+                       .. " %(item_size_max = 1048576 bytes", body)
+        assert.are.equal("stored", get("/too_big?key=" .. fresh("fits") .. "&bytes=1000000"))
+    end)
+
+    it("while memcached is SIGSTOPped: other locations answer in under 10 ms, cache requests fail within socket_timeout", function()
+        assert.are.equal(200, select(2, get("/set?region=paused&key=p&value=v")))
+        sh("kill -STOP " .. servers[paused])
+        finally(function() sh("kill -CONT " .. servers[paused]) end)
+        local dir = TMP .. "/paused"
+        os.execute("mkdir -p " .. dir)
+        os.execute(("%s -s -m 10 -Z --parallel-immediate --parallel-max 20 -o '%s/#1' "
+                    .. "-w '%%{http_code} %%{time_total} %%{url_effective}\\n' '%s' > %s/codes 2>/dev/null &")
+                   :format(ngx_support.CURL, dir, nginx:url("/get?region=paused&key=p&n=[1-20]"),
+                           dir))
+        sleep(0.05)
+        -- A worker blocked on the stopped server would hold these for
+        -- socket_timeout (1 s): all 20 are answered before the cache
+        -- requests have even failed, each in under 10 ms (the median: the
+        -- slowest also carries the test machine's scheduling noise).
+        local out = sh(("%s -s -m 5 -o /dev/null -H 'Connection: close' -w '%%{http_code} "
+                        .. "%%{time_total}\\n' '%s'"):format(ngx_support.CURL,
+                                                            nginx:url("/plain?n=[1-20]")))
+        local times = {}
+        for code, t in out:gmatch("(%d+) ([%d.]+)") do
+            assert.are.equal("200", code)
+            times[#times + 1] = tonumber(t)
+        end
+        assert.are.equal(20, #times, out)
+        table.sort(times)
+        local said = "times: " .. table.concat(times, " ") .. " s"
+        assert.is_true(times[10] < 0.010, said)
+        assert.is_true(times[20] < 0.1, said)
+        assert.are.equal("", read(dir .. "/codes") or "", "the cache requests ended first")
+        wait_for("the cache requests", function()
+            local _, n = (read(dir .. "/codes") or ""):gsub("\n", "")
+            return n >= 20
+        end, 10)
+        local n = 0
+        for code, t, i in read(dir .. "/codes"):gmatch("(%d+) ([%d.]+) [^\n]-n=(%d+)\n") do
+            n = n + 1
+            local body = read(dir .. "/" .. i)
+            assert.are.equal("500", code, body)
+            assert.is_true(tonumber(t) < 1 + 0.3, "took " .. t .. " s")
+            assert.matches("dogpile.cache.memcached: get 'p' failed: get on server 127.0.0.1:"
+                           .. paused .. ": no answer within socket_timeout (1 s)", body, 1, true)
+        end
+        assert.are.equal(20, n)
+        sh("kill -CONT " .. servers[paused])
+        assert.are.equal("v", value_of(get("/get?region=paused&key=p")))
+    end)
+
+    it("a restarted server is used again without reloading nginx; errors name backend, operation, key and server", function()
+        for _ = 1, 4 do -- pooled connections in both workers
+            assert.are.equal(200, select(2, get("/set?region=paused&key=r&value=before")))
+        end
+        stop_server(paused)
+        local body, status, t = get("/get?region=paused&key=r")
+        assert.are.equal(500, status)
+        assert.matches("dogpile.cache.memcached: get 'r' failed: get on server 127.0.0.1:"
+                       .. paused .. ": ", body, 1, true)
+        assert.is_true(t < 0.5, body)
+        body = get("/set?region=paused&key=r&value=x")
+        assert.matches("dogpile.cache.memcached: set 'r' failed: set on server 127.0.0.1:"
+                       .. paused .. ": ", body, 1, true)
+        -- The C backend says the same of it.
+        local ok, err = pcall(regions.paused.get, regions.paused, "r")
+        assert.is_false(ok)
+        assert.matches("dogpile.cache.memcached: get 'r' failed: get on server 127.0.0.1:"
+                       .. paused .. ": ", err, 1, true)
+        start_server(paused)
+        -- Each worker tries it again retry_timeout (1 s) after its own last
+        -- failure: then every request works, in both workers.
+        local t0, good, pids = now(), 0, {}
+        repeat
+            body, status = get("/set?region=paused&key=r&value=after")
+            if status == 200 then
+                good = good + 1
+                pids[body:match("(%d+)$")] = true
+            else
+                good = 0
+                sleep(0.1)
+            end
+        until good >= 20 or now() - t0 > 5
+        assert.are.equal(20, good, body .. "\n" .. nginx:log())
+        local took = now() - t0
+        assert.is_true(took < 3, "took " .. took .. " s to use it again")
+        local workers = 0
+        for _ in pairs(pids) do
+            workers = workers + 1
+        end
+        assert.are.equal(2, workers, "both workers answered")
+        for _ = 1, 10 do
+            assert.are.equal("after", value_of(get("/get?region=paused&key=r")))
+        end
+    end)
+
+    it("phases that cannot yield never block: get is a miss, writes go to a timer, the creator runs without the lock", function()
+        local function result(phase, name)
+            local r
+            wait_for(phase .. "'s result", function()
+                r = get("/result?name=" .. name)
+                return r ~= "nil"
+            end, 5)
+            local ok, got, created, ms = r:match("^(%a+)|(.-)|(.-)|([%d.]+)$")
+            assert.are.equal("ok", ok, r)
+            assert.are.equal("miss", got, phase .. ": " .. r)
+            assert.are.equal("created in " .. phase, created, r)
+            return tonumber(ms)
+        end
+        local function landed(phase, key)
+            wait_for(phase .. "'s deferred writes", function()
+                return regions.mc:get(key .. ":written") == "written in " .. phase
+                    and regions.mc:get(key .. ":created") == "created in " .. phase
+            end, 5)
+        end
+        -- init_worker ran at startup, where "iw0" and "iw1" were stored.
+        for id = 0, 1 do
+            assert.is_true(result("init_worker", "init_worker:iw" .. id) < 100)
+            landed("init_worker", "iw" .. id)
+        end
+        local phases = { "set", "header_filter", "body_filter", "log", "balancer" }
+        for _, phase in ipairs(phases) do
+            local key = fresh(phase)
+            regions.mc:set(key, "stored")
+            local body, status = get("/phase_" .. phase .. "?key=" .. key)
+            assert.are.equal(200, status, body)
+            assert.is_true(result(phase, phase .. ":" .. key) < 100)
+            landed(phase, key)
+        end
+        -- On a stopped server nothing waits: a call that did would take
+        -- socket_timeout (1 s) at least.
+        sh("kill -STOP " .. servers[paused])
+        finally(function() sh("kill -CONT " .. servers[paused]) end)
+        for _, phase in ipairs(phases) do
+            local key = fresh(phase .. "-stopped")
+            local body, status, t = get("/phase_" .. phase .. "?region=paused&key=" .. key)
+            assert.are.equal(200, status, body)
+            assert.is_true(t < 0.2, phase .. ": the request took " .. t .. " s")
+            local ms = result(phase, phase .. ":" .. key)
+            assert.is_true(ms < 100, phase .. " took " .. ms .. " ms")
+        end
+    end)
+end)
