@@ -112,4 +112,48 @@ describe("cache.metrics", function()
         end
         assert.is_true(th[1] >= 1)
     end)
+    it("exports latency histograms per region with cumulative Prometheus buckets", function()
+        local latency = require "dogpile.cache.latency"
+        local r = cache.make_region({ name = "metrics-latency" }):configure("dogpile.cache.memory")
+        local other = cache.make_region({ name = "metrics-quiet" }):configure("dogpile.cache.memory")
+        for _, s in ipairs({ 0.0000005, 0.000003, 0.000003, 0.0002, 0.02, 20 }) do
+            latency.observe(r, "create", s)
+        end
+        latency.observe(r, "get", 0.000001) -- on a bound: counted in that bucket (le)
+        local text = cache.metrics()
+        assert.is_truthy(text:find("# TYPE dogpile_cache_create_seconds histogram\n", 1, true))
+        assert.is_truthy(text:find("# TYPE dogpile_cache_get_seconds histogram\n", 1, true))
+        local want = { ["1e-06"] = 1, ["5e-06"] = 3, ["1e-05"] = 3, ["5e-05"] = 3, ["0.0001"] = 3,
+                       ["0.0005"] = 4, ["0.001"] = 4, ["0.005"] = 4, ["0.01"] = 4, ["0.05"] = 5,
+                       ["0.1"] = 5, ["0.5"] = 5, ["1"] = 5, ["5"] = 5, ["10"] = 5, ["+Inf"] = 6 }
+        local les, prev = {}, -1
+        for le, v in text:gmatch('dogpile_cache_create_seconds_bucket{region="metrics%-latency",le="([^"]+)"} (%d+)\n') do
+            les[#les + 1] = le
+            assert.are.equal(want[le], tonumber(v), le)
+            assert.is_true(tonumber(v) >= prev, "buckets are cumulative, in order of le")
+            prev = tonumber(v)
+        end
+        assert.are.equal(16, #les)
+        assert.are.equal("+Inf", les[16])
+        assert.are.equal(6, tonumber(text:match('dogpile_cache_create_seconds_count{region="metrics%-latency"} (%S+)')))
+        local sum = tonumber(text:match('dogpile_cache_create_seconds_sum{region="metrics%-latency"} (%S+)'))
+        assert.is_true(math.abs(sum - 20.0202065) < 1e-9, tostring(sum))
+        assert.are.equal(1, tonumber(text:match('dogpile_cache_get_seconds_bucket{region="metrics%-latency",le="1e%-06"} (%d+)')))
+        -- A region that recorded nothing has no histogram series.
+        assert.is_nil(text:find('_seconds_count{region="metrics-quiet"}', 1, true))
+        -- HELP and TYPE once per family, before its first sample.
+        local _, n = text:gsub("# TYPE dogpile_cache_create_seconds histogram", "")
+        assert.are.equal(1, n)
+        assert.is_truthy(other)
+    end)
+
+    it("refuses a dict outside nginx, and options that are not a table", function()
+        assert.has_error(function() cache.metrics("x") end)
+        local ok, err = pcall(cache.metrics, { dict = "dogpile_metrics" })
+        assert.is_false(ok)
+        assert.is_truthy(tostring(err):find("dict works inside nginx only", 1, true), err)
+        ok, err = pcall(cache.metrics_sync, { dict = "dogpile_metrics" })
+        assert.is_false(ok)
+        assert.is_truthy(tostring(err):find("inside nginx only", 1, true), err)
+    end)
 end)

@@ -7,14 +7,6 @@ local util = require "dogpile.cache.util"
 
 local raise = lib.raise
 local type, pairs, ipairs, tostring, pcall, loadfile = type, pairs, ipairs, tostring, pcall, loadfile
-local rawget, concat, floor = rawget, table.concat, math.floor
-
-local function fmt_number(n)
-    if n == floor(n) and n > -1e15 and n < 1e15 then
-        return ("%d"):format(n)
-    end
-    return tostring(n)
-end
 
 lib.own_source()
 
@@ -98,84 +90,28 @@ function _M.load_regions(source)
 end
 
 -- -- Metrics -------------------------------------------------------------------
+-- dogpile.cache.metrics: counters and latency histograms of every region, in
+-- the Prometheus text format; inside nginx, every worker's (see there).
 
--- One Prometheus counter family per region:stats() counter, in this order.
-local METRICS = {
-    { "hits", "Cache hits: a fresh value returned from the backend." },
-    { "misses", "Cache misses: no usable value in the backend." },
-    { "creations", "Values created by a creator function." },
-    { "stale_served", "Expired values served while another caller regenerates." },
-    { "lock_waits", "Callers that waited for another caller's creator." },
-    { "errors", "Backend failures and undecodable values." },
-    { "evictions", "Values the backend evicted, where it reports them." },
-    { "lock_overruns", "Creations that outlived a distributed lock's timeout." },
-    { "stale_on_error", "Expired values served because the creator failed (stale_if_error)." },
-    { "early_refreshes", "Fresh values regenerated early (early_refresh)." },
-    { "front_hits", "Hits served by the nearest tier of a tiered region." },
-    { "circuit_opened", "Times the backend's circuit breaker opened (networked C backends)." },
-    { "circuit_refused", "Calls the open circuit breaker refused without asking the server." },
-}
+local metrics = require "dogpile.cache.metrics"
 
--- Label values escape backslash, double quote and newline (text format 0.0.4).
-local function escape_label(s)
-    return (s:gsub("[\\\"\n]", { ["\\"] = "\\\\", ["\""] = "\\\"", ["\n"] = "\\n" }))
-end
+--- `cache.metrics(opts)` -> string: every configured region's counters
+-- (region:stats()) and latency histograms in the Prometheus text exposition
+-- format, labelled by region name ("(unnamed N)" for an unnamed one, " (N)"
+-- appended to a name used twice). Inside nginx, with `opts.dict` (a
+-- lua_shared_dict): the sum over every worker, or with `opts.per_worker`
+-- each worker's series labelled worker="N"; without: this worker's, each
+-- labelled worker="N".
+-- @tparam[opt] table opts `{dict = NAME, per_worker = false}`; defaults to
+-- metrics_sync's
+-- @raise on a dict that does not exist, or `dict` outside nginx
+_M.metrics = metrics.metrics
 
---- `cache.metrics()` -> string: every configured region's counters (this Lua
--- state's) in the Prometheus text exposition format, one counter family per
--- stats() field, labelled by region name. Unnamed regions are labelled
--- "(unnamed N)", and a name used twice gets " (N)" appended, so that every
--- series is unique.
-function _M.metrics()
-    local labels, stats = {}, {}
-    local seen, unnamed = {}, 0
-    for _, r in ipairs(region.regions()) do
-        if rawget(r, "is_configured") then
-            local name = rawget(r, "name")
-            local label
-            if name == nil then
-                unnamed = unnamed + 1
-                label = "(unnamed " .. unnamed .. ")"
-            else
-                label = tostring(name)
-            end
-            local base, n = label, 1
-            while seen[label] do
-                n = n + 1
-                label = base .. " (" .. n .. ")"
-            end
-            seen[label] = true
-            labels[#labels + 1] = escape_label(label)
-            stats[#stats + 1] = r:stats()
-        end
-    end
-    local out = {}
-    for _, m in ipairs(METRICS) do
-        local family = "dogpile_cache_" .. m[1] .. "_total"
-        out[#out + 1] = "# HELP " .. family .. " " .. m[2]
-        out[#out + 1] = "# TYPE " .. family .. " counter"
-        for i = 1, #labels do
-            out[#out + 1] = ("%s{region=\"%s\"} %s"):format(family, labels[i],
-                                                           fmt_number(stats[i][m[1]] or 0))
-        end
-    end
-    -- Tiered regions: hits per tier, the tier numbered from 1 (nearest).
-    local tiered = false
-    for i = 1, #labels do
-        local th = stats[i].tier_hits
-        if type(th) == "table" then
-            if not tiered then
-                tiered = true
-                out[#out + 1] = "# HELP dogpile_cache_tier_hits_total Hits served by each tier of a tiered region (1: nearest the caller)."
-                out[#out + 1] = "# TYPE dogpile_cache_tier_hits_total counter"
-            end
-            for t = 1, #th do
-                out[#out + 1] = ("dogpile_cache_tier_hits_total{region=\"%s\",tier=\"%d\"} %s")
-                    :format(labels[i], t, fmt_number(th[t] or 0))
-            end
-        end
-    end
-    return concat(out, "\n") .. "\n"
-end
+--- `cache.metrics_sync(opts)`: in init_worker_by_lua, push this worker's
+-- counters to the lua_shared_dict `opts.dict` every `opts.interval` seconds
+-- (default 1), so that a scrape answered by any worker sums them all.
+-- @tparam table opts `{dict = NAME, interval = 1, per_worker = false}`
+-- @raise outside nginx, or on a dict that does not exist
+_M.metrics_sync = metrics.metrics_sync
 
 return _M

@@ -61,37 +61,36 @@ end
 
 -- -- lmdb through liblmdb ----------------------------------------------------------
 
+-- Private names (asm labels to liblmdb's symbols): a spec or another module
+-- may declare liblmdb's own names with other types in this process.
 pcall(ffi.cdef, [[
-typedef struct MDB_env MDB_env;
-typedef struct MDB_txn MDB_txn;
-typedef struct MDB_cursor MDB_cursor;
-typedef unsigned int MDB_dbi;
-typedef struct MDB_val { size_t mv_size; void *mv_data; } MDB_val;
-typedef struct MDB_stat { unsigned int ms_psize, ms_depth; size_t ms_branch_pages,
-    ms_leaf_pages, ms_overflow_pages, ms_entries; } MDB_stat;
-typedef struct MDB_envinfo { void *me_mapaddr; size_t me_mapsize, me_last_pgno,
-    me_last_txnid; unsigned int me_maxreaders, me_numreaders; } MDB_envinfo;
-int mdb_env_create(MDB_env **env);
-int mdb_env_set_mapsize(MDB_env *env, size_t size);
-int mdb_env_set_maxreaders(MDB_env *env, unsigned int readers);
-int mdb_env_open(MDB_env *env, const char *path, unsigned int flags, unsigned int mode);
-void mdb_env_close(MDB_env *env);
-int mdb_env_info(MDB_env *env, MDB_envinfo *stat);
-int mdb_txn_begin(MDB_env *env, MDB_txn *parent, unsigned int flags, MDB_txn **txn);
-int mdb_txn_commit(MDB_txn *txn);
-void mdb_txn_abort(MDB_txn *txn);
-int mdb_dbi_open(MDB_txn *txn, const char *name, unsigned int flags, MDB_dbi *dbi);
-int mdb_stat(MDB_txn *txn, MDB_dbi dbi, MDB_stat *stat);
-int mdb_cursor_open(MDB_txn *txn, MDB_dbi dbi, MDB_cursor **cursor);
-void mdb_cursor_close(MDB_cursor *cursor);
-int mdb_cursor_get(MDB_cursor *cursor, MDB_val *key, MDB_val *data, int op);
-int mdb_cursor_del(MDB_cursor *cursor, unsigned int flags);
-char *mdb_strerror(int err);
+typedef struct dp_cli_mdb_val { size_t mv_size; const void *mv_data; } dp_cli_mdb_val;
+typedef struct dp_cli_mdb_stat_t { unsigned int ms_psize, ms_depth; size_t ms_branch_pages,
+    ms_leaf_pages, ms_overflow_pages, ms_entries; } dp_cli_mdb_stat_t;
+int dp_cli_mdb_env_create(void **env) asm("mdb_env_create");
+int dp_cli_mdb_env_set_maxreaders(void *env, unsigned int readers) asm("mdb_env_set_maxreaders");
+int dp_cli_mdb_env_open(void *env, const char *path, unsigned int flags, unsigned int mode)
+    asm("mdb_env_open");
+void dp_cli_mdb_env_close(void *env) asm("mdb_env_close");
+int dp_cli_mdb_txn_begin(void *env, void *parent, unsigned int flags, void **txn)
+    asm("mdb_txn_begin");
+int dp_cli_mdb_txn_commit(void *txn) asm("mdb_txn_commit");
+void dp_cli_mdb_txn_abort(void *txn) asm("mdb_txn_abort");
+int dp_cli_mdb_dbi_open(void *txn, const char *name, unsigned int flags, unsigned int *dbi)
+    asm("mdb_dbi_open");
+int dp_cli_mdb_stat(void *txn, unsigned int dbi, dp_cli_mdb_stat_t *stat) asm("mdb_stat");
+int dp_cli_mdb_cursor_open(void *txn, unsigned int dbi, void **cursor) asm("mdb_cursor_open");
+void dp_cli_mdb_cursor_close(void *cursor) asm("mdb_cursor_close");
+int dp_cli_mdb_cursor_get(void *cursor, dp_cli_mdb_val *key, dp_cli_mdb_val *data, int op)
+    asm("mdb_cursor_get");
+int dp_cli_mdb_cursor_del(void *cursor, unsigned int flags) asm("mdb_cursor_del");
+char *dp_cli_mdb_strerror(int err) asm("mdb_strerror");
 ]])
 
 local MDB_NOSUBDIR, MDB_RDONLY, MDB_NOTLS = 0x4000, 0x20000, 0x200000
 local MDB_NEXT, MDB_SET_RANGE = 8, 17
 local MDB_NOTFOUND = -30798
+local V_PREFIX = "v" -- values' keys start with it
 local HDR = 16 -- expiry and access time before the region's bytes (lmdb.c)
 
 local lmdb_lib
@@ -116,36 +115,45 @@ local function with_lmdb(path, write, fn)
     if not L then
         return nil, "liblmdb cannot be loaded (liblmdb0)"
     end
-    local st = io.open(path .. "/data.mdb") and 0 or (io.open(path) and MDB_NOSUBDIR)
+    local function exists(p)
+        local f = io.open(p)
+        if f then
+            f:close()
+        end
+        return f ~= nil
+    end
+    -- A directory holds data.mdb; a file path is the data file itself.
+    local st = exists(path .. "/data.mdb") and 0
+               or (exists(path) and not exists(path .. "/.") and MDB_NOSUBDIR)
     if not st then
         return nil, "'" .. path .. "' holds no LMDB environment"
     end
-    local envp = ffi_new("MDB_env *[1]")
-    local rc = L.mdb_env_create(envp)
+    local envp = ffi_new("void *[1]")
+    local rc = L.dp_cli_mdb_env_create(envp)
     if rc ~= 0 then
-        return nil, ffi_string(L.mdb_strerror(rc))
+        return nil, ffi_string(L.dp_cli_mdb_strerror(rc))
     end
     local env = envp[0]
     local function fail(what, code)
-        return nil, ("%s on '%s': %s"):format(what, path, ffi_string(L.mdb_strerror(code)))
+        return nil, ("%s on '%s': %s"):format(what, path, ffi_string(L.dp_cli_mdb_strerror(code)))
     end
     -- The map grows to the file's own size on open; readers: as lmdb.c's
     -- default, so that this open agrees with the table's size.
-    L.mdb_env_set_maxreaders(env, 126)
-    rc = L.mdb_env_open(env, path, st + MDB_NOTLS + (write and 0 or MDB_RDONLY), 420)
+    L.dp_cli_mdb_env_set_maxreaders(env, 126)
+    rc = L.dp_cli_mdb_env_open(env, path, st + MDB_NOTLS + (write and 0 or MDB_RDONLY), 420)
     if rc ~= 0 then
-        L.mdb_env_close(env)
+        L.dp_cli_mdb_env_close(env)
         return fail("opening", rc)
     end
-    local txnp = ffi_new("MDB_txn *[1]")
-    rc = L.mdb_txn_begin(env, nil, write and 0 or MDB_RDONLY, txnp)
+    local txnp = ffi_new("void *[1]")
+    rc = L.dp_cli_mdb_txn_begin(env, nil, write and 0 or MDB_RDONLY, txnp)
     if rc ~= 0 then
-        L.mdb_env_close(env)
+        L.dp_cli_mdb_env_close(env)
         return fail("a transaction", rc)
     end
     local txn = txnp[0]
-    local dbi = ffi_new("MDB_dbi[1]")
-    rc = L.mdb_dbi_open(txn, nil, 0, dbi)
+    local dbi = ffi_new("unsigned int[1]")
+    rc = L.dp_cli_mdb_dbi_open(txn, nil, 0, dbi)
     local ok, res, res2
     if rc ~= 0 then
         ok, res = true, nil
@@ -154,14 +162,14 @@ local function with_lmdb(path, write, fn)
         ok, res, res2 = pcall(fn, L, txn, dbi[0])
     end
     if ok and res ~= nil and write then
-        rc = L.mdb_txn_commit(txn)
+        rc = L.dp_cli_mdb_txn_commit(txn)
         if rc ~= 0 then
             res, res2 = fail("committing", rc)
         end
     else
-        L.mdb_txn_abort(txn)
+        L.dp_cli_mdb_txn_abort(txn)
     end
-    L.mdb_env_close(env)
+    L.dp_cli_mdb_env_close(env)
     if not ok then
         error(res, 0)
     end
@@ -174,16 +182,16 @@ local now = lib.C.dp_clock_now
 -- order, until it returns false; `del`: deletes each key it is called for
 -- when it returns "delete".
 local function walk(L, txn, dbi, each)
-    local cur = ffi_new("MDB_cursor *[1]")
-    local rc = L.mdb_cursor_open(txn, dbi, cur)
+    local cur = ffi_new("void *[1]")
+    local rc = L.dp_cli_mdb_cursor_open(txn, dbi, cur)
     if rc ~= 0 then
-        return nil, ffi_string(L.mdb_strerror(rc))
+        return nil, ffi_string(L.dp_cli_mdb_strerror(rc))
     end
     local c = cur[0]
-    local k, v = ffi_new("MDB_val"), ffi_new("MDB_val")
-    k.mv_size, k.mv_data = 1, ffi.cast("void *", "v")
+    local k, v = ffi_new("dp_cli_mdb_val"), ffi_new("dp_cli_mdb_val")
+    k.mv_size, k.mv_data = 1, V_PREFIX
     local t = now()
-    rc = L.mdb_cursor_get(c, k, v, MDB_SET_RANGE)
+    rc = L.dp_cli_mdb_cursor_get(c, k, v, MDB_SET_RANGE)
     local err
     while rc == 0 do
         local kp = ffi.cast("const char *", k.mv_data)
@@ -198,18 +206,18 @@ local function walk(L, txn, dbi, each)
         if what == false then
             break
         elseif what == "delete" then
-            rc = L.mdb_cursor_del(c, 0)
+            rc = L.dp_cli_mdb_cursor_del(c, 0)
             if rc ~= 0 then
-                err = ffi_string(L.mdb_strerror(rc))
+                err = ffi_string(L.dp_cli_mdb_strerror(rc))
                 break
             end
         end
-        rc = L.mdb_cursor_get(c, k, v, MDB_NEXT)
+        rc = L.dp_cli_mdb_cursor_get(c, k, v, MDB_NEXT)
     end
     if rc ~= 0 and rc ~= MDB_NOTFOUND and not err then
-        err = ffi_string(L.mdb_strerror(rc))
+        err = ffi_string(L.dp_cli_mdb_strerror(rc))
     end
-    L.mdb_cursor_close(c)
+    L.dp_cli_mdb_cursor_close(c)
     if err then
         return nil, err
     end
@@ -224,17 +232,19 @@ struct dp_cli_addrinfo { int ai_flags, ai_family, ai_socktype, ai_protocol;
     struct dp_cli_addrinfo *ai_next; };
 struct dp_cli_sockaddr_un { unsigned short sun_family; char sun_path[108]; };
 struct dp_cli_timeval { long tv_sec, tv_usec; };
-int getaddrinfo(const char *node, const char *service, const struct dp_cli_addrinfo *hints,
-                struct dp_cli_addrinfo **res);
-void freeaddrinfo(struct dp_cli_addrinfo *res);
-const char *gai_strerror(int errcode);
-int socket(int domain, int type, int protocol);
-int connect(int fd, const void *addr, unsigned int len);
-int setsockopt(int fd, int level, int name, const void *val, unsigned int len);
-long send(int fd, const void *buf, size_t len, int flags);
-long recv(int fd, void *buf, size_t len, int flags);
-int close(int fd);
-char *strerror(int errnum);
+int dp_cli_getaddrinfo(const char *node, const char *service,
+                       const struct dp_cli_addrinfo *hints, struct dp_cli_addrinfo **res)
+    asm("getaddrinfo");
+void dp_cli_freeaddrinfo(struct dp_cli_addrinfo *res) asm("freeaddrinfo");
+const char *dp_cli_gai_strerror(int errcode) asm("gai_strerror");
+int dp_cli_socket(int domain, int type, int protocol) asm("socket");
+int dp_cli_connect(int fd, const void *addr, unsigned int len) asm("connect");
+int dp_cli_setsockopt(int fd, int level, int name, const void *val, unsigned int len)
+    asm("setsockopt");
+long dp_cli_send(int fd, const void *buf, size_t len, int flags) asm("send");
+long dp_cli_recv(int fd, void *buf, size_t len, int flags) asm("recv");
+int dp_cli_close(int fd) asm("close");
+char *dp_cli_strerror(int errnum) asm("strerror");
 ]])
 
 local C = ffi.C
@@ -247,22 +257,22 @@ Sock.__index = Sock
 
 local function errno_text()
     local e = ffi.errno()
-    return ffi_string(C.strerror(e)), e
+    return ffi_string(C.dp_cli_strerror(e)), e
 end
 
 local function set_timeout(fd, seconds)
     local tv = ffi_new("struct dp_cli_timeval")
     tv.tv_sec = floor(seconds)
     tv.tv_usec = floor((seconds - floor(seconds)) * 1e6)
-    C.setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, tv, ffi.sizeof(tv))
-    C.setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, tv, ffi.sizeof(tv))
+    C.dp_cli_setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, tv, ffi.sizeof(tv))
+    C.dp_cli_setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, tv, ffi.sizeof(tv))
 end
 
 --- A connection to host:port (or the unix socket `unix`); nil, err.
 function _M.connect(host, port, unix, timeout, connect_timeout)
     local where = unix or (host .. ":" .. port)
     if unix then
-        local fd = C.socket(AF_UNIX, SOCK_STREAM, 0)
+        local fd = C.dp_cli_socket(AF_UNIX, SOCK_STREAM, 0)
         if fd < 0 then
             return nil, "socket: " .. errno_text()
         end
@@ -270,9 +280,9 @@ function _M.connect(host, port, unix, timeout, connect_timeout)
         local sa = ffi_new("struct dp_cli_sockaddr_un")
         sa.sun_family = AF_UNIX
         ffi.copy(sa.sun_path, unix, math.min(#unix, 107))
-        if C.connect(fd, sa, ffi.sizeof(sa)) ~= 0 then
+        if C.dp_cli_connect(fd, sa, ffi.sizeof(sa)) ~= 0 then
             local e = errno_text()
-            C.close(fd)
+            C.dp_cli_close(fd)
             return nil, "cannot connect to " .. where .. ": " .. e
         end
         set_timeout(fd, timeout)
@@ -281,27 +291,27 @@ function _M.connect(host, port, unix, timeout, connect_timeout)
     local hints = ffi_new("struct dp_cli_addrinfo")
     hints.ai_socktype = SOCK_STREAM
     local res = ffi_new("struct dp_cli_addrinfo *[1]")
-    local rc = C.getaddrinfo(host, tostring(port), hints, res)
+    local rc = C.dp_cli_getaddrinfo(host, tostring(port), hints, res)
     if rc ~= 0 then
-        return nil, "cannot resolve " .. host .. ": " .. ffi_string(C.gai_strerror(rc))
+        return nil, "cannot resolve " .. host .. ": " .. ffi_string(C.dp_cli_gai_strerror(rc))
     end
     local err = "no address"
     local ai = res[0]
     while ai ~= nil do
-        local fd = C.socket(ai.ai_family, SOCK_STREAM, 0)
+        local fd = C.dp_cli_socket(ai.ai_family, SOCK_STREAM, 0)
         if fd >= 0 then
             set_timeout(fd, connect_timeout or timeout)
-            if C.connect(fd, ai.ai_addr, ai.ai_addrlen) == 0 then
-                C.freeaddrinfo(res[0])
+            if C.dp_cli_connect(fd, ai.ai_addr, ai.ai_addrlen) == 0 then
+                C.dp_cli_freeaddrinfo(res[0])
                 set_timeout(fd, timeout)
                 return setmetatable({ fd = fd, buf = "", where = where }, Sock)
             end
             err = errno_text()
-            C.close(fd)
+            C.dp_cli_close(fd)
         end
         ai = ai.ai_next
     end
-    C.freeaddrinfo(res[0])
+    C.dp_cli_freeaddrinfo(res[0])
     return nil, "cannot connect to " .. where .. ": " .. err
 end
 
@@ -311,7 +321,7 @@ function Sock:send(data)
     end
     local pos = 0
     while pos < #data do
-        local n = C.send(self.fd, ffi.cast("const char *", data) + pos, #data - pos, MSG_NOSIGNAL)
+        local n = C.dp_cli_send(self.fd, ffi.cast("const char *", data) + pos, #data - pos, MSG_NOSIGNAL)
         if n < 0 then
             local e, code = errno_text()
             if code ~= EINTR then
@@ -327,7 +337,7 @@ end
 local RECV = ffi_new("char[65536]")
 
 function Sock:fill()
-    local n = C.recv(self.fd, RECV, 65536, 0)
+    local n = C.dp_cli_recv(self.fd, RECV, 65536, 0)
     if n > 0 then
         self.buf = self.buf .. ffi_string(RECV, n)
         return true
@@ -368,7 +378,7 @@ end
 
 function Sock:close()
     if self.fd then
-        C.close(self.fd)
+        C.dp_cli_close(self.fd)
         self.fd = nil
     end
 end
@@ -599,8 +609,8 @@ function _M.stats(backend, arguments)
             if not ok then
                 return nil, e
             end
-            local st = ffi_new("MDB_stat")
-            L.mdb_stat(txn, dbi, st)
+            local st = ffi_new("dp_cli_mdb_stat_t")
+            L.dp_cli_mdb_stat(txn, dbi, st)
             local pages = tonumber(st.ms_branch_pages + st.ms_leaf_pages + st.ms_overflow_pages)
             rows = {
                 { "items", items, "values in the file" },
