@@ -12,7 +12,8 @@
  * reconfiguring, and keys on a dead server fail fast instead of moving.
  *
  * The lock between processes (and machines) is memcached's `add` of a lock
- * key with a random token and a finite expiry; release is a compare-and-
+ * key (`lock_prefix` + key; "_lock" is Python dogpile.cache's, which a
+ * wire_format region sets) with a random token and a finite expiry; release is a compare-and-
  * delete: `gets` the lock key, and when it still holds our token, `cas` it
  * with its CAS unique to an expiry in the past (the item is gone at once),
  * so a lock that expired and was taken by another holder is never removed,
@@ -39,8 +40,8 @@
 #define NAME "dogpile.cache.memcached"
 /* memcached's key limit (both protocols). */
 #define MAX_KEY 250
-#define LOCK_PREFIX "dogpile-lock:"
-#define LOCK_PREFIX_LEN (sizeof LOCK_PREFIX - 1)
+/* The lock key's prefix: at most this long, so that prefix + SHA-1 hex fits. */
+#define MAX_LOCK_PREFIX (MAX_KEY - 40)
 /* An item's size on the server beyond key and value (header, CAS, suffix). */
 #define ITEM_OVERHEAD 64
 
@@ -57,6 +58,8 @@ typedef struct mc_settings {
     int remove_failed, nodelay, keepalive, noblock;
     int hash;                  /* index in hashes[] */
     int64_t item_size_max;     /* bytes, when the user set it (0: the server's, as it answers) */
+    int64_t flags;             /* the item flags every set writes (Python's clients: 1 = pickle) */
+    char *lock_prefix;         /* the lock key is lock_prefix .. key */
 } mc_settings;
 
 static const char *const hash_names[] = {"md5", "crc", "fnv1_64", "fnv1a_64", "fnv1_32",
@@ -70,7 +73,8 @@ static const memcached_hash_t hashes[] = {
 #define KEY DP_SPEC_KEY
 #define F(field) offsetof(mc_settings, field)
 static const dp_arg_spec mc_args[] = {
-    {.name = "url", .kind = DP_SPEC_STR, .flags = KEY, .min = 1, .def_str = "127.0.0.1:11211",
+    {.name = "url", .kind = DP_SPEC_STR, .flags = KEY | DP_SPEC_DOMAIN, .min = 1,
+     .def_str = "127.0.0.1:11211",
      .what = "\"host:port\" or a list of them", .offset = F(url)},
     {.name = "binary", .kind = DP_SPEC_BOOL, .flags = KEY, .offset = F(binary)},
     {.name = "memcached_expire_time", .kind = DP_SPEC_SECONDS, .flags = KEY, .offset = F(expire)},
@@ -101,6 +105,11 @@ static const dp_arg_spec mc_args[] = {
      .offset = F(hash)}, /* md5: ketama's usual point hash */
     {.name = "item_size_max", .kind = DP_SPEC_SIZE, .flags = KEY, .min = 1024,
      .offset = F(item_size_max)},
+    {.name = "flags", .kind = DP_SPEC_INT, .flags = KEY, .min = 0, .max = 4294967295.0,
+     .what = "an integer from 0 to 2^32 - 1 (the item flags every set writes)",
+     .offset = F(flags)},
+    {.name = "lock_prefix", .kind = DP_SPEC_STR, .flags = KEY, .min = 1, .max = MAX_LOCK_PREFIX,
+     .def_str = "dogpile-lock:", .offset = F(lock_prefix)},
     {0},
 };
 #undef F
@@ -318,7 +327,8 @@ static int mc_set(void *self, const char *key, size_t klen, const char *value, s
     memcached_st *m = conn_get(s, err);
     if (!m)
         return DP_ENOMEM;
-    memcached_return_t rc = memcached_set(m, key, klen, value, vlen, s->expire, 0);
+    memcached_return_t rc = memcached_set(m, key, klen, value, vlen, s->expire,
+                                          (uint32_t)s->cfg->flags);
     int status = DP_OK;
     if (rc == MEMCACHED_E2BIG) {
         memcached_return_t r2;
@@ -473,19 +483,21 @@ static void mc_stats(void *self, dp_backend_stats *out)
 
 /* -- The distributed lock --------------------------------------------------------- */
 
-/* `dogpile-lock:<key>`, or `dogpile-lock:<sha1 hex of key>` when that would
- * pass memcached's key limit. buf holds MAX_KEY + 1 bytes. */
-static size_t lock_key(const char *key, size_t klen, char *buf)
+/* `<lock_prefix><key>`, or `<lock_prefix><sha1 hex of key>` when that would
+ * pass memcached's key limit (Python's clients refuse such a key: no lock
+ * to agree with). buf holds MAX_KEY + 1 bytes. */
+static size_t lock_key(const mc *s, const char *key, size_t klen, char *buf)
 {
-    memcpy(buf, LOCK_PREFIX, LOCK_PREFIX_LEN);
-    if (LOCK_PREFIX_LEN + klen <= MAX_KEY) {
-        memcpy(buf + LOCK_PREFIX_LEN, key, klen);
-        return LOCK_PREFIX_LEN + klen;
+    size_t plen = strlen(s->cfg->lock_prefix);
+    memcpy(buf, s->cfg->lock_prefix, plen);
+    if (plen + klen <= MAX_KEY) {
+        memcpy(buf + plen, key, klen);
+        return plen + klen;
     }
     char hex[41];
     dp_sha1_hex(key, klen, hex);
-    memcpy(buf + LOCK_PREFIX_LEN, hex, 40);
-    return LOCK_PREFIX_LEN + 40;
+    memcpy(buf + plen, hex, 40);
+    return plen + 40;
 }
 
 /* A token no other holder uses: host-unique enough through the pid, the
@@ -514,7 +526,7 @@ static int mc_lock(void *self, const char *key, size_t klen, double timeout, dp_
     if (!s->cfg->distributed_lock)
         return DP_OK;
     char lk[MAX_KEY + 1];
-    size_t lklen = lock_key(key, klen, lk);
+    size_t lklen = lock_key(s, key, klen, lk);
     held *h = malloc(sizeof *h + klen);
     if (!h)
         return dp_err_set(err, DP_ENOMEM, "out of memory");
@@ -581,7 +593,7 @@ static int mc_unlock(void *self, const char *key, size_t klen, dp_err *err)
         return DP_ENOTHELD;
     double held_for = dp_clock_monotonic() - h->taken;
     char lk[MAX_KEY + 1];
-    size_t lklen = lock_key(key, klen, lk);
+    size_t lklen = lock_key(s, key, klen, lk);
     memcached_st *m = conn_get(s, err);
     if (!m) {
         free(h);
@@ -638,7 +650,7 @@ static int mc_wait_unlocked(void *self, const char *key, size_t klen, double tim
     if (!s->cfg->distributed_lock)
         return DP_OK;
     char lk[MAX_KEY + 1];
-    size_t lklen = lock_key(key, klen, lk);
+    size_t lklen = lock_key(s, key, klen, lk);
     char first[64];
     size_t flen = 0;
     int seen = 0;

@@ -75,6 +75,11 @@ DP_API int dp_backend_register(const dp_backend_ops *ops, void *ud)
         return DP_EINVAL;
     if ((ops->lock == NULL) != (ops->unlock == NULL))
         return DP_EINVAL;
+    /* A store named by arguments that do not name the instance would give
+     * one instance two domains. */
+    for (const dp_arg_spec *s = declared ? ops->args : NULL; s && s->name; s++)
+        if ((s->flags & DP_SPEC_DOMAIN) && !(s->flags & DP_SPEC_KEY))
+            return DP_EINVAL;
     if (ops->wait_unlocked && !ops->lock)
         return DP_EINVAL;
     /* The registry keeps `ops` for the life of the process, but a Lua C

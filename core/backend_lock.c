@@ -120,13 +120,16 @@ DP_API int dp_backend_release(dp_backend *b, const char *key, size_t klen, dp_ba
         double limit = dp_backend_lock_timeout(b);
         /* Held past lock_timeout, others may have gone ahead; a lock that
          * expires by itself may have been taken by someone else, which the
-         * backend's unlock left alone. The value was made: not an error. */
-        if (rc == DP_ENOTHELD || (limit >= 0 && dp_clock_monotonic() - h->since > limit)) {
+         * backend's unlock left alone. The value was made: not an error,
+         * but the backend's reason stays in msg for the caller's log. */
+        if (limit >= 0 && dp_clock_monotonic() - h->since > limit)
             h->overrun = 1;
-            if (rc == DP_ENOTHELD) {
-                rc = DP_OK;
-                err_clear(err);
-            }
+        else if (rc == DP_ENOTHELD)
+            h->overrun = 2;
+        if (rc == DP_ENOTHELD) {
+            rc = DP_OK;
+            if (err)
+                err->code = DP_OK;
         }
     }
     if (h->core) {

@@ -64,8 +64,10 @@ DP_API const char *dp_version(void);
  * unchanged); the declared arguments (dp_arg_spec, dp_args_*); the two-level
  * lock (dp_backend_acquire, dp_backend_release, dp_backend_wait_released,
  * dp_backend_lock_timeout); dp_backoff. Nothing was removed or changed in
- * meaning. */
-#define DP_HEADER_REVISION 2
+ * meaning. 3 added DP_SPEC_DOMAIN (a lock domain named by some arguments)
+ * and dp_backend_hold.overrun's value 2 (a lock lost before lock_timeout,
+ * the backend's reason in err). */
+#define DP_HEADER_REVISION 3
 
 /* -- Clock --------------------------------------------------------------- */
 
@@ -418,6 +420,13 @@ typedef struct dp_str {
                                    * handles of one instance may differ */
 #define DP_SPEC_LOCK_TIMEOUT 0x20 /* DP_SPEC_SECONDS: the handle's lock_timeout,
                                    * which bounds dp_backend_acquire's waits */
+#define DP_SPEC_DOMAIN       0x40 /* with DP_SPEC_KEY: names the lock domain (and
+                                   * the circuit breaker). With any such entry,
+                                   * instances whose DOMAIN values agree share
+                                   * one domain, whatever their other KEY
+                                   * values (a server's address, not its
+                                   * timeouts): their threads meet at the
+                                   * core's lock. Without, the identity does */
 
 typedef struct dp_arg_spec {
     const char *name;             /* the argument's name; NULL ends the table */
@@ -537,7 +546,8 @@ typedef struct dp_backend_ops {
      * the process-wide lock domain named "<ops->name>:<identity>", where
      * the identity is identify()'s bytes, or the one DP_SPEC_KEY value's
      * bytes as given (a C host can name it with dp_lock_domain), or with
-     * several, each as "<decimal length>:<bytes>", one after another. */
+     * several, each as "<decimal length>:<bytes>", one after another; with
+     * DP_SPEC_DOMAIN entries, their values instead, written the same way. */
     const dp_arg_spec *args;
     size_t settings_size;
     /* Optional (NULL: the DP_SPEC_KEY values): the identity's bytes in
@@ -681,10 +691,12 @@ DP_API int dp_circuit_declare(const char *name);
 typedef struct dp_backend_hold {
     int core;       /* out: 1 while the core's per-key lock is held */
     int proc;       /* out: 1 while the backend's own lock is held */
-    int overrun;    /* out (dp_backend_release): the backend's lock was held
-                     * past lock_timeout, or had expired and been taken by
-                     * someone else: another caller may have made the value
-                     * too (not an error: say so in a log) */
+    int overrun;    /* out (dp_backend_release): 1: the backend's lock was held
+                     * past lock_timeout; 2: it was lost before (expired, or
+                     * taken by someone else: the backend's unlock said
+                     * DP_ENOTHELD, and its reason is left in err->msg with
+                     * err->code DP_OK). Either way another caller may have
+                     * made the value too (not an error: say so in a log) */
     double since;   /* out: dp_clock_monotonic() when `proc` was taken */
 } dp_backend_hold;
 
@@ -705,7 +717,7 @@ DP_API int dp_backend_acquire(dp_backend *b, const char *key, size_t klen, uint3
 
 /** Release what `h` (in/out) holds for `key`: the backend's level, then the
  * core's. DP_OK (h->overrun set when the lock had outlived lock_timeout or
- * been taken over); DP_ENOTHELD: `h` holds nothing; or the backend's failure
+ * been lost before: see dp_backend_hold); DP_ENOTHELD: `h` holds nothing; or the backend's failure
  * in err (the core level is released all the same). From any thread. */
 DP_API int dp_backend_release(dp_backend *b, const char *key, size_t klen, dp_backend_hold *h,
                               dp_err *err);

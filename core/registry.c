@@ -109,6 +109,43 @@ static int identity(const dp_backend_ops *ops, void *ud, const void *settings, d
     return DP_OK;
 }
 
+/* The lock domain of a new instance: named by its identity, or with
+ * DP_SPEC_DOMAIN entries, "<backend name>:" and their values alone (written
+ * as an identity of those entries), so that instances of one store with
+ * other settings share it. 0 on out of memory. */
+static uint32_t domain_of(const dp__instance *e)
+{
+    size_t k = 0;
+    for (const dp_arg_spec *s = e->ops->args; s->name; s++)
+        k += (s->flags & DP_SPEC_DOMAIN) != 0;
+    if (k == 0)
+        return dp_lock_domain(e->id, e->idlen);
+    dp_arg_spec *only = calloc(k + 1, sizeof *only);
+    if (!only)
+        return 0;
+    k = 0;
+    for (const dp_arg_spec *s = e->ops->args; s->name; s++)
+        if (s->flags & DP_SPEC_DOMAIN) {
+            only[k] = *s;
+            only[k++].flags = DP_SPEC_KEY;
+        }
+    dp_bytes name = {0}, tail = {0};
+    size_t nlen = strlen(e->ops->name);
+    uint32_t dom = 0;
+    if (dp__args_identity(only, e->settings, &tail) == DP_OK &&
+        dp_bytes_reserve(&name, nlen + 1 + tail.len) == DP_OK) {
+        memcpy(name.data, e->ops->name, nlen);
+        name.data[nlen] = ':';
+        if (tail.len)
+            memcpy(name.data + nlen + 1, tail.data, tail.len);
+        dom = dp_lock_domain(name.data, nlen + 1 + tail.len);
+    }
+    dp_bytes_free(&name);
+    dp_bytes_free(&tail);
+    free(only);
+    return dom;
+}
+
 int dp__instance_open(const dp_backend_ops *ops, void *ud, const dp_arg *args, size_t nargs,
                       dp__instance **out, void **self, uint32_t *domain, double *lock_timeout,
                       dp_err *err)
@@ -172,9 +209,10 @@ int dp__instance_open(const dp_backend_ops *ops, void *ud, const dp_arg *args, s
     uv_mutex_unlock(&mu);
     dp_bytes_free(&id);
 
-    /* Named by the identity: every handle on the instance meets one lock per
-     * key, in every Lua state, and again after the instance is reopened. */
-    e->domain = dp_lock_domain(e->id, e->idlen);
+    /* Named by the identity (or the store): every handle on the instance
+     * meets one lock per key, in every Lua state, and again after the
+     * instance is reopened. */
+    e->domain = domain_of(e);
     rc = e->domain ? ops->create(ud, settings, &e->self, err)
                    : dp_err_set(err, DP_ENOMEM, "%s: out of memory", ops->name);
     if (rc != DP_OK && (!err || err->code == DP_OK))

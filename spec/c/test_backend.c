@@ -337,6 +337,73 @@ static void test_registry(void)
     create_delay = 0;
 }
 
+/* -- A lock domain named by some arguments (DP_SPEC_DOMAIN) ----------------- */
+
+static const dp_arg_spec dom_args[] = {
+    {.name = "name", .kind = DP_SPEC_BYTES, .flags = DP_SPEC_KEY | DP_SPEC_DOMAIN,
+     .def_str = "n", .offset = offsetof(cnt_settings, name)},
+    {.name = "size", .kind = DP_SPEC_INT, .flags = DP_SPEC_KEY, .min = 1, .def = 1,
+     .offset = offsetof(cnt_settings, size)},
+    {0},
+};
+
+static _Atomic int dom_creates;
+
+static int dom_create(void *ud, const void *settings, void **self, dp_err *err)
+{
+    (void)ud; (void)err;
+    atomic_fetch_add(&dom_creates, 1);
+    *self = (void *)settings;
+    return DP_OK;
+}
+
+static void dom_destroy(void *self)
+{
+    (void)self;
+}
+
+static void test_domain(void)
+{
+    dp_err err;
+    dp_backend_ops ops = cnt_ops, bad = cnt_ops;
+    ops.name = "test.domained";
+    ops.args = dom_args;
+    ops.create = dom_create;
+    ops.destroy = dom_destroy;
+    static dp_arg_spec unkeyed[3];
+    memcpy(unkeyed, dom_args, sizeof unkeyed);
+    unkeyed[0].flags = DP_SPEC_DOMAIN;
+    bad.args = unkeyed;
+    CHECK(dp_backend_register(&bad, NULL) == DP_EINVAL, "domain: refused without DP_SPEC_KEY");
+    static dp_backend_ops keep;
+    keep = ops;
+    CHECK(dp_backend_register(&keep, NULL) == DP_OK, "domain: registers");
+    dp_backend *a, *b, *c;
+    dp_arg a1[] = {str("name", "x"), num("size", 1)};
+    dp_arg a2[] = {str("name", "x"), num("size", 2)};
+    dp_arg a3[] = {str("name", "y"), num("size", 1)};
+    CHECK(dp_backend_open("test.domained", a1, 2, &a, &err) == DP_OK &&
+          dp_backend_open("test.domained", a2, 2, &b, &err) == DP_OK &&
+          dp_backend_open("test.domained", a3, 2, &c, &err) == DP_OK && dom_creates == 3,
+          "domain: other KEY values make other instances (%d)", dom_creates);
+    CHECK(dp_backend_lock_domain(a) == dp_backend_lock_domain(b) &&
+          dp_backend_lock_domain(a) == dp_lock_domain(K("test.domained:x")),
+          "domain: named '<backend>:' and the DOMAIN values alone, shared by both");
+    CHECK(dp_backend_lock_domain(c) != dp_backend_lock_domain(a),
+          "domain: another DOMAIN value is another domain");
+    uint32_t me = dp_lock_owner_new(), other = dp_lock_owner_new();
+    dp_backend_hold h = {0}, h2 = {0};
+    CHECK(dp_backend_acquire(a, K("k"), me, 0, &h, &err) == DP_OK &&
+          dp_backend_acquire(b, K("k"), other, 0, &h2, &err) == DP_EBUSY &&
+          dp_backend_acquire(c, K("k"), other, 0, &h2, &err) == DP_OK,
+          "domain: the core's lock orders the instances of one domain");
+    dp_backend_release(a, K("k"), &h, &err);
+    dp_backend_release(c, K("k"), &h2, &err);
+    dp_backend_close(a);
+    dp_backend_close(b);
+    dp_backend_close(c);
+}
+
 /* -- The two-level lock through the template ------------------------------- */
 
 #define NLOCKERS 6
@@ -466,9 +533,18 @@ static void test_two_level(void)
           dp_backend_lock_timeout(quick) == 0.02, "two-level: a handle with its own lock_timeout");
     CHECK(dp_backend_acquire(quick, K("o"), me, 0, &h, &err) == DP_OK, "two-level: taken");
     dp_clock_sleep(0.05);
-    CHECK(dp_backend_release(quick, K("o"), &h, &err) == DP_OK && h.overrun,
+    CHECK(dp_backend_release(quick, K("o"), &h, &err) == DP_OK && h.overrun == 1,
           "two-level: held past lock_timeout: overrun reported, not an error");
     dp_backend_close(quick);
+
+    /* Lost before lock_timeout (expired, taken over): the backend's
+     * DP_ENOTHELD is overrun 2, not an error. */
+    CHECK(dp_backend_acquire(shared, K("lost"), me, 0, &h, &err) == DP_OK &&
+          dp_backend_unlock(shared, K("lost"), &err) == DP_OK, "two-level: the backend's level "
+          "goes away under the holder");
+    CHECK(dp_backend_release(shared, K("lost"), &h, &err) == DP_OK && h.overrun == 2 &&
+          err.code == DP_OK && !h.core && dp_lock_count() == 0,
+          "two-level: lost early: overrun 2, the core level released");
 
     /* The template as a store: shared by name, refusing big values. */
     dp_backend *again;
@@ -548,6 +624,7 @@ int main(void)
 {
     test_args();
     test_registry();
+    test_domain();
     test_two_level();
     test_core_level_only();
     test_backoff();
