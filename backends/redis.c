@@ -2,10 +2,14 @@
  * a Redis server, shared by every process and machine that reaches it, with a
  * distributed lock per key.
  *
- * Instances. Regions configured with the same arguments share one instance
- * per process (a registry keyed by the canonical argument string, refcounted
- * and guarded by a mutex), so every Lua state and thread of the process draws
- * on one connection pool.
+ * Instances. The arguments are declared in one table per name (rd_args,
+ * rs_args) that the core reads; every argument but the nginx-only pool
+ * settings names the instance (DP_SPEC_KEY), so regions configured alike
+ * share one instance per process, and every Lua state and thread draws on
+ * its connection pool. The lock domain (and the circuit breaker) is named by
+ * the store alone (DP_SPEC_DOMAIN: server, db, lock prefix): regions on one
+ * server with other timeouts have instances of their own, and their threads
+ * still meet at the core's per-key lock.
  *
  * Connections. A pool of idle hiredis contexts behind the instance's mutex:
  * an operation takes one (or connects a new one), uses it alone, and gives it
@@ -32,8 +36,8 @@
  * lock_timeout) it returns DP_ENOTHELD and leaves whoever holds it now alone.
  * A bounded wait subscribes a connection of its own to a channel named like
  * the lock key, whose release PUBLISHes on it, and retries SET NX at each
- * message, or after 1 ms doubling to lock_sleep without one (a holder that
- * died leaves its lock to expire, which publishes nothing). Waiting for a
+ * message, or at dp_backoff's steps up to lock_sleep without one (a holder
+ * that died leaves its lock to expire, which publishes nothing). Waiting for a
  * release without taking the lock (wait_unlocked) subscribes the same way and
  * returns at the first message, or when a poll finds the key gone or holding
  * another token.
@@ -59,6 +63,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -88,6 +93,85 @@ static const char UNLOCK_SCRIPT[] =
     "redis.pcall('publish', KEYS[1], '') return 1 "
     "else return 0 end";
 
+/* -- Arguments: the struct the core fills, and the tables it fills it by -- */
+
+typedef struct rd_settings {
+    char *host;              /* a path (starting with '/'): a unix socket */
+    int64_t port, db;
+    char *username, *password;
+    double socket_timeout, connect_timeout;
+    double ttl;              /* redis_expiration_time: PX of every SET; 0: none */
+    int distributed_lock;
+    double lock_timeout, lock_sleep;
+    char *lock_prefix, *notify_channel, *notify_feed;
+    char *sentinels;         /* redis_sentinel: "host:port,host:port" (the Lua module joins a list) */
+    char *service;           /* redis_sentinel: service_name */
+    int64_t pool_size;       /* inside nginx only: read there by the cosocket transport */
+    double pool_idle_timeout;
+} rd_settings;
+
+static int parse_url(void *settings, const dp_arg *a, dp_err *err);
+
+#define KEY DP_SPEC_KEY
+#define STORE (DP_SPEC_KEY | DP_SPEC_DOMAIN)
+#define F(field) offsetof(rd_settings, field)
+/* What both names accept after how they find the server. */
+#define COMMON_ARGS                                                                         \
+    {.name = "db", .kind = DP_SPEC_INT, .flags = STORE, .offset = F(db)},                   \
+    {.name = "username", .kind = DP_SPEC_STR, .flags = KEY, .offset = F(username)},         \
+    {.name = "password", .kind = DP_SPEC_STR, .flags = KEY, .offset = F(password)},         \
+    {.name = "socket_timeout", .kind = DP_SPEC_SECONDS, .flags = KEY | DP_SPEC_ABOVE_MIN,   \
+     .def = 1, .offset = F(socket_timeout)},                                                \
+    {.name = "connect_timeout", .kind = DP_SPEC_SECONDS, .flags = KEY | DP_SPEC_ABOVE_MIN,  \
+     .def = 1, .offset = F(connect_timeout)},                                               \
+    {.name = "redis_expiration_time", .kind = DP_SPEC_SECONDS,                              \
+     .flags = KEY | DP_SPEC_ABOVE_MIN, .offset = F(ttl)},                                   \
+    {.name = "distributed_lock", .kind = DP_SPEC_BOOL, .flags = KEY, .def = 1,              \
+     .offset = F(distributed_lock)},                                                        \
+    {.name = "lock_timeout", .kind = DP_SPEC_SECONDS,                                       \
+     .flags = KEY | DP_SPEC_ABOVE_MIN | DP_SPEC_LOCK_TIMEOUT, .def = 30,                    \
+     .what = "a positive, finite number of seconds (the lock's expiry in Redis)",           \
+     .offset = F(lock_timeout)},                                                            \
+    {.name = "lock_sleep", .kind = DP_SPEC_SECONDS, .flags = KEY | DP_SPEC_ABOVE_MIN,       \
+     .def = 0.1, .offset = F(lock_sleep)},                                                  \
+    {.name = "lock_prefix", .kind = DP_SPEC_STR, .flags = STORE, .def_str = "_lock",        \
+     .offset = F(lock_prefix)},                                                             \
+    {.name = "notify_channel", .kind = DP_SPEC_STR, .flags = KEY, .min = 1,                 \
+     .offset = F(notify_channel)},                                                          \
+    {.name = "notify_feed", .kind = DP_SPEC_STR, .flags = KEY, .min = 1,                    \
+     .offset = F(notify_feed)},                                                             \
+    /* Read inside nginx (redis_cosocket.lua), accepted and unused here, so   \
+     * that one regions file serves both: checked, never compared. */         \
+    {.name = "pool_size", .kind = DP_SPEC_INT, .flags = DP_SPEC_HANDLE, .min = 1, .def = 30,\
+     .offset = F(pool_size)},                                                               \
+    {.name = "pool_idle_timeout", .kind = DP_SPEC_SECONDS,                                  \
+     .flags = DP_SPEC_HANDLE | DP_SPEC_ABOVE_MIN, .def = 60, .offset = F(pool_idle_timeout)}, \
+    {0}
+
+/* url first: host, port and db given as well override its parts. */
+static const dp_arg_spec rd_args[] = {
+    {.name = "url", .kind = DP_SPEC_CUSTOM, .parse = parse_url},
+    {.name = "host", .kind = DP_SPEC_STR, .flags = STORE, .min = 1, .def_str = "127.0.0.1",
+     .offset = F(host)},
+    {.name = "port", .kind = DP_SPEC_INT, .flags = STORE, .min = 1, .max = 65535, .def = 6379,
+     .offset = F(port)},
+    COMMON_ARGS,
+};
+
+static const dp_arg_spec rs_args[] = {
+    {.name = "sentinels", .kind = DP_SPEC_STR, .flags = STORE | DP_SPEC_REQUIRED, .min = 1,
+     .what = "a non-empty list of {host, port}", .offset = F(sentinels)},
+    {.name = "service_name", .kind = DP_SPEC_STR, .flags = STORE | DP_SPEC_REQUIRED, .min = 1,
+     .offset = F(service)},
+    COMMON_ARGS,
+};
+#undef COMMON_ARGS
+#undef F
+#undef STORE
+#undef KEY
+
+/* -- Instance ------------------------------------------------------------------- */
+
 typedef struct conn {
     struct conn *next;
     redisContext *c;
@@ -102,19 +186,13 @@ typedef struct held {
 } held;
 
 typedef struct inst {
-    struct inst *next;
-    char *id;          /* canonical arguments: instances with equal ids are shared */
-    int handles;
+    const rd_settings *cfg; /* the core's: valid until destroy */
     const char *name;  /* NAME or SENTINEL_NAME, for messages */
-    /* settings */
-    char *host, *unix_path, *username, *password, *lock_prefix, *service;
-    int port, db;
-    double socket_timeout, connect_timeout, lock_timeout, lock_sleep, ttl;
+    int unix_socket;   /* cfg->host is a socket's path */
     int nsentinels;
     char *sentinel_host[MAX_SENTINELS];
     int sentinel_port[MAX_SENTINELS];
     size_t prefix_len;
-    uint32_t domain;
     /* state */
     uv_mutex_t mu;     /* pool, gen, pid, held, master */
     conn *idle;
@@ -126,7 +204,6 @@ typedef struct inst {
     char master[300];  /* sentinel mode: "host:port" last connected to */
     _Atomic uint64_t hits, misses;
     /* change notification (NULL channel: none) */
-    char *notify_channel, *notify_feed;
     char sender[17];   /* this instance's tag on its messages */
     dp_feed *feed;
     uv_thread_t listener;
@@ -134,31 +211,12 @@ typedef struct inst {
     _Atomic int stop, subscribed;
 } inst;
 
-static inst *instances;
-static uv_mutex_t instances_mu;
-static uv_once_t instances_once = UV_ONCE_INIT;
-
-static void instances_init(void)
-{
-    uv_mutex_init(&instances_mu);
-}
-
 static struct timeval tv_of(double s)
 {
     struct timeval tv;
     tv.tv_sec = (time_t)s;
     tv.tv_usec = (suseconds_t)((s - (double)tv.tv_sec) * 1e6);
     return tv;
-}
-
-static char *dupn(const char *s, size_t n)
-{
-    char *p = malloc(n + 1);
-    if (p) {
-        memcpy(p, s, n);
-        p[n] = '\0';
-    }
-    return p;
 }
 
 /* -- SIGPIPE ------------------------------------------------------------------ */
@@ -251,12 +309,13 @@ static void where(inst *s, char *buf, size_t n)
 {
     if (s->nsentinels) {
         uv_mutex_lock(&s->mu);
-        snprintf(buf, n, "master '%s' at %s", s->service, s->master[0] ? s->master : "(unknown)");
+        snprintf(buf, n, "master '%s' at %s", s->cfg->service,
+                 s->master[0] ? s->master : "(unknown)");
         uv_mutex_unlock(&s->mu);
-    } else if (s->unix_path) {
-        snprintf(buf, n, "unix:%s", s->unix_path);
+    } else if (s->unix_socket) {
+        snprintf(buf, n, "unix:%s", s->cfg->host);
     } else {
-        snprintf(buf, n, "%s:%d", s->host, s->port);
+        snprintf(buf, n, "%s:%d", s->cfg->host, (int)s->cfg->port);
     }
 }
 
@@ -268,7 +327,7 @@ static int io_fail(inst *s, redisContext *c, const char *op, dp_err *err)
     if (c->err == REDIS_ERR_IO && (errno == EAGAIN || errno == EWOULDBLOCK || errno == ETIMEDOUT ||
                                    strstr(c->errstr, "temporarily unavailable")))
         return dp_err_set(err, DP_EBACKEND, "%s: no answer from %s within socket_timeout (%g s)",
-                          op, w, s->socket_timeout);
+                          op, w, s->cfg->socket_timeout);
     return dp_err_set(err, DP_EBACKEND, "%s: %s: %s", op, w,
                       c->errstr[0] ? c->errstr : "connection lost");
 }
@@ -283,7 +342,7 @@ static redisReply *command(redisContext *c, int argc, const char **argv, const s
 static int raw_connect(inst *s, const char *host, int port, const char *unix_path,
                        redisContext **out, dp_err *err)
 {
-    struct timeval ct = tv_of(s->connect_timeout);
+    struct timeval ct = tv_of(s->cfg->connect_timeout);
     redisContext *c = unix_path ? redisConnectUnixWithTimeout(unix_path, ct)
                                 : redisConnectWithTimeout(host, port, ct);
     if (!c)
@@ -295,13 +354,13 @@ static int raw_connect(inst *s, const char *host, int port, const char *unix_pat
             dp_err_set(err, DP_EBACKEND, "cannot connect to unix:%s: %s", unix_path, c->errstr);
         else if (timed_out)
             dp_err_set(err, DP_EBACKEND, "cannot connect to %s:%d within connect_timeout (%g s)",
-                       host, port, s->connect_timeout);
+                       host, port, s->cfg->connect_timeout);
         else
             dp_err_set(err, DP_EBACKEND, "cannot connect to %s:%d: %s", host, port, c->errstr);
         redisFree(c);
         return DP_EBACKEND;
     }
-    redisSetTimeout(c, tv_of(s->socket_timeout));
+    redisSetTimeout(c, tv_of(s->cfg->socket_timeout));
     if (!unix_path)
         redisEnableKeepAlive(c);
     *out = c;
@@ -319,7 +378,7 @@ static int sentinel_master(inst *s, char *host, size_t hostn, int *port, dp_err 
             snprintf(last, sizeof last, "%s", e.msg);
             continue;
         }
-        redisReply *r = redisCommand(c, "SENTINEL get-master-addr-by-name %s", s->service);
+        redisReply *r = redisCommand(c, "SENTINEL get-master-addr-by-name %s", s->cfg->service);
         if (!r) {
             snprintf(last, sizeof last, "sentinel %s:%d: %s", s->sentinel_host[i],
                      s->sentinel_port[i], c->errstr);
@@ -336,14 +395,14 @@ static int sentinel_master(inst *s, char *host, size_t hostn, int *port, dp_err 
                      s->sentinel_port[i], r->str);
         } else {
             snprintf(last, sizeof last, "sentinel %s:%d knows no master named '%s'",
-                     s->sentinel_host[i], s->sentinel_port[i], s->service);
+                     s->sentinel_host[i], s->sentinel_port[i], s->cfg->service);
         }
         if (r)
             freeReplyObject(r);
         redisFree(c);
     }
     return dp_err_set(err, DP_EBACKEND, "cannot find the master of '%s' through %d sentinel(s): %s",
-                      s->service, s->nsentinels, last);
+                      s->cfg->service, s->nsentinels, last);
 }
 
 /* Run one setup command on a fresh connection. DP_EINVAL for a refusal
@@ -364,9 +423,10 @@ static int setup_cmd(inst *s, redisContext *c, int argc, const char **argv, cons
 /* A new connection, authenticated, on the right db (and to the master). */
 static int conn_open(inst *s, redisContext **out, dp_err *err)
 {
+    const rd_settings *cfg = s->cfg;
     char host[256];
-    int port = s->port, rc;
-    const char *h = s->host;
+    int port = (int)cfg->port, rc;
+    const char *h = cfg->host;
     if (s->nsentinels) {
         if ((rc = sentinel_master(s, host, sizeof host, &port, err)) != DP_OK)
             return rc;
@@ -376,21 +436,22 @@ static int conn_open(inst *s, redisContext **out, dp_err *err)
         uv_mutex_unlock(&s->mu);
     }
     redisContext *c;
-    if ((rc = raw_connect(s, h, port, s->nsentinels ? NULL : s->unix_path, &c, err)) != DP_OK)
+    if ((rc = raw_connect(s, h, port, s->unix_socket ? cfg->host : NULL, &c, err)) != DP_OK)
         return rc;
-    if (s->password) {
-        const char *argv[3] = {"AUTH", s->username ? s->username : s->password, s->password};
+    if (cfg->password) {
+        const char *argv[3] = {"AUTH", cfg->username ? cfg->username : cfg->password,
+                               cfg->password};
         char what[300];
-        if (s->username)
-            snprintf(what, sizeof what, "AUTH as user '%s'", s->username);
+        if (cfg->username)
+            snprintf(what, sizeof what, "AUTH as user '%s'", cfg->username);
         else
             snprintf(what, sizeof what, "AUTH with the password");
-        rc = setup_cmd(s, c, s->username ? 3 : 2, argv, what, err);
+        rc = setup_cmd(s, c, cfg->username ? 3 : 2, argv, what, err);
     }
-    if (rc == DP_OK && s->db != 0) {
-        char db[16], what[64];
-        snprintf(db, sizeof db, "%d", s->db);
-        snprintf(what, sizeof what, "SELECT of db %d", s->db);
+    if (rc == DP_OK && cfg->db != 0) {
+        char db[32], what[64];
+        snprintf(db, sizeof db, "%lld", (long long)cfg->db);
+        snprintf(what, sizeof what, "SELECT of db %lld", (long long)cfg->db);
         const char *argv[2] = {"SELECT", db};
         rc = setup_cmd(s, c, 2, argv, what, err);
     }
@@ -403,7 +464,7 @@ static int conn_open(inst *s, redisContext **out, dp_err *err)
                 r->element[0]->type != REDIS_REPLY_STRING ||
                 strcmp(r->element[0]->str, "master") != 0)
                 rc = dp_err_set(err, DP_EBACKEND, "%s:%d, given by the sentinels as the master "
-                                "of '%s', is not a master (yet)", h, port, s->service);
+                                "of '%s', is not a master (yet)", h, port, cfg->service);
             freeReplyObject(r);
         }
     }
@@ -636,7 +697,7 @@ static int rd_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_er
 /* The PX argument of a SET with redis_expiration_time; 0 without. */
 static long long ttl_ms(const inst *s)
 {
-    return s->ttl > 0 ? (long long)ceil(s->ttl * 1000) : 0;
+    return s->cfg->ttl > 0 ? (long long)ceil(s->cfg->ttl * 1000) : 0;
 }
 
 /* -- Change notification: the publishing side ------------------------------------ */
@@ -676,8 +737,8 @@ static void build_notified(redisContext *c, void *ud)
 {
     notified *w = ud;
     w->build(c, w->ud);
-    const char *argv[3] = {"PUBLISH", w->s->notify_channel, w->payload};
-    size_t lens[3] = {7, strlen(w->s->notify_channel), w->plen};
+    const char *argv[3] = {"PUBLISH", w->s->cfg->notify_channel, w->payload};
+    size_t lens[3] = {7, strlen(w->s->cfg->notify_channel), w->plen};
     redisAppendCommandArgv(c, 3, argv, lens);
 }
 
@@ -689,7 +750,7 @@ static int run_write(inst *s, const char *op, build_fn build, void *ud, size_t n
                      redisReply **replies, size_t n, const char *const *keys,
                      const size_t *klens, dp_err *err)
 {
-    if (!s->notify_channel)
+    if (!s->cfg->notify_channel)
         return run(s, op, build, ud, ncmd, replies, err);
     char *payload;
     size_t plen;
@@ -704,7 +765,7 @@ static int run_write(inst *s, const char *op, build_fn build, void *ud, size_t n
     redisReply *pub = replies[ncmd];
     if (pub->type == REDIS_REPLY_ERROR) {
         rc = dp_err_set(err, DP_EBACKEND, "%s: PUBLISH on '%s' refused: %s", op,
-                        s->notify_channel, pub->str);
+                        s->cfg->notify_channel, pub->str);
         for (size_t i = 0; i < ncmd; i++)
             freeReplyObject(replies[i]);
     }
@@ -888,11 +949,6 @@ static void rd_stats(void *self, dp_backend_stats *out)
     out->misses = (double)atomic_load(&s->misses);
 }
 
-static uint32_t rd_lock_domain(void *self)
-{
-    return ((inst *)self)->domain;
-}
-
 /* -- The distributed lock -------------------------------------------------------- */
 
 static int lock_key(inst *s, const char *key, size_t klen, char **out, size_t *outlen,
@@ -901,7 +957,7 @@ static int lock_key(inst *s, const char *key, size_t klen, char **out, size_t *o
     char *lk = malloc(s->prefix_len + klen + 1);
     if (!lk)
         return dp_err_set(err, DP_ENOMEM, "out of memory");
-    memcpy(lk, s->lock_prefix, s->prefix_len);
+    memcpy(lk, s->cfg->lock_prefix, s->prefix_len);
     memcpy(lk + s->prefix_len, key, klen);
     *out = lk;
     *outlen = s->prefix_len + klen;
@@ -1111,9 +1167,15 @@ static void sub_close(inst *s, conn *cn, const char *lk, size_t lklen)
     sub_close_how(s, cn, lk, lklen, 0);
 }
 
+/* With distributed_lock = false the lock is the core's alone (this process's
+ * threads and Lua states), as dogpile.cache's distributed_lock=False: lock,
+ * unlock and wait_unlocked take, release and wait for nothing in Redis. */
+
 static int rd_lock(void *self, const char *key, size_t klen, double timeout, dp_err *err)
 {
     inst *s = self;
+    if (!s->cfg->distributed_lock)
+        return DP_OK;
     held *h = calloc(1, sizeof *h);
     if (!h)
         return dp_err_set(err, DP_ENOMEM, "out of memory");
@@ -1126,11 +1188,11 @@ static int rd_lock(void *self, const char *key, size_t klen, double timeout, dp_
     }
     new_token(h->token);
     char px[32];
-    int pxn = snprintf(px, sizeof px, "%lld", (long long)ceil(s->lock_timeout * 1000));
+    int pxn = snprintf(px, sizeof px, "%lld", (long long)ceil(s->cfg->lock_timeout * 1000));
     const char *argv[6] = {"SET", lk, h->token, "NX", "PX", px};
     size_t lens[6] = {3, lklen, 32, 2, 2, (size_t)pxn};
-    double deadline = timeout > 0 ? dp_clock_monotonic() + timeout : 0;
-    double step = 0.001;
+    dp_backoff bo;
+    dp_backoff_init(&bo, timeout, s->cfg->lock_sleep);
     conn *sub = NULL;
     int tried_sub = 0;
     for (;;) {
@@ -1160,11 +1222,6 @@ static int rd_lock(void *self, const char *key, size_t klen, double timeout, dp_
             rc = DP_EBUSY;
             break;
         }
-        double left = timeout > 0 ? deadline - dp_clock_monotonic() : 1e9;
-        if (left <= 0) {
-            rc = dp_err_set(err, DP_ETIMEDOUT, "the lock was still held after %g s", timeout);
-            break;
-        }
         if (!tried_sub) {
             /* Subscribe, then try again before waiting for a message. */
             tried_sub = 1;
@@ -1172,7 +1229,11 @@ static int rd_lock(void *self, const char *key, size_t klen, double timeout, dp_
             if (sub)
                 continue;
         }
-        double wait = step < left ? step : left;
+        double wait = dp_backoff_next(&bo);
+        if (wait <= 0) {
+            rc = dp_err_set(err, DP_ETIMEDOUT, "the lock was still held after %g s", timeout);
+            break;
+        }
         if (sub) {
             if (sub_wait(sub, wait) < 0) {
                 sub_free(sub);
@@ -1181,7 +1242,6 @@ static int rd_lock(void *self, const char *key, size_t klen, double timeout, dp_
         } else {
             dp_clock_sleep(wait);
         }
-        step = step * 2 < s->lock_sleep ? step * 2 : s->lock_sleep;
     }
     if (sub)
         sub_close(s, sub, lk, lklen);
@@ -1217,11 +1277,14 @@ static int lock_token(inst *s, const char *lk, size_t lklen, char **tok, dp_err 
  * subscribing) releases: a message on the lock key's channel (the unlock
  * script publishes one), or a poll that finds the key gone or holding
  * another token (a holder that died lets the key expire, which publishes
- * nothing). Polls after 1 ms doubling to lock_sleep; timeout 0 polls once. */
+ * nothing). Polls at dp_backoff's steps up to lock_sleep; timeout 0 polls
+ * once. */
 static int rd_wait_unlocked(void *self, const char *key, size_t klen, double timeout,
                             dp_err *err)
 {
     inst *s = self;
+    if (!s->cfg->distributed_lock)
+        return DP_OK;
     char *lk = NULL, *first = NULL, *now = NULL;
     size_t lklen = 0;
     int rc = lock_key(s, key, klen, &lk, &lklen, err);
@@ -1229,20 +1292,18 @@ static int rd_wait_unlocked(void *self, const char *key, size_t klen, double tim
         return rc;
     conn *sub = timeout != 0 ? sub_open(s, lk, lklen) : NULL;
     rc = lock_token(s, lk, lklen, &first, err);
-    double deadline = timeout > 0 ? dp_clock_monotonic() + timeout : 0;
-    double step = 0.001;
+    dp_backoff bo;
+    dp_backoff_init(&bo, timeout, s->cfg->lock_sleep);
     while (rc == DP_OK && first) {
         if (timeout == 0) {
             rc = DP_EBUSY;
             break;
         }
-        double left = timeout > 0 ? deadline - dp_clock_monotonic() : 1e9;
-        if (left <= 0) {
+        double wait = dp_backoff_next(&bo);
+        if (wait <= 0) {
             rc = dp_err_set(err, DP_ETIMEDOUT, "the lock was still held after %g s", timeout);
             break;
         }
-        double wait = step < left ? step : left;
-        step = step * 2 < s->lock_sleep ? step * 2 : s->lock_sleep;
         if (sub) {
             int got = sub_wait(sub, wait);
             if (got > 0)
@@ -1272,11 +1333,14 @@ static int rd_wait_unlocked(void *self, const char *key, size_t klen, double tim
 static int rd_unlock(void *self, const char *key, size_t klen, dp_err *err)
 {
     inst *s = self;
+    if (!s->cfg->distributed_lock)
+        return DP_OK;
+    const char *prefix = s->cfg->lock_prefix;
     size_t lklen = s->prefix_len + klen;
     uv_mutex_lock(&s->mu);
     held **pp = &s->held, *h = NULL;
     for (; *pp; pp = &(*pp)->next)
-        if ((*pp)->klen == lklen && memcmp((*pp)->key, s->lock_prefix, s->prefix_len) == 0 &&
+        if ((*pp)->klen == lklen && memcmp((*pp)->key, prefix, s->prefix_len) == 0 &&
             memcmp((*pp)->key + s->prefix_len, key, klen) == 0) {
             h = *pp;
             *pp = h->next;
@@ -1292,7 +1356,7 @@ static int rd_unlock(void *self, const char *key, size_t klen, dp_err *err)
     if (rc == DP_OK) {
         if (r->type != REDIS_REPLY_INTEGER || r->integer != 1)
             rc = dp_err_set(err, DP_ENOTHELD, "the lock had expired (lock_timeout %g s) and "
-                            "was no longer ours", s->lock_timeout);
+                            "was no longer ours", s->cfg->lock_timeout);
         freeReplyObject(r);
     }
     free(h->key);
@@ -1388,8 +1452,8 @@ static void listener_main(void *arg)
         redisContext *c = NULL;
         dp_err e;
         if (conn_open(s, &c, &e) == DP_OK) {
-            const char *argv[2] = {"SUBSCRIBE", s->notify_channel};
-            size_t lens[2] = {9, strlen(s->notify_channel)};
+            const char *argv[2] = {"SUBSCRIBE", s->cfg->notify_channel};
+            size_t lens[2] = {9, strlen(s->cfg->notify_channel)};
             redisReply *r = redisCommandArgv(c, 2, argv, lens);
             int ok = r && r->type == REDIS_REPLY_ARRAY && r->elements == 3;
             if (r)
@@ -1417,7 +1481,7 @@ static void listener_main(void *arg)
  * up. A server down now is not an error: the listener keeps trying. */
 static int listener_start(inst *s, dp_err *err)
 {
-    const char *fname = s->notify_feed ? s->notify_feed : s->notify_channel;
+    const char *fname = s->cfg->notify_feed ? s->cfg->notify_feed : s->cfg->notify_channel;
     int rc = dp_feed_open(fname, strlen(fname), 0, &s->feed);
     if (rc != DP_OK)
         return dp_err_set(err, rc, "%s: cannot open the change feed: %s", s->name,
@@ -1429,7 +1493,7 @@ static int listener_start(inst *s, dp_err *err)
     if (uv_thread_create(&s->listener, listener_main, s) != 0)
         return dp_err_set(err, DP_ENOMEM, "%s: cannot start the listener thread", s->name);
     s->listening = 1;
-    double end = dp_clock_monotonic() + s->connect_timeout + s->socket_timeout;
+    double end = dp_clock_monotonic() + s->cfg->connect_timeout + s->cfg->socket_timeout;
     while (!atomic_load(&s->subscribed) && dp_clock_monotonic() < end)
         dp_clock_sleep(0.001);
     return DP_OK;
@@ -1448,8 +1512,9 @@ static void listener_stop(inst *s)
 
 /* -- Instances --------------------------------------------------------------------- */
 
-static void inst_free(inst *s)
+static void rd_destroy(void *self)
 {
+    inst *s = self;
     listener_stop(s);
     while (s->idle) {
         conn *c = s->idle;
@@ -1472,97 +1537,68 @@ static void inst_free(inst *s)
     for (int i = 0; i < s->nsentinels; i++)
         free(s->sentinel_host[i]);
     uv_mutex_destroy(&s->mu);
-    free(s->id);
-    free(s->host);
-    free(s->unix_path);
-    free(s->username);
-    free(s->password);
-    free(s->lock_prefix);
-    free(s->service);
-    free(s->notify_channel);
-    free(s->notify_feed);
     free(s);
 }
 
-static void rd_close(void *self)
+/* Write `value` (len bytes) as a new string into *slot, freeing the old. */
+static int set_str(char **slot, const char *value, size_t len, dp_err *err)
 {
-    inst *s = self;
-    uv_mutex_lock(&instances_mu);
-    int last = --s->handles == 0;
-    if (last) {
-        inst **pp = &instances;
-        while (*pp != s)
-            pp = &(*pp)->next;
-        *pp = s->next;
-    }
-    uv_mutex_unlock(&instances_mu);
-    if (last)
-        inst_free(s);
-}
-
-static int arg_string(const dp_arg *a, char **out, const char *name, dp_err *err)
-{
-    if (a->type != DP_ARG_STRING)
-        return dp_err_set(err, DP_EINVAL, "%s: %s must be a string", name, a->name);
-    free(*out);
-    *out = dupn(a->string, a->len);
-    return *out ? DP_OK : dp_err_set(err, DP_ENOMEM, "out of memory");
-}
-
-static int arg_seconds(const dp_arg *a, double *out, const char *name, dp_err *err)
-{
-    if (a->type != DP_ARG_NUMBER || !(a->number > 0) || !isfinite(a->number))
-        return dp_err_set(err, DP_EINVAL, "%s: %s must be a positive number of seconds",
-                          name, a->name);
-    *out = a->number;
+    char *p = malloc(len + 1);
+    if (!p)
+        return dp_err_set(err, DP_ENOMEM, NAME ": out of memory");
+    memcpy(p, value, len);
+    p[len] = '\0';
+    free(*slot);
+    *slot = p;
     return DP_OK;
 }
 
-/* "redis://[user:password@]host[:port][/db]" or "unix:///path[?db=N]". */
-static int parse_url(inst *s, const char *url, size_t len, dp_err *err)
+/* "redis://[user:password@]host[:port][/db]" or "unix:///path[?db=N]": the
+ * url's parts go into the fields of host (a socket's path for unix://),
+ * port, db, username and password, which those arguments, read after it,
+ * override. */
+static int parse_url(void *settings, const dp_arg *a, dp_err *err)
 {
+    rd_settings *cfg = settings;
     char buf[1024];
-    if (len >= sizeof buf)
-        return dp_err_set(err, DP_EINVAL, "%s: url is too long", s->name);
-    memcpy(buf, url, len);
-    buf[len] = '\0';
+    if (a->type != DP_ARG_STRING || a->len >= sizeof buf || memchr(a->string, 0, a->len))
+        return dp_err_set(err, DP_EINVAL, NAME ": url must be a string such as "
+                          "\"redis://host:port/db\" or \"unix:///path\" (at most %zu bytes)",
+                          sizeof buf - 1);
+    memcpy(buf, a->string, a->len);
+    buf[a->len] = '\0';
     if (strncmp(buf, "unix://", 7) == 0) {
         char *path = buf + 7, *q = strchr(path, '?');
         if (q) {
             *q++ = '\0';
-            if (strncmp(q, "db=", 3) != 0)
-                return dp_err_set(err, DP_EINVAL, "%s: url '%s': the only query is ?db=N",
-                                  s->name, url);
-            s->db = atoi(q + 3);
+            char *end;
+            long db = strncmp(q, "db=", 3) == 0 ? strtol(q + 3, &end, 10) : -1;
+            if (db < 0 || q[3] == '\0' || *end)
+                return dp_err_set(err, DP_EINVAL, NAME ": url '%s': the only query is ?db=N",
+                                  a->string);
+            cfg->db = db;
         }
         if (path[0] != '/')
-            return dp_err_set(err, DP_EINVAL, "%s: url '%.*s' needs an absolute socket path "
-                              "(unix:///path/to/socket)", s->name, (int)len, url);
-        free(s->unix_path);
-        s->unix_path = strdup(path);
-        return DP_OK;
+            return dp_err_set(err, DP_EINVAL, NAME ": url '%s' needs an absolute socket path "
+                              "(unix:///path/to/socket)", a->string);
+        return set_str(&cfg->host, path, strlen(path), err);
     }
     if (strncmp(buf, "redis://", 8) != 0)
-        return dp_err_set(err, DP_EINVAL, "%s: url '%s' must start with redis:// or unix://",
-                          s->name, buf);
+        return dp_err_set(err, DP_EINVAL, NAME ": url '%s' must start with redis:// or unix://",
+                          buf);
     char *p = buf + 8, *at = strrchr(p, '@');
+    int rc = DP_OK;
     if (at) {
         *at = '\0';
         char *colon = strchr(p, ':');
         if (colon) {
             *colon = '\0';
-            free(s->password);
-            s->password = strdup(colon + 1);
+            rc = set_str(&cfg->password, colon + 1, strlen(colon + 1), err);
         }
-        if (*p) {
-            free(s->username);
-            s->username = strdup(p);
-            if (!colon) { /* redis://password@host, as redis-py reads it */
-                free(s->password);
-                s->password = s->username;
-                s->username = NULL;
-            }
-        }
+        if (rc == DP_OK && *p) /* redis://password@host, as redis-py reads it */
+            rc = set_str(colon ? &cfg->username : &cfg->password, p, strlen(p), err);
+        if (rc != DP_OK)
+            return rc;
         p = at + 1;
     }
     char *slash = strchr(p, '/');
@@ -1572,276 +1608,129 @@ static int parse_url(inst *s, const char *url, size_t len, dp_err *err)
         if (slash[1]) {
             long db = strtol(slash + 1, &end, 10);
             if (*end || db < 0)
-                return dp_err_set(err, DP_EINVAL, "%s: url: db '%s' is not a number", s->name,
+                return dp_err_set(err, DP_EINVAL, NAME ": url: db '%s' is not a number",
                                   slash + 1);
-            s->db = (int)db;
+            cfg->db = db;
         }
     }
     char *colon = strrchr(p, ':');
     if (colon && !strchr(colon, ']')) {
         *colon = '\0';
-        s->port = atoi(colon + 1);
+        char *end;
+        long port = strtol(colon + 1, &end, 10);
+        if (*end || colon[1] == '\0' || port < 1 || port > 65535)
+            return dp_err_set(err, DP_EINVAL, NAME ": url: port '%s' is out of range "
+                              "(1 to 65535)", colon + 1);
+        cfg->port = port;
     }
-    if (*p) {
-        if (*p == '[') { /* [::1] */
-            p++;
-            char *e = strchr(p, ']');
-            if (e)
-                *e = '\0';
-        }
-        free(s->host);
-        s->host = strdup(p);
+    if (*p == '[') { /* [::1] */
+        p++;
+        char *e = strchr(p, ']');
+        if (e)
+            *e = '\0';
     }
-    return DP_OK;
+    return *p ? set_str(&cfg->host, p, strlen(p), err) : DP_OK;
 }
 
-/* "host:port,host:port" */
-static int parse_sentinels(inst *s, const dp_arg *a, dp_err *err)
+/* "host:port,host:port" into the instance's list. */
+static int parse_sentinels(inst *s, const char *list, dp_err *err)
 {
-    if (a->type != DP_ARG_STRING)
-        return dp_err_set(err, DP_EINVAL, "%s: sentinels must be a list of {host, port}", s->name);
-    char *list = dupn(a->string, a->len), *save = NULL;
-    if (!list)
-        return dp_err_set(err, DP_ENOMEM, "out of memory");
-    for (char *tok = strtok_r(list, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
-        char *colon = strrchr(tok, ':');
-        if (!colon || s->nsentinels == MAX_SENTINELS) {
-            free(list);
-            return dp_err_set(err, DP_EINVAL, "%s: sentinels: '%s' is not host:port (at most %d)",
-                              s->name, tok, MAX_SENTINELS);
+    char *copy = strdup(list), *save = NULL;
+    if (!copy)
+        return dp_err_set(err, DP_ENOMEM, SENTINEL_NAME ": out of memory");
+    int rc = DP_OK;
+    for (char *tok = strtok_r(copy, ",", &save); tok && rc == DP_OK;
+         tok = strtok_r(NULL, ",", &save)) {
+        char *colon = strrchr(tok, ':'), *end = NULL;
+        long port = colon ? strtol(colon + 1, &end, 10) : 0;
+        if (!colon || colon == tok || *end || port < 1 || port > 65535 ||
+            s->nsentinels == MAX_SENTINELS) {
+            rc = dp_err_set(err, DP_EINVAL, SENTINEL_NAME ": sentinels: '%s' is not host:port "
+                            "with a port from 1 to 65535 (at most %d sentinels)", tok,
+                            MAX_SENTINELS);
+            break;
         }
         *colon = '\0';
-        s->sentinel_host[s->nsentinels] = strdup(tok);
-        s->sentinel_port[s->nsentinels++] = atoi(colon + 1);
+        if (!(s->sentinel_host[s->nsentinels] = strdup(tok)))
+            rc = dp_err_set(err, DP_ENOMEM, SENTINEL_NAME ": out of memory");
+        else
+            s->sentinel_port[s->nsentinels++] = (int)port;
     }
-    free(list);
-    return DP_OK;
+    free(copy);
+    return rc;
 }
 
-#define KNOWN "url, host, port, db, username, password, socket_timeout, connect_timeout, " \
-              "redis_expiration_time, lock_timeout, lock_sleep, lock_prefix, notify_channel, " \
-              "notify_feed"
-
-static int cmp_args(const void *a, const void *b)
+/* A new instance (the core's registry shares it, by every argument but the
+ * pool's). One connection now: a refused password or db is a configuration
+ * error to report here; a server that is down is not (it may come up
+ * later). With notify_channel, the listener starts before any handle gets
+ * the instance (other opens of this identity wait for create). */
+static int rd_create(void *ud, const void *settings, void **self, dp_err *err)
 {
-    return strcmp(((const dp_arg *)a)->name, ((const dp_arg *)b)->name);
-}
-
-static int open_with(const char *name, const dp_arg *args, size_t nargs, void **self, dp_err *err)
-{
-    int sentinel = strcmp(name, SENTINEL_NAME) == 0;
+    const rd_settings *cfg = settings;
+    if (cfg->notify_feed && !cfg->notify_channel)
+        return dp_err_set(err, DP_EINVAL, "%s: notify_feed needs notify_channel",
+                          ud ? SENTINEL_NAME : NAME);
     inst *s = calloc(1, sizeof *s);
     if (!s)
-        return dp_err_set(err, DP_ENOMEM, "out of memory");
+        return dp_err_set(err, DP_ENOMEM, NAME ": out of memory");
     uv_mutex_init(&s->mu);
-    s->name = name;
-    s->host = strdup("127.0.0.1");
-    s->port = 6379;
-    s->socket_timeout = 1;
-    s->connect_timeout = 1;
-    s->lock_timeout = 30;
-    s->lock_sleep = 0.1;
-    s->lock_prefix = strdup("_lock");
+    s->cfg = cfg;
+    s->name = ud ? SENTINEL_NAME : NAME;
+    s->unix_socket = !ud && cfg->host[0] == '/';
+    s->prefix_len = strlen(cfg->lock_prefix);
     s->pid = self_pid();
-    int rc = DP_OK;
-    /* url first, so that explicit arguments override its parts. */
-    for (size_t i = 0; i < nargs && rc == DP_OK; i++)
-        if (strcmp(args[i].name, "url") == 0) {
-            if (args[i].type != DP_ARG_STRING)
-                rc = dp_err_set(err, DP_EINVAL, "%s: url must be a string", name);
-            else
-                rc = parse_url(s, args[i].string, args[i].len, err);
-        }
-    for (size_t i = 0; i < nargs && rc == DP_OK; i++) {
-        const dp_arg *a = &args[i];
-        if (strcmp(a->name, "url") == 0) {
-            continue;
-        } else if (strcmp(a->name, "host") == 0) {
-            rc = arg_string(a, &s->host, name, err);
-        } else if (strcmp(a->name, "port") == 0 || strcmp(a->name, "db") == 0) {
-            if (a->type != DP_ARG_NUMBER || a->number < 0 || a->number > 65535 ||
-                a->number != floor(a->number))
-                rc = dp_err_set(err, DP_EINVAL, "%s: %s must be a non-negative integer", name,
-                                a->name);
-            else if (a->name[0] == 'p')
-                s->port = (int)a->number;
-            else
-                s->db = (int)a->number;
-        } else if (strcmp(a->name, "username") == 0) {
-            rc = arg_string(a, &s->username, name, err);
-        } else if (strcmp(a->name, "password") == 0) {
-            rc = arg_string(a, &s->password, name, err);
-        } else if (strcmp(a->name, "socket_timeout") == 0) {
-            rc = arg_seconds(a, &s->socket_timeout, name, err);
-        } else if (strcmp(a->name, "connect_timeout") == 0) {
-            rc = arg_seconds(a, &s->connect_timeout, name, err);
-        } else if (strcmp(a->name, "redis_expiration_time") == 0) {
-            rc = arg_seconds(a, &s->ttl, name, err);
-        } else if (strcmp(a->name, "lock_timeout") == 0) {
-            rc = arg_seconds(a, &s->lock_timeout, name, err);
-        } else if (strcmp(a->name, "lock_sleep") == 0) {
-            rc = arg_seconds(a, &s->lock_sleep, name, err);
-        } else if (strcmp(a->name, "lock_prefix") == 0) {
-            rc = arg_string(a, &s->lock_prefix, name, err);
-        } else if (strcmp(a->name, "notify_channel") == 0) {
-            rc = arg_string(a, &s->notify_channel, name, err);
-        } else if (strcmp(a->name, "notify_feed") == 0) {
-            rc = arg_string(a, &s->notify_feed, name, err);
-        } else if (sentinel && strcmp(a->name, "sentinels") == 0) {
-            rc = parse_sentinels(s, a, err);
-        } else if (sentinel && strcmp(a->name, "service_name") == 0) {
-            rc = arg_string(a, &s->service, name, err);
-        } else {
-            rc = dp_err_set(err, DP_EINVAL, "%s: unknown argument '%s' (known: %s" KNOWN ")",
-                            name, a->name, sentinel ? "sentinels, service_name, " : "");
-        }
-    }
-    if (rc == DP_OK && sentinel && (s->nsentinels == 0 || !s->service))
-        rc = dp_err_set(err, DP_EINVAL, "%s: the arguments 'sentinels' (a list of {host, port}) "
-                        "and 'service_name' are required", name);
-    if (rc == DP_OK && (!s->host || !s->lock_prefix))
-        rc = dp_err_set(err, DP_ENOMEM, "out of memory");
-    if (rc == DP_OK && s->notify_feed && !s->notify_channel)
-        rc = dp_err_set(err, DP_EINVAL, "%s: notify_feed needs notify_channel", name);
-    if (rc == DP_OK && s->notify_channel && !s->notify_channel[0])
-        rc = dp_err_set(err, DP_EINVAL, "%s: notify_channel must not be empty", name);
-    if (rc != DP_OK) {
-        inst_free(s);
-        return rc;
-    }
-    s->prefix_len = strlen(s->lock_prefix);
-
-    /* The identity: the name and the sorted arguments. */
-    dp_arg *sorted = malloc((nargs ? nargs : 1) * sizeof *sorted);
-    size_t idcap = 64 + strlen(name);
-    for (size_t i = 0; i < nargs; i++)
-        idcap += strlen(args[i].name) + args[i].len + 48;
-    char *id = malloc(idcap);
-    if (!sorted || !id) {
-        free(sorted);
-        free(id);
-        inst_free(s);
-        return dp_err_set(err, DP_ENOMEM, "out of memory");
-    }
-    memcpy(sorted, args, nargs * sizeof *sorted);
-    qsort(sorted, nargs, sizeof *sorted, cmp_args);
-    size_t idlen = (size_t)snprintf(id, idcap, "%s", name);
-    for (size_t i = 0; i < nargs; i++) {
-        const dp_arg *a = &sorted[i];
-        idlen += (size_t)snprintf(id + idlen, idcap - idlen, "\n%s=%d:", a->name, a->type);
-        if (a->type == DP_ARG_STRING) {
-            memcpy(id + idlen, a->string, a->len);
-            idlen += a->len;
-            id[idlen] = '\0';
-        } else {
-            idlen += (size_t)snprintf(id + idlen, idcap - idlen, "%.17g", a->number);
-        }
-    }
-    free(sorted);
-
-    uv_once(&instances_once, instances_init);
-    uv_mutex_lock(&instances_mu);
-    inst *found;
-    for (found = instances; found; found = found->next)
-        if (strcmp(found->id, id) == 0)
-            break;
-    if (found) {
-        found->handles++;
-        uv_mutex_unlock(&instances_mu);
-        free(id);
-        inst_free(s);
-        *self = found;
-        return DP_OK;
-    }
-    uv_mutex_unlock(&instances_mu);
-    s->id = id;
-
-    /* One connection now: a refused password or db is a configuration error
-     * to report here; a server that is down is not (it may come up later). */
+    int rc = ud ? parse_sentinels(s, cfg->sentinels, err) : DP_OK;
     conn *c;
     int reused;
     dp_err e;
-    nopipe np;
-    nopipe_begin(&np);
-    rc = conn_take(s, &c, &reused, &e);
-    nopipe_end(&np);
     if (rc == DP_OK) {
-        conn_give(s, c, 0);
-    } else if (rc != DP_EBACKEND) {
-        dp_err_set(err, rc, "%s", e.msg);
-        inst_free(s);
+        nopipe np;
+        nopipe_begin(&np);
+        rc = conn_take(s, &c, &reused, &e);
+        nopipe_end(&np);
+        if (rc == DP_OK)
+            conn_give(s, c, 0);
+        else if (rc == DP_EBACKEND)
+            rc = DP_OK;
+        else
+            dp_err_set(err, rc, "%s", e.msg);
+    }
+    if (rc == DP_OK && cfg->notify_channel)
+        rc = listener_start(s, err);
+    if (rc != DP_OK) {
+        rd_destroy(s);
         return rc;
     }
-
-    /* The lock domain: every handle on this server, db and lock prefix. */
-    char dom[1400];
-    int dl;
-    if (sentinel)
-        dl = snprintf(dom, sizeof dom, "%s:%s/%d/%s", name, s->service, s->db, s->lock_prefix);
-    else if (s->unix_path)
-        dl = snprintf(dom, sizeof dom, "%s:unix:%s/%d/%s", NAME, s->unix_path, s->db,
-                      s->lock_prefix);
-    else
-        dl = snprintf(dom, sizeof dom, "%s:%s:%d/%d/%s", NAME, s->host, s->port, s->db,
-                      s->lock_prefix);
-    s->domain = dp_lock_domain(dom, (size_t)(dl < (int)sizeof dom ? dl : (int)sizeof dom - 1));
-
-    uv_mutex_lock(&instances_mu);
-    for (found = instances; found; found = found->next)
-        if (strcmp(found->id, id) == 0)
-            break;
-    if (found) { /* another thread opened it meanwhile */
-        found->handles++;
-        uv_mutex_unlock(&instances_mu);
-        inst_free(s);
-        *self = found;
-        return DP_OK;
-    }
-    if (s->notify_channel) {
-        /* Under instances_mu: a second opener of the same arguments must
-         * not get the instance before its listener runs. */
-        rc = listener_start(s, err);
-        if (rc != DP_OK) {
-            uv_mutex_unlock(&instances_mu);
-            inst_free(s);
-            return rc;
-        }
-    }
-    s->handles = 1;
-    s->next = instances;
-    instances = s;
-    uv_mutex_unlock(&instances_mu);
     *self = s;
     return DP_OK;
 }
 
-static int rd_open(void *ud, const dp_arg *args, size_t nargs, void **self, dp_err *err)
-{
-    return open_with(ud ? SENTINEL_NAME : NAME, args, nargs, self, err);
-}
-
-/* Redis and Redis-through-sentinels differ only in how open() finds the
- * server; the ud given at registration tells them apart. */
-#define REDIS_OPS(registered_name)                                            \
+/* Redis and Redis-through-sentinels differ only in how they find the
+ * server: their argument tables, and the ud given at registration. */
+#define REDIS_OPS(registered_name, table)                                     \
     {                                                                         \
-        .name = registered_name, .open = rd_open, .get = rd_get,              \
-        .set = rd_set, .del = rd_del, .stats = rd_stats,                      \
-        .lock_domain = rd_lock_domain, .close = rd_close, .infallible = 0,    \
-        .lock = rd_lock, .unlock = rd_unlock, .get_multi = rd_get_multi,      \
+        .name = registered_name, .args = table,                               \
+        .settings_size = sizeof(rd_settings), .create = rd_create,            \
+        .destroy = rd_destroy, .get = rd_get, .set = rd_set, .del = rd_del,   \
+        .stats = rd_stats, .infallible = 0, .lock = rd_lock,                  \
+        .unlock = rd_unlock, .get_multi = rd_get_multi,                       \
         .set_multi = rd_set_multi, .del_multi = rd_del_multi,                 \
         .wait_unlocked = rd_wait_unlocked,                                    \
     }
 
-static const dp_backend_ops rd_ops = REDIS_OPS(NAME);
-static const dp_backend_ops rs_ops = REDIS_OPS(SENTINEL_NAME);
+static const dp_backend_ops rd_ops = REDIS_OPS(NAME, rd_args);
+static const dp_backend_ops rs_ops = REDIS_OPS(SENTINEL_NAME, rs_args);
 
-/* -- Lua module ---------------------------------------------------------------------- */
+/* -- Lua module ----------------------------------------------------------------------
+ * `require "dogpile.backends.redis"` registers both names with the core
+ * (which pins this module); lua/dogpile/cache/backends/redis.lua opens
+ * instances. */
 
 int luaopen_dogpile_backends_redis(lua_State *L);
 
 __attribute__((visibility("default"))) int luaopen_dogpile_backends_redis(lua_State *L)
 {
-    uv_once(&instances_once, instances_init);
     int rc = dp_backend_register(&rd_ops, NULL);
     if (rc == DP_OK)
         rc = dp_backend_register(&rs_ops, (void *)&rs_ops);

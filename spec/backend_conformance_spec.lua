@@ -66,6 +66,33 @@ do
     end
 end
 
+-- redis: the server .ci/test starts (DP_TEST_REDIS_PORT), or one of this
+-- file's own, stopped at the end.
+local REDIS_PORT, redis_pid = tonumber(os.getenv("DP_TEST_REDIS_PORT"))
+if not REDIS_PORT then
+    local dir = (sh("mktemp -d /tmp/dogpile-conformance-redis-XXXXXX"):gsub("%s+$", ""))
+    for _ = 1, 5 do
+        REDIS_PORT = tonumber(sh([[bash -c 'while :; do p=$((20000 + RANDOM % 20000)); ]]
+            .. [[(exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null || { echo $p; exit; }; done']]):match("%d+"))
+        sh(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --dir %s "
+            .. "--daemonize yes --pidfile %s/redis.pid --logfile %s/redis.log"):format(
+            REDIS_PORT, dir, dir, dir))
+        local t0 = now()
+        while not sh("redis-cli -p " .. REDIS_PORT .. " ping"):match("PONG")
+            and now() - t0 < 10 and not (read(dir .. "/redis.log") or ""):match("in use") do
+            sleep(0.02)
+        end
+        redis_pid = (read(dir .. "/redis.pid") or ""):match("%d+")
+        if redis_pid and sh("redis-cli -p " .. REDIS_PORT .. " ping"):match("PONG") then
+            break
+        end
+        redis_pid = nil
+        os.remove(dir .. "/redis.log")
+    end
+    assert(redis_pid, "redis-server did not start: " .. (read(dir .. "/redis.log") or ""))
+    os.execute("rm -rf '" .. dir .. "'")
+end
+
 local function realpath(path)
     return (sh("realpath '" .. path .. "'"):gsub("%s+$", ""))
 end
@@ -77,7 +104,9 @@ end
 -- (a server's keys outlive the run); `shared_store`, instances see each
 -- other's keys and locks (one set of servers); `differ` without a message:
 -- every argument names the instance, so other settings make another one;
--- `items = false`: the store's item count is not the backend's to report.
+-- `items = false`: the store's item count is not the backend's to report;
+-- `store_domain`: the lock domain is named by the store (DP_SPEC_DOMAIN),
+-- so instances on it with other settings share it.
 local BACKENDS = {
     {
         name = "dogpile.cache.shared_memory",
@@ -121,10 +150,34 @@ local BACKENDS = {
             return { url = MEMCACHED_URL, memcached_expire_time = 3600 + n }
         end,
         key = function(k) return RUN .. ":" .. k:gsub("[%c ]", "_") end,
+        domain = function() return MEMCACHED_URL end,
         shared_store = true,
+        store_domain = true,
         differ = { { lock_backoff_max = 0.01 }, { lock_backoff_max = 0.02 } },
         bad = { "server_failure_limit", "2",
                 'server_failure_limit must be a positive integer, got string "2"' },
+        first_arg = "url",
+        items = false,
+        own_lock = true,
+    },
+    {
+        name = "dogpile.cache.redis",
+        load = function() require "dogpile.backends.redis" end,
+        -- no name either: a distinct expiry makes a distinct instance, on
+        -- one server, db and lock prefix (each length-prefixed: the domain)
+        args = function(id)
+            local n = tonumber(id:match("%.(%d+)%.%d+$"))
+            return { port = REDIS_PORT, redis_expiration_time = 3600 + n }
+        end,
+        domain = function()
+            local port = tostring(REDIS_PORT)
+            return ("9:127.0.0.1%d:%s1:05:_lock"):format(#port, port)
+        end,
+        key = function(k) return RUN .. ":" .. k end,
+        shared_store = true,
+        store_domain = true,
+        differ = { { lock_sleep = 0.05 }, { lock_sleep = 0.06 } },
+        bad = { "port", 70000, "port must be an integer from 1 to 65535, got 70000" },
         first_arg = "url",
         items = false,
         own_lock = true,
@@ -218,7 +271,8 @@ for _, B in ipairs(BACKENDS) do
                 assert.are.equal(C.dp_lock_domain(full, #full), dom)
             end
             assert.are.equal(dom, b.actual_backend.lock_domain)
-            assert.are_not.equal(dom, other.actual_backend.lock_domain)
+            -- a store's domain is the store's, whichever instance is on it
+            assert.are.equal(B.store_domain or false, dom == other.actual_backend.lock_domain)
             local m = a.backend:get_mutex(k)
             assert.is_true(m:acquire(false))
             assert.is_false(b.backend:get_mutex(k):acquire(false))
@@ -280,17 +334,32 @@ for _, B in ipairs(BACKENDS) do
                 second:delete(K("k"))
             end)
         else
-            it("every argument names the instance: other settings open another one", function()
+            it("every argument names the instance: other settings open another one"
+               .. (B.store_domain and ", in the store's lock domain" or ""), function()
                 local id = fresh("differ")
                 local first = region(with(B.args(id), B.differ[1]))
                 local second = region(with(B.args(id), B.differ[2]))
                 local again = region(with(B.args(id), B.differ[1]))
-                assert.are_not.equal(first.actual_backend.lock_domain,
-                                     second.actual_backend.lock_domain)
-                assert.are.equal(first.actual_backend.lock_domain, again.actual_backend.lock_domain)
-                second:set(K("k"), "v")
-                assert.are.equal("v", second:get(K("k")))
-                second:delete(K("k"))
+                local F, S = first.actual_backend, second.actual_backend
+                local k = K("k")
+                second:set(k, "v")
+                -- an instance is one set of counters
+                local hits_f, hits_s = F:stats().hits, S:stats().hits
+                assert.are.equal("v", again:get(k))
+                assert.are.equal(hits_f + 1, F:stats().hits, "again is first's instance")
+                assert.are.equal(hits_s, S:stats().hits, "second is another")
+                assert.are.equal(F.lock_domain, again.actual_backend.lock_domain)
+                assert.are.equal(B.store_domain or false, F.lock_domain == S.lock_domain)
+                if B.store_domain then
+                    -- the threads of both meet at the core's lock
+                    local m = first.backend:get_mutex(k)
+                    assert.is_true(m:acquire(false))
+                    assert.are.equal(1, C.dp_lock_held(S.lock_domain, k, #k, nil))
+                    assert.is_false(second.backend:get_mutex(k):acquire(false))
+                    m:release()
+                    assert.are.equal(0, C.dp_lock_held(S.lock_domain, k, #k, nil))
+                end
+                second:delete(k)
             end)
         end
 
@@ -319,5 +388,8 @@ teardown(function()
     os.execute("rm -rf '" .. LMDB_ROOT .. "'")
     if memcached_pid then
         os.execute("kill " .. memcached_pid .. " 2>/dev/null")
+    end
+    if redis_pid then
+        os.execute("kill " .. redis_pid .. " 2>/dev/null")
     end
 end)

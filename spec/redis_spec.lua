@@ -34,8 +34,11 @@ end
 
 local servers = {}
 
--- Start a redis-server of our own; returns {port, dir, pid, unix}.
-local function start_server(extra, port)
+-- Start a redis-server of our own; returns {port, dir, pid, unix}. A port
+-- of our choosing taken meanwhile (helpers and specs run side by side) is
+-- chosen again.
+local function start_server(extra, port, tries)
+    local chosen = port == nil
     port = port or free_port()
     local dir = TMP .. "/srv" .. port
     os.execute("mkdir -p " .. dir)
@@ -57,7 +60,12 @@ local function start_server(extra, port)
                         or sh("redis-cli -p " .. port .. " ping"):match("NOAUTH")) then
             break
         end
-        assert(now() - t0 < 10, "redis-server did not start: " .. out .. (read(dir .. "/redis.log") or ""))
+        local log = read(dir .. "/redis.log") or ""
+        if chosen and (tries or 0) < 5 and log:match("Address already in use") then
+            os.remove(dir .. "/redis.log")
+            return start_server(extra, nil, (tries or 0) + 1)
+        end
+        assert(now() - t0 < 10, "redis-server did not start: " .. out .. log)
         sleep(0.02)
     end
     servers[#servers + 1] = srv
@@ -308,6 +316,59 @@ describe("dogpile.cache.redis", function()
             assert.matches("url 'http://x' must start with redis:// or unix://",
                            conf({ url = "http://x" }))
             assert.matches("distributed_lock must be a boolean", conf({ distributed_lock = 1 }))
+            -- one place, one format (backends/redis.c's table)
+            assert.matches("dogpile.cache.redis: port must be an integer from 1 to 65535, got "
+                           .. "70000", conf({ port = 70000 }), 1, true)
+            assert.matches("dogpile.cache.redis: url: port '70000' is out of range (1 to 65535)",
+                           conf({ url = "redis://127.0.0.1:70000/0" }), 1, true)
+            assert.matches("lock_timeout must be a positive, finite number of seconds (the "
+                           .. "lock's expiry in Redis), got math.huge",
+                           conf({ lock_timeout = math.huge }), 1, true)
+            assert.matches("db must be a non-negative integer, got -1", conf({ db = -1 }), 1, true)
+            assert.matches("notify_channel must be a non-empty string, got string \"\"",
+                           conf({ notify_channel = "" }), 1, true)
+            assert.matches("notify_feed needs notify_channel", conf({ notify_feed = "f" }), 1, true)
+            -- nginx's pool settings: checked here too, accepted and unused
+            assert.matches("pool_size must be a positive integer, got 0", conf({ pool_size = 0 }),
+                           1, true)
+            assert.matches("pool_idle_timeout must be a positive number of seconds",
+                           conf({ pool_idle_timeout = -1 }), 1, true)
+            local r = region({ pool_size = 5, pool_idle_timeout = 10 })
+            r:set("pooled", 1)
+            assert.are.equal(1, r:get("pooled"))
+            r:delete("pooled")
+        end)
+
+        it("regions alike share an instance; other settings on one server, db and lock prefix "
+           .. "share its lock domain, not its instance", function()
+            local k = fresh("instances")
+            local a, b = region({ socket_timeout = 0.5 }), region({ socket_timeout = 0.5 })
+            local c = region({ socket_timeout = 0.7 })
+            local u = region({ url = "redis://127.0.0.1:" .. main_port() .. "/0" })
+            local A, B, Cb = a.actual_backend, b.actual_backend, c.actual_backend
+            a:set(k, "v")
+            local hits_a, hits_c = A:stats().hits, Cb:stats().hits
+            assert.are.equal("v", b:get(k))
+            assert.are.equal(hits_a + 1, A:stats().hits, "b reads through a's instance")
+            assert.are.equal("v", c:get(k))
+            assert.are.equal(hits_a + 1, A:stats().hits, "c has an instance of its own")
+            assert.are.equal(hits_c + 1, Cb:stats().hits)
+            -- one lock domain per server, db and lock prefix, however it was named
+            assert.are.equal(A.lock_domain, B.lock_domain)
+            assert.are.equal(A.lock_domain, Cb.lock_domain)
+            assert.are.equal(A.lock_domain, u.actual_backend.lock_domain)
+            assert.are_not.equal(A.lock_domain, region({ db = 2 }).actual_backend.lock_domain)
+            assert.are_not.equal(A.lock_domain,
+                                 region({ lock_prefix = "_l2" }).actual_backend.lock_domain)
+            -- so the core's lock orders regions whose instances differ
+            local m = a.backend:get_mutex(k)
+            assert.is_true(m:acquire(false))
+            assert.is_false(c.backend:get_mutex(k):acquire(false))
+            m:release()
+            local mc = c.backend:get_mutex(k)
+            assert.is_true(mc:acquire(false))
+            mc:release()
+            a:delete(k)
         end)
     end)
 
@@ -361,11 +422,14 @@ describe("dogpile.cache.redis", function()
             r:delete(k)
         end)
 
-        it("distributed_lock = false uses the region's own lock, never Redis", function()
+        it("distributed_lock = false uses only this process's lock, never Redis", function()
             local r = region({ distributed_lock = false })
             local k = fresh("nolock")
             assert.are.equal("v", r:get_or_create(k, function()
                 assert.are.equal("0", cli(main_port(), "EXISTS '_lock" .. k .. "'"))
+                -- the threads and Lua states of this process still wait
+                assert.is_false(region({ distributed_lock = false }).backend:get_mutex(k)
+                                :acquire(false))
                 return "v"
             end))
             r:delete(k)
@@ -712,8 +776,21 @@ describe("dogpile.cache.redis_sentinel", function()
                                           { arguments = { sentinels = { { "127.0.0.1", 1 } } } })
         end)
         assert.is_false(ok)
-        assert.matches("'sentinels' (a list of {host, port}) and 'service_name' are required",
+        assert.matches("dogpile.cache.redis_sentinel: the argument 'service_name' is required",
                        err, 1, true)
+        local function conf(args)
+            return select(2, pcall(cache.make_region().configure, cache.make_region(),
+                                   "dogpile.cache.redis_sentinel", { arguments = args }))
+        end
+        assert.matches("sentinels: '127.0.0.1:70000' is not host:port with a port from 1 to "
+                       .. "65535", conf({ sentinels = { "127.0.0.1:70000" }, service_name = "x" }),
+                       1, true)
+        assert.matches("'url' is not an argument here",
+                       conf({ sentinels = { { "127.0.0.1", 1 } }, service_name = "x",
+                              url = "redis://h" }), 1, true)
+        assert.matches("lock_timeout must be a positive, finite number",
+                       conf({ sentinels = { { "127.0.0.1", 1 } }, service_name = "x",
+                              lock_timeout = -1 }), 1, true)
     end)
 
     it("writes go to the master the sentinels name, also after a failover", function()

@@ -4,7 +4,8 @@
 -- (backends/redis.lua dispatches).
 -- Arguments: sentinels ({{host, port}, ...} or {{host = h, port = p}, ...} or
 -- {"host:port", ...}), service_name, and those of dogpile.cache.redis
--- (except url, host and port).
+-- (except url, host and port), read and checked by backends/redis.c. What
+-- is Lua's here: the list, joined into one "host:port,..." string.
 local redis = require "dogpile.cache.backends.redis"
 local lib = require "dogpile.lib"
 
