@@ -140,43 +140,22 @@ local function mutex_in_domain(self, key)
 end
 
 -- -- The backend's own lock (between processes) --------------------------------
--- Two levels: the core's per-key lock in the instance's domain orders the
--- threads and Lua states of this process, so that only one of them at a time
--- asks the backend, whose lock orders the processes. Both are released
--- together. Waiting is bounded by the backend's `lock_timeout`: past it the
--- holder is taken to be stuck and the waiter goes ahead without the lock it
--- could not get (as an expired Redis lock is taken over), so a value may then
+-- Two levels, taken and released together by the core (dp_backend_acquire,
+-- dp_backend_release, dp_backend_wait_released): its per-key lock in the
+-- instance's domain orders the threads and Lua states of this process, so
+-- that only one of them at a time asks the backend, whose lock orders the
+-- processes; blocking waits are bounded there by the handle's lock_timeout.
+-- What is Lua's stays here: a waiter that must yield (a sleep function is
+-- set) polls at dp_backoff's steps instead of blocking the thread; the
+-- coroutine holding a lock is told to dogpile.holders, so that an abandoned
+-- one's lock is released; and the policy past lock_timeout: the holder is
+-- taken to be stuck and the waiter goes ahead without the lock it could not
+-- get (`stolen`, as an expired Redis lock is taken over), so a value may then
 -- be created twice, never waited for forever.
 
 local DP_EBUSY, DP_ETIMEDOUT, DP_EDEADLK = lib.DP_EBUSY, lib.DP_ETIMEDOUT, lib.DP_EDEADLK
 local OWNER = context.OWNER
 local monotonic = C.dp_clock_monotonic
-local math_min = math.min
--- dogpile.lua's steps for yielding waiters (see there).
-local FIRST_STEP, MAX_STEP, GROWTH = dogpile._steps.first, dogpile._steps.max,
-    dogpile._steps.growth
-
--- A yielding waiter: `check(self)` after each sleep, until it is true (then
--- true) or the deadline passes (then false).
-local function poll(sleep, check, self, unbounded, deadline)
-    local step = FIRST_STEP
-    while unbounded or monotonic() < deadline do
-        sleep(step)
-        if check(self) then
-            return true
-        end
-        step = math_min(step * GROWTH, MAX_STEP)
-    end
-    return false
-end
-
--- The backend's lock_timeout as a wait: the timeout, whether it is
--- unbounded (math.huge or negative), and the monotonic deadline.
-local function wait_bound(b)
-    local timeout = b.lock_timeout or -1
-    local unbounded = timeout == math.huge or timeout < 0
-    return timeout, unbounded, monotonic() + (unbounded and 0 or timeout)
-end
 
 local BackendMutex = {}
 BackendMutex.__index = BackendMutex
@@ -187,44 +166,69 @@ local function lock_failed(self, what, rc)
     error(self.b.name .. ": " .. what .. " of the lock for key '" .. self.key .. "': " .. msg, 0)
 end
 
--- Try both levels once; true when both are held (or given up on as stuck).
-local function try_both(self)
-    local key, b = self.key, self.b
-    if not self.core then
-        local rc = C.dp_lock_try(b.lock_domain, key, #key, OWNER)
-        if rc == DP_EBUSY and reclaim(b.lock_domain, key) then
-            rc = C.dp_lock_try(b.lock_domain, key, #key, OWNER)
-        end
-        if rc == DP_EBUSY then
+local function deadlock(key)
+    error("dogpile: the lock for key '" .. key .. "' is held by another coroutine "
+          .. "of this Lua state, so blocking the thread would wait forever; "
+          .. "call dogpile.set_sleep(fn) with your scheduler's sleep so that waiters yield", 0)
+end
+
+-- A yielding waiter: `check(self)` after each of dp_backoff's steps, until it
+-- is true (then true) or lock_timeout has passed (then false).
+local function poll(self, sleep, check)
+    local bo = ffi_new("dp_backoff")
+    C.dp_backoff_init(bo, C.dp_backend_lock_timeout(self.b.handle), 0)
+    while true do
+        local step = C.dp_backoff_next(bo)
+        if step <= 0 then
             return false
-        elseif rc ~= DP_OK then
-            lock_failed(self, "taking", rc)
         end
+        sleep(step)
+        if check(self) then
+            return true
+        end
+    end
+end
+
+-- Both levels, waiting `timeout` (0: try once). A lock of this state held
+-- by a coroutine that is gone is released first (dogpile.holders).
+local function acquire(self, timeout)
+    local b, key, h = self.b, self.key, self.hold
+    local rc = C.dp_backend_acquire(b.handle, key, #key, OWNER, timeout, h, b.err)
+    if (rc == DP_EBUSY or rc == DP_EDEADLK) and reclaim(b.lock_domain, key) then
+        rc = C.dp_backend_acquire(b.handle, key, #key, OWNER, timeout, h, b.err)
+    end
+    if h.core == 1 then
         took(b.lock_domain, key, self)
-        self.core = true
     end
-    local rc = C.dp_backend_lock(b.handle, key, #key, 0, b.err)
+    return rc
+end
+
+local function try_both(self)
+    local rc = acquire(self, 0)
     if rc == DP_OK then
-        self.proc = true
-        self.since = monotonic()
         return true
-    end
-    gave(b.lock_domain, key)
-    C.dp_lock_release(b.lock_domain, key, #key)
-    self.core = false
-    if rc == DP_EBUSY then
+    elseif rc == DP_EBUSY then
         return false
     end
     lock_failed(self, "taking", rc)
 end
 
---- `wait` nil or true: wait (yielding when a sleep function is set) for at
--- most the backend's lock_timeout; false: try once.
-function BackendMutex:acquire(wait)
-    if self.core or self.proc or self.stolen then
+function BackendMutex:locked()
+    local h = self.hold
+    return h.core == 1 or h.proc == 1 or self.stolen
+end
+
+local function not_again(self)
+    if self:locked() then
         error(self.b.name .. ": the lock for key '" .. self.key .. "' is already held through "
               .. "this mutex", 0)
     end
+end
+
+--- `wait` nil or true: wait (yielding when a sleep function is set) for at
+-- most the backend's lock_timeout; false: try once.
+function BackendMutex:acquire(wait)
+    not_again(self)
     local gave_up = self.gave_up
     self.gave_up = false
     if try_both(self) then
@@ -238,49 +242,20 @@ function BackendMutex:acquire(wait)
         self.stolen = true
         return true
     end
-    local b, key = self.b, self.key
-    local timeout, unbounded, deadline = wait_bound(b)
     local sleep = context.sleep()
     if sleep then
-        if poll(sleep, try_both, self, unbounded, deadline) then
-            return true
+        if not poll(self, sleep, try_both) then
+            self.stolen = true -- stuck holder: go ahead without the lock
         end
+        return true
+    end
+    local rc = acquire(self, C.dp_backend_lock_timeout(self.b.handle))
+    if rc == DP_ETIMEDOUT then
+        -- Stuck holder: go ahead; a core level taken is released with the rest.
         self.stolen = true
-        return true -- stuck holder: go ahead without the lock
-    end
-    -- Blocking: the threads of this process sleep on the core's condition
-    -- variable; the one that gets it waits for the other processes.
-    local rc = C.dp_lock_wait(b.lock_domain, key, #key, OWNER, unbounded and -1 or timeout)
-    if rc == DP_EDEADLK and reclaim(b.lock_domain, key) then
-        rc = C.dp_lock_wait(b.lock_domain, key, #key, OWNER, unbounded and -1 or timeout)
-    end
-    if rc == DP_OK then
-        took(b.lock_domain, key, self)
-        self.core = true
     elseif rc == DP_EDEADLK then
-        error("dogpile: the lock for key '" .. key .. "' is held by another coroutine "
-              .. "of this Lua state, so blocking the thread would wait forever; "
-              .. "call dogpile.set_sleep(fn) with your scheduler's sleep so that waiters yield", 0)
-    elseif rc ~= DP_ETIMEDOUT then
-        lock_failed(self, "taking", rc)
-    end
-    local left = unbounded and -1 or deadline - monotonic()
-    if not unbounded and left <= 0 then
-        self.stolen = true
-        return true -- stuck holder in this process: go ahead
-    end
-    rc = C.dp_backend_lock(b.handle, key, #key, left, b.err)
-    if rc == DP_OK then
-        self.proc = true
-        self.since = monotonic()
-    elseif rc == DP_ETIMEDOUT then
-        self.stolen = true
-    else
-        if self.core then
-            gave(b.lock_domain, key)
-            C.dp_lock_release(b.lock_domain, key, #key)
-            self.core = false
-        end
+        deadlock(self.key)
+    elseif rc ~= DP_OK then
         lock_failed(self, "taking", rc)
     end
     return true
@@ -289,69 +264,55 @@ end
 --- The lock goes on to another coroutine on purpose (the async creation
 -- runner releases it): it is no longer this coroutine's to be abandoned with.
 function BackendMutex:hand_over()
-    if self.core then
+    if self.hold.core == 1 then
         gave(self.b.lock_domain, self.key)
     end
 end
 
 function BackendMutex:release()
-    local b, key = self.b, self.key
-    local proc, core = self.proc, self.core
-    if not (proc or core or self.stolen) then
+    local b, key, h = self.b, self.key, self.hold
+    if not self:locked() then
         error("dogpile: release of the lock for key '" .. key .. "', which is not held "
               .. "through this mutex", 0)
     end
     self.stolen = false
-    self.proc, self.core = false, false
-    local rc = proc and C.dp_backend_unlock(b.handle, key, #key, b.err) or DP_OK
-    if core then
-        gave(b.lock_domain, key)
-        C.dp_lock_release(b.lock_domain, key, #key)
+    if h.core == 0 and h.proc == 0 then
+        return
     end
-    if proc then
-        -- Held past lock_timeout: others may have gone ahead (and a lock that
-        -- expires by itself, as Redis's does, was taken by someone else, which
-        -- the backend's unlock left alone: DP_ENOTHELD). Not the caller's
-        -- error: the value was made; count it and say so.
-        local held_for = monotonic() - self.since
-        local limit = b.lock_timeout
-        if rc == lib.DP_ENOTHELD or (limit and limit >= 0 and held_for > limit) then
-            b.lock_overruns = b.lock_overruns + 1
-            if limit and limit >= 0 and held_for > limit then
-                context.log(string.format("%s: the lock for key '%s' was held for %.3f s, longer "
-                                          .. "than lock_timeout (%s s): another caller may have "
-                                          .. "created the value too", b.name, key, held_for,
-                                          tostring(limit)))
-            else
-                -- Lost early (evicted, a restarted server): the backend says how.
-                context.log(string.format("%s: the lock for key '%s' was no longer held when "
-                                          .. "released after %.3f s (%s): another caller may "
-                                          .. "have created the value too", b.name, key, held_for,
-                                          ffi_string(b.err.msg)))
-            end
-            if rc == lib.DP_ENOTHELD then
-                return
-            end
-        end
+    if h.core == 1 then
+        gave(b.lock_domain, key)
+    end
+    local held_for = monotonic() - h.since
+    local rc = C.dp_backend_release(b.handle, key, #key, h, b.err)
+    -- Held past lock_timeout, or lost before (evicted, expired, a restarted
+    -- server: the backend says how): others may have gone ahead. Not the
+    -- caller's error: the value was made; count it and say so.
+    if h.overrun == 1 then
+        b.lock_overruns = b.lock_overruns + 1
+        context.log(string.format("%s: the lock for key '%s' was held for %.3f s, longer "
+                                  .. "than lock_timeout (%s s): another caller may have "
+                                  .. "created the value too", b.name, key, held_for,
+                                  tostring(b.lock_timeout)))
+    elseif h.overrun == 2 then
+        b.lock_overruns = b.lock_overruns + 1
+        context.log(string.format("%s: the lock for key '%s' was no longer held when "
+                                  .. "released after %.3f s (%s): another caller may "
+                                  .. "have created the value too", b.name, key, held_for,
+                                  ffi_string(b.err.msg)))
     end
     if rc ~= DP_OK then
         lock_failed(self, "release", rc)
     end
 end
 
-function BackendMutex:locked()
-    return self.core or self.proc or self.stolen
-end
-
 -- -- Waiting for the holder's release, without taking the lock ----------------
 -- For a backend with wait_unlocked (dp_backend_ops): dogpile's run() calls it
 -- when it has no value and the lock is taken, then reads; every waiter gets
 -- the holder's value as soon as it is released, instead of taking the lock in
--- turn. First the threads of this process (the core's lock in the instance's
--- domain: a condition variable), then the other processes (the backend's
--- wait: a futex for lmdb, a pub/sub message for redis). Bounded by
--- lock_timeout as acquire is; past it, the next acquire(true) goes ahead at
--- once, as acquire would have after waiting that long itself.
+-- turn (the core waits for the threads of this process, then the backend for
+-- the other processes: a futex for lmdb, a pub/sub message for redis).
+-- Bounded by lock_timeout as acquire is; past it, the next acquire(true)
+-- goes ahead at once, as acquire would have after waiting that long itself.
 
 local BackendWaitMutex = {}
 BackendWaitMutex.__index = BackendWaitMutex
@@ -361,16 +322,21 @@ for k, v in pairs(BackendMutex) do
     end
 end
 
--- Free in this process and in the backend right now (no wait)?
-local function both_free(self)
-    local key, b = self.key, self.b
-    if C.dp_lock_held(b.lock_domain, key, #key, nil) == 1 and not reclaim(b.lock_domain, key) then
-        return false
+-- Wait `timeout` (0: look once) for the release; DP_OK when released.
+local function wait_released(self, timeout)
+    local b, key = self.b, self.key
+    local rc = C.dp_backend_wait_released(b.handle, key, #key, OWNER, timeout, b.err)
+    if (rc == DP_EBUSY or rc == DP_EDEADLK) and reclaim(b.lock_domain, key) then
+        rc = C.dp_backend_wait_released(b.handle, key, #key, OWNER, timeout, b.err)
     end
-    local rc = C.dp_backend_wait_unlocked(b.handle, key, #key, 0, b.err)
+    return rc
+end
+
+local function both_free(self)
+    local rc = wait_released(self, 0)
     if rc == DP_OK then
         return true
-    elseif rc == DP_EBUSY or rc == DP_ETIMEDOUT then
+    elseif rc == DP_EBUSY then
         return false
     end
     lock_failed(self, "waiting for the release", rc)
@@ -380,55 +346,31 @@ end
 -- releases, for at most the backend's lock_timeout. true: released (or was
 -- free); false: still held when the time was up.
 function BackendWaitMutex:wait_unlocked()
-    if self.core or self.proc or self.stolen then
-        error(self.b.name .. ": the lock for key '" .. self.key .. "' is already held through "
-              .. "this mutex", 0)
-    end
-    local b, key = self.b, self.key
-    local timeout, unbounded, deadline = wait_bound(b)
+    not_again(self)
     local sleep = context.sleep()
     if sleep then
-        if both_free(self) then
-            return true
-        end
-        if poll(sleep, both_free, self, unbounded, deadline) then
+        if both_free(self) or poll(self, sleep, both_free) then
             return true
         end
         self.gave_up = true
         return false
     end
-    local rc = C.dp_lock_wait_unlocked(b.lock_domain, key, #key, OWNER, unbounded and -1 or timeout)
-    if rc == DP_EDEADLK and reclaim(b.lock_domain, key) then
-        rc = DP_OK
-    end
-    if rc == DP_EDEADLK then
-        error("dogpile: the lock for key '" .. key .. "' is held by another coroutine "
-              .. "of this Lua state, so blocking the thread would wait forever; "
-              .. "call dogpile.set_sleep(fn) with your scheduler's sleep so that waiters yield", 0)
+    local rc = wait_released(self, C.dp_backend_lock_timeout(self.b.handle))
+    if rc == DP_OK then
+        return true
     elseif rc == DP_ETIMEDOUT then
         self.gave_up = true
         return false
-    elseif rc ~= DP_OK then
-        lock_failed(self, "waiting for the release", rc)
-    end
-    local left = unbounded and -1 or deadline - monotonic()
-    if not unbounded and left <= 0 then
-        left = 0
-    end
-    rc = C.dp_backend_wait_unlocked(b.handle, key, #key, left, b.err)
-    if rc == DP_OK then
-        return true
-    elseif rc == DP_ETIMEDOUT or rc == DP_EBUSY then
-        self.gave_up = true
-        return false
+    elseif rc == DP_EDEADLK then
+        deadlock(self.key)
     end
     lock_failed(self, "waiting for the release", rc)
 end
 
 local function backend_mutex(self, key)
-    return setmetatable({ b = self, key = key, core = false, proc = false, stolen = false,
-                          gave_up = false }, self.has_wait_unlocked and BackendWaitMutex
-                                                                    or BackendMutex)
+    return setmetatable({ b = self, key = key, hold = ffi_new("dp_backend_hold"),
+                          stolen = false, gave_up = false },
+                        self.has_wait_unlocked and BackendWaitMutex or BackendMutex)
 end
 
 local CIRCUIT_STATES = { [0] = "closed", "open", "probing" }
@@ -497,11 +439,16 @@ local function open(name, arguments)
         bytes = ffi_gc(ffi_new("dp_bytes"), C.dp_bytes_free),
         err = err,
         lock_domain = C.dp_backend_lock_domain(handle),
+        -- the handle's bound of every lock wait (math.huge: none)
+        lock_timeout = C.dp_backend_lock_timeout(handle),
         lock_overruns = 0,
         has_wait_unlocked = C.dp_backend_has_wait_unlocked(handle) == 1,
         multi_cap = 0,
         _keep = keep,
     }, CBackend)
+    if self.lock_timeout < 0 then
+        self.lock_timeout = math.huge
+    end
     if C.dp_backend_has_lock(handle) == 1 then
         if self.lock_domain == 0 then
             lib.raise(name .. ": a backend with a lock of its own must give a lock_domain")
