@@ -181,6 +181,26 @@ describe("dogpile.cache.memcached inside nginx (cosockets)", function()
                          getmetatable(regions.ring.actual_backend))
     end)
 
+    it("checks arguments as the C backend does (its messages), and takes the pool arguments", function()
+        local body, status = get("/bad_args")
+        assert.are.equal(200, status, body)
+        local lines = {}
+        for line in body:gmatch("[^\n]+") do
+            lines[#lines + 1] = line
+        end
+        local cases = { { socket_timeout = -1 }, { no_such = 1 }, { url = "127.0.0.1:99999" } }
+        for i, a in ipairs(cases) do
+            local ok, err = pcall(function()
+                cache.make_region():configure("dogpile.cache.memcached", { arguments = a })
+            end)
+            assert.is_false(ok)
+            assert.are.equal((err:gsub("^[^:]*:%d+: ", "")), lines[i])
+            assert.matches("^dogpile.cache.memcached: ", lines[i])
+        end
+        assert.matches("^dogpile.cache.memcached: pool_size must be a positive integer", lines[4])
+        assert.are.equal("cosocket", lines[5])
+    end)
+
     it("places every key on the server libmemcached's ketama picks for it", function()
         -- Stored by libmemcached on 3 servers; nginx looks on each server.
         -- Some keys hold bytes above 127 (hashed as C's signed chars).

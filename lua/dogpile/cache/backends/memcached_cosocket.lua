@@ -11,14 +11,16 @@
 -- Keys go to the server libmemcached's ketama would pick for them (see
 -- mctext.lua), so nginx workers and plain LuaJIT processes given one url
 -- list meet on the same server for every key. Values: the region's
--- serialized envelope, stored with `set <key> 0 <memcached_expire_time>`
--- (flags 0, the expiry in whole seconds rounded up, as in C), read with
+-- serialized envelope, stored with `set <key> <flags> <memcached_expire_time>`
+-- (flags 0 or the `flags` argument, the expiry in whole seconds rounded up,
+-- as in C), read with
 -- `get`; get_multi is one multi-key get per server. The size limit is the
 -- server's: a value it refuses is an error giving the limit it reports in
 -- `stats settings`; item_size_max, when given, is checked before sending.
 --
--- The lock is the C backend's: `add dogpile-lock:<key>` (the SHA-1 hex of
--- the key past memcached's key limit) with a token and an expiry of
+-- The lock is the C backend's: `add <lock_prefix><key>` (lock_prefix
+-- "dogpile-lock:" by default; the SHA-1 hex of the key past memcached's key
+-- limit) with a token and an expiry of
 -- ceil(lock_timeout) + 1 s; released by a compare-and-delete (`gets`, and
 -- while the token is still ours, `cas` with the CAS unique and an expiry
 -- in the past), so an expired lock taken over by another holder is never
@@ -64,7 +66,7 @@ _M.COSOCKET = COSOCKET
 
 -- backends/memcached.c's constants.
 local MAX_KEY = 250
-local LOCK_PREFIX = "dogpile-lock:"
+local LOCK_PREFIX = "dogpile-lock:" -- lock_prefix's default
 local ITEM_OVERHEAD = 64
 -- An expiry memcached reads as a Unix time in 1970: the item is gone at once.
 local EXPIRED = 30 * 24 * 3600 + 1
@@ -88,12 +90,12 @@ local function check_key(key)
     end
 end
 
--- `dogpile-lock:<key>`, or `dogpile-lock:<sha1 hex of key>` past the limit.
-local function lock_key(key)
-    if #LOCK_PREFIX + #key <= MAX_KEY then
-        return LOCK_PREFIX .. key
+-- `<lock_prefix><key>`, or `<lock_prefix><sha1 hex of key>` past the limit.
+local function lock_key(prefix, key)
+    if #prefix + #key <= MAX_KEY then
+        return prefix .. key
     end
-    return LOCK_PREFIX .. util.sha1_mangle_key(key)
+    return prefix .. util.sha1_mangle_key(key)
 end
 _M.lock_key = lock_key
 
@@ -635,7 +637,8 @@ function Mutex:release()
 end
 
 function Backend:_unlock(key, token)
-    unlock(self, server_of(self.ring, lock_key(key)), lock_key(key), token)
+    local lk = lock_key(self.lock_prefix, key)
+    unlock(self, server_of(self.ring, lk), lk, token)
 end
 
 function Mutex:locked()
@@ -643,7 +646,7 @@ function Mutex:locked()
 end
 
 local function get_mutex(self, key)
-    local lk = lock_key(key)
+    local lk = lock_key(self.lock_prefix, key)
     return setmetatable({ b = self, key = key, lk = lk, s = server_of(self.ring, lk),
                           gk = self.domain .. "\n" .. lk, token = nil, stolen = false,
                           unlocked = false, gave_up = false, since = 0 }, Mutex)
@@ -689,7 +692,8 @@ function _M.open(name, arguments, lock_timeout, pool_size, pool_idle_timeout, ke
         or 30 * 24 * 3600
     local self = setmetatable({
         name = name, ring = ring, domain = name .. ":" .. url,
-        set_tail = " 0 " .. expire .. " ", lock_tail = " 0 " .. lock_expire .. " ",
+        set_tail = " " .. format("%d", arg("flags", 0)) .. " " .. expire .. " ",
+        lock_tail = " 0 " .. lock_expire .. " ", lock_prefix = arg("lock_prefix", LOCK_PREFIX),
         item_size_max = a.item_size_max and size_of(a.item_size_max) or 0,
         lock_timeout = lock_timeout, lock_backoff_max = arg("lock_backoff_max", 0.05),
         hits = 0, misses = 0, lock_overruns = 0, key_mangler = key_mangler,
