@@ -18,6 +18,7 @@ _M.MAKE_OPTS = {
     name = "string", function_key_generator = "function",
     function_multi_key_generator = "function", key_mangler = "function",
     serializer = "function", deserializer = "function", async_creation_runner = "function",
+    wire_format = "string", wire_options = "table",
 }
 
 --- configure's options and their types.
@@ -25,6 +26,7 @@ _M.CONFIGURE_OPTS = {
     expiration_time = "number", arguments = "table", wrap = "table",
     replace_existing_backend = "boolean", region_invalidator = "table", fail_open = "boolean",
     negative_expiration_time = "number", stale_if_error = "number", early_refresh = "number",
+    wire_format = "string", wire_options = "table",
 }
 
 --- cache_on_arguments's options (expiration_time may also be a function).
@@ -39,13 +41,17 @@ _M.MULTI_DECORATOR_OPTS = {
     to_str = "function", asdict = "boolean", function_multi_key_generator = "function",
 }
 
--- Values accepted besides the declared type: key_mangler = "sha1" (for
--- make_region), and an expiration_time function (for the decorators).
+-- Values accepted besides the declared type: key_mangler = "sha1" and
+-- serializer = "pickle" or "json" (for make_region; the names are checked
+-- against wire_format at configure), and an expiration_time function (for
+-- the decorators).
 local CALLABLE_EXPIRATION = { [_M.DECORATOR_OPTS] = true, [_M.MULTI_DECORATOR_OPTS] = true }
 
 local function also_accepted(k, v, allowed)
     if k == "key_mangler" then
         return v == "sha1"
+    elseif k == "serializer" then
+        return v == "pickle" or v == "json"
     elseif k == "early_refresh" then
         return type(v) == "boolean" -- true: beta 1
     end
@@ -98,6 +104,9 @@ function _M.check(who, opts, allowed)
         end
         if (k == "expiration_time" or k == "negative_expiration_time") and type(v) == "number" then
             _M.check_expiration(v, who, k)
+        elseif k == "wire_format" and v ~= "dogpile.cache" then
+            raise("dogpile.cache: " .. who .. ": wire_format must be \"dogpile.cache\" (values "
+                  .. "as Python's dogpile.cache stores them) or nil, got \"" .. tostring(v) .. "\"")
         elseif (k == "stale_if_error" or k == "early_refresh") and type(v) == "number"
             and not (finite(v) and (v > 0 or (v == 0 and k == "stale_if_error"))) then
             raise("dogpile.cache: " .. who .. ": " .. k .. " must be a finite number "

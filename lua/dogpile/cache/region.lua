@@ -121,6 +121,8 @@ function _M.make_region(opts)
         _user_key_mangler = mangler ~= nil,
         serializer = opts.serializer,
         deserializer = opts.deserializer,
+        wire_format = opts.wire_format,
+        wire_options = opts.wire_options,
         async_creation_runner = opts.async_creation_runner,
         is_configured = false,
         region_invalidator = invalidation.DefaultInvalidationStrategy.new(),
@@ -184,6 +186,56 @@ local function set_invalidator(self, inv, from_backend)
     self._inv_judge = invalidation.judge_for(inv)
 end
 
+-- Backends a wire_format region may use: those that hold dogpile.cache's
+-- bytes as they are (a tiered region's tiers read this library's envelope).
+local WIRE_REFUSED = { ["dogpile.cache.tiered"] = true }
+local MEMCACHED = "dogpile.cache.memcached"
+
+-- The arguments a wire_format region opens its backend with: on memcached,
+-- Python's lock key ("_lock" .. key, MemcachedLock) and the item flags of
+-- the layout, unless the region's arguments say otherwise. Redis needs
+-- none: its lock_prefix already defaults to redis-py's "_lock".
+local function wire_arguments(backend_name, arguments, serializer)
+    if backend_name ~= MEMCACHED or type(arguments) ~= "table" then
+        return arguments
+    end
+    local args = {}
+    for k, v in pairs(arguments) do
+        args[k] = v
+    end
+    if args.lock_prefix == nil then
+        args.lock_prefix = "_lock"
+    end
+    if args.flags == nil then
+        -- Python's memcached backends have no serializer: the client pickles
+        -- the CachedValue (flags 1); with one, the bytes are stored (0).
+        args.flags = (serializer == nil or serializer == "pickle") and 1 or 0
+    end
+    return args
+end
+
+-- The codec of a region being configured with `backend` (opened from
+-- `backend_name`), `wire_format` and `wire_options` given or made with.
+local function choose_codec(self, backend, backend_name, wire_format, wire_options)
+    local label = self:_label()
+    if not wire_format then
+        if type(self.serializer) == "string" then
+            raise("dogpile.cache: region " .. label .. ": serializer \"" .. self.serializer
+                  .. "\" names a codec of wire_format = \"dogpile.cache\"; set wire_format, or "
+                  .. "give serializer and deserializer functions")
+        end
+        return values.codec(self.serializer, self.deserializer, backend.serialized == true, label)
+    end
+    if backend.serialized ~= true or WIRE_REFUSED[backend_name] then
+        raise("dogpile.cache: region " .. label .. ": wire_format = \"dogpile.cache\" needs a "
+              .. "backend that stores the bytes as they are (redis, redis_sentinel, "
+              .. "redis_cluster, memcached, or another that stores bytes), not '"
+              .. tostring(backend_name) .. "'")
+    end
+    return values.wire_codec(self.serializer, self.deserializer, backend_name == MEMCACHED,
+                             wire_options, label)
+end
+
 --- `region:configure(backend_name, opts)` -> region.
 -- @raise when already configured, on an unknown backend or a bad option
 function Region:configure(backend_name, opts)
@@ -199,9 +251,15 @@ function Region:configure(backend_name, opts)
     if given_inv then
         invalidation.check(given_inv, "configure: region_invalidator")
     end
-    local backend = registry.load_backend(backend_name, opts.arguments or {})
-    local codec = values.codec(self.serializer, self.deserializer, backend.serialized == true,
-                               self:_label())
+    local wire_format = opts.wire_format or rawget(self, "wire_format")
+    local wire_options = opts.wire_options or rawget(self, "wire_options")
+    local arguments = opts.arguments or {}
+    if wire_format then
+        arguments = wire_arguments(backend_name, arguments, self.serializer)
+    end
+    local backend = registry.load_backend(backend_name, arguments)
+    local codec = choose_codec(self, backend, backend_name, wire_format, wire_options)
+    self.wire_format, self.wire_options = wire_format, wire_options
 
     self._backend_name = backend_name
     self.actual_backend = backend
@@ -279,6 +337,7 @@ function Region:configure_from_config(config, prefix)
         negative_expiration_time = seconds.negative_expiration_time,
         stale_if_error = seconds.stale_if_error,
         early_refresh = seconds.early_refresh,
+        wire_format = conf[prefix .. "wire_format"],
     })
 end
 

@@ -98,21 +98,42 @@ local PICKLE = _M.serializer("pickle")
 
 -- The metadata's JSON. Python's _gen_metadata builds {"ct": time.time(),
 -- "v": 2}, in that order; ct is always a float ("1700000000.0", not
--- "1700000000").
-local function metadata_json(ct, v)
-    return '{"ct": ' .. float_repr(ct) .. ', "v": ' .. format("%d", v) .. "}"
+-- "1700000000"). `ttl` and `delta` (a value's own expiration time, its
+-- creator's duration: Lua regions' freshness policies) follow only when
+-- given; Python's region reads the metadata as a dict and ignores them.
+local function metadata_json(ct, v, ttl, delta)
+    local s = '{"ct": ' .. float_repr(ct) .. ', "v": ' .. format("%d", v)
+    if ttl ~= nil then
+        s = s .. ', "ttl": ' .. float_repr(ttl)
+    end
+    if delta ~= nil then
+        s = s .. ', "delta": ' .. float_repr(delta)
+    end
+    return s .. "}"
+end
+
+local function check_extra(who, name, x)
+    if x ~= nil and (type(x) ~= "number" or x ~= x or x == math.huge or x == -math.huge) then
+        lib.raise("dogpile.cache: " .. who .. ": " .. name .. " must be a finite number or nil, got "
+                  .. tostring(x))
+    end
 end
 
 --- The bytes of a value as dogpile.cache's serialized regions store it.
 -- @param payload the value
 -- @param ct the created time (epoch seconds, a float)
 -- @param serializer from `serializer()` (default: pickle)
+-- @param ttl optional: the value's own expiration time, written as metadata "ttl"
+-- @param delta optional: its creator's duration, written as metadata "delta"
 -- @raise on a payload the serializer refuses, or a ct that is not a finite number
-function _M.encode(payload, ct, serializer)
+function _M.encode(payload, ct, serializer, ttl, delta)
     if type(ct) ~= "number" or ct ~= ct or ct == math.huge or ct == -math.huge then
         lib.raise("dogpile.cache: wire.encode: ct must be a finite number, got " .. tostring(ct))
     end
-    return metadata_json(ct, _M.VALUE_VERSION) .. "|" .. (serializer or PICKLE):dumps(payload)
+    check_extra("wire.encode", "ttl", ttl)
+    check_extra("wire.encode", "delta", delta)
+    return metadata_json(ct, _M.VALUE_VERSION, ttl, delta) .. "|"
+        .. (serializer or PICKLE):dumps(payload)
 end
 
 local function check_metadata(md)
@@ -177,14 +198,24 @@ end
 -- @param payload the value
 -- @param ct the created time (epoch seconds, a float)
 -- @param opts optional: pickle.dumps options
+-- @param ttl optional: as encode's
+-- @param delta optional: as encode's
 -- @raise on a payload pickle refuses, or a ct that is not a finite number
-function _M.encode_memcached(payload, ct, opts)
+function _M.encode_memcached(payload, ct, opts, ttl, delta)
     if type(ct) ~= "number" or ct ~= ct or ct == math.huge or ct == -math.huge then
         lib.raise("dogpile.cache: wire.encode_memcached: ct must be a finite number, got "
                   .. tostring(ct))
     end
-    local cv = setmetatable({ payload = payload, metadata = { ct = ct, v = _M.VALUE_VERSION } },
-                            CachedValue_mt)
+    check_extra("wire.encode_memcached", "ttl", ttl)
+    check_extra("wire.encode_memcached", "delta", delta)
+    local md = { ct = ct, v = _M.VALUE_VERSION }
+    if ttl ~= nil then
+        md.ttl = pyvalue.float(ttl)
+    end
+    if delta ~= nil then
+        md.delta = pyvalue.float(delta)
+    end
+    local cv = setmetatable({ payload = payload, metadata = md }, CachedValue_mt)
     return pickle.dumps(cv, opts), _M.FLAG_PICKLE
 end
 

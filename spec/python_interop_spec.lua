@@ -1,0 +1,383 @@
+-- Regions with wire_format = "dogpile.cache" sharing one cache and one lock
+-- with Python's dogpile.cache (python3-dogpile.cache 1.1.8) on real servers:
+-- Python regions (redis with pickle and json, pymemcache, python-memcached,
+-- pymemcache with json) write every case, Lua regions read them equal with
+-- the same created time; Lua regions write, the Python regions read them
+-- equal; oslo.cache's protocol-0 values read; a value of another dogpile.cache
+-- version is a miss, one that does not decode a logged miss that
+-- get_or_create overwrites; 3 Python and 3 Lua processes on one missing key
+-- run one creator (counted on the server), and on one expired key one
+-- regeneration while the others get the stale value at once.
+-- Servers: the test command's (DP_TEST_REDIS_PORT, DP_TEST_MEMCACHED_PORTS),
+-- else our own on free loopback ports, stopped in teardown.
+local cache = require "dogpile.cache"
+local pickle = require "dogpile.cache.pickle"
+local pyjson = require "dogpile.cache.pyjson"
+local pyvalue = require "dogpile.cache.pyvalue"
+local context = require "dogpile.context"
+local py = require "python_support"
+
+local canon, read, write = py.canon, py.read, py.write
+local NO_VALUE = cache.NO_VALUE
+local HERE = "spec/fixtures/python"
+local MARKED = { mark = true, int64 = true }
+
+local DIR
+local OWN = {} -- pids of the servers this file started
+local PORTS = {}
+local RUN = ("%d%d"):format(os.time(), math.random(1e6))
+
+local function sh(cmd)
+    local p = assert(io.popen(cmd .. " 2>&1"))
+    local out = p:read("*a")
+    p:close()
+    return out
+end
+
+local function free_port()
+    return tonumber(sh([[bash -c 'while :; do p=$((20000 + RANDOM % 20000)); ]]
+        .. [[(exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null || { echo $p; exit; }; done']]):match("%d+"))
+end
+
+local function port_open(port)
+    return os.execute("bash -c '(exec 3<>/dev/tcp/127.0.0.1/" .. port .. ") 2>/dev/null'") == 0
+end
+
+local function wait_started(port, pidfile, what)
+    for _ = 1, 500 do
+        local pid = (read(pidfile) or ""):match("%d+")
+        if pid and port_open(port) then
+            OWN[#OWN + 1] = pid
+            return port
+        end
+        os.execute("sleep 0.02")
+    end
+    error(what .. " did not start on port " .. port)
+end
+
+local function redis_port()
+    local env = tonumber(os.getenv("DP_TEST_REDIS_PORT"))
+    if env then
+        return env
+    end
+    local port = free_port()
+    sh(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --daemonize yes "
+        .. "--dir %s --pidfile %s/redis.pid --logfile %s/redis.log"):format(port, DIR, DIR, DIR))
+    return wait_started(port, DIR .. "/redis.pid", "redis-server")
+end
+
+local function memcached_port()
+    local env = (os.getenv("DP_TEST_MEMCACHED_PORTS") or ""):match("%d+")
+    if env then
+        return tonumber(env)
+    end
+    local port = free_port()
+    sh(("memcached -d -P %s/memcached.pid -l 127.0.0.1 -p %d -U 0 -m 64 -u root"):format(DIR, port))
+    return wait_started(port, DIR .. "/memcached.pid", "memcached")
+end
+
+local function interop(...)
+    local args = { py.PYTHON, HERE .. "/interop.py" }
+    for _, a in ipairs { ... } do
+        args[#args + 1] = "'" .. tostring(a):gsub("'", "'\\''") .. "'"
+    end
+    local out = sh(table.concat(args, " ") .. "; echo \"exit=$?\"")
+    local code = tonumber(out:match("exit=(%d+)%s*$"))
+    return out:gsub("exit=%d+%s*$", ""), code == 0
+end
+
+local function check_output(out, ok)
+    assert(ok, out)
+    local count, failed = out:match("checked (%d+), (%d+) failed")
+    assert(failed == "0", out)
+    return tonumber(count)
+end
+
+local function is_redis(kind)
+    return kind:match("^redis") ~= nil
+end
+
+local function is_json(kind)
+    return kind:match("json$") ~= nil
+end
+
+local function port_of(kind)
+    return is_redis(kind) and PORTS.redis or PORTS.memcached
+end
+
+-- The Lua region that shares the Python region of `kind` (interop.py).
+local function lua_region(kind, opts, exp)
+    local make = { wire_format = "dogpile.cache", wire_options = opts }
+    if is_json(kind) then
+        make.serializer = "json"
+    end
+    local backend, args
+    if is_redis(kind) then
+        backend, args = "dogpile.cache.redis", { host = "127.0.0.1", port = PORTS.redis,
+                                                 lock_timeout = 10 }
+    else
+        backend, args = "dogpile.cache.memcached", { url = "127.0.0.1:" .. PORTS.memcached,
+                                                     lock_timeout = 10 }
+    end
+    return cache.make_region(make):configure(backend, { arguments = args, expiration_time = exp })
+end
+
+-- A native region on the same server: raw bytes in and out.
+local function raw_backend(kind)
+    local r
+    if is_redis(kind) then
+        r = cache.make_region():configure("dogpile.cache.redis",
+                                          { arguments = { host = "127.0.0.1", port = PORTS.redis } })
+    else
+        r = cache.make_region():configure("dogpile.cache.memcached",
+                                          { arguments = { url = "127.0.0.1:" .. PORTS.memcached } })
+    end
+    return r.actual_backend
+end
+
+-- Every case of dogpile_wire.py: name -> canonical text.
+local function case_texts()
+    local out = {}
+    for name, text in read(DIR .. "/cases.txt"):gmatch("([^\t\n]+)\t([^\n]*)") do
+        out[name] = text
+    end
+    return out
+end
+
+local KINDS = { "redis-pickle", "redis-json", "pymemcache", "memcached", "pymemcache-json" }
+
+-- Runs `procs` ({cmd, ...}) at once, each bounded by 60 s; their outputs.
+local function run_all(procs)
+    local parts = {}
+    for i, cmd in ipairs(procs) do
+        parts[#parts + 1] = ("timeout 60 %s > %s/proc%d.out 2>&1 &"):format(cmd, DIR, i)
+    end
+    os.execute("bash -c '" .. table.concat(parts, " "):gsub("'", "'\\''") .. " wait'")
+    local outs = {}
+    for i = 1, #procs do
+        outs[i] = read(("%s/proc%d.out"):format(DIR, i)) or ""
+    end
+    return outs
+end
+
+local function quote(s)
+    return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+-- 3 Python and 3 Lua processes calling get_or_create(key) at `start`; their
+-- outputs ("got <value>") in that order, and the creators counted.
+local function stampede(kind, key, exp, sleep)
+    local counter = key .. ":count"
+    local start = require("dogpile.lib").C.dp_clock_now() + 2.5
+    local procs = {}
+    for i = 1, 3 do
+        procs[#procs + 1] = table.concat({ py.PYTHON, HERE .. "/interop.py", "stampede", kind,
+                                           port_of(kind), quote(key), quote(counter),
+                                           ("%.3f"):format(start), sleep, exp, "py" .. i }, " ")
+    end
+    for i = 1, 3 do
+        procs[#procs + 1] = table.concat({ "luajit", HERE .. "/lua_worker.lua", kind,
+                                           port_of(kind), quote(key), quote(counter),
+                                           ("%.3f"):format(start), sleep, exp, "lua" .. i }, " ")
+    end
+    local outs = run_all(procs)
+    local got = {}
+    for i, out in ipairs(outs) do
+        got[i] = out:match("got (%S+)")
+        assert(got[i], ("process %d (%s) printed no value: %s"):format(i, procs[i], out))
+    end
+    local out, ok = interop("incr", kind, port_of(kind), counter)
+    assert(ok, out)
+    return got, tonumber(out:match("%d+")) - 1
+end
+
+describe("wire_format = \"dogpile.cache\" with Python's dogpile.cache", function()
+    setup(function()
+        DIR = py.tmpdir()
+        local out, ok = py.python("gen-pickle", DIR)
+        assert(ok, "the Python fixture failed (python3-dogpile.cache installed?): " .. out)
+        PORTS.redis = redis_port()
+        PORTS.memcached = memcached_port()
+    end)
+
+    teardown(function()
+        for _, pid in ipairs(OWN) do
+            os.execute("kill -9 " .. pid .. " 2>/dev/null")
+        end
+        if DIR then
+            py.rmdir(DIR)
+        end
+    end)
+
+    for _, kind in ipairs(KINDS) do
+        it(kind .. ": Lua reads what the Python region writes, equal, same created time", function()
+            local prefix = ("h18:%s:py:%s:"):format(RUN, kind)
+            local folder = DIR .. "/pw/" .. kind
+            local out, ok = interop("write", kind, port_of(kind), prefix, folder)
+            assert(ok, out)
+            local region = lua_region(kind, MARKED)
+            local n = 0
+            for _, f in ipairs(py.list(folder)) do
+                local name = f:match("^(.*)%.expect$")
+                if name then
+                    local key = prefix .. name
+                    local v = region:get(key)
+                    assert.are_not.equal(NO_VALUE, v, name)
+                    assert.are.equal(read(folder .. "/" .. f), canon(v), name)
+                    local md = region:get_value_metadata(key)
+                    assert.are.equal(read(folder .. "/" .. name .. ".ct"),
+                                     pyvalue.float_repr(md.metadata.ct), name)
+                    n = n + 1
+                end
+            end
+            assert.is_true(n >= (is_json(kind) and 30 or 60), kind .. ": only " .. n .. " cases")
+            assert.are.equal(0, region:stats().errors)
+            -- Expiry agrees: the created time is Python's time.time().
+            local key = prefix .. "int_7"
+            local age = require("dogpile.lib").C.dp_clock_now()
+                - tonumber(read(folder .. "/int_7.ct"))
+            assert.are.equal(7, region:get(key, age + 5))
+            assert.are.equal(NO_VALUE, region:get(key, math.max(age - 0.5, 0)))
+        end)
+
+        it(kind .. ": the Python region reads what the Lua region writes, equal", function()
+            local prefix = ("h18:%s:lua:%s:"):format(RUN, kind)
+            local folder = DIR .. "/lw/" .. kind
+            local region = lua_region(kind, MARKED)
+            local n = 0
+            local function put(name, value, expect, r)
+                r = r or region
+                local key = prefix .. name
+                r:set(key, value)
+                local md = r:get_value_metadata(key)
+                write(folder .. "/" .. name .. ".expect", expect)
+                write(folder .. "/" .. name .. ".ct", pyvalue.float_repr(md.metadata.ct))
+                n = n + 1
+            end
+            if is_json(kind) then
+                for _, f in ipairs(py.list(DIR .. "/json")) do
+                    local name = f:match("^(.*)%.json$")
+                    if name then
+                        local v = pyjson.loads(read(DIR .. "/json/" .. f), MARKED)
+                        put(name, v, read(DIR .. "/json/" .. name .. ".expect"))
+                    end
+                end
+            else
+                for name, text in pairs(case_texts()) do
+                    local v = pickle.loads(read(DIR .. "/pickle/" .. name .. ".p4"), MARKED)
+                    put(name, v, text)
+                end
+            end
+            -- Plain Lua values (no marks) map as README's table says.
+            local plain = lua_region(kind, nil)
+            put("plain_list", { 1, 2, 3 }, "list[int:1,int:2,int:3]", plain)
+            put("plain_dict", { a = 1.5 }, "dict{str:61=float:1.5}", plain)
+            put("plain_str", "h\195\169", "str:68c3a9", plain)
+            put("plain_nil", nil, "None", plain)
+            put("plain_bool", false, "False", plain)
+            if not is_json(kind) then
+                put("plain_bytes", "\255\0", "bytes:ff00", plain)
+            end
+            local count = check_output(interop("read", kind, port_of(kind), prefix, folder))
+            assert.are.equal(n, count)
+        end)
+    end
+
+    it("reads oslo.cache's protocol-0 values (python-memcached, flags 1)", function()
+        local key = ("h18:%s:oslo"):format(RUN)
+        local out, ok = interop("oslo", PORTS.memcached, key)
+        assert(ok, out)
+        local region = lua_region("memcached", MARKED)
+        local md = region:get_value_metadata(key).metadata
+        assert.are.equal(read(DIR .. "/oslo.expect"),
+                         "CachedValue(" .. canon(region:get(key)) .. ","
+                         .. canon(pyvalue.dict { ct = pyvalue.float(md.ct), v = md.v }) .. ")")
+    end)
+
+    for _, kind in ipairs { "redis-pickle", "pymemcache" } do
+        it(kind .. ": metadata v other than 2 is a miss, not an error", function()
+            local raw = raw_backend(kind)
+            local region = lua_region(kind)
+            local key = ("h18:%s:v1:%s"):format(RUN, kind)
+            local function bytes(v)
+                if is_redis(kind) then
+                    return '{"ct": 1700000000.5, "v": ' .. v .. '}|' .. pickle.dumps("x")
+                end
+                return pickle.dumps(pyvalue.CachedValue("x", { ct = 1700000000.5, v = v }))
+            end
+            raw:set(key, bytes(1))
+            assert.are.equal(NO_VALUE, region:get(key))
+            assert.are.equal(0, region:stats().errors)
+            -- and the bytes with v = 2 are a hit: only v differed
+            raw:set(key, bytes(2))
+            assert.are.equal("x", region:get(key))
+        end)
+
+        it(kind .. ": a value that does not decode is a logged miss; get_or_create "
+           .. "overwrites it", function()
+            local region = lua_region(kind)
+            local prefix = ("h18:%s:foreign:%s:"):format(RUN, kind)
+            local key = prefix .. "x"
+            -- The Python region stores datetime.date(2024, 1, 1): a class
+            -- outside the subset.
+            local out, ok = interop("foreign", kind, port_of(kind), key)
+            assert(ok, out)
+            local lines = {}
+            local old = context.logger()
+            context.set_logger(function(l) lines[#lines + 1] = l end)
+            local v = region:get(key)
+            local calls = 0
+            local made = region:get_or_create(key, function()
+                calls = calls + 1
+                return { made = "by lua" }
+            end)
+            context.set_logger(old)
+            assert.are.equal(NO_VALUE, v)
+            assert.are.equal(1, calls)
+            assert.are.equal("by lua", made.made)
+            assert.is_true(region:stats().errors >= 2)
+            assert.matches("does not decode.*datetime", table.concat(lines, "\n"))
+            -- Overwritten: both languages now read Lua's value.
+            assert.are.equal("by lua", region:get(key).made)
+            local folder = DIR .. "/over/" .. kind
+            write(folder .. "/x.expect", "dict{str:6d616465=str:6279206c7561}")
+            write(folder .. "/x.ct", pyvalue.float_repr(region:get_value_metadata(key).metadata.ct))
+            check_output(interop("read", kind, port_of(kind), prefix, folder))
+        end)
+    end
+
+    for _, kind in ipairs { "redis-pickle", "pymemcache", "memcached" } do
+        it(kind .. ": 3 Python and 3 Lua processes on one missing key run one creator", function()
+            local key = ("h18:%s:miss:%s"):format(RUN, kind)
+            local got, creators = stampede(kind, key, -1, 1)
+            assert.are.equal(1, creators, table.concat(got, " "))
+            for i = 2, #got do
+                assert.are.equal(got[1], got[i], table.concat(got, " "))
+            end
+            assert.matches("^new:", got[1])
+        end)
+    end
+
+    for _, kind in ipairs { "redis-pickle", "pymemcache" } do
+        it(kind .. ": on an expired key one process regenerates, the others get the stale "
+           .. "value", function()
+            local key = ("h18:%s:stale:%s"):format(RUN, kind)
+            local region = lua_region(kind, nil, 1)
+            region:set(key, "old")
+            require("dogpile.lib").C.dp_clock_sleep(1.3)
+            assert.are.equal(NO_VALUE, region:get(key))
+            local got, creators = stampede(kind, key, 1, 1.5)
+            assert.are.equal(1, creators, table.concat(got, " "))
+            local new, old = 0, 0
+            for _, v in ipairs(got) do
+                if v == "old" then
+                    old = old + 1
+                elseif v:match("^new:") then
+                    new = new + 1
+                end
+            end
+            assert.are.equal(1, new, table.concat(got, " "))
+            assert.are.equal(5, old, table.concat(got, " "))
+        end)
+    end
+end)
