@@ -158,6 +158,10 @@ typedef struct inst {
      * between processes"), else what cfg asked for */
     double map_size, max_bytes;
     int open_fd;      /* holds a shared OFD lock on OPEN_BYTE of the lock file */
+    /* Made while opens were deferred (dp_lmdb_defer_until_fork): nothing
+     * is created or opened until the first operation, in a forked child. */
+    int deferred;
+    unsigned defer_gen; /* the fork generation it was made in */
     /* the environment of this process */
     uv_mutex_t env_mu; /* reopening after fork */
     MDB_env *env;
@@ -184,6 +188,44 @@ static void on_fork_child(void)
 static void fork_init(void)
 {
     pthread_atfork(NULL, NULL, on_fork_child);
+}
+
+/* -- Files made with the mode asked for ------------------------------------------
+ * `mode` is applied as given, whatever the umask: a file's group or others
+ * bits that the creator's umask would drop (nginx's master, root, umask
+ * 022, with workers running as another user) are what let other users open
+ * it. Only files and directories made here are changed, never existing ones. */
+
+/* The mode of a directory for files of `mode`: search wherever read is. */
+static int dir_mode(int mode)
+{
+    return mode | ((mode & 0444) >> 2) | 0700;
+}
+
+static int open_create(const char *path, int mode)
+{
+    int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, mode);
+    if (fd >= 0) {
+        (void)fchmod(fd, (mode_t)mode);
+        return fd;
+    }
+    if (errno != EEXIST)
+        return -1;
+    return open(path, O_RDWR | O_CLOEXEC);
+}
+
+/* -- Deferred opens ------------------------------------------------------------
+ * nginx builds regions in init_by_lua, in the master, which runs as root;
+ * its workers run as another user (`user nobody;`) and could not open files
+ * the master made with mode 0644. While opens are deferred (the Lua module
+ * asks for it in nginx's master as root), an instance made in this process
+ * touches nothing on disk: the first operation in a forked child (a
+ * worker) creates and opens everything, as the worker's user. */
+static _Atomic unsigned defer_gen = UINT_MAX;
+
+static int deferred_here(const inst *s)
+{
+    return s->deferred && s->defer_gen == atomic_load(&fork_gen);
 }
 
 static uint64_t hash_key(const char *key, size_t len)
@@ -256,7 +298,7 @@ static int lmdb_lock_alloc(inst *s, dp_err *err)
 {
     char lp[PATH_MAX + 16];
     snprintf(lp, sizeof lp, s->subdir ? "%s/lock.mdb" : "%s-lock", s->path);
-    int fd = open(lp, O_RDWR | O_CREAT | O_CLOEXEC, s->mode);
+    int fd = open_create(lp, s->mode);
     if (fd < 0)
         return DP_OK; /* mdb_env_open says why, naming the path */
     off_t want = ((off_t)s->cfg->max_readers * 64 + 256 + 4095) / 4096 * 4096;
@@ -373,7 +415,12 @@ static int env_open(inst *s, int settings, dp_err *err)
         flags |= MDB_NOMETASYNC;
     else if (s->cfg->sync == SYNC_NONE)
         flags |= MDB_NOSYNC | MDB_NOMETASYNC;
+    char data_path[PATH_MAX + 16];
+    snprintf(data_path, sizeof data_path, s->subdir ? "%s/data.mdb" : "%s", s->path);
+    int made = access(data_path, F_OK) != 0;
     rc = mdb_env_open(env, s->path, flags, (mdb_mode_t)s->mode);
+    if (!rc && made)
+        (void)chmod(data_path, (mode_t)s->mode); /* LMDB's open is masked by the umask */
     if (rc) {
         mdb_env_close(env);
         if (rc == MDB_INVALID || rc == MDB_VERSION_MISMATCH)
@@ -454,13 +501,21 @@ static int env_open(inst *s, int settings, dp_err *err)
 /* In a forked child, reopen: the parent's env must not be used or closed
  * here. Its pool, touches and lock descriptors are dropped (closing the
  * inherited lock descriptors releases nothing the parent holds). */
+static int full_open(inst *s, dp_err *err);
+
 static int ensure_env(inst *s, dp_err *err)
 {
     if (s->gen == atomic_load_explicit(&fork_gen, memory_order_relaxed))
         return DP_OK;
     uv_mutex_lock(&s->env_mu);
     int rc = DP_OK;
-    if (s->gen != atomic_load(&fork_gen)) {
+    if (s->deferred) {
+        /* The first operation of an instance made while opens were
+         * deferred: everything is made here, as this process's user. */
+        rc = full_open(s, err);
+        if (rc == DP_OK)
+            s->deferred = 0;
+    } else if (s->gen != atomic_load(&fork_gen)) {
         pool_drop(s, 0);
         uv_mutex_lock(&s->mu);
         for (size_t i = 0; i < s->ntouch; i++)
@@ -946,7 +1001,8 @@ static int lm_del(void *self, const char *key, size_t klen, dp_err *err)
 static void lm_stats(void *self, dp_backend_stats *out)
 {
     inst *s = self;
-    if (ensure_env(s, NULL) == DP_OK) {
+    /* An instance deferred in this process (nginx's master) stays unopened. */
+    if (!deferred_here(s) && ensure_env(s, NULL) == DP_OK) {
         MDB_txn *txn;
         if (rtxn_get(s, &txn) == 0) {
             MDB_stat st;
@@ -1006,7 +1062,7 @@ static pthread_mutex_t wake_mu = PTHREAD_MUTEX_INITIALIZER;
 
 static void wake_map_open(wake_map *m, int mode)
 {
-    int fd = open(m->path, O_RDWR | O_CREAT | O_CLOEXEC, mode);
+    int fd = open_create(m->path, mode);
     if (fd < 0)
         return;
     if (posix_fallocate(fd, 0, (off_t)WAKE_BYTES) == 0) {
@@ -1084,7 +1140,7 @@ static int lm_lock(void *self, const char *key, size_t klen, double timeout, dp_
     held_lock *h = malloc(sizeof *h);
     if (!h)
         return dp_err_set(err, DP_ENOMEM, "out of memory");
-    int fd = open(s->lock_path, O_RDWR | O_CREAT | O_CLOEXEC, s->mode);
+    int fd = open_create(s->lock_path, s->mode);
     if (fd < 0) {
         free(h);
         return dp_err_set(err, DP_EBACKEND, "cannot open the lock file '%s': %s", s->lock_path,
@@ -1178,7 +1234,7 @@ static int lm_wait_unlocked(void *self, const char *key, size_t klen, double tim
     if (rc)
         return rc;
     uint64_t slot = hash_key(key, klen) % LOCK_SPAN;
-    int fd = open(s->lock_path, O_RDWR | O_CREAT | O_CLOEXEC, s->mode);
+    int fd = open_create(s->lock_path, s->mode);
     if (fd < 0)
         return dp_err_set(err, DP_EBACKEND, "cannot open the lock file '%s': %s", s->lock_path,
                           strerror(errno));
@@ -1280,7 +1336,36 @@ static int lm_identify(void *ud, const void *settings, dp_bytes *id, dp_err *err
                           (double)cfg->map_size);
     struct stat st;
     if (stat(cfg->path, &st) != 0) {
-        if (errno != ENOENT || mkdir(cfg->path, 0755) != 0)
+        if (errno == ENOENT && atomic_load(&defer_gen) == atomic_load(&fork_gen)) {
+            /* Deferred: the worker makes it. The identity is what realpath
+             * will give once it exists: the parent's realpath and the name. */
+            char parent[PATH_MAX], real[PATH_MAX];
+            snprintf(parent, sizeof parent, "%s", cfg->path);
+            char *slash = strrchr(parent, '/');
+            const char *base = slash ? cfg->path + (slash - parent) + 1 : cfg->path;
+            if (!slash)
+                snprintf(parent, sizeof parent, ".");
+            else if (slash == parent)
+                parent[1] = 0; /* "/name" */
+            else
+                *slash = 0;
+            if (!*base || !realpath(parent, real))
+                return dp_err_set(err, DP_EBACKEND, NAME ": cannot resolve the directory of "
+                                  "'%s': %s", cfg->path, *base ? strerror(errno) : "no name");
+            size_t n = strlen(real), b = strlen(base);
+            int root = n == 1 && real[0] == '/';
+            if (dp_bytes_reserve(id, id->len + n + 1 + b) != DP_OK)
+                return dp_err_set(err, DP_ENOMEM, NAME ": out of memory opening '%s'", cfg->path);
+            memcpy(id->data + id->len, real, n);
+            id->len += n;
+            if (!root)
+                id->data[id->len++] = '/';
+            memcpy(id->data + id->len, base, b);
+            id->len += b;
+            return DP_OK;
+        }
+        if (errno != ENOENT || mkdir(cfg->path, (mode_t)dir_mode(parse_mode(cfg->mode))) != 0
+            || chmod(cfg->path, (mode_t)dir_mode(parse_mode(cfg->mode))) != 0)
             return dp_err_set(err, DP_EBACKEND, NAME ": cannot create the directory '%s': %s",
                               cfg->path, strerror(errno));
     } else if (!S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode)) {
@@ -1302,16 +1387,51 @@ static int lm_identify(void *ud, const void *settings, dp_bytes *id, dp_err *err
     return DP_OK;
 }
 
+/* Create what is missing and open it all: the directory (when `path` was
+ * missing at a deferred create), the lock file, the environment; then hold
+ * OPEN_BYTE shared (see "Settings between processes"). */
+static int full_open(inst *s, dp_err *err)
+{
+    if (s->deferred && mkdir(s->path, (mode_t)dir_mode(s->mode)) == 0)
+        (void)chmod(s->path, (mode_t)dir_mode(s->mode));
+    if (s->open_fd < 0)
+        s->open_fd = open_create(s->lock_path, s->mode);
+    if (s->open_fd < 0)
+        return dp_err_set(err, DP_EBACKEND, NAME ": cannot open the lock file '%s': %s",
+                          s->lock_path, strerror(errno));
+    int alone = open_byte_take(s, err);
+    int rc = alone < 0 ? DP_EBACKEND
+                       : env_open(s, alone ? SETTINGS_WRITE : SETTINGS_ADOPT, err);
+    if (rc == DP_OK && alone && ofd_set(s->open_fd, OPEN_BYTE, F_RDLCK, 0) != 0)
+        rc = dp_err_set(err, DP_EBACKEND, NAME ": cannot lock '%s': %s", s->lock_path,
+                        strerror(errno));
+    if (rc != DP_OK && s->deferred) {
+        close(s->open_fd); /* the next operation tries again */
+        s->open_fd = -1;
+    }
+    return rc;
+}
+
 static int lm_create(void *ud, const void *settings, void **self, dp_err *err)
 {
     (void)ud;
     const lm_settings *cfg = settings;
     uv_once(&fork_once, fork_init);
+    unsigned gen = atomic_load(&fork_gen);
+    int deferred = atomic_load(&defer_gen) == gen;
     char real[PATH_MAX];
     struct stat st;
-    if (!realpath(cfg->path, real) || stat(real, &st) != 0)
-        return dp_err_set(err, DP_EBACKEND, NAME ": cannot resolve '%s': %s", cfg->path,
-                          strerror(errno));
+    int missing = 0;
+    if (!realpath(cfg->path, real) || stat(real, &st) != 0) {
+        dp_bytes id = {0};
+        missing = deferred && errno == ENOENT && lm_identify(NULL, cfg, &id, err) == DP_OK;
+        if (missing)
+            snprintf(real, sizeof real, "%.*s", (int)id.len, id.data);
+        dp_bytes_free(&id);
+        if (!missing)
+            return dp_err_set(err, DP_EBACKEND, NAME ": cannot resolve '%s': %s", cfg->path,
+                              strerror(errno));
+    }
     size_t rl = strlen(real);
     inst *s = calloc(1, sizeof *s);
     char *p = s ? malloc(rl + 1) : NULL;
@@ -1325,25 +1445,22 @@ static int lm_create(void *ud, const void *settings, void **self, dp_err *err)
     s->cfg = cfg;
     s->path = p;
     s->lock_path = lp;
-    s->subdir = !S_ISREG(st.st_mode);
+    s->subdir = missing || !S_ISREG(st.st_mode);
     snprintf(lp, rl + 32, s->subdir ? "%s/dogpile-locks" : "%s-dogpile-locks", real);
     s->mode = parse_mode(cfg->mode);
     s->map_size = (double)cfg->map_size;
     s->max_bytes = max_bytes_of(cfg);
+    s->open_fd = -1;
     uv_mutex_init(&s->mu);
     uv_mutex_init(&s->env_mu);
-    s->open_fd = open(lp, O_RDWR | O_CREAT | O_CLOEXEC, s->mode);
-    if (s->open_fd < 0) {
-        dp_err_set(err, DP_EBACKEND, NAME ": cannot open the lock file '%s': %s", lp,
-                   strerror(errno));
-        inst_free(s);
-        return DP_EBACKEND;
+    if (deferred) {
+        s->deferred = 1;
+        s->defer_gen = gen;
+        s->gen = gen - 1; /* never this generation: the first operation opens */
+        *self = s;
+        return DP_OK;
     }
-    int alone = open_byte_take(s, err);
-    int rc = alone < 0 ? DP_EBACKEND
-                       : env_open(s, alone ? SETTINGS_WRITE : SETTINGS_ADOPT, err);
-    if (rc == DP_OK && alone && ofd_set(s->open_fd, OPEN_BYTE, F_RDLCK, 0) != 0)
-        rc = dp_err_set(err, DP_EBACKEND, NAME ": cannot lock '%s': %s", lp, strerror(errno));
+    int rc = full_open(s, err);
     if (rc != DP_OK) {
         inst_free(s);
         return rc;
@@ -1375,12 +1492,26 @@ static const dp_backend_ops lm_ops = {
 
 int luaopen_dogpile_backends_lmdb(lua_State *L);
 
+/* defer_until_fork(): instances made by this process from now until it
+ * forks create and open nothing; each child opens at its first operation
+ * (see "Deferred opens"). */
+static int lm_defer_until_fork(lua_State *L)
+{
+    atomic_store(&defer_gen, atomic_load(&fork_gen));
+    (void)L;
+    return 0;
+}
+
 __attribute__((visibility("default"))) int luaopen_dogpile_backends_lmdb(lua_State *L)
 {
     uv_once(&fork_once, fork_init);
     int rc = dp_backend_register(&lm_ops, NULL);
     if (rc != DP_OK)
         return luaL_error(L, NAME ": cannot register the backend: %s", dp_strerror(rc));
+    lua_createtable(L, 0, 2);
     lua_pushstring(L, NAME);
+    lua_setfield(L, -2, "name");
+    lua_pushcfunction(L, lm_defer_until_fork);
+    lua_setfield(L, -2, "defer_until_fork");
     return 1;
 }

@@ -901,4 +901,73 @@ io.write(n, "\n")
             assert.matches("is larger than max_bytes", err, 1, true)
         end)
     end)
+    describe("file modes and nginx's root master", function()
+        it("gives files and directory the mode asked for, whatever the umask", function()
+            local dir = tmpdir()
+            local path = dir .. "/made"
+            local script = dir .. "/open.lua"
+            write(script, [[
+local r = require("dogpile.cache").make_region():configure("dogpile.cache.lmdb",
+    { arguments = { path = arg[1], mode = arg[2] } })
+if arg[3] == "set" then
+    r:set("k", 1)
+    local m = r.actual_backend:get_mutex("k")
+    assert(m:acquire(false))
+    m:release()
+end
+print(r:get("k"))
+]])
+            local out = sh(("umask 077 && luajit %s %s 0664 set"):format(script, path))
+            assert.are.equal("1\n", out)
+            assert.are.equal("775\n", sh("stat -c %a " .. path))
+            for _, f in ipairs({ "data.mdb", "lock.mdb", "dogpile-locks" }) do
+                assert.are.equal("664\n", sh("stat -c %a " .. path .. "/" .. f), f)
+            end
+            -- Existing files are left as they are.
+            sh("chmod 600 " .. path .. "/data.mdb")
+            out = sh(("umask 077 && luajit %s %s 0666"):format(script, path))
+            assert.are.equal("1\n", out)
+            assert.are.equal("600\n", sh("stat -c %a " .. path .. "/data.mdb"))
+        end)
+
+        it("works in nginx with regions built in init_by_lua (root) and workers as nobody", function()
+            local ngx_support = require "ngx_support"
+            assert(ngx_support.available(), "nginx-extras with the Lua module is needed "
+                   .. "(.ci/test installs it)")
+            assert(sh("id -u"):match("^0"), "this case starts nginx's master as root (CI runs as root)")
+            local data = tmpdir()
+            sh("chmod 1777 " .. data) -- a folder the workers may create in, as /var/cache/nginx
+            local srv = ngx_support.start({ fixture = "nginx_lmdb", ready = "/ready",
+                                            vars = { DATA = data } })
+            local ok, err = pcall(function()
+                local workers = {}
+                for round = 1, 3 do
+                    local values = {}
+                    for _, r in ipairs(srv:concurrent("/get_or_create?key=k" .. round, 20)) do
+                        assert.are.equal(200, r.status, r.body .. "\n" .. srv:log())
+                        local v, w = r.body:match("^(.-) (%d+)$")
+                        workers[w] = true
+                        values[v] = true
+                    end
+                    -- one value for the key, whichever worker made it
+                    local n = 0
+                    for _ in pairs(values) do n = n + 1 end
+                    assert.are.equal(1, n)
+                end
+                assert.is_true(workers["0"] and workers["1"] or false, "both workers answered")
+                -- The files are the workers' (nobody's): none was made by the root master.
+                for _, f in ipairs({ "", "/data.mdb", "/lock.mdb", "/dogpile-locks" }) do
+                    assert.are.equal("nobody\n", sh("stat -c %U " .. data .. "/cache" .. f), f)
+                end
+                assert.is_nil(srv:log():find("Permission denied", 1, true), srv:log())
+                -- Another process (this one, root) reads what the workers stored.
+                local r = cache.make_region():configure("dogpile.cache.lmdb",
+                    { arguments = { path = data .. "/cache" } })
+                assert.is_truthy(tostring(r:get("k1")):match("^made by %d$"))
+                r.actual_backend:close()
+            end)
+            srv:stop()
+            assert(ok, err)
+        end)
+    end)
 end)

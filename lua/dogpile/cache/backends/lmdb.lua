@@ -6,7 +6,7 @@
 -- expiration_time, on_full, lru_resolution, sweep_interval, mode, lock_timeout.
 -- What is Lua's here: the default key mangler, and logging the note of an
 -- open that adopted another process's settings.
-require "dogpile.backends.lmdb" -- registers the C backend
+local clmdb = require "dogpile.backends.lmdb" -- registers the C backend
 local c = require "dogpile.cache.backends.c"
 local util = require "dogpile.cache.util"
 local context = require "dogpile.context"
@@ -24,7 +24,23 @@ local NAME = "dogpile.cache.lmdb"
 local MAX_KEY = 510
 local KEY_MANGLER = util.length_conditional_mangler(MAX_KEY + 1, util.sha1_mangle_key)
 
+pcall(ffi.cdef, "unsigned int geteuid(void);")
+
+-- nginx's master runs init_by_lua as root; its workers, as the `user` of
+-- nginx.conf, could not open files that root made there. So while the
+-- master (root) builds regions, the C backend creates and opens nothing:
+-- each worker opens at its first operation, and the first one creates the
+-- files, owned by the workers' user (backends/lmdb.c, "Deferred opens").
+local function in_root_master()
+    local ngx = rawget(_G, "ngx")
+    return type(ngx) == "table" and type(ngx.get_phase) == "function"
+        and ngx.get_phase() == "init" and ffi.C.geteuid() == 0
+end
+
 local function new(arguments)
+    if type(clmdb) == "table" and in_root_master() then
+        clmdb.defer_until_fork()
+    end
     local backend = c.open(NAME, arguments)
     -- A success with a message: the path was open in another process with
     -- other map_size / max_bytes, and this one uses the file's (lmdb.c,
