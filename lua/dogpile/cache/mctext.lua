@@ -282,11 +282,11 @@ function _M.read_value(sock, with_cas)
         end
         return false, "miss"
     end
-    local n, cas
+    local _, n, cas
     if with_cas then
-        n, cas = sub(buf, 1, e - 1):match("^VALUE %S+ %d+ (%d+) (%d+)$")
+        _, _, n, cas = find(buf, "^VALUE %S+ %d+ (%d+) (%d+)\r\n")
     else
-        n = sub(buf, 1, e - 1):match("^VALUE %S+ %d+ (%d+)$")
+        _, _, n = find(buf, "^VALUE %S+ %d+ (%d+)\r\n")
     end
     if not n then
         local line = sub(buf, 1, e - 1)
