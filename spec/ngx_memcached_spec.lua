@@ -263,6 +263,30 @@ describe("dogpile.cache.memcached inside nginx (cosockets)", function()
         assert.are.equal("NO_VALUE", value_of(get("/get?region=ring&key=" .. k)))
     end)
 
+    it("multi forms: set_multi, get_multi (one get per server) and delete_multi across the ring", function()
+        local prefix = fresh("multi") .. "-"
+        assert.are.equal("ok", get("/multi?region=ring&op=set&n=40&prefix=" .. prefix))
+        local expect = {}
+        for i = 1, 40 do
+            assert.are.equal("v" .. i, regions.ring:get(prefix .. i))
+            expect[i] = "v" .. i
+        end
+        regions.ring:set(prefix .. 41, "plain")
+        expect[41], expect[42], expect[43] = "plain", "NO_VALUE", "v1"
+        local body, status = get("/multi?region=ring&op=get&n=40&prefix=" .. prefix)
+        assert.are.equal(200, status, body)
+        local got = {}
+        for line in body:gmatch("[^\n]+") do
+            got[#got + 1] = line
+        end
+        assert.are.same(expect, got)
+        assert.are.equal("ok", get("/multi?region=ring&op=delete&n=40&prefix=" .. prefix))
+        for i = 1, 40 do
+            assert.are.equal(NO_VALUE, regions.ring:get(prefix .. i))
+        end
+        assert.are.equal("plain", regions.ring:get(prefix .. 41))
+    end)
+
     it("a stampede of 200 requests and 2 plain processes on one missing key runs the creator once", function()
         local key = fresh("stampede")
         local script = process_script("stampede", [[
