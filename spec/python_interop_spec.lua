@@ -381,3 +381,124 @@ describe("wire_format = \"dogpile.cache\" with Python's dogpile.cache", function
         end)
     end
 end)
+
+describe("wire_format = \"dogpile.cache\" inside nginx (cosocket backends) with Python", function()
+    local ngx_support = require "ngx_support"
+    if not ngx_support.available() then
+        it("needs nginx-extras", function()
+            error("nginx-extras is not installed (/usr/sbin/nginx with the Lua module)")
+        end)
+        return
+    end
+    local nginx
+
+    setup(function()
+        DIR = py.tmpdir()
+        local out, ok = py.python("gen-pickle", DIR)
+        assert(ok, "the Python fixture failed (python3-dogpile.cache installed?): " .. out)
+        PORTS.redis = redis_port()
+        PORTS.memcached = memcached_port()
+        -- nginx's workers (nobody) read the cases' files.
+        os.execute("chmod -R a+rX '" .. DIR .. "'")
+        nginx = ngx_support.start({ fixture = "python/nginx", ready = "/ready",
+                                    env = { DP_REDIS_PORT = PORTS.redis,
+                                            DP_MEMCACHED_PORT = PORTS.memcached } })
+    end)
+
+    teardown(function()
+        local log = nginx and nginx:log() or ""
+        if nginx then
+            nginx:stop()
+        end
+        for _, pid in ipairs(OWN) do
+            os.execute("kill -9 " .. pid .. " 2>/dev/null")
+        end
+        OWN = {}
+        if DIR then
+            py.rmdir(DIR)
+        end
+        assert(not log:match("%[error%]") and not log:match("%[alert%]"), "nginx error.log:\n" .. log)
+    end)
+
+    for _, kind in ipairs { "redis-pickle", "redis-json", "pymemcache", "pymemcache-json" } do
+        it(kind .. ": nginx reads what Python writes and Python reads what nginx writes", function()
+            local prefix = ("h18:%s:ngx-py:%s:"):format(RUN, kind)
+            local folder = DIR .. "/ngx-pw/" .. kind
+            local out, ok = interop("write", kind, port_of(kind), prefix, folder)
+            assert(ok, out)
+            local n = 0
+            for _, f in ipairs(py.list(folder)) do
+                local name = f:match("^(.*)%.expect$")
+                if name then
+                    local body, status = nginx:get("/get?kind=" .. kind .. "&key=" .. prefix .. name)
+                    assert.are.equal(200, status, body)
+                    assert.are.equal(read(folder .. "/" .. f) .. "\n"
+                                     .. read(folder .. "/" .. name .. ".ct"), body, name)
+                    n = n + 1
+                end
+            end
+            assert.is_true(n >= (is_json(kind) and 30 or 60), kind .. ": only " .. n .. " cases")
+            -- nginx writes every case; the Python region reads them.
+            prefix = ("h18:%s:ngx-lua:%s:"):format(RUN, kind)
+            folder = DIR .. "/ngx-lw/" .. kind
+            local texts, sub, ext = case_texts(), "pickle", ".p4"
+            if is_json(kind) then
+                texts, sub, ext = {}, "json", ".json"
+                for _, f in ipairs(py.list(DIR .. "/json")) do
+                    local name = f:match("^(.*)%.json$")
+                    if name then
+                        texts[name] = read(DIR .. "/json/" .. name .. ".expect")
+                    end
+                end
+            end
+            n = 0
+            for name, text in pairs(texts) do
+                local file = DIR .. "/" .. sub .. "/" .. name .. ext
+                local ct, status = nginx:get("/set_case?kind=" .. kind .. "&key=" .. prefix .. name
+                                             .. "&file=" .. file)
+                assert.are.equal(200, status, ct)
+                write(folder .. "/" .. name .. ".expect", text)
+                write(folder .. "/" .. name .. ".ct", ct)
+                n = n + 1
+            end
+            assert.are.equal(n, check_output(interop("read", kind, port_of(kind), prefix, folder)))
+        end)
+    end
+
+    for _, kind in ipairs { "redis-pickle", "pymemcache" } do
+        it(kind .. ": 3 Python, 3 Lua processes and 10 nginx requests on one missing key run "
+           .. "one creator", function()
+            local key = ("h18:%s:ngx-miss:%s"):format(RUN, kind)
+            local counter = key .. ":count"
+            local start = require("dogpile.lib").C.dp_clock_now() + 2.5
+            local procs = {}
+            for i = 1, 3 do
+                procs[#procs + 1] = table.concat({ py.PYTHON, HERE .. "/interop.py", "stampede",
+                    kind, port_of(kind), quote(key), quote(counter), ("%.3f"):format(start), 1, -1,
+                    "py" .. i }, " ")
+                procs[#procs + 1] = table.concat({ "luajit", HERE .. "/lua_worker.lua", kind,
+                    port_of(kind), quote(key), quote(counter), ("%.3f"):format(start), 1, -1,
+                    "lua" .. i }, " ")
+            end
+            procs[#procs + 1] = ngx_support.CURL .. " -s -m 30 -Z --parallel-immediate "
+                .. "--parallel-max 10 " .. quote(nginx:url(("/get_or_create?kind=%s&key=%s"
+                .. "&counter=%s&start=%.3f&sleep=1&n=[1-10]"):format(kind, key, counter, start)))
+            local outs = run_all(procs)
+            local got = {}
+            for i, o in ipairs(outs) do
+                local before = #got
+                for v in o:gmatch("got (%S+)") do
+                    got[#got + 1] = v
+                end
+                assert(#got > before, ("process %d printed no value: %s"):format(i, o))
+            end
+            assert.are.equal(16, #got, table.concat(got, " "))
+            local out, ok = interop("incr", kind, port_of(kind), counter)
+            assert(ok, out)
+            assert.are.equal(1, tonumber(out:match("%d+")) - 1, table.concat(got, " "))
+            for i = 2, #got do
+                assert.are.equal(got[1], got[i], table.concat(got, " "))
+            end
+        end)
+    end
+end)
