@@ -44,6 +44,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <poll.h>
 #include <pthread.h>
@@ -187,20 +188,42 @@ static const dp_arg_spec rc_args[] = {
 
 /* -- Instances ------------------------------------------------------------------ */
 
+/* A connection: hiredis connects it (and AUTHs, and runs the cold commands:
+ * CLUSTER SLOTS, the lock's); the hot paths write and parse RESP on its fd
+ * themselves, in buffers that live as long as the connection, so that a
+ * get or a pipeline allocates nothing and every pipeline leaves in one
+ * send(). Between calls both buffers and hiredis's reader are empty. */
 typedef struct conn {
     struct conn *next;
     redisContext *c;
     unsigned gen;
+    int eno;            /* the failed send/recv's errno; 0: closed by the server */
+    char *w, *r;        /* the commands to send; the replies received */
+    size_t wlen, wcap;
+    size_t rpos, rlen, rcap; /* r[rpos..rlen) not yet parsed */
 } conn;
 
+/* Idle connections sit in POOL_SLOTS slots taken and given with one atomic
+ * exchange (each thread starts at its own slot, so that threads do not
+ * meet on one cache line), and beyond those in a list under the node's
+ * mutex. */
+#define POOL_SLOTS 8
+
+typedef struct pool_slot {
+    _Atomic(conn *) c;
+    char pad[64 - sizeof(conn *)];
+} pool_slot;
+
 typedef struct node {
+    pool_slot slot[POOL_SLOTS];
+    _Atomic unsigned gen;  /* bumped when a connection fails: older ones are dropped */
+    _Atomic pid_t pid;     /* the process the idle connections belong to */
+    int idx;               /* in rc.nodes */
     char host[256];
     int port;
     char addr[272];   /* "host:port", for messages */
-    uv_mutex_t mu;    /* idle, gen, pid */
+    uv_mutex_t mu;    /* idle; the fork check */
     conn *idle;
-    unsigned gen;
-    pid_t pid;
 } node;
 
 typedef struct held {
@@ -388,7 +411,9 @@ static node *node_get(rc *s, const char *host, size_t hlen, int port)
         if (s->nodes[i]->port == port && strlen(s->nodes[i]->host) == hlen &&
             memcmp(s->nodes[i]->host, host, hlen) == 0)
             found = s->nodes[i];
-    if (!found && n < MAX_NODES && (found = calloc(1, sizeof *found))) {
+    if (!found && n < MAX_NODES && (found = aligned_alloc(64, sizeof *found))) {
+        memset(found, 0, sizeof *found);
+        found->idx = n;
         memcpy(found->host, host, hlen);
         found->host[hlen] = '\0';
         found->port = port;
@@ -404,11 +429,8 @@ static node *node_get(rc *s, const char *host, size_t hlen, int port)
 
 static int node_index(rc *s, node *nd)
 {
-    int n = atomic_load_explicit(&s->nnodes, memory_order_acquire);
-    for (int i = 0; i < n; i++)
-        if (s->nodes[i] == nd)
-            return i;
-    return -1;
+    (void)s;
+    return nd->idx;
 }
 
 static node *slot_node(rc *s, int slot)
@@ -436,7 +458,12 @@ static node *node_of_addr(rc *s, const char *addr, size_t len)
         }
     if (!colon || colon == addr)
         return NULL;
-    int port = atoi(colon + 1);
+    int port = 0;
+    for (const char *q = colon + 1; q < addr + len; q++) {
+        if (*q < '0' || *q > '9' || port > 65535)
+            return NULL;
+        port = port * 10 + (*q - '0');
+    }
     if (port <= 0 || port > 65535)
         return NULL;
     return node_get(s, addr, (size_t)(colon - addr), port);
@@ -486,42 +513,105 @@ static int conn_open(rc *s, node *n, redisContext **out, dp_err *err)
     return DP_OK;
 }
 
-static int conn_take(rc *s, node *n, conn **out, int *reused, dp_err *err)
+static void conn_free(conn *c)
 {
-    conn *stale = NULL, *got = NULL;
+    redisFree(c->c);
+    free(c->w);
+    free(c->r);
+    free(c);
+}
+
+/* This thread's first pool slot. */
+static unsigned my_slot(void)
+{
+    static _Atomic unsigned next;
+    static _Thread_local unsigned mine;
+    if (!mine)
+        mine = atomic_fetch_add_explicit(&next, 1, memory_order_relaxed) % POOL_SLOTS + 1;
+    return mine - 1;
+}
+
+/* A fork()ed child: drop the parent's idle connections (their sockets are
+ * the parent's) once, under the node's mutex. */
+static void pool_forked(node *n, pid_t pid)
+{
+    conn *stale = NULL;
     uv_mutex_lock(&n->mu);
-    pid_t pid = self_pid();
-    if (n->pid != pid) {
-        stale = n->idle; /* a fork()ed child: the parent's sockets */
-        n->idle = NULL;
-        n->pid = pid;
-        n->gen++;
+    if (atomic_load(&n->pid) != pid) {
+        for (int k = 0; k < POOL_SLOTS; k++) {
+            conn *c = atomic_exchange(&n->slot[k].c, NULL);
+            if (c) {
+                c->next = stale;
+                stale = c;
+            }
+        }
+        while (n->idle) {
+            conn *c = n->idle;
+            n->idle = c->next;
+            c->next = stale;
+            stale = c;
+        }
+        atomic_fetch_add(&n->gen, 1);
+        atomic_store(&n->pid, pid);
     }
+    uv_mutex_unlock(&n->mu);
+    while (stale) {
+        conn *c = stale;
+        stale = c->next;
+        conn_free(c);
+    }
+}
+
+/* An idle connection of the current generation, or NULL. */
+static conn *pool_pop(node *n)
+{
+    unsigned gen = atomic_load_explicit(&n->gen, memory_order_acquire), first = my_slot();
+    for (unsigned i = 0; i < POOL_SLOTS; i++) {
+        pool_slot *ps = &n->slot[(first + i) % POOL_SLOTS];
+        if (!atomic_load_explicit(&ps->c, memory_order_relaxed))
+            continue;
+        conn *c = atomic_exchange_explicit(&ps->c, NULL, memory_order_acquire);
+        if (!c)
+            continue;
+        if (c->gen == gen)
+            return c;
+        conn_free(c); /* older than a failure on this node */
+    }
+    conn *got = NULL, *stale = NULL;
+    uv_mutex_lock(&n->mu);
     while (n->idle && !got) {
         conn *c = n->idle;
         n->idle = c->next;
-        if (c->gen == n->gen) {
+        if (c->gen == gen) {
             got = c;
         } else {
             c->next = stale;
             stale = c;
         }
     }
-    unsigned gen = n->gen;
     uv_mutex_unlock(&n->mu);
     while (stale) {
         conn *c = stale;
         stale = c->next;
-        redisFree(c->c);
-        free(c);
+        conn_free(c);
     }
+    return got;
+}
+
+static int conn_take(rc *s, node *n, conn **out, int *reused, dp_err *err)
+{
+    pid_t pid = self_pid();
+    if (atomic_load_explicit(&n->pid, memory_order_relaxed) != pid)
+        pool_forked(n, pid);
+    conn *got = pool_pop(n);
     if (got) {
         *reused = 1;
         *out = got;
         return DP_OK;
     }
     *reused = 0;
-    conn *c = malloc(sizeof *c);
+    unsigned gen = atomic_load(&n->gen);
+    conn *c = calloc(1, sizeof *c);
     if (!c)
         return dp_err_set(err, DP_ENOMEM, NAME ": out of memory");
     nopipe np;
@@ -533,27 +623,261 @@ static int conn_take(rc *s, node *n, conn **out, int *reused, dp_err *err)
         return rc;
     }
     c->gen = gen;
-    c->next = NULL;
     *out = c;
     return DP_OK;
 }
 
+/* Buffers past this are given back when the connection goes idle: one big
+ * value must not pin its size in every pooled connection. */
+#define BUF_KEEP (256 * 1024)
+
 static void conn_give(node *n, conn *c, int broken)
 {
-    uv_mutex_lock(&n->mu);
+    unsigned gen = atomic_load_explicit(&n->gen, memory_order_relaxed);
     if (broken) {
-        if (c->gen == n->gen)
-            n->gen++;
-    } else if (c->gen == n->gen && n->pid == self_pid()) {
+        /* The node's other idle connections are likely dead too. */
+        atomic_compare_exchange_strong(&n->gen, &(unsigned){c->gen}, c->gen + 1);
+    } else if (c->gen == gen && atomic_load_explicit(&n->pid, memory_order_relaxed) == self_pid()) {
+        c->wlen = c->rpos = c->rlen = 0;
+        if (c->rcap > BUF_KEEP) {
+            free(c->r);
+            c->r = NULL;
+            c->rcap = 0;
+        }
+        if (c->wcap > BUF_KEEP) {
+            free(c->w);
+            c->w = NULL;
+            c->wcap = 0;
+        }
+        unsigned first = my_slot();
+        for (unsigned i = 0; i < POOL_SLOTS; i++) {
+            conn *expect = NULL;
+            if (atomic_compare_exchange_strong_explicit(&n->slot[(first + i) % POOL_SLOTS].c,
+                                                        &expect, c, memory_order_release,
+                                                        memory_order_relaxed))
+                return;
+        }
+        uv_mutex_lock(&n->mu);
         c->next = n->idle;
         n->idle = c;
-        c = NULL;
+        uv_mutex_unlock(&n->mu);
+        return;
     }
-    uv_mutex_unlock(&n->mu);
-    if (c) {
-        redisFree(c->c);
-        free(c);
+    conn_free(c);
+}
+
+/* -- RESP on the connection's own buffers ---------------------------------------- */
+
+static int w_room(conn *c, size_t need)
+{
+    if (c->wcap - c->wlen >= need)
+        return 0;
+    size_t cap = c->wcap ? c->wcap : 4096;
+    while (cap - c->wlen < need)
+        cap *= 2;
+    char *p = realloc(c->w, cap);
+    if (!p)
+        return -1;
+    c->w = p;
+    c->wcap = cap;
+    return 0;
+}
+
+/* "<tag><n>\r\n" at p (at most 23 bytes); returns the end. */
+static char *put_len(char *p, char tag, size_t n)
+{
+    char tmp[20];
+    int k = 0;
+    do {
+        tmp[k++] = (char)('0' + n % 10);
+        n /= 10;
+    } while (n);
+    *p++ = tag;
+    while (k)
+        *p++ = tmp[--k];
+    *p++ = '\r';
+    *p++ = '\n';
+    return p;
+}
+
+/* A command's header: "*<argc>\r\n". */
+static int w_head(conn *c, size_t argc)
+{
+    if (w_room(c, 24))
+        return -1;
+    c->wlen = (size_t)(put_len(c->w + c->wlen, '*', argc) - c->w);
+    return 0;
+}
+
+static int w_arg(conn *c, const char *a, size_t len)
+{
+    if (w_room(c, len + 26))
+        return -1;
+    char *p = put_len(c->w + c->wlen, '$', len);
+    memcpy(p, a, len);
+    p += len;
+    *p++ = '\r';
+    *p++ = '\n';
+    c->wlen = (size_t)(p - c->w);
+    return 0;
+}
+
+/* Everything written so far, in one send() when the kernel takes it. */
+static int w_flush(conn *c)
+{
+    size_t off = 0;
+    while (off < c->wlen) {
+        ssize_t n = send(c->c->fd, c->w + off, c->wlen - off, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            c->eno = errno;
+            return -1;
+        }
+        off += (size_t)n;
     }
+    c->wlen = 0;
+    return 0;
+}
+
+/* One reply element, pointing into c->r (valid until the next r_fill). */
+typedef struct resp {
+    char type;          /* '$' bulk, 'N' nil, '+' status, '-' error, ':' integer, '*' array */
+    const char *s;      /* '$', '+', '-': the bytes (not NUL-terminated) */
+    size_t len;
+    long long n;        /* ':' the integer, '*' the element count (-1: nil array) */
+} resp;
+
+static int parse_int(const char *p, const char *end, long long *out)
+{
+    int neg = p < end && *p == '-';
+    p += neg;
+    if (p == end)
+        return -1;
+    long long v = 0;
+    for (; p < end; p++) {
+        if (*p < '0' || *p > '9' || v > (LLONG_MAX - 9) / 10)
+            return -1;
+        v = v * 10 + (*p - '0');
+    }
+    *out = neg ? -v : v;
+    return 0;
+}
+
+/* Parse the element at c->r[c->rpos]: 1 parsed (and consumed), 0 not all
+ * received yet, -1 not RESP. An array is only its header: its elements
+ * follow as elements of their own. */
+static int r_parse(conn *c, resp *out)
+{
+    const char *p = c->r + c->rpos, *end = c->r + c->rlen;
+    if (end - p < 3)
+        return 0;
+    const char *nl = memchr(p + 1, '\n', (size_t)(end - p - 1));
+    if (!nl)
+        return 0;
+    if (nl[-1] != '\r')
+        return -1;
+    const char *line = p + 1, *le = nl - 1;
+    out->type = *p;
+    switch (*p) {
+    case '+':
+    case '-':
+        out->s = line;
+        out->len = (size_t)(le - line);
+        break;
+    case ':':
+    case '*':
+        if (parse_int(line, le, &out->n))
+            return -1;
+        break;
+    case '$': {
+        long long n;
+        if (parse_int(line, le, &n) || n < -1)
+            return -1;
+        if (n == -1) {
+            out->type = 'N';
+            break;
+        }
+        if ((size_t)(end - nl - 1) < (size_t)n + 2)
+            return 0;
+        out->s = nl + 1;
+        out->len = (size_t)n;
+        if (out->s[n] != '\r' || out->s[n + 1] != '\n')
+            return -1;
+        c->rpos = (size_t)(out->s + n + 2 - c->r);
+        return 1;
+    }
+    default:
+        return -1;
+    }
+    c->rpos = (size_t)(nl + 1 - c->r);
+    return 1;
+}
+
+/* Read what has arrived (flags: MSG_DONTWAIT after poll; 0 blocks up to
+ * socket_timeout, SO_RCVTIMEO). Bytes already parsed are kept when `keep`
+ * (a pipeline's values are still referenced by offset). 1: read something,
+ * 0: nothing yet (MSG_DONTWAIT), -1: failed (c->eno). */
+static int r_fill(conn *c, int flags, int keep)
+{
+    if (!keep && c->rpos == c->rlen)
+        c->rpos = c->rlen = 0;
+    if (c->rcap - c->rlen < 4096) {
+        if (!keep && c->rpos) {
+            memmove(c->r, c->r + c->rpos, c->rlen - c->rpos);
+            c->rlen -= c->rpos;
+            c->rpos = 0;
+        }
+        if (c->rcap - c->rlen < 4096) {
+            size_t cap = c->rcap ? c->rcap * 2 : 16384;
+            char *p = realloc(c->r, cap);
+            if (!p) {
+                c->eno = ENOMEM;
+                return -1;
+            }
+            c->r = p;
+            c->rcap = cap;
+        }
+    }
+    for (;;) {
+        ssize_t n = recv(c->c->fd, c->r + c->rlen, c->rcap - c->rlen, flags);
+        if (n > 0) {
+            c->rlen += (size_t)n;
+            return 1;
+        }
+        if (n == 0) {
+            c->eno = 0;
+            return -1;
+        }
+        if (errno == EINTR)
+            continue;
+        if ((errno == EAGAIN || errno == EWOULDBLOCK) && (flags & MSG_DONTWAIT))
+            return 0;
+        c->eno = errno;
+        return -1;
+    }
+}
+
+/* The server closed a connection it had kept idle (a restart, its
+ * timeout): worth one retry on a fresh one. */
+static int conn_closed(const conn *c)
+{
+    return c->eno == 0 || c->eno == ECONNRESET || c->eno == EPIPE;
+}
+
+static int conn_fail(rc *s, node *n, const conn *c, const char *op, dp_err *err)
+{
+    if (c->eno == EAGAIN || c->eno == EWOULDBLOCK || c->eno == ETIMEDOUT)
+        return dp_err_set(err, DP_EBACKEND, NAME ": %s: no answer from node %s within "
+                          "socket_timeout (%g s)", op, n->addr, s->cfg->socket_timeout);
+    if (c->eno == 0)
+        return dp_err_set(err, DP_EBACKEND, NAME ": %s: node %s closed the connection", op,
+                          n->addr);
+    if (c->eno == EPROTO)
+        return dp_err_set(err, DP_EBACKEND, NAME ": %s: node %s sent what is not RESP", op,
+                          n->addr);
+    return dp_err_set(err, DP_EBACKEND, NAME ": %s: node %s: %s", op, n->addr,
+                      strerror(c->eno));
 }
 
 /* -- The slot map ---------------------------------------------------------------- */
@@ -668,27 +992,35 @@ enum { RD_NONE, RD_MOVED, RD_ASK, RD_RETRY };
 
 /* What an error reply asks of the client; for MOVED and ASK, *to is the
  * node named. */
-static int redirect_of(rc *s, const redisReply *r, int *slot, node **to)
+static int redirect_str(rc *s, const char *str, size_t len, int *slot, node **to)
 {
-    if (r->type != REDIS_REPLY_ERROR)
-        return RD_NONE;
-    int moved = strncmp(r->str, "MOVED ", 6) == 0;
-    if (moved || strncmp(r->str, "ASK ", 4) == 0) {
-        const char *p = r->str + (moved ? 6 : 4);
-        char *end;
-        long sl = strtol(p, &end, 10);
-        if (*end != ' ' || sl < 0 || sl >= NSLOTS)
+    int moved = len > 6 && memcmp(str, "MOVED ", 6) == 0;
+    if (moved || (len > 4 && memcmp(str, "ASK ", 4) == 0)) {
+        const char *p = str + (moved ? 6 : 4), *end = str + len;
+        long sl = 0;
+        const char *q = p;
+        while (q < end && *q >= '0' && *q <= '9' && sl < NSLOTS)
+            sl = sl * 10 + (*q++ - '0');
+        if (q == p || q >= end || *q != ' ' || sl >= NSLOTS)
             return RD_NONE;
-        node *n = node_of_addr(s, end + 1, strlen(end + 1));
+        node *n = node_of_addr(s, q + 1, (size_t)(end - q - 1));
         if (!n)
             return RD_NONE;
         *slot = (int)sl;
         *to = n;
         return moved ? RD_MOVED : RD_ASK;
     }
-    if (strncmp(r->str, "TRYAGAIN", 8) == 0 || strncmp(r->str, "CLUSTERDOWN", 11) == 0)
+    if ((len >= 8 && memcmp(str, "TRYAGAIN", 8) == 0) ||
+        (len >= 11 && memcmp(str, "CLUSTERDOWN", 11) == 0))
         return RD_RETRY;
     return RD_NONE;
+}
+
+static int redirect_of(rc *s, const redisReply *r, int *slot, node **to)
+{
+    if (r->type != REDIS_REPLY_ERROR)
+        return RD_NONE;
+    return redirect_str(s, r->str, r->len, slot, to);
 }
 
 static void on_moved(rc *s, int slot, node *to)
@@ -817,9 +1149,9 @@ static int exec_key(rc *s, const char *key, size_t klen, const char *op, int arg
 
 /* -- Values ------------------------------------------------------------------------ */
 
-static int rc_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_err *err)
+/* GET through exec_key: redirections, retries, failover. */
+static int get_slow(rc *s, const char *key, size_t klen, dp_bytes *out, dp_err *err)
 {
-    rc *s = self;
     const char *argv[2] = {"GET", key};
     size_t lens[2] = {3, klen};
     redisReply *r;
@@ -845,6 +1177,82 @@ static int rc_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_er
     freeReplyObject(r);
     atomic_fetch_add_explicit(&s->hits, 1, memory_order_relaxed);
     return DP_OK;
+}
+
+static int got_value(rc *s, const char *v, size_t len, dp_bytes *out, dp_err *err)
+{
+    if (dp_bytes_reserve(out, len ? len : 1) != DP_OK)
+        return dp_err_set(err, DP_ENOMEM, NAME ": out of memory copying a %zu-byte value", len);
+    memcpy(out->data, v, len);
+    out->len = len;
+    atomic_fetch_add_explicit(&s->hits, 1, memory_order_relaxed);
+    return DP_OK;
+}
+
+/* The hit path: one GET written and read on the connection's own buffers,
+ * one send() and (for a value of up to ~16 KB) one recv(), nothing
+ * allocated. A redirection or an error reply is left to get_slow, which
+ * knows what to do about it; a node that fails is treated as exec_slot
+ * does (a fresh connection once when a reused one was closed; then the map
+ * reloaded, and the slot's new master asked when there is one). */
+static int rc_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_err *err)
+{
+    rc *s = self;
+    int slot = key_slot(key, klen);
+    node *n = slot_node(s, slot);
+    if (!n)
+        return get_slow(s, key, klen, out, err);
+    unsigned seen = atomic_load_explicit(&s->version, memory_order_relaxed);
+    for (int attempt = 0;; attempt++) {
+        conn *c;
+        int reused;
+        if (conn_take(s, n, &c, &reused, err) != DP_OK)
+            break;
+        resp r;
+        int got = 0, io = 0;
+        if (w_head(c, 2) || w_arg(c, "GET", 3) || w_arg(c, key, klen)) {
+            c->eno = ENOMEM;
+            got = -1;
+        } else if (w_flush(c)) {
+            io = 1;
+        } else {
+            while ((got = r_parse(c, &r)) == 0)
+                if (r_fill(c, 0, 0) < 0) {
+                    io = 1;
+                    break;
+                }
+            if (got < 0 || (got > 0 && c->rpos != c->rlen)) {
+                c->eno = EPROTO; /* not RESP, or more than one reply */
+                got = -1;
+            }
+        }
+        if (got > 0) {
+            int st = -1, sl;
+            node *to;
+            if (r.type == '$')
+                st = got_value(s, r.s, r.len, out, err);
+            else if (r.type == 'N')
+                st = DP_ENOTFOUND;
+            else if (r.type == '-' && redirect_str(s, r.s, r.len, &sl, &to) == RD_MOVED)
+                on_moved(s, sl, to);
+            conn_give(n, c, 0);
+            if (st == DP_ENOTFOUND)
+                atomic_fetch_add_explicit(&s->misses, 1, memory_order_relaxed);
+            return st != -1 ? st : get_slow(s, key, klen, out, err);
+        }
+        int retry = reused && attempt == 0 && io && c->rlen == 0 && conn_closed(c);
+        if (!retry)
+            conn_fail(s, n, c, "GET", err);
+        conn_give(n, c, 1);
+        if (!retry)
+            break;
+    }
+    /* Down, or failed over: if the map now names another master for the
+     * slot, go there. */
+    dp_err e;
+    if (refresh(s, seen, NULL, &e) == DP_OK && slot_node(s, slot) != n)
+        return get_slow(s, key, klen, out, err);
+    return DP_EBACKEND;
 }
 
 static long long ttl_ms(const rc *s)
@@ -882,45 +1290,70 @@ static int rc_del(void *self, const char *key, size_t klen, dp_err *err)
 
 /* -- Multi forms: one pipeline per node, all written before any is read ------------- */
 
+/* A key's state in a multi call. */
+enum { K_PENDING, K_VALUE, K_DONE, K_FAILED };
+
+typedef struct mkey {
+    int slot;
+    int next;             /* the next key of its run this round, -1 */
+    unsigned char state;
+    unsigned char alone;  /* sent in a command of its own from now on */
+    int where;            /* K_VALUE: the group whose buffer holds it, -1: m->arena */
+    size_t off, len;      /* K_VALUE: its bytes there */
+    node *ask;            /* ASK named this node this round */
+} mkey;
+
+/* The keys of one slot on one node this round: one command (GET or MGET,
+ * DEL; SET is always one key): a cluster refuses commands across slots. */
+typedef struct run {
+    int first, last, count, slot, group;
+} run;
+
+typedef struct group {
+    node *n;
+    conn *c;
+    int reused;
+    int *runs, nruns;     /* its runs, in the order written */
+    int cur;              /* reading: the run whose reply is next */
+    int key, elem;        /* inside an MGET reply: its key, its element */
+    int in_array;
+    int broken;           /* c failed: given back broken at the end of the round */
+    int down, down_from;  /* the node failed; runs[down_from..] have no reply */
+    dp_err err;
+} group;
+
 typedef struct multi {
     rc *s;
-    const char *op;                 /* "GET", "SET" or "DEL" */
+    const char *op;       /* "GET", "SET" or "DEL" */
     size_t n;
     const char *const *keys, *const *values;
     const size_t *klens, *vlens;
     char px[32];
     size_t pxlen;
-    /* per key */
-    int *slot;
-    node **at;
-    redisReply **reply;             /* the final reply, or NULL when failed */
-    char *failed;                   /* 1: its node could not be reached */
-    size_t *order;                  /* keys grouped by node */
+    mkey *k;
+    int *todo, *hash, *grun;
+    run *runs;
+    size_t hsize, nask;
+    dp_bytes arena;       /* values of earlier rounds (and ASKed keys) */
     size_t nfailed;
-    dp_err first;                   /* why the first failed key failed */
+    dp_err first;         /* why the first failed key failed */
+    /* get_multi's */
+    dp_bytes *out;
+    int64_t *outlens;
+    int assembled, oom;
 } multi;
 
-static void fail_key(multi *m, size_t i, const dp_err *why)
+static void fail_key(multi *m, int i, const dp_err *why)
 {
-    if (!m->failed[i]) {
-        m->failed[i] = 1;
+    if (m->k[i].state != K_FAILED) {
+        m->k[i].state = K_FAILED;
         if (m->nfailed++ == 0)
             m->first = *why;
     }
 }
 
-typedef struct group {
-    node *n;
-    conn *cn;
-    int reused;
-    size_t from, to;   /* its keys: order[from..to) */
-    size_t down_from;  /* order[down_from..to) are unanswered when down */
-    int down;          /* its node could not be reached */
-    dp_err err;
-} group;
-
 /* The command of key i alone, for an ASK redirection. */
-static int key_argv(multi *m, size_t i, const char **argv, size_t *lens)
+static int key_argv(multi *m, int i, const char **argv, size_t *lens)
 {
     if (m->op[0] == 'S') {
         argv[0] = "SET", argv[1] = m->keys[i], argv[2] = m->values[i];
@@ -934,148 +1367,352 @@ static int key_argv(multi *m, size_t i, const char **argv, size_t *lens)
     return 2;
 }
 
-/* Read group g's replies. Redirected keys (and all of them when a reused
- * connection turns out closed by the server, in the first round) are put
- * back into todo. */
-static void read_group(multi *m, group *g, size_t *todo, size_t *again, int round,
-                       int *retry_later)
+static int w_run(multi *m, conn *c, const run *ru)
 {
-    rc *s = m->s;
-    size_t p = g->from;
-    int broken = 0;
-    for (; p < g->to; p++) {
-        redisReply *r = NULL;
-        if (redisGetReply(g->cn->c, (void **)&r) != REDIS_OK || !r) {
-            broken = 1;
-            break;
-        }
-        size_t i = m->order[p];
-        int sl;
-        node *to;
-        switch (redirect_of(s, r, &sl, &to)) {
-        case RD_NONE:
-            m->reply[i] = r;
-            r = NULL;
-            break;
-        case RD_MOVED:
-            on_moved(s, sl, to);
-            todo[(*again)++] = i;
-            break;
-        case RD_ASK: {
-            /* Rare (a slot being migrated): this key alone. */
-            const char *argv[5];
-            size_t lens[5];
-            int argc = key_argv(m, i, argv, lens);
-            dp_err e;
-            if (exec_slot(s, m->slot[i], to, m->op, argc, argv, lens, &m->reply[i], &e) != DP_OK)
-                fail_key(m, i, &e);
-            break;
-        }
-        case RD_RETRY:
-            *retry_later = 1;
-            todo[(*again)++] = i;
-            break;
-        }
-        if (r)
-            freeReplyObject(r);
+    int i = ru->first;
+    if (m->op[0] == 'S') {
+        return w_head(c, m->pxlen ? 5 : 3) || w_arg(c, "SET", 3) ||
+               w_arg(c, m->keys[i], m->klens[i]) || w_arg(c, m->values[i], m->vlens[i]) ||
+               (m->pxlen && (w_arg(c, "PX", 2) || w_arg(c, m->px, m->pxlen)));
     }
-    if (broken) {
-        if (g->reused && round == 0 && closed_by_peer(g->cn->c)) {
-            for (; p < g->to; p++)
-                todo[(*again)++] = m->order[p];
-        } else {
-            io_fail(s, g->n, g->cn->c, m->op, &g->err);
-            g->down = 1;
-            g->down_from = p;
-        }
-    }
-    conn_give(g->n, g->cn, broken);
-    g->cn = NULL;
+    int mget = m->op[0] == 'G' && ru->count > 1;
+    if (w_head(c, 1 + (size_t)ru->count) ||
+        (mget ? w_arg(c, "MGET", 4) : w_arg(c, m->op, 3)))
+        return -1;
+    for (; i >= 0; i = m->k[i].next)
+        if (w_arg(c, m->keys[i], m->klens[i]))
+            return -1;
+    return 0;
 }
 
+/* A value (or its absence) for key i. */
+static void key_reply(multi *m, int gi, group *g, int i, const resp *r)
+{
+    mkey *k = &m->k[i];
+    if (r->type == '-') {
+        dp_err e;
+        dp_err_set(&e, DP_EBACKEND, NAME ": %s: %.*s", m->op, (int)r->len, r->s);
+        fail_key(m, i, &e);
+    } else if (r->type == '$' && m->op[0] == 'G') {
+        k->state = K_VALUE;
+        k->where = gi;
+        k->off = (size_t)(r->s - g->c->r);
+        k->len = r->len;
+    } else {
+        k->state = K_DONE;
+    }
+}
+
+/* Parse what group g has received: 1 every reply is in, 0 more to come,
+ * -1 not RESP (or not the replies asked for). Redirected keys go to
+ * todo[*again..]. */
+static int group_parse(multi *m, int gi, group *g, size_t *again, int *retry_later)
+{
+    rc *s = m->s;
+    while (g->cur < g->nruns) {
+        run *ru = &m->runs[g->runs[g->cur]];
+        resp r;
+        int p = r_parse(g->c, &r);
+        if (p <= 0)
+            return p;
+        if (g->in_array) {
+            if (r.type != '$' && r.type != 'N')
+                return -1;
+            key_reply(m, gi, g, g->key, &r);
+            g->key = m->k[g->key].next;
+            if (++g->elem == ru->count) {
+                g->in_array = 0;
+                g->cur++;
+            }
+            continue;
+        }
+        g->cur++;
+        if (r.type == '-') {
+            /* For the whole run. */
+            int sl;
+            node *to = NULL;
+            int rd = redirect_str(s, r.s, r.len, &sl, &to);
+            if (rd == RD_MOVED)
+                on_moved(s, sl, to);
+            if (rd == RD_RETRY)
+                *retry_later = 1;
+            for (int i = ru->first; i >= 0; i = m->k[i].next) {
+                if (rd == RD_NONE) {
+                    key_reply(m, gi, g, i, &r);
+                } else if (rd == RD_ASK) {
+                    m->k[i].ask = to;
+                    m->nask++;
+                } else {
+                    /* A slot half migrated answers TRYAGAIN to an MGET:
+                     * alone, each key gets its own ASK. */
+                    m->k[i].alone |= rd == RD_RETRY && ru->count > 1;
+                    m->todo[(*again)++] = i;
+                }
+            }
+            continue;
+        }
+        if (m->op[0] == 'G' && ru->count > 1) {
+            if (r.type != '*' || r.n != ru->count)
+                return -1;
+            g->cur--;
+            g->in_array = 1;
+            g->elem = 0;
+            g->key = ru->first;
+            continue;
+        }
+        if (r.type == '*')
+            return -1;
+        for (int i = ru->first; i >= 0; i = m->k[i].next)
+            key_reply(m, gi, g, i, &r);
+    }
+    return 1;
+}
+
+/* The keys of g's runs from `from` on: back into todo, their values
+ * dropped. */
+static void group_requeue(multi *m, group *g, int from, size_t *again)
+{
+    for (int q = from; q < g->nruns; q++)
+        for (int i = m->runs[g->runs[q]].first; i >= 0; i = m->k[i].next) {
+            m->k[i].state = K_PENDING;
+            m->todo[(*again)++] = i;
+        }
+}
+
+static void group_down(multi *m, group *g, int from)
+{
+    g->down = 1;
+    g->down_from = from;
+    if (from < g->nruns && g->c)
+        for (int i = m->runs[g->runs[from]].first; i >= 0; i = m->k[i].next)
+            m->k[i].state = K_PENDING; /* a half-read MGET */
+}
+
+static double mono_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Read every group's replies as they arrive, until all are in or
+ * socket_timeout has passed. */
+static void multi_read(multi *m, group *g, int ng, struct pollfd *pf, int *pg, int round,
+                       size_t *again, int *retry_later)
+{
+    rc *s = m->s;
+    double deadline = mono_now() + s->cfg->socket_timeout;
+    int np = 0;
+    for (int k = 0; k < ng; k++)
+        if (g[k].c && !g[k].broken) {
+            pf[np].fd = g[k].c->c->fd;
+            pf[np].events = POLLIN;
+            pg[np++] = k;
+        }
+    while (np > 0) {
+        double left = deadline - mono_now();
+        int ready = left > 0 ? poll(pf, (nfds_t)np, (int)ceil(left * 1000)) : 0;
+        if (ready < 0 && errno == EINTR)
+            continue;
+        if (ready <= 0) {
+            /* Silent past socket_timeout (or poll failed): those nodes are down. */
+            for (int q = 0; q < np; q++) {
+                group *gq = &g[pg[q]];
+                gq->c->eno = ready == 0 ? ETIMEDOUT : errno;
+                conn_fail(s, gq->n, gq->c, m->op, &gq->err);
+                gq->broken = 1;
+                group_down(m, gq, gq->cur);
+            }
+            return;
+        }
+        for (int q = 0; q < np; q++) {
+            if (!pf[q].revents)
+                continue;
+            int gi = pg[q];
+            group *gq = &g[gi];
+            int st = r_fill(gq->c, MSG_DONTWAIT, 1);
+            if (st > 0) {
+                st = group_parse(m, gi, gq, again, retry_later);
+                if (st > 0 && gq->c->rpos != gq->c->rlen)
+                    st = -1; /* more than was asked for */
+            }
+            else if (st == 0)
+                continue; /* spurious */
+            else
+                st = -2;
+            if (st == 0)
+                continue;
+            if (st < 0) {
+                gq->broken = 1;
+                if (st == -1)
+                    gq->c->eno = EPROTO;
+                if (st == -2 && gq->reused && round == 0 && gq->c->rlen == 0 &&
+                    conn_closed(gq->c)) {
+                    group_requeue(m, gq, gq->cur, again);
+                } else {
+                    conn_fail(s, gq->n, gq->c, m->op, &gq->err);
+                    group_down(m, gq, gq->cur);
+                }
+            }
+            /* Done with this group: off the poll list. */
+            np--;
+            pf[q] = pf[np];
+            pg[q] = pg[np];
+            q--;
+        }
+    }
+}
+
+static void assemble(multi *m, group *g);
+
 /* One round: the keys in todo[0..ntodo) to their nodes; what must go round
- * again is written back into todo, its count returned. */
-static size_t multi_round(multi *m, size_t *todo, size_t ntodo, int round, int *retry_later)
+ * again is written back into todo, its count returned. `last`: no round
+ * follows, whatever this one leaves. */
+static size_t multi_round(multi *m, size_t ntodo, int round, int *retry_later)
 {
     rc *s = m->s;
     size_t again = 0;
+    int nnodes = 0;
+    /* Route; group by node, and by slot within a node. */
     for (size_t t = 0; t < ntodo; t++) {
         dp_err e;
-        size_t i = todo[t];
-        if (!(m->at[i] = route(s, m->slot[i], &e)))
+        int i = m->todo[t];
+        if (!route(s, m->k[i].slot, &e))
             fail_key(m, i, &e);
     }
-    /* Nodes are only added: every m->at[] is among the first nnodes now. */
-    int nnodes = atomic_load(&s->nnodes);
+    nnodes = atomic_load(&s->nnodes); /* only added: every node routed to is among them */
+    int *gmap = malloc((size_t)nnodes * sizeof *gmap);
     group *g = calloc((size_t)nnodes, sizeof *g);
-    size_t *count = calloc((size_t)nnodes, sizeof *count);
-    if (!g || !count) {
+    struct pollfd *pf = malloc((size_t)nnodes * sizeof *pf);
+    int *pg = malloc((size_t)nnodes * sizeof *pg);
+    if (!gmap || !g || !pf || !pg) {
         dp_err e;
         dp_err_set(&e, DP_ENOMEM, NAME ": out of memory");
         for (size_t t = 0; t < ntodo; t++)
-            fail_key(m, todo[t], &e);
+            fail_key(m, m->todo[t], &e);
+        free(gmap);
         free(g);
-        free(count);
+        free(pf);
+        free(pg);
         return 0;
     }
-    int ng = 0;
+    for (int k = 0; k < nnodes; k++)
+        gmap[k] = -1;
+    size_t hmask = m->hsize - 1;
+    for (size_t h = 0; h < m->hsize; h++)
+        m->hash[h] = -1;
+    int nruns = 0, ng = 0, runs_alone = m->op[0] == 'S';
     for (size_t t = 0; t < ntodo; t++) {
-        size_t i = todo[t];
-        if (!m->at[i])
+        int i = m->todo[t];
+        mkey *k = &m->k[i];
+        if (k->state == K_FAILED)
             continue;
-        int k;
-        for (k = 0; k < ng && g[k].n != m->at[i]; k++)
-            ;
-        if (k == ng)
-            g[ng++].n = m->at[i];
-        count[k]++;
+        k->next = -1;
+        k->ask = NULL;
+        size_t h = ((unsigned)k->slot * 40503u) & hmask;
+        if (!runs_alone && !k->alone) {
+            while (m->hash[h] >= 0 && m->runs[m->hash[h]].slot != k->slot)
+                h = (h + 1) & hmask;
+            if (m->hash[h] >= 0) {
+                run *ru = &m->runs[m->hash[h]];
+                m->k[ru->last].next = i;
+                ru->last = i;
+                ru->count++;
+                continue;
+            }
+        }
+        node *nd = slot_node(s, k->slot);
+        if (!nd) { /* the map lost it since: try again next round */
+            m->todo[again++] = i;
+            continue;
+        }
+        if (gmap[nd->idx] < 0) {
+            gmap[nd->idx] = ng;
+            g[ng++].n = nd;
+        }
+        run *ru = &m->runs[nruns];
+        *ru = (run){.first = i, .last = i, .count = 1, .slot = k->slot, .group = gmap[nd->idx]};
+        if (!runs_alone && !k->alone)
+            m->hash[h] = nruns;
+        g[ru->group].nruns++;
+        nruns++;
     }
-    size_t pos = 0;
+    int pos = 0;
     for (int k = 0; k < ng; k++) {
-        g[k].from = g[k].to = pos;
-        pos += count[k];
+        g[k].runs = m->grun + pos;
+        pos += g[k].nruns;
+        g[k].nruns = 0;
     }
-    for (size_t t = 0; t < ntodo; t++) {
-        size_t i = todo[t];
-        if (!m->at[i])
-            continue;
-        int k;
-        for (k = 0; g[k].n != m->at[i]; k++)
-            ;
-        m->order[g[k].to++] = i;
+    for (int r = 0; r < nruns; r++) {
+        group *gk = &g[m->runs[r].group];
+        gk->runs[gk->nruns++] = r;
     }
     /* Write every pipeline, then read them all: the nodes work at once. */
     unsigned seen = atomic_load(&s->version);
     for (int k = 0; k < ng; k++) {
-        if (conn_take(s, g[k].n, &g[k].cn, &g[k].reused, &g[k].err) != DP_OK) {
-            g[k].cn = NULL;
-            g[k].down = 1;
-            g[k].down_from = g[k].from;
+        group *gk = &g[k];
+        if (conn_take(s, gk->n, &gk->c, &gk->reused, &gk->err) != DP_OK) {
+            gk->c = NULL;
+            group_down(m, gk, 0);
             continue;
         }
-        for (size_t p = g[k].from; p < g[k].to; p++) {
-            const char *argv[5];
-            size_t lens[5];
-            int argc = key_argv(m, m->order[p], argv, lens);
-            redisAppendCommandArgv(g[k].cn->c, argc, argv, lens);
-        }
-        if (send_nosignal(g[k].cn->c) != REDIS_OK) {
-            int retry = g[k].reused && round == 0 && closed_by_peer(g[k].cn->c);
-            if (retry) {
-                for (size_t p = g[k].from; p < g[k].to; p++)
-                    todo[again++] = m->order[p];
+        int bad = 0;
+        for (int q = 0; q < gk->nruns && !bad; q++)
+            bad = w_run(m, gk->c, &m->runs[gk->runs[q]]) != 0;
+        if (bad) {
+            gk->c->eno = ENOMEM;
+            conn_fail(s, gk->n, gk->c, m->op, &gk->err);
+            gk->broken = 1;
+            group_down(m, gk, 0);
+        } else if (w_flush(gk->c)) {
+            gk->broken = 1;
+            if (gk->reused && round == 0 && conn_closed(gk->c)) {
+                group_requeue(m, gk, 0, &again);
             } else {
-                io_fail(s, g[k].n, g[k].cn->c, m->op, &g[k].err);
-                g[k].down = 1;
-                g[k].down_from = g[k].from;
+                conn_fail(s, gk->n, gk->c, m->op, &gk->err);
+                group_down(m, gk, 0);
             }
-            conn_give(g[k].n, g[k].cn, 1);
-            g[k].cn = NULL;
         }
     }
-    for (int k = 0; k < ng; k++)
-        if (g[k].cn)
-            read_group(m, &g[k], todo, &again, round, retry_later);
+    multi_read(m, g, ng, pf, pg, round, &again, retry_later);
+    /* Keys that a slot being migrated sent elsewhere with ASK: one by one. */
+    if (m->nask) {
+        for (int r = 0; r < nruns; r++)
+            for (int i = m->runs[r].first; i >= 0; i = m->k[i].next) {
+                mkey *k = &m->k[i];
+                if (!k->ask)
+                    continue;
+                const char *argv[5];
+                size_t lens[5];
+                int argc = key_argv(m, i, argv, lens);
+                redisReply *rp;
+                dp_err e;
+                if (exec_slot(s, k->slot, k->ask, m->op, argc, argv, lens, &rp, &e) != DP_OK) {
+                    fail_key(m, i, &e);
+                    continue;
+                }
+                resp r = {.type = rp->type == REDIS_REPLY_ERROR ? '-' :
+                          rp->type == REDIS_REPLY_STRING ? '$' : 'N', .s = rp->str,
+                          .len = rp->len};
+                if (r.type == '$') {
+                    if (dp_bytes_reserve(&m->arena, m->arena.len + r.len + 1) != DP_OK) {
+                        dp_err_set(&e, DP_ENOMEM, NAME ": out of memory");
+                        fail_key(m, i, &e);
+                    } else {
+                        k->state = K_VALUE;
+                        k->where = -1;
+                        k->off = m->arena.len;
+                        k->len = r.len;
+                        memcpy(m->arena.data + m->arena.len, r.s, r.len);
+                        m->arena.len += r.len;
+                    }
+                } else {
+                    key_reply(m, 0, NULL, i, &r);
+                }
+                freeReplyObject(rp);
+            }
+        m->nask = 0;
+    }
     int down = 0;
     for (int k = 0; k < ng; k++)
         down |= g[k].down;
@@ -1087,45 +1724,108 @@ static size_t multi_round(multi *m, size_t *todo, size_t ntodo, int round, int *
         for (int k = 0; k < ng; k++) {
             if (!g[k].down)
                 continue;
-            for (size_t p = g[k].down_from; p < g[k].to; p++) {
-                size_t i = m->order[p];
-                if (fresh && slot_node(s, m->slot[i]) != g[k].n && round + 1 < MAX_ROUNDS)
-                    todo[again++] = i;
-                else
-                    fail_key(m, i, &g[k].err);
-            }
+            for (int q = g[k].down_from; q < g[k].nruns; q++)
+                for (int i = m->runs[g[k].runs[q]].first; i >= 0; i = m->k[i].next) {
+                    if (fresh && slot_node(s, m->k[i].slot) != g[k].n && round + 1 < MAX_ROUNDS)
+                        m->todo[again++] = i;
+                    else
+                        fail_key(m, i, &g[k].err);
+                }
         }
     }
+    /* The values now: into the caller's buffer when this was the last
+     * round, else aside until it is. */
+    if (again == 0 && m->out)
+        assemble(m, g);
+    else
+        for (size_t i = 0; i < m->n; i++) {
+            mkey *k = &m->k[i];
+            if (k->state != K_VALUE || k->where < 0)
+                continue;
+            if (dp_bytes_reserve(&m->arena, m->arena.len + k->len + 1) != DP_OK) {
+                dp_err e;
+                dp_err_set(&e, DP_ENOMEM, NAME ": out of memory");
+                fail_key(m, (int)i, &e);
+                continue;
+            }
+            memcpy(m->arena.data + m->arena.len, g[k->where].c->r + k->off, k->len);
+            k->off = m->arena.len;
+            k->where = -1;
+            m->arena.len += k->len;
+        }
+    for (int k = 0; k < ng; k++)
+        if (g[k].c)
+            conn_give(g[k].n, g[k].c, g[k].broken);
+    free(gmap);
     free(g);
-    free(count);
+    free(pf);
+    free(pg);
     return again;
 }
 
-/* Run m->op for every key; afterwards each key has a reply or is failed. */
+/* get_multi's result: the values in key order in m->out; a key whose node
+ * failed has vlens -2. */
+static void assemble(multi *m, group *g)
+{
+    size_t total = 0;
+    for (size_t i = 0; i < m->n; i++)
+        if (m->k[i].state == K_VALUE)
+            total += m->k[i].len;
+    m->assembled = 1;
+    m->out->len = 0;
+    if (dp_bytes_reserve(m->out, total ? total : 1) != DP_OK) {
+        m->oom = 1;
+        return;
+    }
+    uint64_t hits = 0, misses = 0;
+    for (size_t i = 0; i < m->n; i++) {
+        mkey *k = &m->k[i];
+        if (k->state == K_VALUE) {
+            const char *src = k->where >= 0 ? g[k->where].c->r : m->arena.data;
+            memcpy(m->out->data + m->out->len, src + k->off, k->len);
+            m->out->len += k->len;
+            m->outlens[i] = (int64_t)k->len;
+            hits++;
+        } else if (k->state == K_DONE) {
+            m->outlens[i] = -1;
+            misses++;
+        } else {
+            m->outlens[i] = -2;
+        }
+    }
+    atomic_fetch_add_explicit(&m->s->hits, hits, memory_order_relaxed);
+    atomic_fetch_add_explicit(&m->s->misses, misses, memory_order_relaxed);
+}
+
+/* Run m->op for every key; afterwards each key has a reply or is failed
+ * (and get_multi's values are in m->out). */
 static int multi_run(multi *m, dp_err *err)
 {
     size_t n = m->n;
-    m->slot = malloc(n * sizeof *m->slot);
-    m->at = malloc(n * sizeof *m->at);
-    m->reply = calloc(n, sizeof *m->reply);
-    m->failed = calloc(n, 1);
-    m->order = malloc(n * sizeof *m->order);
-    size_t *todo = malloc(n * sizeof *todo);
-    if (!m->slot || !m->at || !m->reply || !m->failed || !m->order || !todo) {
-        free(todo);
+    size_t hsize = 16;
+    while (hsize < 2 * n)
+        hsize *= 2;
+    m->hsize = hsize;
+    /* One block for the call. */
+    size_t sz = n * sizeof *m->k + n * sizeof *m->runs + (2 * n + hsize) * sizeof(int);
+    char *block = malloc(sz);
+    if (!block)
         return dp_err_set(err, DP_ENOMEM, NAME ": out of memory");
-    }
+    m->k = (mkey *)block;
+    m->runs = (run *)(m->k + n);
+    m->todo = (int *)(m->runs + n);
+    m->grun = m->todo + n;
+    m->hash = m->grun + n;
     for (size_t i = 0; i < n; i++) {
-        m->slot[i] = key_slot(m->keys[i], m->klens[i]);
-        todo[i] = i;
+        m->k[i] = (mkey){.slot = key_slot(m->keys[i], m->klens[i]), .next = -1};
+        m->todo[i] = (int)i;
     }
     size_t ntodo = n;
     dp_backoff bo;
     int backing = 0;
     for (int round = 0; ntodo && round < MAX_ROUNDS + 64; round++) {
         int retry_later = 0;
-        ntodo = multi_round(m, todo, ntodo, round < MAX_ROUNDS ? round : MAX_ROUNDS - 1,
-                            &retry_later);
+        ntodo = multi_round(m, ntodo, round < MAX_ROUNDS ? round : MAX_ROUNDS - 1, &retry_later);
         if (ntodo && retry_later) {
             if (!backing) {
                 dp_backoff_init(&bo, m->s->cfg->socket_timeout, 0.05);
@@ -1142,43 +1842,24 @@ static int multi_run(multi *m, dp_err *err)
         dp_err_set(&e, DP_EBACKEND, NAME ": %s: still redirected or TRYAGAIN after "
                    "socket_timeout (%g s)", m->op, m->s->cfg->socket_timeout);
         for (size_t t = 0; t < ntodo; t++)
-            fail_key(m, todo[t], &e);
+            fail_key(m, m->todo[t], &e);
     }
-    free(todo);
+    if (m->out && !m->assembled)
+        assemble(m, NULL); /* every value is in the arena by now */
     return DP_OK;
 }
 
 static void multi_free(multi *m)
 {
-    if (m->reply)
-        for (size_t i = 0; i < m->n; i++)
-            if (m->reply[i])
-                freeReplyObject(m->reply[i]);
-    free(m->slot);
-    free(m->at);
-    free(m->reply);
-    free(m->failed);
-    free(m->order);
+    free(m->k);
+    dp_bytes_free(&m->arena);
 }
 
-/* The failure of a multi form: some keys' nodes failed. */
+/* The failure of a multi form: some keys failed. */
 static int multi_failed(multi *m, dp_err *err)
 {
     return dp_err_set(err, DP_EBACKEND, "%s (%zu of %zu keys failed)", m->first.msg, m->nfailed,
                       m->n);
-}
-
-/* A reply that is an error (WRONGTYPE, OOM) fails its key too. */
-static void error_replies(multi *m)
-{
-    for (size_t i = 0; i < m->n; i++)
-        if (m->reply[i] && m->reply[i]->type == REDIS_REPLY_ERROR) {
-            dp_err e;
-            dp_err_set(&e, DP_EBACKEND, NAME ": %s: %s", m->op, m->reply[i]->str);
-            freeReplyObject(m->reply[i]);
-            m->reply[i] = NULL;
-            fail_key(m, i, &e);
-        }
 }
 
 /* get_multi: values in key order; a key whose node failed has vlens[i] -2
@@ -1190,36 +1871,13 @@ static int rc_get_multi(void *self, size_t n, const char *const *keys, const siz
     out->len = 0;
     if (n == 0)
         return DP_OK;
-    multi m = {.s = s, .op = "GET", .n = n, .keys = keys, .klens = klens};
+    multi m = {.s = s, .op = "GET", .n = n, .keys = keys, .klens = klens, .out = out,
+               .outlens = vlens};
     int st = multi_run(&m, err);
-    if (st == DP_OK) {
-        error_replies(&m);
-        size_t total = 0;
-        for (size_t i = 0; i < n; i++)
-            if (m.reply[i] && m.reply[i]->type == REDIS_REPLY_STRING)
-                total += m.reply[i]->len;
-        if (dp_bytes_reserve(out, total ? total : 1) != DP_OK) {
-            st = dp_err_set(err, DP_ENOMEM, NAME ": out of memory copying %zu bytes", total);
-        } else {
-            uint64_t hits = 0, misses = 0;
-            for (size_t i = 0; i < n; i++) {
-                redisReply *r = m.reply[i];
-                if (r && r->type == REDIS_REPLY_STRING) {
-                    memcpy(out->data + out->len, r->str, r->len);
-                    out->len += r->len;
-                    vlens[i] = (int64_t)r->len;
-                    hits++;
-                } else {
-                    vlens[i] = m.failed[i] ? -2 : -1;
-                    misses += !m.failed[i];
-                }
-            }
-            atomic_fetch_add_explicit(&s->hits, hits, memory_order_relaxed);
-            atomic_fetch_add_explicit(&s->misses, misses, memory_order_relaxed);
-            if (m.nfailed)
-                st = multi_failed(&m, err);
-        }
-    }
+    if (st == DP_OK && m.oom)
+        st = dp_err_set(err, DP_ENOMEM, NAME ": out of memory copying the values");
+    else if (st == DP_OK && m.nfailed)
+        st = multi_failed(&m, err);
     multi_free(&m);
     return st;
 }
@@ -1236,11 +1894,8 @@ static int rc_set_multi(void *self, size_t n, const char *const *keys, const siz
     if (ms)
         m.pxlen = (size_t)snprintf(m.px, sizeof m.px, "%lld", ms);
     int st = multi_run(&m, err);
-    if (st == DP_OK) {
-        error_replies(&m);
-        if (m.nfailed)
-            st = multi_failed(&m, err);
-    }
+    if (st == DP_OK && m.nfailed)
+        st = multi_failed(&m, err);
     multi_free(&m);
     return st;
 }
@@ -1253,11 +1908,8 @@ static int rc_del_multi(void *self, size_t n, const char *const *keys, const siz
         return DP_OK;
     multi m = {.s = s, .op = "DEL", .n = n, .keys = keys, .klens = klens};
     int st = multi_run(&m, err);
-    if (st == DP_OK) {
-        error_replies(&m);
-        if (m.nfailed)
-            st = multi_failed(&m, err);
-    }
+    if (st == DP_OK && m.nfailed)
+        st = multi_failed(&m, err);
     multi_free(&m);
     return st;
 }
@@ -1557,11 +2209,15 @@ static void rc_destroy(void *self)
     int n = atomic_load(&s->nnodes);
     for (int i = 0; i < n; i++) {
         node *nd = s->nodes[i];
+        for (int k = 0; k < POOL_SLOTS; k++) {
+            conn *c = atomic_load(&nd->slot[k].c);
+            if (c)
+                conn_free(c);
+        }
         while (nd->idle) {
             conn *c = nd->idle;
             nd->idle = c->next;
-            redisFree(c->c);
-            free(c);
+            conn_free(c);
         }
         uv_mutex_destroy(&nd->mu);
         free(nd);
