@@ -83,7 +83,7 @@ describe("dogpile in nginx", function()
             local v, pid = value_pid(r.body)
             assert.are.equal("cold#1", v)
             if not pids[pid] then pids[pid] = true; n = n + 1 end
-            max = math.max(max, r.time)
+            max = math.max(max, r.server_time or r.time)
         end
         assert.are.equal(1, stat("creations:cold"))
         assert.are.equal(2, n, "both workers must have served")
@@ -103,12 +103,12 @@ describe("dogpile in nginx", function()
             if not pids[pid] then pids[pid] = true; n = n + 1 end
             if v == "hot#1" then
                 stale = stale + 1
-                max_stale = math.max(max_stale, r.time)
+                max_stale = math.max(max_stale, r.server_time or r.time)
             else
                 assert.are.equal("hot#2", v)
                 fresh = fresh + 1
             end
-            max = math.max(max, r.time)
+            max = math.max(max, r.server_time or r.time)
         end
         assert.are.equal(2, stat("creations:hot"))
         assert.are.equal(2, n, "both workers must have served")
@@ -131,7 +131,8 @@ describe("dogpile in nginx", function()
             else
                 assert.are.equal(200, r.status)
                 assert.are.equal("err#1", (value_pid(r.body)))
-                assert.is_true(r.time < FAST, "a stale response took " .. r.time .. " s")
+                local took = r.server_time or r.time
+                assert.is_true(took < FAST, "a stale response took " .. took .. " s")
                 stale = stale + 1
             end
         end
@@ -236,7 +237,8 @@ describe("dogpile in nginx", function()
             assert.are.equal(200, r.status)
             -- Stale, or the new value once the timer stored it.
             assert.matches("^as#[12]$", (value_pid(r.body)))
-            assert.is_true(r.time < FAST, "a stale response took " .. r.time .. " s")
+            local took = r.server_time or r.time
+            assert.is_true(took < FAST, "a stale response took " .. took .. " s")
         end
         sleep(CREATOR + 0.2)
         assert.are.equal(2, stat("creations:as"))

@@ -130,14 +130,17 @@ function _M:concurrent(path, n)
     local dir = read("mktemp -d"):gsub("%s+$", "")
     local sep = path:find("?", 1, true) and "&" or "?"
     local url = self:url(path) .. sep .. "n=[1-" .. n .. "]"
+    -- time: seen by curl (connection queueing on a busy machine included);
+    -- server_time: what the handler measured, where it sends X-Elapsed.
     local out = read(_M.CURL .. " -s -m 20 -Z --parallel-immediate --parallel-max " .. n
-                     .. " -o " .. q(dir .. "/#1") .. " -w '%{http_code} %{time_total} %{url_effective}\\n' "
+                     .. " -o " .. q(dir .. "/#1")
+                     .. " -w '%{http_code} %{time_total} %header{x-elapsed}|%{url_effective}\\n' "
                      .. q(url) .. " 2>/dev/null")
     local res = {}
-    for code, t, i in out:gmatch("(%d+) ([%d.]+) [^\n]-n=(%d+)\n") do
+    for code, t, st, i in out:gmatch("(%d+) ([%d.]+) ([%d.]*)|[^\n]-n=(%d+)\n") do
         local f = io.open(dir .. "/" .. i)
         res[#res + 1] = { body = f and f:read("*a") or "", status = tonumber(code),
-                          time = tonumber(t) }
+                          time = tonumber(t), server_time = tonumber(st) }
         if f then f:close() end
     end
     sh("rm -rf " .. q(dir))
