@@ -236,12 +236,21 @@ describe("dogpile.cache.redis_cluster", function()
                     mapping[keys[i]] = { i = i }
                 end
             end
-            -- spread: every master holds some of them
-            local per = {}
+            -- spread: every master holds some of them. Keys of one slot
+            -- share an MGET (200 keys over 16384 slots: about one pair).
+            local per, mgets, slots = {}, {}, {}
             local topo = cl:topology()
             for i = 1, 200 do
-                local p = owner(topo, keyslot(keys[i])).port
-                per[p] = (per[p] or 0) + 1
+                local sl = keyslot(keys[i])
+                slots[sl] = (slots[sl] or 0) + 1
+            end
+            for sl, n in pairs(slots) do
+                local p = owner(topo, sl).port
+                if n == 1 then
+                    per[p] = (per[p] or 0) + 1
+                else
+                    mgets[p] = (mgets[p] or 0) + 1
+                end
             end
             local nmasters = 0
             for _ in pairs(per) do
@@ -261,10 +270,16 @@ describe("dogpile.cache.redis_cluster", function()
                     assert.are.equal(NO_VALUE, vals[i])
                 end
             end
-            -- each master saw exactly the GETs of its own keys: no redirection
+            -- each master saw exactly the GETs (and MGETs) of its own keys:
+            -- no redirection
             for _, m in ipairs(masters()) do
                 local stats = cl:cli(m.port, "INFO commandstats")
                 assert.matches("cmdstat_get:calls=" .. per[m.port] .. ",", stats)
+                if mgets[m.port] then
+                    assert.matches("cmdstat_mget:calls=" .. mgets[m.port] .. ",", stats)
+                else
+                    assert.is_nil(stats:match("cmdstat_mget:"))
+                end
             end
             r:delete_multi(keys)
             for i = 1, 200, 37 do
@@ -279,6 +294,78 @@ describe("dogpile.cache.redis_cluster", function()
             end)
             assert.are.same({ "made " .. keys[1], "made " .. keys[2], "made " .. keys[1] }, got)
             r:delete_multi({ keys[1], keys[2] })
+        end)
+
+        it("get_multi: the keys of one slot in one MGET, misses and repeats among them", function()
+            local r = region()
+            local tag = fresh("mget")
+            local keys, mapping = {}, {}
+            for i = 1, 50 do
+                keys[i] = "{" .. tag .. "}." .. i
+                if i % 5 ~= 0 then
+                    mapping[keys[i]] = "v" .. i
+                end
+            end
+            local other = fresh("single") -- almost surely a slot of its own
+            mapping[other] = "alone"
+            r:set_multi(mapping)
+            local ask = {}
+            for i = 1, 50 do
+                ask[#ask + 1] = keys[i]
+                if i == 10 then
+                    ask[#ask + 1] = other
+                    ask[#ask + 1] = keys[3] -- again
+                end
+            end
+            local m = cl:master_of(keyslot(keys[1]))
+            for _, mm in ipairs(masters()) do
+                cl:cli(mm.port, "CONFIG RESETSTAT")
+            end
+            local vals = r:get_multi(ask)
+            assert.are.equal(#ask, #vals)
+            for j, key in ipairs(ask) do
+                assert.are.equal(mapping[key] or NO_VALUE, vals[j], key)
+            end
+            -- the 51 tagged keys were one command on their master
+            local stats = cl:cli(m.port, "INFO commandstats")
+            assert.matches("cmdstat_mget:calls=1,", stats)
+            if cl:master_of(keyslot(other)).port ~= m.port then
+                assert.is_nil(stats:match("cmdstat_get:"))
+            end
+            r:delete_multi(ask)
+            for i = 1, 50, 7 do
+                assert.are.equal("0", ccli("EXISTS " .. q(keys[i])))
+            end
+        end)
+
+        it("values far past the read buffer, and empty ones, through get and get_multi", function()
+            local r = region()
+            local k = fresh("big")
+            local mapping, keys = {}, {}
+            local sizes = { 0, 1, 16383, 16384, 70000, 1000000, 5, 300000 }
+            for i, n in ipairs(sizes) do
+                keys[i] = k .. ":" .. i
+                mapping[keys[i]] = string.rep(string.char(65 + i), n)
+            end
+            -- a tagged pair: one MGET carrying a big value
+            keys[#keys + 1] = "{" .. k .. "}.a"
+            keys[#keys + 1] = "{" .. k .. "}.b"
+            mapping[keys[#keys - 1]] = string.rep("t", 200000)
+            mapping[keys[#keys]] = "small"
+            r:set_multi(mapping)
+            for _, key in ipairs(keys) do
+                assert.are.equal(mapping[key], r:get(key), key)
+            end
+            local vals = r:get_multi(keys)
+            for j, key in ipairs(keys) do
+                assert.are.equal(#mapping[key], #vals[j], key)
+                assert.are.equal(mapping[key], vals[j], key)
+            end
+            -- a get after the big ones still reads a small value right
+            r:set(k, "after")
+            assert.are.equal("after", r:get(k))
+            r:delete_multi(keys)
+            r:delete(k)
         end)
 
         it("redis_expiration_time makes Redis drop old entries itself", function()
