@@ -138,7 +138,7 @@ describe("dogpile.cache.lmdb", function()
             end
             assert.are.equal("v1", r:get_or_create("k", creator))
             assert.are.equal("v1", r:get_or_create("k", creator))
-            assert.are.equal("v1", r:get_or_create("k", creator, 0.01, nil))
+            assert.are.equal("v1", r:get_or_create("k", creator, 60, nil))
             r:invalidate(true)
             assert.are.equal(NO_VALUE, r:get("k"))
             assert.are.equal("v2", r:get_or_create("k", creator))
