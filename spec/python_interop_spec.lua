@@ -346,6 +346,159 @@ describe("wire_format = \"dogpile.cache\" with Python's dogpile.cache", function
         end)
     end
 
+    describe("the region options", function()
+        local lib = require "dogpile.lib"
+        local function raw_get(backend, key)
+            local v = backend:get(key)
+            return v ~= NO_VALUE and v or nil
+        end
+
+        it("wire_format from make_region, configure, load_regions and configure_from_config",
+           function()
+            local args = { host = "127.0.0.1", port = PORTS.redis }
+            local raw = raw_backend("redis-pickle")
+            local key = ("h18:%s:opts:"):format(RUN)
+            local regions = {
+                cache.make_region({ wire_format = "dogpile.cache" })
+                    :configure("dogpile.cache.redis", { arguments = args }),
+                cache.make_region():configure("dogpile.cache.redis",
+                                              { arguments = args, wire_format = "dogpile.cache" }),
+                cache.load_regions({ r = { backend = "dogpile.cache.redis", arguments = args,
+                                           wire_format = "dogpile.cache" } }).r,
+                cache.make_region():configure_from_config({
+                    ["c.backend"] = "dogpile.cache.redis", ["c.wire_format"] = "dogpile.cache",
+                    ["c.arguments.host"] = "127.0.0.1", ["c.arguments.port"] = tostring(PORTS.redis),
+                }, "c."),
+            }
+            for i, r in ipairs(regions) do
+                r:set(key .. i, { i })
+                local bytes = raw_get(raw, key .. i)
+                assert.matches('^{"ct": %d+%.%d+, "v": 2}|\128\4', bytes)
+                assert.are.same({ i }, pickle.loads(bytes:match("|(.*)$")))
+                assert.are.same({ i }, r:get(key .. i))
+            end
+            -- json, by name, from a config file's table
+            local j = cache.load_regions({ j = { backend = "dogpile.cache.redis", arguments = args,
+                                                 wire_format = "dogpile.cache",
+                                                 serializer = "json" } }).j
+            j:set(key .. "j", { a = { 1, 2 } })
+            assert.matches('^{"ct": %d+%.%d+, "v": 2}|{"a": %[1, 2%]}$', raw_get(raw, key .. "j"))
+            -- functions, as Python's make_region(serializer=, deserializer=)
+            local f = cache.make_region({ wire_format = "dogpile.cache",
+                                          serializer = function(v) return "<" .. v .. ">" end,
+                                          deserializer = function(b) return b:sub(2, -2) end })
+                :configure("dogpile.cache.redis", { arguments = args })
+            f:set(key .. "f", "x")
+            assert.matches('^{"ct": %d+%.%d+, "v": 2}|<x>$', raw_get(raw, key .. "f"))
+            assert.are.equal("x", f:get(key .. "f"))
+        end)
+
+        it("refuses what it cannot do, naming it", function()
+            local args = { host = "127.0.0.1", port = PORTS.redis }
+            assert.has_error(function()
+                cache.make_region({ wire_format = "python" })
+            end, nil)
+            local ok, err = pcall(cache.make_region, { wire_format = "python" })
+            assert.is_false(ok)
+            assert.matches('wire_format must be "dogpile.cache"', err)
+            ok, err = pcall(function()
+                cache.make_region({ serializer = "json" }):configure("dogpile.cache.redis",
+                                                                      { arguments = args })
+            end)
+            assert.is_false(ok)
+            assert.matches('serializer "json" names a codec of wire_format', err)
+            ok, err = pcall(function()
+                cache.make_region({ wire_format = "dogpile.cache" }):configure("dogpile.cache.memory")
+            end)
+            assert.is_false(ok)
+            assert.matches("needs a backend that stores the bytes", err)
+            ok, err = pcall(function()
+                cache.make_region({ wire_format = "dogpile.cache", serializer = tostring })
+                    :configure("dogpile.cache.redis", { arguments = args })
+            end)
+            assert.is_false(ok)
+            assert.matches("serializer but no deserializer", err)
+            ok, err = pcall(function()
+                cache.make_region({ wire_format = "dogpile.cache", serializer = "yaml" })
+            end)
+            assert.is_false(ok)
+        end)
+
+        it("any other byte-storing backend holds the same bytes (shared_memory)", function()
+            local r = cache.make_region({ wire_format = "dogpile.cache", serializer = "json" })
+                :configure("dogpile.cache.shared_memory", { arguments = { name = "h18-wire" } })
+            r:set("k", { 1, "a" })
+            assert.matches('^{"ct": %d+%.%d+, "v": 2}|%[1, "a"%]$', r.actual_backend:get("k"))
+            assert.are.same({ 1, "a" }, r:get("k"))
+        end)
+
+        for _, kind in ipairs { "redis-pickle", "pymemcache" } do
+            it(kind .. ": the lock key is Python's \"_lock\" .. key; a native memcached "
+               .. "region's stays \"dogpile-lock:\" .. key", function()
+                local raw = raw_backend(kind)
+                local key = ("h18:%s:lockkey:%s"):format(RUN, kind)
+                local r = lua_region(kind)
+                local m = r:_mutex(key)
+                assert.is_true(m:acquire(false))
+                local ok, token = pcall(raw_get, raw, "_lock" .. key)
+                m:release()
+                assert.is_true(ok, token)
+                assert.matches("^%S+$", token)
+                assert.is_nil(raw_get(raw, "_lock" .. key))
+                if not is_redis(kind) then
+                    local native = cache.make_region():configure("dogpile.cache.memcached", {
+                        arguments = { url = "127.0.0.1:" .. PORTS.memcached } })
+                    m = native:_mutex(key)
+                    assert.is_true(m:acquire(false))
+                    local held = raw_get(raw, "dogpile-lock:" .. key)
+                    local python = raw_get(raw, "_lock" .. key)
+                    m:release()
+                    assert.is_not_nil(held)
+                    assert.is_nil(python)
+                end
+            end)
+
+            it(kind .. ": multi forms, a value's own expiration time and early_refresh", function()
+                local r = lua_region(kind)
+                local key = ("h18:%s:multi:%s:"):format(RUN, kind)
+                r:set_multi({ [key .. "a"] = 1, [key .. "b"] = { x = true } })
+                local got = r:get_multi({ key .. "a", key .. "b", key .. "c" })
+                assert.are.equal(1, got[1])
+                assert.are.same({ x = true }, got[2])
+                assert.are.equal(NO_VALUE, got[3])
+                local calls = 0
+                local made = r:get_or_create_multi({ key .. "a", key .. "d" }, function(...)
+                    calls = calls + 1
+                    return { select("#", ...) }
+                end)
+                assert.are.same({ 1, 1 }, made)
+                assert.are.equal(1, calls)
+                -- A creator's own expiration time travels as metadata "ttl":
+                -- Lua honours it, Python's region ignores it.
+                local v = r:get_or_create(key .. "ttl", function() return "short", 0.5 end)
+                assert.are.equal("short", v)
+                assert.are.equal("short", r:get(key .. "ttl"))
+                lib.C.dp_clock_sleep(0.7)
+                assert.are.equal(NO_VALUE, r:get(key .. "ttl"))
+                local folder = DIR .. "/ttl/" .. kind
+                write(folder .. "/ttl.expect", "str:" .. ("short"):gsub(".", function(c)
+                    return ("%02x"):format(c:byte())
+                end))
+                write(folder .. "/ttl.ct", pyvalue.float_repr(
+                    r:get_value_metadata(key .. "ttl", nil, true).metadata.ct))
+                check_output(interop("read", kind, port_of(kind), key, folder))
+                local e = cache.make_region({ wire_format = "dogpile.cache" }):configure(
+                    is_redis(kind) and "dogpile.cache.redis" or "dogpile.cache.memcached",
+                    { arguments = is_redis(kind) and { host = "127.0.0.1", port = PORTS.redis }
+                          or { url = "127.0.0.1:" .. PORTS.memcached },
+                      expiration_time = 60, early_refresh = 1 })
+                assert.are.equal("e", e:get_or_create(key .. "early", function() return "e" end))
+                local md = e:get_value_metadata(key .. "early").metadata
+                assert.is_number(md.delta)
+            end)
+        end
+    end)
+
     for _, kind in ipairs { "redis-pickle", "pymemcache", "memcached" } do
         it(kind .. ": 3 Python and 3 Lua processes on one missing key run one creator", function()
             local key = ("h18:%s:miss:%s"):format(RUN, kind)
