@@ -422,6 +422,33 @@ describe("dogpile.cache.redis", function()
             r:delete(k)
         end)
 
+        it("a lock lost before lock_timeout: the value is returned, the loss counted and logged "
+           .. "with Redis's reason, the new holder's lock kept", function()
+            local r = region({ lock_timeout = 5 })
+            local k = fresh("lost")
+            local logged = {}
+            local region_mod = require "dogpile.cache.region"
+            local saved = region_mod.log
+            region_mod.log = function(msg) logged[#logged + 1] = msg end
+            local ok, v = pcall(r.get_or_create, r, k, function()
+                -- someone else's lock now (a flush, a failover)
+                assert.are.equal("OK", cli(main_port(), "SET '_lock" .. k .. "' theirs PX 5000"))
+                return "made"
+            end)
+            region_mod.log = saved
+            assert.is_true(ok, v)
+            assert.are.equal("made", v)
+            assert.are.equal("theirs", cli(main_port(), "GET '_lock" .. k .. "'"))
+            assert.are.equal(1, r.actual_backend:stats().lock_overruns)
+            assert.are.equal(1, #logged)
+            assert.matches("dogpile.cache.redis: the lock for key '" .. k .. "' was no longer held "
+                           .. "when released after ", logged[1], 1, true)
+            assert.matches("(the lock had expired (lock_timeout 5 s) and was no longer ours): "
+                           .. "another caller may have created the value too", logged[1], 1, true)
+            cli(main_port(), "DEL '_lock" .. k .. "'")
+            r:delete(k)
+        end)
+
         it("distributed_lock = false uses only this process's lock, never Redis", function()
             local r = region({ distributed_lock = false })
             local k = fresh("nolock")

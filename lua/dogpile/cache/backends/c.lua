@@ -142,34 +142,79 @@ end
 -- -- The backend's own lock (between processes) --------------------------------
 -- Two levels, taken and released together by the core (dp_backend_acquire,
 -- dp_backend_release, dp_backend_wait_released): its per-key lock in the
--- instance's domain orders the threads and Lua states of this process, so
--- that only one of them at a time asks the backend, whose lock orders the
--- processes; blocking waits are bounded there by the handle's lock_timeout.
--- What is Lua's stays here: a waiter that must yield (a sleep function is
--- set) polls at dp_backoff's steps instead of blocking the thread; the
--- coroutine holding a lock is told to dogpile.holders, so that an abandoned
--- one's lock is released; and the policy past lock_timeout: the holder is
--- taken to be stuck and the waiter goes ahead without the lock it could not
--- get (`stolen`, as an expired Redis lock is taken over), so a value may then
--- be created twice, never waited for forever.
+-- instance's domain orders the threads and Lua states of this process, the
+-- backend's orders the processes; blocking waits are bounded there by the
+-- handle's lock_timeout. What is Lua's stays here: a waiter that must yield
+-- (a sleep function is set) polls at dp_backoff's steps instead of blocking
+-- the thread; the coroutine holding a lock is told to dogpile.holders, so
+-- that an abandoned one's lock is released; and the policy past
+-- lock_timeout: the holder is taken to be stuck and the waiter goes ahead
+-- without the lock (`stolen`, as an expired Redis lock is taken over), so a
+-- value may then be created twice, never waited for forever.
 
 local DP_EBUSY, DP_ETIMEDOUT, DP_EDEADLK = lib.DP_EBUSY, lib.DP_ETIMEDOUT, lib.DP_EDEADLK
 local OWNER = context.OWNER
 local monotonic = C.dp_clock_monotonic
+local format = string.format
 
 local BackendMutex = {}
 BackendMutex.__index = BackendMutex
+-- With wait_unlocked (a backend that can wait for its lock's release).
+local BackendWaitMutex = setmetatable({}, BackendMutex)
+BackendWaitMutex.__index = BackendWaitMutex
 
 local function lock_failed(self, what, rc)
+    if rc == DP_EDEADLK then
+        error("dogpile: the lock for key '" .. self.key .. "' is held by another coroutine "
+              .. "of this Lua state, so blocking the thread would wait forever; call "
+              .. "dogpile.set_sleep(fn) with your scheduler's sleep so that waiters yield", 0)
+    end
     local err = self.b.err
     local msg = err.code == rc and ffi_string(err.msg) or lib.strerror(rc)
     error(self.b.name .. ": " .. what .. " of the lock for key '" .. self.key .. "': " .. msg, 0)
 end
 
-local function deadlock(key)
-    error("dogpile: the lock for key '" .. key .. "' is held by another coroutine "
-          .. "of this Lua state, so blocking the thread would wait forever; "
-          .. "call dogpile.set_sleep(fn) with your scheduler's sleep so that waiters yield", 0)
+-- The core's call `fn` for this key, waiting `timeout` (0: once). A lock of
+-- this state held by a coroutine that is gone is released first, then the
+-- call made again (dogpile.holders).
+local function call(self, fn, timeout, hold)
+    local b, key = self.b, self.key
+    local rc
+    if hold then
+        rc = fn(b.handle, key, #key, OWNER, timeout, hold, b.err)
+    else
+        rc = fn(b.handle, key, #key, OWNER, timeout, b.err)
+    end
+    if (rc == DP_EBUSY or rc == DP_EDEADLK) and reclaim(b.lock_domain, key) then
+        return call(self, fn, timeout, hold)
+    end
+    return rc
+end
+
+local function take(self, timeout)
+    local rc = call(self, C.dp_backend_acquire, timeout, self.hold)
+    if self.hold.core == 1 then
+        took(self.b.lock_domain, self.key, self)
+    end
+    return rc
+end
+
+-- Once, taking both levels (true) or finding them busy (false).
+local function try_both(self)
+    local rc = take(self, 0)
+    if rc == DP_OK or rc == DP_EBUSY then
+        return rc == DP_OK
+    end
+    lock_failed(self, "taking", rc)
+end
+
+-- Once, free in this process and in the backend (true) or held (false).
+local function both_free(self)
+    local rc = call(self, C.dp_backend_wait_released, 0)
+    if rc == DP_OK or rc == DP_EBUSY then
+        return rc == DP_OK
+    end
+    lock_failed(self, "waiting for the release", rc)
 end
 
 -- A yielding waiter: `check(self)` after each of dp_backoff's steps, until it
@@ -177,40 +222,15 @@ end
 local function poll(self, sleep, check)
     local bo = ffi_new("dp_backoff")
     C.dp_backoff_init(bo, C.dp_backend_lock_timeout(self.b.handle), 0)
-    while true do
-        local step = C.dp_backoff_next(bo)
-        if step <= 0 then
-            return false
-        end
+    local step = C.dp_backoff_next(bo)
+    while step > 0 do
         sleep(step)
         if check(self) then
             return true
         end
+        step = C.dp_backoff_next(bo)
     end
-end
-
--- Both levels, waiting `timeout` (0: try once). A lock of this state held
--- by a coroutine that is gone is released first (dogpile.holders).
-local function acquire(self, timeout)
-    local b, key, h = self.b, self.key, self.hold
-    local rc = C.dp_backend_acquire(b.handle, key, #key, OWNER, timeout, h, b.err)
-    if (rc == DP_EBUSY or rc == DP_EDEADLK) and reclaim(b.lock_domain, key) then
-        rc = C.dp_backend_acquire(b.handle, key, #key, OWNER, timeout, h, b.err)
-    end
-    if h.core == 1 then
-        took(b.lock_domain, key, self)
-    end
-    return rc
-end
-
-local function try_both(self)
-    local rc = acquire(self, 0)
-    if rc == DP_OK then
-        return true
-    elseif rc == DP_EBUSY then
-        return false
-    end
-    lock_failed(self, "taking", rc)
+    return false
 end
 
 function BackendMutex:locked()
@@ -233,30 +253,20 @@ function BackendMutex:acquire(wait)
     self.gave_up = false
     if try_both(self) then
         return true
-    end
-    if wait == false then
+    elseif wait == false then
         return false
     end
-    if gave_up then
-        -- wait_unlocked already waited lock_timeout for this holder: stuck.
-        self.stolen = true
-        return true
-    end
     local sleep = context.sleep()
-    if sleep then
-        if not poll(self, sleep, try_both) then
-            self.stolen = true -- stuck holder: go ahead without the lock
+    -- After wait_unlocked waited lock_timeout for this holder, it is stuck.
+    if gave_up or (sleep and not poll(self, sleep, try_both)) then
+        self.stolen = true -- stuck holder: go ahead without the lock
+    elseif not sleep then
+        local rc = take(self, C.dp_backend_lock_timeout(self.b.handle))
+        if rc == DP_ETIMEDOUT then
+            self.stolen = true -- the core level, if taken, goes with the rest
+        elseif rc ~= DP_OK then
+            lock_failed(self, "taking", rc)
         end
-        return true
-    end
-    local rc = acquire(self, C.dp_backend_lock_timeout(self.b.handle))
-    if rc == DP_ETIMEDOUT then
-        -- Stuck holder: go ahead; a core level taken is released with the rest.
-        self.stolen = true
-    elseif rc == DP_EDEADLK then
-        deadlock(self.key)
-    elseif rc ~= DP_OK then
-        lock_failed(self, "taking", rc)
     end
     return true
 end
@@ -284,85 +294,41 @@ function BackendMutex:release()
     end
     local held_for = monotonic() - h.since
     local rc = C.dp_backend_release(b.handle, key, #key, h, b.err)
-    -- Held past lock_timeout, or lost before (evicted, expired, a restarted
-    -- server: the backend says how): others may have gone ahead. Not the
-    -- caller's error: the value was made; count it and say so.
-    if h.overrun == 1 then
+    -- Held past lock_timeout (1), or lost before (2: evicted, expired, a
+    -- restarted server; the backend says how): others may have gone ahead.
+    -- Not the caller's error: the value was made; count it and say so.
+    if h.overrun ~= 0 then
         b.lock_overruns = b.lock_overruns + 1
-        context.log(string.format("%s: the lock for key '%s' was held for %.3f s, longer "
-                                  .. "than lock_timeout (%s s): another caller may have "
-                                  .. "created the value too", b.name, key, held_for,
-                                  tostring(b.lock_timeout)))
-    elseif h.overrun == 2 then
-        b.lock_overruns = b.lock_overruns + 1
-        context.log(string.format("%s: the lock for key '%s' was no longer held when "
-                                  .. "released after %.3f s (%s): another caller may "
-                                  .. "have created the value too", b.name, key, held_for,
-                                  ffi_string(b.err.msg)))
+        context.log(format("%s: the lock for key '%s' was %s: another caller may have created "
+                           .. "the value too", b.name, key, h.overrun == 1
+                           and format("held for %.3f s, longer than lock_timeout (%s s)",
+                                      held_for, tostring(b.lock_timeout))
+                           or format("no longer held when released after %.3f s (%s)",
+                                     held_for, ffi_string(b.err.msg))))
     end
     if rc ~= DP_OK then
         lock_failed(self, "release", rc)
     end
 end
 
--- -- Waiting for the holder's release, without taking the lock ----------------
--- For a backend with wait_unlocked (dp_backend_ops): dogpile's run() calls it
--- when it has no value and the lock is taken, then reads; every waiter gets
--- the holder's value as soon as it is released, instead of taking the lock in
--- turn (the core waits for the threads of this process, then the backend for
--- the other processes: a futex for lmdb, a pub/sub message for redis).
--- Bounded by lock_timeout as acquire is; past it, the next acquire(true)
--- goes ahead at once, as acquire would have after waiting that long itself.
-
-local BackendWaitMutex = {}
-BackendWaitMutex.__index = BackendWaitMutex
-for k, v in pairs(BackendMutex) do
-    if k ~= "__index" then
-        BackendWaitMutex[k] = v
-    end
-end
-
--- Wait `timeout` (0: look once) for the release; DP_OK when released.
-local function wait_released(self, timeout)
-    local b, key = self.b, self.key
-    local rc = C.dp_backend_wait_released(b.handle, key, #key, OWNER, timeout, b.err)
-    if (rc == DP_EBUSY or rc == DP_EDEADLK) and reclaim(b.lock_domain, key) then
-        rc = C.dp_backend_wait_released(b.handle, key, #key, OWNER, timeout, b.err)
-    end
-    return rc
-end
-
-local function both_free(self)
-    local rc = wait_released(self, 0)
-    if rc == DP_OK then
-        return true
-    elseif rc == DP_EBUSY then
-        return false
-    end
-    lock_failed(self, "waiting for the release", rc)
-end
-
 --- Wait (yielding when a sleep function is set) until the current holder
--- releases, for at most the backend's lock_timeout. true: released (or was
--- free); false: still held when the time was up.
+-- releases, without taking the lock, for at most the backend's lock_timeout:
+-- dogpile's run() then reads the holder's value, as every waiter does at
+-- once (a futex for lmdb, a pub/sub message for redis). true: released (or
+-- was free); false: still held when the time was up, and the next
+-- acquire(true) goes ahead at once, as it would have after waiting that long.
 function BackendWaitMutex:wait_unlocked()
     not_again(self)
     local sleep = context.sleep()
+    local rc
     if sleep then
-        if both_free(self) or poll(self, sleep, both_free) then
-            return true
-        end
-        self.gave_up = true
-        return false
+        rc = (both_free(self) or poll(self, sleep, both_free)) and DP_OK or DP_ETIMEDOUT
+    else
+        rc = call(self, C.dp_backend_wait_released, C.dp_backend_lock_timeout(self.b.handle))
     end
-    local rc = wait_released(self, C.dp_backend_lock_timeout(self.b.handle))
-    if rc == DP_OK then
-        return true
-    elseif rc == DP_ETIMEDOUT then
-        self.gave_up = true
-        return false
-    elseif rc == DP_EDEADLK then
-        deadlock(self.key)
+    if rc == DP_OK or rc == DP_ETIMEDOUT then
+        self.gave_up = rc == DP_ETIMEDOUT
+        return rc == DP_OK
     end
     lock_failed(self, "waiting for the release", rc)
 end
