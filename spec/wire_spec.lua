@@ -303,6 +303,25 @@ describe("dogpile.cache.wire", function()
             assert.has_error(function() wire.serializer("yaml") end)
             assert.has_error(function() wire.encode(1, 0 / 0) end)
         end)
+
+        it("a value's own expiration time and creator's duration as extra metadata fields",
+           function()
+            local bytes = wire.encode("x", 1700000000, wire.serializer("json"), 5, 0.25)
+            assert.are.equal('{"ct": 1700000000.0, "v": 2, "ttl": 5.0, "delta": 0.25}|"x"', bytes)
+            local ok, v, ct, md = wire.decode(bytes, wire.serializer("json"))
+            assert.is_true(ok)
+            assert.are.same({ "x", 1700000000, 5, 0.25 }, { v, ct, md.ttl, md.delta })
+            -- without them: exactly Python's bytes
+            assert.are.equal('{"ct": 1700000000.0, "v": 2}|"x"',
+                             wire.encode("x", 1700000000, wire.serializer("json")))
+            local mb = wire.encode_memcached("x", 1700000000, nil, -1)
+            local ok2, v2, ct2, md2 = wire.decode_memcached(mb, 1)
+            assert.is_true(ok2)
+            assert.are.same({ "x", 1700000000, -1 }, { v2, ct2, md2.ttl })
+            assert.is_nil(md2.delta)
+            assert.has_error(function() wire.encode("x", 1, nil, 0 / 0) end)
+            assert.has_error(function() wire.encode_memcached("x", 1, nil, nil, "1") end)
+        end)
     end)
 
     describe("memcached without a region serializer (pickled CachedValue, flags 1)", function()

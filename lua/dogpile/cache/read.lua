@@ -478,8 +478,10 @@ end
 --- The read strategy for a region whose outermost backend is `backend` (after
 -- wrapping) and whose backend object is `actual`, with codec `codec` (nil:
 -- Lua values). Returns `{name =, lookup =, early =, multi =, direct =, mem =,
--- cb =, front =, sync =}` (`early`: the lookup with early_refresh's draw) for the region to keep: a proxy in between, or a
--- serializer of the user's, leaves the generic strategy.
+-- cb =, front =, sync =}` (`early`: the lookup with early_refresh's draw) for the region to keep: a proxy in between, a
+-- serializer of the user's, or wire_format's codec (no raw_decode: the C
+-- in-place reader knows only this library's envelope) leaves the generic
+-- strategy.
 function _M.choose(backend, actual, codec)
     local unwrapped = backend == actual
     local s = { name = "generic", lookup = generic_lookup, early = generic_early,

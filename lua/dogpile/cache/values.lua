@@ -2,7 +2,8 @@
 -- region uses (chosen once, at configure), and the envelope around it
 -- (dogpile/cache/envelope.lua: magic, format, flags, the created time, the
 -- value's own expiration time and its creator's duration when it has them,
--- then the payload).
+-- then the payload); or, for a wire_format = "dogpile.cache" region, the
+-- bytes Python's dogpile.cache stores (wire_codec, dogpile/cache/wire.lua).
 local ffi = require "ffi"
 local lib = require "dogpile.lib"
 local api = require "dogpile.cache.api"
