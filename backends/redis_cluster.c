@@ -376,12 +376,28 @@ static const uint16_t crc16tab[256] = {
     0x3eb2, 0x0ed1, 0x1ef0,
 };
 
+/* Two bytes a step: the CRC is linear, so two table steps fold into
+ * crc2tab[(crc >> 8) ^ b0] ^ crc16tab[(crc & 0xff) ^ b1], where
+ * crc2tab[x] is crc16tab[x] pushed through one more zero byte. */
+static uint16_t crc2tab[256];
+static pthread_once_t crc2_once = PTHREAD_ONCE_INIT;
+
+static void crc2_init(void)
+{
+    for (int x = 0; x < 256; x++)
+        crc2tab[x] = (uint16_t)((crc16tab[x] << 8) ^ crc16tab[crc16tab[x] >> 8]);
+}
+
 static uint16_t crc16(const char *buf, size_t len)
 {
-    uint16_t crc = 0;
-    for (size_t i = 0; i < len; i++)
-        crc = (uint16_t)((crc << 8) ^ crc16tab[((crc >> 8) ^ (unsigned char)buf[i]) & 0xff]);
-    return crc;
+    const unsigned char *p = (const unsigned char *)buf;
+    unsigned crc = 0;
+    size_t i = 0;
+    for (; i + 2 <= len; i += 2)
+        crc = crc2tab[(crc >> 8) ^ p[i]] ^ crc16tab[(crc & 0xff) ^ p[i + 1]];
+    if (i < len)
+        crc = ((crc << 8) & 0xffff) ^ crc16tab[(crc >> 8) ^ p[i]];
+    return (uint16_t)crc;
 }
 
 /* The slot of a key: only the part between the first '{' and the next '}'
@@ -686,6 +702,17 @@ static int w_room(conn *c, size_t need)
 /* "<tag><n>\r\n" at p (at most 23 bytes); returns the end. */
 static char *put_len(char *p, char tag, size_t n)
 {
+    *p = tag;
+    if (n < 10) {
+        p[1] = (char)('0' + n);
+        p[2] = '\r', p[3] = '\n';
+        return p + 4;
+    }
+    if (n < 100) {
+        p[1] = (char)('0' + n / 10), p[2] = (char)('0' + n % 10);
+        p[3] = '\r', p[4] = '\n';
+        return p + 5;
+    }
     char tmp[20];
     int k = 0;
     do {
@@ -772,6 +799,27 @@ static int r_parse(conn *c, resp *out)
     const char *p = c->r + c->rpos, *end = c->r + c->rlen;
     if (end - p < 3)
         return 0;
+    if (*p == '$' && p[1] >= '0' && p[1] <= '9') {
+        /* The common reply, a value: its length read as the digits go. */
+        size_t n = 0;
+        const char *q = p + 1;
+        while (q < end && *q >= '0' && *q <= '9' && n < ((size_t)1 << 40))
+            n = n * 10 + (size_t)(*q++ - '0');
+        if (end - q < 2)
+            return 0;
+        if (q[0] != '\r' || q[1] != '\n')
+            return -1;
+        q += 2;
+        if ((size_t)(end - q) < n + 2)
+            return 0;
+        if (q[n] != '\r' || q[n + 1] != '\n')
+            return -1;
+        out->type = '$';
+        out->s = q;
+        out->len = n;
+        c->rpos = (size_t)(q + n + 2 - c->r);
+        return 1;
+    }
     const char *nl = memchr(p + 1, '\n', (size_t)(end - p - 1));
     if (!nl)
         return 0;
@@ -1622,7 +1670,9 @@ static size_t multi_round(multi *m, size_t ntodo, int round, int *retry_later)
             }
         }
         node *nd = slot_node(s, k->slot);
-        if (!nd) { /* the map lost it since: try again next round */
+        if (!nd || nd->idx >= nnodes) {
+            /* The map changed since routing (another thread reloaded it):
+             * next round. */
             m->todo[again++] = i;
             continue;
         }
@@ -2242,6 +2292,7 @@ static int rc_create(void *ud, const void *settings, void **self, dp_err *err)
                           "url (\"redis+cluster://host:port,...\") is required");
     if (cfg->username && !cfg->password)
         return dp_err_set(err, DP_EINVAL, NAME ": username needs a password");
+    pthread_once(&crc2_once, crc2_init);
     rc *s = calloc(1, sizeof *s);
     if (!s)
         return dp_err_set(err, DP_ENOMEM, NAME ": out of memory");
