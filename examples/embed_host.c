@@ -7,7 +7,6 @@
 #include <stdio.h>
 #include <string.h>
 
-#include <lualib.h> /* luaL_openlibs: until dogpile_lua.h includes it itself */
 
 #include "dogpile.h"
 #include "dogpile_lua.h"
