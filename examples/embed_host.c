@@ -7,7 +7,6 @@
 #include <stdio.h>
 #include <string.h>
 
-
 #include "dogpile.h"
 #include "dogpile_lua.h"
 
