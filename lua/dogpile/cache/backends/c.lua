@@ -159,8 +159,10 @@ local format = string.format
 
 local BackendMutex = {}
 BackendMutex.__index = BackendMutex
--- With wait_unlocked (a backend that can wait for its lock's release).
-local BackendWaitMutex = setmetatable({}, BackendMutex)
+-- With wait_unlocked (a backend that can wait for its lock's release); the
+-- methods of BackendMutex are copied in below, so each table has its own
+-- (a caller may wrap one: rawget(getmetatable(m), "acquire")).
+local BackendWaitMutex = {}
 BackendWaitMutex.__index = BackendWaitMutex
 
 local function lock_failed(self, what, rc)
@@ -331,6 +333,12 @@ function BackendWaitMutex:wait_unlocked()
         return rc == DP_OK
     end
     lock_failed(self, "waiting for the release", rc)
+end
+
+for k, v in pairs(BackendMutex) do
+    if k ~= "__index" then
+        BackendWaitMutex[k] = v
+    end
 end
 
 local function backend_mutex(self, key)
