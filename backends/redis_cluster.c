@@ -14,18 +14,23 @@
  *
  * Instances and connections. The core shares one instance per identity
  * (the startup nodes and the lock prefix) among the Lua states and threads
- * of the process; the instance keeps one pool of idle hiredis contexts per
- * node, each behind its node's mutex, as dogpile.cache.redis does for its
- * one server (a context is used by one thread at a time; one that failed is
- * freed and the node's older idle ones dropped; a reused one closed by the
- * server is retried once on a fresh one; a fork()ed child drops the
- * parent's). The slot map is read without a lock (one relaxed load); nodes
- * are only ever added, so a node pointer stays valid until destroy.
+ * of the process; the instance keeps one pool of idle connections per node
+ * (lock-free slots, then a list under the node's mutex; a connection is
+ * used by one thread at a time; one that failed is freed and the node's
+ * older idle ones dropped; a reused one closed by the server is retried
+ * once on a fresh one; a fork()ed child drops the parent's). hiredis
+ * connects and runs the cold commands; get and the multi forms write and
+ * parse RESP themselves on the connection's buffers: no reply object, no
+ * allocation on a hit. The slot map is read without a lock (one relaxed
+ * load); nodes are only ever added, so a node pointer stays valid until
+ * destroy.
  *
- * Multi forms. The keys are grouped by node; every group's pipeline (GET,
- * SET or DEL per key: keys of different slots cannot share an MGET in a
- * cluster) is written to its node before any reply is read, so the nodes
- * work at the same time. Redirected keys go round again; keys whose node
+ * Multi forms. The keys are grouped by node, and by slot within a node:
+ * the keys of one slot share an MGET (or DEL); keys of different slots
+ * cannot share a command in a cluster, so they get a GET each (SET is
+ * always one key). Every node's pipeline leaves in one send() before any
+ * reply is read, so the nodes work at the same time, and replies are read
+ * as they arrive (poll). Redirected keys go round again; keys whose node
  * cannot be reached fail alone: get_multi then still fills the values of
  * the others, marks the failed ones -2 in vlens and returns DP_EBACKEND
  * (see the README section: what the core does with that).
