@@ -156,4 +156,21 @@ describe("cache.metrics", function()
         assert.is_false(ok)
         assert.is_truthy(tostring(err):find("inside nginx only", 1, true), err)
     end)
+
+    it("records every creation's duration in the create histogram", function()
+        local r = cache.make_region({ name = "metrics-creates" }):configure("dogpile.cache.memory")
+        r:get_or_create("a", function()
+            require("dogpile.lib").C.dp_clock_sleep(0.02)
+            return 1
+        end)
+        r:get_or_create("a", function() return 2 end) -- a hit: not a creation
+        r:get_or_create_multi({ "b", "c" }, function() return { 3, 4 } end)
+        local text = cache.metrics()
+        assert.are.equal(2, tonumber(text:match('dogpile_cache_create_seconds_count{region="metrics%-creates"} (%S+)')))
+        local sum = tonumber(text:match('dogpile_cache_create_seconds_sum{region="metrics%-creates"} (%S+)'))
+        assert.is_true(sum >= 0.02 and sum < 5, tostring(sum))
+        -- configure starts the histograms again with the other counters
+        r:configure("dogpile.cache.memory", { replace_existing_backend = true })
+        assert.is_nil(cache.metrics():match('dogpile_cache_create_seconds_count{region="metrics%-creates"} [1-9]'))
+    end)
 end)

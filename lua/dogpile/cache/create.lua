@@ -12,6 +12,7 @@ local options = require "dogpile.cache.options"
 local api = require "dogpile.cache.api"
 local read = require "dogpile.cache.read"
 local write = require "dogpile.cache.write"
+local observe = require("dogpile.cache.latency").observe
 
 local C = lib.C
 local raise = lib.raise
@@ -231,8 +232,10 @@ local function slow_gen(ctx)
     local st = region._stats
     st.creations = st.creations + 1
     local beta = region._beta
-    local t0 = beta and C.dp_clock_monotonic()
+    local t0 = C.dp_clock_monotonic()
     local ok, value, second = pcall(call_creator, ctx.creator, ctx.creator_args)
+    local took = C.dp_clock_monotonic() - t0
+    observe(region, "create", took)
     if not ok then
         return failed(ctx, value)
     end
@@ -243,7 +246,7 @@ local function slow_gen(ctx)
     end
     local should_cache_fn = ctx.should_cache_fn
     if not should_cache_fn or should_cache_fn(value) then
-        local cv = new_value(value, ttl, beta and C.dp_clock_monotonic() - t0 or nil)
+        local cv = new_value(value, ttl, beta and took or nil)
         if not (ctx.has and (ctx.early or region.stale_if_error)) then
             store(region, ctx.key, cv)
         else
@@ -272,12 +275,14 @@ local function slow_async(ctx, mutex)
     local function go()
         local t0 = C.dp_clock_monotonic()
         local value, second = call_creator(creator, creator_args)
+        local took = C.dp_clock_monotonic() - t0
+        observe(region, "create", took)
         local ttl
         value, ttl = outcome(region, value, second, "async_creation_runner")
         if rawequal(value, FAILED) then
             error(ttl, 0)
         end
-        return value, ttl, C.dp_clock_monotonic() - t0
+        return value, ttl, took
     end
     region._stats.creations = region._stats.creations + 1
     return region.async_creation_runner(region, ctx.orig_key, go, mutex)
@@ -384,8 +389,10 @@ local function create_held(region, held, uniq, mangled, results, creator, exp, s
     end
     st.creations = st.creations + 1
     local beta = region._beta
-    local t0 = beta and C.dp_clock_monotonic()
+    local t0 = C.dp_clock_monotonic()
     local ok, new, second = pcall(creator, unpack(args, 1, n))
+    local took = C.dp_clock_monotonic() - t0
+    observe(region, "create", took)
     local ttl
     if ok then
         -- `array, expiration_time` gives every value of the array its own;
@@ -429,7 +436,7 @@ local function create_held(region, held, uniq, mangled, results, creator, exp, s
               .. ", got " .. tostring(got) .. "; an array with nil values gives its length "
               .. "in a field n); nothing was stored")
     end
-    local delta = beta and C.dp_clock_monotonic() - t0 or nil
+    local delta = beta and took or nil
     local md = new_metadata(ttl, delta)
     local neg = ttl == nil and region.negative_expiration_time
     local md_nil = neg and new_metadata(neg, delta) or md

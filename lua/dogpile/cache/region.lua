@@ -25,6 +25,7 @@ local values = require "dogpile.cache.values"
 local read = require "dogpile.cache.read"
 local write = require "dogpile.cache.write"
 local create = require "dogpile.cache.create"
+local latency = require "dogpile.cache.latency"
 local decorators = require "dogpile.cache.decorators"
 
 local C = lib.C
@@ -284,6 +285,7 @@ function Region:configure(backend_name, opts)
     self.fail_open = opts.fail_open == true
     self._domain = C.dp_lock_domain_new()
     self._stats = new_stats(self._front ~= nil)
+    latency.reset(self)
     -- A shared backend counts evictions since it opened; report ours since now.
     self._evictions_base = 0
     local base = self:_backend_evictions()
