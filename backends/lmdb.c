@@ -76,6 +76,7 @@
 #include <lua.h>
 
 #include "dogpile.h"
+#include "dogpile_feed.h"
 
 #define NAME "dogpile.cache.lmdb"
 #define HDR 16               /* double expires (0: never), double atime */
@@ -1502,16 +1503,52 @@ static int lm_defer_until_fork(lua_State *L)
     return 0;
 }
 
+/* feed_file(path, mode) -> the path of the environment's host change feed
+ * (dogpile_feed.h), made with `mode` when missing and allocated; or nil and
+ * why. A tiered region over lmdb pushes the keys it changes there and every
+ * process's upper tiers drain it. Beside the lock file: one per environment. */
+static int lm_feed_file(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    int mode = parse_mode(luaL_optstring(L, 2, "0644"));
+    if (mode < 0)
+        return luaL_error(L, NAME ": mode must be an octal string such as \"0640\"");
+    char real[PATH_MAX], feed[PATH_MAX + 32];
+    struct stat st;
+    if (!realpath(path, real) || stat(real, &st) != 0) {
+        lua_pushnil(L);
+        lua_pushfstring(L, NAME ": cannot resolve '%s': %s", path, strerror(errno));
+        return 2;
+    }
+    snprintf(feed, sizeof feed, S_ISDIR(st.st_mode) ? "%s/dogpile-feed" : "%s-dogpile-feed", real);
+    int fd = open_create(feed, mode);
+    int rc = fd < 0 ? errno : posix_fallocate(fd, 0, (off_t)DP_FEED_FILE_BYTES);
+    if (fd >= 0)
+        close(fd);
+    if (rc) {
+        lua_pushnil(L);
+        if (disk_full(feed, rc))
+            lua_pushfstring(L, NAME ": the change feed '%s': no space left on device", feed);
+        else
+            lua_pushfstring(L, NAME ": cannot open the change feed '%s': %s", feed, strerror(rc));
+        return 2;
+    }
+    lua_pushstring(L, feed);
+    return 1;
+}
+
 __attribute__((visibility("default"))) int luaopen_dogpile_backends_lmdb(lua_State *L)
 {
     uv_once(&fork_once, fork_init);
     int rc = dp_backend_register(&lm_ops, NULL);
     if (rc != DP_OK)
         return luaL_error(L, NAME ": cannot register the backend: %s", dp_strerror(rc));
-    lua_createtable(L, 0, 2);
+    lua_createtable(L, 0, 3);
     lua_pushstring(L, NAME);
     lua_setfield(L, -2, "name");
     lua_pushcfunction(L, lm_defer_until_fork);
     lua_setfield(L, -2, "defer_until_fork");
+    lua_pushcfunction(L, lm_feed_file);
+    lua_setfield(L, -2, "feed_file");
     return 1;
 }

@@ -20,6 +20,20 @@
  * changes may have gone unannounced), is told to reset: to drop every copy
  * it keeps, since it cannot know which are stale.
  *
+ * Host feeds. A name that starts with '/' is the path of a file that every
+ * process of the host maps: the ring, the stamp and the epoch live in it, so
+ * a push in one process reaches the readers of every process (a tiered
+ * region over lmdb). The stamp pointer then points into the mapping: the hit
+ * path is the same one load. Pushes and reads take a robust process-shared
+ * mutex in the file (held for a copy of one key; a holder that dies leaves
+ * it consistent again and starts a new epoch). The file must exist (its
+ * owner makes it, with the mode its users need: backends/lmdb.c next to each
+ * environment); dp_feed_open allocates its blocks with posix_fallocate before
+ * mapping it, so that no write through the mapping can fault on a full disk
+ * (ENOSPC is an error at open instead). Keys longer than DP_FEED_FILE_KEY
+ * bytes are not stored: such a push starts a new epoch (every reader drops
+ * its copies), which is never wrong.
+ *
  * @note Memory ownership. dp_feed_open() returns a handle owned by the caller
  * until dp_feed_close(); the feed itself lives while any handle is open. Keys
  * are copied on push. dp_feed_read() writes keys into a caller-owned
@@ -61,9 +75,19 @@ typedef struct dp_feed_cursor {
 /** Default number of entries in a feed's ring. */
 #define DP_FEED_CAPACITY 4096
 
+/** Entries of a host feed's ring, and the longest key one stores. */
+#define DP_FEED_FILE_SLOTS 4096
+#define DP_FEED_FILE_KEY 512
+/** The size of a host feed's file: a 4 KiB header page, then the ring. */
+#define DP_FEED_FILE_BYTES (4096 + (size_t)DP_FEED_FILE_SLOTS * (16 + DP_FEED_FILE_KEY))
+
 /** Find or make the feed named `name` (len bytes). `capacity`: ring entries
- * for a new feed (0: DP_FEED_CAPACITY); an existing feed keeps its own.
- * DP_OK with *out, DP_ENOMEM, DP_EINVAL (no name). */
+ * for a new feed (0: DP_FEED_CAPACITY); an existing feed keeps its own. A
+ * name starting with '/' opens the host feed in that file (see "Host
+ * feeds"; `capacity` is ignored). DP_OK with *out, DP_ENOMEM, DP_EINVAL (no
+ * name, or a path longer than PATH_MAX), DP_EBACKEND (the file could not be
+ * opened, allocated or mapped, or holds something else: errno says why,
+ * EPROTO for a foreign file). */
 DP_API int dp_feed_open(const char *name, size_t len, size_t capacity, dp_feed **out);
 
 /** Release a handle (NULL is fine). The last one frees the feed. */
@@ -76,7 +100,9 @@ DP_API const volatile uint32_t *dp_feed_stamp(dp_feed *f);
 /** Record that `key` changed. `origin`: the producer's tag (readers skip
  * their own); `scope`: a number the producer and the readers agree on
  * (tiered: how far the change travelled). DP_OK or DP_ENOMEM (then the
- * feed is reset instead, so no reader misses the change). */
+ * feed is reset instead, so no reader misses the change). A host feed resets
+ * too, returning DP_OK, for a key longer than DP_FEED_FILE_KEY. Origins are
+ * per process (dp_lock_owner_new): a host feed tells them apart by pid. */
 DP_API int dp_feed_push(dp_feed *f, const char *key, size_t klen, uint32_t origin,
                         int scope);
 
@@ -94,7 +120,9 @@ DP_API void dp_feed_cursor_init(dp_feed *f, dp_feed_cursor *c);
  * lengths into lens[0..*n-1] and their scopes into scopes[0..*n-1].
  * c->reset: the reader missed entries (fell off the ring, or a new epoch):
  * nothing is returned, the cursor is now at the head, and every copy must
- * be dropped. c->more: call again. DP_OK or DP_ENOMEM (keys could not grow;
+ * be dropped; c->reset_at is then the new epoch's time, or now for a cursor
+ * that fell behind (shared copies taken before it may be stale). c->more:
+ * call again. DP_OK or DP_ENOMEM (keys could not grow;
  * then c->reset is set, which is always safe). */
 DP_API int dp_feed_read(dp_feed *f, dp_feed_cursor *c, dp_bytes *keys, size_t *lens,
                         int32_t *scopes, size_t max, size_t *n);

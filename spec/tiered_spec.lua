@@ -255,6 +255,33 @@ describe("dogpile.cache.tiered", function()
             support.raises_here("dogpile.cache.tiered: tier 2 (dogpile.cache.memcached) tells nobody", function() tiered({ { backend = "dogpile.cache.memory" }, { backend = "dogpile.cache.memcached", arguments = { url = "127.0.0.1:" .. port } } }) end)
         end)
 
+        it("an lmdb bottom needs no max_age: its host feed, made with the files' mode, "
+           .. "tells every process", function()
+            local dir = TMP .. "/" .. fresh("lmdb-conf"):gsub(":", "-")
+            local function lm()
+                return { { backend = "dogpile.cache.memory" },
+                         { backend = "dogpile.cache.lmdb", arguments = { path = dir, mode = "0640" } } }
+            end
+            local r = tiered(lm(), { expiration_time = 60 })
+            assert.are.equal("640", sh("stat -c %a " .. dir .. "/dogpile-feed"):match("%d+"))
+            r:set("k", "mine")
+            assert.are.equal("mine", r:get("k"))
+            local f = TMP .. "/lmdb-set.lua"
+            write(f, [[
+local cache = require "dogpile.cache"
+pcall(cache.register_backend, "dogpile.cache.tiered", "dogpile.cache.backends.tiered")
+local r = cache.make_region():configure("dogpile.cache.tiered", { arguments = { tiers = {
+    { backend = "dogpile.cache.memory" },
+    { backend = "dogpile.cache.lmdb", arguments = { path = arg[1] } } } } })
+if arg[3] == "delete" then r:delete(arg[2]) else r:set(arg[2], arg[3]) end
+]])
+            sh(string.format("luajit %s '%s' k theirs", f, dir))
+            -- Nothing to wait for: the other process pushed before it exited.
+            assert.are.equal("theirs", r:get("k"))
+            sh(string.format("luajit %s '%s' k delete", f, dir))
+            assert.are.equal(NO_VALUE, r:get("k"))
+        end)
+
         it("works from a load_regions config file", function()
             local path = TMP .. "/regions.lua"
             write(path, [[
@@ -477,6 +504,30 @@ if arg[3] == "delete" then r:delete(arg[2]) else r:set(arg[2], arg[3]) end
             local bad, judged = check(ops, 0.1)
             assert.is_true(judged >= 300, "only " .. judged .. " reads judged")
             assert.are.same({}, bad)
+        end)
+
+        it("1,000+ random operations: 3 processes on memory -> lmdb and 4 threads on "
+           .. "memory -> shared_memory -> lmdb never read a value older than 100 ms", function()
+            uniq = uniq + 1
+            local files = run_all("random", {
+                { layout = "ml" }, { layout = "ml" }, { layout = "ml" },
+                { layout = "msl", threads = 4 },
+            }, string.format("160 40 %d", uniq), now() + 1.0)
+            local ops = load_ops(files)
+            assert.is_true(#ops >= 1000, "only " .. #ops .. " operations")
+            local bad, judged = check(ops, 0.1)
+            assert.is_true(judged >= 300, "only " .. judged .. " reads judged")
+            assert.are.same({}, bad)
+        end)
+
+        it("the checker catches a hand-made memory region in front of lmdb (no coherence)",
+           function()
+            uniq = uniq + 1
+            local files = run_all("random", {
+                { layout = "naive_lmdb" }, { layout = "naive_lmdb" }, { layout = "naive_lmdb" },
+            }, string.format("160 20 %d", uniq), now() + 0.5)
+            local bad = check(load_ops(files), 0.1)
+            assert.is_true(#bad > 0, "the checker found nothing stale in an incoherent setup")
         end)
 
         it("the checker catches a hand-made memory region in front of redis (no coherence)",

@@ -57,6 +57,20 @@ local function new(arguments)
     local t = C.dp_backend_lock_timeout(backend.handle)
     backend.lock_timeout = t < 0 and math.huge or t
     backend.key_mangler = KEY_MANGLER
+    -- The environment's host change feed, for a tiered region over it
+    -- (dogpile.cache.tiered): its path, made with the files' mode. nil in
+    -- nginx's root master, where nothing is made: a worker asks again.
+    local path, mode = arguments.path, arguments.mode
+    function backend.host_feed()
+        if in_root_master() then
+            return nil
+        end
+        local feed, err = clmdb.feed_file(path, mode)
+        if not feed then
+            error(err, 0)
+        end
+        return feed
+    end
     return backend
 end
 

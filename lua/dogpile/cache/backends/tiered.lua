@@ -22,10 +22,12 @@
 -- (one FFI load when nothing changed). A write in this process pushes
 -- directly; a write in another process reaches it through the bottom's
 -- notification: Redis PUBLISHes the changed keys on `prefix.."changes"` and
--- a listener thread of the redis backend pushes them into the feed. A reader
+-- a listener thread of the redis backend pushes them into the feed; an lmdb
+-- bottom has a host feed, a file beside the environment that every process
+-- maps (the same ring and stamp, shared), into which writers push. A reader
 -- that missed changes (its cursor fell off the ring, or the channel was lost
 -- and came back) drops every copy above the bottom. A bottom with no
--- notification (memcached, lmdb, a Lua backend) needs a max_age on every
+-- notification (memcached, a Lua backend) needs a max_age on every
 -- tier above it: then a copy is served at most that long.
 --
 -- The region's read of tier 1: when tier 1 is a dogpile.cache.memory, the
@@ -72,6 +74,7 @@ local NOTIFYING = {
     ["dogpile.cache.shared_memory"] = true, -- one process: the feed is enough
     ["dogpile.cache.memory"] = true,        -- one Lua state
     ["dogpile.cache.ngx_shared"] = true,    -- the dict's own feed (ngx_shared.lua)
+    ["dogpile.cache.lmdb"] = true,          -- its host feed (backend.host_feed)
 }
 
 local DRAIN_BATCH = 256
@@ -411,6 +414,61 @@ local function ngx_redis_feed(name, bottom, channel)
     return feed
 end
 
+-- -- A host feed opened at first use -------------------------------------------------
+-- nginx's master, as root, makes no file a worker could not open (lmdb.lua
+-- says so with a nil host_feed()): the feed is opened by each worker at
+-- its first read or write. Copies made before that (in the master) are
+-- dropped then, as after any reset.
+
+local LazyFeed = {}
+LazyFeed.__index = LazyFeed
+
+function LazyFeed:real()
+    local f = self.opened
+    if f == nil then
+        local path = self.host_feed()
+        if path == nil then
+            return nil
+        end
+        f = open_feed(path)
+        self.opened = f
+    end
+    return f
+end
+
+function LazyFeed:push(key, scope)
+    local f = self:real()
+    if f then
+        f:push(key, scope)
+    end
+end
+
+function LazyFeed:drain(on_key, on_reset, ctx)
+    return self.opened:drain(on_key, on_reset, ctx)
+end
+
+local function lazy_host_feed(host_feed)
+    local feed = setmetatable({ host_feed = host_feed }, LazyFeed)
+    -- The sync of the reader `ctx`: see Tiered's new for the usual one.
+    function feed.sync_fn(ctx, _, on_reset, drain)
+        local stamp_ptr, last
+        return function()
+            if stamp_ptr == nil then
+                local f = feed:real()
+                if f == nil then
+                    return
+                end
+                stamp_ptr, last = f.stamp, f.cursor.stamp
+                on_reset(ctx, C.dp_clock_now())
+            end
+            if stamp_ptr[0] ~= last then
+                last = drain(ctx)
+            end
+        end
+    end
+    return feed
+end
+
 -- -- The region's invalidation, kept in the bottom tier ----------------------------
 -- One signed number (the invalidation time: positive hard, negative soft)
 -- stored as an ordinary value under `prefix.."invalidated:"..name`. Each
@@ -588,7 +646,6 @@ local function sweep(self, now)
             end
         end
     end
-    self.next_sweep = now + self.sweep_every
 end
 
 --- Copy `cv`, read from tier `from`, into the tiers above it, most shared
@@ -980,10 +1037,16 @@ local function new(arguments)
         self.poll_every = m
     end
 
+    local host_feed = tiers[n].backend.host_feed
     if in_nginx then
         self.feed = tiers[n].backend:change_feed(prefix)
     elseif ngx and tiers[n].backend.s and not tiers[n].backend.handle then
         self.feed = ngx_redis_feed(feed_name, tiers[n].backend, prefix .. "changes")
+    elseif host_feed then
+        -- One file per environment whatever the prefix: keys are the
+        -- environment's, and an invalidation key names its prefix.
+        local path = host_feed()
+        self.feed = path and open_feed(path) or lazy_host_feed(host_feed)
     else
         self.feed = open_feed(feed_name)
     end
@@ -996,22 +1059,40 @@ local function new(arguments)
             sweep_every = math_min(sweep_every or math.huge, tiers[i].sweep_every)
         end
     end
-    self.sweep_every = sweep_every
-    self.next_sweep = 0
+    -- A sweep (max_age on a memory tier) is due at most every sweep_every:
+    -- one clock reading on the hit path, whichever feed drives the sync.
     local sync
     if feed.sync_fn then
-        sync = feed.sync_fn(self, on_key, on_reset)
+        local inner = feed.sync_fn(self, on_key, on_reset, drain)
+        if sweep_every then
+            -- Inside nginx the feeds drain from timers or light threads:
+            -- the hit path still sweeps, so a direct read of tier 1 never
+            -- serves a copy past its max_age.
+            local next_sweep = 0
+            sync = function()
+                inner()
+                local now = clock_upper()
+                if now >= next_sweep then
+                    sweep(self, now)
+                    next_sweep = now + sweep_every
+                end
+            end
+        else
+            sync = inner
+        end
     else
         local stamp_ptr = feed.stamp
         local last = feed.cursor.stamp
         if sweep_every then
+            local next_sweep = 0
             sync = function()
                 if stamp_ptr[0] ~= last then
                     last = drain(self)
                 end
                 local now = clock_upper()
-                if now >= self.next_sweep then
+                if now >= next_sweep then
                     sweep(self, now)
+                    next_sweep = now + sweep_every
                 end
             end
         else
