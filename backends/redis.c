@@ -687,7 +687,8 @@ static int rd_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_er
         freeReplyObject(r);
         return dp_err_set(err, DP_ENOMEM, "out of memory copying a %zu-byte value", r->len);
     }
-    memcpy(out->data, r->str, r->len);
+    if (r->len) /* an empty value into a buffer never grown: data is NULL */
+        memcpy(out->data, r->str, r->len);
     out->len = r->len;
     freeReplyObject(r);
     atomic_fetch_add_explicit(&s->hits, 1, memory_order_relaxed);
