@@ -22,14 +22,12 @@
 -- keys fail at once, naming the failure), then tried again, so a restarted
 -- server is used again without reloading nginx; with remove_failed_servers,
 -- server_failure_limit such failures in a row take it off the circle for
--- dead_timeout (its keys move meanwhile). A connection that saw an I/O or
--- protocol error, or an error reply, is closed, never pooled, and its
--- server's pool generation (part of the pool's name) is bumped, so that the
--- idle connections opened before are left to expire; an operation that
--- fails on a reused connection because the server closed it is retried once
--- on a fresh one. Connecting is bounded by connect_timeout, each send and
--- read by socket_timeout. Each worker keeps its own counts.
+-- dead_timeout (its keys move meanwhile). Each worker keeps its own counts.
+-- The pool, its generations and the bounded exchange with one retry are
+-- dogpile.cache.cosocket's (cosocket.Server); a connection that got an error
+-- reply is closed, never pooled.
 local bit = require "bit"
+local cosocket = require "dogpile.cache.cosocket"
 
 local ngx = ngx
 local bxor, lshift, rshift, tobit = bit.bxor, bit.lshift, bit.rshift, bit.tobit
@@ -139,28 +137,25 @@ _M.server_of = server_of
 
 -- -- Servers ----------------------------------------------------------------------
 
-local Server = {}
-Server.__index = Server
+local Server = cosocket.server_class()
 _M.Server = Server
 
 function Server:where()
     return self.addr
 end
 
--- A failure while talking to the server, for messages: "<op> on server
+function Server:pool_name(addr)
+    return "dogpile.memcached:" .. addr
+end
+
+--- A failure while talking to the server, for messages: "<op> on server
 -- h:p: <what>", as the C backend's.
-local function io_fail(self, op, err)
-    if err == "timeout" then
+function Server:io_fail(op, err)
+    if cosocket.timed_out(err) then
         return format("%s on server %s: no answer within socket_timeout (%g s)", op, self.addr,
                       self.ring.socket_timeout)
     end
     return format("%s on server %s: %s", op, self.addr, tostring(err or "connection lost"))
-end
-
---- Forget the pooled connections (a new generation of the pool's name).
-function Server:broken()
-    self.gen = self.gen + 1
-    self.opts = { pool = self.pool_prefix .. self.gen, pool_size = self.ring.pool_size }
 end
 
 -- A connect failure: count it, and leave the server alone for
@@ -192,11 +187,9 @@ function Server:connect(op)
                                ring.retry_timeout, ring.retry_timeout, self.last_error)
         end
     end
-    local sock = ngx.socket.tcp()
-    sock:settimeouts(ring.connect_ms, ring.socket_ms, ring.socket_ms)
-    local ok, err = sock:connect(self.host, self.port, self.opts)
-    if not ok then
-        local msg
+    local sock, reused = self:open(self.host, self.port, self:pool_opts(self.addr))
+    if not sock then
+        local err, msg = reused, nil
         if err == "timeout" then
             msg = format("cannot connect within connect_timeout (%g s)", ring.connect_timeout)
         else
@@ -206,12 +199,16 @@ function Server:connect(op)
         return nil, format("%s on server %s: %s", op, self.addr, msg)
     end
     self.failures, self.retry_at = 0, 0
-    return sock, sock:getreusedtimes() > 0
+    return sock, reused
 end
 
--- The server closed a reused connection (a restart): worth one retry.
-local function closed(err)
-    return err == "closed" or err == "broken pipe" or err == "connection reset by peer"
+function Server:settle(sock, _, r1, r2)
+    if r2 == "error" then
+        sock:close()
+    else
+        self:keep(sock)
+    end
+    return r1, r2
 end
 
 --- Send `req` (a string or an array of strings) and read its reply with
@@ -219,35 +216,7 @@ end
 -- protocol error; r2 == "error": r1 is the server's error reply, and the
 -- connection is not pooled). Returns r1, r2, or nil and the message
 -- "<op> on server h:p: ...".
-function Server:call(op, req, reader, a, b)
-    for attempt = 1, 2 do
-        local sock, reused = self:connect(op)
-        if not sock then
-            return nil, reused
-        end
-        local ok, err = sock:send(req)
-        local r1, r2
-        if ok then
-            r1, r2 = reader(sock, a, b)
-            if r1 == nil then
-                err = r2
-            end
-        end
-        if err == nil then
-            if r2 == "error" then
-                sock:close()
-            else
-                sock:setkeepalive(self.ring.idle_ms, self.ring.pool_size)
-            end
-            return r1, r2
-        end
-        sock:close()
-        self:broken()
-        if not (reused and attempt == 1 and closed(err)) then
-            return nil, io_fail(self, op, err)
-        end
-    end
-end
+Server.call = Server.exchange
 
 -- -- Replies ----------------------------------------------------------------------
 
@@ -426,11 +395,11 @@ function _M.ring(url, opts)
         n = 0, socket_timeout = opts.socket_timeout, connect_timeout = opts.connect_timeout,
         retry_timeout = opts.retry_timeout, dead_timeout = opts.dead_timeout,
         failure_limit = opts.failure_limit, remove_failed = opts.remove_failed,
-        pool_size = opts.pool_size,
-        socket_ms = math.max(1, math.ceil(opts.socket_timeout * 1000)),
-        connect_ms = math.max(1, math.ceil(opts.connect_timeout * 1000)),
-        idle_ms = math.floor(opts.pool_idle_timeout * 1000 + 0.5),
     }
+    -- Rounded up, as the C backend hands them to libmemcached.
+    local socket_ms = math.max(1, math.ceil(opts.socket_timeout * 1000))
+    local connect_ms = math.max(1, math.ceil(opts.connect_timeout * 1000))
+    local idle_ms = math.floor(opts.pool_idle_timeout * 1000 + 0.5)
     for item in url:gmatch("[^,]+") do
         local host, port = item:match("^([^:]+):(%d+)$")
         if not host then
@@ -439,10 +408,9 @@ function _M.ring(url, opts)
         port = tonumber(port)
         local s = setmetatable({
             ring = ring, host = host, port = port, addr = host .. ":" .. port,
-            pool_prefix = format("dogpile.memcached:%s:%d#", host, port), gen = 0,
-            failures = 0, retry_at = 0, last_error = nil,
+            socket_ms = socket_ms, connect_ms = connect_ms, idle_ms = idle_ms,
+            pool_size = opts.pool_size, gen = 0, failures = 0, retry_at = 0, last_error = nil,
         }, Server)
-        s:broken()
         ring.n = ring.n + 1
         ring[ring.n] = s
     end

@@ -5,15 +5,11 @@
 -- (`ngx.socket.tcp` + `setkeepalive`), runs its command or pipeline and
 -- gives the connection back.
 --
--- Connections. A new connection (never reused from the pool) is set up
--- first: AUTH, SELECT, and for a sentinel-found master a ROLE check, as the C
--- backend does. A connection that saw an I/O or protocol error is closed,
--- never pooled, and the pool's generation (part of its name) is bumped, so
--- that the idle connections opened before the failure are left to expire
--- and the next operation connects anew: after a server restart, and without
--- reloading nginx. An operation that fails on a reused connection because
--- the server closed it is retried once on a fresh one. Each send and each
--- read is bounded by socket_timeout, connecting by connect_timeout.
+-- Connections. The pool, its generations and the bounded exchange with one
+-- retry are dogpile.cache.cosocket's (cosocket.Server). A new connection
+-- (never reused from the pool) is set up first: AUTH, SELECT, and for a
+-- sentinel-found master a ROLE check, as the C backend does. A READONLY,
+-- LOADING or MASTERDOWN reply breaks the connection like an I/O error.
 --
 -- Sentinel. The master's address is asked of the sentinels (each in turn)
 -- when the worker knows none, and forgotten on any connection failure or a
@@ -27,6 +23,7 @@
 -- as the C backend's do ("GET: no answer from 127.0.0.1:6379 within
 -- socket_timeout (1 s)").
 local lib = require "dogpile.lib"
+local cosocket = require "dogpile.cache.cosocket"
 
 local ngx = ngx
 local byte, sub, find, format = string.byte, string.sub, string.find, string.format
@@ -239,8 +236,7 @@ end
 
 -- -- Servers -----------------------------------------------------------------------
 
-local Server = {}
-Server.__index = Server
+local Server = cosocket.server_class()
 _M.Server = Server
 
 --- Where the server is, for messages.
@@ -255,32 +251,17 @@ function Server:where()
     return self.host .. ":" .. self.port
 end
 
--- The options of connect(): the pool's name says where, as whom and which
--- db, and its generation (bumped after a failure).
-local function pool_opts(self, addr)
-    local opts = self.opts
-    if opts == nil or self.opts_gen ~= self.gen or self.opts_addr ~= addr then
-        opts = {
-            pool = format("dogpile.redis:%s/%d/%s/%s#%d", addr, self.db, self.username or "",
-                          self.password and ngx.crc32_long(self.password) or "", self.gen),
-            pool_size = self.pool_size,
-        }
-        self.opts, self.opts_gen, self.opts_addr = opts, self.gen, addr
-    end
-    return opts
+-- The pool's name says where, as whom and which db.
+function Server:pool_name(addr)
+    return format("dogpile.redis:%s/%d/%s/%s", addr, self.db, self.username or "",
+                  self.password and ngx.crc32_long(self.password) or "")
 end
 
+-- `port` nil: `host` is a unix socket's path.
 local function raw_connect(self, host, port, opts)
-    local sock = ngx.socket.tcp()
-    sock:settimeouts(self.connect_ms, self.socket_ms, self.socket_ms)
-    local ok, err
-    if port then
-        ok, err = sock:connect(host, port, opts)
-    else
-        ok, err = sock:connect("unix:" .. host, opts)
-    end
-    if not ok then
-        local addr = port and (host .. ":" .. port) or ("unix:" .. host)
+    local addr = port and (host .. ":" .. port) or ("unix:" .. host)
+    local sock, err = self:open(port and host or addr, port, opts)
+    if not sock then
         if err == "timeout" then
             return nil, format("cannot connect to %s within connect_timeout (%g s)", addr,
                                self.connect_timeout)
@@ -290,9 +271,9 @@ local function raw_connect(self, host, port, opts)
     return sock
 end
 
--- A failure while talking to the server: a timeout says so with the limit.
-local function io_fail(self, op, err)
-    if err == "timeout" or err == "timeout, mid-reply" then
+--- A failure while talking to the server: a timeout says so with the limit.
+function Server:io_fail(op, err)
+    if cosocket.timed_out(err) then
         return format("%s: no answer from %s within socket_timeout (%g s)", op, self:where(),
                       self.socket_timeout)
     end
@@ -308,7 +289,7 @@ local function setup_cmd(self, sock, args, what)
         v, kind = read_reply(sock)
     end
     if not ok or v == nil then
-        return nil, io_fail(self, what, err or kind)
+        return nil, self:io_fail(what, err or kind)
     end
     if kind == "-" then
         return nil, what .. " refused: " .. v
@@ -328,7 +309,7 @@ local function find_master(self)
                                                     self.service, n = 3 },
                                       format("sentinel %s:%d", s[1], s[2]))
             if v and kind == "*" and type(v[1]) == "string" and type(v[2]) == "string" then
-                sock:setkeepalive(self.idle_ms, self.pool_size)
+                self:keep(sock)
                 self.master_host, self.master_port = v[1], tonumber(v[2])
                 return true
             end
@@ -377,7 +358,7 @@ end
 --- Forget what a failure may have made wrong: the pooled connections (a new
 -- generation) and, with sentinels, the master's address.
 function Server:broken()
-    self.gen = self.gen + 1
+    cosocket.Server.broken(self)
     if self.sentinels then
         self.master_host, self.master_port = nil, nil
     end
@@ -398,7 +379,7 @@ function Server:connect()
         host, port = self.unix, nil
     end
     local sock, err = raw_connect(self, host, port,
-                                  pool_opts(self, port and (host .. ":" .. port) or host))
+                                  self:pool_opts(port and (host .. ":" .. port) or host))
     if not sock and known and not find(err, "within connect_timeout", 1, true) then
         -- A master this worker knew is gone (refused, not slow): the
         -- sentinels may already name its successor. Ask once more now.
@@ -406,7 +387,7 @@ function Server:connect()
         local ok = find_master(self)
         if ok and (self.master_host ~= host or self.master_port ~= port) then
             host, port = self.master_host, self.master_port
-            sock, err = raw_connect(self, host, port, pool_opts(self, host .. ":" .. port))
+            sock, err = raw_connect(self, host, port, self:pool_opts(host .. ":" .. port))
         end
     end
     if not sock then
@@ -426,21 +407,35 @@ function Server:connect()
     return sock, false
 end
 
---- Give a connection back to the pool (in step: every reply read).
-function Server:keep(sock)
-    sock:setkeepalive(self.idle_ms, self.pool_size)
-end
-
--- The server closed a reused connection (a restart): worth one retry.
-local function closed(err)
-    return err == "closed" or err == "broken pipe" or err == "connection reset by peer"
-end
-
 -- A reply after which this connection (and, with sentinels, this master)
 -- must not be used again.
 local function breaks(v, kind)
     return kind == "-" and (find(v, "^READONLY") or find(v, "^LOADING")
                             or find(v, "^MASTERDOWN")) ~= nil
+end
+
+function Server:settle(sock, op, v, kind)
+    if breaks(v, kind) then
+        sock:close()
+        local w = self:where()
+        self:broken()
+        return nil, format("%s: %s: %s", op, w, v)
+    end
+    self:keep(sock)
+    return v, kind
+end
+
+-- `n` replies of a pipeline: an array of values and one of kinds.
+local function read_replies(sock, n)
+    local vs, kinds = {}, {}
+    for i = 1, n do
+        local v, kind = read_reply(sock)
+        if v == nil then
+            return nil, kind
+        end
+        vs[i], kinds[i] = v, kind
+    end
+    return vs, kinds
 end
 
 --- Send `req` (fragments, see encode_into) and read `nrep` replies (1 when
@@ -450,49 +445,10 @@ end
 -- `reader` (optional, one reply): reads it instead of read_reply, as
 -- reader(sock, ra, rb) (read_bulk, read_bulks).
 function Server:call(op, req, nrep, reader, ra, rb)
-    for attempt = 1, 2 do
-        local sock, reused = self:connect()
-        if not sock then
-            return nil, reused
-        end
-        local ok, err = sock:send(req)
-        local v, kind
-        if ok then
-            if nrep == nil then
-                v, kind = (reader or read_reply)(sock, ra, rb)
-                if v == nil then
-                    err = kind
-                end
-            else
-                local vs, kinds = {}, {}
-                for i = 1, nrep do
-                    local x, k = read_reply(sock)
-                    if x == nil then
-                        err = k
-                        break
-                    end
-                    vs[i], kinds[i] = x, k
-                end
-                v, kind = vs, kinds
-            end
-        end
-        if err == nil then
-            if nrep == nil and breaks(v, kind) then
-                sock:close()
-                local w = self:where()
-                self:broken()
-                return nil, format("%s: %s: %s", op, w, v)
-            end
-            sock:setkeepalive(self.idle_ms, self.pool_size)
-            return v, kind
-        end
-        sock:close()
-        local msg = io_fail(self, op, err)
-        self:broken()
-        if not (reused and attempt == 1 and closed(err)) then
-            return nil, msg
-        end
+    if nrep then
+        return self:exchange(op, req, read_replies, nrep)
     end
+    return self:exchange(op, req, reader or read_reply, ra, rb)
 end
 
 --- One command (an array of strings and numbers): value, kind or nil, err.
@@ -579,7 +535,7 @@ function _M.server(name, arguments, sentinels)
     local s = setmetatable({
         name = name, host = "127.0.0.1", port = 6379, db = 0, socket_timeout = 1,
         connect_timeout = 1, lock_timeout = 30, lock_sleep = 0.1, lock_prefix = "_lock",
-        ttl = 0, pool_size = 30, pool_idle_timeout = 60, gen = 0,
+        ttl = 0, gen = 0,
     }, Server)
     if arguments.url ~= nil then
         if type(arguments.url) ~= "string" then
@@ -616,7 +572,7 @@ function _M.server(name, arguments, sentinels)
             end
             s[k] = v
         elseif k == "socket_timeout" or k == "connect_timeout" or k == "lock_timeout"
-            or k == "lock_sleep" or k == "pool_idle_timeout" then
+            or k == "lock_sleep" then
             s[k], err = seconds(name, k, v)
         elseif k == "redis_expiration_time" then
             s.ttl, err = seconds(name, k, v)
@@ -626,13 +582,7 @@ function _M.server(name, arguments, sentinels)
             if type(v) ~= "number" or v < 0 or v ~= v then
                 return nil, name .. ": " .. k .. " must be a number >= 0"
             end
-        elseif k == "pool_size" then
-            if type(v) ~= "number" or v < 1 or v ~= math.floor(v) then
-                return nil, name .. ": pool_size must be a positive integer (connections "
-                            .. "kept idle per worker)"
-            end
-            s.pool_size = v
-        elseif k ~= "distributed_lock" then
+        elseif k ~= "distributed_lock" and k ~= "pool_size" and k ~= "pool_idle_timeout" then
             return nil, format("%s: unknown argument '%s' (known: %s%s)", name, tostring(k),
                                sentinels and "sentinels, service_name, " or "", KNOWN)
         end
@@ -640,6 +590,13 @@ function _M.server(name, arguments, sentinels)
             return nil, err
         end
     end
+    local idle
+    s.pool_size, idle = cosocket.pool_args(name, arguments.pool_size, arguments.pool_idle_timeout,
+                                           "worker")
+    if not s.pool_size then
+        return nil, idle
+    end
+    s.pool_idle_timeout = idle
     if s.notify_feed and not s.notify_channel then
         return nil, name .. ": notify_feed needs notify_channel"
     elseif s.notify_channel == "" then

@@ -1,0 +1,546 @@
+--- What every backend that talks to its server over nginx cosockets needs
+-- (redis_cosocket over dogpile.cache.resp, memcached_cosocket over
+-- dogpile.cache.mctext), written once. A backend file then holds its
+-- protocol and its lock rules (how a lock key is taken, read and released),
+-- nothing else.
+--
+-- Phases. Cosockets connect and yield in rewrite, access, content, timer,
+-- ssl_* and preread; elsewhere (init, init_worker, set, header_filter,
+-- body_filter, log, balancer, exit_worker) nothing blocks: get and get_multi
+-- are misses; set, set_multi, delete, delete_multi and a lock's release are
+-- handed to `ngx.timer.at(0)` (a failure there is logged); the lock is not
+-- taken (acquire returns true without it, so the caller runs its creator
+-- itself), and wait_unlocked returns false at once.
+--
+-- Servers. Each server keeps a keepalive pool per worker (`pool_size`
+-- connections idle at most, each for `pool_idle_timeout` seconds) whose name
+-- carries a generation: a connection that saw an I/O or protocol error is
+-- closed and the generation bumped, so that the idle connections opened
+-- before are left to expire and the next operation connects anew (a
+-- restarted server is used again without reloading nginx). Connecting is
+-- bounded by connect_timeout, each send and read by socket_timeout; an
+-- operation that fails on a reused connection because the server closed it
+-- is retried once on a fresh one.
+--
+-- The lock's waiters. The coroutines of one worker waiting for one lock
+-- share one wait: the first asks the server (polls the lock key, 1 ms
+-- growing by the backend's factor up to its limit, and may also watch for
+-- the release, as redis SUBSCRIBEs), the others sleep on its semaphore; all
+-- are woken when it sees the release, or at once by a release in this
+-- worker. Past lock_timeout the holder is taken to be stuck and the waiter
+-- goes ahead without the lock, as the C backends do.
+local lib = require "dogpile.lib"
+local context = require "dogpile.context"
+local api = require "dogpile.cache.api"
+local ffi = require "ffi"
+
+local ngx = ngx
+local NO_VALUE = api.NO_VALUE
+-- Loaded outside nginx too (resp's encoder and reader serve the CLI there).
+local get_phase = ngx and ngx.get_phase
+local type, tostring, next, pcall, error, setmetatable, min, max, floor =
+      type, tostring, next, pcall, error, setmetatable, math.min, math.max, math.floor
+local format, concat = string.format, table.concat
+
+lib.own_source()
+
+local _M = {}
+
+-- -- Phases -----------------------------------------------------------------------
+
+-- Phases where a cosocket may connect and yield.
+local COSOCKET = {
+    rewrite = true, server_rewrite = true, access = true, content = true, timer = true,
+    ssl_cert = true, ssl_session_fetch = true, ssl_client_hello = true, preread = true,
+}
+_M.COSOCKET = COSOCKET
+
+local function deferred(premature, self, op, phase, a, b)
+    if premature then
+        return
+    end
+    local ok, err = pcall(self["_" .. op], self, a, b)
+    if not ok then
+        local key = type(a) == "string" and a or (type(a) == "table" and (a[1] or next(a)))
+        ngx.log(ngx.ERR, self.name, ": ", op, key and (" '" .. tostring(key) .. "'") or "",
+                " failed (deferred from the ", phase, " phase): ", tostring(err))
+    end
+end
+
+--- `op` (set, delete, set_multi, delete_multi, unlock) of backend `self`
+-- in a phase that cannot yield: self["_" .. op](self, a, b) runs in a timer.
+local function defer(self, op, phase, a, b)
+    local ok, handle, err = pcall(ngx.timer.at, 0, deferred, self, op, phase, a, b)
+    if not (ok and handle) then
+        context.log(format("%s: %s dropped: it cannot run in the %s phase and no timer could "
+                           .. "take it (%s)", self.name, op, phase, tostring(ok and err or handle)))
+    end
+end
+_M.defer = defer
+
+-- -- The backend's public operations ---------------------------------------------------
+
+local function write(op)
+    local run = "_" .. op
+    return function(self, a, b)
+        local phase = get_phase()
+        if not COSOCKET[phase] then
+            return defer(self, op, phase, a, b)
+        end
+        return self[run](self, a, b)
+    end
+end
+
+--- Give `Backend` the region's operations, each applying the phase policy
+-- and counting hits and misses around the protocol's own: _get(key) (the
+-- value, or false for a miss), _get_multi(keys, n, out) (out[i] the value
+-- of keys[i], or false or nil for a miss), _set(key, value), _delete(key),
+-- _set_multi(mapping), _delete_multi(keys). Each raises on failure, with
+-- the operation and server named. Instances have name, hits, misses and
+-- lock_overruns.
+function _M.backend(Backend)
+    -- The region hands us, and expects back, the serialized envelope (bytes).
+    Backend.serialized = true
+
+    function Backend:get(key)
+        if not COSOCKET[get_phase()] then
+            self.misses = self.misses + 1
+            return NO_VALUE
+        end
+        local v = self:_get(key)
+        if v then
+            self.hits = self.hits + 1
+            return v
+        end
+        self.misses = self.misses + 1
+        return NO_VALUE
+    end
+
+    function Backend:get_multi(keys)
+        local n = #keys
+        local out = {}
+        if n == 0 then
+            return out
+        end
+        if not COSOCKET[get_phase()] then
+            for i = 1, n do
+                out[i] = NO_VALUE
+            end
+            self.misses = self.misses + n
+            return out
+        end
+        self:_get_multi(keys, n, out)
+        local hits = 0
+        for i = 1, n do
+            if out[i] then
+                hits = hits + 1
+            else
+                out[i] = NO_VALUE
+            end
+        end
+        self.hits, self.misses = self.hits + hits, self.misses + n - hits
+        return out
+    end
+
+    Backend.set = write("set")
+    Backend.delete = write("delete")
+    Backend.set_multi = write("set_multi")
+    Backend.delete_multi = write("delete_multi")
+
+    function Backend:stats()
+        return { hits = self.hits, misses = self.misses, lock_overruns = self.lock_overruns }
+    end
+    return Backend
+end
+
+-- -- Arguments --------------------------------------------------------------------------
+
+--- The pool arguments, checked: pool_size (connections kept idle per
+-- worker, and per server where there are several: `per` says which; default
+-- 30) and pool_idle_timeout (seconds, default 60). nil, err when one is bad.
+function _M.pool_args(name, pool_size, pool_idle_timeout, per)
+    if pool_size ~= nil and (type(pool_size) ~= "number" or pool_size < 1
+                             or pool_size ~= floor(pool_size)) then
+        return nil, format("%s: pool_size must be a positive integer (connections kept idle per "
+                           .. "%s), got %s", name, per, tostring(pool_size))
+    end
+    local idle = pool_idle_timeout
+    if idle ~= nil and (type(idle) ~= "number" or not (idle > 0) or idle == math.huge) then
+        return nil, format("%s: pool_idle_timeout must be a positive number of seconds, got %s",
+                           name, tostring(idle))
+    end
+    return pool_size or 30, idle or 60
+end
+
+-- -- Servers ----------------------------------------------------------------------------
+-- The base of a protocol's server: fields connect_ms, socket_ms, idle_ms,
+-- pool_size, gen; methods connect(op) (sock, reused; or nil, message),
+-- pool_name(addr), io_fail(op, err) (the message for an I/O failure, in the
+-- wording of the protocol's C backend) and optionally settle (see exchange).
+
+local Server = {}
+Server.__index = Server
+_M.Server = Server
+
+--- A protocol's server class, inheriting these methods.
+function _M.server_class()
+    local S = setmetatable({}, Server)
+    S.__index = S
+    return S
+end
+
+--- The options of sock:connect() for `addr`: the pool's name (pool_name and
+-- the generation) and size.
+function Server:pool_opts(addr)
+    local opts = self.opts
+    if opts == nil or self.opts_gen ~= self.gen or self.opts_addr ~= addr then
+        opts = { pool = self:pool_name(addr) .. "#" .. self.gen, pool_size = self.pool_size }
+        self.opts, self.opts_gen, self.opts_addr = opts, self.gen, addr
+    end
+    return opts
+end
+
+--- A socket connected to `host`:`port` (port nil: host is "unix:<path>"),
+-- from the pool `opts` names (nil: none) when it has one: sock, reused;
+-- or nil, err ("timeout" when connect_timeout passed).
+function Server:open(host, port, opts)
+    local sock = ngx.socket.tcp()
+    sock:settimeouts(self.connect_ms, self.socket_ms, self.socket_ms)
+    local ok, err
+    if port then
+        ok, err = sock:connect(host, port, opts)
+    else
+        ok, err = sock:connect(host, opts)
+    end
+    if not ok then
+        return nil, err
+    end
+    return sock, sock:getreusedtimes() > 0
+end
+
+--- Give a connection back to the pool (in step: every reply read).
+function Server:keep(sock)
+    sock:setkeepalive(self.idle_ms, self.pool_size)
+end
+
+--- Forget the pooled connections: a new generation of the pool's name.
+function Server:broken()
+    self.gen = self.gen + 1
+end
+
+--- After a reply (r1 not nil): pool the connection, or close it, and say
+-- what the caller gets. The default pools it and returns r1, r2.
+function Server:settle(sock, _, r1, r2)
+    self:keep(sock)
+    return r1, r2
+end
+
+--- Whether an I/O error is socket_timeout passing.
+function _M.timed_out(err)
+    return err == "timeout" or err == "timeout, mid-reply"
+end
+
+-- The server closed a reused connection (a restart): worth one retry.
+local function closed(err)
+    return err == "closed" or err == "broken pipe" or err == "connection reset by peer"
+end
+
+--- Send `req` (a string or an array of fragments) on a connection and read
+-- its reply with `read(sock, a, b)`, which returns r1, r2 (r1 nil: r2 is an
+-- I/O or protocol error). Returns what settle makes of r1, r2; or nil and
+-- the message io_fail words (the connection closed, the pool forgotten).
+function Server:exchange(op, req, read, a, b)
+    for attempt = 1, 2 do
+        local sock, reused = self:connect(op)
+        if not sock then
+            return nil, reused
+        end
+        local ok, err = sock:send(req)
+        local r1, r2
+        if ok then
+            r1, r2 = read(sock, a, b)
+            if r1 == nil then
+                err = r2
+            end
+        end
+        if err == nil then
+            return self:settle(sock, op, r1, r2)
+        end
+        sock:close()
+        local msg = self:io_fail(op, err)
+        self:broken()
+        if not (reused and attempt == 1 and closed(err)) then
+            return nil, msg
+        end
+    end
+end
+
+-- -- Lock tokens --------------------------------------------------------------------------
+
+pcall(ffi.cdef, "long getrandom(void *buf, size_t buflen, unsigned int flags);")
+local rand_buf = ffi.new("uint8_t[32]")
+local rand_seq = 0
+
+--- `n` (at most 32) random bytes in hex.
+function _M.random_hex(n)
+    if ffi.C.getrandom(rand_buf, n, 0) ~= n then
+        -- Not expected; still unique per worker and moment.
+        rand_seq = rand_seq + 1
+        local s = format("%016x%08x%08x", floor(ngx.now() * 1e6), ngx.worker.pid() % 2^32,
+                         rand_seq % 2^32)
+        return s:sub(1, 2 * n)
+    end
+    local t = {}
+    for i = 0, n - 1 do
+        t[i + 1] = format("%02x", rand_buf[i])
+    end
+    return concat(t)
+end
+
+-- -- The lock ---------------------------------------------------------------------------
+-- A protocol's mutex class (mutex_class) defines new_token(), take(token)
+-- (true when the lock key was set to `token`), token_of() (the holder's
+-- token, false when free), unlock(token) (the release: true when it was
+-- still ours; false and why not otherwise) and locked(); optionally watch(),
+-- which the first waiter of a worker calls before it first reads the token,
+-- returning nil or an object with start(group, deadline) (the lock is held:
+-- a group:finish(true) wakes every waiter) and stop(). Instances come from
+-- new_mutex; the backend has name, domain, lock_timeout, lock_growth and
+-- lock_step_max (the poll's steps), lock_overruns and _unlock(lk, token)
+-- (a release handed to a timer).
+
+-- The waits of this worker, by lock (domain and lock key): the coroutines
+-- waiting for one lock's release share one group; `held` marks the locks a
+-- coroutine of this worker holds, whose release wakes the waiters directly.
+local waits, held = {}, {}
+local semaphore
+
+local Group = {}
+Group.__index = Group
+
+local function new_group(gk)
+    semaphore = semaphore or require("ngx.semaphore")
+    return setmetatable({ gk = gk, sema = semaphore.new(), n = 0, polling = false,
+                          done = false, result = false }, Group)
+end
+
+--- Everyone waiting in this group may look now.
+function Group:finish(result)
+    if self.done then
+        return
+    end
+    self.done, self.result = true, result
+    if waits[self.gk] == self then
+        waits[self.gk] = nil
+    end
+    if self.n > 0 then
+        self.sema:post(self.n)
+    end
+end
+
+local Mutex = {}
+Mutex.__index = Mutex
+_M.Mutex = Mutex
+
+function _M.mutex_class()
+    local M = setmetatable({}, Mutex)
+    M.__index = M
+    return M
+end
+
+--- The mutex of `key` (lock key `lk`) on backend `b`, of class `M`.
+function _M.new_mutex(M, b, key, lk)
+    return setmetatable({ b = b, key = key, lk = lk, gk = b.domain .. "\n" .. lk, token = nil,
+                          stolen = false, unlocked = false, gave_up = false, since = 0 }, M)
+end
+
+--- Raise "<backend>: <what> of the lock for key '<key>': <msg>".
+-- @raise always
+function Mutex:fail(what, msg)
+    error(self.b.name .. ": " .. what .. " of the lock for key '" .. self.key .. "': "
+          .. tostring(msg), 0)
+end
+
+-- One try: true when taken.
+local function try_take(self)
+    local token = self:new_token()
+    if self:take(token) then
+        self.token = token
+        self.since = ngx.now()
+        held[self.gk] = true
+        return true
+    end
+    return false
+end
+
+-- The first waiter of this worker: read the holder's token, then look again
+-- at growing steps (waiting on the group's semaphore, which a release in
+-- this worker or the watch posts) until it is gone or another's, or
+-- `deadline`.
+local function poll(self, g, deadline, watch)
+    local first = self:token_of()
+    if not first then
+        return true
+    end
+    if watch then
+        watch:start(g, deadline)
+    end
+    local b = self.b
+    local step = 0.001
+    while not g.done do
+        local left = deadline - ngx.now()
+        if left <= 0 then
+            return false
+        end
+        g.n = g.n + 1
+        g.sema:wait(min(step, left))
+        g.n = g.n - 1
+        if g.done then
+            break
+        end
+        step = min(step * b.lock_growth, b.lock_step_max)
+        if self:token_of() ~= first then
+            return true
+        end
+    end
+    return g.result
+end
+
+-- Wait until the lock's holder now lets go, or `deadline`. true: released.
+local function wait_release(self, deadline)
+    local gk = self.gk
+    local g = waits[gk]
+    if g == nil then
+        g = new_group(gk)
+        waits[gk] = g
+    end
+    if not held[gk] and not g.polling then
+        g.polling = true
+        local watch = self.watch and self:watch()
+        local ok, result = pcall(poll, self, g, deadline, watch)
+        g:finish(ok and result)
+        if watch then
+            watch:stop()
+        end
+        if not ok then
+            error(result, 0)
+        end
+        return g.result
+    end
+    g.n = g.n + 1
+    g.sema:wait(max(0.001, deadline - ngx.now()))
+    g.n = g.n - 1
+    return g.done and g.result
+end
+
+local function check_free(self)
+    if self.token or self.stolen or self.unlocked then
+        error(self.b.name .. ": the lock for key '" .. self.key .. "' is already held through "
+              .. "this mutex", 0)
+    end
+end
+
+--- `wait` nil or true: wait, yielding, for at most lock_timeout (then go
+-- ahead without the lock: its holder is stuck); false: try once. In a phase
+-- that cannot yield: true at once, without the lock.
+function Mutex:acquire(wait)
+    check_free(self)
+    if not COSOCKET[get_phase()] then
+        self.unlocked = true
+        return true
+    end
+    local gave_up = self.gave_up
+    self.gave_up = false
+    if held[self.gk] and wait == false then
+        return false -- held in this worker: no round trip needed to know
+    end
+    if try_take(self) then
+        return true
+    end
+    if wait == false then
+        return false
+    end
+    if gave_up then
+        -- wait_unlocked already waited lock_timeout for this holder: stuck.
+        self.stolen = true
+        return true
+    end
+    local deadline = ngx.now() + self.b.lock_timeout
+    while true do
+        wait_release(self, deadline)
+        if try_take(self) then
+            return true
+        end
+        if ngx.now() >= deadline then
+            self.stolen = true
+            return true -- stuck holder: go ahead without the lock
+        end
+    end
+end
+
+--- Wait, without taking the lock, until its holder now releases it (at once
+-- when it is free), for at most lock_timeout. true: released; false: still
+-- held then, or a phase that cannot yield.
+function Mutex:wait_unlocked()
+    check_free(self)
+    if not COSOCKET[get_phase()] then
+        return false
+    end
+    local released = wait_release(self, ngx.now() + self.b.lock_timeout)
+    if not released then
+        self.gave_up = true
+    end
+    return released
+end
+
+--- Release: the waiters of this worker are woken at once; the lock key is
+-- released on the server (in a timer from a phase that cannot yield). A
+-- lock held past lock_timeout, or no longer ours, is counted and logged:
+-- the value was made, so it is not the caller's error.
+-- @raise when it was not held through this mutex, or the release failed
+function Mutex:release()
+    local b = self.b
+    if self.unlocked then
+        self.unlocked = false
+        return
+    end
+    if self.stolen then
+        self.stolen = false
+        return
+    end
+    local token = self.token
+    if not token then
+        error("dogpile: release of the lock for key '" .. self.key .. "', which is not held "
+              .. "through this mutex", 0)
+    end
+    local gk = self.gk
+    self.token = nil
+    held[gk] = nil
+    local g = waits[gk]
+    if g and not g.polling then
+        g:finish(true)
+    end
+    local phase = get_phase()
+    if not COSOCKET[phase] then
+        -- An async runner's release from a phase that cannot yield.
+        return defer(b, "unlock", phase, self.lk, token)
+    end
+    local ok, ours, why = pcall(self.unlock, self, token)
+    if not ok then
+        self:fail("release", ours)
+    end
+    local held_for = ngx.now() - self.since
+    if held_for > b.lock_timeout then
+        b.lock_overruns = b.lock_overruns + 1
+        context.log(format("%s: the lock for key '%s' was held for %.3f s, longer than "
+                           .. "lock_timeout (%s s): another caller may have created the value "
+                           .. "too", b.name, self.key, held_for, tostring(b.lock_timeout)))
+    elseif not ours then
+        b.lock_overruns = b.lock_overruns + 1
+        context.log(format("%s: the lock for key '%s' was no longer held when released after "
+                           .. "%.3f s (%s): another caller may have created the value too",
+                           b.name, self.key, held_for, tostring(why)))
+    end
+end
+
+return _M
