@@ -3,7 +3,7 @@ local lib = require "dogpile.lib"
 local context = require "dogpile.context"
 local api = require "dogpile.cache.api"
 local region = require "dogpile.cache.region"
-local util = require "dogpile.cache.util"
+local options = require "dogpile.cache.options"
 
 local raise = lib.raise
 local type, pairs, ipairs, tostring, pcall, loadfile = type, pairs, ipairs, tostring, pcall, loadfile
@@ -63,6 +63,7 @@ function _M.load_regions(source)
         end
         local make_opts, conf_opts = { name = name }, {}
         local backend
+        local in_region = "dogpile.cache: load_regions: region '" .. name .. "' in " .. where .. ": "
         for k, v in pairs(spec) do
             if k == "backend" then
                 backend = v
@@ -73,18 +74,32 @@ function _M.load_regions(source)
             elseif region.CONFIGURE_OPTS[k] then
                 conf_opts[k] = v
             else
-                raise("dogpile.cache: load_regions: region '" .. name .. "' in " .. where
-                      .. ": unknown option '" .. tostring(k) .. "'")
+                local known = { backend = true, name = true }
+                for o in pairs(region.MAKE_OPTS) do known[o] = true end
+                for o in pairs(region.CONFIGURE_OPTS) do known[o] = true end
+                raise(in_region .. "unknown option '" .. tostring(k) .. "' (known: "
+                      .. options.known(known) .. ")")
             end
         end
         if type(backend) ~= "string" then
-            raise("dogpile.cache: load_regions: region '" .. name .. "' in " .. where
-                  .. ": backend must be a backend name, got " .. type(backend))
+            raise(in_region .. "backend must be a backend name, got " .. options.show(backend))
         end
-        if type(conf_opts.expiration_time) == "string" then
-            conf_opts.expiration_time = util.coerce_string(conf_opts.expiration_time)
+        -- No string is coerced here (options.lua says why): expiration_time =
+        -- "60" is refused as configure refuses it. Errors of make_region,
+        -- configure and the backend are raised again naming this region.
+        local ok, res = pcall(function()
+            return region.make_region(make_opts):configure(backend, conf_opts)
+        end)
+        if not ok then
+            local msg = tostring(res)
+            -- The position raise() put in front (the caller's line, ours now).
+            msg = msg:gsub("^[^\n]-:%d+: ", "", 1)
+            if msg:sub(1, 15) == "dogpile.cache: " then
+                msg = msg:sub(16)
+            end
+            raise(in_region .. msg)
         end
-        regions[name] = region.make_region(make_opts):configure(backend, conf_opts)
+        regions[name] = res
     end
     return regions
 end

@@ -16,7 +16,7 @@ local setmetatable = setmetatable
 
 local _M = {}
 
---- Upper bounds in seconds: 1 us (a memory hit) to 10 s (a slow creator).
+-- Upper bounds in seconds: 1 us (a memory hit) to 10 s (a slow creator).
 _M.BOUNDS = { 1e-6, 5e-6, 1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1, 5, 10 }
 _M.KINDS = { "get", "create" }
 _M.SAMPLE_EVERY = 64

@@ -1,17 +1,69 @@
 --- Checking what a caller hands the region: option tables (make_region,
 -- configure, the decorators), keys, expiration times and invalidate's `hard`.
--- Each check raises a `dogpile.cache:` error at the caller's line.
+-- Each check raises a `dogpile.cache:` error at the caller's line, in the
+-- format of the C backends' core/args.c: an unknown name with the list of
+-- known ones, a wrong value as "<name> must be <what>, got <value>" where
+-- <value> shows a string quoted (`got string "60"`).
+--
+-- Strings are not coerced: a Lua table says what it means, so `"60"` is
+-- refused wherever a number is expected (configure, make_region,
+-- load_regions, the decorators, every backend's arguments). The one
+-- exception is `configure_from_config`, whose flat table stands for an ini
+-- file of strings, as in dogpile.cache (util.coerce_string_conf).
 local lib = require "dogpile.lib"
 local dogpile = require "dogpile"
 
 local raise = lib.raise
 local is_callable = dogpile.is_callable
-local type, pairs, tostring = type, pairs, tostring
+local type, pairs, tostring, sort, concat = type, pairs, tostring, table.sort, table.concat
 local HUGE = math.huge
+
+--- The longest expiration time accepted in an option table: ten years. A
+-- larger one is a unit mistake (milliseconds, or a timestamp).
+local MAX_EXPIRATION = 10 * 365 * 86400
 
 lib.own_source()
 
-local _M = {}
+local _M = { MAX_EXPIRATION = MAX_EXPIRATION }
+
+--- `v` as core/args.c shows an argument: a string quoted (cut at 40 bytes,
+-- with the type named), a number as Lua prints it, nil and booleans as
+-- they read, anything else by its type.
+function _M.show(v)
+    local t = type(v)
+    if t == "string" then
+        local s = v:sub(1, 40):gsub('[%c"\\\128-\255]', function(c)
+            if c == '"' or c == "\\" then
+                return "\\" .. c
+            end
+            return "\\" .. c:byte()
+        end)
+        return 'string "' .. s .. (#v > 40 and '"...' or '"')
+    elseif t == "number" then
+        if v ~= v then
+            return "nan"
+        elseif v == HUGE then
+            return "math.huge"
+        elseif v == -HUGE then
+            return "-math.huge"
+        end
+        return tostring(v)
+    elseif t == "nil" or t == "boolean" then
+        return tostring(v)
+    end
+    return "a " .. t
+end
+local show = _M.show
+
+--- The names of `allowed`, sorted and joined: "a, b, c".
+function _M.known(allowed)
+    local names = {}
+    for k in pairs(allowed) do
+        names[#names + 1] = tostring(k)
+    end
+    sort(names)
+    return #names > 0 and concat(names, ", ") or "none"
+end
 
 --- make_region's options and their types.
 _M.MAKE_OPTS = {
@@ -66,8 +118,9 @@ local function finite(exp)
 end
 _M.finite = finite
 
---- `exp` nil or a finite number of seconds; `name` (default
--- "expiration_time") names it in the message.
+--- `exp` nil or a finite number of seconds (negative: never expires), as a
+-- call's own expiration time (get's override, set, a creator's second
+-- value); `name` (default "expiration_time") names it in the message.
 -- @raise otherwise
 function _M.check_expiration(exp, who, name)
     if exp == nil or finite(exp) then
@@ -76,42 +129,77 @@ function _M.check_expiration(exp, who, name)
     name = name or "expiration_time"
     if type(exp) == "number" then
         raise("dogpile.cache: " .. who .. ": " .. name .. " must be a finite number of seconds "
-              .. "(-1: never expires) or nil, got " .. tostring(exp))
+              .. "(-1: never expires) or nil, got " .. show(exp))
     end
     raise("dogpile.cache: " .. who .. ": " .. name .. " must be a number of seconds or nil, got "
-          .. type(exp))
+          .. show(exp))
+end
+
+-- An option table's lifetime: expiration_time from 0 (exclusive) to ten
+-- years (nil: never expires); negative_expiration_time the same or -1
+-- (misses kept for good, as a creator's -1). Anything else negative was
+-- accepted once and silently meant "never": a sign mistake, refused.
+local function check_lifetime(who, k, v)
+    if finite(v) and ((v > 0 and v <= MAX_EXPIRATION) or (v == -1 and k == "negative_expiration_time")) then
+        return
+    end
+    raise("dogpile.cache: " .. who .. ": " .. k .. " must be a finite number of seconds > 0 and <= "
+          .. MAX_EXPIRATION .. " (ten years)" .. (k == "negative_expiration_time" and ", -1 (never)" or "")
+          .. " or nil (never), got " .. show(v))
 end
 
 --- Check an option table against `allowed` ({name = type}); returns the
--- table ({} for nil).
+-- table ({} for nil). `label` (optional, "'name'" or "(unnamed)") names the
+-- region in every message: "dogpile.cache: region 'r': configure: ...".
 -- @raise on a non-table, an unknown option or a value of the wrong type
-function _M.check(who, opts, allowed)
+function _M.check(who, opts, allowed, label)
+    if label == nil and allowed == _M.MAKE_OPTS and type(opts) == "table"
+        and type(opts.name) == "string" then
+        label = "'" .. opts.name .. "'"
+    end
+    if label ~= nil then
+        who = "region " .. tostring(label) .. ": " .. who
+    end
     if opts == nil then
         return {}
     end
     if type(opts) ~= "table" then
-        raise("dogpile.cache: " .. who .. ": options must be a table, got " .. type(opts))
+        raise("dogpile.cache: " .. who .. ": options must be a table, got " .. show(opts))
     end
     for k, v in pairs(opts) do
         local want = allowed[k]
         if not want then
-            raise("dogpile.cache: " .. who .. ": unknown option '" .. tostring(k) .. "'")
+            raise("dogpile.cache: " .. who .. ": unknown option '" .. tostring(k) .. "' (known: "
+                  .. _M.known(allowed) .. ")")
         end
         local ok = type(v) == want or (want == "function" and is_callable(v))
             or also_accepted(k, v, allowed)
         if not ok then
-            raise("dogpile.cache: " .. who .. ": " .. k .. " must be a " .. want .. ", got " .. type(v))
+            local what = (want == "number" and (k == "expiration_time" or k == "negative_expiration_time"))
+                and "a number of seconds" or (want == "table" or want == "function") and "a " .. want
+                or want == "boolean" and "a boolean" or want == "string" and "a string"
+                or "a number"
+            if k == "expiration_time" and CALLABLE_EXPIRATION[allowed] then
+                what = what .. " or a function returning one"
+            elseif k == "key_mangler" then
+                what = what .. " or \"sha1\""
+            elseif k == "serializer" then
+                what = what .. " or \"pickle\" or \"json\""
+            elseif k == "early_refresh" then
+                what = what .. " or a boolean"
+            end
+            raise("dogpile.cache: " .. who .. ": " .. k .. " must be " .. what .. ", got " .. show(v))
         end
         if (k == "expiration_time" or k == "negative_expiration_time") and type(v) == "number" then
-            _M.check_expiration(v, who, k)
+            check_lifetime(who, k, v)
         elseif k == "wire_format" and v ~= "dogpile.cache" then
             raise("dogpile.cache: " .. who .. ": wire_format must be \"dogpile.cache\" (values "
-                  .. "as Python's dogpile.cache stores them) or nil, got \"" .. tostring(v) .. "\"")
+                  .. "as Python's dogpile.cache stores them) or nil, got " .. show(v))
         elseif (k == "stale_if_error" or k == "early_refresh") and type(v) == "number"
             and not (finite(v) and (v > 0 or (v == 0 and k == "stale_if_error"))) then
             raise("dogpile.cache: " .. who .. ": " .. k .. " must be a finite number "
                   .. (k == "stale_if_error" and "of seconds >= 0" or "> 0 (XFetch's beta; 1 is usual)")
-                  .. ", got " .. tostring(v))
+                  .. ", got " .. show(v))
         end
     end
     return opts
@@ -120,7 +208,7 @@ end
 --- @raise when `key` is not a string
 function _M.check_key(key, who)
     if type(key) ~= "string" then
-        raise("dogpile.cache: " .. who .. ": key must be a string, got " .. type(key))
+        raise("dogpile.cache: " .. who .. ": key must be a string, got " .. show(key))
     end
 end
 

@@ -4,6 +4,7 @@
 --   max_items   bound the number of keys; the least recently used is evicted
 local lib = require "dogpile.lib"
 local api = require "dogpile.cache.api"
+local options = require "dogpile.cache.options"
 
 local NO_VALUE = api.NO_VALUE
 local type, pairs, setmetatable, math_floor = type, pairs, setmetatable, math.floor
@@ -159,16 +160,30 @@ function LRU:stats()
     return { items = self._count, evictions = self._evictions, max_items = self._max }
 end
 
+-- The arguments, checked as core/args.c checks a C backend's: an unknown
+-- name is refused (a misspelled max_items must not leave the cache unbounded).
+local KNOWN = { cache_dict = true, max_items = true }
+
 local function new(arguments)
     arguments = arguments or {}
+    if type(arguments) ~= "table" then
+        lib.raise("dogpile.cache.memory: arguments must be a table, got " .. options.show(arguments))
+    end
+    for k in pairs(arguments) do
+        if not KNOWN[k] then
+            lib.raise("dogpile.cache.memory: unknown argument '" .. tostring(k) .. "' (known: "
+                      .. options.known(KNOWN) .. ")")
+        end
+    end
     local cache = arguments.cache_dict
     if cache ~= nil and type(cache) ~= "table" then
-        lib.raise("dogpile.cache.memory: cache_dict must be a table, got " .. type(cache))
+        lib.raise("dogpile.cache.memory: cache_dict must be a table, got " .. options.show(cache))
     end
     local max = arguments.max_items
-    if max ~= nil and (type(max) ~= "number" or max < 1 or max ~= math_floor(max)) then
+    if max ~= nil and (type(max) ~= "number" or not (max >= 1 and max < math.huge)
+                       or max ~= math_floor(max)) then
         lib.raise("dogpile.cache.memory: max_items must be a positive integer, got "
-                  .. tostring(max))
+                  .. options.show(max))
     end
     cache = cache or {}
     if not max then

@@ -1,6 +1,10 @@
 --- dogpile.cache.null: stores nothing. Every get is a miss and its lock never
 -- blocks, so every caller runs the creator, as with dogpile.cache's null backend.
+local lib = require "dogpile.lib"
 local api = require "dogpile.cache.api"
+local options = require "dogpile.cache.options"
+
+lib.own_source()
 
 local NO_VALUE = api.NO_VALUE
 
@@ -34,5 +38,15 @@ function Null.get_mutex() return NULL_LOCK end
 -- @tparam[opt] table arguments the arguments listed above
 -- @treturn table the backend
 return {
-    new = function() return setmetatable({}, Null) end,
+    new = function(arguments)
+        -- It takes no argument; one given is a mistake (refused, as every
+        -- backend refuses a name it does not know).
+        if arguments ~= nil and type(arguments) ~= "table" then
+            lib.raise("dogpile.cache.null: arguments must be a table, got " .. options.show(arguments))
+        end
+        for k in pairs(arguments or {}) do
+            lib.raise("dogpile.cache.null: unknown argument '" .. tostring(k) .. "' (known: none)")
+        end
+        return setmetatable({}, Null)
+    end,
 }
