@@ -476,9 +476,12 @@ local mangle = Region._mangle
 
 -- The expiration time of a call: the caller's, else the region's; nil when
 -- it never expires (negative). Checked only when given, off the common path.
+-- rawget: configure keeps expiration_time on the region itself (nil when
+-- none) and Region has no such field, so a plain read of an absent one
+-- would also search Region's method table, on every hit.
 local function expiration(self, exp, who)
     if exp == nil then
-        exp = self.expiration_time
+        exp = rawget(self, "expiration_time")
     elseif not (type(exp) == "number" and exp > -HUGE and exp < HUGE) then
         check_expiration(exp, who)
     end
@@ -497,7 +500,9 @@ function Region:get(key, expiration_time, ignore_expiration)
         check_key(key, "get")
     end
     local exp = expiration(self, expiration_time, "get")
-    if self.key_mangler then
+    -- rawget, as expiration's: make_region and configure keep key_mangler on
+    -- the region itself.
+    if rawget(self, "key_mangler") then
         key = mangle(self, key)
     end
     local st = self._stats
@@ -671,7 +676,7 @@ function Region:get_or_create(key, creator, expiration_time, should_cache_fn, cr
     end
     local exp = expiration(self, expiration_time, "get_or_create")
     local orig_key = key
-    if self.key_mangler then
+    if rawget(self, "key_mangler") then
         key = mangle(self, key)
     end
     -- The hit, as get's: one read, no closure, no lock. `early` (a
