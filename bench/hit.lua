@@ -9,7 +9,8 @@
 -- table, and against Python dogpile.cache's memory get_or_create hit
 -- (measured by bench/anchors.py in the same run).
 --
--- Each path runs its own loop over NKEYS keys cycled through, summing the
+-- Each path runs its own loop over NKEYS keys cycled through (in KEYS order,
+-- and for the "shuffled" rows in a fixed random order), summing the
 -- values so the loop cannot be optimised away; the reported time is the
 -- median of the repetitions, in nanoseconds per hit (loop overhead included,
 -- for every path alike).
@@ -175,6 +176,50 @@ local function loop_clock(n)
     return acc
 end
 
+-- The same 1,000 keys in a shuffled order (fixed seed): consecutive hits
+-- land on unrelated hash slots and cache lines, as a server's keys do,
+-- rather than walking KEYS and its strings in memory order.
+local ORDER = {}
+do
+    for i = 1, NKEYS do
+        ORDER[i] = i
+    end
+    local seed = 12345
+    for i = NKEYS, 2, -1 do
+        seed = (seed * 1103515245 + 12345) % 2147483648
+        local j = seed % i + 1
+        ORDER[i], ORDER[j] = ORDER[j], ORDER[i]
+    end
+end
+local SHUFFLED = {}
+for i = 1, NKEYS do
+    SHUFFLED[i] = KEYS[ORDER[i]]
+end
+
+local function loop_lrucache_shuffled(n)
+    local acc = 0
+    for i = 1, n do
+        acc = acc + lru:get(SHUFFLED[i % NKEYS + 1])
+    end
+    return acc
+end
+
+local function loop_get_shuffled(n)
+    local acc = 0
+    for i = 1, n do
+        acc = acc + r_exp:get(SHUFFLED[i % NKEYS + 1])
+    end
+    return acc
+end
+
+local function loop_get_or_create_shuffled(n)
+    local acc = 0
+    for i = 1, n do
+        acc = acc + r_exp:get_or_create(SHUFFLED[i % NKEYS + 1], creator)
+    end
+    return acc
+end
+
 local PATHS = {
     { "plain table t[key]", loop_plain },
     { "resty.lrucache :get", lru and loop_lrucache },
@@ -184,16 +229,20 @@ local PATHS = {
     { "region:get (no expiration)", loop_get_noexp },
     { "(extra) region:get (LRU, no exp.)", loop_get_lru_noexp },
     { "(extra) t[key] + dp_clock_now()", loop_clock },
+    { "shuffled: resty.lrucache :get", lru and loop_lrucache_shuffled, shuffled = true },
+    { "shuffled: region:get (exp.)", loop_get_shuffled, shuffled = true },
+    { "shuffled: get_or_create hit", loop_get_or_create_shuffled, shuffled = true },
 }
 
 -- -- Measuring -------------------------------------------------------------------
 
-local function expected_sum(n)
+local function expected_sum(n, shuffled)
     -- key i % NKEYS + 1 holds i % NKEYS + 1; whole cycles sum to NKEYS(NKEYS+1)/2
     local full, rest = floor(n / NKEYS), n % NKEYS
     local s = full * NKEYS * (NKEYS + 1) / 2
     for i = 1, rest do
-        s = s + (i % NKEYS + 1)
+        local k = i % NKEYS + 1
+        s = s + (shuffled and ORDER[k] or k)
     end
     return s
 end
@@ -219,7 +268,7 @@ end
 -- what the trace compiler did meanwhile: root and side traces compiled,
 -- and the reasons of any abort. jit.attach holds one handler per event, so
 -- this replaces -jv's while it runs: the aborts are reported here instead.
-local function measure(loop, n)
+local function measure(loop, n, shuffled)
     local roots, sides, aborts = 0, 0, {}
     local function on_trace(what, tr, func, pc, otr, oex)
         if what == "start" then
@@ -242,8 +291,8 @@ local function measure(loop, n)
     jit.flush()
     jit.opt.start("hotloop=" .. HOTLOOP)
     jit.attach(on_trace, "trace")
-    local want = expected_sum(n)
-    local want_warm = expected_sum(WARMUP)
+    local want = expected_sum(n, shuffled)
+    local want_warm = expected_sum(WARMUP, shuffled)
     if loop(WARMUP) ~= want_warm then  -- warm up: compile the trace and its side traces
         jit.attach(on_trace)
         error("bench: wrong checksum while warming up (a miss?)")
@@ -285,7 +334,7 @@ local results = {}
 for round = 1, ROUNDS do
     for i, p in ipairs(PATHS) do
         if p[2] then
-            local res = measure(p[2], N)
+            local res = measure(p[2], N, p.shuffled)
             local acc = results[i]
             if not acc then
                 acc = { name = p[1], all = {}, aborts = {}, lo = math.huge, hi = 0,
@@ -359,6 +408,13 @@ if lru_ns then
 else
     blib.row("hit_memory", label("memory region get_or_create hit", goc) .. " [no lrucache]",
              goc.ns, "ns/op", "resty.lrucache get", nil, "<=2")
+end
+local s_lru, s_get, s_goc = results[9], results[10], results[11]
+if s_lru and s_lru.ns then
+    blib.row("hit_memory_shuffled", label("memory region get_or_create hit, shuffled keys", s_goc),
+             s_goc.ns, "ns/op", "resty.lrucache get, shuffled keys", s_lru.ns, "<=1.3")
+    blib.row("hit_memory_get_shuffled", label("memory region get hit, shuffled keys", s_get),
+             s_get.ns, "ns/op", "resty.lrucache get, shuffled keys", s_lru.ns, "<=1.3")
 end
 blib.row("hit_memory_vs_table", "memory region get_or_create hit vs plain table", goc.ns, "ns/op",
          "plain table t[key]", plain_r.ns, "")
