@@ -9,13 +9,12 @@
 local cache = require "dogpile.cache"
 local support = require "support"
 local ngx_support = require "ngx_support"
-local values = dofile(debug.getinfo(1, "S").source:sub(2):gsub("ngx_redis_spec%.lua$", "")
-                      .. "fixtures/nginx_redis/values.lua")
+local nb = require "ngx_backend_support"
 local ffi = require "ffi"
 
 local now, sleep, sh, write, read = support.now, support.sleep, support.sh, support.write,
     support.read
-local NO_VALUE = cache.NO_VALUE
+local wait_for, fresh, value_of = nb.wait_for, nb.fresh, nb.value_of
 
 pcall(ffi.cdef, "int setenv(const char *name, const char *value, int overwrite);")
 
@@ -102,47 +101,26 @@ local function cli(port, cmd)
     return (sh("redis-cli -p " .. port .. " " .. cmd):gsub("%s+$", ""))
 end
 
-local function wait_for(what, fn, limit, why)
-    local t0 = now()
-    while not fn() do
-        assert(now() - t0 < limit, what .. " did not happen within " .. limit .. " s"
-               .. (why and (": " .. tostring(why())) or ""))
-        sleep(0.05)
-    end
+-- The backend as ngx_backend_support's checks see it (filled in by setup).
+local B = {
+    region = "redis", query = "", phase_region = "redis", tmp = TMP, fixtures = FIXTURES,
+    -- A creator's run, counted in Redis as nginx's creators count theirs.
+    count = [[
+local function count(port, key)
+    local p = io.popen("redis-cli -p " .. port .. " INCR count:" .. key)
+    local n = tonumber(p:read("*a"))
+    p:close()
+    return n
 end
-
-local uniq = 0
-local function fresh(prefix)
-    uniq = uniq + 1
-    return ("%s-%d-%d-%d"):format(prefix, os.time(), math.random(1e6), uniq)
-end
-
--- A plain LuaJIT process on the C backend, loading the fixture's regions
--- file (arg[1]) as nginx does; it starts `body` at the wall-clock time
--- arg[2].
-local PROCESS = [[
-local cache = require "dogpile.cache"
-local ffi = require "ffi"
-pcall(ffi.cdef, "int usleep(unsigned int usec);")
-local function sleep(s) ffi.C.usleep(math.floor(s * 1e6)) end
-local function now() return require("dogpile").now() end
-local regions = cache.load_regions(arg[1])
-local start = tonumber(arg[2])
-while now() < start do sleep(0.001) end
-]]
+]],
+}
 
 local function process_script(name, body)
-    local path = TMP .. "/" .. name .. ".lua"
-    write(path, PROCESS .. body)
-    return path
+    return nb.process_script(B, name, body)
 end
 
 describe("dogpile.cache.redis inside nginx (cosockets)", function()
-    if not ngx_support.available() then
-        it("needs nginx-extras", function()
-            error("nginx-extras is not installed (/usr/sbin/nginx with the Lua module; "
-                  .. ".ci/test installs it)", 0)
-        end)
+    if not nb.need_nginx(it) then
         return
     end
 
@@ -171,28 +149,24 @@ describe("dogpile.cache.redis inside nginx (cosockets)", function()
         regions.redis:set("iw0", "stored")
         regions.redis:set("iw1", "stored")
         nginx = ngx_support.start({ fixture = "nginx_redis", ready = "/ready", env = env })
+        B.nginx, B.regions, B.port, B.env = nginx, regions, main.port, "DP_REDIS_PORT=" .. main.port
+        B.paused_pid = function() return paused.pid end
+        B.timeout_error = "dogpile.cache.redis: get 'p' failed: GET: no answer from 127.0.0.1:"
+            .. paused.port .. " within socket_timeout (1 s)"
     end)
 
     teardown(function()
-        local log = nginx and nginx:log() or ""
-        if nginx then
-            nginx:stop()
-        end
+        local check_log = nb.stop_nginx(nginx)
         for _, srv in ipairs(servers) do
             stop_server(srv)
         end
         os.execute("rm -rf '" .. TMP .. "'")
-        assert.is_nil(log:match("%[alert%][^\n]*") or log:match("%[emerg%][^\n]*")
-                      or log:match("%[crit%][^\n]*"), "nginx error.log:\n" .. log)
+        check_log()
     end)
 
     local function get(path)
         local body, status, t = nginx:get(path)
         return body, status, t
-    end
-
-    local function value_of(body)
-        return (body:match("^(.*) %d+$"))
     end
 
     it("outside nginx the same names stay on the C backend (hiredis)", function()
@@ -203,32 +177,7 @@ describe("dogpile.cache.redis inside nginx (cosockets)", function()
     end)
 
     it("values written on either side are read on the other, byte for byte", function()
-        local raw = regions.redis.actual_backend -- the C backend: the stored bytes
-        local envelope = require "dogpile.cache.envelope"
-        local kinds = 0
-        for kind, v in pairs(values) do
-            kinds = kinds + 1
-            local kn, kp = fresh("from-nginx-" .. kind), fresh("from-plain-" .. kind)
-            local body, status = get("/set_value?key=" .. kn .. "&kind=" .. kind)
-            assert.are.equal(200, status, body)
-            regions.redis:set(kp, v)
-            assert.are.same(v, regions.redis:get(kn), kind)
-            body, status = get("/check_value?key=" .. kp .. "&kind=" .. kind)
-            assert.are.equal("same", body, kind)
-            -- The same bytes but for the created time (envelope bytes 9-16);
-            -- a table's hash part is written in its iteration order, which
-            -- is not the same in two Lua states, so only its value counts.
-            local bn, bp = raw:get(kn), raw:get(kp)
-            assert.are.equal(bp:sub(1, 8), bn:sub(1, 8), kind)
-            if kind ~= "table" then
-                assert.are.equal(bp:sub(envelope.HEADER + 1), bn:sub(envelope.HEADER + 1), kind)
-            end
-            -- What nginx reads raw is what hiredis reads.
-            local hex = get("/raw?key=" .. kn)
-            assert.are.equal((bn:gsub(".", function(c) return ("%02x"):format(c:byte()) end)),
-                             hex, kind)
-        end
-        assert.is_true(kinds >= 10)
+        nb.values_across(B)
         -- get_multi, set (plain) and delete (nginx) across.
         local k = fresh("deleted")
         regions.redis:set(k, "x")
@@ -238,55 +187,8 @@ describe("dogpile.cache.redis inside nginx (cosockets)", function()
     end)
 
     it("a stampede of 200 requests and 2 plain processes on one missing key runs the creator once", function()
-        local key = fresh("stampede")
-        local script = process_script("stampede", [[
-local key, port, out = arg[3], arg[4], arg[5]
-local v = regions.redis:get_or_create(key, function()
-    local p = io.popen("redis-cli -p " .. port .. " INCR count:" .. key)
-    local n = tonumber(p:read("*a"))
-    p:close()
-    sleep(0.2)
-    return key .. "#" .. n .. "@plain"
-end)
-local f = io.open(out, "w")
-f:write(v)
-f:close()
-]])
-        local start = now() + 1.5
-        for i = 1, 2 do
-            os.execute(("DP_REDIS_PORT=%d luajit %s %s %.3f %s %d %s/stampede%d.out "
-                        .. "> %s/stampede%d.err 2>&1 &")
-                       :format(main.port, script, FIXTURES .. "/regions.lua", start, key,
-                               main.port, TMP, i, TMP, i))
-        end
-        while now() < start do
-            sleep(0.001)
-        end
-        local res = nginx:concurrent("/get_or_create?key=" .. key .. "&sleep=0.2", 200)
-        assert.are.equal(200, #res)
-        local seen, pids = {}, {}
-        for _, r in ipairs(res) do
-            assert.are.equal(200, r.status, r.body)
-            local v, pid = r.body:match("^(.*) (%d+)$")
-            seen[v] = true
-            pids[pid] = true
-        end
-        wait_for("the plain processes", function()
-            return read(TMP .. "/stampede1.out") and read(TMP .. "/stampede2.out")
-        end, 15, function() return read(TMP .. "/stampede1.err") .. read(TMP .. "/stampede2.err") end)
-        seen[read(TMP .. "/stampede1.out")] = true
-        seen[read(TMP .. "/stampede2.out")] = true
-        local distinct = {}
-        for v in pairs(seen) do
-            distinct[#distinct + 1] = v
-        end
-        assert.are.same({ key .. "#1@" .. (distinct[1] or ""):match("@(%a+)$") }, distinct)
+        local key = nb.stampede(B)
         assert.are.equal("1", cli(main.port, "GET count:" .. key))
-        local n = 0
-        for _ in pairs(pids) do
-            n = n + 1
-        end
-        assert.are.equal(2, n, "both workers answered")
         assert.are.equal("0", cli(main.port, "EXISTS _lock" .. key))
         assert.are.equal("0", (cli(main.port, "PUBSUB NUMSUB _lock" .. key):match("(%d+)%s*$")))
     end)
@@ -375,50 +277,7 @@ f:close()
     end)
 
     it("while Redis is SIGSTOPped: other locations answer in under 10 ms, cache requests fail within socket_timeout", function()
-        assert.are.equal(200, select(2, get("/set?region=paused&key=p&value=v")))
-        sh("kill -STOP " .. paused.pid)
-        finally(function() sh("kill -CONT " .. paused.pid) end)
-        local dir = TMP .. "/paused"
-        os.execute("mkdir -p " .. dir)
-        os.execute(("%s -s -m 10 -Z --parallel-immediate --parallel-max 20 -o '%s/#1' "
-                    .. "-w '%%{http_code} %%{time_total} %%{url_effective}\\n' '%s' > %s/codes 2>/dev/null &")
-                   :format(ngx_support.CURL, dir, nginx:url("/get?region=paused&key=p&n=[1-20]"),
-                           dir))
-        sleep(0.05)
-        -- A worker blocked on the stopped server would hold these for
-        -- socket_timeout (1 s): all 20 are answered before the cache
-        -- requests have even failed, each in under 10 ms (the median: the
-        -- slowest also carries the test machine's scheduling noise).
-        local out = sh(("%s -s -m 5 -o /dev/null -H 'Connection: close' -w '%%{http_code} "
-                        .. "%%{time_total}\\n' '%s'"):format(ngx_support.CURL,
-                                                            nginx:url("/plain?n=[1-20]")))
-        local times = {}
-        for code, t in out:gmatch("(%d+) ([%d.]+)") do
-            assert.are.equal("200", code)
-            times[#times + 1] = tonumber(t)
-        end
-        assert.are.equal(20, #times, out)
-        table.sort(times)
-        local said = "times: " .. table.concat(times, " ") .. " s"
-        assert.is_true(times[10] < 0.010, said)
-        assert.is_true(times[20] < 0.1, said)
-        assert.are.equal("", read(dir .. "/codes") or "", "the cache requests ended first")
-        wait_for("the cache requests", function()
-            local _, n = (read(dir .. "/codes") or ""):gsub("\n", "")
-            return n >= 20
-        end, 10)
-        local n = 0
-        for code, t, i in read(dir .. "/codes"):gmatch("(%d+) ([%d.]+) [^\n]-n=(%d+)\n") do
-            n = n + 1
-            local body = read(dir .. "/" .. i)
-            assert.are.equal("500", code, body)
-            assert.is_true(tonumber(t) < 1 + 0.3, "took " .. t .. " s")
-            assert.matches("dogpile.cache.redis: get 'p' failed: GET: no answer from 127.0.0.1:"
-                           .. paused.port .. " within socket_timeout (1 s)", body, 1, true)
-        end
-        assert.are.equal(20, n)
-        sh("kill -CONT " .. paused.pid)
-        assert.are.equal("v", value_of(get("/get?region=paused&key=p")))
+        nb.not_blocked(B)
     end)
 
     it("a restarted server is used again without reloading nginx; errors name backend, operation and key", function()
@@ -478,49 +337,6 @@ f:close()
     end)
 
     it("phases that cannot yield never block: get is a miss, writes go to a timer, the creator runs without the lock", function()
-        local function result(phase, name)
-            local r
-            wait_for(phase .. "'s result", function()
-                r = get("/result?name=" .. name)
-                return r ~= "nil"
-            end, 5)
-            local ok, got, created, ms = r:match("^(%a+)|(.-)|(.-)|([%d.]+)$")
-            assert.are.equal("ok", ok, r)
-            assert.are.equal("miss", got, phase .. ": " .. r)
-            assert.are.equal("created in " .. phase, created, r)
-            return tonumber(ms)
-        end
-        local function landed(phase, key)
-            wait_for(phase .. "'s deferred writes", function()
-                return regions.redis:get(key .. ":written") == "written in " .. phase
-                    and regions.redis:get(key .. ":created") == "created in " .. phase
-            end, 5)
-        end
-        -- init_worker ran at startup, where "iw0" and "iw1" were stored.
-        for id = 0, 1 do
-            assert.is_true(result("init_worker", "init_worker:iw" .. id) < 100)
-            landed("init_worker", "iw" .. id)
-        end
-        local phases = { "set", "header_filter", "body_filter", "log", "balancer" }
-        for _, phase in ipairs(phases) do
-            local key = fresh(phase)
-            regions.redis:set(key, "stored")
-            local body, status = get("/phase_" .. phase .. "?key=" .. key)
-            assert.are.equal(200, status, body)
-            assert.is_true(result(phase, phase .. ":" .. key) < 100)
-            landed(phase, key)
-        end
-        -- On a stopped server nothing waits: a call that did would take
-        -- socket_timeout (1 s) at least.
-        sh("kill -STOP " .. paused.pid)
-        finally(function() sh("kill -CONT " .. paused.pid) end)
-        for _, phase in ipairs(phases) do
-            local key = fresh(phase .. "-stopped")
-            local body, status, t = get("/phase_" .. phase .. "?region=paused&key=" .. key)
-            assert.are.equal(200, status, body)
-            assert.is_true(t < 0.2, phase .. ": the request took " .. t .. " s")
-            local ms = result(phase, phase .. ":" .. key)
-            assert.is_true(ms < 100, phase .. " took " .. ms .. " ms")
-        end
+        nb.phases(B)
     end)
 end)

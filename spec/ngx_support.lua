@@ -1,5 +1,5 @@
 -- Starts and stops a real nginx (Debian's nginx-extras) for spec/ngx_spec.lua,
--- spec/ngx_redis_spec.lua, bench/ngx_hit.lua and bench/ngx_redis.lua: its own
+-- spec/ngx_redis_spec.lua, bench/ngx_hit.lua, bench/ngx_redis.lua and others: its own
 -- prefix in a temporary folder, a loopback port, 2 workers, a fixture folder
 -- (spec/fixtures/nginx unless told), and the dogpile modules this Lua state
 -- loads (found through package.path and package.cpath, so the stage that
@@ -73,7 +73,9 @@ function _M.start(opts)
         self.port = free_port()
         local vars = {
             PORT = tostring(self.port),
-            LUA_PATH = lmod .. "?.lua;" .. fixtures .. "/?.lua;/usr/share/lua/5.1/?.lua;;",
+            -- nginx_backend: the handlers the backend fixtures share.
+            LUA_PATH = lmod .. "?.lua;" .. fixtures .. "/?.lua;" .. root
+                .. "spec/fixtures/nginx_backend/?.lua;/usr/share/lua/5.1/?.lua;;",
             LUA_CPATH = cmod .. "?.so;;",
             FIXTURES = fixtures,
         }
