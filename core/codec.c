@@ -338,7 +338,20 @@ static size_t spare(const dp_reader *r)
     return r->len - r->pos - (size_t)r->pending;
 }
 
-static int get_varint(dp_reader *r, uint64_t *out, const char *what)
+static int get_varint_long(dp_reader *r, uint64_t *out, const char *what);
+
+/* One byte is the common case (lengths and counts below 128, small
+ * integers): read inline; anything longer is get_varint_long's to check. */
+static inline int get_varint(dp_reader *r, uint64_t *out, const char *what)
+{
+    if (r->pos < r->len && r->data[r->pos] < 0x80) {
+        *out = r->data[r->pos++];
+        return DP_OK;
+    }
+    return get_varint_long(r, out, what);
+}
+
+static int get_varint_long(dp_reader *r, uint64_t *out, const char *what)
 {
     size_t at = r->pos;
     uint64_t v = 0;
