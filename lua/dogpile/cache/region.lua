@@ -107,6 +107,12 @@ local REGIONS = setmetatable({}, { __mode = "k" })
 local REGIONS_SEQ = 0
 
 --- `cache.make_region(opts)`.
+-- @tparam[opt] table opts `name` (string, the label in stats, logs and errors), `function_key_generator`,
+-- `function_multi_key_generator`, `key_mangler` (a function or "sha1"), `serializer` and `deserializer`
+-- (functions, or "pickle"/"json" with wire_format), `async_creation_runner`, `wire_format`
+-- ("dogpile.cache"), `wire_options` (table); each absent by default
+-- @treturn table the region, not configured yet
+-- @raise on an unknown option (listing the known ones) or a value of the wrong type
 function _M.make_region(opts)
     opts = check_opts("make_region", opts, options.MAKE_OPTS)
     local mangler = opts.key_mangler
@@ -136,6 +142,7 @@ end
 --- Every region made in this Lua state and still alive, in creation order
 -- (for cache.metrics()). The registry holds them weakly: an unreferenced
 -- region is still collected.
+-- @treturn table an array of regions
 function _M.regions()
     local out = {}
     for r in pairs(REGIONS) do
@@ -239,6 +246,14 @@ end
 
 --- `region:configure(backend_name, opts)` -> region.
 -- @raise when already configured, on an unknown backend or a bad option
+-- @tparam string backend_name a registered backend ("dogpile.cache.memory", ...) or a module name
+-- @tparam[opt] table opts `expiration_time` (seconds > 0 and <= ten years; default nil: never expires),
+-- `arguments` (table, the backend's: see the Backend arguments page; default {}), `wrap` (array of proxies),
+-- `replace_existing_backend` (boolean, default false), `region_invalidator` (table),
+-- `fail_open` (boolean, default false), `negative_expiration_time` (seconds or -1, default nil),
+-- `stale_if_error` (seconds >= 0, default nil), `early_refresh` (number > 0 or true, default nil),
+-- `wire_format`, `wire_options`
+-- @treturn table the region
 function Region:configure(backend_name, opts)
     opts = check_opts("configure", opts, options.CONFIGURE_OPTS)
     if rawget(self, "is_configured") and not opts.replace_existing_backend then
@@ -296,6 +311,12 @@ end
 
 --- `region:configure_from_config(config, prefix)`: a flat table, as from an
 -- ini file; strings are coerced.
+-- Strings are coerced there only (numbers, true/false, None/nil), as an ini file holds only strings.
+-- @tparam table config flat table: `prefix.."backend"`, `prefix.."expiration_time"`,
+-- `prefix.."arguments.<name>"`, ... (see configure)
+-- @tparam string prefix the prefix of this region's keys, such as "cache.local."
+-- @treturn table the region
+-- @raise as configure does, or on a key without a backend
 function Region:configure_from_config(config, prefix)
     if type(config) ~= "table" then
         raise("dogpile.cache: configure_from_config: config must be a table, got " .. type(config))
@@ -344,6 +365,8 @@ function Region:configure_from_config(config, prefix)
 end
 
 --- `region:wrap(proxy)`: wrap the configured backend in one more proxy.
+-- @tparam table p a ProxyBackend instance (dogpile.cache.proxy), or its class
+-- @treturn table the region
 function Region:wrap(p)
     self.backend = apply_wrap(self.backend, { p })
     -- Every read now goes through the proxy.
@@ -352,6 +375,8 @@ end
 
 --- `region:invalidate(hard)`: `hard` nil or true: hard; false: soft.
 -- @raise when hard is not a boolean or nil
+-- @tparam[opt=true] boolean hard true: every value created before now is a miss; false (soft): such
+-- values are served while one caller regenerates them
 function Region:invalidate(hard)
     options.check_hard(hard, "invalidate")
     if hard == nil then
@@ -360,6 +385,11 @@ function Region:invalidate(hard)
     self.region_invalidator:invalidate(hard)
 end
 
+--- `region:stats()` -> the region's counters since configure.
+-- @treturn table `hits`, `misses`, `creations`, `stale_served`, `lock_waits`, `errors`, `evictions`,
+-- `stale_on_error`, `early_refreshes`; with a tiered front, `front_hits` and `tier_hits`; with a
+-- circuit breaker, `circuit_state`, `circuit_opened`, `circuit_probes`, `circuit_refused`; where the
+-- backend counts them, `lock_overruns`
 function Region:stats()
     local st = self._stats or new_stats()
     local out = {}
@@ -454,6 +484,7 @@ function Region:_failed(op, key, err)
 end
 
 --- Stored bytes that do not decode: counted, logged, and a miss.
+-- @local
 function Region:_undecodable(err)
     self._stats.errors = self._stats.errors + 1
     context.log("dogpile.cache: region " .. self:_label() .. ": a stored value does not decode "
@@ -461,6 +492,7 @@ function Region:_undecodable(err)
 end
 
 --- The backend's key for `key`.
+-- @local
 function Region:_mangle(key)
     local km = self.key_mangler
     if km then
@@ -494,6 +526,10 @@ end
 -- -- get -------------------------------------------------------------------------
 
 --- `region:get(key, expiration_time, ignore_expiration)` -> value or NO_VALUE.
+-- @tparam string key the key as the caller gives it (the key mangler applies)
+-- @tparam[opt] number expiration_time seconds, overriding the region's for this call; -1: never expires (default: the region's)
+-- @tparam[opt=false] boolean ignore_expiration true: return the value however old, and whatever the invalidation
+-- @return the value, or cache.NO_VALUE when missing, expired or invalidated
 function Region:get(key, expiration_time, ignore_expiration)
     local lookup = self._lookup
     if type(key) ~= "string" then
@@ -525,6 +561,10 @@ function Region:get(key, expiration_time, ignore_expiration)
 end
 
 --- `region:get_multi(keys, expiration_time, ignore_expiration)` -> array.
+-- @tparam {string,...} keys an array of keys
+-- @tparam[opt] number expiration_time seconds, overriding the region's for this call; -1: never expires (default: the region's)
+-- @tparam[opt=false] boolean ignore_expiration true: return the value however old, and whatever the invalidation
+-- @treturn table an array of values (cache.NO_VALUE for each one missing), in the order of keys
 function Region:get_multi(keys, expiration_time, ignore_expiration)
     local lookup_multi = self._lookup_multi
     if type(keys) ~= "table" then
@@ -561,6 +601,10 @@ end
 
 --- `region:get_value_metadata(key, expiration_time, ignore_expiration)` ->
 -- CachedValue or nil.
+-- @tparam string key the key
+-- @tparam[opt] number expiration_time seconds, overriding the region's for this call; -1: never expires (default: the region's)
+-- @tparam[opt=false] boolean ignore_expiration true: return the value however old, and whatever the invalidation
+-- @treturn ?table the CachedValue (payload and metadata), or nil when missing or expired
 function Region:get_value_metadata(key, expiration_time, ignore_expiration)
     local _ = self.backend
     check_key(key, "get_value_metadata")
@@ -583,6 +627,10 @@ end
 -- for early_refresh, so that an async_creation_runner's
 -- `region:set(key, creator())` stores what the creator returned.
 -- @raise when expiration_time or delta is not a finite number or nil
+-- @tparam string key the key
+-- @param value any value the backend can store (nil included)
+-- @tparam[opt] number expiration_time seconds; -1: never expires (default: the region's)
+-- @tparam[opt] number delta seconds its creator took, >= 0 (default nil)
 function Region:set(key, value, expiration_time, delta)
     local _ = self.backend
     check_key(key, "set")
@@ -615,6 +663,8 @@ function Region:_set_pairs(keys, vals, n)
     end
 end
 
+--- `region:set_multi(mapping)`: store every value of the mapping.
+-- @tparam table mapping {key = value, ...}
 function Region:set_multi(mapping)
     local _ = self.backend
     if type(mapping) ~= "table" then
@@ -632,6 +682,8 @@ function Region:set_multi(mapping)
     end
 end
 
+--- `region:delete(key)`: remove the key's value.
+-- @tparam string key the key
 function Region:delete(key)
     local backend = self.backend
     check_key(key, "delete")
@@ -642,6 +694,8 @@ function Region:delete(key)
     end
 end
 
+--- `region:delete_multi(keys)`: remove the values of every key.
+-- @tparam {string,...} keys an array of keys
 function Region:delete_multi(keys)
     local backend = self.backend
     if type(keys) ~= "table" then
@@ -666,6 +720,15 @@ end
 --- `region:get_or_create(key, creator, expiration_time, should_cache_fn,
 -- creator_args)` -> value, under the dogpile lock.
 -- @raise whatever the creator raises, after releasing the lock
+-- @tparam string key the key
+-- @tparam function creator called with creator_args on a miss; returns the value (and optionally its own
+-- expiration time in seconds, -1: never)
+-- @tparam[opt] number expiration_time seconds, overriding the region's for this call; -1: never expires (default: the region's)
+-- @tparam[opt] function should_cache_fn called with the new value: false keeps it out of the cache
+-- (default: every value is stored)
+-- @tparam[opt] table creator_args an array of the creator's arguments (`n` gives its length when it has
+-- nil holes; default: none)
+-- @return the value
 function Region:get_or_create(key, creator, expiration_time, should_cache_fn, creator_args)
     local lookup = self._lookup_create
     if type(key) ~= "string" then
@@ -710,6 +773,11 @@ end
 -- not created twice.
 -- @raise whatever the creator raises, or when it returns the wrong number of
 -- values (then nothing is stored), after releasing every lock
+-- @tparam {string,...} keys an array of keys
+-- @tparam function creator called with the keys to create (varargs); returns one value for each
+-- @tparam[opt] number expiration_time seconds, overriding the region's for this call; -1: never expires (default: the region's)
+-- @tparam[opt] function should_cache_fn called with each new value: false keeps it out of the cache
+-- @treturn table an array of values, in the order of keys
 function Region:get_or_create_multi(keys, creator, expiration_time, should_cache_fn)
     local _ = self.backend
     if type(keys) ~= "table" then
@@ -733,6 +801,7 @@ function Region:get_or_create_multi(keys, creator, expiration_time, should_cache
 end
 
 --- The mutex for a mangled key (the backend's own lock, or the core's).
+-- @local
 function Region:_mutex(key)
     return create.mutex_for(self, key)
 end
@@ -740,11 +809,19 @@ end
 -- -- Decorators ----------------------------------------------------------------------
 
 --- `region:cache_on_arguments(opts)` -> decorator.
+-- @tparam[opt] table opts `namespace` (string), `expiration_time` (seconds > 0, or a function returning
+-- them; default: the region's), `should_cache_fn`, `to_str` (default tostring), `function_key_generator`
+-- (default: the region's)
+-- @treturn function the decorator: `decorator(fn)` returns a callable with invalidate, set, get,
+-- refresh and original
 function Region:cache_on_arguments(opts)
     return decorators.cache_on_arguments(self, opts)
 end
 
 --- `region:cache_multi_on_arguments(opts)` -> decorator.
+-- @tparam[opt] table opts as cache_on_arguments's, with `asdict` (boolean, default false) and
+-- `function_multi_key_generator` instead of function_key_generator
+-- @treturn function the decorator
 function Region:cache_multi_on_arguments(opts)
     return decorators.cache_multi_on_arguments(self, opts)
 end
