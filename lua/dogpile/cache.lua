@@ -23,6 +23,7 @@ local _M = {
 
 --- Where fail_open failures and undecodable values are reported: a
 -- function(message). Defaults to ngx.log(ngx.WARN) in nginx, stderr elsewhere.
+-- @tparam function fn called with one string per message
 function _M.set_logger(fn)
     if type(fn) ~= "function" then
         raise("dogpile.cache: set_logger expects a function(message), got " .. type(fn))
@@ -33,6 +34,10 @@ end
 --- `cache.load_regions(path_or_table)` -> {name = region}. Each entry names
 -- a backend and any option of make_region or configure.
 -- @raise on a file that does not load, or a region that does not configure
+-- Values are taken as given: a string is not coerced (expiration_time = "60"
+-- is refused, as configure refuses it); every error names the region.
+-- @tparam string|table source a Lua file returning `{name = {backend = NAME, ...}}`, or that table
+-- @treturn table `{name = region}`, each configured
 function _M.load_regions(source)
     local where, conf
     if type(source) == "string" then

@@ -23,6 +23,9 @@ _M.CachedValue = CachedValue
 
 --- `{payload = v, metadata = {ct = created_time, v = version}}`. Without
 -- metadata: created now, current version.
+-- @tparam any payload the cached value
+-- @tparam[opt] table metadata `{ct = created time (seconds since the epoch), v = version}` (default: now, cache.VALUE_VERSION)
+-- @treturn table the CachedValue
 function CachedValue.new(payload, metadata)
     if metadata == nil then
         metadata = { ct = lib.C.dp_clock_stamp(), v = _M.VALUE_VERSION }

@@ -36,6 +36,10 @@ end
 -- refused). When no timer can be created (lua_max_pending_timers reached, or a
 -- phase without timers) the error is logged, the lock released, and the
 -- caller still gets the stale value; a later request tries again.
+-- @tparam table region the region
+-- @tparam string key the key as the caller gave it
+-- @tparam function creator makes the value: the runner stores it with region:set
+-- @tparam table mutex the lock, held: the runner releases it
 function _M.async_creation_runner(region, key, creator, mutex)
     local ok, err = ngx.timer.at(0, regenerate, region, key, creator, mutex)
     if not ok then

@@ -70,6 +70,8 @@ end
 ProxyBackend.new = make_new(ProxyBackend)
 
 --- A new proxy class whose methods are `methods`, inheriting the rest.
+-- @tparam table methods backend methods (get, set, ...) to override; the others forward to `self.proxied`
+-- @treturn table the class: `cls.new()` makes an instance to give to configure's `wrap`
 function ProxyBackend:extend(methods)
     if methods ~= nil and type(methods) ~= "table" then
         lib.raise("dogpile.cache: ProxyBackend:extend expects a table of methods, got " .. type(methods))
@@ -84,11 +86,15 @@ function ProxyBackend:extend(methods)
 end
 
 --- True for a proxy class (made by extend) and false for an instance.
+-- @tparam any x any value
+-- @treturn boolean
 function _M.is_class(x)
     return type(x) == "table" and rawget(x, "__is_proxy_class") == true
 end
 
 --- True for an instance of any proxy class.
+-- @tparam any x any value
+-- @treturn boolean
 function _M.is_instance(x)
     if type(x) ~= "table" or rawget(x, "__is_proxy_class") then
         return false

@@ -628,7 +628,7 @@ end
 -- `region:set(key, creator())` stores what the creator returned.
 -- @raise when expiration_time or delta is not a finite number or nil
 -- @tparam string key the key
--- @param value any value the backend can store (nil included)
+-- @tparam any value what to store (nil included)
 -- @tparam[opt] number expiration_time seconds; -1: never expires (default: the region's)
 -- @tparam[opt] number delta seconds its creator took, >= 0 (default nil)
 function Region:set(key, value, expiration_time, delta)

@@ -41,6 +41,10 @@ end
 
 --- `function(...) return key end`: prefix.."|"..the arguments through to_str,
 -- joined by one space.
+-- @tparam[opt] string namespace prefix of the keys (default: where fn is defined, "file:line")
+-- @tparam function fn the decorated function (its definition names the default prefix)
+-- @tparam[opt=tostring] function to_str turns each argument into a string
+-- @treturn function the key generator
 function _M.function_key_generator(namespace, fn, to_str)
     check_args("function_key_generator", namespace, fn, to_str)
     to_str = to_str or tostring
@@ -61,6 +65,10 @@ function _M.function_key_generator(namespace, fn, to_str)
 end
 
 --- `function(...)` returning one key per argument, prefix.."|"..to_str(arg).
+-- @tparam[opt] string namespace prefix of the keys (default: where fn is defined, "file:line")
+-- @tparam function fn the decorated function (its definition names the default prefix)
+-- @tparam[opt=tostring] function to_str turns each argument into a string
+-- @treturn function the key generator, returning an array of keys
 function _M.function_multi_key_generator(namespace, fn, to_str)
     check_args("function_multi_key_generator", namespace, fn, to_str)
     to_str = to_str or tostring
@@ -77,6 +85,10 @@ end
 
 --- For functions taking one table of named arguments: its keys sorted,
 -- `k=v` joined by one space, to_str applied to the values.
+-- @tparam[opt] string namespace prefix of the keys (default: where fn is defined, "file:line")
+-- @tparam function fn the decorated function (its definition names the default prefix)
+-- @tparam[opt=tostring] function to_str turns each argument into a string
+-- @treturn function the key generator
 function _M.kwarg_function_key_generator(namespace, fn, to_str)
     check_args("kwarg_function_key_generator", namespace, fn, to_str)
     to_str = to_str or tostring
@@ -105,6 +117,8 @@ end
 local hexbuf = ffi.new("char[41]")
 
 --- 40 lowercase hex characters of SHA-1(key).
+-- @tparam string key the key
+-- @treturn string 40 hex characters
 function _M.sha1_mangle_key(key)
     if type(key) ~= "string" then
         raise("dogpile.cache: sha1_mangle_key: key must be a string, got " .. type(key))
@@ -114,6 +128,9 @@ function _M.sha1_mangle_key(key)
 end
 
 --- A mangler applied only to keys of at least `length` bytes.
+-- @tparam number length the shortest key (in bytes) that is mangled
+-- @tparam function mangler applied to those keys, such as sha1_mangle_key
+-- @treturn function the mangler
 function _M.length_conditional_mangler(length, mangler)
     if type(length) ~= "number" then
         raise("dogpile.cache: length_conditional_mangler: length must be a number, got " .. type(length))
@@ -145,6 +162,8 @@ end
 
 --- Strings become numbers, booleans (`true`/`false` in any case) or nil
 -- (`None`, `nil`); everything else is kept as given.
+-- @tparam any v only a string is converted
+-- @return the converted value
 function _M.coerce_string(v)
     if type(v) ~= "string" then
         return v

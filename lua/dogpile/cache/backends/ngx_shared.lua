@@ -146,6 +146,8 @@ end
 
 --- `wait` false: try once. Otherwise wait with ngx.sleep where the phase can
 -- yield; where it cannot, return true without the lock (see the header).
+-- @tparam[opt=true] boolean wait false: try once
+-- @treturn boolean true: held (or, where the phase cannot yield, go ahead without it)
 function Mutex:acquire(wait)
     local token = new_token()
     if try_add(self, token) then
@@ -328,6 +330,7 @@ end
 
 --- The region's invalidator, in the dict, so that invalidate() in one worker
 -- reaches every worker (region.configure asks for it).
+-- @local
 function Backend:region_invalidator(region)
     local name = region and region.name or ""
     return setmetatable({ dict = self.dict, key = self.invalidation_prefix .. tostring(name) },
@@ -369,6 +372,7 @@ end
 -- each entry of another worker, on_reset(ctx, now) when entries were lost.
 -- An entry whose slot is not written yet (incr done, set to come) ends the
 -- drain: the next one starts there.
+-- @local
 function Feed:drain(on_key, on_reset, ctx)
     local dict, prefix = self.dict, self.prefix
     local head = dict:get(prefix .. "seq") or 0
@@ -414,6 +418,7 @@ end
 -- for it). Its sync_fn gives the tiered backend's hit-path sync: it only
 -- makes sure this worker's drain timer runs (timers cannot start in
 -- init_by_lua, where a region may be configured before the fork).
+-- @local
 function Backend:change_feed(prefix)
     local feed = setmetatable({ dict = self.dict, prefix = prefix .. "feed:" }, Feed)
     feed.last = self.dict:get(feed.prefix .. "seq") or 0
@@ -474,7 +479,10 @@ local function check_seconds(v, what, default)
     return v
 end
 
---- `new(arguments)`.
+--- `new(arguments)`: the backend (the region calls it from `configure`).
+-- @tparam table arguments `dict` (required), `lock_timeout`, `lock_prefix`, `invalidation_prefix`,
+-- `expiration`: see the Backend arguments page for their types and defaults
+-- @treturn table the backend
 -- @raise outside nginx, or when `dict` names no lua_shared_dict
 function _M.new(arguments)
     arguments = arguments or {}

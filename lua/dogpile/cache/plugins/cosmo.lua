@@ -27,6 +27,9 @@ TemplateCache.__index = TemplateCache
 --- `new(region, opts)`: `opts` (optional): `namespace` (key prefix, default
 -- "cosmo"), `expiration_time` (seconds; default: the region's).
 -- @raise on a region that is not one, or bad options
+-- @tparam table region a configured region
+-- @tparam[opt] table opts `{namespace = "cosmo", expiration_time = nil}`
+-- @treturn table the template cache
 function _M.new(region, opts)
     if type(region) ~= "table" or type(region.get_or_create) ~= "function" then
         raise("dogpile.cache.plugins.cosmo: new expects a cache region, got " .. type(region))
@@ -53,6 +56,11 @@ end
 --- `tc:fill(key, template, env, expiration_time)` -> the rendered string:
 -- cosmo.fill(template, env), cached under `key` (with the namespace).
 -- @raise on a key that is not a string; Cosmo's errors propagate unchanged
+-- @tparam string key names the output
+-- @tparam string template Cosmo template
+-- @tparam[opt] table env its values (default {})
+-- @tparam[opt] number expiration_time seconds (default: the cache's, else the region's)
+-- @treturn string the rendered output
 function TemplateCache:fill(key, template, env, expiration_time)
     if type(key) ~= "string" then
         raise("dogpile.cache.plugins.cosmo: fill: key must be a string, got " .. type(key))
@@ -67,11 +75,14 @@ function TemplateCache:fill(key, template, env, expiration_time)
 end
 
 --- `tc:get(key)` -> the cached output, or cache.NO_VALUE.
+-- @tparam string key names the output
+-- @return the output, or cache.NO_VALUE
 function TemplateCache:get(key)
     return self.region:get(self.prefix .. key, self.expiration_time)
 end
 
 --- `tc:invalidate(key)`: drop the cached output of `key`.
+-- @tparam string key names the output
 function TemplateCache:invalidate(key)
     self.region:delete(self.prefix .. key)
 end
