@@ -213,6 +213,80 @@ f:close()
     return key
 end
 
+--- A plain process takes the lock of `key` (b.region) 1 s from now, holds
+-- it 0.6 s, stores "from the holder" and releases; returns 0.1 s into the
+-- hold (the caller checks that the lock is taken).
+function _M.plain_holds(b, key)
+    local script = _M.process_script(b, "holder", ([[
+local key = arg[3]
+local m = regions.%s.backend:get_mutex(key)
+assert(m:acquire(false))
+sleep(0.6)
+regions.%s:set(key, "from the holder")
+m:release()
+]]):format(b.region, b.region))
+    local start = now() + 1
+    _M.spawn(b, script, start, "holder.out", key)
+    while now() < start + 0.1 do
+        sleep(0.001)
+    end
+end
+
+--- `n` requests of `path` at once, in the background (one curl); the body
+-- of the i-th goes to <tmp>/w<i>. Returns a function that waits for them
+-- all, checks that each answered 200, and returns the slowest's time.
+function _M.requests(b, path, n)
+    local out = b.tmp .. "/requests.txt"
+    os.remove(out)
+    os.execute(("%s -s -m 10 -Z --parallel-immediate --parallel-max %d -o '%s/w#1' "
+                .. "-w '%%{http_code} %%{time_total}\\n' '%s' > %s 2>/dev/null &")
+               :format(ngx_support.CURL, n, b.tmp, b.nginx:url(path .. "&n=[1-" .. n .. "]"), out))
+    return function()
+        wait_for("the " .. n .. " requests", function()
+            local _, lines = (read(out) or ""):gsub("\n", "")
+            return lines >= n
+        end, 10)
+        local max = 0
+        for code, t in read(out):gmatch("(%d+) ([%d.]+)") do
+            assert.are.equal("200", code)
+            max = math.max(max, tonumber(t))
+        end
+        return max
+    end, out
+end
+
+--- nginx takes the lock of `key` (b.region) and creates for 0.7 s; a plain
+-- process asks meanwhile and must get nginx's value, its creator never
+-- run, well before 1 s. b.lock_held(key) says when nginx holds it.
+function _M.nginx_holds(b, key)
+    local script = _M.process_script(b, "waiter", ([[
+local key, port, out = arg[3], tonumber(arg[4]), arg[5]
+local t0 = now()
+local v = regions.%s:get_or_create(key, function()
+    count(port, key)
+    return "from the process"
+end)
+local f = io.open(out, "w")
+f:write(v, " ", now() - t0)
+f:close()
+]]):format(b.region))
+    local body = b.tmp .. "/holder.body"
+    os.remove(body)
+    os.execute(("%s -s -m 10 '%s' > %s 2>/dev/null &")
+               :format(ngx_support.CURL, b.nginx:url("/get_or_create?" .. b.query .. "key=" .. key
+                                                      .. "&sleep=0.7"), body))
+    wait_for("nginx taking the lock", function() return b.lock_held(key) end, 5)
+    local out, err = b.tmp .. "/waiter.out", b.tmp .. "/waiter.err"
+    _M.spawn(b, script, 0, "waiter.err", key, b.port, out)
+    wait_for("the process", function() return read(out) end, 10,
+             function() return read(err) end)
+    local v, t = read(out):match("^(.*) ([%d.]+)$")
+    assert.are.equal(key .. "#1@nginx", v, read(err))
+    assert.is_true(tonumber(t) < 0.7 + 0.3, "the process waited " .. t .. " s")
+    wait_for("the holder's answer", function() return (read(body) or "") ~= "" end, 5)
+    assert.are.equal(key .. "#1@nginx", value_of(read(body)))
+end
+
 --- While the server of region "paused" is SIGSTOPped, a location that does
 -- not touch the cache answers in under 10 ms and cache requests fail within
 -- socket_timeout (1 s), saying so.

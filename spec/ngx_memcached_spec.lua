@@ -13,10 +13,9 @@ local ngx_support = require "ngx_support"
 local nb = require "ngx_backend_support"
 local ffi = require "ffi"
 
-local now, sleep, sh, write, read = support.now, support.sleep, support.sh, support.write,
-    support.read
+local now, sleep, sh, read = support.now, support.sleep, support.sh, support.read
 local NO_VALUE = cache.NO_VALUE
-local wait_for, fresh, value_of = nb.wait_for, nb.fresh, nb.value_of
+local fresh, value_of = nb.fresh, nb.value_of
 
 pcall(ffi.cdef, "int setenv(const char *name, const char *value, int overwrite);")
 
@@ -98,10 +97,6 @@ end
 ]],
 }
 
-local function process_script(name, body)
-    return nb.process_script(B, name, body)
-end
-
 describe("dogpile.cache.memcached inside nginx (cosockets)", function()
     if not nb.need_nginx(it) then
         return
@@ -126,6 +121,9 @@ describe("dogpile.cache.memcached inside nginx (cosockets)", function()
         nginx = ngx_support.start({ fixture = "nginx_memcached", ready = "/ready", env = env })
         B.nginx, B.regions, B.port, B.env = nginx, regions, main, envs
         B.paused_pid = function() return servers[paused] end
+        B.lock_held = function(key)
+            return regions.ring.actual_backend:get("dogpile-lock:" .. key) ~= NO_VALUE
+        end
         B.timeout_error = "dogpile.cache.memcached: get 'p' failed: get on server 127.0.0.1:"
             .. paused .. ": no answer within socket_timeout (1 s)"
     end)
@@ -241,40 +239,15 @@ describe("dogpile.cache.memcached inside nginx (cosockets)", function()
 
     it("a plain process holding the lock makes nginx wait for its value, without blocking", function()
         local key = fresh("plain-holds")
-        local script = process_script("holder", [[
-local key = arg[3]
-local m = regions.ring.backend:get_mutex(key)
-assert(m:acquire(false))
-sleep(0.6)
-regions.ring:set(key, "from the holder")
-m:release()
-]])
-        local start = now() + 1
-        os.execute(("%s luajit %s %s %.3f %s > %s/holder.out 2>&1 &")
-                   :format(envs, script, FIXTURES .. "/regions.lua", start, key, TMP))
-        while now() < start + 0.1 do
-            sleep(0.001)
-        end
+        nb.plain_holds(B, key)
         assert.are_not.equal(NO_VALUE, regions.ring.actual_backend:get("dogpile-lock:" .. key),
                              read(TMP .. "/holder.out"))
-        local out = TMP .. "/waiters.txt"
-        os.execute(("%s -s -m 10 -Z --parallel-immediate --parallel-max 40 -o '%s/w#1' "
-                    .. "-w '%%{http_code} %%{time_total}\\n' '%s' > %s 2>/dev/null &")
-                   :format(ngx_support.CURL, TMP, nginx:url("/get_or_create?region=ring&key="
-                                                             .. key .. "&n=[1-40]"), out))
+        local slowest = nb.requests(B, "/get_or_create?region=ring&key=" .. key, 40)
         -- While they wait, the workers answer other requests at once.
         local _, status, t = get("/plain")
         assert.are.equal(200, status)
         assert.is_true(t < 0.1, "/plain took " .. t .. " s")
-        wait_for("the 40 requests", function()
-            local _, lines = (read(out) or ""):gsub("\n", "")
-            return lines >= 40
-        end, 10)
-        local max = 0
-        for code, tt in read(out):gmatch("(%d+) ([%d.]+)") do
-            assert.are.equal("200", code)
-            max = math.max(max, tonumber(tt))
-        end
+        local max = slowest()
         for i = 1, 40 do
             assert.are.equal("from the holder", value_of(read(TMP .. "/w" .. i)))
         end
@@ -285,32 +258,7 @@ m:release()
 
     it("nginx holding the lock excludes a plain process, which gets nginx's value", function()
         local key = fresh("nginx-holds")
-        local script = process_script("waiter", [[
-local key, port, out = arg[3], tonumber(arg[4]), arg[5]
-local t0 = now()
-local v = regions.ring:get_or_create(key, function()
-    count(port, key)
-    return "from the process"
-end)
-local f = io.open(out, "w")
-f:write(v, " ", now() - t0)
-f:close()
-]])
-        os.execute(("%s -s -m 10 '%s' > %s/holder.body 2>/dev/null &")
-                   :format(ngx_support.CURL, nginx:url("/get_or_create?region=ring&key=" .. key
-                                                        .. "&sleep=0.7"), TMP))
-        wait_for("nginx taking the lock", function()
-            return regions.ring.actual_backend:get("dogpile-lock:" .. key) ~= NO_VALUE
-        end, 5)
-        os.execute(("%s luajit %s %s 0 %s %d %s/waiter.out > %s/waiter.err 2>&1 &")
-                   :format(envs, script, FIXTURES .. "/regions.lua", key, main, TMP, TMP))
-        wait_for("the process", function() return read(TMP .. "/waiter.out") end, 10,
-                 function() return read(TMP .. "/waiter.err") end)
-        local v, t = read(TMP .. "/waiter.out"):match("^(.*) ([%d.]+)$")
-        assert.are.equal(key .. "#1@nginx", v, read(TMP .. "/waiter.err"))
-        assert.is_true(tonumber(t) < 0.7 + 0.3, "the process waited " .. t .. " s")
-        wait_for("the holder's answer", function() return read(TMP .. "/holder.body") ~= "" end, 5)
-        assert.are.equal(key .. "#1@nginx", value_of(read(TMP .. "/holder.body")))
+        nb.nginx_holds(B, key)
         assert.are.equal("1", counted(main, key))
         assert.are.equal(NO_VALUE, regions.ring.actual_backend:get("dogpile-lock:" .. key))
     end)

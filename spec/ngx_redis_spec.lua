@@ -115,10 +115,6 @@ end
 ]],
 }
 
-local function process_script(name, body)
-    return nb.process_script(B, name, body)
-end
-
 describe("dogpile.cache.redis inside nginx (cosockets)", function()
     if not nb.need_nginx(it) then
         return
@@ -151,6 +147,7 @@ describe("dogpile.cache.redis inside nginx (cosockets)", function()
         nginx = ngx_support.start({ fixture = "nginx_redis", ready = "/ready", env = env })
         B.nginx, B.regions, B.port, B.env = nginx, regions, main.port, "DP_REDIS_PORT=" .. main.port
         B.paused_pid = function() return paused.pid end
+        B.lock_held = function(key) return cli(main.port, "EXISTS _lock" .. key) == "1" end
         B.timeout_error = "dogpile.cache.redis: get 'p' failed: GET: no answer from 127.0.0.1:"
             .. paused.port .. " within socket_timeout (1 s)"
     end)
@@ -198,26 +195,9 @@ describe("dogpile.cache.redis inside nginx (cosockets)", function()
         -- would look at 0.511 s and then at 1.023 s; the holder, a plain
         -- process, releases at about 0.6 s.
         local key = fresh("woken")
-        local script = process_script("holder", [[
-local key = arg[3]
-local m = regions.redis.backend:get_mutex(key)
-assert(m:acquire(false))
-sleep(0.6)
-regions.redis:set(key, "from the holder")
-m:release()
-]])
-        local start = now() + 1
-        os.execute(("DP_REDIS_PORT=%d luajit %s %s %.3f %s > %s/holder.out 2>&1 &")
-                   :format(main.port, script, FIXTURES .. "/regions.lua", start, key, TMP))
-        while now() < start + 0.1 do
-            sleep(0.001)
-        end
+        nb.plain_holds(B, key)
         assert.are.equal("1", cli(main.port, "EXISTS _lock" .. key), read(TMP .. "/holder.out"))
-        local out = TMP .. "/woken.txt"
-        os.execute(("%s -s -m 10 -Z --parallel-immediate --parallel-max 40 -o /dev/null "
-                    .. "-w '%%{http_code} %%{time_total}\\n' '%s' > %s 2>/dev/null &")
-                   :format(ngx_support.CURL, nginx:url("/get_or_create?region=slowpoll&key="
-                                                        .. key .. "&n=[1-40]"), out))
+        local slowest, out = nb.requests(B, "/get_or_create?region=slowpoll&key=" .. key, 40)
         -- While they wait: one subscriber per worker at most.
         local most = 0
         wait_for("a subscriber", function()
@@ -227,15 +207,7 @@ m:release()
             return subs >= 1 or (read(out) or "") ~= ""
         end, 2)
         assert.is_true(most >= 1 and most <= 2, "subscribers: " .. most)
-        wait_for("the 40 requests", function()
-            local _, lines = (read(out) or ""):gsub("\n", "")
-            return lines >= 40
-        end, 10)
-        local max = 0
-        for code, t in read(out):gmatch("(%d+) ([%d.]+)") do
-            assert.are.equal("200", code)
-            max = math.max(max, tonumber(t))
-        end
+        local max = slowest()
         -- Started 0.1 s into the 0.6 s hold: done at ~0.5 s, well before 0.9 s.
         assert.is_true(max < 0.85, "slowest waiter: " .. max .. " s")
         assert.are.equal("from the holder", value_of(get("/get?key=" .. key)))
@@ -244,31 +216,10 @@ m:release()
 
     it("nginx holding the lock excludes plain processes, and its release PUBLISHes for their waits", function()
         local key = fresh("nginx-holds")
-        local script = process_script("waiter", [[
-local key, out = arg[3], arg[4]
-local t0 = now()
-local v = regions.redis:get_or_create(key, function() return "from the process" end)
-local f = io.open(out, "w")
-f:write(v, " ", now() - t0)
-f:close()
-]])
         local sub = TMP .. "/sub.txt"
         os.execute(("timeout 10 redis-cli -p %d SUBSCRIBE _lock%s > %s 2>&1 &")
                    :format(main.port, key, sub))
-        os.execute(("%s -s -m 10 '%s' > %s/holder.body 2>/dev/null &")
-                   :format(ngx_support.CURL, nginx:url("/get_or_create?key=" .. key
-                                                        .. "&sleep=0.7"), TMP))
-        wait_for("nginx taking the lock", function()
-            return cli(main.port, "EXISTS _lock" .. key) == "1"
-        end, 5)
-        os.execute(("DP_REDIS_PORT=%d luajit %s %s 0 %s %s/waiter.out > %s/waiter.err 2>&1 &")
-                   :format(main.port, script, FIXTURES .. "/regions.lua", key, TMP, TMP))
-        wait_for("the process", function() return read(TMP .. "/waiter.out") end, 10,
-                 function() return read(TMP .. "/waiter.err") end)
-        local v, t = read(TMP .. "/waiter.out"):match("^(.*) ([%d.]+)$")
-        assert.are.equal(key .. "#1@nginx", v, read(TMP .. "/waiter.err"))
-        assert.is_true(tonumber(t) < 0.7 + 0.3, "the process waited " .. t .. " s")
-        assert.are.equal(key .. "#1@nginx", value_of(read(TMP .. "/holder.body")))
+        nb.nginx_holds(B, key)
         assert.are.equal("1", cli(main.port, "GET count:" .. key))
         -- The release published on the lock key's channel, as the C backend's does.
         wait_for("the release's message", function()
