@@ -1365,10 +1365,15 @@ static int lm_identify(void *ud, const void *settings, dp_bytes *id, dp_err *err
             id->len += b;
             return DP_OK;
         }
-        if (errno != ENOENT || mkdir(cfg->path, (mode_t)dir_mode(parse_mode(cfg->mode))) != 0
-            || chmod(cfg->path, (mode_t)dir_mode(parse_mode(cfg->mode))) != 0)
+        /* Processes starting together race to make it: one made by another
+         * meanwhile is used (and left as it is). */
+        mode_t dm = (mode_t)dir_mode(parse_mode(cfg->mode));
+        int made = errno == ENOENT && mkdir(cfg->path, dm) == 0;
+        int e = errno;
+        if (made ? chmod(cfg->path, dm) != 0
+                 : (e != EEXIST || stat(cfg->path, &st) != 0 || !S_ISDIR(st.st_mode)))
             return dp_err_set(err, DP_EBACKEND, NAME ": cannot create the directory '%s': %s",
-                              cfg->path, strerror(errno));
+                              cfg->path, strerror(made || e != EEXIST ? errno : ENOTDIR));
     } else if (!S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode)) {
         return dp_err_set(err, DP_EBACKEND, NAME ": '%s' is neither a directory nor an LMDB "
                           "data file", cfg->path);

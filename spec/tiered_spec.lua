@@ -231,6 +231,24 @@ local function run_all(mode, parts, rest, start)
     return files
 end
 
+-- /maxage of the nginx fixture: a memory tier with max_age = 0.2 over the
+-- layout's bottom, its value changed in the bottom unannounced. The front
+-- hit (the region reading tier 1 directly) must not serve the old copy past
+-- max_age, and a hot loop of such hits must compile without an abort.
+local function check_max_age_in_nginx(srv)
+    local body, code = srv:get("/maxage")
+    assert.are.equal(200, code, srv:log())
+    local first, seen, took, hits, aborts, traces, th =
+        body:match("^(%S+) (%S+) ([%d.]+) (%d+) (%d+) (%d+) (%S+)")
+    assert.are.equal("old", first, body) -- served by the memory tier at first
+    assert.are.equal("changed", seen, body)
+    assert.is_true(tonumber(took) < 0.2 + 0.05, "the old copy was served " .. took .. " s")
+    assert.are.equal("5000", hits, body)
+    assert.are.equal("0", aborts, "trace aborts in a loop of front hits: " .. body)
+    assert.is_true(tonumber(th:match("^(%d+)")) >= 5000, "the hits were not front hits: " .. body)
+    return traces
+end
+
 describe("dogpile.cache.tiered", function()
     support.no_leaks()
 
@@ -413,6 +431,33 @@ return {
             assert.are.equal("v", a:get("k"))
             sleep(0.25)
             assert.are.equal("changed", a:get("k"))
+            -- The region's direct read of such a tier 1 judges the copy's
+            -- age on each hit: a loop of hits compiles without an abort.
+            -- (The handler runs inside the trace compiler: no global look-up,
+            -- which busted's environment resolves through a metamethod.)
+            local aborts = {}
+            local funcinfo, traceerr = require("jit.util").funcinfo, require("jit.vmdef").traceerr
+            local format, flush, start, attach = string.format, jit.flush, jit.opt.start, jit.attach
+            local function on_trace(what, _, func, pc, code, info)
+                if what == "abort" then
+                    aborts[#aborts + 1] = funcinfo(func, pc).loc .. ": " .. format(traceerr[code], info)
+                end
+            end
+            -- As spec/jit_spec.lua does: no trace, and every hot counter
+            -- reset, so that the loop (not a function it calls) roots it.
+            flush()
+            start("hotloop=56")
+            attach(on_trace, "trace")
+            local hits = 0
+            for _ = 1, 20000 do
+                if a:get("k") == "changed" then
+                    hits = hits + 1
+                end
+            end
+            attach(on_trace)
+            assert.are.equal(20000, hits)
+            assert.are.same({}, aborts)
+            assert.is_true(a:stats().tier_hits[1] >= 20000)
         end)
 
         it("the lock is the most shared tier's: one creator across Lua states", function()
@@ -639,7 +684,8 @@ if arg[3] == "delete" then r:delete(arg[2]) else r:set(arg[2], arg[3]) end
         end)
 
         it("inside nginx, 2 workers on memory -> ngx_shared: 1,000 random operations never "
-           .. "read a value older than 100 ms", function()
+           .. "read a value older than 100 ms; a memory tier's max_age holds on front hits",
+           function()
             local ngx_support = require "ngx_support"
             assert.is_true(ngx_support.available(), "nginx-extras (the Lua module) is not installed")
             uniq = uniq + 1
@@ -669,12 +715,13 @@ if arg[3] == "delete" then r:delete(arg[2]) else r:set(arg[2], arg[3]) end
             local bad, judged = check(ops, 0.1)
             assert.is_true(judged >= 300, "only " .. judged .. " reads judged")
             assert.are.same({}, bad)
+            check_max_age_in_nginx(srv)
             assert.is_nil(srv:log():find("[error]", 1, true), srv:log())
         end)
 
         it("inside nginx, 2 workers on memory -> ngx_shared -> redis and a plain process on "
-           .. "memory -> redis: random operations never read a value older than 100 ms",
-           function()
+           .. "memory -> redis: random operations never read a value older than 100 ms; over "
+           .. "redis, a memory tier's max_age holds on front hits", function()
             local ngx_support = require "ngx_support"
             assert.is_true(ngx_support.available(), "nginx-extras (the Lua module) is not installed")
             local port = redis_port()
@@ -708,6 +755,7 @@ if arg[3] == "delete" then r:delete(arg[2]) else r:set(arg[2], arg[3]) end
             local bad, judged = check(ops, 0.1)
             assert.is_true(judged >= 300, "only " .. judged .. " reads judged")
             assert.are.same({}, bad)
+            check_max_age_in_nginx(srv)
             assert.is_nil(srv:log():find("[error]", 1, true), srv:log())
         end)
 

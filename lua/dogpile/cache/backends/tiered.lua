@@ -151,9 +151,10 @@ function Tier:get(key, floor, now)
         return nil
     end
     if not self.serialized then
-        if self.stored then
-            local at = self.stored[key]
-            if at == nil or now - at > self.max_age then
+        local max_age = self.max_age
+        if max_age then
+            local at = v.at
+            if at == nil or now - at > max_age then
                 return nil
             end
         end
@@ -178,10 +179,12 @@ end
 
 function Tier:put(key, cv, at)
     if not self.serialized then
-        self.backend:set(key, cv)
-        if self.stored then
-            self.stored[key] = at
+        if self.max_age then
+            -- The copy time rides with the copy: a CachedValue of our own
+            -- (same payload and metadata), dropped with it on eviction.
+            cv = { payload = cv.payload, metadata = cv.metadata, at = at }
         end
+        self.backend:set(key, cv)
         return
     end
     local bytes = encode(cv)
@@ -193,9 +196,6 @@ end
 
 function Tier:delete(key)
     self.backend:delete(key)
-    if self.stored then
-        self.stored[key] = nil
-    end
 end
 
 --- Drop every copy this Lua state can reach: a memory tier is emptied; a
@@ -211,9 +211,6 @@ function Tier:clear()
         for i = 1, #keys do
             b:delete(keys[i])
         end
-    end
-    if self.stored then
-        self.stored = {}
     end
 end
 
@@ -628,26 +625,6 @@ local function drain(self)
     return self.feed:drain(on_key, on_reset, self)
 end
 
--- Upper tiers with a max_age and no copy time of their own (Lua tables):
--- sweep them often enough that no copy outlives it.
-local function sweep(self, now)
-    for i = 1, self.n - 1 do
-        local t = self.tiers[i]
-        if t.stored then
-            local limit = now - t.max_age + t.sweep_every
-            local old = {}
-            for k, at in pairs(t.stored) do
-                if at <= limit then
-                    old[#old + 1] = k
-                end
-            end
-            for j = 1, #old do
-                t:delete(old[j])
-            end
-        end
-    end
-end
-
 --- Copy `cv`, read from tier `from`, into the tiers above it, most shared
 -- first; then make sure no change pushed meanwhile is left unapplied to it.
 local function promote(self, key, cv, from, at, drains0)
@@ -997,11 +974,6 @@ local function new(arguments)
             max_age = spec.max_age,
             bottom = i == n,
         }, Tier)
-        if i < n and not t.serialized and t.max_age then
-            -- Lua tables keep no copy time: this tier keeps one per key.
-            t.stored = {}
-            t.sweep_every = t.max_age / 4
-        end
         tiers[i] = t
     end
 
@@ -1053,53 +1025,15 @@ local function new(arguments)
     local feed = self.feed
 
     -- The hit path's check: one load and compare while nothing changed.
-    local sweep_every
-    for i = 1, n - 1 do
-        if tiers[i].sweep_every then
-            sweep_every = math_min(sweep_every or math.huge, tiers[i].sweep_every)
-        end
-    end
-    -- A sweep (max_age on a memory tier) is due at most every sweep_every:
-    -- one clock reading on the hit path, whichever feed drives the sync.
     local sync
     if feed.sync_fn then
-        local inner = feed.sync_fn(self, on_key, on_reset, drain)
-        if sweep_every then
-            -- Inside nginx the feeds drain from timers or light threads:
-            -- the hit path still sweeps, so a direct read of tier 1 never
-            -- serves a copy past its max_age.
-            local next_sweep = 0
-            sync = function()
-                inner()
-                local now = clock_upper()
-                if now >= next_sweep then
-                    sweep(self, now)
-                    next_sweep = now + sweep_every
-                end
-            end
-        else
-            sync = inner
-        end
+        sync = feed.sync_fn(self, on_key, on_reset, drain)
     else
         local stamp_ptr = feed.stamp
         local last = feed.cursor.stamp
-        if sweep_every then
-            local next_sweep = 0
-            sync = function()
-                if stamp_ptr[0] ~= last then
-                    last = drain(self)
-                end
-                local now = clock_upper()
-                if now >= next_sweep then
-                    sweep(self, now)
-                    next_sweep = now + sweep_every
-                end
-            end
-        else
-            sync = function()
-                if stamp_ptr[0] ~= last then
-                    last = drain(self)
-                end
+        sync = function()
+            if stamp_ptr[0] ~= last then
+                last = drain(self)
             end
         end
     end
@@ -1112,9 +1046,30 @@ local function new(arguments)
     }, Invalidator)
     self.invalidator = inv
 
-    if not tiers[1].serialized and getmetatable(tiers[1].backend) ~= nil
-        and tiers[1].backend._cache then
-        self.front = { store = tiers[1].backend._cache, sync = sync }
+    local t1 = tiers[1]
+    if not t1.serialized and getmetatable(t1.backend) ~= nil and t1.backend._cache then
+        local cache = t1.backend._cache
+        local store = cache
+        if t1.max_age then
+            -- The region reads an empty table whose __index judges the
+            -- copy's age (a sweep of the table from the hit path would put
+            -- a loop in the hit's trace; a read through get(), a pcall).
+            -- The clock's upper bound only ever makes a copy look older.
+            local max_age = t1.max_age
+            store = setmetatable({}, { __index = function(_, key)
+                local v = cache[key]
+                if v ~= nil then
+                    local at = v.at
+                    if at ~= nil and clock_upper() - at <= max_age then
+                        return v
+                    end
+                end
+                return nil
+            end, __newindex = function()
+                error(NAME .. ": the front table is read-only", 2)
+            end })
+        end
+        self.front = { store = store, sync = sync }
     end
     return self
 end
