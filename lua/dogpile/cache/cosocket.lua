@@ -40,7 +40,7 @@ local NO_VALUE = api.NO_VALUE
 local get_phase = ngx and ngx.get_phase
 local type, tostring, next, pcall, error, setmetatable, min, max, floor =
       type, tostring, next, pcall, error, setmetatable, math.min, math.max, math.floor
-local format, concat = string.format, table.concat
+local format, concat, find, sub = string.format, table.concat, string.find, string.sub
 
 lib.own_source()
 
@@ -273,6 +273,38 @@ function Server:exchange(op, req, read, a, b)
             return nil, msg
         end
     end
+end
+
+-- -- Replies read in chunks -------------------------------------------------------------
+-- A reply read with receiveany, a chunk at a time, and cut up by the
+-- protocol's reader: one cosocket call for a whole small reply, where
+-- receive() needs one per line and one per value. Only for a reply that is
+-- the last thing the server sends on the connection: a chunk may hold all
+-- that is there.
+
+local CHUNK = 65536
+
+--- Make sure that `buf` (nil: nothing read yet) holds a whole line from
+-- `pos`, reading more chunks as needed: buf, pos (both anew when more was
+-- read), and e, where that line's CRLF starts; or nil, err.
+function _M.line_in(sock, buf, pos)
+    local e = buf and find(buf, "\r\n", pos, true)
+    while not e do
+        local more, err = sock:receiveany(CHUNK)
+        if not more then
+            return nil, err
+        end
+        if buf == nil then
+            buf = more
+        elseif pos > 1 then
+            buf = sub(buf, pos) .. more
+        else
+            buf = buf .. more
+        end
+        pos = 1
+        e = find(buf, "\r\n", 1, true)
+    end
+    return buf, pos, e
 end
 
 -- -- Lock tokens --------------------------------------------------------------------------

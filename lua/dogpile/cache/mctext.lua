@@ -34,13 +34,13 @@ local bxor, lshift, rshift, tobit = bit.bxor, bit.lshift, bit.rshift, bit.tobit
 local byte, sub, find, format = string.byte, string.sub, string.find, string.format
 local tonumber, tostring, setmetatable, floor = tonumber, tostring, setmetatable, math.floor
 local sort = table.sort
+local line_in = cosocket.line_in
 
 local _M = {}
 
 -- libmemcached's MEMCACHED_POINTS_PER_SERVER and MEMCACHED_DEFAULT_PORT.
 local POINTS = 100
 local DEFAULT_PORT = 11211
-local CHUNK = 65536
 
 -- -- Placement --------------------------------------------------------------------
 
@@ -232,18 +232,9 @@ end
 -- the reply allows (one for a small value): value, "hit" (value, cas with
 -- `gets`); false, "miss"; the error line, "error"; nil, err.
 function _M.read_value(sock, with_cas)
-    local buf, err = sock:receiveany(CHUNK)
+    local buf, err, e = line_in(sock, nil, 1)
     if not buf then
         return nil, err
-    end
-    local e = find(buf, "\r\n", 1, true)
-    while not e do
-        local more, err2 = sock:receiveany(CHUNK)
-        if not more then
-            return nil, err2
-        end
-        buf = buf .. more
-        e = find(buf, "\r\n", 1, true)
     end
     if e == 4 and byte(buf, 1) == 69 and sub(buf, 1, 3) == "END" then
         if #buf ~= 5 then
@@ -317,14 +308,10 @@ end
 function _M.read_values(sock, ngets, out)
     local buf, pos, ends, found = "", 1, 0, 0
     while ends < ngets do
-        local e = find(buf, "\r\n", pos, true)
-        while not e do
-            local more, err = sock:receiveany(CHUNK)
-            if not more then
-                return nil, err
-            end
-            buf, pos = sub(buf, pos) .. more, 1
-            e = find(buf, "\r\n", pos, true)
+        local e
+        buf, pos, e = line_in(sock, buf, pos)
+        if not buf then
+            return nil, pos
         end
         local line = sub(buf, pos, e - 1)
         pos = e + 2

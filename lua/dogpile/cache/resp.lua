@@ -29,6 +29,7 @@ local ngx = ngx
 local byte, sub, find, format = string.byte, string.sub, string.find, string.format
 local tonumber, tostring, type, pairs, ipairs, setmetatable =
       tonumber, tostring, type, pairs, ipairs, setmetatable
+local line_in = cosocket.line_in
 
 lib.own_source()
 
@@ -100,26 +101,18 @@ end
 _M.read_reply = read_reply
 
 -- -- Replies read in chunks --------------------------------------------------------
--- A reply of bulk strings (GET's, MGET's) read with receiveany, a chunk at a
--- time, and cut up in Lua: one cosocket call for a whole small reply where
--- receive() needs two per string (the length line, then the bytes). Only
--- for a command whose reply is the last thing the server sends on the
--- connection: a chunk may hold all that is there.
-
-local CHUNK = 65536
+-- A reply of bulk strings (GET's, MGET's) read in chunks (cosocket.line_in)
+-- and cut up here: one cosocket call for a whole small reply where
+-- receive() needs two per string (the length line, then the bytes).
 
 -- From `buf` at `pos`: one bulk string (or nil bulk) whose bytes may not all
 -- have arrived yet. Returns value (false: nil bulk), the new buf and pos;
 -- or nil, err.
 local function cut_bulk(sock, buf, pos)
-    local e = find(buf, "\r\n", pos, true)
-    while not e do
-        local more, err = sock:receiveany(CHUNK)
-        if not more then
-            return nil, err
-        end
-        buf, pos = sub(buf, pos) .. more, 1
-        e = find(buf, "\r\n", pos, true)
+    local e
+    buf, pos, e = line_in(sock, buf, pos)
+    if not buf then
+        return nil, pos
     end
     if byte(buf, pos) ~= 36 then -- $
         return nil, "protocol error: expected a bulk string, got '" .. sub(buf, pos, e - 1) .. "'"
@@ -146,21 +139,12 @@ end
 --- A GET's reply: the value (false: nil), "$"; an error reply: message, "-";
 -- nil, err on an I/O or protocol error.
 function _M.read_bulk(sock)
-    local buf, err = sock:receiveany(CHUNK)
+    local buf, err, e = line_in(sock, nil, 1)
     if not buf then
         return nil, err
     end
     local c = byte(buf)
     if c == 45 or c == 43 or c == 58 then -- -, +, : (one line)
-        local e = find(buf, "\r\n", 1, true)
-        while not e do
-            local more, err2 = sock:receiveany(CHUNK)
-            if not more then
-                return nil, err2
-            end
-            buf = buf .. more
-            e = find(buf, "\r\n", 1, true)
-        end
         return sub(buf, 2, e - 1), c == 45 and "-" or c == 43 and "+" or ":"
     end
     local v, rest = cut_bulk(sock, buf, 1)
@@ -173,18 +157,9 @@ end
 --- An MGET's reply of `n` bulk strings into `out` (false for a nil one):
 -- out, "*"; an error reply: message, "-"; nil, err.
 function _M.read_bulks(sock, n, out)
-    local buf, err = sock:receiveany(CHUNK)
+    local buf, err, e = line_in(sock, nil, 1)
     if not buf then
         return nil, err
-    end
-    local e = find(buf, "\r\n", 1, true)
-    while not e do
-        local more, err2 = sock:receiveany(CHUNK)
-        if not more then
-            return nil, err2
-        end
-        buf = buf .. more
-        e = find(buf, "\r\n", 1, true)
     end
     local c = byte(buf)
     if c == 45 then
