@@ -2091,16 +2091,17 @@ describe("expiration times that are not finite", function()
     local NAN, INF = 0 / 0, math.huge
 
     it("are refused by configure, configure_from_config and load_regions", function()
-        for _, bad in ipairs { NAN, INF, -INF } do
+        for _, case in ipairs { { NAN, "got nan" }, { INF, "got math.huge" }, { -INF, "got -math.huge" } } do
+            local bad = case[1]
             local r = cache.make_region()
-            raises_here("dogpile.cache: configure: expiration_time must be a finite number", function() r:configure("dogpile.cache.memory", { expiration_time = bad }) end, tostring(bad))
+            raises_here("dogpile.cache: configure: expiration_time must be a finite number", function() r:configure("dogpile.cache.memory", { expiration_time = bad }) end, case[2])
             assert.is_false(r.is_configured)
         end
         for _, s in ipairs { "inf", "-inf", "nan" } do
             local r = cache.make_region()
             raises_here("dogpile.cache: configure_from_config: cache.expiration_time must be a finite", function() r:configure_from_config({ ["cache.backend"] = "dogpile.cache.memory", ["cache.expiration_time"] = s }, "cache.") end)
         end
-        raises_here("dogpile.cache: configure: expiration_time must be a finite", function() cache.load_regions({ r = { backend = "dogpile.cache.memory", expiration_time = INF } }) end)
+        raises_here("dogpile.cache: load_regions: region 'r' in the given table: configure: expiration_time must be a finite", function() cache.load_regions({ r = { backend = "dogpile.cache.memory", expiration_time = INF } }) end)
     end)
 
     it("are refused by get, get_multi, get_value_metadata, get_or_create and get_or_create_multi", function()

@@ -462,7 +462,9 @@ function commands.check(ctx, ...)
         local ok, res = pcall(cache.load_regions, { [name] = spec })
         local problem
         if not ok then
-            problem = clean(res)
+            -- The line names the region already: not load_regions' prefix too.
+            problem = clean(res):gsub("^dogpile%.cache: load_regions: region '.-' in the given table: ",
+                                      "dogpile.cache: ", 1)
         else
             local b = res[name].actual_backend
             local ok2, err2 = pcall(b.get, b, "dogpile-cache:check")
