@@ -489,7 +489,7 @@ function Invalidator:_load()
         self.at = v < 0 and -v or v
         self.hard = v > 0
     else
-        self.at, self.hard = nil, nil
+        self.at, self.hard = false, false
     end
     if t.poll_every then
         self.next_load = clock_upper() + t.poll_every
@@ -518,7 +518,9 @@ function Invalidator:invalidate(hard)
     self.at, self.hard, self.dirty = at, hard, false
 end
 
--- Every hit asks this: two loads when nothing is pending.
+-- Every hit asks this: three loads when nothing is pending. (Each field is
+-- always present in the instance, false when unset, and the instance holds
+-- this method: no look-up falls through to the class on the hit path.)
 function Invalidator:is_invalidated(ct)
     local at
     if self.dirty or self.next_load then
@@ -526,30 +528,30 @@ function Invalidator:is_invalidated(ct)
     else
         at = self.at
     end
-    return at ~= nil and ct < at
+    return at ~= false and ct < at
 end
 
 function Invalidator:is_hard_invalidated(ct)
     local at, hard = self:_current()
-    return hard == true and ct < at
+    return at ~= false and hard and ct < at
 end
 
 function Invalidator:is_soft_invalidated(ct)
     local at, hard = self:_current()
-    return hard == false and ct < at
+    return at ~= false and not hard and ct < at
 end
 
 -- Asked outside a read (by the user, say): apply what is pending first.
 function Invalidator:was_hard_invalidated()
     self.tiered.sync()
-    local _, hard = self:_current()
-    return hard == true
+    local at, hard = self:_current()
+    return at ~= false and hard
 end
 
 function Invalidator:was_soft_invalidated()
     self.tiered.sync()
-    local _, hard = self:_current()
-    return hard == false
+    local at, hard = self:_current()
+    return at ~= false and not hard
 end
 
 -- -- The lock --------------------------------------------------------------------
@@ -1043,6 +1045,10 @@ local function new(arguments)
         tiered = self,
         key = prefix .. "invalidated:" .. tostring(arguments.name or ""),
         dirty = true,
+        at = false,
+        hard = false,
+        next_load = false,
+        is_invalidated = Invalidator.is_invalidated,
     }, Invalidator)
     self.invalidator = inv
 
