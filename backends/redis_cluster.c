@@ -432,7 +432,8 @@ static node *node_get(rc *s, const char *host, size_t hlen, int port)
         if (s->nodes[i]->port == port && strlen(s->nodes[i]->host) == hlen &&
             memcmp(s->nodes[i]->host, host, hlen) == 0)
             found = s->nodes[i];
-    if (!found && n < MAX_NODES && (found = aligned_alloc(64, sizeof *found))) {
+    /* aligned_alloc wants a size that is a multiple of the alignment. */
+    if (!found && n < MAX_NODES && (found = aligned_alloc(64, (sizeof *found + 63) / 64 * 64))) {
         memset(found, 0, sizeof *found);
         found->idx = n;
         memcpy(found->host, host, hlen);
