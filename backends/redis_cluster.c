@@ -71,6 +71,7 @@
 #include <lua.h>
 
 #include "dogpile.h"
+#include "redis_io.h"
 
 #define NAME "dogpile.cache.redis_cluster"
 #define NSLOTS 16384
@@ -251,95 +252,6 @@ typedef struct rc {
     held *held;
     _Atomic uint64_t hits, misses;
 } rc;
-
-/* -- Small things shared with redis.c's way of doing I/O ---------------------- */
-
-static struct timeval tv_of(double s)
-{
-    struct timeval tv;
-    tv.tv_sec = (time_t)s;
-    tv.tv_usec = (suseconds_t)((s - (double)tv.tv_sec) * 1e6);
-    return tv;
-}
-
-/* hiredis writes with write(): a peer that closed would raise SIGPIPE. The
- * commands go out with send(MSG_NOSIGNAL) instead; only connecting (AUTH
- * through hiredis) masks the signal, as redis.c explains. */
-typedef struct nopipe {
-    sigset_t old;
-    int pending;
-} nopipe;
-
-static void nopipe_begin(nopipe *np)
-{
-    sigset_t set, pend;
-    sigemptyset(&set);
-    sigaddset(&set, SIGPIPE);
-    sigpending(&pend);
-    np->pending = sigismember(&pend, SIGPIPE) == 1;
-    pthread_sigmask(SIG_BLOCK, &set, &np->old);
-}
-
-static void nopipe_end(nopipe *np)
-{
-    if (!np->pending) {
-        sigset_t set, pend;
-        sigemptyset(&set);
-        sigaddset(&set, SIGPIPE);
-        struct timespec zero = {0, 0};
-        sigpending(&pend);
-        if (sigismember(&pend, SIGPIPE) == 1)
-            while (sigtimedwait(&set, NULL, &zero) == -1 && errno == EINTR)
-                ;
-    }
-    pthread_sigmask(SIG_SETMASK, &np->old, NULL);
-}
-
-static int send_nosignal(redisContext *c)
-{
-    size_t len = sdslen(c->obuf), off = 0;
-    while (off < len) {
-        ssize_t n = send(c->fd, c->obuf + off, len - off, MSG_NOSIGNAL);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            int e = errno;
-            c->err = REDIS_ERR_IO;
-            snprintf(c->errstr, sizeof c->errstr, "%s", strerror(e));
-            errno = e;
-            return REDIS_ERR;
-        }
-        off += (size_t)n;
-    }
-    sdsclear(c->obuf);
-    return REDIS_OK;
-}
-
-static pid_t cur_pid;
-static pthread_once_t pid_once = PTHREAD_ONCE_INIT;
-
-static void pid_after_fork(void)
-{
-    cur_pid = getpid();
-}
-
-static void pid_init(void)
-{
-    cur_pid = getpid();
-    pthread_atfork(NULL, NULL, pid_after_fork);
-}
-
-static pid_t self_pid(void)
-{
-    pthread_once(&pid_once, pid_init);
-    return cur_pid;
-}
-
-static int closed_by_peer(redisContext *c)
-{
-    return c->err == REDIS_ERR_EOF ||
-           (c->err == REDIS_ERR_IO && (errno == ECONNRESET || errno == EPIPE));
-}
 
 static int io_fail(rc *s, node *n, redisContext *c, const char *op, dp_err *err)
 {
