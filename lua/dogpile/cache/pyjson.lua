@@ -10,6 +10,7 @@
 local ffi = require "ffi"
 local lib = require "dogpile.lib"
 local pyvalue = require "dogpile.cache.pyvalue"
+local pyvalue_is_array = pyvalue.is_array
 local buffer = require "string.buffer"
 
 local type, pairs, next, pcall, error, tostring, tonumber, setmetatable, getmetatable, rawget =
@@ -126,19 +127,7 @@ end
 local put
 
 local function is_array(t)
-    local count = 0
-    for _ in pairs(t) do
-        count = count + 1
-    end
-    if count == 0 then
-        return wempty == "list"
-    end
-    for i = 1, count do
-        if rawget(t, i) == nil then
-            return false
-        end
-    end
-    return true
+    return pyvalue_is_array(t, wempty == "list")
 end
 
 local function put_table(t)

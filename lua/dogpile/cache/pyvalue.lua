@@ -300,4 +300,25 @@ function _M.utf8_char(cp)
                 0x80 + floor(cp / 64) % 64, 0x80 + cp % 64)
 end
 
+--- Whether a table without a mark is written as a Python list: its keys are
+-- exactly 1..n; an empty one when `empty_list` (the writers' empty_table).
+-- @tparam table t the table
+-- @tparam boolean empty_list what an empty table is
+-- @treturn boolean
+function _M.is_array(t, empty_list)
+    local count = 0
+    for _ in pairs(t) do
+        count = count + 1
+    end
+    if count == 0 then
+        return empty_list
+    end
+    for i = 1, count do
+        if rawget(t, i) == nil then
+            return false
+        end
+    end
+    return true
+end
+
 return _M
