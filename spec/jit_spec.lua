@@ -67,8 +67,10 @@ local function watch(loop)
                             parent = otr and format("(%d/%s) ", otr, tostring(oex)) or "" }
         elseif what == "abort" then
             local s = started[tr] or { loc = "?", parent = "" }
-            aborts[#aborts + 1] = format("%s%s -- %s at %s", s.parent, s.loc,
-                                         abort_reason(otr, oex), (where(func, pc)))
+            local reason = abort_reason(otr, oex)
+            aborts[#aborts + 1] = { loc = s.loc, reason = reason,
+                                    text = format("%s%s -- %s at %s", s.parent, s.loc,
+                                                  reason, (where(func, pc))) }
         elseif what == "stop" then
             local s = started[tr] or { loc = "?", parent = "" }
             local info = jutil.traceinfo(tr)
@@ -97,8 +99,25 @@ local function describe_stops(stops)
     return #out > 0 and concat(out, "; ") or "(none)"
 end
 
+-- A root trace that starts at a short inner loop (a table's fields) on
+-- that loop's last iteration aborts with "leaving loop in root trace":
+-- which iteration the hot counter fires on depends on counters shared by
+-- hashed bytecode address, so on where the allocator put the code. LuaJIT
+-- then starts the trace again on a later iteration. Such an abort is
+-- forgiven only when a trace from the same place did compile.
+local TRANSIENT = "leaving loop in root trace"
+
 local function assert_compiled(aborts, stops)
-    assert.are.equal(0, #aborts, "trace aborts in the hit loop:\n  " .. concat(aborts, "\n  ")
+    local compiled_at, real = {}, {}
+    for _, s in ipairs(stops) do
+        compiled_at[s.loc] = true
+    end
+    for _, a in ipairs(aborts) do
+        if not (a.reason == TRANSIENT and compiled_at[a.loc]) then
+            real[#real + 1] = a.text
+        end
+    end
+    assert.are.equal(0, #real, "trace aborts in the hit loop:\n  " .. concat(real, "\n  ")
                      .. "\ntraces compiled: " .. describe_stops(stops))
     local found = false
     for _, s in ipairs(stops) do
