@@ -338,7 +338,7 @@ DP_API int dp_reader_finish(dp_reader *r);
  * never share an error buffer. */
 typedef struct dp_err {
     int code;       /* out: the status, as returned */
-    char msg[256];  /* out: what failed, "" on success */
+    char msg[1024]; /* out: what failed, "" on success; room for a backend's list of known arguments */
 } dp_err;
 
 /** A growable byte buffer, owned by the caller (see @note). */

@@ -30,7 +30,7 @@ size_t dp_lock_count(void);
 void dp_sha1_hex(const void *data, size_t len, char out[41]);
 void dp_sha1(const void *data, size_t len, unsigned char out[20]);
 
-typedef struct dp_err { int code; char msg[256]; } dp_err;
+typedef struct dp_err { int code; char msg[1024]; } dp_err;
 typedef struct dp_bytes { char *data; size_t len; size_t cap; } dp_bytes;
 typedef struct dp_arg {
     const char *name; int type; double number; const char *string; size_t len;
