@@ -145,6 +145,7 @@ Tier.__index = Tier
 
 --- The CachedValue of `key` in this tier, or nil. `floor`: copies taken
 -- before it are ignored (a shared upper tier after a reset).
+-- @local
 function Tier:get(key, floor, now)
     local v = self.backend:get(key)
     if v == NO_VALUE or v == nil then
@@ -200,6 +201,7 @@ end
 
 --- Drop every copy this Lua state can reach: a memory tier is emptied; a
 -- shared tier is fenced by the floor instead (see Reader).
+-- @local
 function Tier:clear()
     local b = self.backend
     local cache = b._cache
@@ -264,6 +266,7 @@ end
 
 --- Read everything pushed since the last read: calls on_key(key, scope) for
 -- each, or on_reset(reset_at) once when entries were missed.
+-- @local
 function Feed:drain(on_key, on_reset, ctx)
     local cur, keys, lens, scopes, n = self.cursor, self.keys, self.lens, self.scopes, self.n
     for _ = 1, 1e6 do
@@ -837,6 +840,7 @@ end
 
 --- Hits per tier since the backend opened; `front_hits`, the region's own
 -- reads of tier 1 (front.store), are added to tier 1's.
+-- @local
 function Tiered:tier_hits(front_hits)
     local out = {}
     for i = 1, self.n do
@@ -854,6 +858,7 @@ end
 
 --- The region's invalidator (the region asks at configure), named after the
 -- region unless the `name` argument says otherwise.
+-- @local
 function Tiered:region_invalidator(region)
     local inv = self.invalidator
     if not self.inv_named and region and region.name ~= nil then
