@@ -16,7 +16,9 @@ local math_min = math.min
 
 lib.own_source()
 
-local DP_OK, DP_EBUSY, DP_EDEADLK = lib.DP_OK, lib.DP_EBUSY, lib.DP_EDEADLK
+local DP_OK, DP_EBUSY, DP_ETIMEDOUT, DP_EDEADLK = lib.DP_OK, lib.DP_EBUSY, lib.DP_ETIMEDOUT, lib.DP_EDEADLK
+local monotonic = C.dp_clock_monotonic
+local format = string.format
 
 local _M = { _VERSION = lib.version }
 
@@ -43,6 +45,7 @@ _M.NeedRegenerationException = NeedRegenerationException
 -- coroutine to the host's scheduler for that long. `nil` restores the default
 -- (ngx.sleep inside nginx where it can yield, otherwise blocking the thread).
 -- @raise when fn is neither a function nor nil
+-- @tparam function|nil fn `fn(seconds)`, yielding the running coroutine that long; nil: the default
 function _M.set_sleep(fn)
     if fn ~= nil and type(fn) ~= "function" then
         raise("dogpile: set_sleep expects a function(seconds) or nil, got " .. type(fn))
@@ -67,6 +70,57 @@ local function wait_yielding(sleep, try, ...)
     end
 end
 _M.wait_yielding = wait_yielding
+
+-- As wait_yielding, for at most `bound` seconds: false when try() still
+-- fails then.
+local function wait_yielding_for(sleep, bound, try, ...)
+    local deadline = monotonic() + bound
+    local step = FIRST_STEP
+    while true do
+        local left = deadline - monotonic()
+        if left <= 0 then
+            return false
+        end
+        sleep(math_min(step, left))
+        if try(...) then
+            return true
+        end
+        step = math_min(step * GROWTH, MAX_STEP)
+    end
+end
+
+-- The longest a caller waits for the core's per-key lock before it takes the
+-- holder to be stuck and goes ahead without the lock. The holder may be a
+-- coroutine of another Lua state that was abandoned: its lock is released at
+-- that state's next collection cycle (dogpile.holders), and a state that
+-- stays idle may never run one; or a creator that hangs. A backend's own
+-- lock_timeout bounds its waits the same way (backends/c.lua).
+local DEFAULT_LOCK_TIMEOUT = 30
+local lock_timeout = DEFAULT_LOCK_TIMEOUT
+
+--- Bound every wait on the core's per-key lock in this Lua state (the lock of
+-- the memory and shared_memory backends, and of a backend's lock inside the
+-- process): past `seconds` the holder is taken to be stuck and the waiter goes
+-- ahead without the lock (logged; the value may then be created twice), as a
+-- backend's lock_timeout does for its own lock. `nil` restores the default, 30 s.
+-- @tparam number|nil seconds a positive, finite number of seconds, or nil
+-- @raise when seconds is not a positive finite number or nil
+function _M.set_lock_timeout(seconds)
+    if seconds == nil then
+        lock_timeout = DEFAULT_LOCK_TIMEOUT
+        return
+    end
+    if type(seconds) ~= "number" or not (seconds > 0 and seconds < math.huge) then
+        raise("dogpile: set_lock_timeout expects a positive finite number of seconds or nil, got "
+              .. type(seconds) .. " " .. tostring(seconds))
+    end
+    lock_timeout = seconds
+end
+
+--- The bound in force (seconds).
+function _M.lock_timeout()
+    return lock_timeout
+end
 
 -- -- The core's per-key lock, as a mutex object --------------------------------
 
@@ -107,27 +161,61 @@ end
 -- `tracked`: the lock is held by the coroutine that takes it until it
 -- releases it or hands it over (the region's get_or_create): one abandoned
 -- with it is released (dogpile.holders). Untracked, a mutex may be released
--- by any coroutine at any time, as API.md allows.
-function _M.core_mutex(domain, key, tracked)
-    return setmetatable({ domain = domain, key = key, tracked = tracked }, Mutex)
+-- by any coroutine at any time, as API.md allows. `timeout`: the bound of
+-- its waits in seconds (nil: dogpile.set_lock_timeout's).
+-- @tparam number domain a lock domain of the core (`dp_lock_domain(name, len)` or `dp_lock_domain_new()`)
+-- @tparam string key the key the lock is for
+-- @tparam[opt] boolean tracked the taking coroutine holds the lock until it releases it or hands it over
+-- (default false: any coroutine may release it)
+-- @tparam[opt] number timeout the bound of its waits in seconds (default nil: dogpile.lock_timeout())
+-- @treturn table the mutex, not taken: `:acquire(wait)`, `:wait_unlocked()`, `:hand_over()`, `:release()`, `:locked()`
+function _M.core_mutex(domain, key, tracked, timeout)
+    return setmetatable({ domain = domain, key = key, tracked = tracked, timeout = timeout,
+                          stolen = false, gave_up = false }, Mutex)
 end
 
---- `wait` nil or true: block (or yield) until acquired; false: try once.
+-- Past the bound: the holder is taken to be stuck; this caller goes ahead
+-- without the lock, and its release is then a no-op.
+local function go_ahead(self, bound)
+    self.stolen = true
+    log_quietly(format("dogpile: the lock for key '%s' was still held after %g s "
+                       .. "(dogpile.set_lock_timeout); going ahead without it, so the value may "
+                       .. "be created twice", self.key, bound))
+    return true
+end
+
+--- `wait` nil or true: block (or yield) until acquired, for at most the
+-- lock timeout (then go ahead without it); false: try once.
+-- @tparam[opt] boolean wait false: try once (default true: wait)
+-- @treturn boolean false only when `wait` is false and the lock is held elsewhere
 function Mutex:acquire(wait)
     local domain, key, tracked = self.domain, self.key, self.tracked
+    local gave_up = self.gave_up
+    self.gave_up = false
     if try_core(domain, key, tracked) then
         return true
     end
     if wait == false then
         return false
     end
+    local bound = self.timeout or lock_timeout
+    -- wait_unlocked already waited the whole bound for this holder.
+    if gave_up then
+        return go_ahead(self, bound)
+    end
     local sleep = current_sleep()
     if sleep then
-        return wait_yielding(sleep, try_core, domain, key, tracked)
+        if wait_yielding_for(sleep, bound, try_core, domain, key, tracked) then
+            return true
+        end
+        return go_ahead(self, bound)
     end
-    local rc = C.dp_lock_wait(domain, key, #key, OWNER, -1)
+    local rc = C.dp_lock_wait(domain, key, #key, OWNER, bound)
     if rc == DP_EDEADLK and reclaim(domain, key) then
-        rc = C.dp_lock_wait(domain, key, #key, OWNER, -1)
+        rc = C.dp_lock_wait(domain, key, #key, OWNER, bound)
+    end
+    if rc == DP_ETIMEDOUT then
+        return go_ahead(self, bound)
     end
     blocked_wait(rc, key)
     if tracked then
@@ -141,22 +229,27 @@ local function core_free(domain, key)
 end
 
 --- Wait, without taking the lock, until whoever holds it now releases it (at
--- once when it is free); bounded as acquire is (here: not at all). With a
+-- once when it is free), for at most the lock timeout, as acquire. With a
 -- sleep function set, poll with it; otherwise block on the core's condition
 -- variable. Returns true. run() calls it so that every waiter can read the
 -- holder's value together instead of taking the lock in turn.
 function Mutex:wait_unlocked()
     local domain, key = self.domain, self.key
+    local bound = self.timeout or lock_timeout
     local sleep = current_sleep()
     if sleep then
-        if core_free(domain, key) then
+        if core_free(domain, key) or wait_yielding_for(sleep, bound, core_free, domain, key) then
             return true
         end
-        return wait_yielding(sleep, core_free, domain, key)
+        self.gave_up = true
+        return true
     end
-    local rc = C.dp_lock_wait_unlocked(domain, key, #key, OWNER, -1)
+    local rc = C.dp_lock_wait_unlocked(domain, key, #key, OWNER, bound)
     if rc == DP_EDEADLK and reclaim(domain, key) then
         rc = DP_OK
+    elseif rc == DP_ETIMEDOUT then
+        self.gave_up = true
+        return true
     end
     return blocked_wait(rc, key)
 end
@@ -164,19 +257,32 @@ end
 --- The lock goes on to another coroutine on purpose (the async creation
 -- runner releases it): it is no longer this coroutine's to be abandoned with.
 function Mutex:hand_over()
-    gave(self.domain, self.key)
+    if not self.stolen then
+        gave(self.domain, self.key)
+    end
 end
 
+--- Release the lock this mutex took.
+-- @raise when the lock is not held
 function Mutex:release()
     local key = self.key
+    if self.stolen then
+        self.stolen = false
+        return
+    end
     gave(self.domain, key)
     if C.dp_lock_release(self.domain, key, #key) ~= DP_OK then
         raise("dogpile: release of the lock for key '" .. key .. "', which is not held")
     end
 end
 
+--- Whether the lock is held, by anyone.
+-- @treturn boolean
 function Mutex:locked()
     local key = self.key
+    if self.stolen then
+        return true
+    end
     return C.dp_lock_held(self.domain, key, #key, nil) == 1
 end
 
@@ -314,6 +420,15 @@ _M.check_mutex = check_mutex
 
 --- `Lock.new(mutex, creator, value_and_created_fn, expiretime, async_creator)`
 -- @raise on arguments of the wrong type
+-- @tparam table mutex any object with `:acquire(wait)` and `:release()` (a table, userdata or cdata:
+-- dogpile.core_mutex's, a backend's get_mutex)
+-- @tparam function creator makes the value, stores it where value_and_created_fn reads it, and returns it
+-- @tparam function value_and_created_fn returns `value, created_time`, or raises
+-- dogpile.NeedRegenerationException when there is no value
+-- @tparam[opt] number expiretime seconds a value stays fresh (default nil, as a negative number: never expires)
+-- @tparam[opt] function async_creator `async_creator(mutex)` regenerates an expired value elsewhere and
+-- releases the mutex when done (default nil: the caller that took the lock regenerates)
+-- @treturn table the lock; `lock:enter()` returns the value
 function Lock.new(mutex, creator, value_and_created_fn, expiretime, async_creator)
     check_mutex(mutex, "dogpile: Lock.new")
     if not is_callable(creator) then
@@ -371,6 +486,7 @@ end
 
 --- Returns the value: fresh, stale while another caller regenerates, or new.
 -- @raise whatever the creator or value function raise, after releasing
+-- @return the value
 function Lock:enter()
     local has, value, created = lock_read(self)
     return (run(self.mutex, self, lock_create, lock_read, lock_is_expired,
@@ -385,6 +501,8 @@ _M.NameRegistry = NameRegistry
 
 --- `NameRegistry.new(creator)`: `:get(id, ...)` returns the one live object for
 -- `id`, made by `creator(id, ...)` when there is none. Objects are held weakly.
+-- @tparam function creator `creator(id, ...)` makes the object for `id`
+-- @treturn table the registry
 function NameRegistry.new(creator)
     if not is_callable(creator) then
         raise("dogpile: NameRegistry.new: creator must be a function, got " .. type(creator))
@@ -393,6 +511,11 @@ function NameRegistry.new(creator)
                         NameRegistry)
 end
 
+--- The one live object for `id`, made by the registry's creator when there is none.
+-- @tparam any id the object's name (any value but nil)
+-- @tparam any ... passed to the creator after `id` when it is called
+-- @return the object
+-- @raise when id is nil
 function NameRegistry:get(id, ...)
     if id == nil then
         raise("dogpile: NameRegistry:get: id must not be nil")
@@ -420,6 +543,9 @@ local function current()
     return co_running() or MAIN
 end
 
+--- A lock with shared readers and one writer, between the coroutines of this Lua state
+-- (waiting goes through the sleep set by dogpile.set_sleep).
+-- @treturn table the mutex, free
 function ReadWriteMutex.new()
     return setmetatable({ readers = 0, writer = nil }, ReadWriteMutex)
 end
@@ -435,6 +561,10 @@ local function rw_wait(step)
     return math_min(step * GROWTH, MAX_STEP)
 end
 
+--- Take a read lock, shared with other readers; waits while a writer holds or awaits the lock.
+-- @tparam[opt] boolean wait false: try once (default true: wait)
+-- @treturn boolean false only when `wait` is false and a writer holds the lock
+-- @raise when it must wait and no sleep function is set
 function ReadWriteMutex:acquire_read_lock(wait)
     local step = FIRST_STEP
     while self.writer ~= nil do
@@ -447,6 +577,8 @@ function ReadWriteMutex:acquire_read_lock(wait)
     return true
 end
 
+--- Release a read lock.
+-- @raise when no read lock is held
 function ReadWriteMutex:release_read_lock()
     if self.readers <= 0 then
         raise("dogpile: ReadWriteMutex: release_read_lock called without a read lock")
@@ -454,6 +586,11 @@ function ReadWriteMutex:release_read_lock()
     self.readers = self.readers - 1
 end
 
+--- Take the write lock: waits for the writer before, then for the readers to leave (new readers
+-- wait meanwhile).
+-- @tparam[opt] boolean wait false: try once (default true: wait)
+-- @treturn boolean false only when `wait` is false and the lock is held
+-- @raise when it must wait and no sleep function is set
 function ReadWriteMutex:acquire_write_lock(wait)
     local step = FIRST_STEP
     while self.writer ~= nil do
@@ -481,6 +618,8 @@ function ReadWriteMutex:acquire_write_lock(wait)
     return true
 end
 
+--- Release the write lock.
+-- @raise when the current coroutine does not hold it
 function ReadWriteMutex:release_write_lock()
     if self.writer ~= current() then
         raise("dogpile: ReadWriteMutex: the current coroutine does not hold the write lock")

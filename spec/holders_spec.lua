@@ -152,3 +152,125 @@ describe("a lock held by an abandoned coroutine", function()
         assert.are.equal("new", r:get("k"))
     end)
 end)
+
+-- Every wait on the core's lock is bounded (issue 19 item 4): a holder in
+-- another Lua state whose coroutine was abandoned is released only at that
+-- state's next collection cycle, which an idle state may never run. The
+-- holder here is the core's lock taken under a fresh owner tag, which is what
+-- another Lua state of the process is to the core (its own tag): nobody in
+-- this state can reclaim it, as nobody could reclaim another state's.
+describe("a wait on the core's lock", function()
+    support.no_leaks()
+    local context = require "dogpile.context"
+    local monotonic = C.dp_clock_monotonic
+    local BOUND = 0.5
+    local logged
+
+    before_each(function()
+        logged = {}
+        context.set_logger(function(msg) logged[#logged + 1] = msg end)
+        dogpile.set_lock_timeout(BOUND)
+    end)
+    after_each(function()
+        dogpile.set_lock_timeout(nil)
+        dogpile.set_sleep(nil)
+        context.set_logger(nil)
+    end)
+
+    -- The spec scheduler's clock is virtual; the bound is in real time.
+    local function real_sleep(s)
+        return function(seconds)
+            support.sleep(seconds)
+            s.sleep(seconds)
+        end
+    end
+
+    local function foreign_hold(domain, key)
+        local other = C.dp_lock_owner_new()
+        assert.are.equal(lib.DP_OK, C.dp_lock_try(domain, key, #key, other))
+        return function()
+            assert.are.equal(lib.DP_OK, C.dp_lock_release(domain, key, #key))
+        end
+    end
+
+    local REGIONS = {
+        { "dogpile.cache.memory", {}, function(r) return r._domain end },
+        { "dogpile.cache.shared_memory", { name = "holders_spec_bound" },
+          function(r) return r.backend.lock_domain end },
+    }
+
+    for _, b in ipairs(REGIONS) do
+        local name, args, domain_of = b[1], b[2], b[3]
+        local function region()
+            return cache.make_region():configure(name, { expiration_time = 60, arguments = args })
+        end
+
+        for _, how in ipairs { "blocking", "yielding" } do
+            it("ends after the lock timeout, " .. how .. ", and the caller goes ahead: " .. name,
+               function()
+                local r = region()
+                local key = "bound:" .. how
+                r:delete(key)
+                local unhold = foreign_hold(domain_of(r), key)
+                local calls, got = 0, nil
+                local function creator()
+                    calls = calls + 1
+                    return "made"
+                end
+                local t0 = monotonic()
+                if how == "yielding" then
+                    local s = support.scheduler()
+                    dogpile.set_sleep(real_sleep(s))
+                    s.spawn(function() got = r:get_or_create(key, creator) end)
+                    s.run()
+                else
+                    got = r:get_or_create(key, creator)
+                end
+                local waited = monotonic() - t0
+                assert.are.equal("made", got)
+                assert.are.equal(1, calls)
+                assert.are.equal("made", r:get(key))
+                -- One bound in all: wait_unlocked's wait counts for acquire.
+                assert.is_true(waited >= BOUND * 0.9, "returned after " .. waited .. " s")
+                assert.is_true(waited < BOUND * 2, "waited " .. waited .. " s: twice the bound")
+                assert.are.equal(1, #logged, table.concat(logged, "\n"))
+                assert.matches("lock for key 'bound:" .. how .. "' was still held after 0.5 s", logged[1],
+                               1, true)
+                -- The stuck holder's lock was not released by the caller.
+                assert.are.equal(1, C.dp_lock_held(domain_of(r), key, #key, nil))
+                unhold()
+                assert.are.equal(0, tonumber(C.dp_lock_count()))
+            end)
+        end
+
+        it("does not end early when the holder lets go in time: " .. name, function()
+            local r = region()
+            local key = "bound:released"
+            r:delete(key)
+            local domain = domain_of(r)
+            local unhold = foreign_hold(domain, key)
+            local s = support.scheduler()
+            dogpile.set_sleep(real_sleep(s))
+            local got
+            s.spawn(function() got = r:get_or_create(key, function() return "mine" end) end)
+            s.spawn(function()
+                s.sleep(0.05)
+                r:set(key, "holder's")
+                unhold()
+            end)
+            s.run()
+            assert.are.equal("holder's", got)
+            assert.are.equal(0, #logged, table.concat(logged, "\n"))
+        end)
+    end
+
+    it("is set per Lua state and checked", function()
+        assert.are.equal(BOUND, dogpile.lock_timeout())
+        dogpile.set_lock_timeout(nil)
+        assert.are.equal(30, dogpile.lock_timeout())
+        for _, bad in ipairs { 0, -1, 0 / 0, math.huge, "5", true } do
+            support.raises_here("dogpile: set_lock_timeout expects a positive finite number",
+                                function() dogpile.set_lock_timeout(bad) end)
+        end
+    end)
+end)
