@@ -432,6 +432,100 @@ static void run_rounds(int reg, double wake_bound, double stale_bound)
 
 #undef CHECK_R
 
+/* -- A lock whose holder is gone, in an idle state --------------------------- */
+
+/* State A takes the key's lock in a coroutine that yields inside the creator
+ * and is dropped, then stays idle with its collector stopped: the sweep that
+ * would release the lock (dogpile.holders) never runs. State B, on another
+ * thread, must not wait for it forever: past dogpile.set_lock_timeout it goes
+ * ahead with its own creator. */
+#define ABANDON_BOUND 0.3
+static const char ABANDON_A[] =
+    "local fixture = ...\n"
+    "collectgarbage('stop')\n"
+    "local regions = require('dogpile.cache').load_regions(fixture)\n"
+    "local co = coroutine.create(function()\n"
+    "    regions.shared:get_or_create('abandoned', function()\n"
+    "        coroutine.yield()\n"
+    "        return 'never'\n"
+    "    end)\n"
+    "end)\n"
+    "assert(coroutine.resume(co))\n"
+    "assert(coroutine.status(co) == 'suspended')\n";
+static const char ABANDON_B[] =
+    "local fixture, bound = ...\n"
+    "require('dogpile').set_lock_timeout(bound)\n"
+    "local regions = require('dogpile.cache').load_regions(fixture)\n"
+    "local clock = require('dogpile.lib').C.dp_clock_monotonic\n"
+    "local calls, t0 = 0, clock()\n"
+    "local v = regions.shared:get_or_create('abandoned', function()\n"
+    "    calls = calls + 1\n"
+    "    return 'made by B'\n"
+    "end)\n"
+    "return tostring(v), calls, clock() - t0\n";
+
+typedef struct abandon_b {
+    int ok, calls;
+    char got[64], err[512];
+    double waited;
+} abandon_b;
+
+static void abandon_b_main(void *arg)
+{
+    abandon_b *b = arg;
+    lua_State *L = new_state();
+    if (!L || dp_lua_open(L, lua_dir, cmod_dir) != 0 || luaL_loadstring(L, ABANDON_B) != 0) {
+        snprintf(b->err, sizeof b->err, "state B: %s", L ? lua_tostring(L, -1) : "no state");
+    } else {
+        lua_pushstring(L, DP_TEST_FIXTURES "/threads_regions.lua");
+        lua_pushnumber(L, ABANDON_BOUND);
+        if (lua_pcall(L, 2, 3, 0) != 0) {
+            snprintf(b->err, sizeof b->err, "state B: %s", lua_tostring(L, -1));
+        } else {
+            snprintf(b->got, sizeof b->got, "%s", lua_tostring(L, -3));
+            b->calls = (int)lua_tointeger(L, -2);
+            b->waited = lua_tonumber(L, -1);
+            b->ok = 1;
+        }
+    }
+    if (L)
+        lua_close(L);
+}
+
+static void run_abandoned(void)
+{
+    lua_State *A = new_state();
+    int held = A && dp_lua_open(A, lua_dir, cmod_dir) == 0 && luaL_loadstring(A, ABANDON_A) == 0;
+    if (held) {
+        lua_pushstring(A, DP_TEST_FIXTURES "/threads_regions.lua");
+        held = lua_pcall(A, 1, 0, 0) == 0;
+    }
+    CHECK(held && dp_lock_count() == 1,
+          "abandoned: state A holds the key's lock from a suspended, dropped coroutine (%s, %zu locks)",
+          held ? "ok" : (A ? lua_tostring(A, -1) : "no state"), dp_lock_count());
+    abandon_b b = {0};
+    uv_thread_t t;
+    if (held && uv_thread_create(&t, abandon_b_main, &b) == 0) {
+        uv_thread_join(&t);
+        if (!b.ok)
+            printf("# %s\n", b.err);
+        CHECK(b.ok && strcmp(b.got, "made by B") == 0 && b.calls == 1,
+              "abandoned: state B, on another thread, runs its creator once and gets its value "
+              "(%s, %d calls)", b.got, b.calls);
+        CHECK(b.ok && b.waited >= ABANDON_BOUND * 0.9 && b.waited < 2 * ABANDON_BOUND * time_scale,
+              "abandoned: B waited about its lock timeout (%.0f ms), not forever: %.0f ms",
+              ABANDON_BOUND * 1e3, b.waited * 1e3);
+        CHECK(dp_lock_count() == 1, "abandoned: B did not release A's lock (%zu locks)",
+              dp_lock_count());
+    } else {
+        CHECK(0, "abandoned: thread B started");
+    }
+    if (A)
+        lua_close(A);
+    CHECK(dp_lock_count() == 0, "abandoned: closing state A releases its lock (%zu locks)",
+          dp_lock_count());
+}
+
 int main(void)
 {
     lua_dir = getenv("DP_TEST_LUA_DIR");
@@ -510,6 +604,8 @@ int main(void)
         }
         run_rounds(reg, wake_bound, stale_bound);
     }
+
+    run_abandoned();
 
     /* -- Shutdown ------------------------------------------------------------ */
     char msg[512] = "";
