@@ -88,10 +88,18 @@
 
 /* Deletes the lock if it is ours, then wakes the waiters subscribed to the
  * channel named like the lock key (pcall: a server that refuses PUBLISH,
- * an ACL say, still gets the lock deleted, and the waiters poll). */
+ * an ACL say, still gets the lock deleted, and the waiters poll). With a
+ * second key, the value's, the message carries what that key holds now
+ * ("=" then the bytes, when at most 64 KiB), so that the waiters it wakes
+ * need not each GET it (the bound keeps a large value from being copied to
+ * every subscriber); otherwise it is empty, a bare wake-up.
+ * The cosocket transport (redis_cosocket.lua) sends the same text with the
+ * lock key alone. */
 static const char UNLOCK_SCRIPT[] =
     "if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) "
-    "redis.pcall('publish', KEYS[1], '') return 1 "
+    "local v = KEYS[2] and redis.pcall('get', KEYS[2]) "
+    "if type(v) == 'string' and #v <= 65536 then v = '=' .. v else v = '' end "
+    "redis.pcall('publish', KEYS[1], v) return 1 "
     "else return 0 end";
 
 /* -- Arguments: the struct the core fills, and the tables it fills it by -- */
@@ -569,9 +577,77 @@ static int run1(inst *s, const char *op, int argc, const char **argv, const size
 
 /* -- Values ------------------------------------------------------------------- */
 
+/* A release's value, taken from its message by a waiter (rd_wait_unlocked)
+ * for the GET that follows it on the same thread (rd_get): that waiter then
+ * reads the value the holder stored without a round trip of its own. Kept
+ * per thread, for one use, for at most STASH_SECONDS, and dropped by any
+ * other operation of the thread on the instance. */
+#define STASH_SECONDS 0.05
+static __thread struct {
+    const void *owner; /* the instance */
+    char *key, *val;
+    size_t klen, vlen;
+    double at;
+} stash;
+
+static void stash_drop(void)
+{
+    free(stash.key);
+    free(stash.val);
+    stash.key = stash.val = NULL;
+    stash.owner = NULL;
+}
+
+/* The value of a release message ("=" and the bytes), kept for `key`. */
+static void stash_keep(const void *owner, const char *key, size_t klen, const char *msg,
+                       size_t mlen)
+{
+    stash_drop();
+    if (mlen < 1 || msg[0] != '=')
+        return; /* a bare wake-up (or a value too large to carry) */
+    char *k = malloc(klen + 1), *v = malloc(mlen);
+    if (!k || !v) {
+        free(k);
+        free(v);
+        return;
+    }
+    memcpy(k, key, klen);
+    memcpy(v, msg + 1, mlen - 1);
+    stash.owner = owner;
+    stash.key = k;
+    stash.klen = klen;
+    stash.val = v;
+    stash.vlen = mlen - 1;
+    stash.at = dp_clock_monotonic();
+}
+
+/* Whether `key`'s value is stashed: then it is copied to `out` and dropped.
+ * Anything else stashed is dropped too: it was for the read right after a
+ * wait, and this is not that read. */
+static int stash_take(const void *owner, const char *key, size_t klen, dp_bytes *out)
+{
+    if (!stash.owner)
+        return 0;
+    int mine = stash.owner == owner && stash.klen == klen && memcmp(stash.key, key, klen) == 0 &&
+               dp_clock_monotonic() - stash.at <= STASH_SECONDS &&
+               dp_bytes_reserve(out, stash.vlen) == DP_OK;
+    if (mine) {
+        if (stash.vlen)
+            memcpy(out->data, stash.val, stash.vlen);
+        out->len = stash.vlen;
+    }
+    stash_drop();
+    return mine;
+}
+
+
 static int rd_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_err *err)
 {
     inst *s = self;
+    if (stash.owner && stash_take(s, key, klen, out)) {
+        atomic_fetch_add_explicit(&s->hits, 1, memory_order_relaxed);
+        return DP_OK;
+    }
     const char *argv[2] = {"GET", key};
     size_t lens[2] = {3, klen};
     redisReply *r;
@@ -699,6 +775,8 @@ static int write1(inst *s, const char *op, int argc, const char **argv, const si
 static int rd_set(void *self, const char *key, size_t klen, const char *value, size_t vlen,
                   dp_err *err)
 {
+    if (stash.owner)
+        stash_drop();
     inst *s = self;
     char px[32];
     long long ms = ttl_ms(s);
@@ -710,6 +788,8 @@ static int rd_set(void *self, const char *key, size_t klen, const char *value, s
 
 static int rd_del(void *self, const char *key, size_t klen, dp_err *err)
 {
+    if (stash.owner)
+        stash_drop();
     inst *s = self;
     const char *argv[2] = {"DEL", key};
     size_t lens[2] = {3, klen};
@@ -741,6 +821,8 @@ static int keys_argv(const char *cmd, size_t n, const char *const *keys, const s
 static int rd_get_multi(void *self, size_t n, const char *const *keys, const size_t *klens,
                         dp_bytes *out, int64_t *vlens, dp_err *err)
 {
+    if (stash.owner)
+        stash_drop();
     inst *s = self;
     out->len = 0;
     if (n == 0)
@@ -808,6 +890,8 @@ static void build_sets(redisContext *c, void *ud)
 static int rd_set_multi(void *self, size_t n, const char *const *keys, const size_t *klens,
                         const char *const *values, const size_t *vlens, dp_err *err)
 {
+    if (stash.owner)
+        stash_drop();
     inst *s = self;
     if (n == 0)
         return DP_OK;
@@ -833,6 +917,8 @@ static int rd_set_multi(void *self, size_t n, const char *const *keys, const siz
 static int rd_del_multi(void *self, size_t n, const char *const *keys, const size_t *klens,
                         dp_err *err)
 {
+    if (stash.owner)
+        stash_drop();
     inst *s = self;
     if (n == 0)
         return DP_OK;
@@ -984,14 +1070,33 @@ static conn *sub_open(inst *s, const char *lk, size_t lklen)
     return out;
 }
 
+/* Keep the payload of a "message" reply in *msg (malloc'd), replacing one
+ * kept before. */
+static void sub_message(redisReply *r, char **msg, size_t *mlen)
+{
+    if (!msg || r->type != REDIS_REPLY_ARRAY || r->elements != 3 ||
+        r->element[0]->type != REDIS_REPLY_STRING || strcmp(r->element[0]->str, "message") != 0 ||
+        r->element[2]->type != REDIS_REPLY_STRING)
+        return;
+    char *m = malloc(r->element[2]->len + 1);
+    if (!m)
+        return;
+    memcpy(m, r->element[2]->str, r->element[2]->len);
+    free(*msg);
+    *msg = m;
+    *mlen = r->element[2]->len;
+}
+
 /* 1: something arrived (a release, probably), 0: `seconds` passed, -1: the
- * connection failed. Messages are only wake-ups: their content is ignored. */
-static int sub_wait(conn *cn, double seconds)
+ * connection failed. With `msg`, the payload of the last message that
+ * arrived is kept there (malloc'd; the caller frees it). */
+static int sub_wait(conn *cn, double seconds, char **msg, size_t *mlen)
 {
     redisContext *c = cn->c;
     void *r = NULL;
     int got = 0;
     while (redisGetReplyFromReader(c, &r) == REDIS_OK && r) {
+        sub_message(r, msg, mlen);
         freeReplyObject(r);
         r = NULL;
         got = 1;
@@ -1014,6 +1119,7 @@ static int sub_wait(conn *cn, double seconds)
     int rc = redisBufferRead(c) == REDIS_OK ? 1 : -1;
     nopipe_end(&np);
     while (rc == 1 && redisGetReplyFromReader(c, &r) == REDIS_OK && r) {
+        sub_message(r, msg, mlen);
         freeReplyObject(r);
         r = NULL;
     }
@@ -1140,7 +1246,7 @@ static int rd_lock(void *self, const char *key, size_t klen, double timeout, dp_
             break;
         }
         if (sub) {
-            if (sub_wait(sub, wait) < 0) {
+            if (sub_wait(sub, wait, NULL, NULL) < 0) {
                 sub_free(sub);
                 sub = NULL;
             }
@@ -1210,7 +1316,12 @@ static int rd_wait_unlocked(void *self, const char *key, size_t klen, double tim
             break;
         }
         if (sub) {
-            int got = sub_wait(sub, wait);
+            char *msg = NULL;
+            size_t mlen = 0;
+            int got = sub_wait(sub, wait, &msg, &mlen);
+            if (got > 0 && msg)
+                stash_keep(s, key, klen, msg, mlen);
+            free(msg);
             if (got > 0)
                 break; /* released */
             if (got < 0) {
@@ -1254,10 +1365,10 @@ static int rd_unlock(void *self, const char *key, size_t klen, dp_err *err)
     uv_mutex_unlock(&s->mu);
     if (!h)
         return DP_ENOTHELD;
-    const char *argv[5] = {"EVAL", UNLOCK_SCRIPT, "1", h->key, h->token};
-    size_t lens[5] = {4, sizeof UNLOCK_SCRIPT - 1, 1, h->klen, 32};
+    const char *argv[6] = {"EVAL", UNLOCK_SCRIPT, "2", h->key, key, h->token};
+    size_t lens[6] = {4, sizeof UNLOCK_SCRIPT - 1, 1, h->klen, klen, 32};
     redisReply *r;
-    int rc = run1(s, "EVAL (unlock)", 5, argv, lens, &r, err);
+    int rc = run1(s, "EVAL (unlock)", 6, argv, lens, &r, err);
     if (rc == DP_OK) {
         if (r->type != REDIS_REPLY_INTEGER || r->integer != 1)
             rc = dp_err_set(err, DP_ENOTHELD, "the lock had expired (lock_timeout %g s) and "
@@ -1419,6 +1530,8 @@ static void listener_stop(inst *s)
 
 static void rd_destroy(void *self)
 {
+    if (stash.owner == self)
+        stash_drop();
     inst *s = self;
     listener_stop(s);
     while (s->idle) {

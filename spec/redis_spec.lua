@@ -538,6 +538,51 @@ io.write(v, "\n")
             region():delete(k)
         end)
 
+        it("waiters take the value from the release's message: no GET of their own after it",
+           function()
+            local k = fresh("carried")
+            local counter = TMP .. "/ccreations-" .. uniq
+            local mon = TMP .. "/monitor-" .. uniq
+            local f = script("carried", [[
+local key, counter, start = arg[2], arg[3], tonumber(arg[4])
+while now() < start do sleep(0.001) end
+local v = r:get_or_create(key, function()
+    append(counter, "x")
+    sleep(0.3)
+    return "carried value"
+end)
+io.write(v, "\n")
+]])
+            sh(string.format("(timeout 10 redis-cli -p %d monitor > %s 2>&1 &)", main_port(), mon))
+            sleep(0.2)
+            local start = now() + 0.6
+            local cmd = {}
+            for i = 1, 5 do
+                cmd[i] = string.format("luajit %s '{port = %d, lock_timeout = 10}' '%s' '%s' "
+                                       .. "'%.3f' > %s/cout%d 2>&1 &", f, main_port(), k,
+                                       counter, start, TMP, i)
+            end
+            sh(table.concat(cmd, " ") .. " wait")
+            sleep(0.2)
+            sh("pkill -f 'redis-cli -p " .. main_port() .. " monitor' || true")
+            assert.are.equal(1, count_lines(counter))
+            for i = 1, 5 do
+                assert.are.equal("carried value\n", read(TMP .. "/cout" .. i))
+            end
+            local published, gets_after = false, 0
+            for line in read(mon):gmatch("[^\n]+") do
+                if line:find('"publish" "_lock' .. k .. '" "=', 1, true) then
+                    published = true
+                elseif published and not line:find("[0 lua]", 1, true)
+                    and line:find('"GET" "' .. k .. '"', 1, true) then
+                    gets_after = gets_after + 1
+                end
+            end
+            assert.is_true(published, "the release published no value:\n" .. read(mon))
+            assert.are.equal(0, gets_after, "waiters read the value again after the release")
+            region():delete(k)
+        end)
+
         it("a holder whose creator fails: exactly one waiter creates after the release",
            function()
             local k = fresh("fails")

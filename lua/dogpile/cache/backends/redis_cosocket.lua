@@ -43,8 +43,11 @@ local _M = {}
 _M.COSOCKET = cosocket.COSOCKET
 
 -- The C backend's release (backends/redis.c UNLOCK_SCRIPT), byte for byte.
+-- Sent here with the lock key alone, it publishes a bare wake-up.
 local UNLOCK_SCRIPT = "if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) "
-    .. "redis.pcall('publish', KEYS[1], '') return 1 "
+    .. "local v = KEYS[2] and redis.pcall('get', KEYS[2]) "
+    .. "if type(v) == 'string' and #v <= 65536 then v = '=' .. v else v = '' end "
+    .. "redis.pcall('publish', KEYS[1], v) return 1 "
     .. "else return 0 end"
 
 local Backend = cosocket.backend({})
