@@ -293,7 +293,7 @@ static int sentinel_master(inst *s, char *host, size_t hostn, int *port, dp_err 
         redisContext *c;
         dp_err e;
         if (raw_connect(s, s->sentinel_host[i], s->sentinel_port[i], NULL, &c, &e) != DP_OK) {
-            snprintf(last, sizeof last, "%s", e.msg);
+            snprintf(last, sizeof last, "%.255s", e.msg);
             continue;
         }
         redisReply *r = redisCommand(c, "SENTINEL get-master-addr-by-name %s", s->cfg->service);
@@ -733,8 +733,8 @@ static int run_write(inst *s, const char *op, build_fn build, void *ud, size_t n
 {
     if (!s->cfg->notify_channel)
         return run(s, op, build, ud, ncmd, replies, err);
-    char *payload;
-    size_t plen;
+    char *payload = NULL;
+    size_t plen = 0;
     int rc = notify_payload(s, n, keys, klens, &payload, &plen, err);
     if (rc != DP_OK)
         return rc;
