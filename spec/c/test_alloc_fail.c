@@ -669,7 +669,7 @@ static int shm_path_ttl(long nth, char *why, size_t cap)
 /* Registering a backend: the registry's entry. Each run registers a table
  * of its own (the registry keeps them until dp_shutdown). */
 static dp_backend_ops reg_ops[64];
-static char reg_names[64][32];
+static char reg_names[64][48];
 
 static int get_stub(void *s, const char *k, size_t kl, dp_bytes *o, dp_err *e)
 {

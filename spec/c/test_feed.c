@@ -214,7 +214,7 @@ static char dir[] = "/tmp/dogpile-feed-XXXXXX";
 
 static void host_feed(void)
 {
-    char path[256];
+    char path[300];
     snprintf(path, sizeof path, "%s/feed", dir);
     dp_feed *f = NULL;
     errno = 0;
