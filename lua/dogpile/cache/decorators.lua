@@ -7,13 +7,12 @@ local api = require "dogpile.cache.api"
 local options = require "dogpile.cache.options"
 local create = require "dogpile.cache.create"
 
-local raise = lib.raise
 local is_callable = dogpile.is_callable
 local finite = options.finite
 local NO_VALUE = api.NO_VALUE
 local outcome, FAILED = create.outcome, create.FAILED
-local type, pairs, select, setmetatable, unpack, tostring, rawequal, error =
-      type, pairs, select, setmetatable, unpack, tostring, rawequal, error
+local type, pairs, select, setmetatable, unpack, tostring, rawequal, error, pcall =
+      type, pairs, select, setmetatable, unpack, tostring, rawequal, error, pcall
 
 lib.own_source()
 
@@ -33,7 +32,7 @@ local function expiration(self, who)
     if self._exp_fn then
         exp = exp()
         if exp ~= nil and not finite(exp) then
-            raise("dogpile.cache: " .. who .. ": the expiration_time function returned "
+            self._region:_raise("dogpile.cache: " .. who .. ": the expiration_time function returned "
                   .. (type(exp) == "number" and tostring(exp) or ("a " .. type(exp)))
                   .. "; it must return a finite number of seconds (-1: never expires) or nil")
         end
@@ -64,8 +63,13 @@ end
 function Cached:refresh(...)
     local region = self._region
     local value, second = self.original(...)
-    local ttl
-    value, ttl = outcome(region, value, second, "cache_on_arguments: refresh")
+    -- outcome's own checks of what the function returned, named as the
+    -- region's (the function's own error, below, propagates unchanged).
+    local ok, ttl
+    ok, value, ttl = pcall(outcome, region, value, second, "cache_on_arguments: refresh")
+    if not ok then
+        region:_reraise(value)
+    end
     if rawequal(value, FAILED) then
         error(ttl, 0)
     end
@@ -75,11 +79,12 @@ end
 
 --- `region:cache_on_arguments(opts)` -> decorator (region.lua's method).
 function _M.cache_on_arguments(self, opts)
-    opts = options.check("cache_on_arguments", opts, options.DECORATOR_OPTS)
+    opts = options.check("cache_on_arguments", opts, options.DECORATOR_OPTS, self:_label())
     local keygen_factory = opts.function_key_generator or self.function_key_generator
     return function(fn)
         if not is_callable(fn) then
-            raise("dogpile.cache: cache_on_arguments: can only decorate a function, got " .. type(fn))
+            self:_raise("dogpile.cache: cache_on_arguments: can only decorate a function, got "
+                        .. type(fn))
         end
         return setmetatable({
             original = fn,
@@ -125,7 +130,7 @@ CachedMulti.__call = function(self, ...)
             return nil, second -- the function failed: get_or_create_multi raises it
         end
         if type(d) ~= "table" then
-            raise("dogpile.cache: cache_multi_on_arguments (asdict): the function must return "
+            region:_raise("dogpile.cache: cache_multi_on_arguments (asdict): the function must return "
                   .. "a table keyed by argument, got " .. type(d))
         end
         local out = {}
@@ -160,6 +165,10 @@ function CachedMulti:invalidate(...)
 end
 
 function CachedMulti:set(mapping)
+    if type(mapping) ~= "table" then
+        self._region:_raise("dogpile.cache: cache_multi_on_arguments: set: mapping must be a table "
+                            .. "{argument = value}, got " .. type(mapping))
+    end
     local args = {}
     for k in pairs(mapping) do
         args[#args + 1] = k
@@ -185,8 +194,8 @@ function CachedMulti:refresh(...)
         error(err, 0)
     end
     if type(values) ~= "table" then
-        raise("dogpile.cache: cache_multi_on_arguments: the function must return a table, got "
-              .. type(values))
+        self._region:_raise("dogpile.cache: cache_multi_on_arguments: the function must return a "
+                            .. "table, got " .. type(values))
     end
     local ks, vs, m = {}, {}, 0
     for i = 1, n do
@@ -212,12 +221,13 @@ end
 
 --- `region:cache_multi_on_arguments(opts)` -> decorator (region.lua's method).
 function _M.cache_multi_on_arguments(self, opts)
-    opts = options.check("cache_multi_on_arguments", opts, options.MULTI_DECORATOR_OPTS)
+    opts = options.check("cache_multi_on_arguments", opts, options.MULTI_DECORATOR_OPTS,
+                         self:_label())
     local keygen_factory = opts.function_multi_key_generator or self.function_multi_key_generator
     return function(fn)
         if not is_callable(fn) then
-            raise("dogpile.cache: cache_multi_on_arguments: can only decorate a function, got "
-                  .. type(fn))
+            self:_raise("dogpile.cache: cache_multi_on_arguments: can only decorate a function, "
+                        .. "got " .. type(fn))
         end
         return setmetatable({
             original = fn,

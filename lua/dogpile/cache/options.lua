@@ -3,7 +3,9 @@
 -- Each check raises a `dogpile.cache:` error at the caller's line, in the
 -- format of the C backends' core/args.c: an unknown name with the list of
 -- known ones, a wrong value as "<name> must be <what>, got <value>" where
--- <value> shows a string quoted (`got string "60"`).
+-- <value> shows a string quoted (`got string "60"`). Given the region that
+-- checks, a check names it as every error of a region does (name_region):
+-- `dogpile.cache: get: key must be a string, got 5 (region 'users')`.
 --
 -- Strings are not coerced: a Lua table says what it means, so `"60"` is
 -- refused wherever a number is expected (configure, make_region,
@@ -15,7 +17,8 @@ local dogpile = require "dogpile"
 
 local raise = lib.raise
 local is_callable = dogpile.is_callable
-local type, pairs, tostring, sort, concat = type, pairs, tostring, table.sort, table.concat
+local type, pairs, tostring, sort, concat, find =
+      type, pairs, tostring, table.sort, table.concat, string.find
 local HUGE = math.huge
 
 --- The longest expiration time accepted in an option table: ten years. A
@@ -25,6 +28,36 @@ local MAX_EXPIRATION = 10 * 365 * 86400
 lib.own_source()
 
 local _M = { MAX_EXPIRATION = MAX_EXPIRATION }
+
+--- The one form of every error a region raises: the message as it was,
+-- whole (specs and logs match on it), then " (region 'users')", or
+-- " (region (unnamed))"; `label` is Region:_label()'s. A message that
+-- names the region already ("region 'users' is already configured ...")
+-- is returned as it is.
+-- @tparam string msg the message
+-- @tparam string label the region's label
+-- @treturn string the message naming the region
+function _M.name_region(msg, label)
+    local tag = "region " .. label
+    if find(msg, tag, 1, true) then
+        return msg
+    end
+    return msg .. " (" .. tag .. ")"
+end
+local name_region = _M.name_region
+
+-- Raise `msg`, naming the region of label `label` when a region checks.
+local function refuse(label, msg)
+    if label ~= nil then
+        msg = name_region(msg, label)
+    end
+    raise(msg)
+end
+
+-- Raise `msg`, naming `region` when a region checks.
+local function fail(region, msg)
+    refuse(region ~= nil and region:_label() or nil, msg)
+end
 
 --- `v` as core/args.c shows an argument: a string quoted (cut at 40 bytes,
 -- with the type named), a number as Lua prints it, nil and booleans as
@@ -120,57 +153,52 @@ _M.finite = finite
 
 --- `exp` nil or a finite number of seconds (negative: never expires), as a
 -- call's own expiration time (get's override, set, a creator's second
--- value); `name` (default "expiration_time") names it in the message.
+-- value); `name` (default "expiration_time") names it in the message;
+-- `region` (optional) is named too.
 -- @raise otherwise
-function _M.check_expiration(exp, who, name)
+function _M.check_expiration(exp, who, name, region)
     if exp == nil or finite(exp) then
         return
     end
     name = name or "expiration_time"
     if type(exp) == "number" then
-        raise("dogpile.cache: " .. who .. ": " .. name .. " must be a finite number of seconds "
-              .. "(-1: never expires) or nil, got " .. show(exp))
+        fail(region, "dogpile.cache: " .. who .. ": " .. name .. " must be a finite number of "
+             .. "seconds (-1: never expires) or nil, got " .. show(exp))
     end
-    raise("dogpile.cache: " .. who .. ": " .. name .. " must be a number of seconds or nil, got "
-          .. show(exp))
+    fail(region, "dogpile.cache: " .. who .. ": " .. name .. " must be a number of seconds or "
+         .. "nil, got " .. show(exp))
 end
 
 -- An option table's lifetime: expiration_time from 0 (exclusive) to ten
 -- years (nil: never expires); negative_expiration_time the same or -1
 -- (misses kept for good, as a creator's -1). Anything else negative was
 -- accepted once and silently meant "never": a sign mistake, refused.
-local function check_lifetime(who, k, v)
+local function check_lifetime(who, k, v, label)
     if finite(v) and ((v > 0 and v <= MAX_EXPIRATION) or (v == -1 and k == "negative_expiration_time")) then
         return
     end
-    raise("dogpile.cache: " .. who .. ": " .. k .. " must be a finite number of seconds > 0 and <= "
-          .. MAX_EXPIRATION .. " (ten years)" .. (k == "negative_expiration_time" and ", -1 (never)" or "")
-          .. " or nil (never), got " .. show(v))
+    refuse(label, "dogpile.cache: " .. who .. ": " .. k .. " must be a finite number of seconds > 0 and <= "
+           .. MAX_EXPIRATION .. " (ten years)" .. (k == "negative_expiration_time" and ", -1 (never)" or "")
+           .. " or nil (never), got " .. show(v))
 end
 
 --- Check an option table against `allowed` ({name = type}); returns the
--- table ({} for nil). `label` (optional, "'name'" or "(unnamed)") names the
--- region in every message: "dogpile.cache: region 'r': configure: ...".
+-- table ({} for nil). `label` (optional, "'name'" or "(unnamed)", as
+-- Region:_label) names the region in every message, as every error of a
+-- region does: "dogpile.cache: configure: ... (region 'r')".
 -- @raise on a non-table, an unknown option or a value of the wrong type
 function _M.check(who, opts, allowed, label)
-    if label == nil and allowed == _M.MAKE_OPTS and type(opts) == "table"
-        and type(opts.name) == "string" then
-        label = "'" .. opts.name .. "'"
-    end
-    if label ~= nil then
-        who = "region " .. tostring(label) .. ": " .. who
-    end
     if opts == nil then
         return {}
     end
     if type(opts) ~= "table" then
-        raise("dogpile.cache: " .. who .. ": options must be a table, got " .. show(opts))
+        refuse(label, "dogpile.cache: " .. who .. ": options must be a table, got " .. show(opts))
     end
     for k, v in pairs(opts) do
         local want = allowed[k]
         if not want then
-            raise("dogpile.cache: " .. who .. ": unknown option '" .. tostring(k) .. "' (known: "
-                  .. _M.known(allowed) .. ")")
+            refuse(label, "dogpile.cache: " .. who .. ": unknown option '" .. tostring(k) .. "' (known: "
+                   .. _M.known(allowed) .. ")")
         end
         local ok = type(v) == want or (want == "function" and is_callable(v))
             or also_accepted(k, v, allowed)
@@ -188,37 +216,37 @@ function _M.check(who, opts, allowed, label)
             elseif k == "early_refresh" then
                 what = what .. " or a boolean"
             end
-            raise("dogpile.cache: " .. who .. ": " .. k .. " must be " .. what .. ", got " .. show(v))
+            refuse(label, "dogpile.cache: " .. who .. ": " .. k .. " must be " .. what .. ", got " .. show(v))
         end
         if (k == "expiration_time" or k == "negative_expiration_time") and type(v) == "number" then
-            check_lifetime(who, k, v)
+            check_lifetime(who, k, v, label)
         elseif k == "wire_format" and v ~= "dogpile.cache" then
-            raise("dogpile.cache: " .. who .. ": wire_format must be \"dogpile.cache\" (values "
-                  .. "as Python's dogpile.cache stores them) or nil, got " .. show(v))
+            refuse(label, "dogpile.cache: " .. who .. ": wire_format must be \"dogpile.cache\" (values "
+                   .. "as Python's dogpile.cache stores them) or nil, got " .. show(v))
         elseif (k == "stale_if_error" or k == "early_refresh") and type(v) == "number"
             and not (finite(v) and (v > 0 or (v == 0 and k == "stale_if_error"))) then
-            raise("dogpile.cache: " .. who .. ": " .. k .. " must be a finite number "
-                  .. (k == "stale_if_error" and "of seconds >= 0" or "> 0 (XFetch's beta; 1 is usual)")
-                  .. ", got " .. show(v))
+            refuse(label, "dogpile.cache: " .. who .. ": " .. k .. " must be a finite number "
+                   .. (k == "stale_if_error" and "of seconds >= 0" or "> 0 (XFetch's beta; 1 is usual)")
+                   .. ", got " .. show(v))
         end
     end
     return opts
 end
 
---- @raise when `key` is not a string
-function _M.check_key(key, who)
+--- @raise when `key` is not a string (naming `region`, when given)
+function _M.check_key(key, who, region)
     if type(key) ~= "string" then
-        raise("dogpile.cache: " .. who .. ": key must be a string, got " .. show(key))
+        fail(region, "dogpile.cache: " .. who .. ": key must be a string, got " .. show(key))
     end
 end
 
 --- invalidate's `hard`: nil (true) or a boolean. Anything else is refused
 -- rather than read as true: `invalidate("no")` must not invalidate hard.
--- @raise otherwise
-function _M.check_hard(hard, who)
+-- @raise otherwise (naming `region`, when given)
+function _M.check_hard(hard, who, region)
     if hard ~= nil and type(hard) ~= "boolean" then
-        raise("dogpile.cache: " .. who .. ": hard must be true, false or nil, got "
-              .. type(hard) .. " " .. tostring(hard))
+        fail(region, "dogpile.cache: " .. who .. ": hard must be true, false or nil, got "
+             .. type(hard) .. " " .. tostring(hard))
     end
 end
 

@@ -34,6 +34,7 @@ local NO_VALUE = api.NO_VALUE
 local is_callable = dogpile.is_callable
 local check_key, check_expiration, check_opts = options.check_key, options.check_expiration,
     options.check
+local name_region = options.name_region
 local FRESH = read.FRESH
 local fetch, fetch_multi, judge_value = read.fetch, read.fetch_multi, read.judge_value
 local store, store_multi = write.store, write.store_multi
@@ -97,9 +98,46 @@ local UNCONFIGURED = {
 }
 _M.Region = Region
 
+-- The label of a region named `name` in errors, logs and stats: 'users',
+-- or (unnamed).
+local function label_of(name)
+    return name ~= nil and ("'" .. tostring(name) .. "'") or "(unnamed)"
+end
+
 function Region:_label()
-    local name = rawget(self, "name")
-    return name and ("'" .. tostring(name) .. "'") or "(unnamed)"
+    return label_of(rawget(self, "name"))
+end
+
+--- `msg` naming the region, in the one form of every error a region
+-- raises (options.name_region): the message whole, then " (region 'users')",
+-- as in "dogpile.cache.redis: get 'k' failed: ... (region 'users')".
+-- @local
+function Region:_message(msg)
+    return name_region(msg, self:_label())
+end
+
+--- Raise `msg` naming the region, at the caller's line.
+-- @local
+function Region:_raise(msg)
+    raise(self:_message(msg))
+end
+
+--- Raise again, naming the region, an error caught (pcall) inside one of
+-- its methods: a string loses the position raise() put in front (the
+-- caller's line, which raise() names again) and is named; any other error
+-- object propagates unchanged, keeping its type.
+-- @local
+function Region:_reraise(err)
+    if type(err) ~= "string" then
+        error(err, 0)
+    end
+    -- The position raise() gives from here: the same first frame outside
+    -- this package as the failed call's.
+    local _, where = pcall(raise, "")
+    if where ~= "" and err:sub(1, #where) == where then
+        err = err:sub(#where + 1)
+    end
+    raise(name_region(err, self:_label()))
 end
 
 -- Regions by creation sequence number, weak keys: see _M.regions().
@@ -114,7 +152,9 @@ local REGIONS_SEQ = 0
 -- @treturn table the region, not configured yet
 -- @raise on an unknown option (listing the known ones) or a value of the wrong type
 function _M.make_region(opts)
-    opts = check_opts("make_region", opts, options.MAKE_OPTS)
+    -- Named as the region will be; (unnamed) when opts does not say.
+    local label = label_of(type(opts) == "table" and opts.name or nil)
+    opts = check_opts("make_region", opts, options.MAKE_OPTS, label)
     local mangler = opts.key_mangler
     if mangler == "sha1" then
         mangler = util.sha1_mangle_key
@@ -158,15 +198,15 @@ local function new_stats(front)
              front_hits = front and 0 or nil }
 end
 
---- Wrap the backend in proxies: the first in `wrap` is outermost.
-local function apply_wrap(backend, wrap)
+--- Wrap the backend of `region` in proxies: the first in `wrap` is outermost.
+local function apply_wrap(region, backend, wrap, who)
     for i = #wrap, 1, -1 do
         local p = wrap[i]
         if proxy.is_class(p) then
             p = p.new()
         elseif not proxy.is_instance(p) then
-            raise("dogpile.cache: configure: wrap[" .. i .. "] is not a ProxyBackend class "
-                  .. "or instance (got " .. type(p) .. ")")
+            region:_raise("dogpile.cache: " .. who .. ": wrap[" .. i .. "] is not a ProxyBackend "
+                          .. "class or instance (got " .. type(p) .. ")")
         end
         backend = p:wrap(backend) or p
     end
@@ -228,17 +268,17 @@ local function choose_codec(self, backend, backend_name, wire_format, wire_optio
     local label = self:_label()
     if not wire_format then
         if type(self.serializer) == "string" then
-            raise("dogpile.cache: region " .. label .. ": serializer \"" .. self.serializer
-                  .. "\" names a codec of wire_format = \"dogpile.cache\"; set wire_format, or "
-                  .. "give serializer and deserializer functions")
+            self:_raise("dogpile.cache: configure: serializer \"" .. self.serializer
+                        .. "\" names a codec of wire_format = \"dogpile.cache\"; set wire_format, "
+                        .. "or give serializer and deserializer functions")
         end
         return values.codec(self.serializer, self.deserializer, backend.serialized == true, label)
     end
     if backend.serialized ~= true or WIRE_REFUSED[backend_name] then
-        raise("dogpile.cache: region " .. label .. ": wire_format = \"dogpile.cache\" needs a "
-              .. "backend that stores the bytes as they are (redis, redis_sentinel, "
-              .. "redis_cluster, memcached, or another that stores bytes), not '"
-              .. tostring(backend_name) .. "'")
+        self:_raise("dogpile.cache: configure: wire_format = \"dogpile.cache\" needs a backend "
+                    .. "that stores the bytes as they are (redis, redis_sentinel, redis_cluster, "
+                    .. "memcached, or another that stores bytes), not '" .. tostring(backend_name)
+                    .. "'")
     end
     return values.wire_codec(self.serializer, self.deserializer, backend_name == MEMCACHED,
                              wire_options, label)
@@ -255,7 +295,19 @@ end
 -- `wire_format`, `wire_options`
 -- @treturn table the region
 function Region:configure(backend_name, opts)
-    opts = check_opts("configure", opts, options.CONFIGURE_OPTS)
+    local ok, err = pcall(Region._configure, self, backend_name, opts)
+    if not ok then
+        -- Whoever refused (an option check, the registry, the backend's own
+        -- check of its arguments, the read strategy): named as this region.
+        self:_reraise(err)
+    end
+    return self
+end
+
+--- configure's work; any error it raises, configure raises naming the region.
+-- @local
+function Region:_configure(backend_name, opts)
+    opts = check_opts("configure", opts, options.CONFIGURE_OPTS, self:_label())
     if rawget(self, "is_configured") and not opts.replace_existing_backend then
         raise("dogpile.cache: region " .. self:_label() .. " is already configured with backend '"
               .. tostring(self._backend_name) .. "'; pass replace_existing_backend = true to replace it")
@@ -279,7 +331,7 @@ function Region:configure(backend_name, opts)
 
     self._backend_name = backend_name
     self.actual_backend = backend
-    self.backend = apply_wrap(backend, opts.wrap or {})
+    self.backend = apply_wrap(self, backend, opts.wrap or {}, "configure")
     self.expiration_time = opts.expiration_time
     if not self._user_key_mangler then
         self.key_mangler = backend.key_mangler
@@ -319,15 +371,15 @@ end
 -- @raise as configure does, or on a key without a backend
 function Region:configure_from_config(config, prefix)
     if type(config) ~= "table" then
-        raise("dogpile.cache: configure_from_config: config must be a table, got " .. type(config))
+        self:_raise("dogpile.cache: configure_from_config: config must be a table, got " .. type(config))
     end
     if type(prefix) ~= "string" then
-        raise("dogpile.cache: configure_from_config: prefix must be a string, got " .. type(prefix))
+        self:_raise("dogpile.cache: configure_from_config: prefix must be a string, got " .. type(prefix))
     end
     local conf = util.coerce_string_conf(config)
     local backend = conf[prefix .. "backend"]
     if backend == nil then
-        raise("dogpile.cache: configure_from_config: no '" .. prefix .. "backend' in config")
+        self:_raise("dogpile.cache: configure_from_config: no '" .. prefix .. "backend' in config")
     end
     local args_prefix = prefix .. "arguments."
     local arguments = {}
@@ -338,16 +390,16 @@ function Region:configure_from_config(config, prefix)
     end
     local exp = conf[prefix .. "expiration_time"]
     if exp ~= nil and not options.finite(exp) then
-        raise("dogpile.cache: configure_from_config: " .. prefix .. "expiration_time must be a "
-              .. "finite number of seconds, got '" .. tostring(exp) .. "'")
+        self:_raise("dogpile.cache: configure_from_config: " .. prefix .. "expiration_time must "
+                    .. "be a finite number of seconds, got '" .. tostring(exp) .. "'")
     end
     local seconds = {}
     for _, name in ipairs({ "negative_expiration_time", "stale_if_error", "early_refresh" }) do
         local v = conf[prefix .. name]
         if v ~= nil and not (name == "early_refresh" and type(v) == "boolean") then
             if not options.finite(v) then
-                raise("dogpile.cache: configure_from_config: " .. prefix .. name .. " must be a "
-                      .. "finite number, got '" .. tostring(v) .. "'")
+                self:_raise("dogpile.cache: configure_from_config: " .. prefix .. name .. " must "
+                            .. "be a finite number, got '" .. tostring(v) .. "'")
             end
         end
         seconds[name] = v
@@ -368,7 +420,7 @@ end
 -- @tparam table p a ProxyBackend instance (dogpile.cache.proxy), or its class
 -- @treturn table the region
 function Region:wrap(p)
-    self.backend = apply_wrap(self.backend, { p })
+    self.backend = apply_wrap(self, self.backend, { p }, "wrap")
     -- Every read now goes through the proxy.
     set_reader(self)
 end
@@ -378,7 +430,7 @@ end
 -- @tparam[opt=true] boolean hard true: every value created before now is a miss; false (soft): such
 -- values are served while one caller regenerates them
 function Region:invalidate(hard)
-    options.check_hard(hard, "invalidate")
+    options.check_hard(hard, "invalidate", self)
     if hard == nil then
         hard = true
     end
@@ -477,7 +529,7 @@ function Region:_failed(op, key, err)
         if type(err) ~= "string" then
             error(err, 0)
         end
-        raise(what .. " failed: " .. err)
+        self:_raise(what .. " failed: " .. err)
     end
     log_limited(name, "dogpile.cache: region " .. self:_label() .. ": " .. what
                 .. " failed (treated as a miss, fail_open): " .. tostring(err))
@@ -498,8 +550,7 @@ function Region:_mangle(key)
     if km then
         key = km(key)
         if type(key) ~= "string" then
-            raise("dogpile.cache: region " .. self:_label() .. ": key_mangler returned a "
-                  .. type(key) .. ", not a string")
+            self:_raise("dogpile.cache: key_mangler returned a " .. type(key) .. ", not a string")
         end
     end
     return key
@@ -515,7 +566,7 @@ local function expiration(self, exp, who)
     if exp == nil then
         exp = rawget(self, "expiration_time")
     elseif not (type(exp) == "number" and exp > -HUGE and exp < HUGE) then
-        check_expiration(exp, who)
+        check_expiration(exp, who, nil, self)
     end
     if exp ~= nil and exp < 0 then
         return nil
@@ -533,7 +584,7 @@ end
 function Region:get(key, expiration_time, ignore_expiration)
     local lookup = self._lookup
     if type(key) ~= "string" then
-        check_key(key, "get")
+        check_key(key, "get", self)
     end
     local exp = expiration(self, expiration_time, "get")
     -- rawget, as expiration's: make_region and configure keep key_mangler on
@@ -568,7 +619,7 @@ end
 function Region:get_multi(keys, expiration_time, ignore_expiration)
     local lookup_multi = self._lookup_multi
     if type(keys) ~= "table" then
-        raise("dogpile.cache: get_multi: keys must be an array of strings, got " .. type(keys))
+        self:_raise("dogpile.cache: get_multi: keys must be an array of strings, got " .. type(keys))
     end
     local exp = expiration(self, expiration_time, "get_multi")
     local n = #keys
@@ -577,7 +628,7 @@ function Region:get_multi(keys, expiration_time, ignore_expiration)
     end
     local mangled = {}
     for i = 1, n do
-        check_key(keys[i], "get_multi")
+        check_key(keys[i], "get_multi", self)
         mangled[i] = mangle(self, keys[i])
     end
     local st = self._stats
@@ -607,7 +658,7 @@ end
 -- @treturn ?table the CachedValue (payload and metadata), or nil when missing or expired
 function Region:get_value_metadata(key, expiration_time, ignore_expiration)
     local _ = self.backend
-    check_key(key, "get_value_metadata")
+    check_key(key, "get_value_metadata", self)
     local exp = expiration(self, expiration_time, "get_value_metadata")
     local cv = fetch(self, mangle(self, key))
     if rawequal(cv, NO_VALUE) then
@@ -633,12 +684,12 @@ end
 -- @tparam[opt] number delta seconds its creator took, >= 0 (default nil)
 function Region:set(key, value, expiration_time, delta)
     local _ = self.backend
-    check_key(key, "set")
+    check_key(key, "set", self)
     if expiration_time ~= nil and not options.finite(expiration_time) then
-        check_expiration(expiration_time, "set")
+        check_expiration(expiration_time, "set", nil, self)
     end
     if delta ~= nil and not (options.finite(delta) and delta >= 0) then
-        raise("dogpile.cache: set: delta (the creator's duration) must be a finite number of "
+        self:_raise("dogpile.cache: set: delta (the creator's duration) must be a finite number of "
               .. "seconds >= 0 or nil, got " .. tostring(delta))
     end
     if not self._beta then
@@ -654,7 +705,7 @@ function Region:_set_pairs(keys, vals, n)
     local md = new_metadata()
     local out, any = {}, false
     for i = 1, n do
-        check_key(keys[i], "set_multi")
+        check_key(keys[i], "set_multi", self)
         out[mangle(self, keys[i])] = { payload = vals[i], metadata = md }
         any = true
     end
@@ -668,12 +719,12 @@ end
 function Region:set_multi(mapping)
     local _ = self.backend
     if type(mapping) ~= "table" then
-        raise("dogpile.cache: set_multi: mapping must be a table {key = value}, got " .. type(mapping))
+        self:_raise("dogpile.cache: set_multi: mapping must be a table {key = value}, got " .. type(mapping))
     end
     local md = new_metadata()
     local out, any = {}, false
     for k, v in pairs(mapping) do
-        check_key(k, "set_multi")
+        check_key(k, "set_multi", self)
         out[mangle(self, k)] = { payload = v, metadata = md }
         any = true
     end
@@ -686,7 +737,7 @@ end
 -- @tparam string key the key
 function Region:delete(key)
     local backend = self.backend
-    check_key(key, "delete")
+    check_key(key, "delete", self)
     key = mangle(self, key)
     local ok, err = pcall(backend.delete, backend, key)
     if not ok then
@@ -699,11 +750,11 @@ end
 function Region:delete_multi(keys)
     local backend = self.backend
     if type(keys) ~= "table" then
-        raise("dogpile.cache: delete_multi: keys must be an array of strings, got " .. type(keys))
+        self:_raise("dogpile.cache: delete_multi: keys must be an array of strings, got " .. type(keys))
     end
     local mangled = {}
     for i = 1, #keys do
-        check_key(keys[i], "delete_multi")
+        check_key(keys[i], "delete_multi", self)
         mangled[i] = mangle(self, keys[i])
     end
     if #mangled == 0 then
@@ -732,10 +783,10 @@ end
 function Region:get_or_create(key, creator, expiration_time, should_cache_fn, creator_args)
     local lookup = self._lookup_create
     if type(key) ~= "string" then
-        check_key(key, "get_or_create")
+        check_key(key, "get_or_create", self)
     end
     if type(creator) ~= "function" and not is_callable(creator) then
-        raise("dogpile.cache: get_or_create: creator must be a function, got " .. type(creator))
+        self:_raise("dogpile.cache: get_or_create: creator must be a function, got " .. type(creator))
     end
     local exp = expiration(self, expiration_time, "get_or_create")
     local orig_key = key
@@ -754,11 +805,11 @@ function Region:get_or_create(key, creator, expiration_time, should_cache_fn, cr
         value = early
     end
     if should_cache_fn ~= nil and not is_callable(should_cache_fn) then
-        raise("dogpile.cache: get_or_create: should_cache_fn must be a function or nil, got "
+        self:_raise("dogpile.cache: get_or_create: should_cache_fn must be a function or nil, got "
               .. type(should_cache_fn))
     end
     if creator_args ~= nil and type(creator_args) ~= "table" then
-        raise("dogpile.cache: get_or_create: creator_args must be an array, got " .. type(creator_args))
+        self:_raise("dogpile.cache: get_or_create: creator_args must be an array, got " .. type(creator_args))
     end
     return create.get_or_create(self, key, orig_key, creator, exp, should_cache_fn, creator_args,
                                 value, hit)
@@ -781,21 +832,21 @@ end
 function Region:get_or_create_multi(keys, creator, expiration_time, should_cache_fn)
     local _ = self.backend
     if type(keys) ~= "table" then
-        raise("dogpile.cache: get_or_create_multi: keys must be an array of strings, got " .. type(keys))
+        self:_raise("dogpile.cache: get_or_create_multi: keys must be an array of strings, got " .. type(keys))
     end
     if not is_callable(creator) then
-        raise("dogpile.cache: get_or_create_multi: creator must be a function, got " .. type(creator))
+        self:_raise("dogpile.cache: get_or_create_multi: creator must be a function, got " .. type(creator))
     end
     local exp = expiration(self, expiration_time, "get_or_create_multi")
     if should_cache_fn ~= nil and not is_callable(should_cache_fn) then
-        raise("dogpile.cache: get_or_create_multi: should_cache_fn must be a function or nil, got "
+        self:_raise("dogpile.cache: get_or_create_multi: should_cache_fn must be a function or nil, got "
               .. type(should_cache_fn))
     end
     if #keys == 0 then
         return {}
     end
     for i = 1, #keys do
-        check_key(keys[i], "get_or_create_multi")
+        check_key(keys[i], "get_or_create_multi", self)
     end
     return create.get_or_create_multi(self, keys, creator, exp, should_cache_fn)
 end
