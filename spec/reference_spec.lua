@@ -1,10 +1,10 @@
 -- The generated reference (`bash .ci/docs`, issue 20 item 6) answers: every
 -- public function's parameters have a type and a description, private names
 -- (`_`-prefixed) and internal modules are not listed, no LDoc tag is left
--- raw, the summary tables keep to the page, and the Backend arguments page
+-- raw, the pages render cleanly in headless chromium, and the Backend arguments page
 -- lists every argument each shipped backend accepts with a type, a default
 -- and a meaning, the C backends' taken from the tables they check with.
--- Needs ldoc and lua-discount (as spec/docs_spec.lua) and a C compiler.
+-- Needs ldoc and lua-discount (as spec/docs_spec.lua), chromium and a C compiler.
 local DOC = "_build/doc/"
 
 local function read(path)
@@ -97,12 +97,123 @@ describe("the reference", function()
         assert.are.same({}, list, "functions with a parameter lacking a type or a description")
     end)
 
-    it("keeps the summary tables to the page (fixed layout, wrapping names)", function()
-        local css = read(DOC .. "ldoc.css")
-        assert.truthy(css:find("table.module_list, table.function_list { table-layout: fixed; width: 100%; }", 1, true))
-        assert.truthy(css:find("white-space: normal;", 1, true))
-        -- The template's nowrap cells are what the sheet must undo.
-        assert.truthy(pages["dogpile.cache.region.html"]:find('<td class="name" nowrap>', 1, true))
+    -- Each page is loaded, in one headless chromium, into frames 1280 and
+    -- 1024 pixels wide; a script measures the laid-out page: nothing wider
+    -- than the window (a summary table with nowrap names pushed the page into
+    -- a horizontal scroll), no cell, list item or paragraph whose content is
+    -- wider than its box, no table or paragraph past the content column's
+    -- right edge, and every name that wraps (navigation, summary tables, code
+    -- in tables) breaks after a separator ('.', '_', ':', ',', '(', ...), never
+    -- mid-word as "dogpile.cache.backends.memcache|d".
+    local PROBE = [==[
+function probe(win) {
+  var doc = win.document, bad = [];
+  function label(el) {
+    return el.tagName.toLowerCase() + (el.className ? "." + el.className : "") + ' "' +
+      (el.textContent || "").replace(/\s+/g, " ").trim().slice(0, 60) + '"';
+  }
+  if (doc.documentElement.scrollWidth > win.innerWidth)
+    bad.push("the page is " + doc.documentElement.scrollWidth + " px wide in a " + win.innerWidth + " px window");
+  var content = doc.getElementById("content");
+  if (!content) return ["no #content"];
+  var right = content.getBoundingClientRect().right;
+  var boxes = doc.querySelectorAll("#content td, #content th, #content li, #content p, #content dd, " +
+                                   "#content dt, #content table, #navigation li");
+  for (var i = 0; i < boxes.length; i++) {
+    var el = boxes[i];
+    if (el.scrollWidth > el.clientWidth + 1)
+      bad.push(label(el) + " holds " + el.scrollWidth + " px in " + el.clientWidth);
+    if (el.closest("#content") && el.getBoundingClientRect().right > right + 1)
+      bad.push(label(el) + " ends past the content column");
+  }
+  var names = doc.querySelectorAll("#navigation a, td.name a, #content td code, #content th code");
+  var after = " \t\n.,([-/_:?=";
+  var range = doc.createRange();
+  for (var j = 0; j < names.length; j++) {
+    var walker = doc.createTreeWalker(names[j], win.NodeFilter.SHOW_TEXT), node, top = null, prev = null;
+    while ((node = walker.nextNode())) {
+      for (var k = 0; k < node.length; k++) {
+        range.setStart(node, k);
+        range.setEnd(node, k + 1);
+        var rects = range.getClientRects();
+        if (!rects.length) continue;
+        var ch = node.data[k];
+        if (top !== null && rects[0].top > top + 2 && after.indexOf(prev) < 0 && !/\s/.test(ch))
+          bad.push(label(names[j]) + " breaks after '" + prev + "'");
+        top = rects[0].top;
+        prev = ch;
+      }
+    }
+  }
+  return bad;
+}
+var lines = [], left = PAGES.length * WIDTHS.length;
+PAGES.forEach(function (page) {
+  WIDTHS.forEach(function (w) {
+    var f = document.createElement("iframe");
+    f.style.width = w + "px";
+    f.style.height = "1500px";
+    f.onload = function () {
+      var bad;
+      try { bad = probe(f.contentWindow); } catch (e) { bad = ["the probe failed: " + e]; }
+      lines.push("PAGE " + page + " " + w);
+      bad.forEach(function (b) { lines.push("BAD " + page + " at " + w + " px: " + b); });
+      if (--left === 0) document.getElementById("out").textContent = lines.join("\n") + "\nDONE";
+    };
+    f.src = page;
+    document.body.appendChild(f);
+  });
+});
+]==]
+
+    it("renders cleanly in headless chromium (no overflow, names break between words)", function()
+        local p = io.popen("command -v chromium || command -v chromium-browser")
+        local chromium = p:read("*l")
+        p:close()
+        if not chromium then
+            error("needs chromium to check the rendering (apt-get install --no-install-recommends chromium)", 0)
+        end
+        local list = { "index.html" }
+        for f in pairs(pages) do
+            list[#list + 1] = "modules/" .. f
+        end
+        local ls = assert(io.popen("ls " .. DOC .. "topics"))
+        for f in ls:lines() do
+            list[#list + 1] = "topics/" .. f
+        end
+        ls:close()
+        table.sort(list)
+        -- A copy, so that the harness page is not left among the reference's.
+        local dir = os.tmpname()
+        os.remove(dir)
+        assert(os.execute("cp -r " .. DOC .. " " .. dir) == 0)
+        local quoted = {}
+        for i, f in ipairs(list) do
+            quoted[i] = '"' .. f .. '"'
+        end
+        local fh = assert(io.open(dir .. "/render-check.html", "wb"))
+        fh:write('<!DOCTYPE html><html><body><pre id="out"></pre><script>\nvar PAGES = [',
+                 table.concat(quoted, ", "), "], WIDTHS = [1280, 1024];\n", PROBE, "</script></body></html>\n")
+        fh:close()
+        local q = assert(io.popen("timeout 120 " .. chromium .. " --headless --no-sandbox --disable-gpu"
+            .. " --hide-scrollbars --allow-file-access-from-files --virtual-time-budget=20000"
+            .. " --window-size=1400,1000 --dump-dom file://" .. dir .. "/render-check.html 2>/dev/null"))
+        local dom = q:read("*a")
+        q:close()
+        os.execute("rm -rf " .. dir)
+        local out = dom:match('<pre id="out">(.-)</pre>')
+        assert(out and out:match("DONE$"), "chromium did not report on every page:\n" .. dom:sub(1, 2000))
+        out = out:gsub("&lt;", "<"):gsub("&gt;", ">"):gsub("&quot;", '"'):gsub("&amp;", "&")
+        local seen, bad = 0, {}
+        for line in out:gmatch("[^\n]+") do
+            if line:match("^PAGE ") then
+                seen = seen + 1
+            elseif line:match("^BAD ") then
+                bad[#bad + 1] = line:sub(5)
+            end
+        end
+        assert.are.equal(#list * 2, seen)
+        assert.are.same({}, bad)
     end)
 
     describe("Backend arguments page", function()
