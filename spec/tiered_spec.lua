@@ -20,56 +20,10 @@ local TMP = (sh("mktemp -d /tmp/dogpile-tiered-XXXXXX"):gsub("%s+$", ""))
 local SRC = debug.getinfo(1, "S").source:sub(2):match("^(.*)/[^/]+$") or "spec"
 local FIX = SRC .. "/fixtures/tiered"
 
--- -- A redis-server of our own ------------------------------------------------
-
-local function free_port()
-    math.randomseed(os.time() + math.floor(os.clock() * 1e6))
-    for _ = 1, 1000 do
-        local port = math.random(20000, 39999)
-        if sh("(exec 3<>/dev/tcp/127.0.0.1/" .. port .. ") 2>/dev/null && echo busy") == "" then
-            return port
-        end
-    end
-    error("no free port")
-end
-
-local servers = {}
-
-local function start_redis(port)
-    port = port or free_port()
-    local dir = TMP .. "/redis" .. port
-    os.execute("mkdir -p " .. dir)
-    os.remove(dir .. "/redis.pid")
-    local conf = dir .. "/redis.conf"
-    write(conf, table.concat({ "port " .. port, "bind 127.0.0.1", 'save ""', "appendonly no",
-        "dir " .. dir, "daemonize yes", "pidfile " .. dir .. "/redis.pid",
-        "logfile " .. dir .. "/redis.log" }, "\n") .. "\n")
-    local out = sh("redis-server " .. conf)
-    local srv = { port = port, dir = dir }
-    local t0 = now()
-    while true do
-        srv.pid = (read(dir .. "/redis.pid") or ""):match("%d+")
-        if srv.pid and sh("redis-cli -p " .. port .. " ping"):match("PONG") then
-            break
-        end
-        assert(now() - t0 < 10, "redis-server did not start: " .. out)
-        sleep(0.02)
-    end
-    servers[#servers + 1] = srv
-    return srv
-end
-
-local function stop_redis(srv)
-    if srv.pid then
-        sh("kill -9 " .. srv.pid)
-        local t0 = now()
-        while sh("kill -0 " .. srv.pid .. " 2>/dev/null && echo alive"):match("alive")
-            and now() - t0 < 5 do
-            sleep(0.01)
-        end
-        srv.pid = nil
-    end
-end
+local T = dofile(FIX .. "/common.lua")
+T.TMP = TMP
+local servers, start_redis, stop_redis = T.servers, T.start_redis, T.stop_redis
+local load_ops, check, check_max_age_in_nginx = T.load_ops, T.check, T.check_max_age_in_nginx
 
 local REDIS
 local function redis_port()
@@ -111,83 +65,6 @@ local function mr(extra)
     return { { backend = "dogpile.cache.memory" }, { backend = "dogpile.cache.redis", arguments = args } }
 end
 
--- -- The checker ------------------------------------------------------------------
--- Reads logged by the workers, judged against every write logged: a read
--- that started more than `lag` after a write completed must not return what
--- that write replaced. Allowed for a read r of key k: the value of each
--- write to k that completed before r.start - lag and was not followed (a
--- later write starting after it ended) by another such write; the value of
--- every write to k still in flight then (ended after r.start - lag and
--- started before r.end); NO_VALUE when no write completed before. Failed
--- writes may or may not have taken effect: allowed, never required.
-
-local function load_ops(files)
-    local ops = {}
-    for _, path in ipairs(files) do
-        for line in (read(path) or ""):gmatch("[^\n]+") do
-            local op, k, v, t0, t1, ok = line:match("^(%a) (%S+) (%S+) (%S+) (%S+) (%d)$")
-            if op then
-                ops[#ops + 1] = { op = op, k = k, v = v, t0 = tonumber(t0), t1 = tonumber(t1),
-                                  ok = ok == "1", src = path }
-            end
-        end
-    end
-    return ops
-end
-
--- Returns violations (array of strings) and how many reads were judged.
--- `since`: writes before it are forgotten (a server restart lost them) and
--- only reads starting after since + settle are judged.
-local function check(ops, lag, since, settle)
-    since, settle = since or -math.huge, settle or 0
-    local writes = {}
-    for _, o in ipairs(ops) do
-        if (o.op == "W" or o.op == "D") and o.t0 >= since then
-            local w = writes[o.k] or {}
-            writes[o.k] = w
-            w[#w + 1] = o
-        end
-    end
-    local bad, judged = {}, 0
-    for _, r in ipairs(ops) do
-        if r.op == "R" and r.ok and r.t0 > since + settle then
-            local ws = writes[r.k] or {}
-            local done = {}
-            for _, w in ipairs(ws) do
-                if w.ok and w.t1 < r.t0 - lag then
-                    done[#done + 1] = w
-                end
-            end
-            local allowed = {}
-            for _, w in ipairs(done) do
-                local dominated = false
-                for _, w2 in ipairs(done) do
-                    if w2.t0 > w.t1 then
-                        dominated = true
-                        break
-                    end
-                end
-                if not dominated then
-                    allowed[w.v] = true
-                end
-            end
-            if #done == 0 then
-                allowed["~"] = true
-            end
-            for _, w in ipairs(ws) do
-                if (w.t1 >= r.t0 - lag or not w.ok) and w.t0 < r.t1 then
-                    allowed[w.v] = true
-                end
-            end
-            judged = judged + 1
-            if not allowed[r.v] then
-                bad[#bad + 1] = string.format("%s read %s = %s at %.3f", r.src:match("[^/]+$"),
-                                              r.k, r.v, r.t0)
-            end
-        end
-    end
-    return bad, judged
-end
 
 local THREADS_BIN
 local function threads_bin()
@@ -231,23 +108,6 @@ local function run_all(mode, parts, rest, start)
     return files
 end
 
--- /maxage of the nginx fixture: a memory tier with max_age = 0.2 over the
--- layout's bottom, its value changed in the bottom unannounced. The front
--- hit (the region reading tier 1 directly) must not serve the old copy past
--- max_age, and a hot loop of such hits must compile without an abort.
-local function check_max_age_in_nginx(srv)
-    local body, code = srv:get("/maxage")
-    assert.are.equal(200, code, srv:log())
-    local first, seen, took, hits, aborts, traces, th =
-        body:match("^(%S+) (%S+) ([%d.]+) (%d+) (%d+) (%d+) (%S+)")
-    assert.are.equal("old", first, body) -- served by the memory tier at first
-    assert.are.equal("changed", seen, body)
-    assert.is_true(tonumber(took) < 0.2 + 0.05, "the old copy was served " .. took .. " s")
-    assert.are.equal("5000", hits, body)
-    assert.are.equal("0", aborts, "trace aborts in a loop of front hits: " .. body)
-    assert.is_true(tonumber(th:match("^(%d+)")) >= 5000, "the hits were not front hits: " .. body)
-    return traces
-end
 
 describe("dogpile.cache.tiered", function()
     support.no_leaks()

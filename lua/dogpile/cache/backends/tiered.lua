@@ -426,6 +426,9 @@ LazyFeed.__index = LazyFeed
 function LazyFeed:real()
     local f = self.opened
     if f == nil then
+        -- The feed lives in the environment's folder, which the worker's
+        -- first operation makes (lmdb.lua defers the open): a read first.
+        pcall(self.bottom.get, self.bottom, self.probe)
         local path = self.host_feed()
         if path == nil then
             return nil
@@ -447,8 +450,8 @@ function LazyFeed:drain(on_key, on_reset, ctx)
     return self.opened:drain(on_key, on_reset, ctx)
 end
 
-local function lazy_host_feed(host_feed)
-    local feed = setmetatable({ host_feed = host_feed }, LazyFeed)
+local function lazy_host_feed(host_feed, bottom, probe)
+    local feed = setmetatable({ host_feed = host_feed, bottom = bottom, probe = probe }, LazyFeed)
     -- The sync of the reader `ctx`: see Tiered's new for the usual one.
     function feed.sync_fn(ctx, _, on_reset, drain)
         local stamp_ptr, last
@@ -474,38 +477,63 @@ end
 -- stored as an ordinary value under `prefix.."invalidated:"..name`. Each
 -- backend caches it; the feed tells when it changed (the key is pushed like
 -- any other), and a reset reloads it.
+--
+-- The hit path judges it as the region judges its own default strategy: two
+-- fields, `_invalidated` (the time, or false) and `_hard`, read in place
+-- (invalidation.lua's judge_default, which the region picks for a strategy
+-- whose metatable is DefaultInvalidationStrategy; this instance holds every
+-- method of its own, so none of that class's runs). What the hit path cannot
+-- do, load the number from the bottom, waits for the backend's next read:
+-- while a change is unloaded ("dirty") the fields say "hard-invalidated at
+-- +inf", so a copy in the region's front table is judged missing, and the
+-- region reads through get(), which loads first and so judges with the
+-- stored number. A load that fails keeps what was known, and retries at the
+-- next get().
+
+local DefaultInvalidation = require("dogpile.cache.invalidation").DefaultInvalidationStrategy
+local huge = math.huge
 
 local Invalidator = {}
-Invalidator.__index = Invalidator
+
+function Invalidator:_mark_dirty()
+    if not self.dirty then
+        self.known_at, self.known_hard = self._invalidated, self._hard
+    end
+    self.dirty = true
+    self._invalidated, self._hard = huge, true
+end
 
 function Invalidator:_load()
     local t = self.tiered
     local ok, cv = pcall(t.bottom.get, t.bottom, self.key, -1 / 0, 0)
     if not ok then
-        -- Keep what we had; try again at the next look.
-        self.dirty = true
+        -- Keep what we had; the next get() tries again.
+        self._invalidated, self._hard = self.known_at, self.known_hard
         return
     end
     self.dirty = false
     local v = cv and cv.payload
     if type(v) == "number" and v == v then
-        self.at = v < 0 and -v or v
-        self.hard = v > 0
+        self._invalidated = v < 0 and -v or v
+        self._hard = v > 0
     else
-        self.at, self.hard = false, false
+        self._invalidated, self._hard = false, false
     end
     if t.poll_every then
         self.next_load = clock_upper() + t.poll_every
     end
 end
 
--- The region calls this on every hit, after the read synced the feed: no
--- sync here, a flag and (without notification) a clock.
+-- What is known: the invalidation time (or false) and whether it is hard,
+-- loaded first if a change is pending.
 function Invalidator:_current()
-    if self.dirty or (self.next_load and clock_upper() >= self.next_load) then
+    if self.dirty then
         self:_load()
+        if self.dirty then
+            return self.known_at, self.known_hard
+        end
     end
-    return self.at, self.hard
+    return self._invalidated, self._hard
 end
 
 function Invalidator:invalidate(hard)
@@ -518,19 +546,11 @@ function Invalidator:invalidate(hard)
         error(tier_error(t.bottom, "invalidate", self.key, err), 0)
     end
     t.feed:push(self.key, FLEET, t)
-    self.at, self.hard, self.dirty = at, hard, false
+    self._invalidated, self._hard, self.dirty = at, hard, false
 end
 
--- Every hit asks this: three loads when nothing is pending. (Each field is
--- always present in the instance, false when unset, and the instance holds
--- this method: no look-up falls through to the class on the hit path.)
 function Invalidator:is_invalidated(ct)
-    local at
-    if self.dirty or self.next_load then
-        at = self:_current()
-    else
-        at = self.at
-    end
+    local at = self:_current()
     return at ~= false and ct < at
 end
 
@@ -555,6 +575,17 @@ function Invalidator:was_soft_invalidated()
     self.tiered.sync()
     local at, hard = self:_current()
     return at ~= false and not hard
+end
+
+local function new_invalidator(tiered, key)
+    local inv = { tiered = tiered, key = key, dirty = false, known_at = false,
+                  known_hard = false, next_load = 0, _invalidated = false, _hard = false }
+    for name, fn in pairs(Invalidator) do
+        inv[name] = fn
+    end
+    setmetatable(inv, DefaultInvalidation)
+    inv:_mark_dirty()
+    return inv
 end
 
 -- -- The lock --------------------------------------------------------------------
@@ -608,7 +639,7 @@ local function on_key(self, key, scope)
     end
     local inv = self.invalidator
     if inv and key == inv.key then
-        inv.dirty = true
+        inv:_mark_dirty()
     end
 end
 
@@ -621,7 +652,7 @@ local function on_reset(self, reset_at)
         self.floor = reset_at
     end
     if self.invalidator then
-        self.invalidator.dirty = true
+        self.invalidator:_mark_dirty()
     end
 end
 
@@ -679,6 +710,11 @@ end
 
 function Tiered:get(key)
     self.sync()
+    local inv = self.invalidator
+    if inv.dirty then
+        -- Before the region judges what this read returns (see Invalidator).
+        inv:_load()
+    end
     local bypass = self.bypass
     if bypass[key] then
         bypass[key] = nil
@@ -863,7 +899,7 @@ function Tiered:region_invalidator(region)
     local inv = self.invalidator
     if not self.inv_named and region and region.name ~= nil then
         inv.key = self.prefix .. "invalidated:" .. tostring(region.name)
-        inv.dirty = true
+        inv:_mark_dirty()
     end
     return inv
 end
@@ -1019,13 +1055,15 @@ local function new(arguments)
     local host_feed = tiers[n].backend.host_feed
     if in_nginx then
         self.feed = tiers[n].backend:change_feed(prefix)
-    elseif ngx and tiers[n].backend.s and not tiers[n].backend.handle then
+    elseif ngx and tiers[n].backend.s and not tiers[n].backend.handle
+        and (bottom_name == "dogpile.cache.redis" or bottom_name == "dogpile.cache.redis_sentinel") then
         self.feed = ngx_redis_feed(feed_name, tiers[n].backend, prefix .. "changes")
     elseif host_feed then
         -- One file per environment whatever the prefix: keys are the
         -- environment's, and an invalidation key names its prefix.
         local path = host_feed()
-        self.feed = path and open_feed(path) or lazy_host_feed(host_feed)
+        self.feed = path and open_feed(path)
+            or lazy_host_feed(host_feed, tiers[n].backend, prefix .. "invalidated:")
     else
         self.feed = open_feed(feed_name)
     end
@@ -1046,16 +1084,20 @@ local function new(arguments)
     end
     self.sync = sync
 
-    local inv = setmetatable({
-        tiered = self,
-        key = prefix .. "invalidated:" .. tostring(arguments.name or ""),
-        dirty = true,
-        at = false,
-        hard = false,
-        next_load = false,
-        is_invalidated = Invalidator.is_invalidated,
-    }, Invalidator)
+    local inv = new_invalidator(self, prefix .. "invalidated:" .. tostring(arguments.name or ""))
     self.invalidator = inv
+    if self.poll_every then
+        -- Nothing announces a change of the invalidation: it is reloaded
+        -- once a copy could have lived poll_every.
+        local feed_sync = sync
+        sync = function()
+            feed_sync()
+            if not inv.dirty and clock_upper() >= inv.next_load then
+                inv:_mark_dirty()
+            end
+        end
+        self.sync = sync
+    end
 
     local t1 = tiers[1]
     if not t1.serialized and getmetatable(t1.backend) ~= nil and t1.backend._cache then
