@@ -39,6 +39,10 @@ end
 
 -- `fn` must be written on one line and make the failing call there (not as a
 -- tail call): the error must point at that line and start with dogpile.cache:.
+-- The specs' regions have no name: every error a region raises ends naming
+-- it so (issue 20).
+local UNNAMED = " (region (unnamed))"
+
 local function assert_raises(fn, fragment)
     local info = debug.getinfo(fn, "S")
     local ok, err = pcall(fn)
@@ -46,6 +50,7 @@ local function assert_raises(fn, fragment)
     assert.is_string(err)
     local prefix = info.short_src .. ":" .. info.linedefined .. ": dogpile.cache:"
     assert.are.equal(prefix, err:sub(1, #prefix), "error does not start with " .. prefix .. ": " .. err)
+    assert.are.equal(UNNAMED, err:sub(-#UNNAMED), "error does not name the region: " .. err)
     if fragment then
         assert.truthy(err:find(fragment, 1, true), "error does not mention '" .. fragment .. "': " .. err)
     end
@@ -732,5 +737,22 @@ describe("region:cache_multi_on_arguments", function()
         local ok, err = pcall(f, "a")
         assert.is_false(ok)
         assert.truthy(tostring(err):find("dogpile.cache:", 1, true))
+        assert.are.equal(UNNAMED, err:sub(-#UNNAMED), err)
+    end)
+
+    it("misuse at a call, at refresh and at set names the region, after the message", function()
+        local named = memory_region({ name = "users" })
+        local f = named:cache_multi_on_arguments()(function() return "nope" end)
+        support.raises_here("dogpile.cache: cache_multi_on_arguments: the function must return a table, got string (region 'users')", function() f:refresh("a") end)
+        support.raises_here("dogpile.cache: cache_multi_on_arguments: set: mapping must be a table {argument = value}, got string (region 'users')", function() f:set("a") end)
+        local g = named:cache_on_arguments({ expiration_time = function() return 0 / 0 end })(function(x) return x end)
+        support.raises_here("dogpile.cache: cache_on_arguments: the expiration_time function returned nan; it must return a finite number of seconds (-1: never expires) or nil (region 'users')", function() g(1) end)
+        local h = named:cache_on_arguments()(function() return 1, "x" end)
+        support.raises_here("dogpile.cache: cache_on_arguments: refresh: the creator returned a string after its value; a second value must be the value's expiration time (a number of seconds) or, after nil, an error message (a string) (region 'users')", function() h:refresh() end)
+        -- The original's own error is not the region's: unchanged.
+        local boom = named:cache_on_arguments()(function() error("boom", 0) end)
+        local ok, err = pcall(boom.refresh, boom)
+        assert.is_false(ok)
+        assert.are.equal("boom", err)
     end)
 end)
