@@ -1,38 +1,53 @@
 /* shared_memory.c -- dogpile.cache.shared_memory: one bounded store per name,
  * shared by every Lua state and thread of the process.
  *
- * Layout. The index is a hash table split into shards, under one "big
- * reader" lock: each thread reads under a reader count of its own (a slot on
- * its own cache line, found by a thread-local index), and a writer raises a
- * flag and waits for every slot to drain. A hit thus writes only its own
- * slot: readers of any keys, the same key included, run in parallel, and
- * writers (rarer, already serialized on the queues) pay for it. The eviction
- * order lives apart, in queues under one mutex that only writers take:
+ * Layout. The index is a hash table split into shards. Each shard is an
+ * open-addressing table of {hash, entry pointer} slots (linear probing, four
+ * slots to a cache line), so that a hit touches one line of the index and
+ * then its entry, whose key follows its few hot fields. Large tables are
+ * mapped with transparent huge pages asked for: at millions of keys the TLB,
+ * not the cache, is what a random read pays for.
+ *
+ * Readers take no lock and write no shared line. A hit announces itself in a
+ * reader slot of its own thread (its own cache line: an enter and an exit
+ * count), probes the table with atomic loads and copies the value out.
+ * Writers lock only their key's shard, and publish with atomic stores: a new
+ * entry is written whole before its pointer is stored; a removed entry or a
+ * replaced table is not freed but retired, and freed once every reader slot
+ * has been seen past the moment of its removal (epoch-style reclamation
+ * through the slots' counts). Reads thus never wait for writes, and writes to
+ * different shards never wait for each other.
+ *
+ * The eviction order lives apart, in queues under one mutex that only writers
+ * take (and lru hits):
  *
  *  - "s3fifo" (default): S3-FIFO (Yang et al., SOSP'23). New keys enter a
- *    small FIFO (10% of the bound); a hit only bumps a 2-bit counter with an
- *    atomic, so reads never touch the queues. Leaving the small queue, a key
- *    that was hit moves to the main FIFO, one that was not is forgotten but
- *    remembered in a ghost table, and comes back straight into main if it is
- *    set again soon. The main FIFO gives hit keys another round (counter - 1).
- *    Scan-resistant, and better than LRU on skewed traces (bench/eviction.lua).
+ *    small FIFO (10% of the bound); a hit only bumps a 2-bit counter, so reads
+ *    never touch the queues. Leaving the small queue, a key that was hit moves
+ *    to the main FIFO, one that was not is forgotten but remembered in a ghost
+ *    table, and comes back straight into main if it is set again soon. The
+ *    main FIFO gives hit keys another round (counter - 1). Scan-resistant,
+ *    and better than LRU on skewed traces (bench/eviction.lua).
  *  - "lru": exact least-recently-used. A hit moves the key to the front, which
  *    takes the queue mutex: reads serialize on it.
  *
- * The index lock and the queue mutex are never held together. An entry carries
+ * A shard lock and the queue mutex are never held together. An entry carries
  * two references, one for the index and one for the queues; whoever drops the
- * last frees it. An evicted entry is taken off the queues first (its bytes
+ * last retires it. An evicted entry is taken off the queues first (its bytes
  * leave the budget at once) and off the index right after.
  *
  * Expiry. With `expiration_time`, an entry older than that is a miss, and
  * expired entries at the old end of the queues are dropped before anything
  * fresh is evicted.
  */
+#define _GNU_SOURCE /* madvise's MADV_HUGEPAGE */
 #include <sched.h>
 #include <stddef.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <uv.h>
 
 #include <lauxlib.h>
@@ -41,29 +56,70 @@
 #include "dogpile.h"
 
 #define NAME "dogpile.cache.shared_memory"
-#define NSHARDS 16
-#define NSLOTS 32 /* reader slots; threads beyond share them (still correct) */
+#define SHARD_BITS 6
+#define NSHARDS (1 << SHARD_BITS)
+#define NSLOTS 64 /* reader slots; threads beyond share them (still correct) */
 #define GHOST_SLOTS_MIN 64
+#define TABLE_MIN 16                  /* slots of a shard's first table */
+#define HUGE_TABLE ((size_t)2 << 20)  /* tables this big are mapped, huge pages asked */
+#define RETIRE_BATCH 64               /* retired pointers per grace-period check */
+#define RETIRE_PENDING_MAX 64         /* sealed batches before a writer waits */
 
 enum { Q_NONE, Q_SMALL, Q_MAIN };
 enum { POLICY_S3FIFO, POLICY_LRU };
 
+/* The fields a hit reads come first, the key right after them: a hit on a
+ * short key reads one or two cache lines of its entry. The queue links and
+ * the bookkeeping follow the value (see cold_of), where only writers go. */
 typedef struct entry {
-    struct entry *hnext;            /* index chain (index lock) */
-    struct entry *qprev, *qnext;    /* queue links (queue mutex) */
     uint64_t hash;
-    double expires;                 /* wall-clock; 0: never */
-    size_t klen, vlen, size;
-    _Atomic int refs;               /* index + queue + transient readers */
-    _Atomic uint8_t freq;           /* S3-FIFO hit counter, 0..3 */
-    uint8_t queue;                  /* Q_* (queue mutex) */
-    _Atomic uint8_t indexed;        /* still in the index */
-    char data[];                    /* key, then value */
+    double expires; /* wall-clock; 0: never */
+    size_t vlen;
+    uint32_t klen;
+    _Atomic uint8_t freq; /* S3-FIFO hit counter, 0..3 */
+    char data[];          /* key, then value, then (aligned) the entry_cold */
 } entry;
 
+typedef struct entry_cold {
+    struct entry *qprev, *qnext; /* queue links (queue mutex) */
+    size_t size;                 /* the bytes the budget counts */
+    _Atomic int refs;            /* index + queue + an lru hit in progress */
+    uint8_t queue;               /* Q_* (queue mutex) */
+    _Atomic uint8_t indexed;     /* still in the index */
+} entry_cold;
+
+static size_t cold_offset(size_t klen, size_t vlen)
+{
+    return (offsetof(entry, data) + klen + vlen + _Alignof(entry_cold) - 1) &
+           ~(_Alignof(entry_cold) - 1);
+}
+
+static entry_cold *cold_of(entry *e)
+{
+    return (entry_cold *)((char *)e + cold_offset(e->klen, e->vlen));
+}
+
+/* One slot of a shard's table. Empty: hash 0 (no key hashes to 0). A removed
+ * entry leaves a tombstone: its hash stays, the pointer becomes TOMB. */
+typedef struct islot {
+    _Atomic uint64_t hash;
+    _Atomic(entry *) e;
+} islot;
+
+static char tomb_mark;
+#define TOMB ((entry *)&tomb_mark)
+
+typedef struct table {
+    size_t mask;       /* slots - 1 */
+    size_t used, live; /* non-empty slots (live + tombstones), live entries */
+    size_t map_bytes;  /* > 0: mmap'd, this long (from map_base) */
+    void *map_base;
+    islot slots[];
+} table;
+
 typedef struct shard {
-    entry **buckets;
-    size_t nbuckets, count;
+    _Alignas(64) uv_mutex_t mu; /* writers of this shard */
+    _Atomic(table *) tab;
 } shard;
 
 typedef struct queue {
@@ -71,11 +127,21 @@ typedef struct queue {
     size_t items, bytes;
 } queue;
 
-/* One reader slot, alone on its cache line. */
+/* One reader slot, alone on its cache line: sections entered and left. */
 typedef struct slot {
-    _Alignas(64) _Atomic int readers;
+    _Alignas(64) _Atomic uint64_t enters;
+    _Atomic uint64_t exits;
     _Atomic uint64_t hits, misses;
 } slot;
+
+/* Retired pointers (entries; tables with the low bit set), freed once every
+ * reader slot has passed `snap`. */
+typedef struct batch {
+    struct batch *next;
+    size_t n;
+    uint64_t snap[NSLOTS];
+    void *items[RETIRE_BATCH];
+} batch;
 
 /* The arguments, read by the core from the table below. */
 typedef struct shm_settings {
@@ -107,16 +173,18 @@ typedef struct shm {
     int policy;
     shard shards[NSHARDS];
     slot slots[NSLOTS];
-    _Alignas(64) _Atomic int writer; /* a writer holds or wants the index */
-    uv_mutex_t wmu;                  /* orders writers */
-    uv_mutex_t qmu;
+    _Alignas(64) uv_mutex_t qmu;
     queue small, main;
     uint64_t *ghost; /* S3-FIFO: hashes of keys recently dropped from small */
     size_t ghost_slots;
     _Atomic uint64_t evictions, expirations;
+    _Alignas(64) uv_mutex_t rmu; /* the retired lists */
+    batch *cur;                  /* filling */
+    batch *pending, *pending_tail; /* sealed, oldest first */
+    size_t npending;
 } shm;
 
-/* -- Hashing and entries ------------------------------------------------- */
+/* -- Hashing ----------------------------------------------------------------- */
 
 static uint64_t hash_key(const char *key, size_t len)
 {
@@ -125,21 +193,21 @@ static uint64_t hash_key(const char *key, size_t len)
         h ^= (unsigned char)key[i];
         h *= 1099511628211ULL;
     }
-    return h ^ (h >> 31);
+    /* FNV's low bits mix poorly; the shard and the slot are taken from them. */
+    h ^= h >> 32;
+    h *= 0x9E3779B97F4A7C15ULL;
+    h ^= h >> 29;
+    return h ? h : 1; /* 0 marks an empty slot */
 }
 
-static void entry_unref(entry *e)
-{
-    if (atomic_fetch_sub(&e->refs, 1) == 1)
-        free(e);
-}
-
-/* -- The index lock ---------------------------------------------------------
- * Dekker-style: a reader counts itself in, then looks for a writer; a writer
- * raises its flag, then waits for the counts. With sequentially consistent
- * operations at least one of them sees the other. Both critical sections are
- * a few hash probes and a memcpy, so waiting spins, then yields; it never
- * sleeps on a futex. */
+/* -- Reader slots -------------------------------------------------------------
+ * A reader counts itself in (a sequentially consistent read-modify-write on
+ * its own line), reads, and counts itself out. A writer that took pointers
+ * out of the index, then fenced, then read every slot's `enters` knows that
+ * any reader not counted there sees the index without them; it frees them
+ * once each slot's `exits` reached that count. A slot shared by several
+ * threads (past NSLOTS of them) must be seen idle instead: a later section of
+ * one thread can leave before an earlier one of another. */
 
 static _Atomic unsigned next_slot;
 static _Thread_local unsigned my_slot_plus_one;
@@ -149,6 +217,60 @@ static slot *slot_of_thread(shm *s)
     if (!my_slot_plus_one)
         my_slot_plus_one = atomic_fetch_add(&next_slot, 1) % NSLOTS + 1;
     return &s->slots[my_slot_plus_one - 1];
+}
+
+static slot *rd_enter(shm *s)
+{
+    slot *sl = slot_of_thread(s);
+    atomic_fetch_add(&sl->enters, 1);
+    return sl;
+}
+
+static void rd_exit(slot *sl)
+{
+    atomic_fetch_add_explicit(&sl->exits, 1, memory_order_release);
+}
+
+/* A slot's counters are written by its own thread (by several only past
+ * NSLOTS threads, where a lost count is harmless): a plain load and store,
+ * not a locked read-modify-write on every hit. */
+static void slot_count(_Atomic uint64_t *c)
+{
+    atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + 1,
+                          memory_order_relaxed);
+}
+
+static unsigned slots_in_use(void)
+{
+    unsigned used = atomic_load(&next_slot);
+    return used < NSLOTS ? used : NSLOTS;
+}
+
+/* Records, after the pointers in question left the index, what each reader
+ * slot has entered so far. */
+static void grace_start(shm *s, uint64_t *snap)
+{
+    atomic_thread_fence(memory_order_seq_cst);
+    unsigned n = slots_in_use();
+    for (unsigned i = 0; i < NSLOTS; i++)
+        snap[i] = i < n ? atomic_load(&s->slots[i].enters) : 0;
+}
+
+/* Have all the readers counted in `snap` left? */
+static int grace_over(shm *s, const uint64_t *snap)
+{
+    int shared = atomic_load(&next_slot) > NSLOTS;
+    for (unsigned i = 0; i < NSLOTS; i++) {
+        if (!snap[i])
+            continue;
+        uint64_t out = atomic_load_explicit(&s->slots[i].exits, memory_order_acquire);
+        if (out < snap[i])
+            return 0;
+        /* exits read before enters: equal means idle at that read */
+        if (shared && out != atomic_load(&s->slots[i].enters))
+            return 0;
+    }
+    return 1;
 }
 
 /* The other side's section is a few probes and a memcpy: spin briefly (a
@@ -164,52 +286,216 @@ static void backoff(unsigned *n)
     }
 }
 
-static slot *rd_lock(shm *s)
+static void grace_wait(shm *s, const uint64_t *snap)
 {
-    slot *sl = slot_of_thread(s);
-    for (;;) {
-        atomic_fetch_add(&sl->readers, 1);
-        if (!atomic_load(&s->writer))
+    unsigned n = 0;
+    while (!grace_over(s, snap))
+        backoff(&n);
+}
+
+/* -- Tables ------------------------------------------------------------------ */
+
+static table *table_new(size_t nslots)
+{
+    size_t bytes = sizeof(table) + nslots * sizeof(islot);
+    table *t;
+    if (bytes < HUGE_TABLE) {
+        t = calloc(1, bytes);
+        if (!t)
+            return NULL;
+    } else {
+        /* Mapped with room to start on a 2 MiB boundary, where a huge page
+         * can back it; mmap's pages come zeroed. */
+        size_t map = bytes + HUGE_TABLE;
+        void *base = mmap(NULL, map, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (base == MAP_FAILED)
+            return NULL;
+        uintptr_t start = ((uintptr_t)base + HUGE_TABLE - 1) & ~(uintptr_t)(HUGE_TABLE - 1);
+#ifdef MADV_HUGEPAGE
+        (void)madvise((void *)start, (bytes + HUGE_TABLE - 1) & ~(HUGE_TABLE - 1),
+                      MADV_HUGEPAGE); /* a hint: without it, 4 KiB pages */
+#endif
+        t = (table *)start;
+        t->map_bytes = map;
+        t->map_base = base;
+    }
+    t->mask = nslots - 1;
+    return t;
+}
+
+static void table_free(table *t)
+{
+    if (!t)
+        return;
+    if (t->map_bytes)
+        munmap(t->map_base, t->map_bytes);
+    else
+        free(t);
+}
+
+/* The live entry of `key` in `t`, or NULL (reader section or shard lock). */
+static entry *table_find(table *t, uint64_t h, const char *key, size_t klen)
+{
+    for (size_t i = (h >> SHARD_BITS) & t->mask;; i = (i + 1) & t->mask) {
+        uint64_t sh = atomic_load_explicit(&t->slots[i].hash, memory_order_acquire);
+        if (sh == h) {
+            entry *e = atomic_load_explicit(&t->slots[i].e, memory_order_acquire);
+            if (e != TOMB && e->klen == klen && memcmp(e->data, key, klen) == 0)
+                return e;
+        } else if (sh == 0) {
+            /* Slots never become empty again: the key is not further on. */
+            return NULL;
+        }
+    }
+}
+
+/* The slot holding `key` (*found = 1), or the one a new key goes to (the
+ * first tombstone on the way, or the empty slot that ends it). Shard lock. */
+static islot *table_slot(table *t, uint64_t h, const char *key, size_t klen, int *found)
+{
+    islot *reuse = NULL;
+    for (size_t i = (h >> SHARD_BITS) & t->mask;; i = (i + 1) & t->mask) {
+        islot *sl = &t->slots[i];
+        uint64_t sh = atomic_load_explicit(&sl->hash, memory_order_relaxed);
+        if (sh == 0) {
+            *found = 0;
+            return reuse ? reuse : sl;
+        }
+        entry *e = atomic_load_explicit(&sl->e, memory_order_relaxed);
+        if (e == TOMB) {
+            if (!reuse)
+                reuse = sl;
+        } else if (sh == h && e->klen == klen && memcmp(e->data, key, klen) == 0) {
+            *found = 1;
             return sl;
-        atomic_fetch_sub_explicit(&sl->readers, 1, memory_order_release);
-        unsigned n = 0;
-        while (atomic_load_explicit(&s->writer, memory_order_acquire))
-            backoff(&n);
+        }
     }
 }
 
-/* A slot's counters are written by its own thread (by several only past
- * NSLOTS threads, where a lost count is harmless): a plain load and store,
- * not a locked read-modify-write on every hit. */
-static void slot_count(_Atomic uint64_t *c)
+/* The slot holding `e` itself, or NULL. Shard lock. */
+static islot *table_slot_of(table *t, entry *e)
 {
-    atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + 1,
-                          memory_order_relaxed);
-}
-
-static void rd_unlock(slot *sl)
-{
-    atomic_fetch_sub_explicit(&sl->readers, 1, memory_order_release);
-}
-
-static void wr_lock(shm *s)
-{
-    uv_mutex_lock(&s->wmu);
-    atomic_store(&s->writer, 1);
-    /* Only slots handed out so far can hold readers; a thread that takes a
-     * new slot after this load still sees the flag (the order is total). */
-    unsigned used = atomic_load(&next_slot);
-    for (unsigned i = 0; i < (used < NSLOTS ? used : NSLOTS); i++) {
-        unsigned n = 0;
-        while (atomic_load(&s->slots[i].readers) != 0)
-            backoff(&n);
+    if (!t)
+        return NULL;
+    for (size_t i = (e->hash >> SHARD_BITS) & t->mask;; i = (i + 1) & t->mask) {
+        islot *sl = &t->slots[i];
+        uint64_t sh = atomic_load_explicit(&sl->hash, memory_order_relaxed);
+        if (sh == 0)
+            return NULL;
+        if (atomic_load_explicit(&sl->e, memory_order_relaxed) == e)
+            return sl;
     }
 }
 
-static void wr_unlock(shm *s)
+/* A copy of `t`'s live entries in a table sized for `live + 1` of them at
+ * most half full (tombstones dropped). Shard lock. */
+static table *table_rebuilt(table *t)
 {
-    atomic_store_explicit(&s->writer, 0, memory_order_release);
-    uv_mutex_unlock(&s->wmu);
+    size_t live = t ? t->live : 0, n = TABLE_MIN;
+    while (n < 2 * (live + 1))
+        n *= 2;
+    table *nt = table_new(n);
+    if (!nt)
+        return NULL;
+    for (size_t i = 0; t && i <= t->mask; i++) {
+        entry *e = atomic_load_explicit(&t->slots[i].e, memory_order_relaxed);
+        if (!e || e == TOMB)
+            continue;
+        size_t j = (e->hash >> SHARD_BITS) & nt->mask;
+        while (atomic_load_explicit(&nt->slots[j].hash, memory_order_relaxed))
+            j = (j + 1) & nt->mask;
+        atomic_store_explicit(&nt->slots[j].e, e, memory_order_relaxed);
+        atomic_store_explicit(&nt->slots[j].hash, e->hash, memory_order_relaxed);
+    }
+    nt->used = nt->live = live;
+    return nt;
+}
+
+/* -- Retiring ------------------------------------------------------------------ */
+
+static void free_retired(void *p)
+{
+    if ((uintptr_t)p & 1)
+        table_free((table *)((uintptr_t)p & ~(uintptr_t)1));
+    else
+        free(p);
+}
+
+static void batch_free(batch *b)
+{
+    for (size_t i = 0; i < b->n; i++)
+        free_retired(b->items[i]);
+    free(b);
+}
+
+/* Frees the sealed batches whose readers have left (rmu held); with `wait`,
+ * waits for the oldest one first. */
+static void reclaim_locked(shm *s, int wait)
+{
+    if (wait && s->pending)
+        grace_wait(s, s->pending->snap);
+    while (s->pending && grace_over(s, s->pending->snap)) {
+        batch *b = s->pending;
+        s->pending = b->next;
+        if (!s->pending)
+            s->pending_tail = NULL;
+        s->npending--;
+        batch_free(b);
+    }
+}
+
+/* `p` (an entry, or a table with the low bit set) has left the index: frees
+ * it once no reader can still hold it. No reader waits on any lock, so
+ * waiting here (rarely: past RETIRE_PENDING_MAX batches, or with no memory
+ * for a batch) cannot deadlock, whatever the caller holds. */
+static void retire(shm *s, void *p)
+{
+    uv_mutex_lock(&s->rmu);
+    if (!s->cur) {
+        s->cur = malloc(sizeof *s->cur);
+        if (!s->cur) {
+            /* No memory to defer it: wait for the readers now. */
+            uint64_t snap[NSLOTS];
+            grace_start(s, snap);
+            grace_wait(s, snap);
+            uv_mutex_unlock(&s->rmu);
+            free_retired(p);
+            return;
+        }
+        s->cur->n = 0;
+        s->cur->next = NULL;
+    }
+    s->cur->items[s->cur->n++] = p;
+    if (s->cur->n == RETIRE_BATCH) {
+        batch *b = s->cur;
+        s->cur = NULL;
+        grace_start(s, b->snap);
+        if (s->pending_tail)
+            s->pending_tail->next = b;
+        else
+            s->pending = b;
+        s->pending_tail = b;
+        s->npending++;
+        reclaim_locked(s, s->npending > RETIRE_PENDING_MAX);
+    }
+    uv_mutex_unlock(&s->rmu);
+}
+
+static void entry_unref(shm *s, entry *e)
+{
+    if (atomic_fetch_sub(&cold_of(e)->refs, 1) == 1)
+        retire(s, e);
+}
+
+/* A reference for an lru hit, unless the entry is already on its way out. */
+static int entry_ref_if_live(entry *e)
+{
+    _Atomic int *r = &cold_of(e)->refs;
+    int n = atomic_load_explicit(r, memory_order_relaxed);
+    while (n > 0)
+        if (atomic_compare_exchange_weak(r, &n, n + 1))
+            return 1;
+    return 0;
 }
 
 static shard *shard_for(shm *s, uint64_t h)
@@ -217,86 +503,59 @@ static shard *shard_for(shm *s, uint64_t h)
     return &s->shards[h & (NSHARDS - 1)];
 }
 
-static entry **index_slot(shard *sh, uint64_t h, const char *key, size_t klen)
+/* Takes `e` off its shard's index if it is still there. Returns 1 if it was
+ * (the index's reference is then the caller's to drop). */
+static int index_remove(shm *s, entry *e)
 {
-    if (!sh->nbuckets)
-        return NULL;
-    entry **pp = &sh->buckets[(h >> 4) & (sh->nbuckets - 1)];
-    for (; *pp; pp = &(*pp)->hnext) {
-        entry *e = *pp;
-        if (e->hash == h && e->klen == klen && memcmp(e->data, key, klen) == 0)
-            return pp;
+    shard *sh = shard_for(s, e->hash);
+    uv_mutex_lock(&sh->mu);
+    table *t = atomic_load_explicit(&sh->tab, memory_order_relaxed);
+    islot *sl = table_slot_of(t, e);
+    if (sl) {
+        atomic_store_explicit(&sl->e, TOMB, memory_order_release);
+        t->live--;
+        atomic_store(&cold_of(e)->indexed, 0);
     }
-    return pp;
-}
-
-static void index_grow(shard *sh)
-{
-    size_t n = sh->nbuckets ? sh->nbuckets * 2 : 64;
-    entry **b = calloc(n, sizeof *b);
-    if (!b)
-        return; /* chains get longer; correctness does not depend on it */
-    for (size_t i = 0; i < sh->nbuckets; i++) {
-        entry *e = sh->buckets[i];
-        while (e) {
-            entry *next = e->hnext;
-            size_t j = (e->hash >> 4) & (n - 1);
-            e->hnext = b[j];
-            b[j] = e;
-            e = next;
-        }
-    }
-    free(sh->buckets);
-    sh->buckets = b;
-    sh->nbuckets = n;
-}
-
-/* Unlinks `e` from its shard's index if it is still there (index locked for
- * writing). Returns 1 if it was. */
-static int index_remove_locked(shard *sh, entry *e)
-{
-    entry **pp = index_slot(sh, e->hash, e->data, e->klen);
-    if (!pp || *pp != e)
-        return 0;
-    *pp = e->hnext;
-    sh->count--;
-    atomic_store(&e->indexed, 0);
-    return 1;
+    uv_mutex_unlock(&sh->mu);
+    return sl != NULL;
 }
 
 /* -- Queues (queue mutex held) --------------------------------------------- */
 
 static void q_push(queue *q, entry *e)
 {
-    e->qprev = NULL;
-    e->qnext = q->head;
+    entry_cold *c = cold_of(e);
+    c->qprev = NULL;
+    c->qnext = q->head;
     if (q->head)
-        q->head->qprev = e;
+        cold_of(q->head)->qprev = e;
     q->head = e;
     if (!q->tail)
         q->tail = e;
     q->items++;
-    q->bytes += e->size;
+    q->bytes += c->size;
 }
 
 static void q_unlink(queue *q, entry *e)
 {
-    if (e->qprev)
-        e->qprev->qnext = e->qnext;
+    entry_cold *c = cold_of(e);
+    if (c->qprev)
+        cold_of(c->qprev)->qnext = c->qnext;
     else
-        q->head = e->qnext;
-    if (e->qnext)
-        e->qnext->qprev = e->qprev;
+        q->head = c->qnext;
+    if (c->qnext)
+        cold_of(c->qnext)->qprev = c->qprev;
     else
-        q->tail = e->qprev;
-    e->qprev = e->qnext = NULL;
+        q->tail = c->qprev;
+    c->qprev = c->qnext = NULL;
     q->items--;
-    q->bytes -= e->size;
+    q->bytes -= c->size;
 }
 
 static queue *queue_of(shm *s, entry *e)
 {
-    return e->queue == Q_SMALL ? &s->small : e->queue == Q_MAIN ? &s->main : NULL;
+    uint8_t q = cold_of(e)->queue;
+    return q == Q_SMALL ? &s->small : q == Q_MAIN ? &s->main : NULL;
 }
 
 static size_t used_items(shm *s)
@@ -351,7 +610,7 @@ static int victims_add(victims *vs, entry *e)
 static void drop(shm *s, entry *e, victims *vs, int expired)
 {
     q_unlink(queue_of(s, e), e);
-    e->queue = Q_NONE;
+    cold_of(e)->queue = Q_NONE;
     if (expired)
         atomic_fetch_add(&s->expirations, 1);
     else
@@ -359,7 +618,7 @@ static void drop(shm *s, entry *e, victims *vs, int expired)
     if (victims_add(vs, e) != 0) {
         /* No room to remember it: leave it in the index, unqueued; a later
          * set or delete of its key frees it. */
-        entry_unref(e);
+        entry_unref(s, e);
     }
 }
 
@@ -391,7 +650,7 @@ static void make_room(shm *s, size_t need_bytes, victims *vs)
             if (atomic_load(&t->freq) > 0 && !expired_at(t, now)) {
                 q_unlink(&s->small, t);
                 atomic_store(&t->freq, 0);
-                t->queue = Q_MAIN;
+                cold_of(t)->queue = Q_MAIN;
                 q_push(&s->main, t);
             } else {
                 ghost_put(s, t->hash);
@@ -411,26 +670,15 @@ static void make_room(shm *s, size_t need_bytes, victims *vs)
     }
 }
 
-/* Takes each victim off the index (no queue mutex held) and frees it. */
+/* Takes each victim off the index (no queue mutex held) and drops its
+ * references. */
 static void reap(shm *s, victims *vs)
 {
-    if (vs->n) {
-        int *removed = calloc(vs->n, sizeof *removed);
-        wr_lock(s);
-        for (size_t i = 0; i < vs->n; i++) {
-            int r = index_remove_locked(shard_for(s, vs->v[i]->hash), vs->v[i]);
-            if (removed)
-                removed[i] = r;
-            else if (r)
-                entry_unref(vs->v[i]); /* no room to defer: still referenced by the queue */
-        }
-        wr_unlock(s);
-        for (size_t i = 0; i < vs->n; i++) {
-            if (removed && removed[i])
-                entry_unref(vs->v[i]);
-            entry_unref(vs->v[i]); /* the queue reference */
-        }
-        free(removed);
+    for (size_t i = 0; i < vs->n; i++) {
+        entry *e = vs->v[i];
+        if (index_remove(s, e))
+            entry_unref(s, e); /* the index reference */
+        entry_unref(s, e);     /* the queue reference */
     }
     free(vs->v);
 }
@@ -442,19 +690,20 @@ static int shm_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_e
     shm *s = self;
     uint64_t h = hash_key(key, klen);
     shard *sh = shard_for(s, h);
-    slot *sl = rd_lock(s);
-    entry **pp = index_slot(sh, h, key, klen);
-    entry *e = pp ? *pp : NULL;
+    slot *sl = rd_enter(s);
+    table *t = atomic_load_explicit(&sh->tab, memory_order_acquire);
+    entry *e = t ? table_find(t, h, key, klen) : NULL;
     /* The coarse clock's upper bound first: the precise clock costs more
      * than the rest of a hit, and is needed only near the expiry. */
     if (!e || (e->expires > 0 && dp_clock_upper() >= e->expires && dp_clock_now() >= e->expires)) {
-        rd_unlock(sl);
+        rd_exit(sl);
         slot_count(&sl->misses);
         return DP_ENOTFOUND;
     }
     if (dp_bytes_reserve(out, e->vlen) != DP_OK) {
-        rd_unlock(sl);
-        return dp_err_set(err, DP_ENOMEM, "out of memory copying a %zu-byte value", e->vlen);
+        size_t vlen = e->vlen;
+        rd_exit(sl);
+        return dp_err_set(err, DP_ENOMEM, "out of memory copying a %zu-byte value", vlen);
     }
     if (e->vlen) /* an empty value into a buffer never grown: data is NULL */
         memcpy(out->data, e->data + e->klen, e->vlen);
@@ -464,17 +713,20 @@ static int shm_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_e
         uint8_t f = atomic_load_explicit(&e->freq, memory_order_relaxed);
         if (f < 3)
             atomic_store_explicit(&e->freq, f + 1, memory_order_relaxed);
-        rd_unlock(sl);
+        rd_exit(sl);
     } else {
-        atomic_fetch_add(&e->refs, 1);
-        rd_unlock(sl);
-        uv_mutex_lock(&s->qmu);
-        if (e->queue == Q_MAIN && s->main.head != e) {
-            q_unlink(&s->main, e);
-            q_push(&s->main, e);
+        int held = entry_ref_if_live(e);
+        rd_exit(sl);
+        if (held) {
+            entry_cold *c = cold_of(e);
+            uv_mutex_lock(&s->qmu);
+            if (c->queue == Q_MAIN && s->main.head != e) {
+                q_unlink(&s->main, e);
+                q_push(&s->main, e);
+            }
+            uv_mutex_unlock(&s->qmu);
+            entry_unref(s, e);
         }
-        uv_mutex_unlock(&s->qmu);
-        entry_unref(e);
     }
     slot_count(&sl->hits);
     return DP_OK;
@@ -484,7 +736,11 @@ static int shm_set(void *self, const char *key, size_t klen, const char *value, 
                    dp_err *err)
 {
     shm *s = self;
-    size_t size = sizeof(entry) + klen + vlen;
+    if (klen > UINT32_MAX)
+        return dp_err_set(err, DP_ETOOBIG, "key of %zu bytes is longer than %u", klen,
+                          (unsigned)UINT32_MAX);
+    size_t cold = cold_offset(klen, vlen);
+    size_t size = cold + sizeof(entry_cold);
     if ((s->max_bytes > 0 && (double)size > s->max_bytes))
         return dp_err_set(err, DP_ETOOBIG,
                           "value of %zu bytes (%zu with its key and entry) is larger than "
@@ -493,58 +749,79 @@ static int shm_set(void *self, const char *key, size_t klen, const char *value, 
     if (!e)
         return dp_err_set(err, DP_ENOMEM, "out of memory storing %zu bytes", size);
     e->hash = hash_key(key, klen);
-    e->klen = klen;
+    e->klen = (uint32_t)klen;
     e->vlen = vlen;
-    e->size = size;
     e->expires = s->ttl > 0 ? dp_clock_now() + s->ttl : 0;
-    e->qprev = e->qnext = e->hnext = NULL;
-    e->queue = Q_NONE;
-    atomic_init(&e->refs, 2);
     atomic_init(&e->freq, 0);
-    atomic_init(&e->indexed, 1);
     memcpy(e->data, key, klen);
     memcpy(e->data + klen, value, vlen);
+    entry_cold *c = cold_of(e);
+    c->size = size;
+    c->qprev = c->qnext = NULL;
+    c->queue = Q_NONE;
+    atomic_init(&c->refs, 2);
+    atomic_init(&c->indexed, 1);
 
     shard *sh = shard_for(s, e->hash);
-    wr_lock(s);
-    if (sh->count >= sh->nbuckets)
-        index_grow(sh);
-    entry **pp = index_slot(sh, e->hash, key, klen);
-    if (!pp) {
-        wr_unlock(s);
-        free(e);
-        return dp_err_set(err, DP_ENOMEM, "out of memory growing the index");
+    table *old_table = NULL;
+    uv_mutex_lock(&sh->mu);
+    table *t = atomic_load_explicit(&sh->tab, memory_order_relaxed);
+    /* At most three quarters of the slots used (tombstones included): probes
+     * stay short, and always end at an empty slot. */
+    if (!t || 4 * (t->used + 1) > 3 * (t->mask + 1)) {
+        table *nt = table_rebuilt(t);
+        if (nt) {
+            atomic_store_explicit(&sh->tab, nt, memory_order_release);
+            old_table = t;
+            t = nt;
+        } else if (!t || t->used + 1 >= t->mask) {
+            uv_mutex_unlock(&sh->mu);
+            free(e);
+            return dp_err_set(err, DP_ENOMEM, "out of memory growing the index");
+        }
     }
-    entry *old = *pp;
-    if (old) {
-        e->hnext = old->hnext;
-        atomic_store(&old->indexed, 0);
+    int found;
+    islot *isl = table_slot(t, e->hash, key, klen, &found);
+    entry *old = NULL;
+    if (found) {
+        old = atomic_load_explicit(&isl->e, memory_order_relaxed);
+        atomic_store(&cold_of(old)->indexed, 0);
+        atomic_store_explicit(&isl->e, e, memory_order_release);
     } else {
-        sh->count++;
+        if (atomic_load_explicit(&isl->hash, memory_order_relaxed) == 0)
+            t->used++;
+        t->live++;
+        /* The pointer before the hash: a reader that sees the hash sees it. */
+        atomic_store_explicit(&isl->e, e, memory_order_release);
+        atomic_store_explicit(&isl->hash, e->hash, memory_order_release);
     }
-    *pp = e;
-    wr_unlock(s);
+    uv_mutex_unlock(&sh->mu);
+    if (old_table)
+        retire(s, (void *)((uintptr_t)old_table | 1));
 
     victims vs = {0};
     uv_mutex_lock(&s->qmu);
-    if (old && old->queue != Q_NONE) {
+    int old_queued = 0;
+    if (old && cold_of(old)->queue != Q_NONE) {
         q_unlink(queue_of(s, old), old);
-        old->queue = Q_NONE;
-        entry_unref(old); /* its queue reference */
+        cold_of(old)->queue = Q_NONE;
+        old_queued = 1;
     }
-    if (atomic_load(&e->indexed)) {
+    int queued = 0;
+    if (atomic_load(&c->indexed)) {
         make_room(s, size, &vs);
         int to_main = s->policy == POLICY_LRU || ghost_has(s, e->hash);
-        e->queue = to_main ? Q_MAIN : Q_SMALL;
+        c->queue = to_main ? Q_MAIN : Q_SMALL;
         q_push(to_main ? &s->main : &s->small, e);
-        uv_mutex_unlock(&s->qmu);
-    } else {
-        /* Deleted or replaced before it was queued. */
-        uv_mutex_unlock(&s->qmu);
-        entry_unref(e);
+        queued = 1;
     }
+    uv_mutex_unlock(&s->qmu);
+    if (!queued)
+        entry_unref(s, e); /* deleted or replaced before it was queued */
+    if (old_queued)
+        entry_unref(s, old); /* its queue reference */
     if (old)
-        entry_unref(old); /* its index reference */
+        entry_unref(s, old); /* its index reference */
     reap(s, &vs);
     return DP_OK;
 }
@@ -555,27 +832,32 @@ static int shm_del(void *self, const char *key, size_t klen, dp_err *err)
     shm *s = self;
     uint64_t h = hash_key(key, klen);
     shard *sh = shard_for(s, h);
-    wr_lock(s);
-    entry **pp = index_slot(sh, h, key, klen);
-    entry *e = pp ? *pp : NULL;
-    if (e) {
-        *pp = e->hnext;
-        sh->count--;
-        atomic_store(&e->indexed, 0);
+    uv_mutex_lock(&sh->mu);
+    table *t = atomic_load_explicit(&sh->tab, memory_order_relaxed);
+    entry *e = NULL;
+    if (t) {
+        int found;
+        islot *isl = table_slot(t, h, key, klen, &found);
+        if (found) {
+            e = atomic_load_explicit(&isl->e, memory_order_relaxed);
+            atomic_store_explicit(&isl->e, TOMB, memory_order_release);
+            t->live--;
+            atomic_store(&cold_of(e)->indexed, 0);
+        }
     }
-    wr_unlock(s);
+    uv_mutex_unlock(&sh->mu);
     if (!e)
         return DP_OK;
     uv_mutex_lock(&s->qmu);
-    int queued = e->queue != Q_NONE;
+    int queued = cold_of(e)->queue != Q_NONE;
     if (queued) {
         q_unlink(queue_of(s, e), e);
-        e->queue = Q_NONE;
+        cold_of(e)->queue = Q_NONE;
     }
     uv_mutex_unlock(&s->qmu);
     if (queued)
-        entry_unref(e);
-    entry_unref(e);
+        entry_unref(s, e);
+    entry_unref(s, e);
     return DP_OK;
 }
 
@@ -601,20 +883,26 @@ static void shm_stats(void *self, dp_backend_stats *out)
 static void shm_destroy(void *self)
 {
     shm *s = self;
-    for (int i = 0; i < NSHARDS; i++) {
-        shard *sh = &s->shards[i];
-        for (size_t b = 0; b < sh->nbuckets; b++) {
-            entry *e = sh->buckets[b];
-            while (e) {
-                entry *next = e->hnext;
-                free(e);
-                e = next;
-            }
-        }
-        free(sh->buckets);
+    /* No reader is left: what was retired can go at once. */
+    for (batch *b = s->pending; b;) {
+        batch *next = b->next;
+        batch_free(b);
+        b = next;
     }
-    uv_mutex_destroy(&s->wmu);
+    if (s->cur)
+        batch_free(s->cur);
+    for (int i = 0; i < NSHARDS; i++) {
+        table *t = atomic_load(&s->shards[i].tab);
+        for (size_t j = 0; t && j <= t->mask; j++) {
+            entry *e = atomic_load_explicit(&t->slots[j].e, memory_order_relaxed);
+            if (e && e != TOMB)
+                free(e);
+        }
+        table_free(t);
+        uv_mutex_destroy(&s->shards[i].mu);
+    }
     uv_mutex_destroy(&s->qmu);
+    uv_mutex_destroy(&s->rmu);
     free(s->ghost);
     free(s);
 }
@@ -628,7 +916,8 @@ static int shm_create(void *ud, const void *settings, void **self, dp_err *err)
     size_t slots = GHOST_SLOTS_MIN;
     while (slots < want && slots < ((size_t)1 << 40))
         slots *= 2;
-    /* The reader slots are cache-line aligned: calloc promises only 16. */
+    /* The reader slots and shards are cache-line aligned: calloc promises
+     * only 16. */
     size_t ssize = (sizeof(shm) + 63) / 64 * 64;
     shm *s = aligned_alloc(64, ssize);
     uint64_t *ghost = cfg->policy == POLICY_S3FIFO ? calloc(slots, sizeof *ghost) : NULL;
@@ -645,8 +934,10 @@ static int shm_create(void *ud, const void *settings, void **self, dp_err *err)
     s->policy = cfg->policy;
     s->ghost = ghost;
     s->ghost_slots = slots;
-    uv_mutex_init(&s->wmu);
+    for (int i = 0; i < NSHARDS; i++)
+        uv_mutex_init(&s->shards[i].mu);
     uv_mutex_init(&s->qmu);
+    uv_mutex_init(&s->rmu);
     *self = s;
     return DP_OK;
 }

@@ -23,7 +23,9 @@ if (name eq "keys") {
     set format x "1e%L"
     set autoscale xfix
     set offsets graph 0.02, graph 0.02, 0, 0
-    plot for [i=2:4] csv using 1:i lw 2 title columnheader(i)
+    # columns 2-4: the stores; 5: the anchor, a plain Lua table (dashed)
+    plot for [i=2:4] csv using 1:i lw 2 title columnheader(i), \
+         csv using 1:5 lw 2 dt 2 lc rgb "#444444" title columnheader(5)
 } else {
 if (name eq "values") {
     set title "Hit latency against the value size".note."\nregion:get of a string, 256 keys read in random order"

@@ -5,11 +5,17 @@
 -- bench/results).
 --
 --   luajit bench/curves.lua [--only keys|values|threads|waiters]
+--                           [--sizes 1e3,1e7] [--no-lmdb]   (keys curve only:
+--                           these key counts; shared_memory and the table)
 --
 --  keys     region:get hit of a 16-byte string against the number of keys
 --           (1e3 .. 1e7), keys read in uniform random order (every read a
 --           different key, so CPU caches and TLBs are stressed), for
---           shared_memory and lmdb; lmdb twice: with the default
+--           shared_memory and lmdb, with the anchor: a plain Lua table
+--           holding the same keys, read as t[key] in the same order (what
+--           reaching the key itself costs at that size; its runs alternate
+--           with shared_memory's, so that load elsewhere hits both); lmdb
+--           twice: with the default
 --           lru_resolution = 60 (pure reads over the run) and with
 --           lru_resolution = 1 (a hit on a key not read in the last second
 --           queues an access-time write).
@@ -122,10 +128,17 @@ local dogpile = require "dogpile"
 local C = require("dogpile.lib").C
 local now = C.dp_clock_monotonic
 
-local only
+local only, only_sizes, no_lmdb
 for i = 1, #arg do
     if arg[i] == "--only" then
         only = arg[i + 1]
+    elseif arg[i] == "--sizes" then
+        only_sizes = {}
+        for x in (arg[i + 1] or ""):gmatch("[^,]+") do
+            only_sizes[#only_sizes + 1] = assert(tonumber(x), "--sizes takes numbers: " .. x)
+        end
+    elseif arg[i] == "--no-lmdb" then
+        no_lmdb = true
     end
 end
 local quick = lib.quick
@@ -209,6 +222,46 @@ local function get_loop(region, seq, vlen)
     end
 end
 
+-- The anchor of the keys curve: t[key] over the same seq, as get_loop.
+local function table_loop(t, seq, vlen)
+    local off = 0
+    return function(n)
+        if off + n > #seq then
+            off = 0
+        end
+        local s, o = seq, off
+        local total = 0
+        for i = o + 1, o + n do
+            total = total + #t[s[i]]
+        end
+        off = o + n
+        assert(total == n * vlen, "a table lookup missed")
+        return total
+    end
+end
+
+-- Median ns per op of each loop of `fns` (as lib.ns_per_op's fn), their
+-- runs alternating: one warm-up each, then `reps` rounds of one run each.
+local function paired(fns, n, reps)
+    local ts = {}
+    for j, fn in ipairs(fns) do
+        fn(n)
+        ts[j] = {}
+    end
+    for r = 1, reps do
+        for j, fn in ipairs(fns) do
+            local t0 = lib.clock()
+            fn(n)
+            ts[j][r] = (lib.clock() - t0) * 1e9 / n
+        end
+    end
+    local out = {}
+    for j = 1, #fns do
+        out[j] = lib.median(ts[j])
+    end
+    return out
+end
+
 local function free_memory()
     collectgarbage()
     collectgarbage()
@@ -261,73 +314,106 @@ local function fill_lmdb(region, path, n)
     sh(("luajit %s --fill-lmdb %s %.0f %d %s 2>&1"):format(q(script), q(path), LMDB_MAP, n, hex))
 end
 
+-- lmdb at n keys over seq: ns per get with the default lru_resolution and
+-- with lru_resolution = 1, and the seconds the fills took.
+local function lmdb_point(n, seq, lookups, reps)
+    local p1 = TMP .. "/keys-" .. n .. "-a"
+    local t0 = now()
+    local l1 = lmdb_region(p1)
+    fill_lmdb(l1, p1, n)
+    local fill_s = now() - t0
+    local l1_ns = lib.ns_per_op(get_loop(l1, seq, #VALUE16), lookups, reps)
+    -- lmdb, lru_resolution = 1 (access-time writes): the same data
+    -- file, copied (only data.mdb: the lock files are made afresh)
+    local p2 = TMP .. "/keys-" .. n .. "-b"
+    t0 = now()
+    sh(("mkdir -p %s && cp %s/data.mdb %s/"):format(q(p2), q(p1), q(p2)))
+    local l2 = lmdb_region(p2, { lru_resolution = 1 })
+    fill_s = fill_s + (now() - t0)
+    local l2_ns = lib.ns_per_op(get_loop(l2, seq, #VALUE16), lookups / 10, reps)
+    l1, l2 = nil, nil
+    free_memory()
+    sh("rm -rf " .. q(p1) .. " " .. q(p2))
+    return l1_ns, l2_ns, fill_s
+end
+
 local function curve_keys()
-    local sizes = quick and { 1e3, 1e4 } or { 1e3, 1e4, 1e5, 1e6, 1e7 }
+    local sizes = only_sizes or (quick and { 1e3, 1e4 } or { 1e3, 1e4, 1e5, 1e6, 1e7 })
+    table.sort(sizes)
     local reps = 3
     -- gets per run: fewer where each costs microseconds (DRAM- and TLB-bound)
     local function lookups_for(n)
         return quick and 1e5 or (n >= 1e6 and 2e5 or 1e6)
     end
     local header = { "keys", "shared_memory", "lmdb (default lru_resolution=60)",
-                     "lmdb (lru_resolution=1)", "shared_memory Mgets/s",
+                     "lmdb (lru_resolution=1)", "plain Lua table t[key]",
+                     "shared_memory / table", "shared_memory Mgets/s",
                      "lmdb Mgets/s", "lmdb default Mgets/s" }
     local rows, by_n = {}, {}
     print(("keys: region:get of a 16-byte string, uniform random keys; median ns/get of %d; "
            .. "%g gets per run (%g from 1e6 keys; a tenth of that for lmdb with the default "
            .. "lru_resolution)"):format(reps, lookups_for(1), lookups_for(1e6)))
-    print(("  %-10s %14s %14s %14s %9s"):format("keys", "shared_memory", "lmdb", "lmdb lru=1",
-                                                 "fill s"))
+    print(("  %-10s %14s %11s %8s %14s %14s %9s"):format("keys", "shared_memory", "table",
+                                                         "shm/tbl", "lmdb", "lmdb lru=1", "fill s"))
     for _, n in ipairs(sizes) do
         shuffle_seed()
         local lookups = lookups_for(n)
+        local t0 = now()
+        -- The anchor's table first, so that its key strings are made in key
+        -- order and seq's (the same strings: LuaJIT interns them) lie in
+        -- random order in memory, for both loops alike.
+        local tbl = {}
+        for i = 0, n - 1 do
+            tbl[keyname(i)] = VALUE16
+        end
         local seq = {} -- fresh keys for the warm-up and each run
         for i = 1, lookups * (reps + 1) do
             seq[i] = keyname(math.random(n) - 1)
         end
-        local t0 = now()
         -- shared_memory: a store of its own per size, freed before the next
         local shm = cache.make_region():configure("dogpile.cache.shared_memory", {
             arguments = { name = "curves.keys." .. n, max_bytes = "8g" },
         })
         fill_shm(shm, n)
         local fill_s = now() - t0
-        local shm_ns = lib.ns_per_op(get_loop(shm, seq, #VALUE16), lookups, reps)
-        shm = nil
+        local times = paired({ get_loop(shm, seq, #VALUE16), table_loop(tbl, seq, #VALUE16) },
+                             lookups, reps)
+        local shm_ns, tbl_ns = times[1], times[2]
+        shm, tbl = nil, nil
         free_memory()
-        -- lmdb, pure reads
-        local p1 = TMP .. "/keys-" .. n .. "-a"
-        t0 = now()
-        local l1 = lmdb_region(p1)
-        fill_lmdb(l1, p1, n)
-        fill_s = fill_s + (now() - t0)
-        local l1_ns = lib.ns_per_op(get_loop(l1, seq, #VALUE16), lookups, reps)
-        -- lmdb, lru_resolution = 1 (access-time writes): the same data
-        -- file, copied (only data.mdb: the lock files are made afresh)
-        local p2 = TMP .. "/keys-" .. n .. "-b"
-        t0 = now()
-        sh(("mkdir -p %s && cp %s/data.mdb %s/"):format(q(p2), q(p1), q(p2)))
-        local l2 = lmdb_region(p2, { lru_resolution = 1 })
-        fill_s = fill_s + (now() - t0)
-        local l2_ns = lib.ns_per_op(get_loop(l2, seq, #VALUE16), lookups / 10, reps)
-        l1, l2, seq = nil, nil, nil
+        local l1_ns, l2_ns
+        if not no_lmdb then
+            local lmdb_fill_s
+            l1_ns, l2_ns, lmdb_fill_s = lmdb_point(n, seq, lookups, reps)
+            fill_s = fill_s + lmdb_fill_s
+        end
+        seq = nil
         free_memory()
-        sh("rm -rf " .. q(p1) .. " " .. q(p2))
-        print(("  %-10g %14.1f %14.1f %14.1f %9.1f"):format(n, shm_ns, l1_ns, l2_ns, fill_s))
-        rows[#rows + 1] = { n, shm_ns, l1_ns, l2_ns, 1e3 / shm_ns, 1e3 / l1_ns, 1e3 / l2_ns }
+        print(("  %-10g %14.1f %11.1f %8.2f %14s %14s %9.1f"):format(n, shm_ns, tbl_ns,
+              shm_ns / tbl_ns, l1_ns and ("%.1f"):format(l1_ns) or "-",
+              l2_ns and ("%.1f"):format(l2_ns) or "-", fill_s))
+        rows[#rows + 1] = { n, shm_ns, l1_ns, l2_ns, tbl_ns, shm_ns / tbl_ns, 1e3 / shm_ns,
+                            l1_ns and 1e3 / l1_ns, l2_ns and 1e3 / l2_ns }
         by_n[n] = rows[#rows]
     end
     print("  (ns per get; lower is better)")
     write_curve("keys", header, rows)
-    local big = sizes[#sizes]
+    local big, small = sizes[#sizes], sizes[1]
     local tag = big >= 1e6 and string.format("1e%d", math.floor(math.log10(big) + 0.5)) or
         tostring(big)
     lib.row("curve_keys_shm_" .. tag, ("shared_memory region:get hit, %s keys, random order"):format(tag),
-            by_n[big][2], "ns/op", "same at 1e3 keys", by_n[1e3][2], "")
-    lib.row("curve_keys_lmdb_" .. tag, ("lmdb region:get hit, %s keys, random order"):format(tag),
-            by_n[big][3], "ns/op", "same at 1e3 keys", by_n[1e3][3], "")
-    lib.row("curve_keys_lmdb_lru1_" .. tag,
-            ("lmdb region:get hit, %s keys, lru_resolution=1"):format(tag),
-            by_n[big][4], "ns/op", "default lru_resolution=60", by_n[big][3], "")
+            by_n[big][2], "ns/op", ("same at %g keys"):format(small), by_n[small][2], "")
+    lib.row("curve_keys_shm_vs_table_" .. tag,
+            ("shared_memory region:get hit, %s keys, random order"):format(tag),
+            by_n[big][2], "ns/op", "plain Lua table t[key], same keys and order", by_n[big][5],
+            "<=2")
+    if not no_lmdb then
+        lib.row("curve_keys_lmdb_" .. tag, ("lmdb region:get hit, %s keys, random order"):format(tag),
+                by_n[big][3], "ns/op", ("same at %g keys"):format(small), by_n[small][3], "")
+        lib.row("curve_keys_lmdb_lru1_" .. tag,
+                ("lmdb region:get hit, %s keys, lru_resolution=1"):format(tag),
+                by_n[big][4], "ns/op", "default lru_resolution=60", by_n[big][3], "")
+    end
 end
 
 -- -- values ----------------------------------------------------------------------------
@@ -429,7 +515,7 @@ local function curve_threads()
     local series = {}
     local order = {}
     for line in out:gmatch("[^\n]+") do
-        local policy, workload = line:match("^(%w+)%s+(%a+)")
+        local policy, workload = line:match("^(%w+)%s+(%a[%w/ ]-)%s%s+[%d.]+M")
         if (policy == "s3fifo" or policy == "lru") and workload then
             local ms = {}
             for m in line:gmatch("([%d.]+)M") do
