@@ -1,5 +1,7 @@
 -- The generated reference (`bash .ci/docs`, issue 20 item 6) answers: every
--- public function's parameters have a type and a description, private names
+-- public function's parameters have a type and a description (and an
+-- optional one its default), every function docs/API.md and the README call
+-- by its full name is listed, private names
 -- (`_`-prefixed) and internal modules are not listed, no LDoc tag is left
 -- raw, the pages render cleanly in headless chromium, and the Backend arguments page
 -- lists every argument each shipped backend accepts with a type, a default
@@ -95,6 +97,60 @@ describe("the reference", function()
         end
         table.sort(list)
         assert.are.same({}, list, "functions with a parameter lacking a type or a description")
+    end)
+
+    it("states the default of every optional parameter", function()
+        local gaps = {}
+        for f, html in pairs(pages) do
+            for name, body in html:gmatch('<dt>%s*<a name%s*=%s*"([^"]+)"></a>(.-)</dd>') do
+                for li in body:gmatch("<li>(.-)</li>") do
+                    local param = li:match('<span class="parameter">([^<]*)</span>')
+                    if param and li:find("<em>optional</em>", 1, true) and not text(li):find("default", 1, true) then
+                        gaps[#gaps + 1] = f .. ": " .. name .. "(" .. param .. ")"
+                    end
+                end
+            end
+        end
+        table.sort(gaps)
+        assert.are.same({}, gaps, "optional parameters whose description does not say their default")
+    end)
+
+    -- The functions the API contract (docs/API.md) and the README call by
+    -- their full name: `dogpile.x`, `cache.x`, `region:x`, `lock:x`.
+    it("lists every function docs/API.md and the README name", function()
+        local anchors = {}
+        for _, html in pairs(pages) do
+            for n in html:gmatch('<a name%s*=%s*"([^"]+)"') do
+                anchors[n] = true
+            end
+        end
+        local missing, seen, count = {}, {}, 0
+        for _, doc in ipairs { "docs/API.md", "README.md" } do
+            for code in read(doc):gmatch("`([^`\n]+)`") do
+                for name in code:gmatch("([%a_][%w_.:]*)%(") do
+                    local anchor
+                    if name:match("^dogpile%.") and not name:match("^dogpile%.cache") then
+                        anchor = name:gsub("^dogpile%.", "")
+                    elseif name:match("^cache%.") then
+                        anchor = name:gsub("^cache%.", "")
+                    elseif name:match("^region:") then
+                        anchor = name:gsub("^region:", "Region:")
+                    elseif name:match("^lock:") then
+                        anchor = name:gsub("^lock:", "Lock:")
+                    end
+                    if anchor and not seen[name] then
+                        seen[name] = true
+                        count = count + 1
+                        if not anchors[anchor] then
+                            missing[#missing + 1] = doc .. ": " .. name
+                        end
+                    end
+                end
+            end
+        end
+        table.sort(missing)
+        assert.are.same({}, missing, "functions of the API that the reference does not list")
+        assert.is_true(count >= 25, "only " .. count .. " functions found in docs/API.md and the README")
     end)
 
     -- Each page is loaded, in one headless chromium, into frames 1280 and
