@@ -4,7 +4,7 @@
 #
 # name: tiered_coherence (the delay from a set in one process to the old copy
 # gone in another, as a cumulative distribution) | tiered_zipf (memory ->
-# redis against redis alone on a Zipf workload).
+# redis against redis alone on a Zipf workload, by the memory tier's size).
 if (!exists("quick")) quick = 0
 set terminal pngcairo size 900,560 font "Sans,11" noenhanced
 set output png
@@ -25,17 +25,18 @@ if (name eq "tiered_coherence") {
     plot csv using 1:2 with steps lw 2 title "sets seen within the delay"
 } else {
 if (name eq "tiered_zipf") {
-    set title "Zipf(1.0) get_or_create hits: memory -> redis against redis alone".note."\nmemory tier holding 10% of the keys (bench/tiered.lua)"
-    set style data histograms
-    set style histogram clustered gap 1
-    set style fill solid 0.8 border -1
-    set boxwidth 0.8
+    set title "Zipf(1.0) get_or_create hits: memory -> redis against redis alone".note."\nby the size of the memory tier (bench/tiered.lua)"
+    set xlabel "memory tier size (% of the keys, log scale)"
     set ylabel "µs per call (lower is better)"
     set y2label "memory tier hit rate (%)"
+    set logscale x
+    set xrange [0.05:60]
     set yrange [0:*]
     set y2range [0:100]
+    set ytics nomirror
     set y2tics
     set key top right box opaque
-    plot csv using 2:xtic(1) title columnheader(2) axes x1y1, \
-         '' using 3 title columnheader(3) axes x1y2
+    plot csv using 1:3 with linespoints lw 2 pt 7 title "memory -> redis (µs per call)" axes x1y1, \
+         '' using 1:4 with linespoints lw 2 dt 2 pt 9 title "redis alone (µs per call)" axes x1y1, \
+         '' using 1:5 with linespoints lw 2 pt 5 title "memory tier hit rate (%)" axes x1y2
 }}
