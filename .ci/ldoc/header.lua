@@ -17,15 +17,53 @@ local function flush_code()
     code = {}
 end
 -- The text of a comment: without the delimiters and the leading " * ".
+-- A name pattern with placeholders (dp_<object>_<verb>) becomes code: as
+-- prose its "<...>" would read as HTML tags, and its underscores as
+-- emphasis. Any other "<" or ">" is escaped. Doxygen's @note, which LDoc
+-- would show raw, becomes a bold "Note." opening its paragraph, and a
+-- reference to one ("see @note") plain words.
 local function text_of(lines)
     local t = {}
     for _, l in ipairs(lines) do
         l = l:gsub("^%s*/%*+%s?", ""):gsub("%s*%*/%s*$", ""):gsub("^%s*%*%s?", "")
         t[#t + 1] = l
     end
-    -- "<" and ">" in prose would read as HTML tags (dp_<object>_<verb>).
-    return (table.concat(t, "\n"):gsub("^%s+", ""):gsub("%s+$", "")
-        :gsub("<", "&lt;"):gsub(">", "&gt;"))
+    local text = table.concat(t, "\n"):gsub("^%s+", ""):gsub("%s+$", "")
+    local spans = {}
+    text = text:gsub("`[^`]*`", function(c)
+        spans[#spans + 1] = c
+        return "\0" .. #spans .. "\0"
+    end)
+    text = text:gsub("[%w_]*<%w+>[%w_<>]*", function(c)
+        spans[#spans + 1] = "`" .. c .. "`"
+        return "\0" .. #spans .. "\0"
+    end)
+    text = text:gsub("<", "&lt;"):gsub(">", "&gt;")
+    text = ("\n" .. text):gsub("\n@note%s+", "\n**Note.** "):sub(2)
+    text = text:gsub("see @note", "see the note"):gsub("@note", "note")
+    return (text:gsub("%z(%d+)%z", function(n) return spans[tonumber(n)] end))
+end
+
+-- The header's scaffolding (include guard, includes, extern "C", the
+-- DP_API export macro): not part of the interface a reader looks up.
+local function scaffolding(lines)
+    local skip, depth = {}, 0
+    for n, l in ipairs(lines) do
+        if depth > 0 then
+            skip[n] = true
+            if l:match("^#if") then
+                depth = depth + 1
+            elseif l:match("^#endif") then
+                depth = depth - 1
+            end
+        elseif l:match("^#ifdef __cplusplus") or l:match("^#if defined%(DP_BUILDING%)") then
+            skip[n], depth = true, 1
+        elseif l:match("^#ifndef DOGPILE_H") or l:match("^#define DOGPILE_H") or l:match("^#include")
+            or l:match("^#endif /%* DOGPILE_H") then
+            skip[n] = true
+        end
+    end
+    return skip
 end
 
 emit("# The C header: dogpile.h\n")
@@ -34,10 +72,13 @@ emit("Installed as `PREFIX/include/dogpile/dogpile.h` (pkg-config: `dogpile`). "
 
 local lines = {}
 for l in (src .. "\n"):gmatch("([^\n]*)\n") do lines[#lines + 1] = l end
+local skip = scaffolding(lines)
 local i, first = 1, true
 while i <= #lines do
     local l = lines[i]
-    if l:match("^%s*/%*") and not l:match("%S.-/%*") then
+    if skip[i] then
+        -- left out (see scaffolding)
+    elseif l:match("^%s*/%*") and not l:match("%S.-/%*") then
         local block = {}
         while true do
             block[#block + 1] = lines[i]
