@@ -373,6 +373,33 @@ PAGES.forEach(function (page) {
             assert.is_truthy(sections["dogpile.cache.null"]:find("It takes no argument", 1, true))
         end)
 
+        it("is shown on each backend's module page too, under Arguments", function()
+            for _, b in ipairs { "memory", "shared_memory", "lmdb", "redis", "redis_sentinel", "redis_cluster",
+                                 "memcached", "tiered", "ngx_shared" } do
+                local html = pages["dogpile.cache.backends." .. b .. ".html"]
+                assert.is_string(html, b)
+                local at = html:find('<h2><a name="Arguments"></a>Arguments</h2>', 1, true)
+                assert.is_number(at, b .. ": no Arguments heading")
+                local want = rows("dogpile.cache." .. b)
+                local n = 0
+                for tr in html:sub(at):gmatch("<tr>(.-)</tr>") do
+                    local cells = {}
+                    for td in tr:gmatch("<td[^>]*>(.-)</td>") do
+                        cells[#cells + 1] = text(td):match("^%s*(.-)%s*$")
+                    end
+                    if #cells == 4 and want[cells[1]] then
+                        assert.are.same(want[cells[1]], cells)
+                        n = n + 1
+                    end
+                end
+                local total = 0
+                for _ in pairs(want) do
+                    total = total + 1
+                end
+                assert.is_true(total >= 2 and n == total, b .. ": " .. n .. " of " .. total .. " arguments shown")
+            end
+        end)
+
         it("takes the C backends' types and defaults from their tables", function()
             local r = rows("dogpile.cache.redis")
             assert.are.same({ "port", "an integer from 1 to 65535", "6379" }, { r.port[1], r.port[2], r.port[3] })

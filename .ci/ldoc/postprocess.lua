@@ -11,6 +11,8 @@
 -- template has no summary for a Markdown topic): it gets the topic's first
 -- heading and the first sentence of its first paragraph instead.
 --
+-- Each backend's module page gets its table of arguments (see below).
+--
 -- Usage: luajit postprocess.lua DOCDIR TOPIC.md ...
 local docdir = assert(arg[1], "usage: postprocess.lua DOCDIR TOPIC.md ...")
 
@@ -61,6 +63,38 @@ local function plain(s)
     return (s:gsub("`", ""):gsub("%*", ""))
 end
 
+-- Each backend's module page gets its section of the Backend arguments page
+-- (its table of arguments with types, defaults and meanings) under an
+-- "Arguments" heading, above its functions: the module's own comment may
+-- only name the arguments or point elsewhere.
+local ARGS = "topics/backend-arguments.md.html"
+local args_page = read(docdir .. "/" .. ARGS)
+local inserted = 0
+local ls = assert(io.popen("ls '" .. docdir .. "/modules'"))
+for file in ls:lines() do
+    local short = file:match("^dogpile%.cache%.backends%.([%w_]+)%.html$")
+    local anchor = short and "dogpile_cache_" .. short
+    local from = anchor and args_page:find('<p><a name="' .. anchor .. '"></a></p>', 1, true)
+    if from then
+        local stop = args_page:find('<p><a name="', from + 1, true)
+            or assert(args_page:find('</div> <!-- id="content" -->', from, true), ARGS .. ": no end of content")
+        local section = args_page:sub(from, stop - 1)
+            :gsub('<p><a name="[^"]+"></a></p>%s*', "", 1)
+            -- The backend's one-line description: the module page opens with its own.
+            :gsub("(<h2>[^<]*</h2>)%s*<p>.-</p>", "%1", 1)
+            :gsub("<h2>[^<]*</h2>", '<h2><a name="Arguments"></a>Arguments</h2>\n<p>As on the <a href="../'
+                  .. ARGS .. '#' .. anchor .. '">Backend arguments</a> page:</p>', 1)
+        local path = docdir .. "/modules/" .. file
+        local html = read(path)
+        local at = html:find('<h2><a href="#Functions">', 1, true)
+            or assert(html:find('</div> <!-- id="content" -->', 1, true), file .. ": no end of content")
+        write(path, html:sub(1, at - 1) .. section .. "\n" .. html:sub(at))
+        inserted = inserted + 1
+    end
+end
+ls:close()
+assert(inserted >= 8, "only " .. inserted .. " backend pages found a section of " .. ARGS)
+
 local index = read(docdir .. "/index.html")
 for i = 2, #arg do
     local md = read(arg[i])
@@ -78,7 +112,7 @@ for i = 2, #arg do
 end
 write(docdir .. "/index.html", index)
 
-local ls = assert(io.popen("find '" .. docdir .. "' -name '*.html'"))
+ls = assert(io.popen("find '" .. docdir .. "' -name '*.html'"))
 for path in ls:lines() do
     write(path, add_breaks(read(path)))
 end
