@@ -80,6 +80,23 @@ local function check(bytes)
     return ok
 end
 
+-- Records: the reader learns a record's shape (its keys in order) and reads
+-- the next records of that shape by comparing key bytes (envelope.lua).
+local function record(i)
+    return { id = i, name = "n" .. i, score = i + 0.25, ok = i % 3 == 0, tags = { i, "t" },
+             note = i % 5 == 0 and string.rep("x", 130) or "short", big = 2 ^ 40 + i, neg = -i,
+             off = false, inner = { x = i, y = -i } }
+end
+
+-- A record of string keys written by hand: pairs { key, item bytes }.
+local function hand_record(pairs_)
+    local b = { "\193\1\6\0", string.char(#pairs_) }
+    for _, kv in ipairs(pairs_) do
+        b[#b + 1] = "\5" .. string.char(#kv[1]) .. kv[1] .. kv[2]
+    end
+    return table.concat(b)
+end
+
 describe("envelope.read", function()
     it("reads what the codec writes, as the C decoder does", function()
         local record = { id = 42, name = "Ada", email = "ada@example.com", age = 36, score = 99.5,
@@ -119,6 +136,11 @@ describe("envelope.read", function()
             samples[i] = codec.encode(value(0))
         end
         samples[#samples + 1] = codec.encode({ 1, 2, k = "v", [2 ^ 30] = { x = 1.25 } })
+        -- Records, whose shape the reader has learned from the samples first.
+        for i = 1, 4 do
+            samples[#samples + 1] = codec.encode(record(i))
+            assert.is_true(check(samples[#samples]))
+        end
         for _, bytes in ipairs(samples) do
             for cut = 0, math.min(#bytes - 1, 200) do
                 check(bytes:sub(1, cut))
@@ -143,6 +165,86 @@ describe("envelope.read", function()
                                  "\193\1\6\0\1\0\2", "\193\1\6\0\1\4\0\0\0\0\0\0\248\127\2",
                                  "\193\1\3\128\0", "\193\2\0", "\192\1\0" }) do
             assert.is_false((read_string(bytes)), ("%q"):format(bytes))
+        end
+    end)
+end)
+
+-- A buffer whose end touches a PROT_NONE page: a read past the bytes given
+-- to the reader is a crash, not a silent success.
+local guarded_put
+do
+    local ffi = require "ffi"
+    pcall(ffi.cdef, [[
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
+    int mprotect(void *addr, size_t len, int prot);
+    ]])
+    local PAGE, SIZE = 4096, 16 * 4096
+    local base = ffi.cast("uint8_t *", ffi.C.mmap(nil, SIZE + PAGE, 3, 0x22, -1, 0))
+    assert(ffi.cast("intptr_t", base) ~= -1, "mmap failed")
+    assert(ffi.C.mprotect(base + SIZE, PAGE, 0) == 0, "mprotect failed")
+    function guarded_put(bytes)
+        assert(#bytes <= SIZE)
+        local p = base + SIZE - #bytes
+        ffi.copy(p, bytes, #bytes)
+        return p
+    end
+end
+
+describe("envelope.read of records", function()
+    it("learns their shape and reads the next ones as the C decoder does", function()
+        local before = envelope.shape_count()
+        assert.is_true(check(codec.encode({ learned_here = 1, too = 2 })))
+        assert.are.equal(before + 1, envelope.shape_count(), "no shape learned")
+        for i = 1, 300 do
+            assert.is_true(check(codec.encode(record(i))), "declined record " .. i)
+            assert.is_true(check(codec.encode({ learned_here = i, too = -i })))
+        end
+        local ok, v = read_string(codec.encode(record(7)))
+        assert.is_true(ok)
+        assert.are.same(record(7), v)
+    end)
+
+    it("tells apart shapes found under one number, and keys given twice", function()
+        -- Two keys, the first "a" in both: the same number, other keys.
+        local ab = hand_record({ { "a", "\3\2" }, { "b", "\5\2hi" } })
+        local ac = hand_record({ { "a", "\3\4" }, { "c", "\2" } })
+        local aa = hand_record({ { "a", "\3\6" }, { "a", "\1" } })
+        local abx = hand_record({ { "a", "\3\2" }, { "b", "\0" } })
+        for _ = 1, 100 do
+            for _, bytes in ipairs({ ab, ac, aa, abx, ab, ab }) do
+                assert.is_true(check(bytes), ("%q"):format(bytes))
+            end
+        end
+        assert.are.same({ a = 1, b = "hi" }, select(2, read_string(ab)))
+        assert.are.same({ a = 2, c = true }, select(2, read_string(ac)))
+        assert.are.same({ a = false }, select(2, read_string(aa)))
+        local _, t = read_string(abx)
+        assert.are.same({ a = 1 }, t)
+        assert.is_nil(next(t, next(t)), "a nil value leaves no key")
+        -- A learned shape whose bytes are then cut, corrupted or lengthened.
+        for cut = 0, #ab - 1 do
+            check(ab:sub(1, cut))
+        end
+        assert.is_false((read_string(ab:sub(1, -4) .. "\9hi")))
+        assert.is_false((read_string(ab:sub(1, -5) .. "\9\2hi")))
+        assert.is_false((read_string(ab .. "\0")))
+    end)
+
+    it("reads no byte past the end of a record, of a learned shape or not", function()
+        local samples = { hand_record({ { "a", "\3\2" }, { "b", "\5\2hi" } }) }
+        for i = 1, 6 do
+            samples[#samples + 1] = codec.encode(record(i))
+            samples[#samples + 1] = codec.encode(value(0))
+        end
+        for _, bytes in ipairs(samples) do
+            check(bytes)
+            for cut = 0, #bytes do
+                local part = bytes:sub(1, cut)
+                local ok, v = envelope.read(guarded_put(part), cut)
+                if ok then
+                    assert.is_true(same(v, (codec.decode(part))), ("%q"):format(part))
+                end
+            end
         end
     end)
 end)
@@ -392,6 +494,12 @@ describe("the in-place reader under fuzzing", function()
         end
         for _, d in ipairs(FORGED) do
             seeds[#seeds + 1] = "\193\1\6\1\1\4" .. d .. "\4" .. d .. "\3\2"
+        end
+        -- Records of a few shapes: mutated, they go through the shape's
+        -- reader before the generic one.
+        for i = 1, 20 do
+            seeds[#seeds + 1] = codec.encode(record(i))
+            seeds[#seeds + 1] = codec.encode({ name = "n" .. i, score = 0.5 * i, flag = i % 2 == 0 })
         end
         -- At least `seconds`, and on until 500 inputs were accepted (a loaded
         -- machine runs fewer in the time), for at most ten times as long.

@@ -239,8 +239,135 @@ end
 local MAX_DEPTH = 32
 local PREALLOC = 4096
 
+-- -- Records by shape ------------------------------------------------------------
+-- Most tables a cache holds are records: the same string keys in the same
+-- order. Read generically, each field costs interning its key (hash, string
+-- table look-up) and inserting it into a new table (another look-up and an
+-- allocation of its node). So the reader learns a record's shape, its keys
+-- in order, the first time it reads it: the shape's key strings, and a
+-- template table holding them. A record of a known shape is read by
+-- comparing each key's bytes with the shape's (memcmp, no string made),
+-- copying the template (table.clone: every key already in place) and storing
+-- each value at its key. Bytes that are not the shape make it answer nil,
+-- and the table is read again by the generic reader, which judges them as
+-- it always did.
+--
+-- A shape is found by its key count, the length of its first key and that
+-- key's first and last bytes (a number: no string is made to find it). A
+-- different shape under the same number replaces it, at most RELEARN times
+-- per number, and at most MAX_SHAPES numbers are learned in a Lua state:
+-- bytes that keep changing shape cannot make the reader learn for ever or
+-- hold ever more memory.
+local MAX_SHAPE_KEYS = 64
+local RELEARN = 16
+local MAX_SHAPES = 256
+local shape_keys, shape_lens, shape_src, learned = {}, {}, {}, {}
+local nshapes = 0
+-- table.clone is OpenResty's LuaJIT's; elsewhere the template is not used
+-- (the keys still are).
+local has_clone, tclone = pcall(require, "table.clone")
+if not has_clone then
+    tclone = nil
+end
+if not pcall(function() return ffi.C.memcmp end) then
+    ffi.cdef "int memcmp(const void *, const void *, size_t);"
+end
+local memcmp = ffi.C.memcmp
+
+local item
+
+-- A record of `nhash` keys at p[pos] (after its counts) read as the shape
+-- `keys` (`lens` their lengths, `src` its template): the table and where it
+-- ends, or nil when the bytes are not that shape or not understood.
+local function shaped(p, pos, n, depth, nhash, keys, lens, src)
+    local t = tclone and tclone(src) or tnew(0, nhash)
+    for i = 1, nhash do
+        local k, klen = keys[i], lens[i]
+        if klen + 3 > n - pos or p[pos] ~= 0x05 or p[pos + 1] ~= klen
+            or memcmp(p + pos + 2, k, klen) ~= 0 then
+            return nil
+        end
+        pos = pos + 2 + klen
+        -- The value: the common tags inline, the rest by item. A byte is
+        -- left for it by the check above.
+        local tag, v = p[pos], nil
+        if tag == 0x05 and pos + 1 < n and p[pos + 1] < 0x80 then
+            local len = p[pos + 1]
+            pos = pos + 2
+            if len > n - pos then
+                return nil
+            end
+            v = ffi_string(p + pos, len)
+            pos = pos + len
+        elseif tag == 0x03 then
+            local u
+            u, pos = varint(p, pos + 1, n)
+            if not u then
+                return nil
+            end
+            if u % 2 == 0 then
+                v = u / 2
+            else
+                v = -(u + 1) / 2
+            end
+        elseif tag == 0x04 and LITTLE then
+            if n - pos < 9 then
+                return nil
+            end
+            v = stored_double(p + pos + 1)
+            pos = pos + 9
+        elseif tag == 0x02 then
+            v = true
+            pos = pos + 1
+        elseif tag == 0x01 then
+            v = false
+            pos = pos + 1
+        else
+            local ok
+            ok, v, pos = item(p, pos, n, depth + 1)
+            if not ok then
+                return nil
+            end
+        end
+        t[k] = v
+    end
+    return t, pos
+end
+
+-- After a generic read of a record with these keys, found by number `id`:
+-- learn its shape, within the budgets.
+local function learn(id, keys)
+    local times = learned[id]
+    if times == nil then
+        if nshapes >= MAX_SHAPES then
+            return
+        end
+        nshapes = nshapes + 1
+        times = 0
+    end
+    if times >= RELEARN then
+        return
+    end
+    learned[id] = times + 1
+    local m = #keys
+    local src, lens = tnew(0, m), tnew(m, 0)
+    -- A key given twice is no matter: the template holds it once, and the
+    -- last value read is kept, as by the C decoder.
+    for i = 1, m do
+        local k = keys[i]
+        src[k] = true
+        lens[i] = #k
+    end
+    shape_keys[id], shape_lens[id], shape_src[id] = keys, lens, src
+end
+
+--- How many record shapes this Lua state has learned (for tests).
+function M.shape_count()
+    return nshapes
+end
+
 -- One item at p[pos]: true, value, next; or false.
-local function item(p, pos, n, depth)
+function item(p, pos, n, depth)
     if pos >= n then
         return false
     end
@@ -281,6 +408,30 @@ local function item(p, pos, n, depth)
         if narr > room or nhash > (room - narr) / 2 then
             return false
         end
+        -- A record: its shape's reader, or learn its shape.
+        local id, keys
+        if narr == 0 and nhash <= MAX_SHAPE_KEYS and nhash > 0 and pos + 1 < n and p[pos] == 0x05 then
+            local len = p[pos + 1]
+            if len == 0 then
+                id = nhash
+            elseif len < 0x80 and len <= n - pos - 2 then
+                id = nhash + 128 * len + 16384 * p[pos + 2] + 4194304 * p[pos + 1 + len]
+            end
+            if id then
+                local keys_of = shape_keys[id]
+                if keys_of then
+                    local t, after = shaped(p, pos, n, depth, nhash, keys_of, shape_lens[id],
+                                            shape_src[id])
+                    if t then
+                        return true, t, after
+                    end
+                end
+                local times = learned[id]
+                if (times or 0) < RELEARN and (times or nshapes < MAX_SHAPES) then
+                    keys = tnew(nhash, 0)
+                end
+            end
+        end
         local t = tnew(narr < PREALLOC and narr or PREALLOC, nhash < PREALLOC and nhash or PREALLOC)
         local ok, k, v
         for i = 1, narr do
@@ -290,7 +441,7 @@ local function item(p, pos, n, depth)
             end
             t[i] = v
         end
-        for _ = 1, nhash do
+        for i = 1, nhash do
             if pos + 1 < n and p[pos] == 0x05 and p[pos + 1] < 0x80 then
                 -- A short string key, the common case, read inline.
                 local len = p[pos + 1]
@@ -305,12 +456,19 @@ local function item(p, pos, n, depth)
                 if not ok or k == nil or k ~= k then
                     return false
                 end
+                keys = nil
+            end
+            if keys then
+                keys[i] = k
             end
             ok, v, pos = item(p, pos, n, depth + 1)
             if not ok then
                 return false
             end
             t[k] = v
+        end
+        if keys then
+            learn(id, keys)
         end
         return true, t, pos
     elseif tag == 0x04 then
