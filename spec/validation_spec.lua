@@ -29,6 +29,17 @@ local function down(backend, arguments)
         { arguments = arguments or { host = "127.0.0.1", port = 1 }, fail_open = false })
 end
 
+-- A region named "v" over a backend of Lua values whose lock fails as
+-- `mutex` says: `acquire` raising, or a get_mutex answer that is no mutex.
+local function bad_lock(mutex)
+    cache.register_backend("vspec.bad_lock", function()
+        return { get = function() return nil end, set = function() end, delete = function() end,
+                 get_mutex = function() return mutex end }
+    end)
+    return cache.make_region({ name = "v" }):configure("vspec.bad_lock")
+end
+local LOST = { acquire = function() error("connection lost", 0) end, release = function() end }
+
 -- { what, function that must raise, the message (after the position); "<...>"
 -- stands for any text: the C backends' known lists are long, and a
 -- connection's failure is the system's }
@@ -142,11 +153,11 @@ local CASES = {
     { "load_regions unknown", function() cache.load_regions({ a = { backend = "dogpile.cache.memory", colour = "red" } }) end,
       "dogpile.cache: load_regions: region 'a' in the given table: unknown option 'colour' (known: arguments, async_creation_runner, backend, deserializer, early_refresh, expiration_time, fail_open, function_key_generator, function_multi_key_generator, key_mangler, name, negative_expiration_time, region_invalidator, replace_existing_backend, serializer, stale_if_error, wire_format, wire_options, wrap)" },
     { "load_regions exp string", function() cache.load_regions({ a = { backend = "dogpile.cache.memory", expiration_time = "60" } }) end,
-      "dogpile.cache: load_regions: region 'a' in the given table: configure: expiration_time must be a number of seconds, got string \"60\" (region 'a')" },
+      "dogpile.cache: load_regions: region 'a' in the given table: configure: expiration_time must be a number of seconds, got string \"60\"" },
     { "load_regions exp negative", function() cache.load_regions({ a = { backend = "dogpile.cache.memory", expiration_time = -5 } }) end,
-      "dogpile.cache: load_regions: region 'a' in the given table: configure: expiration_time must be a finite number of seconds > 0 and <= 315360000 (ten years) or nil (never), got -5 (region 'a')" },
+      "dogpile.cache: load_regions: region 'a' in the given table: configure: expiration_time must be a finite number of seconds > 0 and <= 315360000 (ten years) or nil (never), got -5" },
     { "load_regions backend arg", function() cache.load_regions({ a = { backend = "dogpile.cache.memory", arguments = { max_item = 10 } } }) end,
-      "dogpile.cache: load_regions: region 'a' in the given table: dogpile.cache.memory: unknown argument 'max_item' (known: cache_dict, max_items) (region 'a')" },
+      "dogpile.cache: load_regions: region 'a' in the given table: dogpile.cache.memory: unknown argument 'max_item' (known: cache_dict, max_items)" },
     { "load_regions no backend", function() cache.load_regions({ a = { expiration_time = 5 } }) end,
       "dogpile.cache: load_regions: region 'a' in the given table: backend must be a backend name, got nil" },
     { "cfc exp", function() cache.make_region({ name = "v" }):configure_from_config({ ["c.backend"] = "dogpile.cache.memory", ["c.expiration_time"] = "-5" }, "c.") end,
@@ -211,6 +222,20 @@ local CASES = {
       R("cache_multi_on_arguments: the function must return a table, got number") },
     { "multi decorator set", function() mem():cache_multi_on_arguments()(function(...) return { ... } end):set(5) end,
       R("cache_multi_on_arguments: set: mapping must be a table {argument = value}, got number") },
+    -- What a creator returned, judged by the region.
+    { "creator second value", function() mem():get_or_create("k", function() return 1, true end) end,
+      R("get_or_create: the creator returned a boolean after its value; a second value must be the value's expiration time (a number of seconds) or, after nil, an error message (a string)") },
+    { "creator expiration time", function() mem():get_or_create("k", function() return 1, math.huge end) end,
+      R("get_or_create: the creator returned an expiration time of inf; it must be a finite number of seconds (-1: never expires)") },
+    { "multi creator count", function() mem():get_or_create_multi({ "a", "b" }, function() return { 1 } end) end,
+      R("get_or_create_multi: the creator was called with 2 keys and must return one value for each, in order (expected 2, got 1; an array with nil values gives its length in a field n); nothing was stored") },
+    { "multi creator result", function() mem():get_or_create_multi({ "a" }, function() return 5 end) end,
+      R("get_or_create_multi: the creator must return an array of 1 values, got number") },
+    -- A backend's lock: one that is no mutex, one whose server went away.
+    { "backend get_mutex answer", function() bad_lock(5):get_or_create("k", function() return 1 end) end,
+      R("backend get_mutex: mutex must be an object with :acquire(wait) and :release(), got number") },
+    { "backend lock failure", function() bad_lock(LOST):get_or_create("k", function() return 1 end) end,
+      "vspec.bad_lock: lock 'k' failed: connection lost (region 'v')" },
     -- Backend failures without fail_open: the backend's message, then the region.
     { "redis down: get", function() down():get("k") end,
       "dogpile.cache.redis: get 'k' failed: <...> (region 'v')" },

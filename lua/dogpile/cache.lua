@@ -102,6 +102,8 @@ function _M.load_regions(source)
             if msg:sub(1, 15) == "dogpile.cache: " then
                 msg = msg:sub(16)
             end
+            -- in_region names the region already: not twice.
+            msg = msg:gsub(" %(region '" .. tostring(make_opts.name):gsub("%p", "%%%0") .. "'%)$", "", 1)
             raise(in_region .. msg)
         end
         regions[name] = res

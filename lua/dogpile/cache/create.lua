@@ -36,8 +36,10 @@ local _M = {}
 
 -- -- Mutexes -------------------------------------------------------------------------
 
--- Under fail_open a backend lock that cannot be taken because the backend is
--- down lets the creator run without it.
+-- A backend's lock, its failures put through the region's failure policy
+-- (Region:_failed): under fail_open a lock that cannot be taken because the
+-- backend is down lets the creator run without it; otherwise the failure is
+-- raised naming the backend, the key and the region.
 local FailOpenMutex = {}
 FailOpenMutex.__index = FailOpenMutex
 
@@ -97,11 +99,11 @@ local function mutex_for(region, key)
             region:_failed("get_mutex", key, m)
             m = nil
         elseif m ~= nil then
-            dogpile.check_mutex(m, "dogpile.cache: backend get_mutex")
-            if region.fail_open then
-                return setmetatable({ inner = m, region = region, key = key }, FailOpenMutex)
+            local ok2, err = pcall(dogpile.check_mutex, m, "dogpile.cache: backend get_mutex")
+            if not ok2 then
+                region:_reraise(err)
             end
-            return m
+            return setmetatable({ inner = m, region = region, key = key }, FailOpenMutex)
         end
     end
     return core_mutex(region._domain, key, true)
@@ -128,17 +130,17 @@ local function outcome(region, value, second, who)
     local t = type(second)
     if t == "number" then
         if not finite(second) then
-            raise("dogpile.cache: " .. who .. ": the creator returned an expiration time of "
-                  .. tostring(second) .. "; it must be a finite number of seconds "
-                  .. "(-1: never expires)")
+            raise(region:_message("dogpile.cache: " .. who .. ": the creator returned an "
+                  .. "expiration time of " .. tostring(second) .. "; it must be a finite number "
+                  .. "of seconds (-1: never expires)"))
         end
         return value, second
     elseif t == "string" and value == nil then
         return FAILED, second
     end
-    raise("dogpile.cache: " .. who .. ": the creator returned a " .. t .. " after "
+    raise(region:_message("dogpile.cache: " .. who .. ": the creator returned a " .. t .. " after "
           .. (value == nil and "nil" or "its value") .. "; a second value must be the value's "
-          .. "expiration time (a number of seconds) or, after nil, an error message (a string)")
+          .. "expiration time (a number of seconds) or, after nil, an error message (a string)"))
 end
 _M.outcome = outcome
 
@@ -423,18 +425,18 @@ local function create_held(region, held, uniq, mangled, results, creator, exp, s
     end
     if type(new) ~= "table" then
         st.errors = st.errors + 1
-        raise("dogpile.cache: get_or_create_multi: the creator must return an array of "
-              .. n .. " values, got " .. type(new))
+        raise(region:_message("dogpile.cache: get_or_create_multi: the creator must return an "
+              .. "array of " .. n .. " values, got " .. type(new)))
     end
     -- A value missing from the array would be cached as nil: refuse the
     -- array instead, and store none of it.
     local got = count_values(new)
     if got ~= n then
         st.errors = st.errors + 1
-        raise("dogpile.cache: get_or_create_multi: the creator was called with " .. n
-              .. " keys and must return one value for each, in order (expected " .. n
+        raise(region:_message("dogpile.cache: get_or_create_multi: the creator was called with "
+              .. n .. " keys and must return one value for each, in order (expected " .. n
               .. ", got " .. tostring(got) .. "; an array with nil values gives its length "
-              .. "in a field n); nothing was stored")
+              .. "in a field n); nothing was stored"))
     end
     local delta = beta and took or nil
     local md = new_metadata(ttl, delta)

@@ -199,8 +199,8 @@ function _M.encode(codec, cv, key, region)
             if type(bytes) ~= "string" then
                 error(bytes, 0)
             end
-            raise("dogpile.cache: region " .. region:_label() .. ": cannot store key '"
-                  .. tostring(key) .. "': " .. bytes)
+            raise(region:_message("dogpile.cache: cannot store key '" .. tostring(key) .. "': "
+                                  .. bytes))
         end
         return bytes
     end
@@ -209,12 +209,12 @@ function _M.encode(codec, cv, key, region)
         if type(payload) ~= "string" then
             error(payload, 0)
         end
-        raise("dogpile.cache: region " .. region:_label() .. ": cannot store key '" .. tostring(key)
-              .. "': " .. payload)
+        raise(region:_message("dogpile.cache: cannot store key '" .. tostring(key) .. "': "
+                              .. payload))
     end
     if type(payload) ~= "string" then
-        raise("dogpile.cache: region " .. region:_label() .. ": the serializer returned a "
-              .. type(payload) .. ", not a string")
+        raise(region:_message("dogpile.cache: the serializer returned a " .. type(payload)
+                              .. ", not a string"))
     end
     local md = cv.metadata
     return pack_envelope(md.ct, payload, md.ttl, md.delta)
