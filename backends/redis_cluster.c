@@ -31,9 +31,15 @@
  * always one key). Every node's pipeline leaves in one send() before any
  * reply is read, so the nodes work at the same time, and replies are read
  * as they arrive (poll). Redirected keys go round again; keys whose node
- * cannot be reached fail alone: get_multi then still fills the values of
- * the others, marks the failed ones -2 in vlens and returns DP_EBACKEND
- * (see the README section: what the core does with that).
+ * cannot be reached fail alone: the multi forms then do the others and
+ * return DP_EPARTIAL, get_multi marking the failed keys DP_VLEN_FAILED in
+ * vlens (the region makes them misses under fail_open, an error naming the
+ * node otherwise).
+ *
+ * Circuit breakers. One per node (server_circuits), not one for the
+ * cluster: a dead master refuses its own keys at once, the others' go on.
+ * A refused node's slots are looked up again at most every 100 ms, so the
+ * promoted replica (a node of its own, its breaker closed) is found.
  *
  * The lock. The same as dogpile.cache.redis's, so both read one another's
  * locks: SET <lock_prefix><key> <token> NX PX <lock_timeout> on the node of
@@ -230,6 +236,10 @@ typedef struct node {
     char addr[272];   /* "host:port", for messages */
     uv_mutex_t mu;    /* idle; the fork check */
     conn *idle;
+    /* Its circuit breaker (the core's, one per node of the store), looked
+     * up once the store has one; NULL: circuit_failures 0. */
+    _Atomic(dp_circuit *) br;
+    _Atomic int br_known;
 } node;
 
 typedef struct held {
@@ -249,6 +259,8 @@ typedef struct rc {
     uv_mutex_t refresh_mu;  /* one map reload at a time */
     _Atomic unsigned version; /* bumped by each reload */
     _Atomic unsigned moved, rr;
+    _Atomic int64_t refused_refresh; /* ms (monotonic) of the last reload after a refusal */
+    _Atomic(dp_circuit *) store_br;  /* the store's breaker (server_circuits): the nodes' hold theirs */
     held *held;
     _Atomic uint64_t hits, misses;
 } rc;
@@ -365,6 +377,37 @@ static int node_index(rc *s, node *nd)
 {
     (void)s;
     return nd->idx;
+}
+
+/* The node's circuit breaker, or NULL (none; or the core has not handed
+ * the store's over yet, while create() runs). One node down must not
+ * refuse the keys of the others: each node has its own
+ * (dp_backend_ops.server_circuits). */
+static dp_circuit *node_br(rc *s, node *n)
+{
+    if (atomic_load_explicit(&n->br_known, memory_order_acquire))
+        return atomic_load_explicit(&n->br, memory_order_relaxed);
+    dp_circuit *store = atomic_load_explicit(&s->store_br, memory_order_acquire), *c;
+    if (!store || dp_circuit_server(store, n->addr, &c) != DP_OK)
+        return NULL;
+    atomic_store_explicit(&n->br, c, memory_order_relaxed);
+    atomic_store_explicit(&n->br_known, 1, memory_order_release);
+    return c;
+}
+
+/* A call on a node whose breaker refused it: reload the map at most every
+ * REFUSED_RELOAD_MS (not at every refused call), so that a promoted replica
+ * is found soon while a dead master costs no round trip per call. 1: go
+ * ahead and reload. */
+#define REFUSED_RELOAD_MS 100
+static int refused_reload_due(rc *s)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    int64_t now = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    int64_t last = atomic_load_explicit(&s->refused_refresh, memory_order_relaxed);
+    return now - last >= REFUSED_RELOAD_MS &&
+           atomic_compare_exchange_strong(&s->refused_refresh, &last, now);
 }
 
 static node *slot_node(rc *s, int slot)
@@ -890,9 +933,10 @@ static int load_slots(rc *s, node *asked, redisReply *r, dp_err *err)
     return DP_OK;
 }
 
-static int ask_slots(rc *s, node *n, dp_err *err)
+static int ask_slots_io(rc *s, node *n, int *answered, dp_err *err)
 {
     conn *cn;
+    *answered = 0;
     int reused, rc = conn_take(s, n, &cn, &reused, err);
     if (rc != DP_OK)
         return rc;
@@ -903,9 +947,27 @@ static int ask_slots(rc *s, node *n, dp_err *err)
         conn_give(n, cn, 1);
         return rc;
     }
+    *answered = 1;
     rc = load_slots(s, n, r, err);
     freeReplyObject(r);
     conn_give(n, cn, 0);
+    return rc;
+}
+
+/* Through the node's breaker: a reload skips a node known dead at once
+ * instead of waiting socket_timeout for it. */
+static int ask_slots(rc *s, node *n, dp_err *err)
+{
+    dp_circuit *br = node_br(s, n);
+    dp_circuit_guard g;
+    int answered;
+    if (!br)
+        return ask_slots_io(s, n, &answered, err);
+    if (dp_circuit_enter(br, &g, err) != DP_OK)
+        return DP_EBACKEND;
+    int rc = ask_slots_io(s, n, &answered, err);
+    /* An answer that is not a map (CLUSTER SLOTS refused) is no outage. */
+    dp_circuit_leave(br, &g, answered ? DP_OK : rc, err);
     return rc;
 }
 
@@ -1002,8 +1064,8 @@ static void on_moved(rc *s, int slot, node *to)
 
 /* One command on node n (after ASKING when `asking`): its reply in *out.
  * Retried once on a fresh connection when a reused one was closed. */
-static int node_run(rc *s, node *n, const char *op, int asking, int argc, const char **argv,
-                    const size_t *lens, redisReply **out, dp_err *err)
+static int node_run_io(rc *s, node *n, const char *op, int asking, int argc,
+                       const char **argv, const size_t *lens, redisReply **out, dp_err *err)
 {
     for (int attempt = 0;; attempt++) {
         conn *cn;
@@ -1037,6 +1099,24 @@ static int node_run(rc *s, node *n, const char *op, int asking, int argc, const 
     }
 }
 
+/* What node_run returns when the node's breaker refused the command: a
+ * failure (DP_EBACKEND to the caller) that cost no round trip. */
+#define RC_REFUSED (-1)
+
+/* node_run_io through the node's circuit breaker. */
+static int node_run(rc *s, node *n, const char *op, int asking, int argc, const char **argv,
+                    const size_t *lens, redisReply **out, dp_err *err)
+{
+    dp_circuit *br = node_br(s, n);
+    dp_circuit_guard g;
+    if (!br)
+        return node_run_io(s, n, op, asking, argc, argv, lens, out, err);
+    if (dp_circuit_enter(br, &g, err) != DP_OK)
+        return RC_REFUSED;
+    return dp_circuit_leave(br, &g, node_run_io(s, n, op, asking, argc, argv, lens, out, err),
+                            err);
+}
+
 /* Run one command on the key's slot, following MOVED and ASK, retrying
  * TRYAGAIN and CLUSTERDOWN within socket_timeout, and finding the slot's new
  * master when its node cannot be reached. `ask` (may be NULL): start with
@@ -1053,6 +1133,15 @@ static int exec_slot(rc *s, int slot, node *ask, const char *op, int argc, const
         unsigned seen = atomic_load(&s->version);
         redisReply *r;
         int rc = node_run(s, n, op, ask != NULL, argc, argv, lens, &r, err);
+        if (rc == RC_REFUSED) {
+            /* The node's breaker is open: a failover may have given the
+             * slot to a replica since (checked now and then, not each call). */
+            dp_err e;
+            if (!ask && refused_reload_due(s) && refresh(s, seen, NULL, &e) == DP_OK &&
+                slot_node(s, slot) != n)
+                continue;
+            return DP_EBACKEND;
+        }
         if (rc == DP_EBACKEND && !ask) {
             /* Down, or failed over: if the map now names another master for
              * the slot, go there. */
@@ -1169,6 +1258,17 @@ static int rc_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_er
     if (!n)
         return get_slow(s, key, klen, out, err);
     unsigned seen = atomic_load_explicit(&s->version, memory_order_relaxed);
+    dp_circuit *br = node_br(s, n);
+    dp_circuit_guard g;
+    if (br && dp_circuit_enter(br, &g, err) != DP_OK) {
+        /* Refused: the node is down. Failed over since? Looked at now and
+         * then (the slot's new master is then asked). */
+        dp_err e;
+        if (refused_reload_due(s) && refresh(s, seen, NULL, &e) == DP_OK &&
+            slot_node(s, slot) != n)
+            return get_slow(s, key, klen, out, err);
+        return DP_EBACKEND;
+    }
     for (int attempt = 0;; attempt++) {
         conn *c;
         int reused;
@@ -1202,6 +1302,8 @@ static int rc_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_er
             else if (r.type == '-' && redirect_str(s, r.s, r.len, &sl, &to) == RD_MOVED)
                 on_moved(s, sl, to);
             conn_give(n, c, 0);
+            if (br)
+                dp_circuit_leave(br, &g, DP_OK, err);
             if (st == DP_ENOTFOUND)
                 atomic_fetch_add_explicit(&s->misses, 1, memory_order_relaxed);
             return st != -1 ? st : get_slow(s, key, klen, out, err);
@@ -1213,6 +1315,8 @@ static int rc_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_er
         if (!retry)
             break;
     }
+    if (br)
+        dp_circuit_leave(br, &g, DP_EBACKEND, err);
     /* Down, or failed over: if the map now names another master for the
      * slot, go there. */
     dp_err e;
@@ -1285,6 +1389,9 @@ typedef struct group {
     int in_array;
     int broken;           /* c failed: given back broken at the end of the round */
     int down, down_from;  /* the node failed; runs[down_from..] have no reply */
+    dp_circuit *br;       /* the node's breaker, when this round went through it */
+    dp_circuit_guard cg;
+    int refused;          /* the breaker refused the node: no I/O this round */
     dp_err err;
 } group;
 
@@ -1303,6 +1410,7 @@ typedef struct multi {
     dp_bytes arena;       /* values of earlier rounds (and ASKed keys) */
     size_t nfailed;
     dp_err first;         /* why the first failed key failed */
+    int first_key;        /* which key that was */
     /* get_multi's */
     dp_bytes *out;
     int64_t *outlens;
@@ -1313,8 +1421,10 @@ static void fail_key(multi *m, int i, const dp_err *why)
 {
     if (m->k[i].state != K_FAILED) {
         m->k[i].state = K_FAILED;
-        if (m->nfailed++ == 0)
+        if (m->nfailed++ == 0) {
             m->first = *why;
+            m->first_key = i;
+        }
     }
 }
 
@@ -1619,6 +1729,15 @@ static size_t multi_round(multi *m, size_t ntodo, int round, int *retry_later)
     unsigned seen = atomic_load(&s->version);
     for (int k = 0; k < ng; k++) {
         group *gk = &g[k];
+        gk->br = node_br(s, gk->n);
+        if (gk->br && dp_circuit_enter(gk->br, &gk->cg, &gk->err) != DP_OK) {
+            /* Known down: its keys fail at once, the other nodes' go on. */
+            gk->br = NULL;
+            gk->refused = 1;
+            gk->c = NULL;
+            group_down(m, gk, 0);
+            continue;
+        }
         if (conn_take(s, gk->n, &gk->c, &gk->reused, &gk->err) != DP_OK) {
             gk->c = NULL;
             group_down(m, gk, 0);
@@ -1681,14 +1800,19 @@ static size_t multi_round(multi *m, size_t ntodo, int round, int *retry_later)
             }
         m->nask = 0;
     }
-    int down = 0;
-    for (int k = 0; k < ng; k++)
+    int down = 0, io_down = 0;
+    for (int k = 0; k < ng; k++) {
         down |= g[k].down;
+        io_down |= g[k].down && !g[k].refused;
+        if (g[k].br)
+            dp_circuit_leave(g[k].br, &g[k].cg, g[k].down ? DP_EBACKEND : DP_OK, &g[k].err);
+    }
     if (down) {
         /* A node could not be reached: failed over? Its keys go round again
-         * when the map now sends them elsewhere, and fail otherwise. */
+         * when the map now sends them elsewhere, and fail otherwise. A node
+         * whose breaker refused it is looked at now and then only. */
         dp_err e;
-        int fresh = refresh(s, seen, NULL, &e) == DP_OK;
+        int fresh = (io_down || refused_reload_due(s)) && refresh(s, seen, NULL, &e) == DP_OK;
         for (int k = 0; k < ng; k++) {
             if (!g[k].down)
                 continue;
@@ -1758,7 +1882,7 @@ static void assemble(multi *m, group *g)
             m->outlens[i] = -1;
             misses++;
         } else {
-            m->outlens[i] = -2;
+            m->outlens[i] = DP_VLEN_FAILED;
         }
     }
     atomic_fetch_add_explicit(&m->s->hits, hits, memory_order_relaxed);
@@ -1823,15 +1947,20 @@ static void multi_free(multi *m)
     dp_bytes_free(&m->arena);
 }
 
-/* The failure of a multi form: some keys failed. */
+/* The failure of a multi form: some keys failed (their node did), the
+ * others were done: DP_EPARTIAL, the message naming the first failure's
+ * node and key and how many failed. */
 static int multi_failed(multi *m, dp_err *err)
 {
-    return dp_err_set(err, DP_EBACKEND, "%s (%zu of %zu keys failed)", m->first.msg, m->nfailed,
-                      m->n);
+    int i = m->first_key;
+    int klen = m->klens[i] > 200 ? 200 : (int)m->klens[i];
+    return dp_err_set(err, DP_EPARTIAL, "%s (%zu of %zu keys failed, the first '%.*s')",
+                      m->first.msg, m->nfailed, m->n, klen, m->keys[i]);
 }
 
-/* get_multi: values in key order; a key whose node failed has vlens[i] -2
- * and the call returns DP_EBACKEND with the others filled in. */
+/* get_multi: values in key order; a key whose node failed has vlens[i]
+ * DP_VLEN_FAILED and the call returns DP_EPARTIAL with the others filled
+ * in. */
 static int rc_get_multi(void *self, size_t n, const char *const *keys, const size_t *klens,
                         dp_bytes *out, int64_t *vlens, dp_err *err)
 {
@@ -2265,6 +2394,15 @@ static int rc_create(void *ud, const void *settings, void **self, dp_err *err)
     return DP_OK;
 }
 
+/* The core's store breaker, after create() and at each open: the same one
+ * for the instance's life. */
+static void rc_server_circuits(void *self, dp_circuit *store)
+{
+    rc *s = self;
+    dp_circuit *none = NULL;
+    atomic_compare_exchange_strong(&s->store_br, &none, store);
+}
+
 static const dp_backend_ops rc_ops = {
     .name = NAME,
     .args = rc_args,
@@ -2281,6 +2419,7 @@ static const dp_backend_ops rc_ops = {
     .get_multi = rc_get_multi,
     .set_multi = rc_set_multi,
     .del_multi = rc_del_multi,
+    .server_circuits = rc_server_circuits,
 };
 
 /* -- Registration -------------------------------------------------------------------- */

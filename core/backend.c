@@ -190,7 +190,12 @@ DP_API int dp_backend_open(const char *name, const dp_arg *args, size_t nargs,
             dp_backend_close(b);
             return rc;
         }
-        if (cfg.failures > 0)
+        /* A backend with a breaker per server guards its servers' I/O
+         * itself (dp_circuit_server), under the store's, which keeps the
+         * settings and the stats and outlives the instance. */
+        if (ops->server_circuits)
+            ops->server_circuits(b->self, b->brref);
+        else if (cfg.failures > 0)
             b->br = b->brref;
     }
     *out = b;
@@ -318,6 +323,8 @@ static int get_multi(dp_backend *b, size_t n, const char *const *keys, const siz
     out->len = 0;
     if (b->ops->get_multi)
         return b->ops->get_multi(b->self, n, keys, klens, out, vlens, err);
+    /* The loop stops at the first failure: DP_EBACKEND, nothing reported
+     * (a single server that failed once would fail the rest too). */
     dp_bytes one = {0};
     int rc = DP_OK;
     for (size_t i = 0; i < n && rc == DP_OK; i++) {

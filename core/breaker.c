@@ -201,9 +201,57 @@ void dp__breaker_drop(dp__breaker *br)
     }
     uv_mutex_unlock(&reg_mu);
     if (last) {
+        while (br->kids) {
+            dp__breaker *k = br->kids;
+            br->kids = k->sib;
+            uv_mutex_destroy(&k->mu);
+            free(k->server);
+            free(k);
+        }
         uv_mutex_destroy(&br->mu);
         free(br);
     }
+}
+
+/* -- Per-server breakers ----------------------------------------------------- */
+
+DP_API int dp_circuit_server(dp_circuit *br, const char *server, dp_circuit **out)
+{
+    *out = NULL;
+    if (!br || br->cfg.failures <= 0)
+        return DP_OK;
+    uv_once(&once, init);
+    uv_mutex_lock(&reg_mu);
+    dp__breaker *k = br->kids;
+    while (k && strcmp(k->server, server) != 0)
+        k = k->sib;
+    if (!k && (k = calloc(1, sizeof *k))) {
+        if ((k->server = strdup(server))) {
+            uv_mutex_init(&k->mu);
+            atomic_init(&k->state, DP__CLOSED);
+            atomic_init(&k->fails, 0);
+            k->cfg = br->cfg;
+            k->timed = br->timed;
+            k->sib = br->kids;
+            br->kids = k;
+        } else {
+            free(k);
+            k = NULL;
+        }
+    }
+    uv_mutex_unlock(&reg_mu);
+    *out = k;
+    return k ? DP_OK : DP_ENOMEM;
+}
+
+DP_API int dp_circuit_enter(dp_circuit *c, dp_circuit_guard *g, dp_err *err)
+{
+    return dp__breaker_enter(c, g, err);
+}
+
+DP_API int dp_circuit_leave(dp_circuit *c, const dp_circuit_guard *g, int rc, dp_err *err)
+{
+    return dp__breaker_leave(c, g, rc, err);
 }
 
 /* -- Calls ------------------------------------------------------------------ */
@@ -235,6 +283,9 @@ static int refuse(dp__breaker *br, double now, dp_err *err)
     else
         snprintf(next, sizeof next, "the next call probes in %.2f s",
                  br->opened_mono + br->cfg.cooldown - now);
+    if (br->server)
+        return dp_err_set(err, DP_EBACKEND, "circuit of %s open since %s (%s; %s): last "
+                          "failure: %s", br->server, since, why, next, br->last);
     return dp_err_set(err, DP_EBACKEND, "circuit open since %s (%s; %s): last failure: %s",
                       since, why, next, br->last);
 }
@@ -270,7 +321,7 @@ int dp__breaker_report(dp__breaker *br, const dp__guard *g, int rc, dp_err *err)
     uv_mutex_lock(&br->mu);
     double now = dp_clock_monotonic();
     int st = atomic_load_explicit(&br->state, memory_order_relaxed);
-    if (rc != DP_EBACKEND) {
+    if (rc != DP_EBACKEND && rc != DP_EPARTIAL) {
         /* The probe came back. A server that answered closes the circuit;
          * a call refused before any I/O (a bad key, a value too big, out
          * of memory) proves nothing: the next call probes. */
@@ -289,6 +340,7 @@ int dp__breaker_report(dp__breaker *br, const dp__guard *g, int rc, dp_err *err)
         return rc;
     }
     snprintf(br->last, sizeof br->last, "%.199s", err && err->msg[0] ? err->msg : "backend failure");
+    br->last_mono = now;
     if (g->probe && st == DP__PROBING) {
         br->reopened++;
         br->opened_mono = now;
@@ -313,7 +365,7 @@ int dp__breaker_report(dp__breaker *br, const dp__guard *g, int rc, dp_err *err)
     return rc;
 }
 
-void dp__breaker_stats(dp__breaker *br, dp_circuit_stats *out)
+static void stats_one(dp__breaker *br, dp_circuit_stats *out)
 {
     uv_mutex_lock(&br->mu);
     out->enabled = br->cfg.failures > 0;
@@ -329,4 +381,34 @@ void dp__breaker_stats(dp__breaker *br, dp_circuit_stats *out)
     out->circuit_slow = br->cfg.slow;
     snprintf(out->last_error, sizeof out->last_error, "%s", br->last);
     uv_mutex_unlock(&br->mu);
+}
+
+/* A store's breaker; with per-server ones, theirs summed up: open while any
+ * is, since the earliest, the latest failure's message. */
+void dp__breaker_stats(dp__breaker *br, dp_circuit_stats *out)
+{
+    stats_one(br, out);
+    uv_mutex_lock(&reg_mu);
+    double last_at = br->last[0] ? br->last_mono : -1;
+    for (dp__breaker *k = br->kids; k; k = k->sib) {
+        dp_circuit_stats one;
+        stats_one(k, &one);
+        if (one.state != DP__CLOSED && (out->state == DP__CLOSED || one.since < out->since))
+            out->since = one.since;
+        if (one.state > out->state)
+            out->state = one.state;
+        if (one.failures > out->failures)
+            out->failures = one.failures;
+        out->opened += one.opened;
+        out->reopened += one.reopened;
+        out->probes += one.probes;
+        out->refused += one.refused;
+        uv_mutex_lock(&k->mu);
+        if (k->last[0] && k->last_mono > last_at) {
+            last_at = k->last_mono;
+            snprintf(out->last_error, sizeof out->last_error, "%s", k->last);
+        }
+        uv_mutex_unlock(&k->mu);
+    }
+    uv_mutex_unlock(&reg_mu);
 }

@@ -26,7 +26,9 @@ typedef struct dp__circuit_cfg {
     double slow;       /* a failure that took this long opens it at once */
 } dp__circuit_cfg;
 
-typedef struct dp__breaker {
+/* dp_circuit (dogpile.h) is this struct: a store's breaker, or one server's
+ * (a child of the store's, for server_circuits backends). */
+typedef struct dp_circuit {
     /* Hot: read by every call. */
     _Atomic int state;     /* DP__CLOSED, DP__OPEN, DP__PROBING */
     _Atomic int fails;     /* consecutive failures while closed */
@@ -41,18 +43,22 @@ typedef struct dp__breaker {
     double opened_slow;    /* that slow failure's seconds */
     uint64_t opened, reopened, probes, refused;
     char last[200];        /* the last failure's message */
+    double last_mono;      /* when it was written */
     /* The registry's (breaker.c). */
-    struct dp__breaker *next;
+    struct dp_circuit *next;
     uint32_t domain;
     void *self;
     int refs;
+    /* Per-server breakers: a store's children (under the registry's
+     * mutex), each with its server's name. */
+    struct dp_circuit *kids, *sib;
+    char *server;
 } dp__breaker;
 
-/* What a call that went through noted on the way in. */
-typedef struct dp__guard {
-    double t0;  /* dp__breaker_clock() at the start, when br->timed */
-    int probe;  /* this call is the one probe of an open circuit */
-} dp__guard;
+/* What a call that went through noted on the way in: t0,
+ * dp__breaker_clock() at the start when br->timed; probe, 1 when this call
+ * is the one probe of an open circuit. */
+typedef dp_circuit_guard dp__guard;
 
 /* 1 when `name` talks to a server, so that dp_backend_open accepts the
  * circuit_* arguments for it. */
@@ -109,7 +115,7 @@ static inline int dp__breaker_enter(dp__breaker *br, dp__guard *g, dp_err *err)
  * count with one relaxed load (and a store only when there was a count). */
 static inline int dp__breaker_leave(dp__breaker *br, const dp__guard *g, int rc, dp_err *err)
 {
-    if (rc == DP_EBACKEND || g->probe)
+    if (rc == DP_EBACKEND || rc == DP_EPARTIAL || g->probe)
         return dp__breaker_report(br, g, rc, err);
     if (atomic_load_explicit(&br->fails, memory_order_relaxed))
         atomic_store_explicit(&br->fails, 0, memory_order_relaxed);

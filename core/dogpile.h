@@ -66,8 +66,11 @@ DP_API const char *dp_version(void);
  * dp_backend_lock_timeout); dp_backoff. Nothing was removed or changed in
  * meaning. 3 added DP_SPEC_DOMAIN (a lock domain named by some arguments)
  * and dp_backend_hold.overrun's value 2 (a lock lost before lock_timeout,
- * the backend's reason in err). */
-#define DP_HEADER_REVISION 3
+ * the backend's reason in err). 4 added DP_EPARTIAL (a multi form that
+ * failed for some keys only), dp_backend_ops.server_circuits at the end
+ * of the table and the per-server breakers (dp_circuit_server,
+ * dp_circuit_enter, dp_circuit_leave). */
+#define DP_HEADER_REVISION 4
 
 /* -- Clock --------------------------------------------------------------- */
 
@@ -313,6 +316,9 @@ DP_API int dp_reader_next(dp_reader *r, dp_item *item);
 DP_API int dp_reader_finish(dp_reader *r);
 
 
+/** A circuit breaker (see "Circuit breaker" below). */
+typedef struct dp_circuit dp_circuit;
+
 /* -- Backends --------------------------------------------------------------
  *
  * A C backend stores bytes (the region's serialized envelope) under byte
@@ -510,7 +516,10 @@ typedef struct dp_backend_ops {
      * each one round trip for a server backend. n keys, keys[i] of klens[i]
      * bytes. get_multi appends every value found to `out` (emptied first) and
      * sets vlens[i] to its length, or to -1 for a miss; values lie in `out`
-     * in key order. DP_OK, or a failure in err (then nothing is reported). */
+     * in key order. DP_OK, or a failure in err (then nothing is reported),
+     * or DP_EPARTIAL (see there): some keys failed (their server did), the
+     * others were done; get_multi then marks each failed key DP_VLEN_FAILED
+     * in vlens and reports the others as on success. */
     int (*get_multi)(void *self, size_t n, const char *const *keys, const size_t *klens,
                      dp_bytes *out, int64_t *vlens, dp_err *err);
     int (*set_multi)(void *self, size_t n, const char *const *keys, const size_t *klens,
@@ -559,7 +568,27 @@ typedef struct dp_backend_ops {
     int (*create)(void *ud, const void *settings, void **self, dp_err *err);
     /* Free the instance: no handle is left and no call is running. */
     void (*destroy)(void *self);
+
+    /* -- Header revision 4 ----------------------------------------------
+     * Optional (NULL: the store's one breaker guards every call), for an
+     * instance that talks to several servers each serving part of the keys
+     * (a cluster's masters), where one breaker for all would let one dead
+     * server refuse the keys of the live ones. The core then guards none of
+     * its calls; it hands the store's breaker to the instance instead, after
+     * create() and at every open that joins it (the same pointer each time;
+     * it outlives the instance), and the backend guards each server's I/O
+     * with that server's own (dp_circuit_server, dp_circuit_enter,
+     * dp_circuit_leave). dp_backend_circuit() sums them up. */
+    void (*server_circuits)(void *self, dp_circuit *store);
 } dp_backend_ops;
+
+/** What a multi form returns when it failed for some keys only (the keys of
+ * a server that is down) and did the others: get_multi marks the failed
+ * keys' vlens DP_VLEN_FAILED; err names the server and counts the keys.
+ * Returned only by backends whose multi forms say so (DP_EBACKEND means the
+ * whole call failed and nothing is reported). */
+#define DP_EPARTIAL 14
+#define DP_VLEN_FAILED (-2)
 
 typedef struct dp_backend dp_backend;
 
@@ -627,8 +656,9 @@ DP_API void dp_backend_close(dp_backend *b);
  *   circuit_slow      seconds >= 0 (math.huge: never), default 0.1: a
  *                     failure that took at least this long (a timeout)
  *                     opens it at once
- * A failure is DP_EBACKEND from any dispatcher below (get, set, delete,
- * the multi forms, lock, unlock, wait_unlocked, and so the two-level lock);
+ * A failure is DP_EBACKEND (or DP_EPARTIAL) from any dispatcher below (get,
+ * set, delete, the multi forms, lock, unlock, wait_unlocked, and so the
+ * two-level lock);
  * a miss, DP_EBUSY, DP_ETIMEDOUT of a lock wait, DP_ETOOBIG and DP_EINVAL
  * are not. Open, every call returns DP_EBACKEND at once, without touching
  * the server, err saying since when and the last failure. After the
@@ -636,7 +666,11 @@ DP_API void dp_backend_close(dp_backend *b);
  * reaches the server and does not fail closes it, a failure reopens it for
  * another cool-down, anything else (a bad key) leaves the next call to
  * probe; a probe not back within a cool-down lets one more through. Every
- * handle on a store must agree on the three arguments (DP_EMISMATCH). */
+ * handle on a store must agree on the three arguments (DP_EMISMATCH). A
+ * backend with server_circuits has one breaker per server instead (see
+ * dp_circuit_server): dp_backend_circuit then reports them together, open
+ * while any server's is (`since` the earliest, counts summed, `failures` the
+ * highest, last_error the latest). */
 
 #define DP_CIRCUIT_CLOSED  0
 #define DP_CIRCUIT_OPEN    1
@@ -663,6 +697,34 @@ DP_API void dp_backend_circuit(dp_backend *b, dp_circuit_stats *out);
  * to a server: its opens accept the circuit_* arguments and get a breaker.
  * DP_OK, DP_EINVAL (no name), DP_ENOMEM. */
 DP_API int dp_circuit_declare(const char *name);
+
+/* Per-server breakers (dp_backend_ops.server_circuits): each server of a
+ * store gets a breaker of its own with the store's circuit_* settings, kept
+ * with the store's breaker (freed with it, after the instance), so the same
+ * server keeps its state across the handles and instances of the store.
+ * The backend calls dp_circuit_enter() before a server's I/O and
+ * dp_circuit_leave() after it with DP_EBACKEND when that server failed
+ * (else DP_OK): the same rules as the store's breaker, per server. */
+
+/** What dp_circuit_enter() noted, for dp_circuit_leave(); the caller's. */
+typedef struct dp_circuit_guard {
+    double t0;
+    int probe;
+} dp_circuit_guard;
+
+/** The breaker of `server` (a name for messages, such as "host:port") in
+ * `store` (what server_circuits() was given), made on first use. DP_OK with
+ * *out set (NULL when the store's circuit_failures is 0: no breaker),
+ * DP_ENOMEM. Valid as long as the instance that was given `store`. */
+DP_API int dp_circuit_server(dp_circuit *store, const char *server, dp_circuit **out);
+
+/** Before a server's I/O: DP_OK to go ahead, or DP_EBACKEND (open: err
+ * names the server, says since when and the last failure). */
+DP_API int dp_circuit_enter(dp_circuit *c, dp_circuit_guard *g, dp_err *err);
+
+/** After it: `rc` DP_EBACKEND when the server failed (err says how), any
+ * other code when it answered. Returns rc. */
+DP_API int dp_circuit_leave(dp_circuit *c, const dp_circuit_guard *g, int rc, dp_err *err);
 
 /* -- The two-level lock ------------------------------------------------------
  *

@@ -153,6 +153,36 @@ local function args_text()
            .. "connect_timeout = 0.5, lock_timeout = 5}"
 end
 
+-- Every server of cluster `c` killed at once, a zombie counted as gone
+-- (Cluster:stop waits for each in turn until it is reaped, which takes
+-- seconds where nothing reaps promptly), then c:stop() for the rest.
+local function stop_cluster(c)
+    local pids = {}
+    for _, n in ipairs(c.nodes) do
+        pids[#pids + 1] = n.pid
+    end
+    if #pids > 0 then
+        local list = table.concat(pids, " ")
+        sh("kill -CONT " .. list .. " 2>/dev/null; kill -9 " .. list .. " 2>/dev/null")
+        local t0 = now()
+        while now() - t0 < 5 do
+            local left = false
+            for _, p in ipairs(pids) do
+                local st = read("/proc/" .. p .. "/stat")
+                left = left or (st ~= nil and not st:match("^%d+ %b() Z"))
+            end
+            if not left then
+                break
+            end
+            sleep(0.01)
+        end
+        for _, n in ipairs(c.nodes) do
+            n.pid = nil
+        end
+    end
+    c:stop() -- the folder, and any server whose pid was lost
+end
+
 local function lines(path)
     local out = {}
     for l in (read(path) or ""):gmatch("[^\n]+") do
@@ -170,7 +200,7 @@ describe("dogpile.cache.redis_cluster", function()
 
     teardown(function()
         if cl then
-            cl:stop()
+            stop_cluster(cl)
         end
         os.execute("rm -rf '" .. TMP .. "'")
     end)
@@ -775,13 +805,13 @@ log:close()
             local bytes = ffi.gc(ffi.new("dp_bytes"), LC.dp_bytes_free)
             local err = ffi.new("dp_err")
             local rc = LC.dp_backend_get_multi(b.handle, n, ks, kl, bytes, vl, err)
-            assert.are.equal(13, rc) -- DP_EBACKEND
+            assert.are.equal(14, rc) -- DP_EPARTIAL: the others were read
             assert.matches("of 60 keys failed", ffi.string(err.msg))
             local nvictim = 0
             for i = 1, n do
                 if on_victim[i] then
                     nvictim = nvictim + 1
-                    assert.are.equal(-2, tonumber(vl[i - 1]), keys[i])
+                    assert.are.equal(-2, tonumber(vl[i - 1]), keys[i]) -- DP_VLEN_FAILED
                 else
                     assert.is_true(tonumber(vl[i - 1]) > 0, keys[i])
                     -- and the single form works for the others
@@ -792,5 +822,170 @@ log:close()
             -- the region: without fail_open the call raises, naming the node
             assert.has_error(function() r:get_multi(keys) end)
         end)
+    end)
+end)
+
+-- A cluster without replicas: a master that stops (SIGSTOP: a hung server,
+-- every request waits socket_timeout) is never failed over, so its keys
+-- stay down for as long as the test needs, while the other masters serve
+-- theirs (cluster-require-full-coverage no).
+describe("dogpile.cache.redis_cluster with one master stopped", function()
+    support.no_leaks()
+    local c0, victim, pid, topo0
+    local context = require "dogpile.context"
+    local region_mod = require "dogpile.cache.region"
+    local SOCKET = 0.3
+
+    local function region0(conf)
+        conf = conf or {}
+        conf.arguments = { startup_nodes = c0:startup_nodes(), socket_timeout = SOCKET,
+                           connect_timeout = SOCKET, lock_timeout = 2,
+                           circuit_cooldown = conf.cooldown or 1 }
+        conf.cooldown = nil
+        return cache.make_region():configure("dogpile.cache.redis_cluster", conf)
+    end
+
+    -- keys[i] and whether its slot is the victim's
+    local function keyset(prefix, n)
+        local topo = topo0 -- read while every node answers (a stopped one is marked failed soon)
+        local keys, on = {}, {}
+        for i = 1, n do
+            keys[i] = prefix .. ":" .. i
+            on[i] = owner(topo, keyslot(keys[i])).port == victim
+        end
+        return keys, on
+    end
+
+    local function logs()
+        local lines = {}
+        for name in pairs(region_mod._log_limits) do
+            region_mod._log_limits[name] = nil
+        end
+        context.set_logger(function(l) lines[#lines + 1] = l end)
+        return lines
+    end
+
+    setup(function()
+        c0 = CL.start({ masters = 3, replicas = 0, node_timeout = 1000 })
+        victim = c0.nodes[1].port
+        pid = c0.nodes[1].pid
+        topo0 = c0:topology(c0.nodes[2].port)
+    end)
+
+    teardown(function()
+        context.set_logger(nil)
+        if c0 then
+            stop_cluster(c0)
+        end
+    end)
+
+    before_each(function()
+        sh("kill -STOP " .. pid)
+    end)
+
+    after_each(function()
+        sh("kill -CONT " .. pid)
+        context.set_logger(nil)
+    end)
+
+    -- keys on every master, stored while all answer; then the victim stopped
+    local function stored(prefix)
+        local keys, on = keyset(fresh(prefix), 60)
+        local nv = 0
+        for i = 1, 60 do
+            nv = nv + (on[i] and 1 or 0)
+        end
+        assert.is_true(nv > 0 and nv < 60)
+        sh("kill -CONT " .. pid)
+        local r = region0()
+        local mapping = {}
+        for i = 1, 60 do
+            mapping[keys[i]] = "v" .. i
+        end
+        r:set_multi(mapping)
+        sh("kill -STOP " .. pid)
+        return r, keys, on, nv
+    end
+
+    it("get_multi raises naming the node and counting its keys; set_multi and delete_multi do the live nodes' keys, then raise naming the node", function()
+        local r, keys, on, nv = stored("part")
+        local node = "127.0.0.1:" .. victim
+        local ok, err = pcall(r.get_multi, r, keys)
+        assert.is_false(ok)
+        assert.matches(node, err, 1, true)
+        assert.matches("(" .. nv .. " of 60 keys failed", err, 1, true)
+        -- set_multi stores on the live nodes and raises naming the node
+        local mapping = {}
+        for i = 1, 60 do
+            mapping[keys[i]] = "w" .. i
+        end
+        ok, err = pcall(r.set_multi, r, mapping)
+        assert.is_false(ok)
+        assert.matches(node, err, 1, true)
+        assert.matches("(" .. nv .. " of 60 keys failed", err, 1, true)
+        for i = 1, 60 do
+            if not on[i] then
+                assert.are.equal("w" .. i, r:get(keys[i]))
+            end
+        end
+        -- under fail_open: logged, no error
+        local ro = region0({ fail_open = true })
+        local lines = logs()
+        ro:set_multi(mapping)
+        assert.matches(node, lines[1] or "", 1, true)
+        -- delete_multi deletes on the live nodes, raises naming the node
+        ok, err = pcall(r.delete_multi, r, keys)
+        assert.is_false(ok)
+        assert.matches(node, err, 1, true)
+        for i = 1, 60 do
+            if not on[i] then
+                assert.are.equal(NO_VALUE, r:get(keys[i]))
+            end
+        end
+        -- back: every key answers again (the stopped node kept its values)
+        sh("kill -CONT " .. pid)
+        sleep(1.05) -- the node's circuit_cooldown
+        local got = r:get_multi(keys)
+        for i = 1, 60 do
+            assert.are.equal(on[i] and "v" .. i or NO_VALUE, got[i], keys[i])
+        end
+    end)
+
+    it("a circuit breaker per node: the stopped node's keys are refused at once, the others' go on", function()
+        local keys, on = keyset(fresh("brk"), 30)
+        local down, up
+        for i = 1, 30 do
+            if on[i] then down = down or keys[i] else up = up or keys[i] end
+        end
+        local r = region0({ fail_open = true })
+        logs()
+        -- the first call waits socket_timeout, and that slow failure opens
+        -- the node's breaker at once
+        local t0 = now()
+        assert.are.equal(NO_VALUE, r:get(down))
+        assert.is_true(now() - t0 >= SOCKET * 0.9, "the first call waited")
+        -- then 50 calls on its keys cost less than one timeout in all
+        t0 = now()
+        for _ = 1, 50 do
+            assert.are.equal(NO_VALUE, r:get(down))
+        end
+        local refused_time = now() - t0
+        assert.is_true(refused_time < SOCKET, string.format("50 refused calls took %.3f s", refused_time))
+        -- while the other nodes' keys still work
+        r:set(up, "up")
+        assert.are.equal("up", r:get(up))
+        t0 = now()
+        r:get_multi(keys)
+        assert.is_true(now() - t0 < SOCKET, "a multi call does not wait for the stopped node")
+        local st = r:stats()
+        assert.are.equal("open", st.circuit_state)
+        assert.are.equal(1, st.circuit_opened)
+        assert.is_true(st.circuit_refused >= 50, "refused " .. tostring(st.circuit_refused))
+        -- resumed: after the cool-down one call probes and closes it
+        sh("kill -CONT " .. pid)
+        sleep(1.05)
+        r:set(down, "back")
+        assert.are.equal("back", r:get(down))
+        assert.are.equal("closed", r:stats().circuit_state)
     end)
 end)

@@ -12,7 +12,11 @@ local took, gave, reclaim = holders.took, holders.gave, holders.reclaim
 local NO_VALUE = api.NO_VALUE
 local DP_OK, DP_ENOTFOUND = lib.DP_OK, lib.DP_ENOTFOUND
 local ffi_string, ffi_new, ffi_gc = ffi.string, ffi.new, ffi.gc
-local type, pairs, tostring, setmetatable = type, pairs, tostring, setmetatable
+local type, pairs, tostring, setmetatable, tonumber, getmetatable = type, pairs, tostring,
+    setmetatable, tonumber, getmetatable
+-- dogpile.h: a multi form that failed for some keys only (their server is
+-- down) and did the others; get_multi's length of such a key.
+local DP_EPARTIAL, VLEN_FAILED = 14, -2
 
 lib.own_source()
 
@@ -64,9 +68,12 @@ local function key_arrays(self, n)
 end
 
 --- The values of `keys` (n >= 1 of them) left in the backend's buffer, one
--- after another: a pointer to the first and their lengths (-1: missing),
--- valid until the next call. The region reads them in place.
-function CBackend:get_multi_in_place(keys)
+-- after another: a pointer to the first and their lengths (-1: missing; -2:
+-- failed), valid until the next call. The region reads them in place. A
+-- call that failed for some keys only (a cluster node down) returns, third,
+-- the backend's message (naming the node, counting the keys) when
+-- `partial_ok`, and raises it otherwise; one that failed as a whole raises.
+function CBackend:get_multi_in_place(keys, partial_ok)
     local n = #keys
     local ks, kl = key_arrays(self, n)
     for i = 1, n do
@@ -74,28 +81,54 @@ function CBackend:get_multi_in_place(keys)
         ks[i - 1], kl[i - 1] = k, #k
     end
     local vl = self.mout
-    if C.dp_backend_get_multi(self.handle, n, ks, kl, self.bytes, vl, self.err) ~= DP_OK then
-        failed(self.err)
+    local rc = C.dp_backend_get_multi(self.handle, n, ks, kl, self.bytes, vl, self.err)
+    if rc == DP_OK then
+        return self.bytes.data, vl
+    elseif rc == DP_EPARTIAL and partial_ok then
+        return self.bytes.data, vl, ffi_string(self.err.msg)
     end
-    return self.bytes.data, vl
+    failed(self.err)
 end
 
+--- The error get_multi raises when some keys failed and the others were
+-- read: `msg` (what failed, as a string error says it), `values` (the
+-- array get_multi would have returned, NO_VALUE for the failed keys),
+-- `failed` (their indexes). tostring() and `..` give the message, so a
+-- caller that treats it as a string error loses nothing but the values.
+local Partial = {}
+Partial.__index = Partial
+Partial.__tostring = function(e)
+    return e.msg
+end
+Partial.__concat = function(a, b)
+    return tostring(a) .. tostring(b)
+end
+
+--- The values of `keys` in an array (NO_VALUE: missing). Raises the
+-- backend's message, or a Partial when only some keys failed.
 function CBackend:get_multi(keys)
     local n = #keys
     local out = {}
     if n == 0 then
         return out
     end
-    local data, vl = self:get_multi_in_place(keys)
-    local pos = 0
+    local data, vl, partial = self:get_multi_in_place(keys, true)
+    local pos, bad = 0, nil
     for i = 1, n do
         local len = tonumber(vl[i - 1])
         if len < 0 then
             out[i] = NO_VALUE
+            if len == VLEN_FAILED then
+                bad = bad or {}
+                bad[#bad + 1] = i
+            end
         else
             out[i] = ffi_string(data + pos, len)
             pos = pos + len
         end
+    end
+    if partial then
+        error(setmetatable({ msg = partial, values = out, failed = bad or {} }, Partial), 0)
     end
     return out
 end
@@ -115,6 +148,8 @@ function CBackend:set_multi(mapping)
         ks[i], kl[i], vs[i], vl[i] = k, #k, v, #v
         i = i + 1
     end
+    -- DP_EPARTIAL too: the keys of the live servers are stored, the
+    -- message names the failed one and counts the keys.
     if C.dp_backend_set_multi(self.handle, n, ks, kl, vs, vl, self.err) ~= DP_OK then
         failed(self.err)
     end
@@ -442,4 +477,13 @@ function CBackend:close()
     end
 end
 
-return { open = open, CBackend = CBackend }
+--- The values a Partial error (from get_multi) carries and the indexes of
+-- the keys that failed, or nil for any other error.
+local function partial_of(err)
+    if type(err) == "table" and getmetatable(err) == Partial then
+        return err.values, err.failed, err.msg
+    end
+    return nil
+end
+
+return { open = open, CBackend = CBackend, partial_of = partial_of, VLEN_FAILED = VLEN_FAILED }
