@@ -128,15 +128,25 @@ local Mutex = {}
 Mutex.__index = Mutex
 
 -- The result of a blocking wait on the core's lock: true, or an error.
-local function blocked_wait(rc, key)
+-- `msg`, naming the region of the mutex when a region made it (its
+-- `_message`), as every error a region raises does.
+local function named(self, msg)
+    local region = self.region
+    if region ~= nil then
+        return region:_message(msg)
+    end
+    return msg
+end
+
+local function blocked_wait(self, rc, key)
     if rc == DP_OK then
         return true
     elseif rc == DP_EDEADLK then
-        raise("dogpile: the lock for key '" .. key .. "' is held by another coroutine "
+        raise(named(self, "dogpile: the lock for key '" .. key .. "' is held by another coroutine "
               .. "of this Lua state, so blocking the thread would wait forever; "
-              .. "call dogpile.set_sleep(fn) with your scheduler's sleep so that waiters yield")
+              .. "call dogpile.set_sleep(fn) with your scheduler's sleep so that waiters yield"))
     end
-    raise("dogpile: waiting for the lock for key '" .. key .. "': " .. lib.strerror(rc))
+    raise(named(self, "dogpile: waiting for the lock for key '" .. key .. "': " .. lib.strerror(rc)))
 end
 
 local took, gave, reclaim = holders.took, holders.gave, holders.reclaim
@@ -168,10 +178,12 @@ end
 -- @tparam[opt] boolean tracked the taking coroutine holds the lock until it releases it or hands it over
 -- (default false: any coroutine may release it)
 -- @tparam[opt] number timeout the bound of its waits in seconds (default nil: dogpile.lock_timeout())
+-- @tparam[opt] table region the region the mutex serves, whose `_message` names it in the mutex's errors
+-- (default nil: errors name no region)
 -- @treturn table the mutex, not taken: `:acquire(wait)`, `:wait_unlocked()`, `:hand_over()`, `:release()`, `:locked()`
-function _M.core_mutex(domain, key, tracked, timeout)
+function _M.core_mutex(domain, key, tracked, timeout, region)
     return setmetatable({ domain = domain, key = key, tracked = tracked, timeout = timeout,
-                          stolen = false, gave_up = false }, Mutex)
+                          stolen = false, gave_up = false, region = region }, Mutex)
 end
 
 -- Past the bound: the holder is taken to be stuck; this caller goes ahead
@@ -217,7 +229,7 @@ function Mutex:acquire(wait)
     if rc == DP_ETIMEDOUT then
         return go_ahead(self, bound)
     end
-    blocked_wait(rc, key)
+    blocked_wait(self, rc, key)
     if tracked then
         took(domain, key)
     end
@@ -251,7 +263,7 @@ function Mutex:wait_unlocked()
         self.gave_up = true
         return true
     end
-    return blocked_wait(rc, key)
+    return blocked_wait(self, rc, key)
 end
 
 --- The lock goes on to another coroutine on purpose (the async creation

@@ -106,7 +106,7 @@ local function mutex_for(region, key)
             return setmetatable({ inner = m, region = region, key = key }, FailOpenMutex)
         end
     end
-    return core_mutex(region._domain, key, true)
+    return core_mutex(region._domain, key, true, nil, region)
 end
 _M.mutex_for = mutex_for
 
