@@ -11,6 +11,16 @@
  * from Lua) longjmps past this code without leaking it. The buffer allocates
  * through the state's own allocator (dp_alloc_fn has lua_Alloc's contract):
  * a host that limits or instruments Lua's memory sees the codec's too.
+ *
+ * It writes the bytes of core/codec.c itself rather than through
+ * dp_buf_put_*: those check, item by item, that the items fit the shape the
+ * caller declared, and want a table's counts before its items, which cost a
+ * second traversal of every table. Here the shape comes from the Lua value
+ * itself, so it holds by construction, and a table is traversed once: its
+ * counts are written after its items, in the one byte each that almost
+ * every table needs, the items moved along in the rare case that a count
+ * takes more. The bytes are those dp_buf_put_* write (spec/codec_spec.lua
+ * compares them).
  */
 #include <limits.h>
 #include <math.h>
@@ -176,11 +186,91 @@ static int raise_at(enc *e, int nsteps, const char *what)
 
 static void encode_value(enc *e, int idx);
 
-static void check_put(enc *e, int rc)
+/* -- Writing the bytes ---------------------------------------------------- */
+
+/* Room for `n` more bytes: as dp_buf grows (by half again, at least 64). */
+static unsigned char *room(enc *e, size_t n)
 {
-    if (rc != DP_OK)
-        raise_at(e, e->depth, e->b->errstr);
+    dp_buf *b = e->b;
+    if (b->cap - b->len >= n)
+        return b->data + b->len;
+    if (n > SIZE_MAX / 2 || b->len > SIZE_MAX / 2 - n)
+        raise_at(e, e->depth, "out of memory: the encoding would exceed the address space");
+    size_t need = b->len + n, cap = b->cap + b->cap / 2;
+    if (cap < need)
+        cap = need;
+    if (cap < 64)
+        cap = 64;
+    unsigned char *p = b->alloc(b->ud, b->data, b->cap, cap);
+    if (!p) {
+        char what[96];
+        snprintf(what, sizeof what, "out of memory: growing the encoding to %zu bytes", cap);
+        raise_at(e, e->depth, what);
+    }
+    b->data = p;
+    b->cap = cap;
+    return p + b->len;
 }
+
+#define VARINT_MAX 10
+enum { TAG_NIL, TAG_FALSE, TAG_TRUE, TAG_INT, TAG_DOUBLE, TAG_STRING, TAG_TABLE };
+
+static size_t put_varint(unsigned char *p, uint64_t v)
+{
+    size_t n = 0;
+    while (v >= 0x80) {
+        p[n++] = (unsigned char)((v & 0x7f) | 0x80);
+        v >>= 7;
+    }
+    p[n++] = (unsigned char)v;
+    return n;
+}
+
+static size_t varint_len(uint64_t v)
+{
+    size_t n = 1;
+    while (v >= 0x80) {
+        v >>= 7;
+        n++;
+    }
+    return n;
+}
+
+/* As codec.c: an integral double in [-2^63, 2^63), but -0.0, is written as a
+ * zigzag varint; every other number as its 8 bytes, little-endian. */
+static void put_number(enc *e, double d)
+{
+    unsigned char *p = room(e, 1 + VARINT_MAX);
+    if (d >= -9223372036854775808.0 && d < 9223372036854775808.0) {
+        int64_t i = (int64_t)d;
+        if ((double)i == d && !(i == 0 && signbit(d))) {
+            uint64_t u = (uint64_t)i;
+            p[0] = TAG_INT;
+            e->b->len += 1 + put_varint(p + 1, (u << 1) ^ (0 - (u >> 63)));
+            return;
+        }
+    }
+    uint64_t bits;
+    memcpy(&bits, &d, sizeof bits);
+    p[0] = TAG_DOUBLE;
+    for (int k = 0; k < 8; k++)
+        p[1 + k] = (unsigned char)(bits >> (8 * k));
+    e->b->len += 9;
+}
+
+static void put_string(enc *e, const char *s, size_t len)
+{
+    if (len > SIZE_MAX - 1 - VARINT_MAX)
+        raise_at(e, e->depth, "out of memory: a string too large to encode");
+    unsigned char *p = room(e, 1 + VARINT_MAX + len);
+    p[0] = TAG_STRING;
+    size_t n = 1 + put_varint(p + 1, len);
+    if (len)
+        memcpy(p + n, s, len);
+    e->b->len += n + len;
+}
+
+/* -- Encoding ------------------------------------------------------------ */
 
 static int is_array_key(lua_State *L, int idx, size_t narr)
 {
@@ -191,8 +281,8 @@ static int is_array_key(lua_State *L, int idx, size_t narr)
 }
 
 /* A table: its array part is 1..n up to the first nil, everything else goes
- * in the hash part, so sparse arrays round-trip exactly. Counting first
- * (a second traversal) keeps the format free of end markers. */
+ * in the hash part, so sparse arrays round-trip exactly. One traversal: the
+ * counts are written after the items (see the top of this file). */
 static void encode_table(enc *e, int t)
 {
     lua_State *L = e->L;
@@ -208,37 +298,33 @@ static void encode_table(enc *e, int t)
     if (!lua_checkstack(L, 8))
         raise_at(e, e->depth, "Lua stack exhausted");
 
+    /* The tag, and a byte for each count: the common case. */
+    dp_buf *b = e->b;
+    unsigned char *h = room(e, 3);
+    h[0] = TAG_TABLE;
+    size_t counts = b->len + 1;
+    b->len += 3;
+
+    e->open[e->depth] = p;
+    seg *step = &e->path[e->depth];
+    e->depth++;
+
     size_t narr = 0;
     for (;;) {
         if (narr >= INT_MAX)
             break;
         lua_rawgeti(L, t, (int)narr + 1);
-        int absent = lua_isnil(L, -1);
-        lua_pop(L, 1);
-        if (absent)
+        if (lua_isnil(L, -1)) {
+            lua_pop(L, 1);
             break;
+        }
         narr++;
-    }
-    size_t nhash = 0;
-    lua_pushnil(L);
-    while (lua_next(L, t)) {
-        if (!is_array_key(L, -2, narr))
-            nhash++;
-        lua_pop(L, 1);
-    }
-
-    check_put(e, dp_buf_put_table(e->b, narr, nhash));
-    e->open[e->depth] = p;
-    seg *step = &e->path[e->depth];
-    e->depth++;
-
-    for (size_t i = 1; i <= narr; i++) {
         step->kind = SEG_INDEX;
-        step->n = (lua_Number)i;
-        lua_rawgeti(L, t, (int)i);
+        step->n = (lua_Number)narr;
         encode_value(e, lua_gettop(L));
         lua_pop(L, 1);
     }
+    size_t nhash = 0;
     lua_pushnil(L);
     while (lua_next(L, t)) {
         int k = lua_gettop(L) - 1, v = k + 1;
@@ -246,6 +332,7 @@ static void encode_table(enc *e, int t)
             lua_pop(L, 1);
             continue;
         }
+        nhash++;
         /* While the key itself is written, the path names it: a table key
          * as <key table: 0x...>, a plain key as the step it leads to. */
         step->idx = k;
@@ -271,6 +358,17 @@ static void encode_table(enc *e, int t)
         lua_pop(L, 1);
     }
     e->depth--;
+
+    /* The counts, in the two bytes kept for them, or with the items moved
+     * along to make room. */
+    size_t need = varint_len(narr) + varint_len(nhash);
+    if (need > 2) {
+        room(e, need - 2);
+        memmove(b->data + counts + need, b->data + counts + 2, b->len - counts - 2);
+        b->len += need - 2;
+    }
+    size_t n = put_varint(b->data + counts, narr);
+    put_varint(b->data + counts + n, nhash);
 }
 
 static void encode_value(enc *e, int idx)
@@ -278,18 +376,20 @@ static void encode_value(enc *e, int idx)
     lua_State *L = e->L;
     switch (lua_type(L, idx)) {
     case LUA_TNIL:
-        check_put(e, dp_buf_put_nil(e->b));
+        *room(e, 1) = TAG_NIL;
+        e->b->len++;
         return;
     case LUA_TBOOLEAN:
-        check_put(e, dp_buf_put_boolean(e->b, lua_toboolean(L, idx)));
+        *room(e, 1) = lua_toboolean(L, idx) ? TAG_TRUE : TAG_FALSE;
+        e->b->len++;
         return;
     case LUA_TNUMBER:
-        check_put(e, dp_buf_put_number(e->b, lua_tonumber(L, idx)));
+        put_number(e, lua_tonumber(L, idx));
         return;
     case LUA_TSTRING: {
         size_t len;
         const char *s = lua_tolstring(L, idx, &len);
-        check_put(e, dp_buf_put_string(e->b, s, len));
+        put_string(e, s, len);
         return;
     }
     case LUA_TTABLE:
@@ -331,9 +431,11 @@ static int l_encode(lua_State *L)
     e.L = L;
     e.b = b;
     e.depth = 0;
+    unsigned char *h = room(&e, 2);
+    h[0] = 0xC1; /* codec.c's magic */
+    h[1] = DP_CODEC_VERSION;
+    b->len = 2;
     encode_value(&e, 1);
-    if (dp_buf_finish(b) != DP_OK)
-        return luaL_error(L, PREFIX "%s", b->errstr);
     lua_pushlstring(L, (const char *)b->data, b->len);
     if (b->cap > BUF_KEEP_MAX) {
         dp_alloc_fn alloc = b->alloc;
