@@ -24,6 +24,7 @@
 -- acquire(true) returns true without taking the lock: the caller runs the
 -- creator itself instead of waiting (a stale value, when there is one, is
 -- served as usual, since that needs no wait).
+local ffi = require "ffi"
 local lib = require "dogpile.lib"
 local api = require "dogpile.cache.api"
 local dogpile = require "dogpile"
@@ -33,8 +34,9 @@ local NO_VALUE = api.NO_VALUE
 local raise = lib.raise
 local current_sleep = dogpile.current_sleep
 local stamp = dogpile.stamp
-local type, tostring, setmetatable, error, pcall, math_min =
-      type, tostring, setmetatable, error, pcall, math.min
+local type, tostring, tonumber, setmetatable, error, pcall, math_min =
+      type, tostring, tonumber, setmetatable, error, pcall, math.min
+local ffi_string, ffi_cast = ffi.string, ffi.cast
 
 lib.own_source()
 
@@ -43,6 +45,122 @@ local FIRST_STEP, MAX_STEP = 0.001, 0.004
 local DEFAULT_LOCK_TIMEOUT = 30
 
 local _M = { _VERSION = lib.version }
+
+-- -- Reading the dict through the FFI -------------------------------------------
+-- lua-resty-core's DICT:get resolves the zone (an FFI call and checks) and
+-- copies the value out as a Lua string on every call. A hit here calls
+-- ngx_<subsystem>_lua_ffi_shdict_get itself, on the zone pointer resolved
+-- once, into this worker's buffer: the region reads the envelope in place
+-- (get_in_place) and only the payload becomes a Lua string; the
+-- invalidation time is read as a number, with no string at all. Where those
+-- symbols are missing (no resty.core, or a dict that is not a
+-- lua_shared_dict) the backend goes through the dict's methods.
+
+local raw -- nil: no FFI reads in this Lua state
+do
+    local ok = pcall(function()
+        local subsystem = ngx.config.subsystem
+        require "resty.core.shdict" -- declares the functions below
+        local C = ffi.C
+        local get = C["ngx_" .. subsystem .. "_lua_ffi_shdict_get"]
+        local to_zone = C["ngx_" .. subsystem .. "_lua_ffi_shdict_udata_to_zone"]
+        local free = C.free
+        raw = { get = get, to_zone = to_zone, free = free }
+    end)
+    if not ok then
+        raw = nil
+    end
+end
+
+-- LUA_TNIL, LUA_TBOOLEAN, LUA_TNUMBER, LUA_TSTRING: the value types shdict_get reports.
+local T_NIL, T_BOOLEAN, T_NUMBER, T_STRING = 0, 1, 3, 4
+local u8p = ffi.typeof("const uint8_t *")
+local BUF_MIN = 4096
+
+-- One worker's read state: every read finishes before the next starts (a
+-- dict read never yields), so one set of out-parameters serves every
+-- backend of the Lua state. `buf` grows to the largest value read: shdict_get
+-- mallocs a buffer of its own for a value longer than `cap`, which becomes
+-- ours.
+local rd
+if raw then
+    rd = {
+        vtype = ffi.new("int[1]"), bufp = ffi.new("unsigned char *[1]"),
+        len = ffi.new("size_t[1]"), num = ffi.new("double[1]"), flags = ffi.new("int[1]"),
+        stale = ffi.new("int[1]"), err = ffi.new("char *[1]"),
+        buf = ffi.new("unsigned char[?]", BUF_MIN), cap = BUF_MIN,
+        -- The invalidation time's own buffer: a string stored under its key
+        -- (not ours) must not land in `buf`, which a caller may be reading.
+        small = ffi.new("unsigned char[?]", 64),
+    }
+end
+
+-- The zone pointer of `dict` (an ngx.shared.DICT), or nil when `dict` is
+-- not one that the FFI functions take.
+local function zone_of(dict)
+    if raw == nil or type(dict) ~= "table" or type(dict[1]) ~= "userdata" then
+        return nil
+    end
+    local ok, zone = pcall(raw.to_zone, dict[1])
+    if not ok or zone == nil then
+        return nil
+    end
+    return zone
+end
+
+-- One shdict_get into the worker's buffer: the value's type (and its
+-- length in rd.len, its bytes at rd.bufp[0]). As DICT:get: a key the dict
+-- cannot hold (empty, longer than 65535 bytes) is a miss, and so is a read
+-- that failed with a reason (malloc); one without a reason raises.
+local function raw_get(zone, key)
+    local kn = #key
+    if kn == 0 or kn > 65535 then
+        return T_NIL
+    end
+    local r = rd
+    local buf = r.buf
+    r.bufp[0] = buf
+    r.len[0] = r.cap
+    local rc = raw.get(zone, key, kn, r.vtype, r.bufp, r.len, r.num, r.flags, 0, r.stale, r.err)
+    if rc ~= 0 then
+        if r.err[0] ~= nil then
+            r.err[0] = nil
+            return T_NIL
+        end
+        error(NAME .. ": reading '" .. key .. "' failed (shdict_get returned " .. rc .. ")", 0)
+    end
+    local p = r.bufp[0]
+    if p ~= buf then
+        -- Longer than our buffer: shdict_get malloc'd this one; keep it.
+        local n = tonumber(r.len[0])
+        r.buf, r.cap = ffi.gc(p, raw.free), n
+    end
+    return r.vtype[0]
+end
+
+-- The number stored under `key`, or nil when there is none (a value of
+-- another type: false, for the caller to read through the dict instead).
+local function raw_number(zone, key)
+    local r = rd
+    local small = r.small
+    r.bufp[0] = small
+    r.len[0] = 64
+    local rc = raw.get(zone, key, #key, r.vtype, r.bufp, r.len, r.num, r.flags, 0, r.stale, r.err)
+    local p = r.bufp[0]
+    if p ~= small then
+        raw.free(p)
+    end
+    if rc ~= 0 then
+        return false
+    end
+    local t = r.vtype[0]
+    if t == T_NUMBER then
+        return r.num[0]
+    elseif t == T_NIL then
+        return nil
+    end
+    return false
+end
 
 -- -- The lock ------------------------------------------------------------------
 -- `dict:add(lock_key, token, lock_timeout)` takes it (atomic across workers);
@@ -249,7 +367,113 @@ end
 
 -- -- Invalidation across workers -----------------------------------------------
 -- One number per region in the dict: the invalidation time, positive for a
--- hard invalidation and negative for a soft one. A hit reads it once.
+-- hard invalidation and negative for a soft one.
+
+-- Every hit asks for the invalidation time. Read from the dict, that is a
+-- second shdict_get per hit, costlier than the value's own (the key is
+-- longer, and shdict hashes it byte by byte). So each invalidator keeps the
+-- time it last read, and the workers share one word of memory, the change
+-- page: invalidate() writes the dict and then a new token into the page; a
+-- hit that finds the token it saw last uses its copy, any other token makes
+-- it read the dict again. The page is mapped (MAP_SHARED, anonymous) by the
+-- master in init_by_lua, before the fork, so every worker of the instance
+-- sees it; the master keeps it across reloads (HUP), finding it again
+-- through the dict (PAGE_KEY: its pid, the address and a check token), so
+-- workers of the old and the new generation share it.
+--
+-- The order makes it exact: the writer's dict write is done (the dict's
+-- mutex released) before its token store, and the reader loads the token
+-- before it takes the dict's mutex. On x86 (TSO: stores become visible in
+-- order, loads are not reordered with loads) that is enough; elsewhere
+-- there is no page and every hit reads the dict. Without init_by_lua (a
+-- region configured in a worker) there is no page either.
+--
+-- Backstop: a copy older than REREAD seconds (ngx.now, the worker's cached
+-- clock) is read again, so that an invalidation that bypassed the page (a
+-- worker of a generation with no page) is seen within that time, and so
+-- that hits keep the record recent in the dict's LRU, as reading it on
+-- every hit did.
+local PAGE_KEY, REREAD = "dogpile:ngx_shared:change_page", 1
+local page -- volatile double[2]: [0] the token of the last invalidation, [1] the check token
+local page_seq = 0
+
+local function worker_pid()
+    return ngx.worker and ngx.worker.pid and ngx.worker.pid() or 0
+end
+
+-- A token no other write uses: the writer's pid and its own count.
+local function new_page_token()
+    page_seq = (page_seq + 1) % 0x40000000
+    return (worker_pid() % 0x400000) * 0x40000000 + page_seq + 1
+end
+
+-- In init_by_lua (the master): map the page, or find the one this master
+-- mapped under an earlier configuration. Any failure leaves no page.
+local function open_page(dict)
+    if page ~= nil or (ffi.arch ~= "x64" and ffi.arch ~= "x86") or ngx.get_phase() ~= "init" then
+        return
+    end
+    pcall(function()
+        pcall(ffi.cdef, [[
+            void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset);
+        ]])
+        local dptr = ffi.typeof("volatile double *")
+        local pid = worker_pid()
+        local found = dict:get(PAGE_KEY)
+        if type(found) == "string" then
+            local fpid, addr, check = found:match("^(%d+):(%d+):(%d+)$")
+            -- Only this very process can use that address: it mapped it and
+            -- never unmaps it.
+            if tonumber(fpid) == pid and tonumber(addr) then
+                local p = ffi_cast(dptr, ffi_cast("uintptr_t", tonumber(addr)))
+                if p[1] == tonumber(check) then
+                    page = p
+                    return
+                end
+            end
+        end
+        -- PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS (Linux).
+        local m = ffi.C.mmap(nil, 4096, 3, 0x21, -1, 0)
+        if m == nil or ffi_cast("intptr_t", m) == -1 then
+            return
+        end
+        local p = ffi_cast(dptr, m)
+        local check = new_page_token()
+        p[0], p[1] = 0, check
+        local addr = tonumber(ffi_cast("uintptr_t", m))
+        if dict:set(PAGE_KEY, ("%d:%.0f:%.0f"):format(pid, addr, check)) then
+            page = p
+        end
+    end)
+end
+
+-- The stored invalidation time, read from the dict: through the FFI where
+-- it can (a number, no string).
+local function read_stamp(self)
+    local zone = self.zone
+    if zone ~= nil then
+        local v = raw_number(zone, self.key)
+        if v ~= false then
+            return v
+        end
+    end
+    return self.dict:get(self.key)
+end
+
+local function stamp_of(self)
+    local pg = self.page
+    if pg == nil then
+        return read_stamp(self)
+    end
+    local token, now = pg[0], ngx.now()
+    if token == self.token and now - self.read_at < REREAD then
+        return self.stamp
+    end
+    -- The token first, then the dict (see above).
+    local v = read_stamp(self)
+    self.token, self.stamp, self.read_at = token, v, now
+    return v
+end
 
 local Invalidator = {}
 Invalidator.__index = Invalidator
@@ -261,10 +485,14 @@ function Invalidator:invalidate(hard)
     if not ok then
         error(NAME .. ": cannot store the invalidation '" .. self.key .. "': " .. tostring(err), 0)
     end
+    -- After the dict write: a worker that sees the new token reads the new time.
+    if page ~= nil then
+        page[0] = new_page_token()
+    end
 end
 
 function Invalidator:is_invalidated(ct)
-    local v = self.dict:get(self.key)
+    local v = stamp_of(self)
     if v == nil then
         return false
     end
@@ -275,22 +503,22 @@ function Invalidator:is_invalidated(ct)
 end
 
 function Invalidator:is_hard_invalidated(ct)
-    local v = self.dict:get(self.key)
+    local v = stamp_of(self)
     return v ~= nil and v > 0 and ct < v
 end
 
 function Invalidator:is_soft_invalidated(ct)
-    local v = self.dict:get(self.key)
+    local v = stamp_of(self)
     return v ~= nil and v < 0 and ct < -v
 end
 
 function Invalidator:was_hard_invalidated()
-    local v = self.dict:get(self.key)
+    local v = stamp_of(self)
     return v ~= nil and v > 0
 end
 
 function Invalidator:was_soft_invalidated()
-    local v = self.dict:get(self.key)
+    local v = stamp_of(self)
     return v ~= nil and v < 0
 end
 
@@ -305,11 +533,41 @@ Backend.serialized = true
 Backend.infallible = true
 
 function Backend:get(key)
-    local v = self.dict:get(key)
-    if v == nil then
-        return NO_VALUE
+    local zone = self.zone
+    if zone == nil then
+        local v = self.dict:get(key)
+        if v == nil then
+            return NO_VALUE
+        end
+        return v
     end
-    return v
+    local t = raw_get(zone, key)
+    if t == T_STRING then
+        return ffi_string(rd.bufp[0], rd.len[0])
+    elseif t == T_NIL then
+        return NO_VALUE
+    elseif t == T_NUMBER then
+        return tonumber(rd.num[0])
+    elseif t == T_BOOLEAN then
+        return rd.bufp[0][0] ~= 0
+    end
+    return self.dict:get(key)
+end
+
+--- The stored bytes of `key` where they lie, for the region to read the
+-- envelope in place (read.lua's in-place strategy): a `const uint8_t *` and
+-- the length, valid until this worker's next read of any ngx_shared
+-- backend; nil on a miss; false when the value is not bytes (get then
+-- returns what it is, and the region counts it as undecodable).
+-- @local
+function Backend:get_in_place(key)
+    local t = raw_get(self.zone, key)
+    if t == T_STRING then
+        return ffi_cast(u8p, rd.bufp[0]), tonumber(rd.len[0])
+    elseif t == T_NIL then
+        return nil
+    end
+    return false
 end
 
 function Backend:set(key, value)
@@ -333,8 +591,10 @@ end
 -- @local
 function Backend:region_invalidator(region)
     local name = region and region.name or ""
-    return setmetatable({ dict = self.dict, key = self.invalidation_prefix .. tostring(name) },
-                        Invalidator)
+    -- token false: no token seen yet (the page holds a number).
+    return setmetatable({ dict = self.dict, zone = self.zone, page = page,
+                          key = self.invalidation_prefix .. tostring(name),
+                          token = false, stamp = nil, read_at = 0 }, Invalidator)
 end
 
 -- -- The change feed for a tiered region's upper tiers --------------------------
@@ -509,8 +769,14 @@ function _M.new(arguments)
     if type(lock_prefix) ~= "string" or type(inv_prefix) ~= "string" then
         raise(NAME .. ": lock_prefix and invalidation_prefix must be strings")
     end
+    local zone = zone_of(dict)
+    open_page(dict)
     return setmetatable({
         dict = dict,
+        -- The zone pointer for the FFI reads, or nil (then the dict's methods).
+        zone = zone,
+        -- Only with the zone: a region reads the envelope in place (read.lua).
+        get_in_place = zone ~= nil and Backend.get_in_place or false,
         lock_timeout = lock_timeout,
         lock_prefix = lock_prefix,
         invalidation_prefix = inv_prefix,
