@@ -1,11 +1,12 @@
 -- The generated reference (`bash .ci/docs`, issue 20 item 6) answers: every
--- public function's parameters have a type and a description (and an
--- optional one its default), every function docs/API.md and the README call
--- by its full name is listed, private names
--- (`_`-prefixed) and internal modules are not listed, no LDoc tag is left
--- raw, the pages render cleanly in headless chromium, and the Backend arguments page
--- lists every argument each shipped backend accepts with a type, a default
--- and a meaning, the C backends' taken from the tables they check with.
+-- public function's parameters have a type and a description (an optional
+-- one its default too), every function docs/API.md and the README call by
+-- its full name is listed, private names (`_`-prefixed) and internal modules
+-- are not, no LDoc tag is left raw nor indented block run into a paragraph,
+-- the pages render cleanly in headless chromium, and the Backend arguments
+-- page (and each backend's module page) lists every argument each shipped
+-- backend accepts with a type, a default and a meaning, the C backends'
+-- taken from the tables they check with.
 -- Needs ldoc and lua-discount (as spec/docs_spec.lua), chromium and a C compiler.
 local DOC = "_build/doc/"
 
@@ -90,6 +91,23 @@ describe("the reference", function()
         end
         table.sort(raw)
         assert.are.same({}, raw, "LDoc or Doxygen tags left raw")
+    end)
+
+    -- An indented block in a doc comment (a list of arguments, a table
+    -- literal) needs a blank line before it and four spaces after the "--" to
+    -- be a code block; otherwise Markdown runs its lines into the paragraph
+    -- ("Arguments: cache_dict a table ... max_items bound ...").
+    it("runs no indented block of a doc comment into a paragraph", function()
+        local bad = {}
+        for f, html in pairs(pages) do
+            for para in html:gsub("<pre.-</pre>", ""):gmatch("<p>(.-)</p>") do
+                if para:match("\n   +%S") or para:match("^%s*[{}]%s*$") then
+                    bad[#bad + 1] = f .. ": " .. text(para):sub(1, 80)
+                end
+            end
+        end
+        table.sort(bad)
+        assert.are.same({}, bad)
     end)
 
     it("gives every parameter of every listed function a type and a description", function()
@@ -330,12 +348,15 @@ PAGES.forEach(function (page) {
                 cache.make_region():configure(backend, { arguments = args })
             end)
             assert.is_false(ok)
-            local list = assert(err:match("%(known: (.-)%)?$"), err)
+            -- "(known: a, b, c)", possibly followed by " (region NAME)", or
+            -- cut before its ")" when the message did not fit.
+            local list, close = err:match("%(known: ([^)]*)(%)?)")
+            assert(list, err)
             local names = {}
             for n in list:gmatch("[%w_]+") do
                 names[#names + 1] = n
             end
-            return names, err:sub(-1) ~= ")"
+            return names, close == ""
         end
 
         it("has a section for every shipped backend", function()
