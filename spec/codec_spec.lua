@@ -176,6 +176,115 @@ describe("dogpile.codec", function()
         end
     end)
 
+    -- encode writes the bytes itself, each table traversed once (its counts
+    -- after its items); the core's dp_buf_put_*, which C hosts use, are the
+    -- reference.
+    describe("writes what the core's dp_buf_put_* write", function()
+        local lib = require "dogpile.lib"
+        pcall(ffi.cdef, [[
+        typedef struct codec_spec_buf {
+            unsigned char *data; size_t len; int done; int err; char errstr[128];
+            size_t cap; void *alloc; void *ud; int depth;
+            uint64_t left[200]; uint64_t keyed[200];
+        } codec_spec_buf;
+        ]])
+        local C = ffi.load(lib.library_path)
+        pcall(ffi.cdef, [[
+        void dp_buf_init(codec_spec_buf *b, void *alloc, void *ud);
+        void dp_buf_free(codec_spec_buf *b);
+        int dp_buf_finish(codec_spec_buf *b);
+        int dp_buf_put_nil(codec_spec_buf *b);
+        int dp_buf_put_boolean(codec_spec_buf *b, int value);
+        int dp_buf_put_number(codec_spec_buf *b, double value);
+        int dp_buf_put_string(codec_spec_buf *b, const void *s, size_t len);
+        int dp_buf_put_table(codec_spec_buf *b, size_t narr, size_t nhash);
+        ]])
+
+        -- The items in the order encode visits them: 1..n up to the first
+        -- nil, then the other keys in next() order.
+        local function put(b, v)
+            local t = type(v)
+            if t == "nil" then
+                C.dp_buf_put_nil(b)
+            elseif t == "boolean" then
+                C.dp_buf_put_boolean(b, v and 1 or 0)
+            elseif t == "number" then
+                C.dp_buf_put_number(b, v)
+            elseif t == "string" then
+                C.dp_buf_put_string(b, v, #v)
+            else
+                local narr = 0
+                while rawget(v, narr + 1) ~= nil do
+                    narr = narr + 1
+                end
+                local keys = {}
+                for k in next, v do
+                    if not (type(k) == "number" and k >= 1 and k <= narr and k % 1 == 0) then
+                        keys[#keys + 1] = k
+                    end
+                end
+                C.dp_buf_put_table(b, narr, #keys)
+                for i = 1, narr do
+                    put(b, v[i])
+                end
+                for _, k in ipairs(keys) do
+                    put(b, k)
+                    put(b, v[k])
+                end
+            end
+        end
+
+        local function reference(v)
+            local b = ffi.new("codec_spec_buf")
+            C.dp_buf_init(b, nil, nil)
+            put(b, v)
+            assert.are.equal(0, C.dp_buf_finish(b), ffi.string(b.errstr))
+            local bytes = ffi.string(b.data, b.len)
+            C.dp_buf_free(b)
+            return bytes
+        end
+
+        local function big(n, f)
+            local t = {}
+            for i = 1, n do
+                f(t, i)
+            end
+            return t
+        end
+
+        it("for scalars, records, counts of one byte and more, and nesting", function()
+            math.randomseed(20261202)
+            assert.are.equal(reference(nil), codec.encode(nil))
+            local values = { true, false, 0, -0.0, 2 ^ 53, 2 ^ 63, -2 ^ 63, 0.5, 0 / 0, math.huge, "",
+                             "hi", string.rep("x", 200),
+                             { id = 1, name = "Ada", score = 98.25, ok = true, off = false },
+                             { 1, 2, nil, 4, k = "v", [2.5] = { x = { [true] = false } } },
+                             -- Counts of 127, 128 and 2^14 items: the counts take more
+                             -- than the byte each that encode keeps for them.
+                             big(127, function(t, i) t[i] = i end),
+                             big(128, function(t, i) t[i] = i end),
+                             big(128, function(t, i) t["k" .. i] = i end),
+                             big(16384, function(t, i) t[i] = i; t["h" .. i] = { i } end),
+                             { inner = big(300, function(t, i) t["k" .. i] = { i, "s" } end),
+                               list = big(200, function(t, i) t[i] = big(130, function(u, j) u[j] = j end) end),
+                               after = "end" },
+                             nest(198, { a = big(129, function(t, i) t[i] = i end) }) }
+            for i = 1, #values do
+                assert.are.equal(reference(values[i]), codec.encode(values[i]), "value " .. i)
+            end
+            for _ = 1, 200 do
+                local t = {}
+                for i = 1, math.random(0, 200) do
+                    t[i] = math.random() < 0.5 and i or { ("s"):rep(math.random(0, 130)) }
+                end
+                for _ = 1, math.random(0, 200) do
+                    t[math.random(1, 1e6) * (math.random() < 0.5 and 1 or 0.5)] = math.random() < 0.5
+                end
+                assert.are.equal(reference(t), codec.encode(t))
+            end
+        end)
+    end)
+
     describe("refuses with the path of what it cannot serialize", function()
         local function self_cycle()
             local t = {}
