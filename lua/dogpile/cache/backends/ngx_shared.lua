@@ -378,8 +378,8 @@ end
 -- it read the dict again. The page is mapped (MAP_SHARED, anonymous) by the
 -- master in init_by_lua, before the fork, so every worker of the instance
 -- sees it; the master keeps it across reloads (HUP), finding it again
--- through the dict (PAGE_KEY: its pid, the address and a check token), so
--- workers of the old and the new generation share it.
+-- through the dict (PAGE_KEY: the address and a check token), so workers of
+-- the old and the new generation share it.
 --
 -- The order makes it exact: the writer's dict write is done (the dict's
 -- mutex released) before its token store, and the reader loads the token
@@ -407,6 +407,25 @@ local function new_page_token()
     return (worker_pid() % 0x400000) * 0x40000000 + page_seq + 1
 end
 
+-- Whether this process maps shared, readable and writable memory at `addr`
+-- (reading elsewhere could fault).
+local function shared_mapping_at(addr)
+    local f = io.open("/proc/self/maps")
+    if not f then
+        return false
+    end
+    local found = false
+    for line in f:lines() do
+        local start, perms = line:match("^(%x+)%-%x+ (%S+)")
+        if start and tonumber(start, 16) == addr then
+            found = perms == "rw-s"
+            break
+        end
+    end
+    f:close()
+    return found
+end
+
 -- In init_by_lua (the master): map the page, or find the one this master
 -- mapped under an earlier configuration. Any failure leaves no page.
 local function open_page(dict)
@@ -418,15 +437,17 @@ local function open_page(dict)
             void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset);
         ]])
         local dptr = ffi.typeof("volatile double *")
-        local pid = worker_pid()
         local found = dict:get(PAGE_KEY)
         if type(found) == "string" then
-            local fpid, addr, check = found:match("^(%d+):(%d+):(%d+)$")
-            -- Only this very process can use that address: it mapped it and
-            -- never unmaps it.
-            if tonumber(fpid) == pid and tonumber(addr) then
-                local p = ffi_cast(dptr, ffi_cast("uintptr_t", tonumber(addr)))
-                if p[1] == tonumber(check) then
+            local addr, check = found:match("^(%d+):(%d+)$")
+            addr, check = tonumber(addr), tonumber(check)
+            -- The master that mapped it (or the process it was forked from,
+            -- before nginx went daemon) never unmaps it: it is here if this
+            -- process has a shared read-write mapping starting at that
+            -- address that holds the check token.
+            if addr and check and shared_mapping_at(addr) then
+                local p = ffi_cast(dptr, ffi_cast("uintptr_t", addr))
+                if p[1] == check then
                     page = p
                     return
                 end
@@ -441,7 +462,7 @@ local function open_page(dict)
         local check = new_page_token()
         p[0], p[1] = 0, check
         local addr = tonumber(ffi_cast("uintptr_t", m))
-        if dict:set(PAGE_KEY, ("%d:%.0f:%.0f"):format(pid, addr, check)) then
+        if dict:set(PAGE_KEY, ("%.0f:%.0f"):format(addr, check)) then
             page = p
         end
     end)
