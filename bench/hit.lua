@@ -7,7 +7,9 @@
 -- the memory region's get_or_create hit against lua-resty-lrucache (target
 -- <= 2x, and the loop must compile without a trace abort), against a plain
 -- table, and against Python dogpile.cache's memory get_or_create hit
--- (measured by bench/anchors.py in the same run).
+-- (measured by bench/anchors.py in the same run); and the same region's
+-- shuffled hits with and without the get histogram's sampling
+-- (dogpile.cache.latency), whose cost must stay within 5%.
 --
 -- Each path runs its own loop over NKEYS keys cycled through (in KEYS order,
 -- and for the "shuffled" rows in a fixed random order), summing the
@@ -30,21 +32,29 @@ local HOTLOOP = 56  -- LuaJIT's default; setting it resets the hot counters
 
 -- -- Clock -------------------------------------------------------------------------
 
-local clock
+-- CPU time of this process: the machine is shared (2 cores, other work
+-- running), and time spent descheduled is no part of a hit. Two reads per
+-- repetition of 2e6 hits, so the cost of the read itself (a system call) is
+-- lost in the noise. Wall time (CLOCK_MONOTONIC) where it is not available.
+local clock, clock_name
 do
     local ok = pcall(ffi.cdef, [[
         typedef struct { long tv_sec; long tv_nsec; } dp_bench_timespec;
         int clock_gettime(int clk_id, dp_bench_timespec *tp);
     ]])
-    local CLOCK_MONOTONIC = 1  -- Linux
+    local CLOCK_MONOTONIC, CLOCK_PROCESS_CPUTIME_ID = 1, 2  -- Linux
     if ok and ffi.os == "Linux" then
         local ts = ffi.new("dp_bench_timespec")
+        local id = ffi.C.clock_gettime(CLOCK_PROCESS_CPUTIME_ID, ts) == 0
+            and CLOCK_PROCESS_CPUTIME_ID or CLOCK_MONOTONIC
+        clock_name = id == CLOCK_MONOTONIC and "clock_gettime(CLOCK_MONOTONIC)"
+            or "clock_gettime(CLOCK_PROCESS_CPUTIME_ID), CPU time"
         clock = function()
-            ffi.C.clock_gettime(CLOCK_MONOTONIC, ts)
+            ffi.C.clock_gettime(id, ts)
             return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
         end
     else
-        clock = os.clock
+        clock, clock_name = os.clock, "os.clock (CPU time)"
     end
 end
 
@@ -101,6 +111,12 @@ local r_exp = region({ expiration_time = 3600 })
 local r_noexp = region({})
 local r_lru = region({ expiration_time = 3600, arguments = { max_items = 2 * NKEYS } })
 local r_lru_noexp = region({ arguments = { max_items = 2 * NKEYS } })
+-- The same as r_exp with the get histogram's sampling off (latency.lua):
+-- what the sampling costs the hit, measured against it in this run.
+local latency = require "dogpile.cache.latency"
+local was = latency.set_sampling(false)
+local r_nohist = region({ expiration_time = 3600 })
+latency.set_sampling(was)
 
 local function creator()
     error("bench: the creator ran, so a get_or_create was not a hit")
@@ -220,6 +236,22 @@ local function loop_get_or_create_shuffled(n)
     return acc
 end
 
+local function loop_get_shuffled_nohist(n)
+    local acc = 0
+    for i = 1, n do
+        acc = acc + r_nohist:get(SHUFFLED[i % NKEYS + 1])
+    end
+    return acc
+end
+
+local function loop_get_or_create_shuffled_nohist(n)
+    local acc = 0
+    for i = 1, n do
+        acc = acc + r_nohist:get_or_create(SHUFFLED[i % NKEYS + 1], creator)
+    end
+    return acc
+end
+
 local PATHS = {
     { "plain table t[key]", loop_plain },
     { "resty.lrucache :get", lru and loop_lrucache },
@@ -232,6 +264,8 @@ local PATHS = {
     { "shuffled: resty.lrucache :get", lru and loop_lrucache_shuffled, shuffled = true },
     { "shuffled: region:get (exp.)", loop_get_shuffled, shuffled = true },
     { "shuffled: get_or_create hit", loop_get_or_create_shuffled, shuffled = true },
+    { "shuffled: get, no histograms", loop_get_shuffled_nohist, shuffled = true },
+    { "shuffled: get_or_create, no histo.", loop_get_or_create_shuffled_nohist, shuffled = true },
 }
 
 -- -- Measuring -------------------------------------------------------------------
@@ -324,7 +358,7 @@ print(format("%s (%s %s), JIT %s", jit.version, jit.os, jit.arch,
              jit.status() and "on" or "OFF"))
 print(format("dogpile %s; %d keys cycled; %d iterations x %d repetitions x %d rounds, median",
              tostring(cache._VERSION), NKEYS, N, REPS, ROUNDS))
-print(format("clock: %s", clock == os.clock and "os.clock (CPU time)" or "clock_gettime(CLOCK_MONOTONIC)"))
+print(format("clock: %s", clock_name))
 print()
 
 -- The paths take turns ROUNDS times, so that a change in the machine's load
@@ -415,6 +449,24 @@ if s_lru and s_lru.ns then
              s_goc.ns, "ns/op", "resty.lrucache get, shuffled keys", s_lru.ns, "<=1.3")
     blib.row("hit_memory_get_shuffled", label("memory region get hit, shuffled keys", s_get),
              s_get.ns, "ns/op", "resty.lrucache get, shuffled keys", s_lru.ns, "<=1.3")
+end
+-- The get histogram's sampling (one lookup in latency.SAMPLE_EVERY timed):
+-- the same region with and without it, in this run (issue 20: within 5%).
+local s_get_nh, s_goc_nh = results[12], results[13]
+blib.row("hit_histograms_get", label("memory region get hit with histograms, shuffled", s_get),
+         s_get.ns, "ns/op", "the same without histograms", s_get_nh.ns, "<=1.05")
+blib.row("hit_histograms_goc", label("memory region get_or_create hit with histograms, shuffled",
+                                     s_goc), s_goc.ns, "ns/op", "the same without histograms",
+         s_goc_nh.ns, "<=1.05")
+do
+    local h = latency.of(r_exp)
+    local samples = h and h.get and h.get.count or 0
+    local nh = latency.of(r_nohist)
+    print(format("get histogram samples: %d (region with histograms), %d (without)", samples,
+                 nh and nh.get and nh.get.count or 0))
+    if samples == 0 or (nh and nh.get) then
+        error("bench: the get histogram was not sampled as configured")
+    end
 end
 blib.row("hit_memory_vs_table", "memory region get_or_create hit vs plain table", goc.ns, "ns/op",
          "plain table t[key]", plain_r.ns, "")

@@ -174,3 +174,152 @@ describe("cache.metrics", function()
         assert.is_nil(cache.metrics():match('dogpile_cache_create_seconds_count{region="metrics%-creates"} [1-9]'))
     end)
 end)
+
+-- The get histogram (issue 20): every read strategy samples its lookups,
+-- about one in latency.SAMPLE_EVERY of this Lua state's lookups, at a
+-- countdown drawn between a half and one and a half times that.
+describe("the get latency histogram", function()
+    support.no_leaks()
+    local latency = require "dogpile.cache.latency"
+    local ProxyBackend = require("dogpile.cache.proxy").ProxyBackend
+    local EVERY = latency.SAMPLE_EVERY
+
+    cache.register_backend("spec.metrics_front", function() return support.front_backend() end)
+    cache.register_backend("spec.metrics_plain", "fixtures.dict_backend")
+
+    -- name, configure's backend and options, the read strategy it must get
+    local BACKENDS = {
+        { "memory", "dogpile.cache.memory", { expiration_time = 60 }, "memory" },
+        { "memory, early_refresh", "dogpile.cache.memory",
+          { expiration_time = 60, early_refresh = 1 }, "memory" },
+        { "memory LRU", "dogpile.cache.memory",
+          { expiration_time = 60, arguments = { max_items = 100 } }, "direct" },
+        { "shared_memory", "dogpile.cache.shared_memory",
+          { expiration_time = 60, arguments = { name = "metrics_spec_hist" } }, "c" },
+        { "a front table", "spec.metrics_front", { expiration_time = 60 }, "front" },
+        { "a Lua backend of its own", "spec.metrics_plain", { expiration_time = 60 }, "generic" },
+        { "memory behind a proxy", "dogpile.cache.memory",
+          { expiration_time = 60, wrap = { ProxyBackend } }, "generic" },
+        { "tiered", "dogpile.cache.tiered",
+          { expiration_time = 60, arguments = { tiers = {
+              { backend = "dogpile.cache.memory" },
+              { backend = "dogpile.cache.shared_memory", arguments = { name = "metrics_spec_tier" } },
+          } } }, nil },
+    }
+
+    -- The get histogram's series of `label` in cache.metrics(): buckets in
+    -- the order written, count and sum.
+    local function get_series(label)
+        local text = cache.metrics()
+        local esc = label:gsub("%p", "%%%0")
+        local buckets = {}
+        for le, v in text:gmatch('dogpile_cache_get_seconds_bucket{region="' .. esc
+                                 .. '",le="([^"]+)"} (%d+)\n') do
+            buckets[#buckets + 1] = { le = le, n = tonumber(v) }
+        end
+        local count = tonumber(text:match('dogpile_cache_get_seconds_count{region="' .. esc
+                                          .. '"} (%S+)'))
+        local sum = tonumber(text:match('dogpile_cache_get_seconds_sum{region="' .. esc
+                                        .. '"} (%S+)'))
+        return buckets, count, sum
+    end
+
+    local function check_series(label, want_count)
+        local buckets, count, sum = get_series(label)
+        assert.are.equal(#latency.BOUNDS + 1, #buckets, label)
+        local prev = 0
+        for i, b in ipairs(buckets) do
+            assert.are.equal(i <= #latency.BOUNDS and ("%g"):format(latency.BOUNDS[i]) or "+Inf",
+                             b.le, label)
+            assert.is_true(b.n >= prev, label .. ": buckets are cumulative, in order of le")
+            prev = b.n
+        end
+        assert.are.equal(count, buckets[#buckets].n, label .. ": +Inf is the count")
+        if want_count then
+            assert.are.equal(want_count, count, label)
+        end
+        assert.is_true(sum > 0 and sum < count, label .. ": the sum is seconds, got "
+                       .. tostring(sum))
+        return count
+    end
+
+    for _, b in ipairs(BACKENDS) do
+        it("grows with get and get_or_create, hits and misses, on " .. b[1], function()
+            local label = "metrics-get-" .. b[1]
+            local r = cache.make_region({ name = label }):configure(b[2], b[3])
+            if b[4] then
+                assert.are.equal(b[4], r._reader, "read strategy")
+            end
+            for i = 1, 50 do
+                r:set("k" .. i, i)
+            end
+            -- Each round: 4 lookups per key, hits and misses of both calls.
+            local n, counts = 0, {}
+            for round = 1, 3 do
+                for _ = 1, 2 * EVERY / 50 do
+                    for i = 1, 50 do
+                        assert.are.equal(i, r:get("k" .. i))
+                        assert.are.equal(i, r:get_or_create("k" .. i, error))
+                        assert.are.equal(cache.NO_VALUE, r:get("absent" .. i))
+                        r:get_or_create("new" .. round .. ":" .. i, function() return i end)
+                        n = n + 4
+                    end
+                end
+                counts[round] = check_series(label)
+                -- Every countdown is at least EVERY/2 and less than 3*EVERY/2.
+                assert.is_true(counts[round] >= math.floor(n / (1.5 * EVERY)) - 1,
+                               label .. ": " .. counts[round] .. " samples of " .. n .. " lookups")
+                assert.is_true(counts[round] <= n / (0.5 * EVERY) + 1,
+                               label .. ": " .. counts[round] .. " samples of " .. n .. " lookups")
+                if round > 1 then
+                    assert.is_true(counts[round] > counts[round - 1], label .. ": the count grows")
+                end
+            end
+            -- The creations went to the create histogram, not to this one:
+            -- 50 keys created per round (a sample of the lookup of a miss is
+            -- one sample, and only the lookup is timed).
+            local text = cache.metrics()
+            local esc = label:gsub("%p", "%%%0")
+            assert.are.equal(150, tonumber(text:match('dogpile_cache_create_seconds_count{region="'
+                                                      .. esc .. '"} (%S+)')))
+        end)
+    end
+
+    it("counts misses alone too (a region that never hits)", function()
+        local r = cache.make_region({ name = "metrics-get-misses" }):configure("dogpile.cache.null")
+        for i = 1, 4 * EVERY do
+            r:get("k" .. i)
+        end
+        local count = check_series("metrics-get-misses")
+        assert.is_true(count >= 2, tostring(count))
+        assert.are.equal(0, r:stats().hits)
+    end)
+
+    it("has no series for a region configured with the sampling off", function()
+        local was = latency.set_sampling(false)
+        local ok, r = pcall(function()
+            return cache.make_region({ name = "metrics-get-off" }):configure("dogpile.cache.memory")
+        end)
+        latency.set_sampling(was)
+        assert(ok, r)
+        r:set("k", 1)
+        for _ = 1, 4 * EVERY do
+            r:get("k")
+        end
+        local _, count = get_series("metrics-get-off")
+        assert.is_nil(count)
+        assert.are.equal(4 * EVERY, r:stats().hits)
+    end)
+
+    it("puts each duration in the first bucket whose bound is not below it", function()
+        local B = latency.BOUNDS
+        for i, bound in ipairs(B) do
+            assert.are.equal(i, latency.bucket(bound), "on the bound " .. bound)
+            assert.are.equal(i, latency.bucket(bound * (1 - 1e-12)), "just under " .. bound)
+            assert.are.equal(i + 1, latency.bucket(bound * (1 + 1e-12)), "just over " .. bound)
+        end
+        assert.are.equal(1, latency.bucket(0))
+        assert.are.equal(#B + 1, latency.bucket(1e9))
+        assert.are.equal(#B + 1, latency.bucket(math.huge))
+    end)
+end)

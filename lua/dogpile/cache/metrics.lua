@@ -43,7 +43,7 @@ _M.COUNTERS = COUNTERS
 
 local HISTOGRAMS = {
     get = { "dogpile_cache_get_seconds", "Latency of region lookups (get, get_or_create's "
-            .. "read), sampled: one lookup in " .. latency.SAMPLE_EVERY .. "." },
+            .. "read), sampled: about one lookup in " .. latency.SAMPLE_EVERY .. "." },
     create = { "dogpile_cache_create_seconds", "Time a creator function took to make a value." },
 }
 

@@ -29,6 +29,8 @@ local envelope = require "dogpile.cache.envelope"
 local values = require "dogpile.cache.values"
 local CBackend = require("dogpile.cache.backends.c").CBackend
 local Memory = require("dogpile.cache.backends.memory").Memory
+local STAMP = require("dogpile.cache.backends.memory").STAMP
+local latency = require "dogpile.cache.latency"
 
 local C = lib.C
 local raise = lib.raise
@@ -41,8 +43,8 @@ local u8p = envelope.u8p
 local decode = values.decode
 local ffi_string, ffi_cast = ffi.string, ffi.cast
 local DP_OK, DP_ENOTFOUND = lib.DP_OK, lib.DP_ENOTFOUND
-local rawequal, rawget, pcall, getmetatable, tonumber, type =
-      rawequal, rawget, pcall, getmetatable, tonumber, type
+local rawequal, rawget, pcall, getmetatable, tonumber, type, ipairs, load, assert =
+      rawequal, rawget, pcall, getmetatable, tonumber, type, ipairs, load, assert
 local log, random = math.log, math.random
 
 lib.own_source()
@@ -288,10 +290,24 @@ local function direct_early(region, key, exp)
     return judged_early(region, direct_get(region, key), exp)
 end
 
+-- The memory backend's table, read directly. A value the backend stamped
+-- (its created time on the value itself, STAMP: it has no expiration time of
+-- its own and is of this format version) that is fresh by the cheap clock is
+-- a hit without reading its metadata table; anything else, including a
+-- value near or past its expiry, is judged in full, as every other strategy
+-- judges.
 local function memory_lookup(region, key, exp)
+    -- The clock first: fewer values are live across the call, so fewer are
+    -- saved and restored around it in the compiled hit.
+    local now = exp ~= nil and clock_seconds() or nil
     local cv = region._mem[key]
     if cv == nil then
         return false, NO_VALUE
+    end
+    local ct = rawget(cv, STAMP)
+    if ct ~= nil and not region._inv_judge(region.region_invalidator, ct)
+        and (exp == nil or now - ct <= exp) then
+        return true, rawget(cv, "payload")
     end
     return judged(region, cv, exp)
 end
@@ -499,6 +515,49 @@ end
 
 -- -- The choice, at configure ---------------------------------------------------------
 
+-- -- Sampling -----------------------------------------------------------------------
+-- Every strategy's single-key lookup (and its early_refresh form) has a
+-- sampled twin: latency.tick counts the lookup down, and the one that reaches
+-- zero is timed into the region's get histogram (latency.timed). The
+-- multi-key lookups are not sampled. Each twin is its own function, made from
+-- its own chunk: the trace compiler treats the upvalues of a function
+-- instantiated once as constants (the twin's lookup then costs nothing to
+-- find), and would read them through the closure on every hit if the twins
+-- shared one prototype.
+local SAMPLED = [[
+local own_source, tick, timed, lookup = ...
+own_source()
+return function(region, key, exp)
+    if tick() then
+        return timed(lookup, region, key, exp)
+    end
+    return lookup(region, key, exp)
+end
+]]
+local SAMPLED_OF = {}
+local function sampled(lookup)
+    local f = SAMPLED_OF[lookup]
+    if f == nil and lookup ~= nil then
+        f = assert(load(SAMPLED, "=dogpile/cache/read.lua (sampled lookup)"))(
+            lib.own_source, latency.tick, latency.timed, lookup)
+        SAMPLED_OF[lookup] = f
+    end
+    return f
+end
+
+for _, f in ipairs({ generic_lookup, generic_early, direct_lookup, direct_early, memory_lookup,
+                     memory_early, c_lookup, c_early, front_lookup, front_early }) do
+    sampled(f)
+end
+
+-- The strategy `s` with its lookups sampled, unless sampling is off.
+local function with_sampling(s)
+    if latency.sampling() then
+        s.lookup, s.early = sampled(s.lookup), sampled(s.early)
+    end
+    return s
+end
+
 --- The read strategy for a region whose outermost backend is `backend` (after
 -- wrapping) and whose backend object is `actual`, with codec `codec` (nil:
 -- Lua values). Returns `{name =, lookup =, early =, multi =, direct =, mem =,
@@ -511,7 +570,7 @@ function _M.choose(backend, actual, codec)
     local s = { name = "generic", lookup = generic_lookup, early = generic_early,
                 multi = generic_multi, direct = unwrapped and actual.infallible == true }
     if not unwrapped then
-        return s
+        return with_sampling(s)
     end
     local front = actual.front
     if front ~= nil then
@@ -532,7 +591,7 @@ function _M.choose(backend, actual, codec)
     elseif s.direct and not codec then
         s.name, s.lookup, s.early = "direct", direct_lookup, direct_early
     end
-    return s
+    return with_sampling(s)
 end
 
 return _M

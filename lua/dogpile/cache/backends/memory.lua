@@ -7,9 +7,45 @@ local api = require "dogpile.cache.api"
 local options = require "dogpile.cache.options"
 
 local NO_VALUE = api.NO_VALUE
-local type, pairs, setmetatable, math_floor = type, pairs, setmetatable, math.floor
+local VALUE_VERSION = api.VALUE_VERSION
+local type, pairs, setmetatable, rawget, rawset, math_floor =
+      type, pairs, setmetatable, rawget, rawset, math.floor
 
 lib.own_source()
+
+-- -- The stamp ------------------------------------------------------------------
+-- A CachedValue of this format with no expiration time of its own gets its
+-- created time copied onto itself, under STAMP, when it is stored: the
+-- region's hit (read.lua's memory strategy) then judges it from that one
+-- number, without reading the metadata table, which is one table fewer
+-- between the key and the payload. Any other value (its own expiration time,
+-- another format version, not a CachedValue) is stored as it is, and the hit
+-- reads its metadata. A value handed out by get or get_multi loses its
+-- stamp (whoever holds it may change its metadata, as a spec ageing a value
+-- does, and the hit must then see the change) until it is stored again.
+local STAMP = "_ct"
+
+local function stamp(v)
+    if type(v) == "table" and rawget(v, STAMP) == nil then
+        local md = rawget(v, "metadata")
+        if type(md) == "table" and rawget(md, "v") == VALUE_VERSION
+            and rawget(md, "ttl") == nil then
+            local ct = rawget(md, "ct")
+            if type(ct) == "number" then
+                rawset(v, STAMP, ct)
+            end
+        end
+    end
+    return v
+end
+
+-- The value `v` to hand out: without its stamp.
+local function unstamped(v)
+    if type(v) == "table" and rawget(v, STAMP) ~= nil then
+        rawset(v, STAMP, nil)
+    end
+    return v
+end
 
 -- -- Unbounded ----------------------------------------------------------------
 
@@ -23,11 +59,11 @@ function Memory:get(key)
     if v == nil then
         return NO_VALUE
     end
-    return v
+    return unstamped(v)
 end
 
 function Memory:set(key, value)
-    self._cache[key] = value
+    self._cache[key] = stamp(value)
 end
 
 function Memory:delete(key)
@@ -41,7 +77,7 @@ function Memory:get_multi(keys)
         if v == nil then
             v = NO_VALUE
         end
-        out[i] = v
+        out[i] = unstamped(v)
     end
     return out
 end
@@ -49,7 +85,7 @@ end
 function Memory:set_multi(mapping)
     local cache = self._cache
     for k, v in pairs(mapping) do
-        cache[k] = v
+        cache[k] = stamp(v)
     end
 end
 
@@ -187,6 +223,9 @@ local function new(arguments)
     end
     cache = cache or {}
     if not max then
+        for _, v in pairs(cache) do
+            stamp(v) -- a given cache_dict's values: no key is added, so pairs goes on
+        end
         return setmetatable({ _cache = cache }, Memory)
     end
     local head = { key = false, next = false, prev = false }
@@ -212,4 +251,4 @@ end
 -- @function new
 -- @tparam[opt] table arguments the arguments listed above
 -- @treturn table the backend
-return { new = new, Memory = Memory }
+return { new = new, Memory = Memory, STAMP = STAMP }
