@@ -11,15 +11,20 @@
 -- nginx.conf once called) fails here. Every module a block requires must be
 -- this library's, Lua's, or a file the README gives (users.lua).
 --
--- Blocks that need no nginx run, each in its own luajit, under a guard that
--- raises on any undefined global: a file (regions.lua) is written out and
--- loaded by the block that loads it, a script (warm_users.lua) runs with its
--- arguments and prints what the README says. The only rewrites are paths
--- (/etc/nginx/lua/regions.lua, /var/cache/myapp: to a temporary directory)
--- and Redis's address (to a redis-server this spec starts on a free port,
--- with the README's password). Blocks that need nginx, or a service the
--- README does not give (the users service at 10.0.0.9), are only checked
--- statically, each with the reason.
+-- Blocks run, each in its own luajit under a guard that raises on any
+-- undefined global: a file (regions.lua) is written out and loaded by the
+-- block that loads it, a script (warm_users.lua) runs with its arguments and
+-- prints what the README says. The nginx.confs run in nginx (Debian's
+-- nginx-extras), after the others, and must answer what the README says
+-- (OpenResty's serves user 7 from a stand-in users service once, then from
+-- the cache; the fleet's serves the users the batch job put in Redis); the
+-- Metrics fragment of http {} runs inside the least nginx.conf around it.
+-- The only rewrites are paths (/etc/nginx/lua/..., /var/cache/myapp: to a
+-- temporary directory), addresses (Redis: to a redis-server this spec
+-- starts on a free port with the README's password; the users service
+-- 10.0.0.9:8081: to the stand-in; nginx's listen port) and nginx's package
+-- paths (to this build). Servers the examples only configure (memcached,
+-- Redis Cluster, 10.0.0.x) are never connected to: configure is lazy.
 --
 -- DP_README=path checks another copy of the README (a proposed text).
 local support = require "support"
@@ -27,6 +32,10 @@ local support = require "support"
 local sh, read, write = support.sh, support.read, support.write
 
 local README = os.getenv("DP_README") or "README.md"
+
+-- Tools that must not inherit the sanitizer preload of the ASan run (curl
+-- hangs with it, as spec/ngx_support.lua says).
+local BARE = "env -u LD_PRELOAD -u ASAN_OPTIONS -u UBSAN_OPTIONS "
 
 -- -- The blocks ---------------------------------------------------------------
 
@@ -92,13 +101,18 @@ local CACHE = 'local cache = require "dogpile.cache"\n'
 
 -- kind: "run" (a chunk, run once), "file" (written out as `file`; loaded by
 -- another block, or by load_regions when `load`), "script" (run with `args`),
--- "static" (compiled and checked only; `why`).
+-- "nginx" (an nginx.conf, started after every other block ran, then asked
+-- `requests` = {path, status, body}; `service_hits`: how often the stand-in
+-- users service was asked each path), "static" (compiled and checked only;
+-- `why`).
 -- after: blocks whose source comes first (a continuation: their locals hold).
 -- prelude: Lua put before the block, with `why`.
 -- rewrite: {old, new} plain replacements, each of which must match.
 -- expect: what the block prints; check(redis_cli): what must hold after.
 -- ngx: the block may read the global `ngx` (it runs inside nginx, or asks
--- whether it does).
+-- whether it does). regions_from_comment: the regions file the block's
+-- comment shows ("-- /etc/nginx/lua/regions.lua returns" then the table),
+-- written out as that path.
 local CLASSES = {
     ["Regions from a config file #1"] = { kind = "file", file = "regions.lua" },
     ["Regions from a config file #2"] = {
@@ -185,16 +199,50 @@ local CLASSES = {
     },
     ["Writing a backend in Lua #2"] = { kind = "run", prelude = FRESH, why = "a region not configured yet" },
     ["Tiers #1"] = { kind = "run", prelude = CACHE, why = "cache is dogpile.cache" },
-    ["OpenResty #1"] = { kind = "static", why = "an nginx.conf" },
+    -- Run in nginx, its regions.lua the one its comment shows, its creator
+    -- (the next block) asking a stand-in users service on a free port.
+    ["OpenResty #1"] = {
+        kind = "nginx",
+        regions_from_comment = "lua/regions.lua",
+        rewrite = {
+            { '"/usr/local/share/lua/5.1/?.lua;/etc/nginx/lua/?.lua;;"', '"@LUA_PATH@;@TMP@/lua/?.lua;;"' },
+            { '"/usr/local/lib/lua/5.1/?.so;;"', '"@LUA_CPATH@;;"' },
+            { '"/etc/nginx/lua/regions.lua"', '"@TMP@/lua/regions.lua"' },
+            { "listen 8080;", "listen 127.0.0.1:@NGX_PORT@;" },
+        },
+        requests = {
+            { "/user?id=7", 200, "@USER_7@" },
+            { "/user?id=7", 200, "@USER_7@" },      -- from the cache: the service is asked once
+            { "/user?id=x", 400 },
+            { "/purge", 200 },
+        },
+        service_hits = { ["/users/7"] = 1 },
+    },
     ["OpenResty #2"] = {
-        kind = "static", file = "users.lua", ngx = true,
-        why = "a creator for nginx's cosockets, asking a users service the README does not give",
+        kind = "file", file = "lua/users.lua", ngx = true,
+        rewrite = { { 'sock:connect("10.0.0.9", 8081)', 'sock:connect("127.0.0.1", @USERS_PORT@)' } },
     },
     ["Redis across hosts: `dogpile.cache.redis` inside nginx #1"] = {
         kind = "file", file = "regions-fleet.lua", ngx = true,
         rewrite = { { "10.0.0.5:6379", "127.0.0.1:@REDIS_PORT@" } },
     },
-    ["Redis across hosts: `dogpile.cache.redis` inside nginx #2"] = { kind = "static", why = "an nginx.conf" },
+    -- Run in nginx after the batch job (#3) warmed Redis: user 1 is served
+    -- from Redis, never asked of the users service, which does not know it.
+    ["Redis across hosts: `dogpile.cache.redis` inside nginx #2"] = {
+        kind = "nginx",
+        rewrite = {
+            { '"/usr/local/share/lua/5.1/?.lua;/etc/nginx/lua/?.lua;;"', '"@LUA_PATH@;@TMP@/lua/?.lua;;"' },
+            { '"/usr/local/lib/lua/5.1/?.so;;"', '"@LUA_CPATH@;;"' },
+            { '"/etc/nginx/lua/regions.lua"', '"@TMP@/regions-fleet.lua"' },
+            { "listen 8080;", "listen 127.0.0.1:@NGX_PORT@;" },
+        },
+        requests = {
+            { "/health", 200, "ok" },
+            { "/user?id=1", 200, '{"name":"ada"}' },
+            { "/user?id=2", 200, '{"name":"bob"}' },
+        },
+        service_hits = { ["/users/1"] = 0, ["/users/2"] = 0 },
+    },
     ["Redis across hosts: `dogpile.cache.redis` inside nginx #3"] = {
         kind = "script", args = { "@TMP@/users.tsv" },
         rewrite = { { '"/etc/nginx/lua/regions.lua"', '"@TMP@/regions-fleet.lua"' } },
@@ -203,7 +251,22 @@ local CLASSES = {
             assert.are.equal("2", redis_cli("EXISTS user:1 user:2"))
         end,
     },
-    ["Metrics #1"] = { kind = "static", why = "nginx.conf directives" },
+    -- A fragment of http {}: run inside a minimal nginx.conf around it, its
+    -- server given a port; a scrape answers in Prometheus's text format.
+    ["Metrics #1"] = {
+        kind = "nginx",
+        wrap = "worker_processes 2;\n"
+            .. "load_module /usr/lib/nginx/modules/ndk_http_module.so;\n"
+            .. "load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;\n"
+            .. "events { worker_connections 64; }\n"
+            .. 'http {\n    lua_package_path "@LUA_PATH@;;";\n    lua_package_cpath "@LUA_CPATH@;;";\n'
+            .. "@BLOCK@\n}\n",
+        rewrite = { { "server {", "server {\n    listen 127.0.0.1:@NGX_PORT@;" } },
+        requests = {
+            { "/metrics", 200, match = "^# HELP dogpile_" },
+            { "/metrics", 200, match = "^# HELP dogpile_" },
+        },
+    },
     ["Sharing a cache with Python #1"] = { kind = "file", file = "regions-python.lua", load = true },
 }
 
@@ -239,9 +302,28 @@ local function requires_of(src)
     return out
 end
 
+-- Whether something listens on the loopback port (bash: /bin/sh has no /dev/tcp).
+local function listening(port)
+    return sh("bash -c 'exec 3<>/dev/tcp/127.0.0.1/" .. port .. "' 2>/dev/null && echo up") ~= ""
+end
+
+local function free_port()
+    for _ = 1, 100 do
+        local port = math.random(20000, 39999)
+        if not listening(port) then
+            return port
+        end
+    end
+    error("no free port")
+end
+
+local run_nginx
+
 describe("the README's examples", function()
-    local blocks, tmp, redis_port, redis_pid
+    local blocks, tmp, redis_port, redis_pid, users_port, users_pid
     local PASSWORD = "s3cret"
+    -- What the stand-in users service answers for user 7.
+    local USER_7 = '{"id":7,"name":"ada"}'
 
     local function redis_cli(cmd)
         return (sh(("redis-cli -p %d -a %s --no-auth-warning %s"):format(redis_port, PASSWORD, cmd))
@@ -251,11 +333,17 @@ describe("the README's examples", function()
     setup(function()
         blocks = blocks_of(assert(read(README), "cannot read " .. README))
         tmp = (sh("mktemp -d /tmp/dogpile-readme-XXXXXX"):gsub("%s+$", ""))
+        -- nginx's workers (nobody) read the Lua files written here.
+        sh("chmod 755 " .. tmp .. " && mkdir -p " .. tmp .. "/lua " .. tmp .. "/users-service/users")
         math.randomseed(os.time() + math.floor(os.clock() * 1e6))
+        write(tmp .. "/users-service/users/7", USER_7)
+        users_port = free_port()
+        users_pid = sh(("cd %s/users-service && { " .. BARE .. "python3 -m http.server %d --bind 127.0.0.1 "
+                        .. ">%s/users-service.log 2>&1 & echo $!; }"):format(tmp, users_port, tmp)):match("%d+")
         local ready = false
         for _ = 1, 20 do
-            local port = math.random(20000, 39999)
-            if sh("(exec 3<>/dev/tcp/127.0.0.1/" .. port .. ") 2>/dev/null && echo busy") == "" then
+            local port = free_port()
+            do
                 os.remove(tmp .. "/redis.pid")
                 sh(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --dir %s "
                     .. "--requirepass %s --daemonize yes --pidfile %s/redis.pid --logfile %s/redis.log")
@@ -281,7 +369,15 @@ describe("the README's examples", function()
         assert(ready, "redis-server did not start: " .. (read(tmp .. "/redis.log") or ""))
     end)
 
+    local nginx_pids = {}
+
     teardown(function()
+        for _, pid in ipairs(nginx_pids) do
+            sh("kill -QUIT " .. pid)
+        end
+        if users_pid then
+            sh("kill " .. users_pid)
+        end
         if redis_pid then
             sh("kill " .. redis_pid)
         end
@@ -294,8 +390,25 @@ describe("the README's examples", function()
         return ("%s:%d (%s)"):format(README, b.line, b.key)
     end
 
+    -- This process's module paths, absolute: a block runs in the temporary
+    -- directory, where it writes and finds its files.
+    local CWD = (sh("pwd"):gsub("%s+$", ""))
+    local function absolute(paths)
+        return (paths:gsub("[^;]+", function(p)
+            return p:sub(1, 1) == "/" and p or CWD .. "/" .. p
+        end))
+    end
+
+    local ngx_port
     local function subst(s)
-        return (s:gsub("@TMP@", tmp):gsub("@REDIS_PORT@", tostring(redis_port)))
+        local vars = {
+            TMP = tmp, REDIS_PORT = tostring(redis_port), USERS_PORT = tostring(users_port),
+            NGX_PORT = tostring(ngx_port), USER_7 = USER_7,
+            LUA_PATH = absolute(package.path), LUA_CPATH = absolute(package.cpath),
+        }
+        return (s:gsub("@([%u_%d]+)@", function(k)
+            return assert(vars[k], "no value for @" .. k .. "@")
+        end))
     end
 
     -- The block's source with its rewrites applied, each of which must match.
@@ -369,7 +482,7 @@ describe("the README's examples", function()
         for _, b in ipairs(blocks) do
             local c = CLASSES[b.key]
             if c and c.file then
-                files[c.file:gsub("%.lua$", "")] = true
+                files[c.file:match("([^/]+)%.lua$")] = true
             end
         end
         local problems = {}
@@ -428,15 +541,6 @@ describe("the README's examples", function()
         .. "    if k ~= 'ngx' then error('undefined global ' .. tostring(k), 2) end\n"
         .. "end })\n"
 
-    -- This process's module paths, absolute: a block runs in the temporary
-    -- directory, where it writes and finds its files.
-    local CWD = (sh("pwd"):gsub("%s+$", ""))
-    local function absolute(paths)
-        return (paths:gsub("[^;]+", function(p)
-            return p:sub(1, 1) == "/" and p or CWD .. "/" .. p
-        end))
-    end
-
     local function run(b, src, args)
         local path = tmp .. "/block-" .. b.line .. ".lua"
         write(path, GUARD .. src)
@@ -450,6 +554,87 @@ describe("the README's examples", function()
         return rc == "0", out:gsub("rc=%d+%s*$", "")
     end
 
+    local function service_hits(path)
+        local log = read(tmp .. "/users-service.log") or ""
+        local n = 0
+        for _ in log:gmatch('"GET ' .. path:gsub("%p", "%%%0") .. ' HTTP') do
+            n = n + 1
+        end
+        return n
+    end
+
+    -- Starts the nginx.conf of block `b` (rewritten) in its own prefix, asks
+    -- it the class's requests and stops it; what went wrong, as a list.
+    function run_nginx(b, class)
+        if sh("test -x /usr/sbin/nginx && test -f /usr/lib/nginx/modules/ngx_http_lua_module.so && echo yes")
+            == "" then
+            return { "needs nginx with its Lua module (apt-get install nginx-extras)" }
+        end
+        local problems = {}
+        local prefix = tmp .. "/nginx-" .. b.line
+        sh("mkdir -p " .. prefix .. "/logs")
+        local started = false
+        for _ = 1, 3 do
+            ngx_port = free_port()
+            local conf = rewritten(b, class)
+            if class.wrap then
+                local at = class.wrap:find("@BLOCK@", 1, true)
+                conf = subst(class.wrap:sub(1, at - 1)) .. conf .. subst(class.wrap:sub(at + 7))
+            end
+            write(prefix .. "/nginx.conf", conf)
+            sh(("/usr/sbin/nginx -p %s -c %s/nginx.conf -e logs/error.log -g 'pid logs/nginx.pid;'")
+               :format(prefix, prefix))
+            for _ = 1, 100 do
+                -- Listening is enough (a request of our own would log a 404).
+                if listening(ngx_port) then
+                    started = true
+                    break
+                end
+                support.sleep(0.05)
+            end
+            local pid = (read(prefix .. "/logs/nginx.pid") or ""):match("%d+")
+            if started then
+                nginx_pids[#nginx_pids + 1] = pid
+                break
+            elseif pid then
+                sh("kill -QUIT " .. pid)
+                os.remove(prefix .. "/logs/nginx.pid")
+            end
+        end
+        local pid = nginx_pids[#nginx_pids]
+        if not started then
+            return { "nginx did not start: " .. (read(prefix .. "/logs/error.log") or "") }
+        end
+        local before = {}
+        for path in pairs(class.service_hits or {}) do
+            before[path] = service_hits(path)
+        end
+        for _, req in ipairs(class.requests) do
+            local out = sh((BARE .. "curl -s -m 20 -w '\n%%{http_code}' 'http://127.0.0.1:%d%s'"):format(ngx_port, req[1]))
+            local body, code = out:match("^(.*)\n(%d+)$")
+            if tonumber(code) ~= req[2] or (req[3] and body ~= subst(req[3]))
+                or (req.match and not (body or ""):match(req.match)) then
+                problems[#problems + 1] = ("GET %s answered %s %q, the README's conf should answer %d %q")
+                    :format(req[1], tostring(code), tostring(body), req[2],
+                            req[3] and subst(req[3]) or req.match or "")
+            end
+        end
+        for path, want in pairs(class.service_hits or {}) do
+            local n = service_hits(path) - before[path]
+            if n ~= want then
+                problems[#problems + 1] = ("the users service was asked %s %d times, not %d"):format(path, n, want)
+            end
+        end
+        sh("kill -QUIT " .. pid)
+        local log = read(prefix .. "/logs/error.log") or ""
+        for line in log:gmatch("[^\n]+") do
+            if line:match("%[error%]") or line:match("%[emerg%]") or line:match("%[alert%]") then
+                problems[#problems + 1] = "error.log: " .. line
+            end
+        end
+        return problems
+    end
+
     it("run as written", function()
         write(tmp .. "/users.tsv", "1\t{\"name\":\"ada\"}\n2\t{\"name\":\"bob\"}\n")
         local failures, ran = {}, 0
@@ -458,6 +643,12 @@ describe("the README's examples", function()
             local class = CLASSES[b.key]
             if class and class.file and class.kind == "file" then
                 write(tmp .. "/" .. class.file, rewritten(b, class))
+            end
+            if class and class.regions_from_comment then
+                local shown = b.src:match("%-%- /etc/nginx/lua/regions%.lua returns\n(.-)\n%s*[^%s%-]")
+                assert(shown, where(b) .. ": no regions.lua in its comment")
+                write(tmp .. "/" .. class.regions_from_comment,
+                      "return " .. shown:gsub("%s*%-%-%s?", "\n"):gsub("^\n", "") .. "\n")
             end
         end
         for _, b in ipairs(blocks) do
@@ -486,7 +677,17 @@ describe("the README's examples", function()
                 end
             end
         end
+        -- The nginx.confs, once the batch job has warmed Redis.
+        for _, b in ipairs(blocks) do
+            local class = CLASSES[b.key]
+            if class and class.kind == "nginx" then
+                ran = ran + 1
+                for _, problem in ipairs(run_nginx(b, class)) do
+                    failures[#failures + 1] = where(b) .. ": " .. problem
+                end
+            end
+        end
         assert.are.same({}, failures)
-        assert.is_true(ran >= 20, "only " .. ran .. " examples ran")
+        assert.is_true(ran >= 22, "only " .. ran .. " examples ran")
     end)
 end)
