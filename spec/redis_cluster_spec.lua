@@ -988,4 +988,36 @@ describe("dogpile.cache.redis_cluster with one master stopped", function()
         assert.are.equal("back", r:get(down))
         assert.are.equal("closed", r:stats().circuit_state)
     end)
+    it("under fail_open: get_multi serves the live nodes' keys, the stopped node's are misses counted as errors; get_or_create_multi creates those alone", function()
+        local _, keys, on, nv = stored("fo")
+        local node = "127.0.0.1:" .. victim
+        local ro = region0({ fail_open = true })
+        local lines = logs()
+        local e0 = ro:stats().errors
+        for _, ignore in ipairs({ false, true }) do -- read in place, and through fetch_multi
+            local got = ro:get_multi(keys, nil, ignore)
+            for i = 1, 60 do
+                if on[i] then
+                    assert.are.equal(NO_VALUE, got[i], keys[i])
+                else
+                    assert.are.equal("v" .. i, got[i], keys[i])
+                end
+            end
+        end
+        assert.are.equal(e0 + 2 * nv, ro:stats().errors)
+        assert.matches(node, lines[1] or "", 1, true)
+        local asked = {}
+        local vals = ro:get_or_create_multi(keys, function(...)
+            local out = {}
+            for j, k in ipairs({ ... }) do
+                asked[#asked + 1] = k
+                out[j] = "c:" .. k
+            end
+            return out
+        end)
+        assert.are.equal(nv, #asked)
+        for i = 1, 60 do
+            assert.are.equal(on[i] and "c:" .. keys[i] or "v" .. i, vals[i])
+        end
+    end)
 end)

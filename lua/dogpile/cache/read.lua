@@ -28,6 +28,8 @@ local proxy = require "dogpile.cache.proxy"
 local envelope = require "dogpile.cache.envelope"
 local values = require "dogpile.cache.values"
 local CBackend = require("dogpile.cache.backends.c").CBackend
+local partial_of = require("dogpile.cache.backends.c").partial_of
+local VLEN_FAILED = require("dogpile.cache.backends.c").VLEN_FAILED
 local Memory = require("dogpile.cache.backends.memory").Memory
 local STAMP = require("dogpile.cache.backends.memory").STAMP
 local latency = require "dogpile.cache.latency"
@@ -202,13 +204,28 @@ local function fetch(region, key)
 end
 _M.fetch = fetch
 
+-- A multi-get that failed for the keys at `bad` only (a cluster node down)
+-- and read the others: raised without fail_open (the backend's `msg` names
+-- the node and counts the keys); under fail_open those keys are misses,
+-- each counted as an error, and the others are served.
+local function partial_failed(region, keys, bad, msg)
+    region:_failed("get_multi", keys[bad[1]], msg)
+    local st = region._stats
+    st.errors = st.errors + #bad - 1
+end
+
 --- The values of `keys` from the backend (its get_multi, or a loop), each a
 -- CachedValue or NO_VALUE; no judgement.
 local function fetch_multi(region, keys)
     local ok, vs = pcall(proxy.get_multi, region.backend, keys)
     if not ok then
-        region:_failed("get_multi", keys[1], vs)
-        vs = {}
+        local values, bad, msg = partial_of(vs)
+        if values and #bad > 0 then
+            partial_failed(region, keys, bad, msg)
+        else
+            region:_failed("get_multi", keys[1], values and msg or vs)
+        end
+        vs = values or {}
     end
     local codec = region._codec
     local out = {}
@@ -444,7 +461,7 @@ local function c_multi(region, keys, exp)
     local n = #keys
     local out = {}
     local cb = region._cb
-    local ok, data, lens = pcall(cb.get_multi_in_place, cb, keys)
+    local ok, data, lens, partial = pcall(cb.get_multi_in_place, cb, keys, true)
     if not ok then
         region:_failed("get_multi", keys[1], data)
         for i = 1, n do
@@ -479,6 +496,21 @@ local function c_multi(region, keys, exp)
             hits = hits + 1
         end
         out[i] = v
+    end
+    if partial then
+        -- Some keys' node failed (VLEN_FAILED), the others were read: after
+        -- the loop, so a log line under fail_open cannot touch the buffer.
+        local bad = {}
+        for i = 1, n do
+            if tonumber(lens[i - 1]) == VLEN_FAILED then
+                bad[#bad + 1] = i
+            end
+        end
+        if #bad > 0 then
+            partial_failed(region, keys, bad, partial)
+        else
+            region:_failed("get_multi", keys[1], partial)
+        end
     end
     return out, hits
 end
