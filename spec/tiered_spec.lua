@@ -320,6 +320,40 @@ return {
             assert.is_true(a:stats().tier_hits[1] >= 20000)
         end)
 
+        it("over a bottom without notification, another region's invalidation is seen once "
+           .. "max_age has passed", function()
+            -- A Lua backend: nothing announces its changes. The two regions
+            -- give it different arguments, so they share no change feed
+            -- either: only the reload every max_age can tell b.
+            local store = {}
+            local Shared = {}
+            Shared.__index = Shared
+            function Shared:get(k)
+                local v = store[k]
+                if v == nil then
+                    return NO_VALUE
+                end
+                return v
+            end
+            function Shared:set(k, v) store[k] = v end
+            function Shared:delete(k) store[k] = nil end
+            pcall(cache.register_backend, "spec.tiered_lua_bottom",
+                  function() return setmetatable({}, Shared) end)
+            local function layout(tag)
+                return { { backend = "dogpile.cache.memory", max_age = 0.2 },
+                         { backend = "spec.tiered_lua_bottom", arguments = { tag = tag } } }
+            end
+            local a = tiered(layout("a"), { expiration_time = 60 })
+            local b = tiered(layout("b"), { expiration_time = 60 })
+            a:set("k", "v")
+            assert.are.equal("v", b:get("k"))
+            a:invalidate(true)
+            assert.are.equal("v", b:get("k")) -- within max_age: b's copy, b's knowledge
+            sleep(0.25)
+            assert.are.equal(NO_VALUE, b:get("k"))
+            assert.is_true(b.region_invalidator:was_hard_invalidated())
+        end)
+
         it("the lock is the most shared tier's: one creator across Lua states", function()
             local name = fresh("lock")
             local a = tiered(ms(name), { expiration_time = 60 })
