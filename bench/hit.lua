@@ -352,6 +352,76 @@ local function measure(loop, n, shuffled)
              traces = format("%d+%d", roots, sides) }
 end
 
+--- The paths of `group` measured in turns: the traces flushed once, each
+-- path warmed up, then K rounds in which every path runs n iterations, in
+-- an order that rotates each round. A change in the machine's load then
+-- falls on every path of the group alike, which a path's repetitions in a
+-- row do not give on a shared machine. Returns, per path, {ns = median, lo,
+-- hi, aborts = {...}, traces = "roots+sides"} (traces and aborts counted
+-- while that path ran).
+local function measure_turns(group, n, k)
+    local current
+    local stats = {}
+    for i = 1, #group do
+        stats[i] = { roots = 0, sides = 0, aborts = {}, times = {} }
+    end
+    local function on_trace(what, tr, func, pc, otr, oex)
+        local st = stats[current]
+        if what == "start" then
+            if otr then
+                st.sides = st.sides + 1
+            else
+                st.roots = st.roots + 1
+            end
+        elseif what == "abort" then
+            local msg = vmdef.traceerr[otr] or tostring(otr)
+            if type(oex) == "function" then
+                oex = where(oex)
+            end
+            local ok, m = pcall(format, msg, oex)
+            st.aborts[#st.aborts + 1] = format("trace %d: %s at %s", tr, ok and m or msg,
+                                               where(func, pc))
+        end
+    end
+    jit.flush()
+    jit.opt.start("hotloop=" .. HOTLOOP)
+    jit.attach(on_trace, "trace")
+    local function run(i, iters)
+        current = i
+        local p = group[i]
+        local t0 = clock()
+        local acc = p[2](iters)
+        local t1 = clock()
+        if acc ~= expected_sum(iters, p.shuffled) then
+            jit.attach(on_trace)
+            error(format("bench: %s: checksum %s (a miss?)", p[1], tostring(acc)))
+        end
+        return (t1 - t0) / iters * 1e9
+    end
+    for i = 1, #group do
+        run(i, WARMUP)
+    end
+    for round = 1, k do
+        collectgarbage()
+        for j = 0, #group - 1 do
+            local i = (round + j) % #group + 1
+            local st = stats[i]
+            st.times[#st.times + 1] = run(i, n)
+        end
+    end
+    jit.attach(on_trace)
+    local out = {}
+    for i, st in ipairs(stats) do
+        local lo, hi = math.huge, 0
+        for _, t in ipairs(st.times) do
+            lo, hi = math.min(lo, t), math.max(hi, t)
+        end
+        out[i] = { name = group[i][1], ns = median(st.times), lo = lo, hi = hi,
+                   aborts = st.aborts, traces = format("%d+%d", st.roots, st.sides) }
+    end
+    return out
+end
+
 -- -- Report ----------------------------------------------------------------------
 
 print(format("%s (%s %s), JIT %s", jit.version, jit.os, jit.arch,
@@ -434,30 +504,59 @@ local function label(name, r)
     end
     return name .. " (compiled, 0 aborts)"
 end
-if lru_ns then
-    blib.row("hit_memory", label("memory region get_or_create hit", goc), goc.ns, "ns/op",
-             "resty.lrucache get", lru_ns, "<=2")
-    blib.row("hit_memory_get", label("memory region get hit", get_r), get_r.ns, "ns/op",
-             "resty.lrucache get", lru_ns, "")
-else
-    blib.row("hit_memory", label("memory region get_or_create hit", goc) .. " [no lrucache]",
-             goc.ns, "ns/op", "resty.lrucache get", nil, "<=2")
-end
-local s_lru, s_get, s_goc = results[9], results[10], results[11]
-if s_lru and s_lru.ns then
+
+-- The ratios of the ROW lines come from the paths measured in turns
+-- (measure_turns): each group's paths ran interleaved, round after round.
+local TURNS = ROUNDS * REPS * 4
+local turns_n = math.max(floor(N / 4), 1000)
+local seq, shuf
+if lrucache then
+    seq = measure_turns({ PATHS[2], PATHS[3], PATHS[4] }, turns_n, TURNS)
+    shuf = measure_turns({ PATHS[9], PATHS[10], PATHS[11], PATHS[12], PATHS[13] }, turns_n, TURNS)
+    print()
+    print(format("In turns (%d rounds of %d iterations, the paths of a group interleaved):", TURNS,
+                 turns_n))
+    print(format("%-34s %8s %11s %10s %7s %6s", "path", "ns/hit", "min-max", "x lrucache",
+                 "traces", "aborts"))
+    print(string.rep("-", 81))
+    for _, g in ipairs({ seq, shuf }) do
+        for _, r in ipairs(g) do
+            print(format("%-34s %8.2f %5.1f-%-5.1f %10.2f %7s %6d", r.name, r.ns, r.lo, r.hi,
+                         r.ns / g[1].ns, r.traces, #r.aborts))
+        end
+    end
+    for _, g in ipairs({ seq, shuf }) do
+        for _, r in ipairs(g) do
+            for _, a in ipairs(r.aborts) do
+                print(format("abort in %s (in turns): %s", r.name, a))
+            end
+        end
+    end
+    print(format("with/without histograms: get %.3f, get_or_create %.3f", shuf[2].ns / shuf[4].ns,
+                 shuf[3].ns / shuf[5].ns))
+    print()
+    local lru_t, get_t, goc_t = seq[1], seq[2], seq[3]
+    blib.row("hit_memory", label("memory region get_or_create hit", goc_t), goc_t.ns, "ns/op",
+             "resty.lrucache get", lru_t.ns, "<=2")
+    blib.row("hit_memory_get", label("memory region get hit", get_t), get_t.ns, "ns/op",
+             "resty.lrucache get", lru_t.ns, "")
+    local s_lru, s_get, s_goc, s_get_nh, s_goc_nh = shuf[1], shuf[2], shuf[3], shuf[4], shuf[5]
     blib.row("hit_memory_shuffled", label("memory region get_or_create hit, shuffled keys", s_goc),
              s_goc.ns, "ns/op", "resty.lrucache get, shuffled keys", s_lru.ns, "<=1.3")
     blib.row("hit_memory_get_shuffled", label("memory region get hit, shuffled keys", s_get),
              s_get.ns, "ns/op", "resty.lrucache get, shuffled keys", s_lru.ns, "<=1.3")
+    -- The get histogram's sampling (about one lookup in latency.SAMPLE_EVERY
+    -- timed): the same region with and without it (issue 20: within 5%).
+    blib.row("hit_histograms_get", label("memory region get hit with histograms, shuffled",
+                                         s_get), s_get.ns, "ns/op", "the same without histograms",
+             s_get_nh.ns, "<=1.05")
+    blib.row("hit_histograms_goc", label("memory region get_or_create hit with histograms, "
+                                         .. "shuffled", s_goc), s_goc.ns, "ns/op",
+             "the same without histograms", s_goc_nh.ns, "<=1.05")
+else
+    blib.row("hit_memory", label("memory region get_or_create hit", goc) .. " [no lrucache]",
+             goc.ns, "ns/op", "resty.lrucache get", nil, "<=2")
 end
--- The get histogram's sampling (one lookup in latency.SAMPLE_EVERY timed):
--- the same region with and without it, in this run (issue 20: within 5%).
-local s_get_nh, s_goc_nh = results[12], results[13]
-blib.row("hit_histograms_get", label("memory region get hit with histograms, shuffled", s_get),
-         s_get.ns, "ns/op", "the same without histograms", s_get_nh.ns, "<=1.05")
-blib.row("hit_histograms_goc", label("memory region get_or_create hit with histograms, shuffled",
-                                     s_goc), s_goc.ns, "ns/op", "the same without histograms",
-         s_goc_nh.ns, "<=1.05")
 do
     local h = latency.of(r_exp)
     local samples = h and h.get and h.get.count or 0
