@@ -14,7 +14,7 @@
 --           shared_memory and lmdb, with the anchor: a plain Lua table
 --           holding the same keys, read as t[key] in the same order (what
 --           reaching the key itself costs at that size; its runs alternate
---           with shared_memory's, so that load elsewhere hits both); lmdb
+--           with shared_memory's, both timed in CPU time); lmdb
 --           twice: with the default
 --           lru_resolution = 60 (pure reads over the run) and with
 --           lru_resolution = 1 (a hit on a key not read in the last second
@@ -242,6 +242,9 @@ end
 
 -- Median ns per op of each loop of `fns` (as lib.ns_per_op's fn), their
 -- runs alternating: one warm-up each, then `reps` rounds of one run each.
+-- Timed in CPU seconds of the process (os.clock): a ratio between two loops
+-- of one process then does not move when other processes take the CPU
+-- (they still share the caches and the memory bus).
 local function paired(fns, n, reps)
     local ts = {}
     for j, fn in ipairs(fns) do
@@ -250,9 +253,9 @@ local function paired(fns, n, reps)
     end
     for r = 1, reps do
         for j, fn in ipairs(fns) do
-            local t0 = lib.clock()
+            local t0 = os.clock()
             fn(n)
-            ts[j][r] = (lib.clock() - t0) * 1e9 / n
+            ts[j][r] = (os.clock() - t0) * 1e9 / n
         end
     end
     local out = {}
