@@ -35,7 +35,7 @@ if (name eq "tiered_zipf") {
     set y2range [0:100]
     set ytics nomirror
     set y2tics
-    set key top right box opaque
+    set key outside bottom center horizontal
     plot csv using 1:3 with linespoints lw 2 pt 7 title "memory -> redis (µs per call)" axes x1y1, \
          '' using 1:4 with linespoints lw 2 dt 2 pt 9 title "redis alone (µs per call)" axes x1y1, \
          '' using 1:5 with linespoints lw 2 pt 5 title "memory tier hit rate (%)" axes x1y2
