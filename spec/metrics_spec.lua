@@ -323,3 +323,87 @@ describe("the get latency histogram", function()
         assert.are.equal(#B + 1, latency.bucket(math.huge))
     end)
 end)
+
+-- The timed lookup is a side trace of the hit loop (and makes the region's
+-- histogram on the first sample): it must compile as the hit does, with no
+-- trace abort. jit_spec's loops are too short for a sample's exit to become
+-- hot, so this runs enough lookups for several dozen samples.
+describe("a hit loop with its lookups sampled", function()
+    support.no_leaks()
+    local jit = require "jit"
+    local jutil = require "jit.util"
+    local vmdef = require "jit.vmdef"
+    local format, tostring, pcall, type = string.format, tostring, pcall, type
+    local latency = require "dogpile.cache.latency"
+    local EVERY = latency.SAMPLE_EVERY
+    local NKEYS, N = 1000, 40 * 256
+    local KEYS = {}
+    for i = 1, NKEYS do
+        KEYS[i] = "key:" .. i
+    end
+    -- A local function: a global looked up through busted's environment
+    -- is a metamethod call the trace compiler does not follow.
+    local function creator()
+        return -1e9
+    end
+
+    -- Run loop() with the trace compiler watched; the aborts' texts.
+    local function aborts_of(loop)
+        local aborts = {}
+        local function on_trace(what, tr, func, pc, otr, oex)
+            if what == "abort" then
+                local fi = func and jutil.funcinfo(func, pc) or {}
+                local reason = vmdef.traceerr[otr] or tostring(otr)
+                if type(oex) == "function" then
+                    oex = jutil.funcinfo(oex).loc
+                end
+                local ok, msg = pcall(format, reason, oex)
+                aborts[#aborts + 1] = format("%s at %s", ok and msg or reason, tostring(fi.loc))
+            end
+        end
+        jit.flush()
+        jit.opt.start("hotloop=56")
+        jit.attach(on_trace, "trace")
+        local ok, err = pcall(loop)
+        jit.attach(on_trace)
+        assert(ok, err)
+        return aborts
+    end
+
+    local CASES = {
+        { "memory", "dogpile.cache.memory", { expiration_time = 3600 } },
+        { "shared_memory", "dogpile.cache.shared_memory",
+          { expiration_time = 3600, arguments = { name = "metrics_spec_jit" } } },
+    }
+    for _, c in ipairs(CASES) do
+        for _, call in ipairs({ "get", "get_or_create" }) do
+            it("compiles with no trace abort: " .. call .. " on " .. c[1], function()
+                assert.is_true(N >= 40 * EVERY / 2, "enough lookups for the samples")
+                local r = cache.make_region({ name = "metrics-jit-" .. c[1] .. call })
+                    :configure(c[2], c[3])
+                for i = 1, NKEYS do
+                    r:set(KEYS[i], i + 0.5)
+                end
+                local acc = 0
+                local aborts = aborts_of(function()
+                    local a = 0
+                    if call == "get" then
+                        for i = 1, N do
+                            a = a + r:get(KEYS[i % NKEYS + 1])
+                        end
+                    else
+                        for i = 1, N do
+                            a = a + r:get_or_create(KEYS[i % NKEYS + 1], creator)
+                        end
+                    end
+                    acc = a
+                end)
+                assert.are.equal(0, #aborts, table.concat(aborts, "\n"))
+                assert.is_true(acc > 0)
+                local h = latency.of(r)
+                assert.is_truthy(h and h.get, "the loop's lookups were sampled")
+                assert.is_true(h.get.count >= N / (1.5 * EVERY) - 1, tostring(h.get.count))
+            end)
+        end
+    end
+end)
