@@ -133,6 +133,13 @@ function CBackend:get_multi(keys)
     return out
 end
 
+--- A Partial error for another backend's get_multi (the cluster's cosocket
+-- form): `msg`, the array of values with NO_VALUE for the failed keys, and
+-- their indexes.
+local function partial_error(msg, values, failed)
+    return setmetatable({ msg = msg, values = values, failed = failed }, Partial)
+end
+
 function CBackend:set_multi(mapping)
     local n = 0
     for _ in pairs(mapping) do
@@ -486,4 +493,5 @@ local function partial_of(err)
     return nil
 end
 
-return { open = open, CBackend = CBackend, partial_of = partial_of, VLEN_FAILED = VLEN_FAILED }
+return { open = open, CBackend = CBackend, partial_of = partial_of, partial_error = partial_error,
+         VLEN_FAILED = VLEN_FAILED }

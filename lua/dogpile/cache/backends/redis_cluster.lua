@@ -1,7 +1,8 @@
 --- dogpile.cache.redis_cluster: a cache on a Redis Cluster (hiredis, in C:
 -- backends/redis_cluster.c), with the values and the lock of
 -- dogpile.cache.redis. This file only does what is Lua's: the list of
--- startup nodes joined into one string, and distributed_lock.
+-- startup nodes joined into one string, and distributed_lock; inside nginx
+-- it opens the cosocket form instead (backends/redis_cluster_cosocket.lua).
 -- Arguments (README, "dogpile.cache.redis_cluster"): startup_nodes
 -- ({"host:port", ...}, {{host, port}, ...} or {{host = h, port = p}, ...})
 -- or url ("redis+cluster://[user:password@]h1:p1,h2:p2"), username,
@@ -45,15 +46,47 @@ local function node_list(nodes)
     return concat(list, ",")
 end
 
+-- The nodes as "host:port,..." from startup_nodes or a url
+-- ("redis+cluster://[user:password@]h1:p1,h2:p2[/0]"), for the cosocket
+-- form (the C backend reads the url itself); the url's credentials go into
+-- `arguments` (the caller's copy), where the cosocket form reads them.
+local function url_nodes(arguments)
+    if arguments.startup_nodes ~= nil then
+        return node_list(arguments.startup_nodes)
+    end
+    local url = arguments.url
+    if type(url) ~= "string" then
+        lib.raise(NAME .. ": startup_nodes (a list of \"host:port\") or url "
+                  .. "(\"redis+cluster://host:port,...\") is required")
+    end
+    local rest = url:match("^redis%+cluster://(.*)$") or url:match("^redis://(.*)$")
+    if not rest then
+        lib.raise(NAME .. ": url '" .. url .. "' must start with redis+cluster:// (or redis://)")
+    end
+    local userinfo, hosts = rest:match("^(.*)@([^@]*)$")
+    if userinfo then
+        local user, pass = userinfo:match("^([^:]*):(.*)$")
+        if user then
+            arguments.password = pass
+            if user ~= "" then
+                arguments.username = user
+            end
+        elseif userinfo ~= "" then
+            arguments.password = userinfo
+        end
+        rest = hosts
+    end
+    local list, db = rest:match("^([^/]*)/?(.*)$")
+    if db ~= "" and db ~= "0" then
+        lib.raise(NAME .. ": url '" .. url .. "': a cluster has database 0 only, not '" .. db .. "'")
+    end
+    return list
+end
+
 local function new(arguments)
     arguments = arguments or {}
     if type(arguments) ~= "table" then
         lib.raise(NAME .. ": arguments must be a table, got " .. type(arguments))
-    end
-    local ngx = rawget(_G, "ngx")
-    if type(ngx) == "table" and ngx.config and ngx.config.ngx_lua_version and ngx.socket then
-        lib.raise(NAME .. ": not available inside nginx yet: hiredis would block the worker, "
-                  .. "and the cluster client has no cosocket form")
     end
     local distributed = arguments.distributed_lock
     if distributed == nil then
@@ -69,6 +102,16 @@ local function new(arguments)
     if idle ~= nil and (type(idle) ~= "number" or not (idle > 0) or idle == math.huge) then
         lib.raise(NAME .. ": pool_idle_timeout must be a positive number of seconds, got "
                   .. tostring(idle))
+    end
+    local ngx = rawget(_G, "ngx")
+    if type(ngx) == "table" and ngx.config and ngx.config.ngx_lua_version and ngx.socket then
+        -- hiredis would block the worker: the same client over cosockets.
+        local copy = {}
+        for k, v in pairs(arguments) do
+            copy[k] = v
+        end
+        return require("dogpile.cache.backends.redis_cluster_cosocket").open(
+            NAME, copy, url_nodes(copy), distributed)
     end
     local rest = {}
     for k, v in pairs(arguments) do
