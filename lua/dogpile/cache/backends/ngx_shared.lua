@@ -56,106 +56,97 @@ local _M = { _VERSION = lib.version }
 -- symbols are missing (no resty.core, or a dict that is not a
 -- lua_shared_dict) the backend goes through the dict's methods.
 
-local raw -- nil: no FFI reads in this Lua state
-do
-    local ok = pcall(function()
-        local subsystem = ngx.config.subsystem
-        require "resty.core.shdict" -- declares the functions below
-        local C = ffi.C
-        local get = C["ngx_" .. subsystem .. "_lua_ffi_shdict_get"]
-        local to_zone = C["ngx_" .. subsystem .. "_lua_ffi_shdict_udata_to_zone"]
-        local free = C.free
-        raw = { get = get, to_zone = to_zone, free = free }
-    end)
-    if not ok then
-        raw = nil
-    end
-end
+-- The FFI functions, or nil (no FFI reads in this Lua state).
+local shdict_get, udata_to_zone, free
+pcall(function()
+    local subsystem = ngx.config.subsystem
+    require "resty.core.shdict" -- declares the functions below
+    local C = ffi.C
+    local get = C["ngx_" .. subsystem .. "_lua_ffi_shdict_get"]
+    local to_zone = C["ngx_" .. subsystem .. "_lua_ffi_shdict_udata_to_zone"]
+    shdict_get, udata_to_zone, free = get, to_zone, C.free
+end)
 
 -- LUA_TNIL, LUA_TBOOLEAN, LUA_TNUMBER, LUA_TSTRING: the value types shdict_get reports.
 local T_NIL, T_BOOLEAN, T_NUMBER, T_STRING = 0, 1, 3, 4
 local u8p = ffi.typeof("const uint8_t *")
-local BUF_MIN = 4096
+local BUF_MIN, SMALL = 4096, 64
 
--- One worker's read state: every read finishes before the next starts (a
--- dict read never yields), so one set of out-parameters serves every
--- backend of the Lua state. `buf` grows to the largest value read: shdict_get
--- mallocs a buffer of its own for a value longer than `cap`, which becomes
--- ours.
-local rd
-if raw then
-    rd = {
-        vtype = ffi.new("int[1]"), bufp = ffi.new("unsigned char *[1]"),
-        len = ffi.new("size_t[1]"), num = ffi.new("double[1]"), flags = ffi.new("int[1]"),
-        stale = ffi.new("int[1]"), err = ffi.new("char *[1]"),
-        buf = ffi.new("unsigned char[?]", BUF_MIN), cap = BUF_MIN,
-        -- The invalidation time's own buffer: a string stored under its key
-        -- (not ours) must not land in `buf`, which a caller may be reading.
-        small = ffi.new("unsigned char[?]", 64),
-    }
+-- One worker's read state, in upvalues (constants to the trace compiler,
+-- where table fields would be loaded on every hit): every read finishes
+-- before the next starts (a dict read never yields), so one set of
+-- out-parameters serves every backend of the Lua state. `buf` grows to the
+-- largest value read: shdict_get mallocs a buffer of its own for a value
+-- longer than `cap`, which becomes ours. `small`: the invalidation time's
+-- own buffer, so that a string stored under its key (not ours) never lands
+-- in `buf`, which a caller may be reading.
+local vtype_p, buf_pp, len_p, num_p, flags_p, stale_p, err_p, buf, cap, small
+if shdict_get then
+    vtype_p, buf_pp = ffi.new("int[1]"), ffi.new("unsigned char *[1]")
+    len_p, num_p, flags_p = ffi.new("size_t[1]"), ffi.new("double[1]"), ffi.new("int[1]")
+    stale_p, err_p = ffi.new("int[1]"), ffi.new("char *[1]")
+    buf, cap = ffi.new("unsigned char[?]", BUF_MIN), BUF_MIN
+    small = ffi.new("unsigned char[?]", SMALL)
 end
 
 -- The zone pointer of `dict` (an ngx.shared.DICT), or nil when `dict` is
 -- not one that the FFI functions take.
 local function zone_of(dict)
-    if raw == nil or type(dict) ~= "table" or type(dict[1]) ~= "userdata" then
+    if shdict_get == nil or type(dict) ~= "table" or type(dict[1]) ~= "userdata" then
         return nil
     end
-    local ok, zone = pcall(raw.to_zone, dict[1])
+    local ok, zone = pcall(udata_to_zone, dict[1])
     if not ok or zone == nil then
         return nil
     end
     return zone
 end
 
--- One shdict_get into the worker's buffer: the value's type (and its
--- length in rd.len, its bytes at rd.bufp[0]). As DICT:get: a key the dict
--- cannot hold (empty, longer than 65535 bytes) is a miss, and so is a read
--- that failed with a reason (malloc); one without a reason raises.
+-- One shdict_get into the worker's buffer: the value's type (its length in
+-- len_p[0], its bytes at buf_pp[0]). As DICT:get: a key the dict cannot
+-- hold (empty, longer than 65535 bytes) is a miss, and so is a read that
+-- failed with a reason (malloc); one without a reason raises.
 local function raw_get(zone, key)
     local kn = #key
     if kn == 0 or kn > 65535 then
         return T_NIL
     end
-    local r = rd
-    local buf = r.buf
-    r.bufp[0] = buf
-    r.len[0] = r.cap
-    local rc = raw.get(zone, key, kn, r.vtype, r.bufp, r.len, r.num, r.flags, 0, r.stale, r.err)
+    local b = buf
+    buf_pp[0] = b
+    len_p[0] = cap
+    local rc = shdict_get(zone, key, kn, vtype_p, buf_pp, len_p, num_p, flags_p, 0, stale_p, err_p)
     if rc ~= 0 then
-        if r.err[0] ~= nil then
-            r.err[0] = nil
+        if err_p[0] ~= nil then
+            err_p[0] = nil
             return T_NIL
         end
         error(NAME .. ": reading '" .. key .. "' failed (shdict_get returned " .. rc .. ")", 0)
     end
-    local p = r.bufp[0]
-    if p ~= buf then
+    local p = buf_pp[0]
+    if p ~= b then
         -- Longer than our buffer: shdict_get malloc'd this one; keep it.
-        local n = tonumber(r.len[0])
-        r.buf, r.cap = ffi.gc(p, raw.free), n
+        buf, cap = ffi.gc(p, free), tonumber(len_p[0])
     end
-    return r.vtype[0]
+    return vtype_p[0]
 end
 
 -- The number stored under `key`, or nil when there is none (a value of
 -- another type: false, for the caller to read through the dict instead).
 local function raw_number(zone, key)
-    local r = rd
-    local small = r.small
-    r.bufp[0] = small
-    r.len[0] = 64
-    local rc = raw.get(zone, key, #key, r.vtype, r.bufp, r.len, r.num, r.flags, 0, r.stale, r.err)
-    local p = r.bufp[0]
+    buf_pp[0] = small
+    len_p[0] = SMALL
+    local rc = shdict_get(zone, key, #key, vtype_p, buf_pp, len_p, num_p, flags_p, 0, stale_p,
+                          err_p)
+    local p = buf_pp[0]
     if p ~= small then
-        raw.free(p)
+        free(p)
     end
     if rc ~= 0 then
         return false
     end
-    local t = r.vtype[0]
+    local t = vtype_p[0]
     if t == T_NUMBER then
-        return r.num[0]
+        return num_p[0]
     elseif t == T_NIL then
         return nil
     end
@@ -564,13 +555,13 @@ function Backend:get(key)
     end
     local t = raw_get(zone, key)
     if t == T_STRING then
-        return ffi_string(rd.bufp[0], rd.len[0])
+        return ffi_string(buf_pp[0], len_p[0])
     elseif t == T_NIL then
         return NO_VALUE
     elseif t == T_NUMBER then
-        return tonumber(rd.num[0])
+        return tonumber(num_p[0])
     elseif t == T_BOOLEAN then
-        return rd.bufp[0][0] ~= 0
+        return buf_pp[0][0] ~= 0
     end
     return self.dict:get(key)
 end
@@ -584,7 +575,7 @@ end
 function Backend:get_in_place(key)
     local t = raw_get(self.zone, key)
     if t == T_STRING then
-        return ffi_cast(u8p, rd.bufp[0]), tonumber(rd.len[0])
+        return ffi_cast(u8p, buf_pp[0]), tonumber(len_p[0])
     elseif t == T_NIL then
         return nil
     end
