@@ -336,7 +336,7 @@ describe("a hit loop with its lookups sampled", function()
     local format, tostring, pcall, type = string.format, tostring, pcall, type
     local latency = require "dogpile.cache.latency"
     local EVERY = latency.SAMPLE_EVERY
-    local NKEYS, N = 1000, 40 * 256
+    local NKEYS, N = 1000, 40 * EVERY
     local KEYS = {}
     for i = 1, NKEYS do
         KEYS[i] = "key:" .. i
@@ -378,7 +378,6 @@ describe("a hit loop with its lookups sampled", function()
     for _, c in ipairs(CASES) do
         for _, call in ipairs({ "get", "get_or_create" }) do
             it("compiles with no trace abort: " .. call .. " on " .. c[1], function()
-                assert.is_true(N >= 40 * EVERY / 2, "enough lookups for the samples")
                 local r = cache.make_region({ name = "metrics-jit-" .. c[1] .. call })
                     :configure(c[2], c[3])
                 for i = 1, NKEYS do

@@ -582,9 +582,13 @@ for _, f in ipairs({ generic_lookup, generic_early, direct_lookup, direct_early,
     sampled(f)
 end
 
--- The strategy `s` with its lookups sampled, unless sampling is off.
-local function with_sampling(s)
-    if latency.sampling() then
+-- The strategy `s` with its lookups sampled when `on` is true, or when it
+-- is nil and sampling is on (latency.set_sampling).
+local function with_sampling(s, on)
+    if on == nil then
+        on = latency.sampling()
+    end
+    if on then
         s.lookup, s.early = sampled(s.lookup), sampled(s.early)
     end
     return s
@@ -596,13 +600,14 @@ end
 -- cb =, front =, sync =}` (`early`: the lookup with early_refresh's draw) for the region to keep: a proxy in between, a
 -- serializer of the user's, or wire_format's codec (no raw_decode: the C
 -- in-place reader knows only this library's envelope) leaves the generic
--- strategy.
-function _M.choose(backend, actual, codec)
+-- strategy. `histograms` (optional): false leaves the lookups unsampled
+-- (no get latency histogram), true samples them; nil: as latency.sampling().
+function _M.choose(backend, actual, codec, histograms)
     local unwrapped = backend == actual
     local s = { name = "generic", lookup = generic_lookup, early = generic_early,
                 multi = generic_multi, direct = unwrapped and actual.infallible == true }
     if not unwrapped then
-        return with_sampling(s)
+        return with_sampling(s, histograms)
     end
     local front = actual.front
     if front ~= nil then
@@ -623,7 +628,7 @@ function _M.choose(backend, actual, codec)
     elseif s.direct and not codec then
         s.name, s.lookup, s.early = "direct", direct_lookup, direct_early
     end
-    return with_sampling(s)
+    return with_sampling(s, histograms)
 end
 
 return _M
