@@ -9,7 +9,7 @@ BUILD=$ROOT/_build
 BUILD_PKGS="build-essential pkg-config meson ninja-build luajit2 libluajit2-5.1-dev
   lua-busted lua-resty-lrucache libuv1-dev libhiredis-dev liblmdb-dev libmemcached-dev
   luarocks lua-ldoc lua-discount"
-TEST_PKGS="redis-server memcached nginx-extras curl clang libclang-rt-14-dev valgrind
+TEST_PKGS="redis-server memcached nginx-extras curl clang libclang-rt-14-dev valgrind chromium
   lua-cosmo python3 python3-dogpile.cache python3-redis python3-pymemcache python3-memcache"
 
 install_deps() {

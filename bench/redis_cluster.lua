@@ -141,7 +141,7 @@ local function plain_server()
     local port
     for _ = 1, 100 do
         port = math.random(20000, 39999)
-        if S.sh("(exec 3<>/dev/tcp/127.0.0.1/" .. port .. ") 2>/dev/null && echo busy") == "" then
+        if S.sh("bash -c '(exec 3<>/dev/tcp/127.0.0.1/" .. port .. ") 2>/dev/null && echo busy'") == "" then
             break
         end
     end

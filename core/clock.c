@@ -101,6 +101,7 @@ DP_API const char *dp_strerror(int status)
     case DP_ETOOBIG: return "value larger than the backend's bound";
     case DP_EMISMATCH: return "a named instance exists with other settings";
     case DP_EBACKEND: return "backend failure";
+    case DP_EPARTIAL: return "failed for some keys only";
     default: return "unknown status";
     }
 }

@@ -438,7 +438,7 @@ return {
             os.execute("mkdir -p " .. sh_quote(dir))
             for _ = 1, 20 do
                 port = math.random(20000, 39999)
-                if support.sh("(exec 3<>/dev/tcp/127.0.0.1/" .. port .. ") 2>/dev/null && echo busy") == "" then
+                if support.sh("bash -c '(exec 3<>/dev/tcp/127.0.0.1/" .. port .. ") 2>/dev/null && echo busy'") == "" then
                     break
                 end
             end

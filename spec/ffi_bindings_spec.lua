@@ -13,6 +13,8 @@ for _, name in ipairs({ "dp_buf_init", "dp_buf_reset", "dp_buf_free", "dp_buf_fi
     -- C backends fill their settings from declared arguments, and say they
     -- talk to a server (a circuit breaker of their own).
     "dp_args_fill", "dp_args_free", "dp_args_diff", "dp_circuit_declare",
+    -- C backends with several servers guard each with a breaker of its own.
+    "dp_circuit_server", "dp_circuit_enter", "dp_circuit_leave",
     -- For a C host at the end of its life, when no Lua state is open.
     "dp_shutdown" }) do
     SKIPPED[name] = true

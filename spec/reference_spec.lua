@@ -51,7 +51,8 @@ describe("the reference", function()
                                     "dogpile.cache.options", "dogpile.cache.read", "dogpile.cache.write",
                                     "dogpile.cache.create", "dogpile.cache.registry", "dogpile.cache.values",
                                     "dogpile.cache.cli", "dogpile.cache.cli_store", "dogpile.cache.resp",
-                                    "dogpile.cache.backends.c", "dogpile.cache.backends.redis_cosocket" } do
+                                    "dogpile.cache.backends.c", "dogpile.cache.backends.redis_cosocket",
+                                    "dogpile.cache.backends.redis_cluster_cosocket" } do
             assert.is_nil(pages[internal .. ".html"], internal .. " is listed")
         end
         for _, public in ipairs { "dogpile", "dogpile.cache", "dogpile.cache.region", "dogpile.cache.util",
