@@ -401,6 +401,15 @@ local function front_read(region, key, exp, early)
     end
     local cv = region._front[key]
     if cv ~= nil then
+        -- A value a memory tier stamped (as memory_lookup reads it), fresh
+        -- by the cheap clock: a hit without its metadata table.
+        local ct = not early and rawget(cv, STAMP)
+        if ct and not region._inv_judge(region.region_invalidator, ct)
+            and (exp == nil or clock_seconds() - ct <= exp) then
+            local st = region._stats
+            st.front_hits = st.front_hits + 1
+            return true, rawget(cv, "payload")
+        end
         local md = cv.metadata
         if md.v == VALUE_VERSION then
             local e = own_exp(rawget(md, "ttl"), exp)
