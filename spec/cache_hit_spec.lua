@@ -54,3 +54,78 @@ describe("a cache hit", function()
         assert.are.equal(1, st.creations)
     end)
 end)
+
+-- The memory backend stamps a plain CachedValue with its created time
+-- (backends/memory.lua, STAMP) and the region's hit judges it from there:
+-- every judgement must stay what the metadata says.
+describe("a memory hit on a stamped value", function()
+    support.no_leaks()
+    local api = require "dogpile.cache.api"
+    local STAMP = require("dogpile.cache.backends.memory").STAMP
+
+    local function region(opts)
+        return cache.make_region():configure("dogpile.cache.memory", opts)
+    end
+
+    it("is stamped only without an expiration time of its own", function()
+        local d = {}
+        local r = region({ expiration_time = 60, arguments = { cache_dict = d } })
+        r:set("plain", 1)
+        r:set("own", 2, 3600)
+        assert.are.equal(d.plain.metadata.ct, rawget(d.plain, STAMP))
+        assert.is_nil(rawget(d.own, STAMP))
+        assert.are.equal(1, r:get("plain"))
+        assert.are.equal(2, r:get("own"))
+    end)
+
+    it("sees a change made to the metadata of a value the backend handed out", function()
+        local r = region({ expiration_time = 60 })
+        r:set("k", "v")
+        local cv = r.backend:get("k")
+        assert.is_nil(rawget(cv, STAMP), "handed out: no stamp")
+        cv.metadata.ct = cv.metadata.ct - 120
+        assert.are.equal(cache.NO_VALUE, r:get("k"))
+        r:set("k", "w")
+        assert.are.equal("w", r:get("k"))
+    end)
+
+    it("judges expiry, hard and soft invalidation as the metadata says", function()
+        local r = region({ expiration_time = 60 })
+        r:set("k", "v")
+        assert.are.equal("v", r:get("k"))
+        assert.are.equal(cache.NO_VALUE, r:get("k", 0), "expired for a call's own 0 s")
+        assert.are.equal("v", r:get("k", -1), "never expires for -1")
+        r:invalidate(false)
+        assert.are.equal(cache.NO_VALUE, r:get("k"), "soft: a get misses")
+        assert.are.equal("new", r:get_or_create("k", function() return "new" end))
+        r:invalidate(true)
+        assert.are.equal(cache.NO_VALUE, r:get("k"), "hard")
+        local calls = 0
+        assert.are.equal("again", r:get_or_create("k", function()
+            calls = calls + 1
+            return "again"
+        end))
+        assert.are.equal(1, calls)
+        assert.are.equal("again", r:get("k"))
+    end)
+
+    it("reads a value put in the cache_dict by hand, unstamped, from its metadata", function()
+        local d = {}
+        local r = region({ expiration_time = 60, arguments = { cache_dict = d } })
+        local now = require("dogpile.lib").C.dp_clock_stamp()
+        d.fresh = api.CachedValue.new("f", { ct = now, v = api.VALUE_VERSION })
+        d.old = api.CachedValue.new("o", { ct = now - 120, v = api.VALUE_VERSION })
+        d.other = api.CachedValue.new("x", { ct = now, v = api.VALUE_VERSION + 1 })
+        assert.are.equal("f", r:get("fresh"))
+        assert.are.equal(cache.NO_VALUE, r:get("old"))
+        assert.are.equal(cache.NO_VALUE, r:get("other"), "another format version is a miss")
+    end)
+
+    it("stamps the values of a cache_dict given at configure", function()
+        local now = require("dogpile.lib").C.dp_clock_stamp()
+        local d = { a = api.CachedValue.new(1, { ct = now, v = api.VALUE_VERSION }) }
+        local r = region({ expiration_time = 60, arguments = { cache_dict = d } })
+        assert.are.equal(now, rawget(d.a, STAMP))
+        assert.are.equal(1, r:get("a"))
+    end)
+end)
