@@ -73,6 +73,10 @@ describe("dogpile.cache.ngx_shared in nginx", function()
         end
     end)
 
+    it("reads a hit in place (read.lua's in_place strategy), in every worker", function()
+        from_both("/reader", function(f) assert.are.equal("in_place", f[1]) end)
+    end)
+
     it("counts a value that is not bytes as an error and a miss", function()
         local f = get("/raw?key=number")
         assert.are.equal("NO_VALUE", f[1])

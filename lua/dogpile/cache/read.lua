@@ -343,17 +343,9 @@ end
 -- anything else takes the slow path as a decoded CachedValue. `early`: with
 -- early_refresh's draw (constant in each of the two functions below, so
 -- each compiles without the other's branch).
-local function c_read(region, key, exp, early)
-    local cb = region._cb
-    local bytes = cb.bytes
-    local rc = C.dp_backend_get(cb.handle, key, #key, bytes, cb.err)
-    if rc ~= DP_OK then
-        if rc ~= DP_ENOTFOUND then
-            region:_failed("get", key, ffi_string(cb.err.msg))
-        end
-        return false, NO_VALUE
-    end
-    local p, n = ffi_cast(u8p, bytes.data), tonumber(bytes.len)
+-- The envelope at `p` (`n` bytes, in a backend's buffer) read in place: no
+-- envelope string, no CachedValue for a fresh value.
+local function in_place(region, p, n, exp, early)
     local ct, off, ttl, delta = header(p, n)
     if ct then
         if ttl ~= nil then
@@ -384,12 +376,51 @@ local function c_read(region, key, exp, early)
     return false, decode_counted(region, ffi_string(p, n))
 end
 
+local function c_read(region, key, exp, early)
+    local cb = region._cb
+    local bytes = cb.bytes
+    local rc = C.dp_backend_get(cb.handle, key, #key, bytes, cb.err)
+    if rc ~= DP_OK then
+        if rc ~= DP_ENOTFOUND then
+            region:_failed("get", key, ffi_string(cb.err.msg))
+        end
+        return false, NO_VALUE
+    end
+    return in_place(region, ffi_cast(u8p, bytes.data), tonumber(bytes.len), exp, early)
+end
+
 local function c_lookup(region, key, exp)
     return c_read(region, key, exp, false)
 end
 
 local function c_early(region, key, exp)
     return c_read(region, key, exp, true)
+end
+
+-- An infallible serialized Lua backend that reads into a buffer of its own
+-- (ngx_shared: `get_in_place(key)` -> pointer and length, nil on a miss,
+-- false for a value that is not bytes): the envelope read there, as c_read
+-- does. A value that is not bytes is the generic read's, which counts it.
+local function place_read(region, key, exp, early)
+    local backend = region.backend
+    local p, n = backend:get_in_place(key)
+    if p == nil then
+        return false, NO_VALUE
+    elseif p == false then
+        if early then
+            return generic_early(region, key, exp)
+        end
+        return generic_lookup(region, key, exp)
+    end
+    return in_place(region, p, n, exp, early)
+end
+
+local function place_lookup(region, key, exp)
+    return place_read(region, key, exp, false)
+end
+
+local function place_early(region, key, exp)
+    return place_read(region, key, exp, true)
 end
 
 -- The front tier first (front.md): sync (cheap when nothing is pending), then
@@ -587,7 +618,8 @@ local function sampled(lookup)
 end
 
 for _, f in ipairs({ generic_lookup, generic_early, direct_lookup, direct_early, memory_lookup,
-                     memory_early, c_lookup, c_early, front_lookup, front_early }) do
+                     memory_early, c_lookup, c_early, place_lookup, place_early, front_lookup,
+                     front_early }) do
     sampled(f)
 end
 
@@ -634,6 +666,8 @@ function _M.choose(backend, actual, codec, histograms)
         and getmetatable(actual) == CBackend then
         s.name, s.lookup, s.early, s.multi = "c", c_lookup, c_early, c_multi
         s.cb = actual
+    elseif codec and codec.raw_decode and s.direct and is_callable(actual.get_in_place) then
+        s.name, s.lookup, s.early = "in_place", place_lookup, place_early
     elseif s.direct and not codec then
         s.name, s.lookup, s.early = "direct", direct_lookup, direct_early
     end
