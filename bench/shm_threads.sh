@@ -6,7 +6,8 @@
 #
 # With no arguments and BENCH_QUICK=1 (bench/run --quick) it runs
 # `0.1 10000 100 1,2 3` (about 4 s). It ends with ROW lines for bench/run:
-# "shared_memory hit throughput, 2 threads vs 1" (target >=1.8) and the
+# "shared_memory hit throughput, 2 threads vs 1" (target >=1.9), the 90/10
+# read/write mix (target >=1.5) and the
 # private ceiling (reference).
 #
 # STAGE picks the install (default: $DP_STAGE_DIR, set by bench/run, else
