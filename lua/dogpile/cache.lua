@@ -21,6 +21,14 @@ local _M = {
     CacheRegion = region.Region,
 }
 
+--- `cache.register_backend(name, module_name_or_factory)`: makes a backend
+-- known to `region:configure` by name (the shipped ones are registered already).
+-- @function register_backend
+-- @tparam string name the name configure takes, such as "myapp.table"
+-- @tparam string|function module_name_or_factory the name of a module that returns the factory, or
+-- the factory itself: `factory(arguments)` returns the backend (see "Writing a backend in Lua")
+-- @raise when name is not a string, or the second argument neither a string nor callable
+
 --- Where fail_open failures and undecodable values are reported: a
 -- function(message). Defaults to ngx.log(ngx.WARN) in nginx, stderr elsewhere.
 -- @tparam function fn called with one string per message

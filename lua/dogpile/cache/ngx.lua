@@ -3,7 +3,8 @@
 -- ngx.timer.at(0) timer, so the request that found the value expired returns
 -- the stale value at once and no request waits for the regeneration. Give it
 -- to make_region (or in a load_regions file):
---   async_creation_runner = require("dogpile.cache.ngx").async_creation_runner
+--
+--     async_creation_runner = require("dogpile.cache.ngx").async_creation_runner
 local lib = require "dogpile.lib"
 
 local ngx = ngx

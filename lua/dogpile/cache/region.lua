@@ -4,14 +4,15 @@
 -- This file is the region object: make_region, configure (which chooses,
 -- once, everything a call would otherwise re-derive), the public methods, the
 -- failure policy and the counters. The rest lives by concern:
---   options.lua       checks of options, keys, expiration times
---   invalidation.lua  invalidation strategies
---   registry.lua      backend names -> backends
---   read.lua          the freshness judgement and the read strategies
---   write.lua         storing values
---   values.lua        the codec and the envelope, for byte-storing backends
---   create.lua        locks and the miss path (get_or_create, _multi)
---   decorators.lua    cache_on_arguments, cache_multi_on_arguments
+--
+--     options.lua       checks of options, keys, expiration times
+--     invalidation.lua  invalidation strategies
+--     registry.lua      backend names -> backends
+--     read.lua          the freshness judgement and the read strategies
+--     write.lua         storing values
+--     values.lua        the codec and the envelope, for byte-storing backends
+--     create.lua        locks and the miss path (get_or_create, _multi)
+--     decorators.lua    cache_on_arguments, cache_multi_on_arguments
 local lib = require "dogpile.lib"
 local context = require "dogpile.context"
 local dogpile = require "dogpile"
@@ -828,6 +829,7 @@ end
 -- @tparam function creator called with the keys to create (varargs); returns one value for each
 -- @tparam[opt] number expiration_time seconds, overriding the region's for this call; -1: never expires (default: the region's)
 -- @tparam[opt] function should_cache_fn called with each new value: false keeps it out of the cache
+-- (default: every value is stored)
 -- @treturn table an array of values, in the order of keys
 function Region:get_or_create_multi(keys, creator, expiration_time, should_cache_fn)
     local _ = self.backend

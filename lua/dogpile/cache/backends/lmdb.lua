@@ -76,6 +76,6 @@ end
 
 --- A backend over the LMDB environment at `arguments.path` (the region calls it from `configure`).
 -- @function new
--- @tparam[opt] table arguments the arguments listed above
+-- @tparam[opt] table arguments the arguments listed above (default {}: each at its default)
 -- @treturn table the backend
 return { new = new }

@@ -1,7 +1,8 @@
 --- dogpile.cache.memory: values in a Lua table of this Lua state, by
 -- reference (nothing is copied or serialized). Arguments:
---   cache_dict  a table to keep the values in (default: a new one)
---   max_items   bound the number of keys; the least recently used is evicted
+--
+--     cache_dict  a table to keep the values in (default: a new one)
+--     max_items   bound the number of keys; the least recently used is evicted
 local lib = require "dogpile.lib"
 local api = require "dogpile.cache.api"
 local options = require "dogpile.cache.options"
@@ -249,6 +250,6 @@ end
 
 --- A backend over a Lua table of this state (the region calls it from `configure`).
 -- @function new
--- @tparam[opt] table arguments the arguments listed above
+-- @tparam[opt] table arguments the arguments listed above (default {}: each at its default)
 -- @treturn table the backend
 return { new = new, Memory = Memory, STAMP = STAMP }

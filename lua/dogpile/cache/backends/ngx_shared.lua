@@ -2,16 +2,17 @@
 -- every worker of the nginx instance, with the per-key dogpile lock and the
 -- region's invalidation time kept in the same dict. Inside OpenResty only.
 -- Arguments:
---   dict              the lua_shared_dict's name (or the ngx.shared.DICT itself)
---   lock_timeout      seconds (default 30): a lock expires after this long, so
---                     a dead or stuck holder keeps the others waiting at most
---                     that long; waiters give up the wait at that point too
---   lock_prefix       prefix of the lock keys (default "dogpile:lock:")
---   invalidation_prefix  prefix of the key that holds a region's
---                     invalidation, followed by the region's name
---                     (default "dogpile:invalidated:")
---   expiration        seconds after which the dict itself drops a stored
---                     value (default 0: never; the dict's LRU evicts when full)
+--
+--     dict              the lua_shared_dict's name (or the ngx.shared.DICT itself)
+--     lock_timeout      seconds (default 30): a lock expires after this long, so
+--                       a dead or stuck holder keeps the others waiting at most
+--                       that long; waiters give up the wait at that point too
+--     lock_prefix       prefix of the lock keys (default "dogpile:lock:")
+--     invalidation_prefix  prefix of the key that holds a region's
+--                       invalidation, followed by the region's name
+--                       (default "dogpile:invalidated:")
+--     expiration        seconds after which the dict itself drops a stored
+--                       value (default 0: never; the dict's LRU evicts when full)
 --
 -- Waiting: in a phase that can yield (rewrite, access, content, timer,
 -- ssl_*), a caller with no value to serve waits without blocking the worker

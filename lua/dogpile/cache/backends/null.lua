@@ -35,7 +35,7 @@ function Null.get_mutex() return NULL_LOCK end
 
 --- A backend that stores nothing (the region calls it from `configure`).
 -- @function new
--- @tparam[opt] table arguments the arguments listed above
+-- @tparam[opt] table arguments the arguments listed above (default {}: each at its default)
 -- @treturn table the backend
 return {
     new = function(arguments)

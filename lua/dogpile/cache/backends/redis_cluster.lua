@@ -135,6 +135,6 @@ end
 
 --- A backend on the cluster (the region calls it from `configure`).
 -- @function new
--- @tparam[opt] table arguments the arguments listed above
+-- @tparam[opt] table arguments the arguments listed above (default {}: each at its default)
 -- @treturn table the backend
 return { new = new }

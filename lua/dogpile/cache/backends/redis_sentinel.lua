@@ -50,6 +50,6 @@ end
 
 --- A redis backend on the master the sentinels name (the region calls it from `configure`).
 -- @function new
--- @tparam[opt] table arguments the arguments listed above
+-- @tparam[opt] table arguments the arguments listed above (default {}: each at its default)
 -- @treturn table the backend
 return { new = new }

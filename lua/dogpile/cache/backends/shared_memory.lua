@@ -8,7 +8,7 @@ local c = require "dogpile.cache.backends.c"
 
 --- A backend over the process-wide store `arguments.name` (the region calls it from `configure`).
 -- @function new
--- @tparam[opt] table arguments the arguments listed above
+-- @tparam[opt] table arguments the arguments listed above (default {}: each at its default)
 -- @treturn table the backend
 return {
     new = function(arguments)

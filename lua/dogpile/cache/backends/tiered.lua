@@ -1,11 +1,11 @@
 --- dogpile.cache.tiered: several backends in front of one another, kept
 -- coherent across Lua states, processes and hosts.
 --
---   arguments = {
---     tiers = { {backend = NAME, arguments = {...}, max_age = SECONDS}, ... },
---     prefix = "dogpile:tiered:",  -- names the change channel and the invalidation key
---     name = nil,                  -- the invalidation's name (default: the region's)
---   }
+--     arguments = {
+--       tiers = { {backend = NAME, arguments = {...}, max_age = SECONDS}, ... },
+--       prefix = "dogpile:tiered:",  -- names the change channel and the invalidation key
+--       name = nil,                  -- the invalidation's name (default: the region's)
+--     }
 --
 -- Two to four tiers, the first nearest the caller, the last the most shared
 -- (the "bottom"). The region hands this backend CachedValue tables; tiers

@@ -28,7 +28,7 @@ TemplateCache.__index = TemplateCache
 -- "cosmo"), `expiration_time` (seconds; default: the region's).
 -- @raise on a region that is not one, or bad options
 -- @tparam table region a configured region
--- @tparam[opt] table opts `{namespace = "cosmo", expiration_time = nil}`
+-- @tparam[opt] table opts `{namespace = "cosmo", expiration_time = nil}` (default: those)
 -- @treturn table the template cache
 function _M.new(region, opts)
     if type(region) ~= "table" or type(region.get_or_create) ~= "function" then
