@@ -199,6 +199,10 @@ local CLASSES = {
     },
     ["Writing a backend in Lua #2"] = { kind = "run", prelude = FRESH, why = "a region not configured yet" },
     ["Tiers #1"] = { kind = "run", prelude = CACHE, why = "cache is dogpile.cache" },
+    -- Two tiered layouts of http {} (no server block to ask): their regions
+    -- name a Redis at 10.0.0.5 and /var/cache/nginx, which spec/ngx_tiered_spec.lua
+    -- runs for real (a root master, workers as nobody).
+    ["Layouts #1"] = { kind = "static", why = "a fragment of http {}; spec/ngx_tiered_spec.lua runs both layouts" },
     -- Run in nginx, its regions.lua the one its comment shows, its creator
     -- (the next block) asking a stand-in users service on a free port.
     ["OpenResty #1"] = {
