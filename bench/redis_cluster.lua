@@ -30,6 +30,14 @@
 -- against the floor's client plus server) moves less with the machine's
 -- load than wall time.
 --
+-- Two lines explain get_multi's ratio, and set no target. "3 floor GET round
+-- trips": the floor's GET times the masters, about the least get_multi can
+-- cost pinned, where each master must be woken, read and answered in turn
+-- (100 GETs spread over 3 masters cannot be one MGET: a cluster refuses
+-- commands across slots). "of which this process": get_multi's CPU in the
+-- client (region, FFI, backend, its sockets' system calls); the rest is the
+-- masters'.
+--
 -- Instructions (callgrind, when valgrind is installed; BENCH_CALLGRIND=0
 -- skips it): the backend's C per call (rc_get, rc_get_multi inclusive, from
 -- the difference of two runs of different lengths), the whole process per
@@ -132,7 +140,8 @@ local function measure(fn, n, reps, ports)
     local c0, s0 = cpu_self(), cpu_servers(ports)
     local wall = lib.ns_per_op(fn, n, reps)
     local c1, s1 = cpu_self(), cpu_servers(ports)
-    return wall, (c1 - c0 + s1 - s0) * 1e9 / (n * (reps + 1))
+    local per = 1e9 / (n * (reps + 1))
+    return wall, (c1 - c0 + s1 - s0) * per, (c1 - c0) * per
 end
 
 -- A plain redis-server for the floor, pinned like the cluster.
@@ -231,7 +240,8 @@ local function bench(cl, fport)
 
     local floors = S.floors()
     local runs = { get = {}, multi = {}, fget = {}, fmget = {}, get_cpu = {}, multi_cpu = {},
-                   fget_cpu = {}, fmget_cpu = {}, rget = {}, rmulti = {} }
+                   fget_cpu = {}, fmget_cpu = {}, rget = {}, rmulti = {}, multi_client = {},
+                   trips = {}, rtrips = {} }
     for round = 1, ROUNDS do
         runs.get[round], runs.get_cpu[round] = measure(function(n)
             region_get(r, keys, n)
@@ -243,11 +253,16 @@ local function bench(cl, fport)
         end
         runs.fget[round], runs.fmget[round] = floor.get_ns, floor.mget_ns
         runs.fget_cpu[round], runs.fmget_cpu[round] = floor.get_cpu_ns, floor.mget_cpu_ns
-        runs.multi[round], runs.multi_cpu[round] = measure(function(n)
+        runs.multi[round], runs.multi_cpu[round], runs.multi_client[round] = measure(function(n)
             region_get_multi(r, batches, n)
         end, NM, REPS, ports)
         runs.rget[round] = runs.get[round] / runs.fget[round]
         runs.rmulti[round] = runs.multi[round] / runs.fmget[round]
+        -- get_multi wakes every master once, and reads and writes a socket
+        -- each time: one floor GET round trip per master is about the least
+        -- it can cost, on one CPU where they cannot overlap.
+        runs.trips[round] = #ports * runs.fget[round]
+        runs.rtrips[round] = runs.trips[round] / runs.fmget[round]
         print(("round %d: get %.0f ns (floor %.0f, %.2fx), get_multi(100) %.0f ns (floor MGET %.0f, "
                .. "%.2fx)"):format(round, runs.get[round], runs.fget[round], runs.rget[round],
                                    runs.multi[round], runs.fmget[round], runs.rmulti[round]))
@@ -269,9 +284,12 @@ local function bench(cl, fport)
     show("cluster region:get_multi(100) (ns/call)", "multi")
     show("floor_hiredis MGET of 100, one node (ns/call)", "fmget")
     show("  ratio per round (target <= 1.5)", "rmulti", "%.2f")
+    show(("%d floor GET round trips, one per master (ns)"):format(#ports), "trips")
+    show("  their ratio to the floor MGET of 100", "rtrips", "%.2f")
     show("cluster region:get, CPU client+servers (ns/op)", "get_cpu")
     show("floor GET, CPU client+server (ns/op)", "fget_cpu")
     show("cluster get_multi(100), CPU client+servers (ns)", "multi_cpu")
+    show("  of which this process (region, FFI, backend)", "multi_client")
     show("floor MGET of 100, CPU client+server (ns)", "fmget_cpu")
     local where = PINNED and ", all on CPU 0" or ", unpinned"
     lib.row("redis_cluster_get", "redis_cluster region:get hit, 100 B, 3 masters" .. where, med.get,
