@@ -58,22 +58,9 @@ end
 local current_sleep = context.sleep
 _M.current_sleep = current_sleep
 
---- Wait with a yielding sleep until `try()` succeeds, backing off.
-local function wait_yielding(sleep, try, ...)
-    local step = FIRST_STEP
-    while true do
-        sleep(step)
-        if try(...) then
-            return true
-        end
-        step = math_min(step * GROWTH, MAX_STEP)
-    end
-end
-_M.wait_yielding = wait_yielding
-
--- As wait_yielding, for at most `bound` seconds: false when try() still
--- fails then.
-local function wait_yielding_for(sleep, bound, try, ...)
+--- Wait with a yielding sleep until `try()` succeeds, backing off, for at
+-- most `bound` seconds: false when try() still fails then.
+local function wait_yielding(sleep, bound, try, ...)
     local deadline = monotonic() + bound
     local step = FIRST_STEP
     while true do
@@ -88,6 +75,7 @@ local function wait_yielding_for(sleep, bound, try, ...)
         step = math_min(step * GROWTH, MAX_STEP)
     end
 end
+_M.wait_yielding = wait_yielding
 
 -- The longest a caller waits for the core's per-key lock before it takes the
 -- holder to be stuck and goes ahead without the lock. The holder may be a
@@ -217,7 +205,7 @@ function Mutex:acquire(wait)
     end
     local sleep = current_sleep()
     if sleep then
-        if wait_yielding_for(sleep, bound, try_core, domain, key, tracked) then
+        if wait_yielding(sleep, bound, try_core, domain, key, tracked) then
             return true
         end
         return go_ahead(self, bound)
@@ -250,7 +238,7 @@ function Mutex:wait_unlocked()
     local bound = self.timeout or lock_timeout
     local sleep = current_sleep()
     if sleep then
-        if core_free(domain, key) or wait_yielding_for(sleep, bound, core_free, domain, key) then
+        if core_free(domain, key) or wait_yielding(sleep, bound, core_free, domain, key) then
             return true
         end
         self.gave_up = true
