@@ -7,18 +7,25 @@
  *   bench/floors.sh [dir=_build/bench-floors]
  *   taskset -c 0 _build/bench-floors/floor_hiredis PORT [n=20000] [value_bytes=100]
  *                                                  [nkeys=1000] [reps=7] [batch=100]
+ *                                                  [spread_ports=P2,P3,...]
  *
  * It stores `nkeys` keys "floor:hiredis:<i>" of `value_bytes` bytes, then
  * measures, each as the median of `reps` runs of `n` operations after one
  * warm-up run:
  *   get   GET <key>, the keys in turn (every one a hit)
  *   mget  MGET of `batch` consecutive keys (redisCommandArgv, one call)
+ *   spread (with spread_ports) the same `batch` keys as GETs spread over
+ *         PORT and the spread ports (key i on server i % servers), one
+ *         pipeline per server, every pipeline written before any reply is
+ *         read: what a cluster client must do for keys over all slots (a
+ *         cluster refuses a command across slots), done by hand
  * and prints one line per figure, ns per call:
  *   get_ns <ns>        wall time
  *   mget_ns <ns>
  *   get_cpu_ns <ns>    CPU time of client and server together (this
  *   mget_cpu_ns <ns>   process's CLOCK_PROCESS_CPUTIME_ID plus the server's
- *                      used_cpu_user + used_cpu_sys from INFO cpu), over the
+ *   spread_ns <ns>     used_cpu_user + used_cpu_sys from INFO cpu), over the
+ *   spread_cpu_ns <ns>
  *                      warm-up and every run: what the call costs the
  *                      machine, which other processes' load barely changes
  * A reply of the wrong type or length aborts: the floor must read what the
@@ -59,6 +66,9 @@ static void die(const char *what, redisContext *c)
 }
 
 static redisContext *c;
+/* The spread floor's servers: spread[0] is c; key i lives on i % nspread. */
+static redisContext *spread[16];
+static int nspread = 1;
 static char **keys;
 static size_t *klens;
 static int nkeys, batch;
@@ -98,6 +108,37 @@ static void run_mget(long n)
     }
 }
 
+static void run_spread(long n)
+{
+    int sent[16];
+    for (long i = 0; i < n; i++) {
+        int first = (int)((i * batch) % nkeys);
+        memset(sent, 0, sizeof sent);
+        for (int j = 0; j < batch; j++) {
+            int k = (first + j) % nkeys, s = k % nspread;
+            const char *argv[2] = {"GET", keys[k]};
+            size_t argl[2] = {3, klens[k]};
+            redisAppendCommandArgv(spread[s], 2, argv, argl);
+            sent[s]++;
+        }
+        for (int s = 0; s < nspread; s++) {
+            int done = 0;
+            while (!done)
+                if (redisBufferWrite(spread[s], &done) != REDIS_OK)
+                    die("write", spread[s]);
+        }
+        for (int s = 0; s < nspread; s++)
+            for (int j = 0; j < sent[s]; j++) {
+                redisReply *r;
+                if (redisGetReply(spread[s], (void **)&r) != REDIS_OK)
+                    die("GET (spread)", spread[s]);
+                if (r->type != REDIS_REPLY_STRING || r->len != vbytes)
+                    die("GET (spread, not a hit)", NULL);
+                freeReplyObject(r);
+            }
+    }
+}
+
 static double cpu_self(void)
 {
     struct timespec ts;
@@ -105,12 +146,13 @@ static double cpu_self(void)
     return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
 }
 
-/* The server's CPU time so far, ns (INFO cpu). */
-static double cpu_server(void)
+/* The servers' CPU time so far, ns (INFO cpu): c's, or with the spread
+ * floor every spread server's. */
+static double cpu_of(redisContext *sc)
 {
-    redisReply *r = redisCommand(c, "INFO cpu");
+    redisReply *r = redisCommand(sc, "INFO cpu");
     if (!r)
-        die("INFO", c);
+        die("INFO", sc);
     double sum = 0;
     if (r->type == REDIS_REPLY_STRING) {
         const char *p = strstr(r->str, "used_cpu_sys:");
@@ -122,6 +164,16 @@ static double cpu_server(void)
     }
     freeReplyObject(r);
     return sum * 1e9;
+}
+
+static int counting_spread;
+
+static double cpu_server(void)
+{
+    double sum = cpu_of(c);
+    for (int s = 1; counting_spread && s < nspread; s++)
+        sum += cpu_of(spread[s]);
+    return sum;
 }
 
 static double measure(void (*fn)(long), long n, int reps, double *cpu_ns)
@@ -142,7 +194,8 @@ static double measure(void (*fn)(long), long n, int reps, double *cpu_ns)
 int main(int argc, char **argv)
 {
     if (argc < 2) {
-        fprintf(stderr, "usage: floor_hiredis PORT [n] [value_bytes] [nkeys] [reps] [batch]\n");
+        fprintf(stderr, "usage: floor_hiredis PORT [n] [value_bytes] [nkeys] [reps] [batch] "
+                        "[spread_ports]\n");
         return 2;
     }
     int port = atoi(argv[1]);
@@ -158,6 +211,15 @@ int main(int argc, char **argv)
     c = redisConnect("127.0.0.1", port);
     if (!c || c->err)
         die("connect", c);
+    spread[0] = c;
+    for (char *p = argc > 7 ? argv[7] : NULL; p && *p && nspread < 16;) {
+        redisContext *sc = redisConnect("127.0.0.1", atoi(p));
+        if (!sc || sc->err)
+            die("connect (spread)", sc);
+        spread[nspread++] = sc;
+        p = strchr(p, ',');
+        p = p ? p + 1 : NULL;
+    }
 
     char *value = malloc(vbytes ? vbytes : 1);
     memset(value, 'x', vbytes);
@@ -168,10 +230,17 @@ int main(int argc, char **argv)
         int len = snprintf(buf, sizeof buf, "floor:hiredis:%d", i + 1);
         keys[i] = strdup(buf);
         klens[i] = (size_t)len;
-        redisReply *r = redisCommand(c, "SET %b %b", buf, (size_t)len, value, vbytes);
-        if (!r)
-            die("SET", c);
-        freeReplyObject(r);
+        /* Every key on c (get, mget), and on its spread server too. */
+        int home = i % nspread;
+        for (int s = 0; s < 2; s++) {
+            redisContext *sc = s == 0 ? c : spread[home];
+            if (s == 1 && home == 0)
+                break;
+            redisReply *r = redisCommand(sc, "SET %b %b", buf, (size_t)len, value, vbytes);
+            if (!r)
+                die("SET", sc);
+            freeReplyObject(r);
+        }
     }
 
     double cpu;
@@ -181,13 +250,23 @@ int main(int argc, char **argv)
     long nm = n / 10 > 0 ? n / 10 : 1;
     printf("mget_ns %.1f\n", measure(run_mget, nm, reps, &cpu));
     printf("mget_cpu_ns %.1f\n", cpu);
+    if (nspread > 1) {
+        fflush(stdout);
+        counting_spread = 1;
+        printf("spread_ns %.1f\n", measure(run_spread, nm, reps, &cpu));
+        printf("spread_cpu_ns %.1f\n", cpu);
+        counting_spread = 0;
+    }
 
     for (int i = 0; i < nkeys; i++) {
-        redisReply *r = redisCommand(c, "DEL %s", keys[i]);
-        if (r)
-            freeReplyObject(r);
+        for (int s = 0; s < nspread; s++) {
+            redisReply *r = redisCommand(spread[s], "DEL %s", keys[i]);
+            if (r)
+                freeReplyObject(r);
+        }
         free(keys[i]);
     }
-    redisFree(c);
+    for (int s = 0; s < nspread; s++)
+        redisFree(spread[s]);
     return 0;
 }
