@@ -1,5 +1,6 @@
 --- What every Lua benchmark shares: a monotonic clock, medians, the quick
--- mode, and the ROW lines that bench/run gathers into one table.
+-- mode, and the ROW lines that bench/run gathers into one table
+-- (bench/summary.lua makes it, from one run or the medians of several).
 --
 -- A ROW line is tab-separated:
 --   ROW  id  path  ours  unit  anchor  anchor_value  target
