@@ -34,6 +34,10 @@
  * release deletes the lock key only if it still holds our token, atomically
  * in a server-side script; when the lock expired meanwhile (creation outlived
  * lock_timeout) it returns DP_ENOTHELD and leaves whoever holds it now alone.
+ * The holder's own SET of the key (the creator storing its value, on the
+ * thread that took the lock) sends the release in the same pipeline: one
+ * round trip, and the waiters are woken a round trip sooner; unlock() then
+ * only reports how that release went.
  * A bounded wait subscribes a connection of its own to a channel named like
  * the lock key, whose release PUBLISHes on it, and retries SET NX at each
  * message, or at dp_backoff's steps up to lock_sleep without one (a holder
@@ -101,6 +105,23 @@ static const char UNLOCK_SCRIPT[] =
     "if type(v) == 'string' and #v <= 65536 then v = '=' .. v else v = '' end "
     "redis.pcall('publish', KEYS[1], v) return 1 "
     "else return 0 end";
+
+/* The script is sent by its SHA1 (EVALSHA: 40 bytes, and no hashing of the
+ * body by the server at each release); a server that does not know it yet
+ * (NOSCRIPT: restarted, flushed) gets the body once with EVAL, which
+ * caches it. */
+static char unlock_sha[41];
+static pthread_once_t unlock_sha_once = PTHREAD_ONCE_INIT;
+
+static void unlock_sha_init(void)
+{
+    dp_sha1_hex(UNLOCK_SCRIPT, sizeof UNLOCK_SCRIPT - 1, unlock_sha);
+}
+
+static int noscript(const redisReply *r)
+{
+    return r->type == REDIS_REPLY_ERROR && strncmp(r->str, "NOSCRIPT", 8) == 0;
+}
 
 /* -- Arguments: the struct the core fills, and the tables it fills it by -- */
 
@@ -192,6 +213,8 @@ typedef struct held {
     char *key;
     size_t klen;
     char token[33];
+    uv_thread_t thread; /* the thread that took it: its set of the key releases it */
+    int released;       /* by that set (set_release): 1 as ours, 2 found no longer ours */
 } held;
 
 typedef struct inst {
@@ -585,7 +608,7 @@ static int run1(inst *s, const char *op, int argc, const char **argv, const size
 #define STASH_SECONDS 0.05
 static __thread struct {
     const void *owner; /* the instance */
-    char *key, *val;
+    char *key, *msg;   /* msg: the whole message, "=" then the value */
     size_t klen, vlen;
     double at;
 } stash;
@@ -593,37 +616,38 @@ static __thread struct {
 static void stash_drop(void)
 {
     free(stash.key);
-    free(stash.val);
-    stash.key = stash.val = NULL;
+    free(stash.msg);
+    stash.key = stash.msg = NULL;
     stash.owner = NULL;
 }
 
-/* The value of a release message ("=" and the bytes), kept for `key`. */
-static void stash_keep(const void *owner, const char *key, size_t klen, const char *msg,
-                       size_t mlen)
+/* Keep the value of a release message ("=" and the bytes) for `key`. The
+ * message (malloc'd) is handed over, not copied: the stash frees it. */
+static void stash_keep(const void *owner, const char *key, size_t klen, char *msg, size_t mlen)
 {
     stash_drop();
-    if (mlen < 1 || msg[0] != '=')
-        return; /* a bare wake-up (or a value too large to carry) */
-    char *k = malloc(klen + 1), *v = malloc(mlen);
-    if (!k || !v) {
-        free(k);
-        free(v);
+    if (mlen < 1 || msg[0] != '=') {
+        free(msg); /* a bare wake-up (or a value too large to carry) */
+        return;
+    }
+    char *k = malloc(klen + 1);
+    if (!k) {
+        free(msg);
         return;
     }
     memcpy(k, key, klen);
-    memcpy(v, msg + 1, mlen - 1);
     stash.owner = owner;
     stash.key = k;
     stash.klen = klen;
-    stash.val = v;
+    stash.msg = msg;
     stash.vlen = mlen - 1;
     stash.at = dp_clock_monotonic();
 }
 
-/* Whether `key`'s value is stashed: then it is copied to `out` and dropped.
- * Anything else stashed is dropped too: it was for the read right after a
- * wait, and this is not that read. */
+/* Whether `key`'s value is stashed: then it is copied to `out` (the one copy
+ * between the message and the caller) and dropped. Anything else stashed is
+ * dropped too: it was for the read right after a wait, and this is not that
+ * read. */
 static int stash_take(const void *owner, const char *key, size_t klen, dp_bytes *out)
 {
     if (!stash.owner)
@@ -633,7 +657,7 @@ static int stash_take(const void *owner, const char *key, size_t klen, dp_bytes 
                dp_bytes_reserve(out, stash.vlen) == DP_OK;
     if (mine) {
         if (stash.vlen)
-            memcpy(out->data, stash.val, stash.vlen);
+            memcpy(out->data, stash.msg + 1, stash.vlen);
         out->len = stash.vlen;
     }
     stash_drop();
@@ -772,6 +796,11 @@ static int write1(inst *s, const char *op, int argc, const char **argv, const si
     return rc;
 }
 
+static held *held_take(inst *s, const char *key, size_t klen, int mine);
+static void held_put(inst *s, held *h);
+static int set_release(inst *s, held *h, argv_cmd *set, const char *key, size_t klen,
+                       dp_err *err);
+
 static int rd_set(void *self, const char *key, size_t klen, const char *value, size_t vlen,
                   dp_err *err)
 {
@@ -783,6 +812,13 @@ static int rd_set(void *self, const char *key, size_t klen, const char *value, s
     int n = snprintf(px, sizeof px, "%lld", ms);
     const char *argv[5] = {"SET", key, value, "PX", px};
     size_t lens[5] = {3, klen, vlen, 2, (size_t)n};
+    if (s->cfg->distributed_lock) {
+        held *h = held_take(s, key, klen, 1);
+        if (h) {
+            argv_cmd set = {ms ? 5 : 3, argv, lens};
+            return set_release(s, h, &set, key, klen, err);
+        }
+    }
     return write1(s, "SET", ms ? 5 : 3, argv, lens, 1, &key, &klen, err);
 }
 
@@ -1078,13 +1114,13 @@ static void sub_message(redisReply *r, char **msg, size_t *mlen)
         r->element[0]->type != REDIS_REPLY_STRING || strcmp(r->element[0]->str, "message") != 0 ||
         r->element[2]->type != REDIS_REPLY_STRING)
         return;
-    char *m = malloc(r->element[2]->len + 1);
-    if (!m)
-        return;
-    memcpy(m, r->element[2]->str, r->element[2]->len);
+    /* Taken from the reply rather than copied: hiredis allocates a string
+     * reply's bytes with malloc (hi_malloc by default), and frees a NULL one
+     * as nothing. */
     free(*msg);
-    *msg = m;
+    *msg = r->element[2]->str;
     *mlen = r->element[2]->len;
+    r->element[2]->str = NULL;
 }
 
 /* 1: something arrived (a release, probably), 0: `seconds` passed, -1: the
@@ -1220,6 +1256,7 @@ static int rd_lock(void *self, const char *key, size_t klen, double timeout, dp_
             }
             h->key = lk;
             h->klen = lklen;
+            h->thread = uv_thread_self();
             lk = NULL;
             uv_mutex_lock(&s->mu);
             h->next = s->held;
@@ -1320,8 +1357,9 @@ static int rd_wait_unlocked(void *self, const char *key, size_t klen, double tim
             size_t mlen = 0;
             int got = sub_wait(sub, wait, &msg, &mlen);
             if (got > 0 && msg)
-                stash_keep(s, key, klen, msg, mlen);
-            free(msg);
+                stash_keep(s, key, klen, msg, mlen); /* takes msg */
+            else
+                free(msg);
             if (got > 0)
                 break; /* released */
             if (got < 0) {
@@ -1346,35 +1384,178 @@ static int rd_wait_unlocked(void *self, const char *key, size_t klen, double tim
     return rc;
 }
 
-static int rd_unlock(void *self, const char *key, size_t klen, dp_err *err)
+/* The held entry for `key`, taken out of the list (NULL: none). `mine`:
+ * only one taken by this thread and not yet released by a set. */
+static held *held_take(inst *s, const char *key, size_t klen, int mine)
 {
-    inst *s = self;
-    if (!s->cfg->distributed_lock)
-        return DP_OK;
     const char *prefix = s->cfg->lock_prefix;
     size_t lklen = s->prefix_len + klen;
+    uv_thread_t self = mine ? uv_thread_self() : 0;
     uv_mutex_lock(&s->mu);
     held **pp = &s->held, *h = NULL;
     for (; *pp; pp = &(*pp)->next)
         if ((*pp)->klen == lklen && memcmp((*pp)->key, prefix, s->prefix_len) == 0 &&
             memcmp((*pp)->key + s->prefix_len, key, klen) == 0) {
+            if (mine && ((*pp)->released || !uv_thread_equal(&(*pp)->thread, &self)))
+                break;
             h = *pp;
             *pp = h->next;
             break;
         }
     uv_mutex_unlock(&s->mu);
+    return h;
+}
+
+static void held_put(inst *s, held *h)
+{
+    uv_mutex_lock(&s->mu);
+    h->next = s->held;
+    s->held = h;
+    uv_mutex_unlock(&s->mu);
+}
+
+static void build_unlock(redisContext *c, held *h, const char *key, size_t klen, int by_sha)
+{
+    pthread_once(&unlock_sha_once, unlock_sha_init);
+    const char *argv[6] = {by_sha ? "EVALSHA" : "EVAL", by_sha ? unlock_sha : UNLOCK_SCRIPT,
+                           "2", h->key, key, h->token};
+    size_t lens[6] = {by_sha ? 7 : 4, by_sha ? 40 : sizeof UNLOCK_SCRIPT - 1, 1, h->klen, klen,
+                      32};
+    redisAppendCommandArgv(c, 6, argv, lens);
+}
+
+typedef struct unlock_cmd {
+    held *h;
+    const char *key;
+    size_t klen;
+    int by_sha;
+} unlock_cmd;
+
+static void build_unlock_cmd(redisContext *c, void *ud)
+{
+    unlock_cmd *u = ud;
+    build_unlock(c, u->h, u->key, u->klen, u->by_sha);
+}
+
+/* The release script's reply: DP_OK (deleted), DP_ENOTHELD (not ours any
+ * more) or a failure; frees r. */
+static int unlock_reply(inst *s, redisReply *r, dp_err *err)
+{
+    int rc = DP_OK;
+    if (r->type == REDIS_REPLY_ERROR) {
+        char w[320];
+        where(s, w, sizeof w);
+        rc = dp_err_set(err, DP_EBACKEND, "EVAL (unlock): %s: %s", w, r->str);
+    } else if (r->type != REDIS_REPLY_INTEGER || r->integer != 1) {
+        rc = dp_err_set(err, DP_ENOTHELD, "the lock had expired (lock_timeout %g s) and was no "
+                        "longer ours", s->cfg->lock_timeout);
+    }
+    freeReplyObject(r);
+    return rc;
+}
+
+/* The release alone: EVALSHA, or EVAL once when the server lacks the script. */
+static int unlock_alone(inst *s, held *h, const char *key, size_t klen, dp_err *err)
+{
+    unlock_cmd u = {h, key, klen, 1};
+    redisReply *r;
+    int rc = run(s, "EVALSHA (unlock)", build_unlock_cmd, &u, 1, &r, err);
+    if (rc == DP_OK && noscript(r)) {
+        freeReplyObject(r);
+        u.by_sha = 0;
+        rc = run(s, "EVAL (unlock)", build_unlock_cmd, &u, 1, &r, err);
+    }
+    return rc == DP_OK ? unlock_reply(s, r, err) : rc;
+}
+
+/* A set of the key whose lock this thread holds: the creator storing its
+ * value. The SET (with its notification), then the release, go in one
+ * pipeline, one round trip instead of two, so the waiters are woken
+ * (carrying the value just stored) a round trip sooner. The set reports the
+ * SET's outcome as ever; the release's is kept in `h` for unlock(), which
+ * then only returns it. An I/O failure leaves `h` unreleased: unlock()
+ * tries again (and finds the lock not ours if this release did run). */
+typedef struct set_release_cmd {
+    argv_cmd *set;
+    unlock_cmd unlock;
+    inst *s;
+    const char *payload;
+    size_t plen;
+} set_release_cmd;
+
+static void build_set_release(redisContext *c, void *ud)
+{
+    set_release_cmd *w = ud;
+    redisAppendCommandArgv(c, w->set->argc, w->set->argv, w->set->lens);
+    if (w->payload) {
+        const char *argv[3] = {"PUBLISH", w->s->cfg->notify_channel, w->payload};
+        size_t lens[3] = {7, strlen(w->s->cfg->notify_channel), w->plen};
+        redisAppendCommandArgv(c, 3, argv, lens);
+    }
+    build_unlock_cmd(c, &w->unlock);
+}
+
+static int set_release(inst *s, held *h, argv_cmd *set, const char *key, size_t klen,
+                       dp_err *err)
+{
+    set_release_cmd w = {set, {h, key, klen, 1}, s, NULL, 0};
+    char *payload = NULL;
+    int rc = DP_OK;
+    if (s->cfg->notify_channel &&
+        (rc = notify_payload(s, 1, &key, &klen, &payload, &w.plen, err)) != DP_OK) {
+        held_put(s, h);
+        return rc;
+    }
+    w.payload = payload;
+    size_t ncmd = payload ? 3 : 2;
+    redisReply *r[3];
+    rc = run(s, "SET", build_set_release, &w, ncmd, r, err);
+    free(payload);
+    if (rc != DP_OK) {
+        held_put(s, h);
+        return rc;
+    }
+    redisReply *rel = r[ncmd - 1];
+    dp_err uerr;
+    int urc;
+    if (noscript(rel)) {
+        freeReplyObject(rel);
+        urc = unlock_alone(s, h, key, klen, &uerr);
+    } else {
+        urc = unlock_reply(s, rel, &uerr);
+    }
+    if (urc == DP_OK || urc == DP_ENOTHELD)
+        h->released = urc == DP_OK ? 1 : 2; /* else unlock() tries again */
+    held_put(s, h);
+    if (r[0]->type == REDIS_REPLY_ERROR) {
+        char w2[320];
+        where(s, w2, sizeof w2);
+        rc = dp_err_set(err, DP_EBACKEND, "SET: %s: %s", w2, r[0]->str);
+    } else if (ncmd == 3 && r[1]->type == REDIS_REPLY_ERROR) {
+        rc = dp_err_set(err, DP_EBACKEND, "SET: PUBLISH on '%s' refused: %s",
+                        s->cfg->notify_channel, r[1]->str);
+    }
+    for (size_t i = 0; i + 1 < ncmd; i++)
+        freeReplyObject(r[i]);
+    return rc;
+}
+
+static int rd_unlock(void *self, const char *key, size_t klen, dp_err *err)
+{
+    inst *s = self;
+    if (!s->cfg->distributed_lock)
+        return DP_OK;
+    held *h = held_take(s, key, klen, 0);
     if (!h)
         return DP_ENOTHELD;
-    const char *argv[6] = {"EVAL", UNLOCK_SCRIPT, "2", h->key, key, h->token};
-    size_t lens[6] = {4, sizeof UNLOCK_SCRIPT - 1, 1, h->klen, klen, 32};
-    redisReply *r;
-    int rc = run1(s, "EVAL (unlock)", 6, argv, lens, &r, err);
-    if (rc == DP_OK) {
-        if (r->type != REDIS_REPLY_INTEGER || r->integer != 1)
-            rc = dp_err_set(err, DP_ENOTHELD, "the lock had expired (lock_timeout %g s) and "
-                            "was no longer ours", s->cfg->lock_timeout);
-        freeReplyObject(r);
-    }
+    int rc;
+    if (h->released == 1)
+        rc = DP_OK; /* by the set of its value (set_release) */
+    else if (h->released == 2)
+        rc = dp_err_set(err, DP_ENOTHELD, "the lock had expired (lock_timeout %g s) and was "
+                        "no longer ours", s->cfg->lock_timeout);
+    else
+        rc = unlock_alone(s, h, key, klen, err);
     free(h->key);
     free(h);
     return rc;
