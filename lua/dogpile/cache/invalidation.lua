@@ -8,7 +8,7 @@ local options = require "dogpile.cache.options"
 local C = lib.C
 local raise = lib.raise
 local is_callable = dogpile.is_callable
-local setmetatable, getmetatable, ipairs = setmetatable, getmetatable, ipairs
+local setmetatable, rawget, ipairs = setmetatable, rawget, ipairs
 
 lib.own_source()
 
@@ -24,8 +24,10 @@ _M.DefaultInvalidationStrategy = DefaultInvalidation
 
 -- `_invalidated` is false, not nil, until the first invalidation: a field
 -- that exists is read without a look into the metatable on every hit.
+-- `judge_fields`: see judge_for.
 function DefaultInvalidation.new()
-    return setmetatable({ _hard = false, _invalidated = false }, DefaultInvalidation)
+    return setmetatable({ _hard = false, _invalidated = false, judge_fields = true },
+                        DefaultInvalidation)
 end
 
 --- @raise when `hard` is neither nil nor a boolean
@@ -81,9 +83,13 @@ local function judge_methods(inv, ct)
 end
 
 --- The judging function for strategy `inv`: judge(inv, ct) -> nil,
--- "missing" or "stale".
+-- "missing" or "stale". A strategy whose own field `judge_fields` is true
+-- (the default one; another that keeps the same two fields, as a tiered
+-- backend's does) is judged from `_invalidated` (the time, or false) and
+-- `_hard`, read in place; any other through its methods. A flag rather than
+-- the metatable, so that such a strategy need not pass for the default one.
 function _M.judge_for(inv)
-    if getmetatable(inv) == DefaultInvalidation then
+    if rawget(inv, "judge_fields") == true then
         return judge_default
     end
     return judge_methods

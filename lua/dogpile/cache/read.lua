@@ -329,10 +329,27 @@ local function memory_lookup(region, key, exp)
     return judged(region, cv, exp)
 end
 
+-- With early_refresh: a stamped value whose remaining life by the cheap
+-- clock is past the reach of any draw (37 times delta * beta, as
+-- judge_early says) is a hit without the draw; its metadata table is read
+-- for delta only. The cheap clock reads late, never early, so the remaining
+-- life it gives is short: such a value is fresh, and the draw could not
+-- have elected it. Anything else is judged in full, with the draw.
 local function memory_early(region, key, exp)
+    local now = exp ~= nil and clock_seconds() or nil
     local cv = region._mem[key]
     if cv == nil then
         return false, NO_VALUE
+    end
+    local ct = rawget(cv, STAMP)
+    if ct ~= nil and not region._inv_judge(region.region_invalidator, ct) then
+        if exp == nil then
+            return true, rawget(cv, "payload")
+        end
+        local delta = rawget(cv.metadata, "delta")
+        if ct + exp - now > (delta ~= nil and 37 * delta * region._beta or 0) then
+            return true, rawget(cv, "payload")
+        end
     end
     return judged_early(region, cv, exp)
 end

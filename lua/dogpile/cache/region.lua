@@ -78,10 +78,41 @@ setmetatable(_M, {
 -- -- Region ----------------------------------------------------------------------
 
 local Region = {}
--- A configured region looks its methods up in Region directly (the hit path);
--- an unconfigured one goes through a function that refuses what only a
--- configured region has.
-local CONFIGURED = { __index = Region }
+
+-- A configured region holds its methods itself (copied at configure): a
+-- call such as region:get(k) is then one load from the region's own table,
+-- not a miss there, a look into the metatable and a second table. Its
+-- expiration_time and key_mangler live in fields the hit reads without a
+-- miss either (a field that holds nil is absent, and a read of an absent
+-- field walks the hash chain): `_exp` (seconds >= 0, or false: never) and
+-- `_km` (the mangler, or false), with `_expiration_time` as given. The
+-- public names are views of them, read and assigned through the metatable.
+local set_expiration
+local CONFIGURED = {
+    __index = function(self, k)
+        local v = Region[k]
+        if v ~= nil then
+            return v
+        elseif k == "expiration_time" then
+            return rawget(self, "_expiration_time")
+        elseif k == "key_mangler" then
+            return rawget(self, "_km") or nil
+        end
+        return nil
+    end,
+    __newindex = function(self, k, v)
+        if k == "expiration_time" then
+            set_expiration(self, v)
+        elseif k == "key_mangler" then
+            if v ~= nil and not is_callable(v) then
+                self:_raise("dogpile.cache: key_mangler must be a function or nil, got " .. type(v))
+            end
+            rawset(self, "_km", v or false)
+        else
+            rawset(self, k, v)
+        end
+    end,
+}
 local NEEDS_CONFIGURE = { backend = true, actual_backend = true, _lookup = true,
                           _lookup_create = true, _lookup_multi = true }
 local UNCONFIGURED = {
@@ -191,6 +222,16 @@ function _M.regions()
     end
     sort(out, function(a, b) return REGIONS[a] < REGIONS[b] end)
     return out
+end
+
+-- The region's expiration_time set to `exp` (nil: never; negative: never).
+function set_expiration(self, exp)
+    if exp ~= nil and not options.finite(exp) then
+        self:_raise("dogpile.cache: expiration_time must be a finite number of seconds (-1: never "
+                    .. "expires) or nil, got " .. tostring(exp))
+    end
+    rawset(self, "_expiration_time", exp)
+    rawset(self, "_exp", exp ~= nil and exp >= 0 and exp or false)
 end
 
 local function new_stats(front)
@@ -333,10 +374,15 @@ function Region:_configure(backend_name, opts)
     self._backend_name = backend_name
     self.actual_backend = backend
     self.backend = apply_wrap(self, backend, opts.wrap or {}, "configure")
-    self.expiration_time = opts.expiration_time
+    local km = self.key_mangler
     if not self._user_key_mangler then
-        self.key_mangler = backend.key_mangler
+        km = backend.key_mangler
     end
+    -- The public fields, raw until now, become views (CONFIGURED).
+    rawset(self, "expiration_time", nil)
+    rawset(self, "key_mangler", nil)
+    set_expiration(self, opts.expiration_time)
+    rawset(self, "_km", km or false)
     set_invalidator(self, invalidation.choose(given_inv, backend, self,
                                               rawget(self, "region_invalidator"),
                                               rawget(self, "_backend_inv")))
@@ -353,12 +399,19 @@ function Region:_configure(backend_name, opts)
     self.fail_open = opts.fail_open == true
     self._domain = C.dp_lock_domain_new()
     self._stats = new_stats(self._front ~= nil)
+    -- The hits of get and get_or_create's hit path, counted apart from
+    -- _stats (whose other counters the miss path bumps): one field of the
+    -- region, which the hit has in hand. stats() adds them up.
+    self._hits = 0
     latency.reset(self)
     -- A shared backend counts evictions since it opened; report ours since now.
     self._evictions_base = 0
     local base = self:_backend_evictions()
     self._evictions_base = base or 0
     self.is_configured = true
+    for k, f in pairs(Region) do
+        rawset(self, k, f)
+    end
     return setmetatable(self, CONFIGURED)
 end
 
@@ -449,6 +502,7 @@ function Region:stats()
     for k, v in pairs(st) do
         out[k] = v
     end
+    out.hits = out.hits + (rawget(self, "_hits") or 0)
     local ev, bs = self:_backend_evictions()
     if ev then
         out.evictions = ev - (self._evictions_base or 0)
@@ -558,18 +612,16 @@ function Region:_mangle(key)
 end
 local mangle = Region._mangle
 
--- The expiration time of a call: the caller's, else the region's; nil when
--- it never expires (negative). Checked only when given, off the common path.
--- rawget: configure keeps expiration_time on the region itself (nil when
--- none) and Region has no such field, so a plain read of an absent one
--- would also search Region's method table, on every hit.
+-- The expiration time of a call: the caller's, else the region's (`_exp`,
+-- false when none); nil when it never expires (negative). Checked only when
+-- given, off the common path.
 local function expiration(self, exp, who)
     if exp == nil then
-        exp = rawget(self, "expiration_time")
+        return self._exp or nil
     elseif not (type(exp) == "number" and exp > -HUGE and exp < HUGE) then
         check_expiration(exp, who, nil, self)
     end
-    if exp ~= nil and exp < 0 then
+    if exp < 0 then
         return nil
     end
     return exp
@@ -588,9 +640,7 @@ function Region:get(key, expiration_time, ignore_expiration)
         check_key(key, "get", self)
     end
     local exp = expiration(self, expiration_time, "get")
-    -- rawget, as expiration's: make_region and configure keep key_mangler on
-    -- the region itself.
-    if rawget(self, "key_mangler") then
+    if self._km then
         key = mangle(self, key)
     end
     local st = self._stats
@@ -605,7 +655,7 @@ function Region:get(key, expiration_time, ignore_expiration)
     end
     local hit, value = lookup(self, key, exp)
     if hit then
-        st.hits = st.hits + 1
+        self._hits = self._hits + 1
         return value
     end
     st.misses = st.misses + 1
@@ -791,15 +841,14 @@ function Region:get_or_create(key, creator, expiration_time, should_cache_fn, cr
     end
     local exp = expiration(self, expiration_time, "get_or_create")
     local orig_key = key
-    if rawget(self, "key_mangler") then
+    if self._km then
         key = mangle(self, key)
     end
     -- The hit, as get's: one read, no closure, no lock. `early` (a
     -- CachedValue) only with early_refresh: this read was drawn to refresh it.
     local hit, value, early = lookup(self, key, exp)
     if hit then
-        local st = self._stats
-        st.hits = st.hits + 1
+        self._hits = self._hits + 1
         if early == nil then
             return value
         end

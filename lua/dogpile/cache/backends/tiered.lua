@@ -481,8 +481,7 @@ end
 -- The hit path judges it as the region judges its own default strategy: two
 -- fields, `_invalidated` (the time, or false) and `_hard`, read in place
 -- (invalidation.lua's judge_default, which the region picks for a strategy
--- whose metatable is DefaultInvalidationStrategy; this instance holds every
--- method of its own, so none of that class's runs). What the hit path cannot
+-- whose `judge_fields` is true). What the hit path cannot
 -- do, load the number from the bottom, waits for the backend's next read:
 -- while a change is unloaded ("dirty") the fields say "hard-invalidated at
 -- +inf", so a copy in the region's front table is judged missing, and the
@@ -490,10 +489,10 @@ end
 -- stored number. A load that fails keeps what was known, and retries at the
 -- next get().
 
-local DefaultInvalidation = require("dogpile.cache.invalidation").DefaultInvalidationStrategy
 local huge = math.huge
 
 local Invalidator = {}
+Invalidator.__index = Invalidator
 
 function Invalidator:_mark_dirty()
     if not self.dirty then
@@ -578,12 +577,9 @@ function Invalidator:was_soft_invalidated()
 end
 
 local function new_invalidator(tiered, key)
-    local inv = { tiered = tiered, key = key, dirty = false, known_at = false,
-                  known_hard = false, next_load = 0, _invalidated = false, _hard = false }
-    for name, fn in pairs(Invalidator) do
-        inv[name] = fn
-    end
-    setmetatable(inv, DefaultInvalidation)
+    local inv = setmetatable({ tiered = tiered, key = key, dirty = false, known_at = false,
+                               known_hard = false, next_load = 0, _invalidated = false,
+                               _hard = false, judge_fields = true }, Invalidator)
     inv:_mark_dirty()
     return inv
 end
