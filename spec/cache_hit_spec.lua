@@ -129,3 +129,90 @@ describe("a memory hit on a stamped value", function()
         assert.are.equal(1, r:get("a"))
     end)
 end)
+
+describe("a configured region's fields the hit reads", function()
+    support.no_leaks()
+    local api = require "dogpile.cache.api"
+
+    it("follow an expiration_time assigned after configure", function()
+        local d = {}
+        local r = cache.make_region():configure("dogpile.cache.memory",
+                                                { arguments = { cache_dict = d } })
+        local now = require("dogpile.lib").C.dp_clock_stamp()
+        d.old = api.CachedValue.new("o", { ct = now - 120, v = api.VALUE_VERSION })
+        assert.is_nil(r.expiration_time)
+        assert.are.equal("o", r:get("old"), "no expiration_time: never expires")
+        r.expiration_time = 60
+        assert.are.equal(60, r.expiration_time)
+        assert.are.equal(cache.NO_VALUE, r:get("old"))
+        assert.are.equal("new", r:get_or_create("old", function() return "new" end))
+        r.expiration_time = -1
+        assert.are.equal(-1, r.expiration_time)
+        d.old = api.CachedValue.new("o", { ct = now - 120, v = api.VALUE_VERSION })
+        assert.are.equal("o", r:get("old"), "-1: never expires")
+        r.expiration_time = nil
+        assert.is_nil(r.expiration_time)
+        assert.are.equal("o", r:get("old"))
+        assert.has_error(function() r.expiration_time = "soon" end)
+        assert.has_error(function() r.expiration_time = 0 / 0 end)
+    end)
+
+    it("follow a key_mangler assigned after configure", function()
+        local r = cache.make_region():configure("dogpile.cache.memory")
+        assert.is_nil(r.key_mangler)
+        r:set("k", "plain")
+        local function mangler(k) return "m:" .. k end
+        r.key_mangler = mangler
+        assert.are.equal(mangler, r.key_mangler)
+        assert.are.equal(cache.NO_VALUE, r:get("k"), "the mangled key was never set")
+        r:set("k", "mangled")
+        assert.are.equal("mangled", r:get("k"))
+        assert.are.equal("mangled", r:get_or_create("k", function() error("a miss") end))
+        assert.are.equal("mangled", r.backend:get("m:k").payload)
+        r.key_mangler = nil
+        assert.is_nil(r.key_mangler)
+        assert.are.equal("plain", r:get("k"))
+    end)
+
+    it("count every hit in stats, whichever path served it", function()
+        local r = cache.make_region():configure("dogpile.cache.memory", { expiration_time = 60 })
+        r:set("a", 1)
+        r:get("a")
+        r:get_or_create("a", function() error("a miss") end)
+        r:get("a", nil, true)
+        r:get_multi({ "a", "b" })
+        r:get("b")
+        local st = r:stats()
+        assert.are.equal(4, st.hits)
+        assert.are.equal(2, st.misses)
+        r:configure("dogpile.cache.memory", { replace_existing_backend = true })
+        assert.are.equal(0, r:stats().hits, "configure starts the counters again")
+    end)
+end)
+
+describe("an invalidation strategy judged on the hit", function()
+    support.no_leaks()
+    local invalidation = require "dogpile.cache.invalidation"
+
+    it("is read from its fields only when it says so (judge_fields)", function()
+        local default = cache.DefaultInvalidationStrategy.new()
+        local fields = invalidation.judge_for(default)
+        assert.are.equal(nil, fields(default, 1))
+        default:invalidate(false)
+        assert.are.equal("stale", fields(default, 1))
+        -- The default's metatable without its flag: asked through its methods,
+        -- which here say something the fields do not.
+        local other = setmetatable({ _invalidated = false, _hard = false },
+                                   cache.DefaultInvalidationStrategy)
+        other.is_invalidated = function() return true end
+        other.is_hard_invalidated = function() return true end
+        local judge = invalidation.judge_for(other)
+        assert.are_not.equal(fields, judge)
+        assert.are.equal("missing", judge(other, 1))
+        -- Any strategy with the flag and the two fields: read in place.
+        local flagged = { judge_fields = true, _invalidated = 10, _hard = true }
+        assert.are.equal(fields, invalidation.judge_for(flagged))
+        assert.are.equal("missing", fields(flagged, 5))
+        assert.are.equal(nil, fields(flagged, 10))
+    end)
+end)
