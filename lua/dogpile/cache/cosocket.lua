@@ -20,7 +20,8 @@
 -- restarted server is used again without reloading nginx). Connecting is
 -- bounded by connect_timeout, each send and read by socket_timeout; an
 -- operation that fails on a reused connection because the server closed it
--- is retried once on a fresh one.
+-- is retried once on a fresh one. Every round trip goes through the
+-- server's circuit breaker, the C core's own ("Circuit breakers" below).
 --
 -- The lock's waiters. The coroutines of one worker waiting for one lock
 -- share one wait: the first asks the server (polls the lock key, 1 ms
@@ -38,8 +39,10 @@ local ngx = ngx
 local NO_VALUE = api.NO_VALUE
 -- Loaded outside nginx too (resp's encoder and reader serve the CLI there).
 local get_phase = ngx and ngx.get_phase
-local type, tostring, next, pcall, error, setmetatable, min, max, floor =
-      type, tostring, next, pcall, error, setmetatable, math.min, math.max, math.floor
+local type, tostring, tonumber, next, pcall, error, setmetatable, ipairs, min, max, floor =
+      type, tostring, tonumber, next, pcall, error, setmetatable, ipairs, math.min, math.max,
+      math.floor
+local jit = require "jit"
 local format, concat, find, sub = string.format, table.concat, string.find, string.sub
 
 lib.own_source()
@@ -147,8 +150,15 @@ function _M.backend(Backend)
     Backend.set_multi = write("set_multi")
     Backend.delete_multi = write("delete_multi")
 
+    -- evictions (none: the server evicts), as the C backends say, so that
+    -- the region reads the breaker's figures too (region:stats()).
     function Backend:stats()
-        return { hits = self.hits, misses = self.misses, lock_overruns = self.lock_overruns }
+        local out = { hits = self.hits, misses = self.misses, lock_overruns = self.lock_overruns,
+                      evictions = 0 }
+        if self.circuit then
+            self.circuit:stats(out)
+        end
+        return out
     end
     return Backend
 end
@@ -235,6 +245,246 @@ function Server:settle(sock, _, r1, r2)
     return r1, r2
 end
 
+-- -- Circuit breakers ------------------------------------------------------------------
+-- The C backends' breaker (core/breaker.c), the very same one: the core is
+-- loaded in every worker, so a cosocket backend joins the breaker of its
+-- store through the FFI, per worker process (the core's registry is per
+-- process), with the core's arguments, checks, messages, states and stats.
+-- The core makes a store's breaker only inside dp_backend_open, for a
+-- backend registered under a networked name, and hands it to the backend
+-- through dp_backend_ops.server_circuits; so each public name gets a stand-in
+-- C backend, "<name>#cosocket", whose ops are FFI callbacks that do nothing
+-- but note what the core hands over (never called on a hot path: only while
+-- a region opens). The stand-in's lock domain names the store (server, db,
+-- lock prefix; a cluster's startup nodes and lock prefix), so every region
+-- of a worker on one store shares its breaker, as in C.
+
+for _, decl in ipairs({
+    "typedef struct dp_circuit dp_circuit;",
+    "typedef struct dp_circuit_guard { double t0; int probe; } dp_circuit_guard;",
+    "int dp_circuit_server(dp_circuit *store, const char *server, dp_circuit **out);",
+    "int dp_circuit_enter(dp_circuit *c, dp_circuit_guard *g, dp_err *err);",
+    "int dp_circuit_leave(dp_circuit *c, const dp_circuit_guard *g, int rc, dp_err *err);",
+    "int dp_circuit_declare(const char *name);",
+    "int dp_backend_register(const dp_backend_ops *ops, void *ud);",
+    -- dogpile.h's dp_backend_ops, function pointers as void * (same size);
+    -- a struct of our own so that no other module's declaration collides.
+    [[struct dp_cosocket_ops {
+        const char *name;
+        void *open, *get, *set, *del, *stats, *lock_domain, *close;
+        int infallible;
+        void *lock, *unlock, *get_multi, *set_multi, *del_multi, *wait_unlocked;
+        const void *args;
+        size_t settings_size;
+        void *identify, *create, *destroy, *server_circuits;
+    };]],
+}) do
+    pcall(ffi.cdef, decl)
+end
+
+local C = lib.C
+local DP_OK, DP_EBACKEND = 0, 13
+local ffi_new, ffi_string, ffi_cast, ffi_copy = ffi.new, ffi.string, ffi.cast, ffi.copy
+
+-- What the callbacks pass between dp_backend_open and us (one open at a
+-- time: a worker runs one Lua thread at a time, and nothing yields here).
+local open_domain, open_store = 0, nil
+local callbacks -- kept for the life of the worker: the registry keeps the ops
+
+local function make_callbacks()
+    local function nothing()
+        return DP_EBACKEND
+    end
+    callbacks = {
+        open = ffi_cast("int (*)(void *, const dp_arg *, size_t, void **, dp_err *)",
+                        function(_, _, _, self)
+                            self[0] = ffi_cast("void *", open_domain)
+                            return DP_OK
+                        end),
+        op = ffi_cast("int (*)(void *)", nothing),
+        lock_domain = ffi_cast("uint32_t (*)(void *)", function(self)
+            return tonumber(ffi_cast("uintptr_t", self))
+        end),
+        close = ffi_cast("void (*)(void *)", function() end),
+        server_circuits = ffi_cast("void (*)(void *, dp_circuit *)", function(_, store)
+            open_store = store
+        end),
+    }
+end
+
+local registered = {}
+
+-- The stand-in of public name `name`, registered on first use (again in a
+-- Lua state that replaced an earlier one: the registry then points at
+-- these ops).
+local function stand_in(name)
+    local r = registered[name]
+    if r then
+        return r.name
+    end
+    if not callbacks then
+        make_callbacks()
+    end
+    local rname = name .. "#cosocket"
+    local ops = ffi_new("struct dp_cosocket_ops")
+    ops.name = rname
+    ops.open, ops.close = callbacks.open, callbacks.close
+    ops.get, ops.set, ops.del = callbacks.op, callbacks.op, callbacks.op
+    ops.lock_domain, ops.server_circuits = callbacks.lock_domain, callbacks.server_circuits
+    if C.dp_circuit_declare(rname) ~= DP_OK
+        or C.dp_backend_register(ffi_cast("const dp_backend_ops *", ops), nil) ~= DP_OK then
+        error(name .. ": cannot register the circuit breaker's stand-in backend", 0)
+    end
+    registered[name] = { name = rname, ops = ops }
+    return rname
+end
+
+local stores = {} -- by name, store and arguments: { handle, store (nil: no breaker) }
+
+local Circuit = {}
+Circuit.__index = Circuit
+_M.Circuit = Circuit
+
+-- Opening runs the callbacks: never from a trace.
+local function open_store_of(name, domain, arguments)
+    local rname = stand_in(name)
+    local cargs, keep, n = ffi_new("dp_arg[3]"), {}, 0
+    local sig = { name, domain }
+    for _, k in ipairs({ "circuit_failures", "circuit_cooldown", "circuit_slow" }) do
+        local v = arguments[k]
+        sig[#sig + 1] = tostring(v)
+        if v ~= nil then
+            local a = cargs[n]
+            n = n + 1
+            a.name = k
+            if type(v) == "number" then
+                a.type, a.number = 2, v
+            elseif type(v) == "boolean" then
+                a.type, a.number = 1, v and 1 or 0
+            elseif type(v) == "string" then
+                keep[#keep + 1] = v
+                a.type, a.string, a.len = 3, v, #v
+            else
+                error(format("%s: argument '%s' must be a number, string or boolean, got %s",
+                             name, k, type(v)), 0)
+            end
+        end
+    end
+    sig = concat(sig, "\n")
+    local st = stores[sig]
+    if st then
+        return st
+    end
+    local id = "cosocket:" .. domain
+    open_domain = C.dp_lock_domain(id, #id)
+    open_store = nil
+    local out, err = ffi_new("dp_backend *[1]"), ffi_new("dp_err")
+    local rc = C.dp_backend_open(rname, cargs, n, out, err)
+    if rc ~= DP_OK then
+        -- The core's message, in the public name (the C backend's words).
+        local msg = ffi_string(err.msg)
+        if sub(msg, 1, #rname) == rname then
+            msg = name .. sub(msg, #rname + 1)
+        end
+        error(msg, 0)
+    end
+    local handle = out[0]
+    local cs = ffi_new("dp_circuit_stats")
+    C.dp_backend_circuit(handle, cs)
+    st = { handle = handle, store = cs.enabled == 1 and open_store or nil }
+    stores[sig] = st
+    return st
+end
+jit.off(open_store_of)
+
+--- The circuit breaker of a store (`domain` names it: server, db and lock
+-- prefix) of backend `name` (the public one: "dogpile.cache.redis"), from
+-- the circuit_* entries of `arguments`, checked by the core (its messages):
+-- an object with `store` (the store's dp_circuit, or nil when
+-- circuit_failures is 0) and server(addr) (one server's breaker, for a
+-- cluster's nodes; nil without a breaker). Raises on a bad argument, or
+-- when the store's breaker is in use in this worker with other settings.
+function _M.circuit(name, domain, arguments)
+    local st = open_store_of(name, domain, arguments)
+    return setmetatable({ st = st, store = st.store }, Circuit)
+end
+
+local CIRCUIT_STATES = { [0] = "closed", "open", "probing" }
+
+--- The breaker of server `addr` ("host:port") of this store, or nil.
+function Circuit:server(addr)
+    if self.store == nil then
+        return nil
+    end
+    local out = ffi_new("dp_circuit *[1]")
+    if C.dp_circuit_server(self.store, addr, out) ~= DP_OK or out[0] == nil then
+        return nil
+    end
+    return out[0]
+end
+
+--- Add the breaker's figures to a backend's stats `out`, as
+-- dogpile.cache.backends.c does: circuit_state, circuit_opened,
+-- circuit_refused, circuit_probes (the servers' summed up).
+function Circuit:stats(out)
+    if self.store == nil then
+        return out
+    end
+    local cs = ffi_new("dp_circuit_stats")
+    C.dp_backend_circuit(self.st.handle, cs)
+    if cs.enabled == 1 then
+        out.circuit_state = CIRCUIT_STATES[cs.state]
+        out.circuit_opened, out.circuit_refused = cs.opened, cs.refused
+        out.circuit_probes = cs.probes
+        out.circuit_last_error = ffi_string(cs.last_error)
+    end
+    return out
+end
+
+-- Guards free for the next call (a call yields: each needs its own).
+local guards, nguards = {}, 0
+local cerr = ffi_new("dp_err")
+
+--- Before a round trip to this server: a guard (true without a breaker),
+-- or nil and the breaker's message when it is open (nothing was sent).
+function Server:enter()
+    local c = self.circuit
+    if not c then
+        return true
+    end
+    local g
+    if nguards > 0 then
+        g, guards[nguards], nguards = guards[nguards], nil, nguards - 1
+    else
+        g = ffi_new("dp_circuit_guard")
+    end
+    if C.dp_circuit_enter(c, g, cerr) ~= DP_OK then
+        nguards = nguards + 1
+        guards[nguards] = g
+        return nil, ffi_string(cerr.msg)
+    end
+    return g
+end
+
+--- After it: `failure` (a message) when the server failed (an I/O error,
+-- a timeout: counted, a slow one opening the breaker at once), nil when it
+-- answered.
+function Server:leave(g, failure)
+    if g == true then
+        return
+    end
+    if failure then
+        local n = min(#failure, 1023)
+        ffi_copy(cerr.msg, failure, n)
+        cerr.msg[n] = 0
+        C.dp_circuit_leave(self.circuit, g, DP_EBACKEND, cerr)
+    else
+        C.dp_circuit_leave(self.circuit, g, DP_OK, cerr)
+    end
+    nguards = nguards + 1
+    guards[nguards] = g
+end
+
 --- Whether an I/O error is socket_timeout passing.
 function _M.timed_out(err)
     return err == "timeout" or err == "timeout, mid-reply"
@@ -249,10 +499,17 @@ end
 -- its reply with `read(sock, a, b)`, which returns r1, r2 (r1 nil: r2 is an
 -- I/O or protocol error). Returns what settle makes of r1, r2; or nil and
 -- the message io_fail words (the connection closed, the pool forgotten).
+-- Through the server's circuit breaker: refused, it returns nil, the
+-- breaker's message and true, without a round trip.
 function Server:exchange(op, req, read, a, b)
+    local g, refused = self:enter()
+    if not g then
+        return nil, refused, true
+    end
     for attempt = 1, 2 do
         local sock, reused = self:connect(op)
         if not sock then
+            self:leave(g, reused)
             return nil, reused
         end
         local ok, err = sock:send(req)
@@ -264,12 +521,15 @@ function Server:exchange(op, req, read, a, b)
             end
         end
         if err == nil then
-            return self:settle(sock, op, r1, r2)
+            r1, r2 = self:settle(sock, op, r1, r2)
+            self:leave(g, r1 == nil and r2 or nil)
+            return r1, r2
         end
         sock:close()
         local msg = self:io_fail(op, err)
         self:broken()
         if not (reused and attempt == 1 and closed(err)) then
+            self:leave(g, msg)
             return nil, msg
         end
     end

@@ -20,8 +20,12 @@
 -- The lock is the C backend's (SET <lock_prefix><key> <token> NX PX on the
 -- lock key's node, released by the same script); waiters poll (1 ms
 -- doubling to lock_sleep) through dogpile.cache.cosocket's shared waits.
--- Not here: the circuit breaker (the circuit_* arguments are accepted, as
--- redis_cosocket accepts them) and sharded pub/sub wake-ups.
+--
+-- Circuit breakers: the C backend's, one per node (dogpile.cache.cosocket,
+-- "Circuit breakers"): a node's round trips go through its breaker, a
+-- refused one fails at once with the breaker's message, and a refused
+-- node's slots are looked up again at most every 100 ms (a promoted replica
+-- is a node of its own, its breaker closed).
 local lib = require "dogpile.lib"
 local cosocket = require "dogpile.cache.cosocket"
 local resp = require "dogpile.cache.resp"
@@ -106,6 +110,9 @@ local function node(self, addr)
         error(err, 0)
     end
     s.addr = addr
+    -- The node's own breaker (the C backend's, per node: a dead master
+    -- refuses its own keys, the others' go on).
+    s.circuit = self.circuit:server(addr) or false
     self.nodes[addr] = s
     self.order[#self.order + 1] = addr
     return s
@@ -156,6 +163,18 @@ local function route(self, slot)
     return node(self, addr)
 end
 
+-- A node's breaker refused: may the map be read again (a failover may have
+-- given its slots to a replica)? At most every 100 ms, as in C.
+local REFUSED_RELOAD = 0.1
+local function reload_due(self)
+    local now = ngx.now()
+    if now - self.refused_at >= REFUSED_RELOAD then
+        self.refused_at = now
+        return true
+    end
+    return false
+end
+
 -- What an error reply asks: "moved"/"ask" with the slot and node, "retry".
 local function redirect(v)
     local kind, slot, addr = v:match("^(%u+) (%d+) (%S+)$")
@@ -179,18 +198,27 @@ local function run(self, slot, op, args)
         if not s then
             error(op .. ": " .. err, 0)
         end
-        local v, kind
+        local v, kind, refused
         if ask then
-            local vs, kinds = s:call(op, { resp.encode({ "ASKING", n = 1 }), resp.encode(args) }, 2)
+            local vs, kinds
+            vs, kinds, refused = s:call(op, { resp.encode({ "ASKING", n = 1 }),
+                                              resp.encode(args) }, 2)
             if vs ~= nil then
                 v, kind = vs[2], kinds[2]
             else
                 v, kind = nil, kinds
             end
         else
-            v, kind = s:command(op, args)
+            v, kind, refused = s:command(op, args)
         end
-        if v == nil then
+        if refused then
+            -- The breaker's message (it names the node), as in C.
+            local before = s.addr
+            if ask or not reload_due(self) or not refresh(self)
+               or (self.slots[slot] or before) == before then
+                error(kind, 0)
+            end
+        elseif v == nil then
             -- Down, or failed over: if the map now names another node, go there.
             local before = s.addr
             if ask or not refresh(self) or (self.slots[slot] or before) == before then
@@ -286,7 +314,9 @@ local function multi(self, op, n, args_of, done)
         end
     end
     local function one(g)
-        return g.s:call(op .. " (pipeline)", g.req, #g.idx)
+        local vs, kinds, refused = g.s:call(op .. " (pipeline)", g.req, #g.idx)
+        g.refused = refused
+        return vs, kinds
     end
     local threads = {}
     for _, g in pairs(groups) do
@@ -311,13 +341,20 @@ local function multi(self, op, n, args_of, done)
     end
     if #down > 0 then
         -- A node failed: failed over? Its keys go again (alone) where the
-        -- map now sends them elsewhere, and fail at once otherwise.
-        local fresh = refresh(self)
+        -- map now sends them elsewhere, and fail at once otherwise. Nodes
+        -- refused by their breakers only: the map read at most every 100 ms.
+        local io = false
+        for _, g in ipairs(down) do
+            io = io or not g.refused
+        end
+        local fresh = (io or reload_due(self)) and refresh(self)
         for _, g in ipairs(down) do
             for _, i in ipairs(g.idx) do
                 local sl = key_slot(args_of(i)[2])
                 if fresh and self.slots[sl] and self.slots[sl] ~= g.s.addr then
                     again[#again + 1] = i
+                elseif g.refused then
+                    failed[i], nfailed = g.err, nfailed + 1
                 else
                     failed[i], nfailed = format("%s: node %s: %s", op, g.s.addr, g.err),
                         nfailed + 1
@@ -490,9 +527,9 @@ end
 
 local NODE_ARGS = { username = true, password = true, socket_timeout = true,
                     connect_timeout = true, redis_expiration_time = true, lock_timeout = true,
-                    lock_sleep = true, lock_prefix = true, circuit_failures = true,
-                    circuit_cooldown = true, circuit_slow = true, pool_size = true,
+                    lock_sleep = true, lock_prefix = true, pool_size = true,
                     pool_idle_timeout = true }
+local CIRCUIT_ARGS = { circuit_failures = true, circuit_cooldown = true, circuit_slow = true }
 
 -- The backend for the region's `arguments` (startup_nodes already joined
 -- into "host:port,..." in `nodes`; `distributed` false: the region's lock).
@@ -502,7 +539,8 @@ function _M.open(name, arguments, nodes, distributed)
     for k, v in pairs(arguments) do
         if NODE_ARGS[k] then
             node_args[k] = v
-        elseif k ~= "startup_nodes" and k ~= "url" and k ~= "distributed_lock" then
+        elseif not CIRCUIT_ARGS[k] -- the core's, checked below
+               and k ~= "startup_nodes" and k ~= "url" and k ~= "distributed_lock" then
             lib.raise(format("%s: '%s' is not an argument of a cluster (known: startup_nodes, "
                              .. "url, username, password, socket_timeout, connect_timeout, "
                              .. "redis_expiration_time, distributed_lock, lock_timeout, "
@@ -522,8 +560,11 @@ function _M.open(name, arguments, nodes, distributed)
         lock_timeout = s.lock_timeout, lock_px = math.ceil(s.lock_timeout * 1000),
         lock_growth = 2, lock_step_max = s.lock_sleep,
         domain = name .. ":" .. nodes .. "/" .. s.lock_prefix,
-        hits = 0, misses = 0, lock_overruns = 0,
+        hits = 0, misses = 0, lock_overruns = 0, refused_at = -math.huge,
     }, Backend)
+    -- The C backend's breakers, the core's own: the store's (this cluster
+    -- and lock prefix, per worker process), one per node under it.
+    self.circuit = cosocket.circuit(name, self.domain, arguments)
     for addr in nodes:gmatch("[^,%s]+") do
         if not addr:match("^.+:%d+$") then
             lib.raise(name .. ": startup_nodes: '" .. addr .. "' is not \"host:port\"")

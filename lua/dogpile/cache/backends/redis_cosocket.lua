@@ -4,7 +4,9 @@
 -- that a worker never blocks on Redis. backends/redis.lua picks it when the
 -- region is configured inside nginx. Added arguments: `pool_size`
 -- (connections kept idle per worker, default 30) and `pool_idle_timeout`
--- (seconds an idle one is kept, default 60).
+-- (seconds an idle one is kept, default 60). circuit_failures,
+-- circuit_cooldown and circuit_slow are the C backend's circuit breaker, the
+-- core's own (one per store and worker process: dogpile.cache.cosocket).
 --
 -- Values: the region's serialized envelope, stored with SET [PX
 -- redis_expiration_time], read with GET; the multi forms are one MGET, one
@@ -49,6 +51,9 @@ local UNLOCK_SCRIPT = "if redis.call('get', KEYS[1]) == ARGV[1] then redis.call(
     .. "if type(v) == 'string' and #v <= 65536 then v = '=' .. v else v = '' end "
     .. "redis.pcall('publish', KEYS[1], v) return 1 "
     .. "else return 0 end"
+
+local CIRCUIT_ARGS = { circuit_failures = true, circuit_cooldown = true, circuit_slow = true }
+_M.CIRCUIT_ARGS = CIRCUIT_ARGS
 
 local Backend = cosocket.backend({})
 Backend.__index = Backend
@@ -263,15 +268,24 @@ end
 
 function Mutex:watch()
     local s = self.b.s
-    local sock = s:connect()
-    if not sock then
+    -- Through the breaker: an open one leaves the wait to token_of, which
+    -- fails at once.
+    local g = s:enter()
+    if not g then
         return nil
     end
-    local ok = sock:send(resp.encode({ "SUBSCRIBE", self.lk, n = 2 }))
+    local sock, err = s:connect()
+    if not sock then
+        s:leave(g, err)
+        return nil
+    end
+    local ok
+    ok, err = sock:send(resp.encode({ "SUBSCRIBE", self.lk, n = 2 }))
     local v, kind
     if ok then
         v, kind = resp.read_reply(sock)
     end
+    s:leave(g, v == nil and s:io_fail("SUBSCRIBE", err or kind) or nil)
     if not (v and kind == "*" and v[1] == "subscribe") then
         sock:close()
         return nil
@@ -331,9 +345,12 @@ function _M.open(name, arguments, lock_timeout, distributed, rest)
             sentinels[#sentinels + 1] = { host, tonumber(port) }
         end
     end
+    -- The circuit_* arguments are the core's (checked there, below).
     local args = {}
     for k, v in pairs(arguments) do
-        args[k] = v
+        if not CIRCUIT_ARGS[k] then
+            args[k] = v
+        end
     end
     args.lock_timeout = lock_timeout
     local s, err = resp.server(name, args, sentinels)
@@ -354,6 +371,10 @@ function _M.open(name, arguments, lock_timeout, distributed, rest)
         lock_px = math.ceil(lock_timeout * 1000), lock_growth = 2, lock_step_max = s.lock_sleep,
         hits = 0, misses = 0, lock_overruns = 0,
     }, Backend)
+    -- The C backend's breaker, the core's own: one per store (domain) and
+    -- worker process, guarding every round trip to the server.
+    self.circuit = cosocket.circuit(name, domain, arguments)
+    s.circuit = self.circuit.store or false
     if distributed then
         self.get_mutex = get_mutex
     end
