@@ -32,6 +32,9 @@ local partial_of = require("dogpile.cache.backends.c").partial_of
 local VLEN_FAILED = require("dogpile.cache.backends.c").VLEN_FAILED
 local Memory = require("dogpile.cache.backends.memory").Memory
 local STAMP = require("dogpile.cache.backends.memory").STAMP
+-- The creator's duration copied onto a stamped value, where the memory
+-- backend copies it (nil otherwise: the metadata's is read).
+local DELTA_STAMP = require("dogpile.cache.backends.memory").DELTA_STAMP or "_dt"
 local latency = require "dogpile.cache.latency"
 
 local C = lib.C
@@ -346,8 +349,13 @@ local function memory_early(region, key, exp)
         if exp == nil then
             return true, rawget(cv, "payload")
         end
-        local delta = rawget(cv.metadata, "delta")
-        if ct + exp - now > (delta ~= nil and 37 * delta * region._beta or 0) then
+        -- delta: the backend's copy (DELTA_STAMP, 0 for none) where it
+        -- stamps one, else the metadata's.
+        local delta = rawget(cv, DELTA_STAMP)
+        if delta == nil then
+            delta = rawget(cv.metadata, "delta") or 0
+        end
+        if ct + exp - now > 37 * delta * region._beta then
             return true, rawget(cv, "payload")
         end
     end
