@@ -1075,11 +1075,12 @@ static conn *sub_reuse(inst *s)
     return cn;
 }
 
+/* The subscription's I/O needs no SIGPIPE mask (nopipe_*, four system calls
+ * each time): its commands go out by send_nosignal, and reads cannot raise
+ * it; a new connection masks it itself (conn_take). */
 static conn *sub_open(inst *s, const char *lk, size_t lklen)
 {
     conn *out = NULL;
-    nopipe np;
-    nopipe_begin(&np);
     int saved = errno;
     for (int attempt = 0; attempt < 2 && !out; attempt++) {
         conn *cn;
@@ -1091,7 +1092,10 @@ static conn *sub_open(inst *s, const char *lk, size_t lklen)
             break;
         const char *argv[2] = {"SUBSCRIBE", lk};
         size_t lens[2] = {9, lklen};
-        redisReply *r = redisCommandArgv(cn->c, 2, argv, lens);
+        redisReply *r = NULL;
+        if (redisAppendCommandArgv(cn->c, 2, argv, lens) != REDIS_OK ||
+            send_nosignal(cn->c) != REDIS_OK || redisGetReply(cn->c, (void **)&r) != REDIS_OK)
+            r = NULL;
         if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 3)
             out = cn;
         else
@@ -1101,7 +1105,6 @@ static conn *sub_open(inst *s, const char *lk, size_t lklen)
         if (!out && !reused)
             break; /* a fresh connection failed: no point in another */
     }
-    nopipe_end(&np);
     errno = saved;
     return out;
 }
@@ -1150,10 +1153,7 @@ static int sub_wait(conn *cn, double seconds, char **msg, size_t *mlen)
         return errno == EINTR ? 1 : -1;
     if (n == 0)
         return 0;
-    nopipe np;
-    nopipe_begin(&np);
     int rc = redisBufferRead(c) == REDIS_OK ? 1 : -1;
-    nopipe_end(&np);
     while (rc == 1 && redisGetReplyFromReader(c, &r) == REDIS_OK && r) {
         sub_message(r, msg, mlen);
         freeReplyObject(r);
@@ -1170,38 +1170,28 @@ static int sub_wait(conn *cn, double seconds, char **msg, size_t *mlen)
 
 static void sub_close_how(inst *s, conn *cn, const char *lk, size_t lklen, int defer)
 {
-    nopipe np;
-    nopipe_begin(&np);
     int saved = errno, ok = 0;
     const char *argv[2] = {"UNSUBSCRIBE", lk};
     size_t lens[2] = {11, lklen};
-    if (redisAppendCommandArgv(cn->c, 2, argv, lens) == REDIS_OK) {
+    if (redisAppendCommandArgv(cn->c, 2, argv, lens) == REDIS_OK &&
+        send_nosignal(cn->c) == REDIS_OK) {
         if (defer) {
-            int done = 0;
-            while (!done)
-                if (redisBufferWrite(cn->c, &done) != REDIS_OK)
-                    break;
-            if (done) {
-                uv_mutex_lock(&s->mu);
-                if (cn->gen == s->gen && s->pid == self_pid() &&
-                    s->nunsubbing < MAX_UNSUBBING) {
-                    cn->next = s->unsubbing;
-                    s->unsubbing = cn;
-                    s->nunsubbing++;
-                    cn = NULL;
-                }
-                uv_mutex_unlock(&s->mu);
+            uv_mutex_lock(&s->mu);
+            if (cn->gen == s->gen && s->pid == self_pid() && s->nunsubbing < MAX_UNSUBBING) {
+                cn->next = s->unsubbing;
+                s->unsubbing = cn;
+                s->nunsubbing++;
+                cn = NULL;
             }
+            uv_mutex_unlock(&s->mu);
             if (!cn) {
-                nopipe_end(&np);
                 errno = saved;
                 return;
             }
         }
         /* Messages published meanwhile come first; then the confirmation. */
-        ok = !cn->c->err && sub_finish(cn);
+        ok = sub_finish(cn);
     }
-    nopipe_end(&np);
     errno = saved;
     if (ok)
         conn_give(s, cn, 0);
