@@ -206,6 +206,7 @@ typedef struct conn {
     struct conn *next;
     redisContext *c;
     unsigned gen;
+    int unsub_due;     /* in inst.unsubbing: still subscribed, UNSUBSCRIBE not sent */
 } conn;
 
 typedef struct held {
@@ -233,6 +234,7 @@ typedef struct inst {
     held *held;
     conn *unsubbing;   /* waiters' connections whose UNSUBSCRIBE is not read yet */
     int nunsubbing;
+    _Atomic int unsub_due; /* how many of them have not even sent it (unsub_flush) */
     char master[300];  /* sentinel mode: "host:port" last connected to */
     _Atomic uint64_t hits, misses;
     /* change notification (NULL channel: none) */
@@ -470,6 +472,7 @@ static int conn_take(inst *s, conn **out, int *reused, dp_err *err)
     }
     c->gen = gen;
     c->next = NULL;
+    c->unsub_due = 0;
     *out = c;
     return DP_OK;
 }
@@ -519,9 +522,13 @@ static int run(inst *s, const char *op, build_fn build, void *ud, size_t ncmd,
     return rc;
 }
 
+static void unsub_flush(inst *s);
+
 static int run_io(inst *s, const char *op, build_fn build, void *ud, size_t ncmd,
                   redisReply **replies, dp_err *err)
 {
+    if (atomic_load_explicit(&s->unsub_due, memory_order_relaxed))
+        unsub_flush(s);
     for (int attempt = 0;; attempt++) {
         conn *cn;
         int reused, rc = conn_take(s, &cn, &reused, err);
@@ -1014,7 +1021,8 @@ static void new_token(char out[33])
 /* Waking. A waiter's own connection, taken from the pool, SUBSCRIBEd to the
  * lock key's channel before each SET NX retry can fail, so a release after
  * that retry is never missed; given back after UNSUBSCRIBE (in RESP2 the
- * connection is then an ordinary one again). Any failure here only drops the
+ * connection is then an ordinary one again), or, after wait_unlocked, kept
+ * for the next wait (sub_close_how). Any failure here only drops the
  * subscription: the wait then polls as it would without it. */
 static void sub_free(conn *cn)
 {
@@ -1042,8 +1050,52 @@ static int sub_finish(conn *cn)
     return 0;
 }
 
-/* A connection left by an earlier wait with its UNSUBSCRIBE unread, now
- * finished (its confirmation has long arrived), or NULL. */
+/* UNSUBSCRIBE from every channel (a waiter's connection has one). */
+static int unsub_send(conn *cn)
+{
+    if (redisAppendCommand(cn->c, "UNSUBSCRIBE") != REDIS_OK)
+        return REDIS_ERR;
+    return send_nosignal(cn->c);
+}
+
+/* Send the UNSUBSCRIBE of the connections that woken waiters left
+ * subscribed (sub_close_how), at the instance's next operation (run_io):
+ * not at the wake-up, when it would cost the waiter a system call and the
+ * server a command while the other waiters are still being woken. The
+ * confirmation is read when the connection is taken again (sub_reuse). */
+static void unsub_flush(inst *s)
+{
+    conn *stale = NULL;
+    uv_mutex_lock(&s->mu);
+    int mine = s->pid == self_pid();
+    for (conn **pp = &s->unsubbing; *pp;) {
+        conn *cn = *pp;
+        if (cn->unsub_due) {
+            cn->unsub_due = 0;
+            atomic_fetch_sub(&s->unsub_due, 1);
+            if (!mine || cn->gen != s->gen) {
+                /* a fork()ed child's copy of the parent's socket, or one
+                 * of a generation since failed: dropped, never written */
+                *pp = cn->next;
+                s->nunsubbing--;
+                cn->next = stale;
+                stale = cn;
+                continue;
+            }
+            unsub_send(cn); /* a failure is in cn->c->err: sub_reuse frees it */
+        }
+        pp = &cn->next;
+    }
+    uv_mutex_unlock(&s->mu);
+    while (stale) {
+        conn *c = stale;
+        stale = c->next;
+        sub_free(c);
+    }
+}
+
+/* A connection left by an earlier wait with its UNSUBSCRIBE unread (or not
+ * yet sent: sent now), now finished, or NULL. */
 static conn *sub_reuse(inst *s)
 {
     conn *cn = NULL, *stale = NULL;
@@ -1052,10 +1104,13 @@ static conn *sub_reuse(inst *s)
         stale = s->unsubbing; /* a fork()ed child: the parent's sockets */
         s->unsubbing = NULL;
         s->nunsubbing = 0;
+        atomic_store(&s->unsub_due, 0);
     } else if (s->unsubbing) {
         cn = s->unsubbing;
         s->unsubbing = cn->next;
         s->nunsubbing--;
+        if (cn->unsub_due)
+            atomic_fetch_sub(&s->unsub_due, 1);
         if (cn->gen != s->gen) {
             cn->next = NULL;
             stale = cn;
@@ -1067,6 +1122,13 @@ static conn *sub_reuse(inst *s)
         conn *c = stale;
         stale = c->next;
         sub_free(c);
+    }
+    if (cn && cn->unsub_due) {
+        cn->unsub_due = 0;
+        if (unsub_send(cn) != REDIS_OK) {
+            sub_free(cn);
+            cn = NULL;
+        }
     }
     if (cn && !sub_finish(cn)) {
         sub_free(cn);
@@ -1162,36 +1224,37 @@ static int sub_wait(conn *cn, double seconds, char **msg, size_t *mlen)
     return rc;
 }
 
-/* UNSUBSCRIBE and give the connection back. `defer`: only send it, and keep
- * the connection aside (at most MAX_UNSUBBING per instance) for the next
- * wait, which reads the confirmation then: the waiter that was just woken
- * does not wait one more round trip before reading the value. */
+/* UNSUBSCRIBE and give the connection back. `defer`: keep the connection
+ * aside (at most MAX_UNSUBBING per instance), still subscribed; the
+ * instance's next operation sends the UNSUBSCRIBE (unsub_flush) and the next
+ * wait reads its confirmation (sub_reuse): the waiter that was just woken
+ * returns the value without a system call or a round trip more, and the
+ * server is not sent a command per waiter while it still wakes the others. */
 #define MAX_UNSUBBING 16
 
 static void sub_close_how(inst *s, conn *cn, const char *lk, size_t lklen, int defer)
 {
     int saved = errno, ok = 0;
+    if (defer && !cn->c->err) {
+        uv_mutex_lock(&s->mu);
+        if (cn->gen == s->gen && s->pid == self_pid() && s->nunsubbing < MAX_UNSUBBING) {
+            cn->unsub_due = 1;
+            cn->next = s->unsubbing;
+            s->unsubbing = cn;
+            s->nunsubbing++;
+            atomic_fetch_add(&s->unsub_due, 1);
+            cn = NULL;
+        }
+        uv_mutex_unlock(&s->mu);
+        if (!cn)
+            return;
+    }
     const char *argv[2] = {"UNSUBSCRIBE", lk};
     size_t lens[2] = {11, lklen};
+    /* Messages published meanwhile come first; then the confirmation. */
     if (redisAppendCommandArgv(cn->c, 2, argv, lens) == REDIS_OK &&
-        send_nosignal(cn->c) == REDIS_OK) {
-        if (defer) {
-            uv_mutex_lock(&s->mu);
-            if (cn->gen == s->gen && s->pid == self_pid() && s->nunsubbing < MAX_UNSUBBING) {
-                cn->next = s->unsubbing;
-                s->unsubbing = cn;
-                s->nunsubbing++;
-                cn = NULL;
-            }
-            uv_mutex_unlock(&s->mu);
-            if (!cn) {
-                errno = saved;
-                return;
-            }
-        }
-        /* Messages published meanwhile come first; then the confirmation. */
+        send_nosignal(cn->c) == REDIS_OK)
         ok = sub_finish(cn);
-    }
     errno = saved;
     if (ok)
         conn_give(s, cn, 0);
