@@ -146,7 +146,7 @@ local function try_core(domain, key, tracked)
     end
     if rc == DP_OK then
         if tracked then
-            took(domain, key)
+            took(domain, key, nil, tracked)
         end
         return true
     elseif rc == DP_EBUSY then
@@ -159,12 +159,15 @@ end
 -- `tracked`: the lock is held by the coroutine that takes it until it
 -- releases it or hands it over (the region's get_or_create): one abandoned
 -- with it is released (dogpile.holders). Untracked, a mutex may be released
--- by any coroutine at any time, as API.md allows. `timeout`: the bound of
--- its waits in seconds (nil: dogpile.set_lock_timeout's).
+-- by any coroutine at any time, as API.md allows. `tracked` may be the
+-- coroutine that will take the lock, when the caller knows it (the region's
+-- miss path asks before it makes any table: asking is not compiled, see
+-- dogpile.holders), or false for the main one, which is never tracked.
+-- `timeout`: the bound of its waits in seconds (nil: dogpile.set_lock_timeout's).
 -- @tparam number domain a lock domain of the core (`dp_lock_domain(name, len)` or `dp_lock_domain_new()`)
 -- @tparam string key the key the lock is for
--- @tparam[opt] boolean tracked the taking coroutine holds the lock until it releases it or hands it over
--- (default false: any coroutine may release it)
+-- @tparam[opt] boolean|thread tracked the taking coroutine holds the lock until it releases it or hands
+-- it over; a coroutine: the one that will take it (default false: any coroutine may release it)
 -- @tparam[opt] number timeout the bound of its waits in seconds (default nil: dogpile.lock_timeout())
 -- @tparam[opt] table region the region the mutex serves, whose `_message` names it in the mutex's errors
 -- (default nil: errors name no region)
@@ -173,6 +176,11 @@ function _M.core_mutex(domain, key, tracked, timeout, region)
     return setmetatable({ domain = domain, key = key, tracked = tracked, timeout = timeout,
                           stolen = false, gave_up = false, region = region }, Mutex)
 end
+
+-- The metatable of the core's mutexes, for the region's miss path: a
+-- backend's get_mutex that gives one needs no check, and its `tracked` may be
+-- set to the coroutine the region asked for already.
+_M._Mutex = Mutex
 
 -- Past the bound: the holder is taken to be stuck; this caller goes ahead
 -- without the lock, and its release is then a no-op.
@@ -219,7 +227,7 @@ function Mutex:acquire(wait)
     end
     blocked_wait(self, rc, key)
     if tracked then
-        took(domain, key)
+        took(domain, key, nil, tracked)
     end
     return true
 end

@@ -19,7 +19,7 @@ local context = require "dogpile.context"
 local C = lib.C
 local OWNER = context.OWNER
 local co_running, co_status = coroutine.running, coroutine.status
-local pairs, pcall, setmetatable = pairs, pcall, setmetatable
+local pairs, pcall, setmetatable, type = pairs, pcall, setmetatable, type
 
 lib.own_source()
 
@@ -35,13 +35,30 @@ local holder = {}
 local held = {}
 local nheld = 0
 
---- This state took the core's lock (domain, key), through `mutex` (optional):
--- remember the coroutine that did, unless it is the main one (which cannot be
--- abandoned).
-function _M.took(domain, key, mutex)
+--- The running coroutine, or false in the main one (which cannot be
+-- abandoned, so its locks are not tracked).
+local function running()
     local co, main = co_running()
     if co == nil or main then
-        return
+        return false
+    end
+    return co
+end
+_M.running = running
+
+--- This state took the core's lock (domain, key), through `mutex` (optional):
+-- remember the coroutine that did, unless it is the main one. `co`, when a
+-- coroutine: the one taking it, which the caller asked `running` for already.
+-- (coroutine.running is not compiled: the trace is stitched around the call,
+-- and every table the miss path made before it must then be allocated, which
+-- made get_or_create's miss several times slower. The region asks before it
+-- makes any.)
+function _M.took(domain, key, mutex, co)
+    if type(co) ~= "thread" then
+        co = running()
+        if not co then
+            return
+        end
     end
     local d = holder[domain]
     if d == nil then

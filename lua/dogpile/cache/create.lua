@@ -8,6 +8,7 @@
 local lib = require "dogpile.lib"
 local dogpile = require "dogpile"
 local context = require "dogpile.context"
+local holders = require "dogpile.holders"
 local options = require "dogpile.cache.options"
 local api = require "dogpile.cache.api"
 local read = require "dogpile.cache.read"
@@ -20,14 +21,16 @@ local finite = options.finite
 local run = dogpile._run
 local core_mutex = dogpile.core_mutex
 local release_logged = dogpile.release_logged
+local CoreMutex = dogpile._Mutex
+local running = holders.running
 local NO_VALUE = api.NO_VALUE
 local FRESH, STALE, MISSING = read.FRESH, read.STALE, read.MISSING
 local judge, judge_value, own_exp = read.judge, read.judge_value, read.own_exp
 local fetch, fetch_multi = read.fetch, read.fetch_multi
 local store, store_multi = write.store, write.store_multi
 local new_value, new_metadata = write.new_value, write.new_metadata
-local type, pcall, error, setmetatable, unpack, tostring, ipairs, rawequal =
-      type, pcall, error, setmetatable, unpack, tostring, ipairs, rawequal
+local type, pcall, error, setmetatable, getmetatable, unpack, tostring, ipairs, rawequal =
+      type, pcall, error, setmetatable, getmetatable, unpack, tostring, ipairs, rawequal
 local sort, maxn = table.sort, table.maxn
 
 lib.own_source()
@@ -90,15 +93,34 @@ function FailOpenMutex:release()
 end
 
 --- The mutex for a mangled key: the backend's own lock when it has one,
--- otherwise the core's per-key lock in the region's domain.
-local function mutex_for(region, key)
+-- otherwise the core's per-key lock in the region's domain. `co`: the
+-- coroutine that will take it (holders.running(): false in the main one), when
+-- the caller asked already; nil: asked when it is taken.
+local function mutex_for(region, key, co)
     local backend = region.backend
+    if co == nil then
+        co = true
+    end
     if backend.get_mutex then
         local ok, m = pcall(backend.get_mutex, backend, key)
         if not ok then
             region:_failed("get_mutex", key, m)
             m = nil
         elseif m ~= nil then
+            if getmetatable(m) == CoreMutex then
+                -- The core's lock in the backend's domain (shared_memory's):
+                -- in process, it has no backend to fail, so it is used as
+                -- the memory region's is, naming the region in its errors,
+                -- not wrapped for fail_open. (Each wrapper's table and pcall
+                -- took the miss past what one compiled trace holds.)
+                if co ~= true and m.tracked == true then
+                    m.tracked = co
+                end
+                if m.region == nil then
+                    m.region = region
+                end
+                return m
+            end
             local ok2, err = pcall(dogpile.check_mutex, m, "dogpile.cache: backend get_mutex")
             if not ok2 then
                 region:_reraise(err)
@@ -106,7 +128,7 @@ local function mutex_for(region, key)
             return setmetatable({ inner = m, region = region, key = key }, FailOpenMutex)
         end
     end
-    return core_mutex(region._domain, key, true, nil, region)
+    return core_mutex(region._domain, key, co, nil, region)
 end
 _M.mutex_for = mutex_for
 
@@ -298,6 +320,9 @@ end
 -- waiting. Counted as a hit already; counts the refresh.
 function _M.get_or_create(region, key, orig_key, creator, exp, should_cache_fn, creator_args,
                           first, early)
+    -- Asked before any table is made: the call is not compiled, and what is
+    -- made before it could not stay unallocated in the trace (see holders).
+    local co = running()
     local st = region._stats
     local ctx = { region = region, key = key, orig_key = orig_key,
                   creator = creator, creator_args = creator_args, exp = exp,
@@ -312,7 +337,7 @@ function _M.get_or_create(region, key, orig_key, creator, exp, should_cache_fn, 
             ctx.early = ct
         end
     end
-    local value, how, waited = run(mutex_for(region, key), ctx, slow_gen, slow_read,
+    local value, how, waited = run(mutex_for(region, key, co), ctx, slow_gen, slow_read,
                                    slow_is_expired,
                                    region.async_creation_runner and slow_async or nil,
                                    has, has and first.payload or nil, ct)
@@ -462,8 +487,9 @@ end
 local function lock_and_create(region, pending, held, uniq, mangled, results, creator, exp,
                                should_cache_fn)
     local st = region._stats
+    local co = running()
     for _, e in ipairs(pending) do
-        local m = mutex_for(region, mangled[e.i])
+        local m = mutex_for(region, mangled[e.i], co)
         if e.state == STALE then
             if m:acquire(false) then
                 e.mutex = m
