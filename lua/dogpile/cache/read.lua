@@ -462,8 +462,6 @@ local function front_read(region, key, exp, early)
         local ct = not early and rawget(cv, STAMP)
         if ct and not region._inv_judge(region.region_invalidator, ct)
             and (exp == nil or clock_seconds() - ct <= exp) then
-            local st = region._stats
-            st.front_hits = st.front_hits + 1
             return true, rawget(cv, "payload")
         end
         local md = cv.metadata
@@ -476,8 +474,6 @@ local function front_read(region, key, exp, early)
                 state = judge(region, md.ct, e)
             end
             if state == FRESH then
-                local st = region._stats
-                st.front_hits = st.front_hits + 1
                 if elected then
                     return true, cv.payload, cv
                 end
@@ -485,10 +481,19 @@ local function front_read(region, key, exp, early)
             end
         end
     end
+    -- A hit from here on is not the front's: counted apart, so that the
+    -- front's hits are the region's hits less these (Region:stats), and a
+    -- front hit bumps one counter, not two.
+    local hit, v, cv
     if early then
-        return judged_early(region, fetch(region, key), exp)
+        hit, v, cv = judged_early(region, fetch(region, key), exp)
+    else
+        hit, v = judged(region, fetch(region, key), exp)
     end
-    return judged(region, fetch(region, key), exp)
+    if hit then
+        region._deep_hits = region._deep_hits + 1
+    end
+    return hit, v, cv
 end
 
 local function front_lookup(region, key, exp)

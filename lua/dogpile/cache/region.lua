@@ -403,6 +403,9 @@ function Region:_configure(backend_name, opts)
     -- _stats (whose other counters the miss path bumps): one field of the
     -- region, which the hit has in hand. stats() adds them up.
     self._hits = 0
+    -- Of those, the ones a front strategy's lookup did not find in its
+    -- front (read.lua's front_read): stats() derives front_hits from both.
+    self._deep_hits = 0
     latency.reset(self)
     -- A shared backend counts evictions since it opened; report ours since now.
     self._evictions_base = 0
@@ -502,7 +505,14 @@ function Region:stats()
     for k, v in pairs(st) do
         out[k] = v
     end
-    out.hits = out.hits + (rawget(self, "_hits") or 0)
+    local hits = rawget(self, "_hits") or 0
+    out.hits = out.hits + hits
+    if out.front_hits ~= nil then
+        -- get_multi's front hits are counted as they come; get's and
+        -- get_or_create's are the hits of their lookups less those served
+        -- past the front.
+        out.front_hits = out.front_hits + hits - (rawget(self, "_deep_hits") or 0)
+    end
     local ev, bs = self:_backend_evictions()
     if ev then
         out.evictions = ev - (self._evictions_base or 0)
@@ -520,7 +530,7 @@ function Region:stats()
     out.lock_overruns = type(overruns) == "number" and overruns or 0
     -- Hits per tier, where the backend has tiers (front.md).
     if b and is_callable(b.tier_hits) then
-        out.tier_hits = b:tier_hits(st.front_hits or 0)
+        out.tier_hits = b:tier_hits(out.front_hits or 0)
     end
     return out
 end
