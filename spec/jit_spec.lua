@@ -219,6 +219,10 @@ REGIONS[#REGIONS + 1] = { "a front table with expiration_time", { expiration_tim
                           "spec.jit_front" }
 REGIONS[#REGIONS + 1] = { "a front table without expiration_time", {}, "spec.jit_front" }
 
+-- A key_mangler (the 6th field: make_region's options): the hit calls it.
+REGIONS[#REGIONS + 1] = { "memory with a key_mangler", { expiration_time = 3600 }, nil, 0, {},
+                          { key_mangler = function(k) return "m:" .. k end } }
+
 local LOOPS = {
     { "region:get", get_loop },
     { "region:get_or_create", get_or_create_loop },
@@ -234,7 +238,7 @@ describe("a cache hit compiles with no trace abort", function()
             local extra = r[5] or {}
             local lname, loop = l[1], l[2]
             it(lname .. " on " .. rname, function()
-                local region = cache.make_region():configure(backend, conf)
+                local region = cache.make_region(r[6]):configure(backend, conf)
                 for i = 1, NKEYS do
                     region:set(KEYS[i], i + bias, extra[1], extra[2])
                 end
