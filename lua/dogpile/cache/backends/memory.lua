@@ -25,6 +25,9 @@ lib.own_source()
 -- stamp (whoever holds it may change its metadata, as a spec ageing a value
 -- does, and the hit must then see the change) until it is stored again.
 local STAMP = "_ct"
+-- With the stamp, the creator's duration (metadata.delta, 0 when none), for
+-- early_refresh's hit (read.lua's memory_early).
+local DELTA_STAMP = "_dt"
 
 local function stamp(v)
     if type(v) == "table" and rawget(v, STAMP) == nil then
@@ -32,8 +35,10 @@ local function stamp(v)
         if type(md) == "table" and rawget(md, "v") == VALUE_VERSION
             and rawget(md, "ttl") == nil then
             local ct = rawget(md, "ct")
-            if type(ct) == "number" then
+            local delta = rawget(md, "delta")
+            if type(ct) == "number" and (delta == nil or type(delta) == "number") then
                 rawset(v, STAMP, ct)
+                rawset(v, DELTA_STAMP, delta or 0)
             end
         end
     end
@@ -44,6 +49,7 @@ end
 local function unstamped(v)
     if type(v) == "table" and rawget(v, STAMP) ~= nil then
         rawset(v, STAMP, nil)
+        rawset(v, DELTA_STAMP, nil)
     end
     return v
 end
@@ -252,4 +258,4 @@ end
 -- @function new
 -- @tparam[opt] table arguments the arguments listed above (default {}: each at its default)
 -- @treturn table the backend
-return { new = new, Memory = Memory, STAMP = STAMP }
+return { new = new, Memory = Memory, STAMP = STAMP, DELTA_STAMP = DELTA_STAMP }
