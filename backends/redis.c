@@ -1425,6 +1425,16 @@ static int rd_wait_unlocked(void *self, const char *key, size_t klen, double tim
         rc = lock_token(s, lk, lklen, &now, err);
         if (rc == DP_OK && (!now || strcmp(now, first) != 0)) {
             free(now);
+            /* Released while this poll was under way: the release's message,
+             * published with the DEL, is due on the subscription; take the
+             * value it carries rather than GET it. (A holder that died
+             * publishes nothing: then this costs 1 ms, once.) */
+            char *msg = NULL;
+            size_t mlen = 0;
+            if (sub && sub_wait(sub, 0.001, &msg, &mlen) > 0 && msg)
+                stash_keep(s, key, klen, msg, mlen); /* takes msg */
+            else
+                free(msg);
             break;
         }
         free(now);
