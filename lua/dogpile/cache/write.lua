@@ -22,8 +22,12 @@ local _M = {}
 --- A new CachedValue of `payload`, created now; `ttl` (its own expiration
 -- time) and `delta` (its creator's duration, for early_refresh) when given.
 function _M.new_value(payload, ttl, delta)
+    -- Room for the memory backend's stamps (_ct, _dt), which it adds when it
+    -- stores the value: made with two slots, the table was grown on every
+    -- store, about 70 ns of a memory region's miss.
     return { payload = payload,
-             metadata = { ct = C.dp_clock_stamp(), v = VALUE_VERSION, ttl = ttl, delta = delta } }
+             metadata = { ct = C.dp_clock_stamp(), v = VALUE_VERSION, ttl = ttl, delta = delta },
+             _ct = nil, _dt = nil }
 end
 
 --- Metadata for values stored together: one created time (and `ttl`,
