@@ -653,8 +653,8 @@ function Region:get(key, expiration_time, ignore_expiration)
     if self._km then
         key = mangle(self, key)
     end
-    local st = self._stats
     if ignore_expiration then
+        local st = self._stats
         local cv = fetch(self, key)
         if rawequal(cv, NO_VALUE) then
             st.misses = st.misses + 1
@@ -668,6 +668,9 @@ function Region:get(key, expiration_time, ignore_expiration)
         self._hits = self._hits + 1
         return value
     end
+    -- _stats read here, not before the lookup: one value fewer live across
+    -- the hit's call to the clock.
+    local st = self._stats
     st.misses = st.misses + 1
     return NO_VALUE
 end
