@@ -7,14 +7,17 @@
 -- without reaching the server (the server's own command count says so),
 -- fail_open makes them misses, and the next call after the cool-down
 -- probes and closes it. On a cluster, per node: a stopped master's keys are
--- refused at once, the others' are served.
+-- refused at once, the others' are served. And the cluster's lock waiters
+-- (here with the cluster at hand): woken by the release's SPUBLISH through
+-- one SSUBSCRIBE per worker on the lock key's node, polling where SSUBSCRIBE
+-- is refused (an ACL).
 local cache = require "dogpile.cache"
 local support = require "support"
 local ngx_support = require "ngx_support"
 local nb = require "ngx_backend_support"
 local CL = require "fixtures.redis_cluster.cluster"
 
-local now, sleep, sh = support.now, support.sleep, support.sh
+local now, sleep, sh, read = support.now, support.sleep, support.sh, support.read
 
 local uniq = 0
 local function fresh(prefix)
@@ -80,6 +83,16 @@ describe("circuit breakers inside nginx (cosockets): the C core's, per worker", 
         end
         assert.is_not_nil(t.ok, body)
         return t, body
+    end
+
+    -- The C backend on the cluster, in this process (one instance: every
+    -- region on it must agree).
+    local plain
+    local function plain_region()
+        plain = plain or cache.make_region():configure("dogpile.cache.redis_cluster", {
+            arguments = { startup_nodes = c0:startup_nodes(), socket_timeout = 0.3,
+                          lock_timeout = 10 } })
+        return plain
     end
 
     local function owner(slot)
@@ -229,14 +242,13 @@ describe("circuit breakers inside nginx (cosockets): the C core's, per worker", 
         assert.are.equal(2, t.ok)
         assert.are.equal("closed", t.state)
         assert.are.equal(1, t.probes)
-        assert.are.equal("1", sh("redis-cli -p " .. down .. " EXISTS k"))
+        assert.are.equal("1", sh("redis-cli -p " .. down .. " EXISTS k"):gsub("%s+$", ""))
         assert.are.equal("d", loop("region=down&n=1&key=k").values)
     end)
 
     it("a cluster master SIGSTOPped: its breaker opens, its keys are refused at once, the other masters' served; get_multi fails only its keys; the probe closes it", function()
         local p = fresh("node")
-        local plain = cache.make_region():configure("dogpile.cache.redis_cluster", {
-            arguments = { startup_nodes = c0:startup_nodes(), socket_timeout = 0.3 } })
+        local plain = plain_region()
         local kv, ko
         local m, on, nv = {}, {}, 0
         for i = 1, 30 do
@@ -298,5 +310,106 @@ describe("circuit breakers inside nginx (cosockets): the C core's, per worker", 
         assert.are.equal("closed", t.state)
         assert.are.equal(1, t.probes)
         assert.are.equal(21, t.refused)
+    end)
+    -- `n` get_or_create requests of `key` on `region`, in the background:
+    -- a function that waits for them and returns their bodies.
+    local function waiters(region, key, n)
+        local out = tmp .. "/requests.txt"
+        os.remove(out)
+        os.execute(("%s -s -m 15 -Z --parallel-immediate --parallel-max %d -o '%s/w#1' "
+                    .. "-w '%%{http_code}\\n' '%s' > %s 2>/dev/null &")
+                   :format(ngx_support.CURL, n, tmp, nginx:url("/run?op=goc&region=" .. region
+                                                               .. "&key=" .. key .. "&n=[1-"
+                                                               .. n .. "]"), out))
+        return function()
+            local t0 = now()
+            while select(2, (read(out) or ""):gsub("\n", "")) < n do
+                assert(now() - t0 < 15, "the requests did not end")
+                sleep(0.02)
+            end
+            local bodies = {}
+            for i = 1, n do
+                bodies[i] = read(tmp .. "/w" .. i)
+            end
+            return bodies
+        end
+    end
+
+    -- The spec (the C backend) holds `key`'s lock for `hold` s while nginx's
+    -- waiters ask for it, then stores "from the holder" and releases; the
+    -- lock key's node's MONITOR meanwhile. Returns the bodies, the MONITOR's
+    -- text and the most SSUBSCRIBEd seen on the lock key's channel.
+    local function held_while(region, key, hold)
+        local plain = plain_region()
+        local lk = "_lock" .. key
+        local node = owner(keyslot(lk))
+        local mon = tmp .. "/monitor-" .. region .. ".txt"
+        local mon_pid = sh(("redis-cli -p %d MONITOR > %s 2>&1 & echo $!"):format(node, mon))
+            :match("%d+")
+        local t0 = now()
+        while not (read(mon) or ""):match("^OK") do
+            assert(now() - t0 < 5, "MONITOR did not start")
+            sleep(0.01)
+        end
+        local m = plain.backend:get_mutex(key)
+        assert.is_true(m:acquire(false))
+        local done = waiters(region, key, 20)
+        local most = 0
+        t0 = now()
+        while now() - t0 < hold do
+            local subs = tonumber(sh("redis-cli -p " .. node .. " PUBSUB SHARDNUMSUB " .. lk)
+                                  :match("(%d+)%s*$"))
+            most = math.max(most, subs or 0)
+            sleep(0.05)
+        end
+        plain:set(key, "from the holder")
+        m:release()
+        local bodies = done()
+        sh("kill " .. mon_pid)
+        return bodies, read(mon) or "", most
+    end
+
+    it("cluster lock waiters: one SSUBSCRIBE per worker on the lock key's node, woken by the release's SPUBLISH, not a poll", function()
+        local key = fresh("wake")
+        local bodies, text, most = held_while("wake", key, 0.6)
+        for i = 1, 20 do
+            assert.are.equal("from the holder", bodies[i])
+        end
+        assert.are.equal(1, most) -- one worker, one subscription
+        -- after the release's SPUBLISH, no waiter looked at the lock key
+        -- again (a poll would have, at 1.023 s)
+        local lk = "_lock" .. key
+        local at = text:find('"spublish" "' .. lk .. '"', 1, true)
+        assert.is_not_nil(at, text)
+        local pat = '%] "GET" "' .. lk:gsub("%p", "%%%0") .. '"'
+        local _, polls = text:sub(1, at):gsub(pat, "")
+        local _, late = text:sub(at):gsub(pat, "")
+        assert.is_true(polls >= 1, "the first waiter read the holder's token")
+        assert.are.equal(0, late, text:sub(at))
+        assert.are.equal("0", sh("redis-cli -p " .. owner(keyslot(lk)) .. " PUBSUB SHARDNUMSUB "
+                                 .. lk):match("(%d+)%s*$"))
+    end)
+
+    it("cluster lock waiters whose SSUBSCRIBE is refused (an ACL) poll, and get the holder's value", function()
+        for _, n in ipairs(c0.nodes) do
+            assert.are.equal("OK", sh("redis-cli -p " .. n.port .. " ACL SETUSER nosub on '>pw' "
+                                      .. "'~*' '&*' +@all -ssubscribe"):gsub("%s+$", ""))
+        end
+        local key = fresh("nosub")
+        local bodies, text, most = held_while("nosub", key, 0.4)
+        for i = 1, 20 do
+            assert.are.equal("from the holder", bodies[i])
+        end
+        assert.are.equal(0, most)
+        local lk = "_lock" .. key
+        -- asked, and refused (a refused command is in the ACL log, not in
+        -- MONITOR's output)
+        assert.matches("ssubscribe", sh("redis-cli -p " .. owner(keyslot(lk)) .. " ACL LOG"), 1,
+                       true)
+        local at = text:find('"spublish" "' .. lk .. '"', 1, true)
+        assert.is_not_nil(at, text)
+        -- the release was seen by a poll: a GET of the lock key after it
+        local _, late = text:sub(at):gsub('%] "GET" "' .. lk:gsub("%p", "%%%0") .. '"', "")
+        assert.is_true(late >= 1, text:sub(at))
     end)
 end)

@@ -202,11 +202,16 @@ describe("dogpile.cache.redis inside nginx (cosockets)", function()
         assert.are.equal("0", (cli(main.port, "PUBSUB NUMSUB _lock" .. key):match("(%d+)%s*$")))
     end)
 
-    it("waiters in nginx share one subscription per worker and are woken by the release's PUBLISH, not a poll", function()
+    it("waiters in nginx share one subscription per worker and are woken by the release's PUBLISH, not a poll, reading the value it carries without a GET", function()
         -- lock_sleep 2: a waiter that only polled (1 ms doubling to 2 s)
         -- would look at 0.511 s and then at 1.023 s; the holder, a plain
         -- process, releases at about 0.6 s.
         local key = fresh("woken")
+        -- Every command the server runs, to see what the woken waiters send.
+        local mon = TMP .. "/monitor.txt"
+        local mon_pid = sh(("redis-cli -p %d MONITOR > %s 2>&1 & echo $!")
+                           :format(main.port, mon)):match("%d+")
+        wait_for("MONITOR", function() return (read(mon) or ""):match("^OK") ~= nil end, 5)
         nb.plain_holds(B, key)
         assert.are.equal("1", cli(main.port, "EXISTS _lock" .. key), read(TMP .. "/holder.out"))
         local slowest, out = nb.requests(B, "/get_or_create?region=slowpoll&key=" .. key, 40)
@@ -220,8 +225,21 @@ describe("dogpile.cache.redis inside nginx (cosockets)", function()
         end, 2)
         assert.is_true(most >= 1 and most <= 2, "subscribers: " .. most)
         local max = slowest()
+        sh("kill " .. mon_pid)
         -- Started 0.1 s into the 0.6 s hold: done at ~0.5 s, well before 0.9 s.
         assert.is_true(max < 0.85, "slowest waiter: " .. max .. " s")
+        for i = 1, 40 do
+            assert.are.equal("from the holder", value_of(read(TMP .. "/w" .. i) or ""))
+        end
+        -- The release published the value ("=" and its bytes); after it no
+        -- GET of the key: each woken waiter read the value it carried.
+        local text = read(mon) or ""
+        local at = text:find('"publish" "_lock' .. key .. '" "=', 1, true)
+        assert.is_not_nil(at, "the release's PUBLISH, carrying the value:\n" .. text)
+        local _, before = text:sub(1, at):gsub('%] "GET" "' .. key:gsub("%p", "%%%0") .. '"', "")
+        local _, after = text:sub(at):gsub('%] "GET" "' .. key:gsub("%p", "%%%0") .. '"', "")
+        assert.is_true(before >= 1, "the waiters' first GETs (misses)")
+        assert.are.equal(0, after, text:sub(at))
         assert.are.equal("from the holder", value_of(get("/get?key=" .. key)))
         assert.are.equal("0", (cli(main.port, "PUBSUB NUMSUB _lock" .. key):match("(%d+)%s*$")))
     end)

@@ -81,11 +81,44 @@ local function defer(self, op, phase, a, b)
 end
 _M.defer = defer
 
+-- -- A release's value --------------------------------------------------------------------
+-- The C backend's stash (backends/redis.c): a waiter woken by a release
+-- whose message carried the value keeps it for its very next operation on
+-- the backend, for at most STASH_SECONDS: a get of that key is then served
+-- from it, without a round trip; any other operation drops it. Per
+-- coroutine (a request's, or a light thread's), as the C one is per thread.
+
+local STASH_SECONDS = 0.05
+local running = coroutine.running
+local stash = setmetatable({}, { __mode = "k" })
+
+-- The stashed value of `key` on backend `b` for this coroutine, or nil;
+-- the stash is dropped either way.
+local function stash_take(b, key)
+    local co = running()
+    local st = stash[co]
+    if st == nil then
+        return nil
+    end
+    stash[co] = nil
+    if st.b == b and st.key == key and ngx.now() - st.at <= STASH_SECONDS then
+        return st.value
+    end
+    return nil
+end
+
+local function stash_drop()
+    if next(stash) ~= nil then
+        stash[running()] = nil
+    end
+end
+
 -- -- The backend's public operations ---------------------------------------------------
 
 local function write(op)
     local run = "_" .. op
     return function(self, a, b)
+        stash_drop()
         local phase = get_phase()
         if not COSOCKET[phase] then
             return defer(self, op, phase, a, b)
@@ -110,7 +143,7 @@ function _M.backend(Backend)
             self.misses = self.misses + 1
             return NO_VALUE
         end
-        local v = self:_get(key)
+        local v = next(stash) ~= nil and stash_take(self, key) or self:_get(key)
         if v then
             self.hits = self.hits + 1
             return v
@@ -120,6 +153,7 @@ function _M.backend(Backend)
     end
 
     function Backend:get_multi(keys)
+        stash_drop()
         local n = #keys
         local out = {}
         if n == 0 then
@@ -610,6 +644,13 @@ local semaphore
 local Group = {}
 Group.__index = Group
 
+--- The release's message carried the value stored under the lock's key
+-- (the C backend's release, given that key, publishes "=" and the value):
+-- the waiters of the group read it instead of a GET (see the stash).
+function Group:carried(value)
+    self.value, self.value_at = value, ngx.now()
+end
+
 local function new_group(gk)
     semaphore = semaphore or require("ngx.semaphore")
     return setmetatable({ gk = gk, sema = semaphore.new(), n = 0, polling = false,
@@ -717,12 +758,12 @@ local function wait_release(self, deadline)
         if not ok then
             error(result, 0)
         end
-        return g.result
+        return g.result, g
     end
     g.n = g.n + 1
     g.sema:wait(max(0.001, deadline - ngx.now()))
     g.n = g.n - 1
-    return g.done and g.result
+    return g.done and g.result, g
 end
 
 local function check_free(self)
@@ -778,9 +819,11 @@ function Mutex:wait_unlocked()
     if not COSOCKET[get_phase()] then
         return false
     end
-    local released = wait_release(self, ngx.now() + self.b.lock_timeout)
+    local released, g = wait_release(self, ngx.now() + self.b.lock_timeout)
     if not released then
         self.gave_up = true
+    elseif g.value then
+        stash[running()] = { b = self.b, key = self.key, value = g.value, at = g.value_at }
     end
     return released
 end

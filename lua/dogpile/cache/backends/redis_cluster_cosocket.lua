@@ -18,8 +18,12 @@
 -- do the live nodes' keys and raise naming the failed node.
 --
 -- The lock is the C backend's (SET <lock_prefix><key> <token> NX PX on the
--- lock key's node, released by the same script); waiters poll (1 ms
--- doubling to lock_sleep) through dogpile.cache.cosocket's shared waits.
+-- lock key's node, released by the same script, which SPUBLISHes on the
+-- lock key's shard channel). The waiters of a worker share one wait
+-- (dogpile.cache.cosocket): the first SSUBSCRIBEs on the lock key's node and
+-- wakes the others at the release's message; where SSUBSCRIBE is refused
+-- (an ACL, Redis < 7) it polls, 1 ms doubling to lock_sleep, as it also
+-- does between messages (an expired lock publishes nothing).
 --
 -- Circuit breakers: the C backend's, one per node (dogpile.cache.cosocket,
 -- "Circuit breakers"): a node's round trips go through its breaker, a
@@ -466,8 +470,9 @@ end
 
 -- -- The lock ------------------------------------------------------------------------
 
+local redis_cosocket = require "dogpile.cache.backends.redis_cosocket"
 local Mutex = cosocket.mutex_class()
-Mutex.new_token = require("dogpile.cache.backends.redis_cosocket").new_token
+Mutex.new_token = redis_cosocket.new_token
 
 function Mutex:take(token)
     local b = self.b
@@ -517,6 +522,18 @@ function Mutex:locked()
     local ok, v, kind = pcall(run, self.b, key_slot(self.lk), "EXISTS (lock)",
                               { "EXISTS", self.lk, n = 2 })
     return ok and kind == ":" and v == 1
+end
+
+-- The waiters' watch: SSUBSCRIBE to the lock key's shard channel on its
+-- node, where the release SPUBLISHes (a bare wake-up: the value's key lies
+-- in another slot than the lock key's, so the script cannot read it). nil
+-- (the waiters poll) when refused: an ACL, Redis < 7, a slot on the move.
+function Mutex:watch()
+    local ok, s = pcall(route, self.b, key_slot(self.lk))
+    if not (ok and s) then
+        return nil
+    end
+    return redis_cosocket.subscribe(s, self.lk, true)
 end
 
 local function get_mutex(self, key)

@@ -20,10 +20,12 @@
 -- other. A caller with nothing to serve waits without blocking the worker
 -- (wait_unlocked, or acquire(true)): the coroutines of one worker waiting
 -- for one lock share one wait; the first SUBSCRIBEs a connection to the
--- lock's channel and wakes the others at the PUBLISH of the release (or
--- when a poll, 1 ms doubling to lock_sleep, finds the key gone or holding
--- another token: an expired lock publishes nothing); a release in the same
--- worker wakes them at once. Past lock_timeout the holder is taken to be
+-- lock's channel and wakes the others at the PUBLISH of the release, or
+-- when a poll (1 ms doubling to lock_sleep) finds the key gone or holding
+-- another token (an expired lock publishes nothing); a release in the same
+-- worker wakes them at once. The release's message carries the value the
+-- holder stored: a waiter woken by it reads that instead of a GET, as the
+-- C backend's waiters do (its next read of that key only, within 50 ms). Past lock_timeout the holder is taken to be
 -- stuck and the waiter goes ahead without the lock, as the C backend does.
 --
 -- The phase policy (what runs where cosockets cannot), the keepalive pool,
@@ -36,16 +38,17 @@ local resp = require "dogpile.cache.resp"
 
 local ngx = ngx
 local encode_into, read_bulk, read_bulks = resp.encode_into, resp.read_bulk, resp.read_bulks
-local setmetatable, error, pcall, tonumber = setmetatable, error, pcall, tonumber
-local format, concat = string.format, table.concat
+local setmetatable, error, pcall, tonumber, type = setmetatable, error, pcall, tonumber, type
+local format, concat, byte, sub = string.format, table.concat, string.byte, string.sub
 
 lib.own_source()
 
 local _M = {}
 _M.COSOCKET = cosocket.COSOCKET
 
--- The C backend's release (backends/redis.c UNLOCK_SCRIPT), byte for byte.
--- Sent here with the lock key alone, it publishes a bare wake-up.
+-- The C backend's release (backends/redis.c UNLOCK_SCRIPT), byte for byte:
+-- given the value's key too (KEYS[2]), it publishes "=" and the value; with
+-- the lock key alone (a release handed to a timer), a bare wake-up.
 local UNLOCK_SCRIPT = "if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) "
     .. "local v = KEYS[2] and redis.pcall('get', KEYS[2]) "
     .. "if type(v) == 'string' and #v <= 65536 then v = '=' .. v else v = '' end "
@@ -216,9 +219,16 @@ function Mutex:token_of()
 end
 
 -- The C backend's release script: true when the lock was still ours.
-local function unlock(b, lk, token)
+-- With `key` (the value's), the release's message carries the value stored
+-- under it (at most 64 KiB), which the waiters read instead of a GET each.
+local function unlock(b, lk, token, key)
     local s = b.s
-    local v, kind = s:command("EVAL (unlock)", { "EVAL", UNLOCK_SCRIPT, 1, lk, token, n = 5 })
+    local v, kind
+    if key then
+        v, kind = s:command("EVAL (unlock)", { "EVAL", UNLOCK_SCRIPT, 2, lk, key, token, n = 6 })
+    else
+        v, kind = s:command("EVAL (unlock)", { "EVAL", UNLOCK_SCRIPT, 1, lk, token, n = 5 })
+    end
     check(b, "EVAL (unlock)", v, kind)
     if v ~= 1 then
         return false, format("the lock had expired (lock_timeout %g s) and was no longer ours",
@@ -228,7 +238,7 @@ local function unlock(b, lk, token)
 end
 
 function Mutex:unlock(token)
-    return unlock(self.b, self.lk, token)
+    return unlock(self.b, self.lk, token, self.key)
 end
 
 function Backend:_unlock(lk, token)
@@ -240,16 +250,24 @@ function Mutex:locked()
     return kind == ":" and v == 1
 end
 
--- The waiters' watch: a connection SUBSCRIBEd to the lock's channel, whose
--- first message is the release (the unlock script's PUBLISH). A lost
--- subscription only leaves the first waiter polling.
+-- The waiters' watch: a connection SUBSCRIBEd to the lock's channel (a
+-- cluster's: SSUBSCRIBEd on the lock key's node), whose first message is the
+-- release (the unlock script's PUBLISH or SPUBLISH), carrying the value when
+-- the release was given the value's key. A refused or lost subscription
+-- only leaves the first waiter polling.
 local Watch = {}
 Watch.__index = Watch
 
+-- The commands and replies of each kind of subscription.
+local PLAIN = { sub = "SUBSCRIBE", unsub = "UNSUBSCRIBE", subscribed = "subscribe",
+                unsubscribed = "unsubscribe", message = "message" }
+local SHARD = { sub = "SSUBSCRIBE", unsub = "SUNSUBSCRIBE", subscribed = "ssubscribe",
+                unsubscribed = "sunsubscribe", message = "smessage" }
+
 -- UNSUBSCRIBE, read up to its confirmation (messages published meanwhile
 -- come first), and pool the connection again; close it on any trouble.
-local function unsubscribe(s, sock, lk)
-    local ok = sock:send(resp.encode({ "UNSUBSCRIBE", lk, n = 2 }))
+local function unsubscribe(s, sock, lk, how)
+    local ok = sock:send(resp.encode({ how.unsub, lk, n = 2 }))
     if ok then
         sock:settimeouts(s.connect_ms, s.socket_ms, s.socket_ms)
         for _ = 1, 100 do
@@ -257,7 +275,7 @@ local function unsubscribe(s, sock, lk)
             if v == nil or kind ~= "*" then
                 break
             end
-            if v[1] == "unsubscribe" and v[3] == 0 then
+            if v[1] == how.unsubscribed and v[3] == 0 then
                 s:keep(sock)
                 return
             end
@@ -266,8 +284,12 @@ local function unsubscribe(s, sock, lk)
     sock:close()
 end
 
-function Mutex:watch()
-    local s = self.b.s
+--- A watch of lock key `lk`'s channel on server `s` (`shard`: SSUBSCRIBE,
+-- Redis 7's sharded pub/sub, on the node serving the key), or nil when the
+-- server refuses it (an ACL, an older Redis, a moved slot) or cannot be
+-- reached: the waiters then poll.
+local function subscribe(s, lk, shard)
+    local how = shard and SHARD or PLAIN
     -- Through the breaker: an open one leaves the wait to token_of, which
     -- fails at once.
     local g = s:enter()
@@ -280,27 +302,43 @@ function Mutex:watch()
         return nil
     end
     local ok
-    ok, err = sock:send(resp.encode({ "SUBSCRIBE", self.lk, n = 2 }))
+    ok, err = sock:send(resp.encode({ how.sub, lk, n = 2 }))
     local v, kind
     if ok then
         v, kind = resp.read_reply(sock)
     end
-    s:leave(g, v == nil and s:io_fail("SUBSCRIBE", err or kind) or nil)
-    if not (v and kind == "*" and v[1] == "subscribe") then
-        sock:close()
+    s:leave(g, v == nil and s:io_fail(how.sub, err or kind) or nil)
+    if not (v and kind == "*" and v[1] == how.subscribed) then
+        if v ~= nil and kind == "-" then
+            s:keep(sock) -- refused: the connection is as it was
+        else
+            sock:close()
+        end
         return nil
     end
-    return setmetatable({ s = s, sock = sock, lk = self.lk, reader = nil }, Watch)
+    return setmetatable({ s = s, sock = sock, lk = lk, how = how, reader = nil }, Watch)
+end
+_M.subscribe = subscribe
+
+function Mutex:watch()
+    return subscribe(self.b.s, self.lk)
 end
 
--- The subscription's reader, a light thread of the first waiter: the first
--- message wakes everyone waiting.
-local function read_message(sock, g)
-    local v = resp.read_reply(sock)
-    if v ~= nil then
+-- The subscription's reader, a light thread of the first waiter: the
+-- release's message wakes everyone waiting, with the value it carried
+-- ("=" and the bytes; "" for a bare wake-up). Anything else (the server
+-- dropping a shard channel whose slot moved) leaves them polling.
+local function read_message(sock, g, how)
+    local v, kind = resp.read_reply(sock)
+    if v ~= nil and kind == "*" and v[1] == how.message then
+        local payload = v[3]
+        if type(payload) == "string" and byte(payload, 1) == 61 then -- "="
+            g:carried(sub(payload, 2))
+        end
         g:finish(true)
+        return true
     end
-    return v ~= nil
+    return false
 end
 
 -- The lock is held: read the release's message until `deadline` (and a
@@ -308,7 +346,7 @@ end
 -- nginx at every poll step.
 function Watch:start(g, deadline)
     self.sock:settimeout(math.floor((deadline - ngx.now() + 1) * 1000))
-    local spawned, reader = pcall(ngx.thread.spawn, read_message, self.sock, g)
+    local spawned, reader = pcall(ngx.thread.spawn, read_message, self.sock, g, self.how)
     if spawned then
         self.reader = reader
     end
@@ -323,7 +361,7 @@ function Watch:stop()
         if reader then
             ngx.thread.wait(reader)
         end
-        unsubscribe(self.s, sock, self.lk)
+        unsubscribe(self.s, sock, self.lk, self.how)
     end
 end
 
