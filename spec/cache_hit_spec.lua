@@ -216,3 +216,25 @@ describe("an invalidation strategy judged on the hit", function()
         assert.are.equal(nil, fields(flagged, 10))
     end)
 end)
+
+describe("a configure that fails", function()
+    support.no_leaks()
+
+    it("leaves the region's key_mangler and expiration_time for the next one", function()
+        local function mangler(k) return "m:" .. k end
+        local r = cache.make_region({ key_mangler = mangler })
+        cache.register_backend("spec.hit_bad_front", function()
+            return { get = function() end, set = function() end, delete = function() end,
+                     front = "not a table" }
+        end)
+        local ok, err = pcall(r.configure, r, "spec.hit_bad_front", { expiration_time = 5 })
+        assert.is_false(ok)
+        assert.matches("the backend's front must be", err, 1, true)
+        assert.are.equal(mangler, r.key_mangler)
+        r:configure("dogpile.cache.memory", { expiration_time = 7 })
+        assert.are.equal(mangler, r.key_mangler)
+        assert.are.equal(7, r.expiration_time)
+        r:set("k", "v")
+        assert.are.equal("v", r.backend:get("m:k").payload)
+    end)
+end)

@@ -88,17 +88,21 @@ local Region = {}
 -- `_km` (the mangler, or false), with `_expiration_time` as given. The
 -- public names are views of them, read and assigned through the metatable.
 local set_expiration
+local function view(self, k)
+    if k == "expiration_time" then
+        return rawget(self, "_expiration_time")
+    elseif k == "key_mangler" then
+        return rawget(self, "_km") or nil
+    end
+    return nil
+end
 local CONFIGURED = {
     __index = function(self, k)
         local v = Region[k]
         if v ~= nil then
             return v
-        elseif k == "expiration_time" then
-            return rawget(self, "_expiration_time")
-        elseif k == "key_mangler" then
-            return rawget(self, "_km") or nil
         end
-        return nil
+        return view(self, k)
     end,
     __newindex = function(self, k, v)
         if k == "expiration_time" then
@@ -125,7 +129,8 @@ local UNCONFIGURED = {
             raise("dogpile.cache: region " .. self:_label() .. " is not configured; "
                   .. "call region:configure(backend_name, opts) first")
         end
-        return nil
+        -- Inside configure, before the public fields become views.
+        return view(self, k)
     end,
 }
 _M.Region = Region
@@ -378,9 +383,6 @@ function Region:_configure(backend_name, opts)
     if not self._user_key_mangler then
         km = backend.key_mangler
     end
-    -- The public fields, raw until now, become views (CONFIGURED).
-    rawset(self, "expiration_time", nil)
-    rawset(self, "key_mangler", nil)
     set_expiration(self, opts.expiration_time)
     rawset(self, "_km", km or false)
     set_invalidator(self, invalidation.choose(given_inv, backend, self,
@@ -415,6 +417,10 @@ function Region:_configure(backend_name, opts)
     for k, f in pairs(Region) do
         rawset(self, k, f)
     end
+    -- The public fields, raw until now, become views (CONFIGURED); only
+    -- here, so that a configure that fails leaves them as they were.
+    rawset(self, "expiration_time", nil)
+    rawset(self, "key_mangler", nil)
     return setmetatable(self, CONFIGURED)
 end
 
