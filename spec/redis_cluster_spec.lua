@@ -582,7 +582,16 @@ local me, prefix, seconds = arg[2], arg[3], tonumber(arg[4])
 local log = assert(io.open(prefix .. "." .. me .. ".log", "w"))
 local t_end = now() + seconds
 local seq, n = 0, 0
-while now() < t_end do
+-- <prefix>.stop: the test has seen what it needed under load (the reshard
+-- ended): stop before `seconds`.
+local function stopped()
+    local f = n % 32 == 0 and io.open(prefix .. ".stop")
+    if f then
+        f:close()
+    end
+    return f
+end
+while now() < t_end and not stopped() do
     n = n + 1
     local key = "load:" .. me .. ":" .. (n % 50)
     local shared = "load:shared:" .. (n % 20)
@@ -657,11 +666,13 @@ log:close()
             local from, to = ms[1], ms[2]
             local out = TMP .. "/reshard.out"
             local res = run_load("reshard", 4, 6, function()
-                -- starts with the load, in the background
+                -- starts with the load, in the background; the load goes on
+                -- for half a second after it (at most 6 s in all)
                 sh(string.format("( sleep 0.5; redis-cli --cluster reshard 127.0.0.1:%d --cluster-from %s "
                                  .. "--cluster-to %s --cluster-slots 1500 --cluster-yes > %s 2>&1; "
-                                 .. "echo END >> %s ) >/dev/null 2>&1 &", from.port, from.id, to.id,
-                                 q(out), q(out)))
+                                 .. "echo END >> %s; sleep 0.5; touch %s ) >/dev/null 2>&1 &",
+                                 from.port, from.id, to.id, q(out), q(out),
+                                 q(TMP .. "/reshard.stop")))
             end)
             local t0 = now()
             while not (read(out) or ""):match("END") and now() - t0 < 30 do

@@ -375,6 +375,13 @@ end
 
 local stores = {} -- by name, store and arguments: { handle, store (nil: no breaker) }
 
+-- This Lua state's mark on its stores' names. The handles are never closed
+-- (the callbacks die with the state), so a state that replaces this one in
+-- the process (nginx's master at a reload) must not join their breakers: a
+-- changed circuit_* setting would be refused as a mismatch. The workers
+-- forked from one state share it, each a process of its own.
+local STATE = tostring(C.dp_lock_domain_new())
+
 local Circuit = {}
 Circuit.__index = Circuit
 _M.Circuit = Circuit
@@ -409,7 +416,7 @@ local function open_store_of(name, domain, arguments)
     if st then
         return st
     end
-    local id = "cosocket:" .. domain
+    local id = "cosocket:" .. STATE .. ":" .. domain
     open_domain = C.dp_lock_domain(id, #id)
     open_store = nil
     local out, err = ffi_new("dp_backend *[1]"), ffi_new("dp_err")
@@ -470,7 +477,6 @@ function Circuit:stats(out)
         out.circuit_state = CIRCUIT_STATES[cs.state]
         out.circuit_opened, out.circuit_refused = cs.opened, cs.refused
         out.circuit_probes = cs.probes
-        out.circuit_last_error = ffi_string(cs.last_error)
     end
     return out
 end
