@@ -1050,6 +1050,10 @@ static int sub_finish(conn *cn)
     return 0;
 }
 
+/* How many woken waiters' connections an instance keeps subscribed, or with
+ * their UNSUBSCRIBE unread, for the next wait (sub_close_how). */
+#define MAX_UNSUBBING 16
+
 /* UNSUBSCRIBE from every channel (a waiter's connection has one). */
 static int unsub_send(conn *cn)
 {
@@ -1065,28 +1069,45 @@ static int unsub_send(conn *cn)
  * confirmation is read when the connection is taken again (sub_reuse). */
 static void unsub_flush(inst *s)
 {
-    conn *stale = NULL;
+    conn *due = NULL, *stale = NULL;
     uv_mutex_lock(&s->mu);
     int mine = s->pid == self_pid();
     for (conn **pp = &s->unsubbing; *pp;) {
         conn *cn = *pp;
-        if (cn->unsub_due) {
-            cn->unsub_due = 0;
-            atomic_fetch_sub(&s->unsub_due, 1);
-            if (!mine || cn->gen != s->gen) {
-                /* a fork()ed child's copy of the parent's socket, or one
-                 * of a generation since failed: dropped, never written */
-                *pp = cn->next;
-                s->nunsubbing--;
-                cn->next = stale;
-                stale = cn;
-                continue;
-            }
-            unsub_send(cn); /* a failure is in cn->c->err: sub_reuse frees it */
+        if (!cn->unsub_due) {
+            pp = &cn->next;
+            continue;
         }
-        pp = &cn->next;
+        cn->unsub_due = 0;
+        atomic_fetch_sub(&s->unsub_due, 1);
+        *pp = cn->next;
+        s->nunsubbing--;
+        /* A fork()ed child's copy of the parent's socket, or one of a
+         * generation since failed: dropped, never written. */
+        conn **to = mine && cn->gen == s->gen ? &due : &stale;
+        cn->next = *to;
+        *to = cn;
     }
     uv_mutex_unlock(&s->mu);
+    /* Sent outside the instance's mutex: a send may block (socket_timeout). */
+    for (conn *cn = due; cn; cn = cn->next)
+        unsub_send(cn); /* a failure is in cn->c->err: sub_reuse frees it */
+    if (due) {
+        uv_mutex_lock(&s->mu);
+        while (due) {
+            conn *cn = due;
+            due = cn->next;
+            if (cn->gen == s->gen && s->nunsubbing < MAX_UNSUBBING) {
+                cn->next = s->unsubbing;
+                s->unsubbing = cn;
+                s->nunsubbing++;
+            } else {
+                cn->next = stale;
+                stale = cn;
+            }
+        }
+        uv_mutex_unlock(&s->mu);
+    }
     while (stale) {
         conn *c = stale;
         stale = c->next;
@@ -1230,8 +1251,6 @@ static int sub_wait(conn *cn, double seconds, char **msg, size_t *mlen)
  * wait reads its confirmation (sub_reuse): the waiter that was just woken
  * returns the value without a system call or a round trip more, and the
  * server is not sent a command per waiter while it still wakes the others. */
-#define MAX_UNSUBBING 16
-
 static void sub_close_how(inst *s, conn *cn, const char *lk, size_t lklen, int defer)
 {
     int saved = errno, ok = 0;

@@ -751,6 +751,52 @@ append(arg[4], string.format("%.6f", now()))
             assert.are.equal("0", subs)
             region():delete(k)
         end)
+        it("a waiter's connection, left subscribed after its wake-up, serves the next wait at once "
+           .. "(its UNSUBSCRIBE sent then)", function()
+            local k1, k2 = fresh("rewait1"), fresh("rewait2")
+            local started = TMP .. "/rwstarted-" .. uniq
+            local released = TMP .. "/rwreleased-" .. uniq
+            -- k2 is released 1.3 s after k1: a second wait that only polled
+            -- (dp_backoff from 1 ms, lock_sleep 2) would see it ~0.3 s late.
+            local holder = script("rewait_holder", [[
+local m1, m2 = r:_mutex(arg[2]), r:_mutex(arg[3])
+assert(m1:acquire(false) and m2:acquire(false))
+append(arg[4], "started")
+sleep(0.3)
+m1:release()
+sleep(1.3)
+m2:release()
+append(arg[5], string.format("%.6f", now()))
+]])
+            sh(string.format("luajit %s '{port = %d}' '%s' '%s' '%s' '%s' >/dev/null 2>&1 &",
+                             holder, main_port(), k1, k2, started, released))
+            local t0 = now()
+            while count_lines(started) == 0 do
+                assert.is_true(now() - t0 < 10, "the holder never started")
+                sleep(0.002)
+            end
+            local r = region({ lock_sleep = 2 })
+            -- no other operation between the two waits: the second takes the
+            -- first one's connection with its UNSUBSCRIBE not even sent
+            assert.is_true(r:_mutex(k1):wait_unlocked())
+            assert.is_true(r:_mutex(k2):wait_unlocked())
+            local got_at = now()
+            assert.are.equal("0", cli(main_port(), "EXISTS '_lock" .. k2 .. "'"))
+            while count_lines(released) == 0 do
+                assert.is_true(now() - t0 < 10, "the holder never finished")
+                sleep(0.002)
+            end
+            local rel = tonumber((read(released):match("[%d.]+")))
+            assert.is_true(got_at - rel < 0.15 and got_at - rel > -0.1, "the second wait "
+                           .. "returned " .. (got_at - rel) .. " s after the release")
+            r:get(k1) -- the next operation unsubscribes
+            local subs
+            t0 = now()
+            repeat
+                subs = cli(main_port(), "pubsub numsub _lock" .. k1 .. " _lock" .. k2)
+            until not subs:match("\n[1-9]") or now() - t0 > 2
+            assert.is_nil(subs:match("\n[1-9]"), subs)
+        end)
     end)
 
     describe("failures", function()
