@@ -17,8 +17,17 @@
  * through the slots' counts). Reads thus never wait for writes, and writes to
  * different shards never wait for each other.
  *
- * The eviction order lives apart, in queues under one mutex that only writers
- * take (and lru hits):
+ * The eviction order lives apart, in queues that only writers touch (and lru
+ * hits). A large bound is split into up to NSTRIPES stripes, each a set of
+ * shards with its own queues, mutex, retired lists and share of max_items
+ * and max_bytes (the shares sum to the bound): writers of different stripes
+ * never meet. Each stripe evicts its own oldest or least used, so the order
+ * is approximate across stripes, as memcached's per-slab LRUs and
+ * Caffeine's striped buffers are; a bound too small for shares of
+ * STRIPE_MIN_ITEMS items or STRIPE_MIN_BYTES keeps one stripe and the exact
+ * order (stripes_for). A value larger than its stripe's share still goes in,
+ * evicting the rest of that stripe: the bytes held may then pass max_bytes
+ * by less than that one value, until the stripe's next write.
  *
  *  - "s3fifo" (default): S3-FIFO (Yang et al., SOSP'23). New keys enter a
  *    small FIFO (10% of the bound); a hit only bumps a 2-bit counter, so reads
@@ -27,10 +36,11 @@
  *    table, and comes back straight into main if it is set again soon. The
  *    main FIFO gives hit keys another round (counter - 1). Scan-resistant,
  *    and better than LRU on skewed traces (bench/eviction.lua).
- *  - "lru": exact least-recently-used. A hit moves the key to the front, which
- *    takes the queue mutex: reads serialize on it.
+ *  - "lru": least-recently-used (exact within a stripe). A hit moves the key
+ *    to the front, which takes its stripe's mutex: reads of a stripe
+ *    serialize on it.
  *
- * A shard lock and the queue mutex are never held together. An entry carries
+ * A shard lock and a queue mutex are never held together. An entry carries
  * two references, one for the index and one for the queues; whoever drops the
  * last retires it. An evicted entry is taken off the queues first (its bytes
  * leave the budget at once) and off the index right after.
@@ -39,13 +49,21 @@
  * expired entries at the old end of the queues are dropped before anything
  * fresh is evicted.
  */
+#define _GNU_SOURCE /* madvise's MADV_HUGEPAGE */
 #include <sched.h>
 #include <stddef.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <uv.h>
+
+#ifdef __linux__
+#include <linux/membarrier.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -55,9 +73,16 @@
 #define NAME "dogpile.cache.shared_memory"
 #define SHARD_BITS 6
 #define NSHARDS (1 << SHARD_BITS)
-#define NSLOTS 64 /* reader slots; threads beyond share them (still correct) */
+#define NSLOTS 64 /* reader slots; threads beyond share one (still correct) */
+#define NSTRIPES 16 /* eviction stripes at most (they divide NSHARDS) */
+#define STRIPE_MIN_ITEMS 1024      /* a stripe's share of max_items, at least */
+#define STRIPE_MIN_BYTES (4 << 20) /* and of max_bytes */
 #define GHOST_SLOTS_MIN 64
 #define TABLE_MIN 16                  /* slots of a shard's first table */
+#define HUGE_TABLE ((size_t)2 << 20)  /* tables this big are mapped, huge pages asked */
+#ifndef HUGE_PAGES
+#define HUGE_PAGES 1
+#endif
 #define RETIRE_BATCH 64               /* retired pointers per grace-period check */
 #define RETIRE_PENDING_MAX 64         /* sealed batches before a writer waits */
 
@@ -127,6 +152,8 @@ static int word_tag_is(uint64_t w, uint64_t h)
 typedef struct table {
     size_t mask;       /* slots - 1 */
     size_t used, live; /* non-empty slots (live + tombstones), live entries */
+    size_t map_bytes;  /* > 0: mmap'd, this long (from map_base) */
+    void *map_base;
     islot slots[];
 } table;
 
@@ -180,72 +207,209 @@ static const dp_arg_spec shm_args[] = {
     {0},
 };
 
+/* Retired pointers of one stripe, under their own mutex. */
+typedef struct retired {
+    _Alignas(64) uv_mutex_t mu;
+    batch *cur;                    /* filling */
+    batch *pending, *pending_tail; /* sealed, oldest first */
+    size_t npending;
+} retired;
+
+/* One stripe of the eviction order: the queues of the shards whose index is
+ * congruent to it, bounded by its share of max_items and max_bytes. */
+typedef struct stripe {
+    _Alignas(64) uv_mutex_t qmu;
+    queue small, main;
+    double max_bytes, max_items; /* this stripe's share; 0: unbounded */
+    retired ret;
+} stripe;
+
 typedef struct shm {
     const char *name;               /* the core's settings: live until destroy */
     double max_bytes, max_items, ttl;
     int policy;
+    unsigned nstripes;              /* a power of two, at most NSTRIPES */
     shard shards[NSHARDS];
     slot slots[NSLOTS];
-    _Alignas(64) uv_mutex_t qmu;
-    queue small, main;
-    uint64_t *ghost; /* S3-FIFO: hashes of keys recently dropped from small */
+    stripe stripes[NSTRIPES];
+    /* S3-FIFO: hashes of keys recently dropped from small. A slot is
+     * indexed by the hash's low bits, which hold its stripe: each slot is
+     * only ever touched under one stripe's mutex. */
+    uint64_t *ghost;
     size_t ghost_slots;
     _Atomic uint64_t evictions, expirations;
-    _Alignas(64) uv_mutex_t rmu; /* the retired lists */
-    batch *cur;                  /* filling */
-    batch *pending, *pending_tail; /* sealed, oldest first */
-    size_t npending;
 } shm;
 
 /* -- Hashing ----------------------------------------------------------------- */
 
+static uint64_t load64(const char *p)
+{
+    uint64_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static uint32_t load32(const char *p)
+{
+    uint32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* A word at a time, then a full avalanche (murmur3's finalizer): the shard
+ * and the slot come from the low bits, the tag from the top ones. FNV-1a's
+ * byte loop cost a tenth of a hit on short keys. */
 static uint64_t hash_key(const char *key, size_t len)
 {
-    uint64_t h = 14695981039346656037ULL;
-    for (size_t i = 0; i < len; i++) {
-        h ^= (unsigned char)key[i];
-        h *= 1099511628211ULL;
+    const uint64_t m = 0x9E3779B97F4A7C15ULL;
+    uint64_t h = 0x243F6A8885A308D3ULL ^ (len * m);
+    size_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+        h = (h ^ load64(key + i)) * m;
+        h ^= h >> 29;
     }
-    /* FNV's low bits mix poorly; the shard and the slot are taken from them. */
-    h ^= h >> 32;
-    h *= 0x9E3779B97F4A7C15ULL;
-    h ^= h >> 29;
+    uint64_t tail = 0;
+    size_t rest = len - i;
+    if (rest >= 4) {
+        tail = (uint64_t)load32(key + i) | ((uint64_t)load32(key + len - 4) << 32);
+    } else if (rest) {
+        tail = (uint64_t)(unsigned char)key[i] |
+               ((uint64_t)(unsigned char)key[i + rest / 2] << 8) |
+               ((uint64_t)(unsigned char)key[len - 1] << 16);
+    }
+    h = (h ^ tail ^ rest) * m;
+    h ^= h >> 33;
+    h *= 0xFF51AFD7ED558CCDULL;
+    h ^= h >> 33;
+    h *= 0xC4CEB9FE1A85EC53ULL;
+    h ^= h >> 33;
     return h ? h : 1; /* 0 marks an empty slot */
 }
 
+/* Keys are mostly short: two word compares instead of a call to memcmp. */
+static int key_equal(const char *a, const char *b, size_t n)
+{
+    if (n <= 16) {
+        if (n >= 8)
+            return load64(a) == load64(b) && load64(a + n - 8) == load64(b + n - 8);
+        if (n >= 4)
+            return load32(a) == load32(b) && load32(a + n - 4) == load32(b + n - 4);
+        for (size_t i = 0; i < n; i++)
+            if (a[i] != b[i])
+                return 0;
+        return 1;
+    }
+    return memcmp(a, b, n) == 0;
+}
+
 /* -- Reader slots -------------------------------------------------------------
- * A reader counts itself in (a sequentially consistent read-modify-write on
- * its own line), reads, and counts itself out. A writer that took pointers
- * out of the index, then fenced, then read every slot's `enters` knows that
- * any reader not counted there sees the index without them; it frees them
- * once each slot's `exits` reached that count. A slot shared by several
- * threads (past NSLOTS of them) must be seen idle instead: a later section of
- * one thread can leave before an earlier one of another. */
+ * A reader counts itself in on its own line, reads, and counts itself out. A
+ * writer that took pointers out of the index, then fenced, then read every
+ * slot's `enters` knows that any reader not counted there sees the index
+ * without them; it frees them once each slot's `exits` reached that count.
+ *
+ * The reader's count must be visible before its first probe: a full fence
+ * between its store and its loads. A locked read-modify-write gives one on
+ * every hit, and two of them (in and out) were a fifth of a short hit. Where
+ * Linux's membarrier is there, the fence is asymmetric instead (userspace
+ * RCU's "memb" flavour): the reader stores its count plainly, and the writer,
+ * before reading the counts, has the kernel run a full barrier on every CPU
+ * running a thread of this process -- a few hundred ns once per grace period
+ * (a batch of RETIRE_BATCH retirements), not per hit.
+ *
+ * A plain store needs a slot of one thread: the first NSLOTS - 1 threads have
+ * one each; the threads after them share the last slot with locked
+ * increments, and a shared slot must be seen idle instead (a later section of
+ * one thread can leave before an earlier one of another). Without membarrier,
+ * and under ThreadSanitizer (which does not model it), every slot takes the
+ * locked path. */
+
+#if defined(__SANITIZE_THREAD__)
+#define SHM_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define SHM_TSAN 1
+#endif
+#endif
+
+#define SLOT_OWN 0x80000000u /* in my_slot: the thread's own slot, plain stores */
+#define SHARED_SLOT (NSLOTS - 1)
 
 static _Atomic unsigned next_slot;
-static _Thread_local unsigned my_slot_plus_one;
+static _Thread_local unsigned my_slot; /* slot + 1, | SLOT_OWN; 0: none yet */
+static _Atomic int asym_fences;        /* 0: not asked yet, 1: membarrier, -1: none */
 
-static slot *slot_of_thread(shm *s)
+/* Registers the process for expedited membarriers, once, before any
+ * instance exists (shm_create): a thread that takes plain stores took its
+ * slot after this, and every writer then sees the flag set. */
+static void asym_fences_init(void)
 {
-    if (!my_slot_plus_one)
-        my_slot_plus_one = atomic_fetch_add(&next_slot, 1) % NSLOTS + 1;
-    return &s->slots[my_slot_plus_one - 1];
+    if (atomic_load(&asym_fences))
+        return;
+    int on = -1;
+#if defined(__linux__) && !defined(SHM_TSAN) && defined(MEMBARRIER_CMD_PRIVATE_EXPEDITED)
+    if (syscall(__NR_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0)
+        on = 1;
+#endif
+    int unset = 0;
+    atomic_compare_exchange_strong(&asym_fences, &unset, on);
 }
 
-static slot *rd_enter(shm *s)
+/* The writer's half of the asymmetric fence. */
+static void asym_fence(void)
 {
-    slot *sl = slot_of_thread(s);
-    atomic_fetch_add(&sl->enters, 1);
-    return sl;
+#if defined(__linux__) && !defined(SHM_TSAN) && defined(MEMBARRIER_CMD_PRIVATE_EXPEDITED)
+    if (atomic_load(&asym_fences) > 0 &&
+        syscall(__NR_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) != 0)
+        abort(); /* cannot fail once registered; freeing without it would be unsafe */
+#endif
+    atomic_thread_fence(memory_order_seq_cst);
 }
 
-static void rd_exit(slot *sl)
+static unsigned slot_of_thread(void)
 {
-    atomic_fetch_add_explicit(&sl->exits, 1, memory_order_release);
+    unsigned m = my_slot;
+    if (!m) {
+        unsigned n = atomic_fetch_add(&next_slot, 1);
+        if (n < SHARED_SLOT)
+            m = (n + 1) | (atomic_load(&asym_fences) > 0 ? SLOT_OWN : 0);
+        else
+            m = SHARED_SLOT + 1;
+        my_slot = m;
+    }
+    return m;
 }
 
-/* A slot's counters are written by its own thread (by several only past
- * NSLOTS threads, where a lost count is harmless): a plain load and store,
+/* Counts the thread in; returns its slot word (for rd_exit). */
+static unsigned rd_enter(shm *s, slot **out)
+{
+    unsigned m = slot_of_thread();
+    slot *sl = &s->slots[(m & ~SLOT_OWN) - 1];
+    if (m & SLOT_OWN) {
+        atomic_store_explicit(&sl->enters,
+                              atomic_load_explicit(&sl->enters, memory_order_relaxed) + 1,
+                              memory_order_relaxed);
+        /* the compiler's half; the CPU's is the writer's membarrier */
+        atomic_signal_fence(memory_order_seq_cst);
+    } else {
+        atomic_fetch_add(&sl->enters, 1);
+    }
+    *out = sl;
+    return m;
+}
+
+static void rd_exit(slot *sl, unsigned m)
+{
+    if (m & SLOT_OWN)
+        atomic_store_explicit(&sl->exits,
+                              atomic_load_explicit(&sl->exits, memory_order_relaxed) + 1,
+                              memory_order_release);
+    else
+        atomic_fetch_add_explicit(&sl->exits, 1, memory_order_release);
+}
+
+/* A slot's counters are written by its own thread (by several only in the
+ * shared slot, where a lost count is harmless): a plain load and store,
  * not a locked read-modify-write on every hit. */
 static void slot_count(_Atomic uint64_t *c)
 {
@@ -263,7 +427,7 @@ static unsigned slots_in_use(void)
  * slot has entered so far. */
 static void grace_start(shm *s, uint64_t *snap)
 {
-    atomic_thread_fence(memory_order_seq_cst);
+    asym_fence();
     unsigned n = slots_in_use();
     for (unsigned i = 0; i < NSLOTS; i++)
         snap[i] = i < n ? atomic_load(&s->slots[i].enters) : 0;
@@ -272,7 +436,7 @@ static void grace_start(shm *s, uint64_t *snap)
 /* Have all the readers counted in `snap` left? */
 static int grace_over(shm *s, const uint64_t *snap)
 {
-    int shared = atomic_load(&next_slot) > NSLOTS;
+    int shared = atomic_load(&next_slot) > NSLOTS; /* two threads or more in SHARED_SLOT */
     for (unsigned i = 0; i < NSLOTS; i++) {
         if (!snap[i])
             continue;
@@ -280,7 +444,7 @@ static int grace_over(shm *s, const uint64_t *snap)
         if (out < snap[i])
             return 0;
         /* exits read before enters: equal means idle at that read */
-        if (shared && out != atomic_load(&s->slots[i].enters))
+        if (shared && i == SHARED_SLOT && out != atomic_load(&s->slots[i].enters))
             return 0;
     }
     return 1;
@@ -308,20 +472,46 @@ static void grace_wait(shm *s, const uint64_t *snap)
 
 /* -- Tables ------------------------------------------------------------------ */
 
-/* calloc: glibc maps big tables afresh (zeroed pages). Asking huge pages
- * for them (an aligned mmap, MADV_HUGEPAGE) made hits at 1e7 keys slower on
- * the development VM (2.5 us against 0.9), so the tables take plain pages. */
+/* Tables of HUGE_TABLE bytes and more are mapped on a 2 MiB boundary with
+ * transparent huge pages asked for: at millions of keys a hit's probe is a
+ * TLB miss as well as a cache miss, and on a KVM guest a 4 KiB page walk is
+ * nested in the host's (bench/curves.lua --only keys). Smaller ones come
+ * from calloc. */
 static table *table_new(size_t nslots)
 {
-    table *t = calloc(1, sizeof(table) + nslots * sizeof(islot));
-    if (t)
-        t->mask = nslots - 1;
+    size_t bytes = sizeof(table) + nslots * sizeof(islot);
+    table *t;
+    if (!HUGE_PAGES || bytes < HUGE_TABLE) {
+        t = calloc(1, bytes);
+        if (!t)
+            return NULL;
+    } else {
+        /* Room to start on the boundary; mmap's pages come zeroed. */
+        size_t map = bytes + HUGE_TABLE;
+        void *base = mmap(NULL, map, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (base == MAP_FAILED)
+            return NULL;
+        uintptr_t start = ((uintptr_t)base + HUGE_TABLE - 1) & ~(uintptr_t)(HUGE_TABLE - 1);
+#ifdef MADV_HUGEPAGE
+        (void)madvise((void *)start, (bytes + HUGE_TABLE - 1) & ~(HUGE_TABLE - 1),
+                      MADV_HUGEPAGE); /* a hint: without it, 4 KiB pages */
+#endif
+        t = (table *)start;
+        t->map_bytes = map;
+        t->map_base = base;
+    }
+    t->mask = nslots - 1;
     return t;
 }
 
 static void table_free(table *t)
 {
-    free(t);
+    if (!t)
+        return;
+    if (t->map_bytes)
+        munmap(t->map_base, t->map_bytes);
+    else
+        free(t);
 }
 
 /* The live entry of `key` in `t`, or NULL (reader section or shard lock). */
@@ -333,7 +523,7 @@ static entry *table_find(table *t, uint64_t h, const char *key, size_t klen)
             return NULL; /* slots never become empty again: the key is not further on */
         if (word_tag_is(w, h)) {
             entry *e = word_entry(w);
-            if (e != TOMB && e->hash == h && e->klen == klen && memcmp(e->data, key, klen) == 0)
+            if (e != TOMB && e->hash == h && e->klen == klen && key_equal(e->data, key, klen))
                 return e;
         }
     }
@@ -356,7 +546,7 @@ static islot *table_slot(table *t, uint64_t h, const char *key, size_t klen, int
             if (!reuse)
                 reuse = sl;
         } else if (word_tag_is(w, h) && e->hash == h && e->klen == klen &&
-                   memcmp(e->data, key, klen) == 0) {
+                   key_equal(e->data, key, klen)) {
             *found = 1;
             return sl;
         }
@@ -419,63 +609,71 @@ static void batch_free(batch *b)
     free(b);
 }
 
-/* Frees the sealed batches whose readers have left (rmu held); with `wait`,
- * waits for the oldest one first. */
-static void reclaim_locked(shm *s, int wait)
+/* Frees the sealed batches whose readers have left (r->mu held); with
+ * `wait`, waits for the oldest one first. */
+static void reclaim_locked(shm *s, retired *r, int wait)
 {
-    if (wait && s->pending)
-        grace_wait(s, s->pending->snap);
-    while (s->pending && grace_over(s, s->pending->snap)) {
-        batch *b = s->pending;
-        s->pending = b->next;
-        if (!s->pending)
-            s->pending_tail = NULL;
-        s->npending--;
+    if (wait && r->pending)
+        grace_wait(s, r->pending->snap);
+    while (r->pending && grace_over(s, r->pending->snap)) {
+        batch *b = r->pending;
+        r->pending = b->next;
+        if (!r->pending)
+            r->pending_tail = NULL;
+        r->npending--;
         batch_free(b);
     }
 }
 
-/* `p` (an entry, or a table with the low bit set) has left the index: frees
- * it once no reader can still hold it. No reader waits on any lock, so
- * waiting here (rarely: past RETIRE_PENDING_MAX batches, or with no memory
- * for a batch) cannot deadlock, whatever the caller holds. */
-static void retire(shm *s, void *p)
+static stripe *stripe_of(shm *s, uint64_t h)
 {
-    uv_mutex_lock(&s->rmu);
-    if (!s->cur) {
-        s->cur = malloc(sizeof *s->cur);
-        if (!s->cur) {
+    return &s->stripes[h & (s->nstripes - 1)];
+}
+
+/* `p` (an entry, or a table with the low bit set) has left the index: frees
+ * it once no reader can still hold it. The lists are per stripe (`h`: the
+ * hash that picks it), so writers of different stripes do not meet here. No
+ * reader waits on any lock, so waiting here (rarely: past
+ * RETIRE_PENDING_MAX batches, or with no memory for a batch) cannot
+ * deadlock, whatever the caller holds. */
+static void retire(shm *s, uint64_t h, void *p)
+{
+    retired *r = &stripe_of(s, h)->ret;
+    uv_mutex_lock(&r->mu);
+    if (!r->cur) {
+        r->cur = malloc(sizeof *r->cur);
+        if (!r->cur) {
             /* No memory to defer it: wait for the readers now. */
             uint64_t snap[NSLOTS];
             grace_start(s, snap);
             grace_wait(s, snap);
-            uv_mutex_unlock(&s->rmu);
+            uv_mutex_unlock(&r->mu);
             free_retired(p);
             return;
         }
-        s->cur->n = 0;
-        s->cur->next = NULL;
+        r->cur->n = 0;
+        r->cur->next = NULL;
     }
-    s->cur->items[s->cur->n++] = p;
-    if (s->cur->n == RETIRE_BATCH) {
-        batch *b = s->cur;
-        s->cur = NULL;
+    r->cur->items[r->cur->n++] = p;
+    if (r->cur->n == RETIRE_BATCH) {
+        batch *b = r->cur;
+        r->cur = NULL;
         grace_start(s, b->snap);
-        if (s->pending_tail)
-            s->pending_tail->next = b;
+        if (r->pending_tail)
+            r->pending_tail->next = b;
         else
-            s->pending = b;
-        s->pending_tail = b;
-        s->npending++;
-        reclaim_locked(s, s->npending > RETIRE_PENDING_MAX);
+            r->pending = b;
+        r->pending_tail = b;
+        r->npending++;
+        reclaim_locked(s, r, r->npending > RETIRE_PENDING_MAX);
     }
-    uv_mutex_unlock(&s->rmu);
+    uv_mutex_unlock(&r->mu);
 }
 
 static void entry_unref(shm *s, entry *e)
 {
     if (atomic_fetch_sub(&cold_of(e)->refs, 1) == 1)
-        retire(s, e);
+        retire(s, e->hash, e);
 }
 
 /* A reference for an lru hit, unless the entry is already on its way out. */
@@ -543,26 +741,26 @@ static void q_unlink(queue *q, entry *e)
     q->bytes -= c->size;
 }
 
-static queue *queue_of(shm *s, entry *e)
+static queue *queue_of(stripe *st, entry *e)
 {
     uint8_t q = cold_of(e)->queue;
-    return q == Q_SMALL ? &s->small : q == Q_MAIN ? &s->main : NULL;
+    return q == Q_SMALL ? &st->small : q == Q_MAIN ? &st->main : NULL;
 }
 
-static size_t used_items(shm *s)
+static size_t used_items(stripe *st)
 {
-    return s->small.items + s->main.items;
+    return st->small.items + st->main.items;
 }
 
-static size_t used_bytes(shm *s)
+static size_t used_bytes(stripe *st)
 {
-    return s->small.bytes + s->main.bytes;
+    return st->small.bytes + st->main.bytes;
 }
 
-static int over_budget(shm *s, size_t extra_items, size_t extra_bytes)
+static int over_budget(stripe *st, size_t extra_items, size_t extra_bytes)
 {
-    return (s->max_items > 0 && (double)(used_items(s) + extra_items) > s->max_items) ||
-           (s->max_bytes > 0 && (double)(used_bytes(s) + extra_bytes) > s->max_bytes);
+    return (st->max_items > 0 && (double)(used_items(st) + extra_items) > st->max_items) ||
+           (st->max_bytes > 0 && (double)(used_bytes(st) + extra_bytes) > st->max_bytes);
 }
 
 static int ghost_has(shm *s, uint64_t h)
@@ -598,9 +796,9 @@ static int victims_add(victims *vs, entry *e)
 }
 
 /* Takes `e` off its queue as a victim; its queue reference passes to `vs`. */
-static void drop(shm *s, entry *e, victims *vs, int expired)
+static void drop(shm *s, stripe *st, entry *e, victims *vs, int expired)
 {
-    q_unlink(queue_of(s, e), e);
+    q_unlink(queue_of(st, e), e);
     cold_of(e)->queue = Q_NONE;
     if (expired)
         atomic_fetch_add(&s->expirations, 1);
@@ -618,44 +816,46 @@ static int expired_at(const entry *e, double now)
     return e->expires > 0 && now >= e->expires;
 }
 
-/* Evicts until an entry of `need_bytes` fits (queue mutex held). */
-static void make_room(shm *s, size_t need_bytes, victims *vs)
+/* Evicts from stripe `st` until an entry of `need_bytes` fits (its queue
+ * mutex held). */
+static void make_room(shm *s, stripe *st, size_t need_bytes, victims *vs)
 {
     double now = s->ttl > 0 ? dp_clock_now() : 0;
     /* Expired entries at the old ends go first, whatever the bound. */
     if (s->ttl > 0) {
-        queue *qs[2] = {&s->small, &s->main};
+        queue *qs[2] = {&st->small, &st->main};
         for (int i = 0; i < 2; i++)
             for (int k = 0; k < 8 && qs[i]->tail && expired_at(qs[i]->tail, now); k++)
-                drop(s, qs[i]->tail, vs, 1);
+                drop(s, st, qs[i]->tail, vs, 1);
     }
-    while (over_budget(s, 1, need_bytes) && used_items(s) > 0) {
+    while (over_budget(st, 1, need_bytes) && used_items(st) > 0) {
         if (s->policy == POLICY_LRU) {
-            drop(s, s->main.tail, vs, 0);
+            drop(s, st, st->main.tail, vs, 0);
             continue;
         }
-        int small_full = (s->max_items > 0 && (double)s->small.items >= 0.1 * s->max_items) ||
-                         (s->max_bytes > 0 && (double)s->small.bytes >= 0.1 * s->max_bytes);
-        if (s->small.tail && (small_full || !s->main.tail)) {
-            entry *t = s->small.tail;
+        int small_full =
+            (st->max_items > 0 && (double)st->small.items >= 0.1 * st->max_items) ||
+            (st->max_bytes > 0 && (double)st->small.bytes >= 0.1 * st->max_bytes);
+        if (st->small.tail && (small_full || !st->main.tail)) {
+            entry *t = st->small.tail;
             if (atomic_load(&t->freq) > 0 && !expired_at(t, now)) {
-                q_unlink(&s->small, t);
+                q_unlink(&st->small, t);
                 atomic_store(&t->freq, 0);
                 cold_of(t)->queue = Q_MAIN;
-                q_push(&s->main, t);
+                q_push(&st->main, t);
             } else {
                 ghost_put(s, t->hash);
-                drop(s, t, vs, expired_at(t, now));
+                drop(s, st, t, vs, expired_at(t, now));
             }
         } else {
-            entry *t = s->main.tail;
+            entry *t = st->main.tail;
             uint8_t f = atomic_load(&t->freq);
             if (f > 0 && !expired_at(t, now)) {
                 atomic_store(&t->freq, f - 1);
-                q_unlink(&s->main, t);
-                q_push(&s->main, t);
+                q_unlink(&st->main, t);
+                q_push(&st->main, t);
             } else {
-                drop(s, t, vs, expired_at(t, now));
+                drop(s, st, t, vs, expired_at(t, now));
             }
         }
     }
@@ -681,19 +881,20 @@ static int shm_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_e
     shm *s = self;
     uint64_t h = hash_key(key, klen);
     shard *sh = shard_for(s, h);
-    slot *sl = rd_enter(s);
+    slot *sl;
+    unsigned m = rd_enter(s, &sl);
     table *t = atomic_load_explicit(&sh->tab, memory_order_acquire);
     entry *e = t ? table_find(t, h, key, klen) : NULL;
     /* The coarse clock's upper bound first: the precise clock costs more
      * than the rest of a hit, and is needed only near the expiry. */
     if (!e || (e->expires > 0 && dp_clock_upper() >= e->expires && dp_clock_now() >= e->expires)) {
-        rd_exit(sl);
+        rd_exit(sl, m);
         slot_count(&sl->misses);
         return DP_ENOTFOUND;
     }
     if (dp_bytes_reserve(out, e->vlen) != DP_OK) {
         size_t vlen = e->vlen;
-        rd_exit(sl);
+        rd_exit(sl, m);
         return dp_err_set(err, DP_ENOMEM, "out of memory copying a %zu-byte value", vlen);
     }
     if (e->vlen) /* an empty value into a buffer never grown: data is NULL */
@@ -704,18 +905,19 @@ static int shm_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_e
         uint8_t f = atomic_load_explicit(&e->freq, memory_order_relaxed);
         if (f < 3)
             atomic_store_explicit(&e->freq, f + 1, memory_order_relaxed);
-        rd_exit(sl);
+        rd_exit(sl, m);
     } else {
         int held = entry_ref_if_live(e);
-        rd_exit(sl);
+        rd_exit(sl, m);
         if (held) {
             entry_cold *c = cold_of(e);
-            uv_mutex_lock(&s->qmu);
-            if (c->queue == Q_MAIN && s->main.head != e) {
-                q_unlink(&s->main, e);
-                q_push(&s->main, e);
+            stripe *st = stripe_of(s, h);
+            uv_mutex_lock(&st->qmu);
+            if (c->queue == Q_MAIN && st->main.head != e) {
+                q_unlink(&st->main, e);
+                q_push(&st->main, e);
             }
-            uv_mutex_unlock(&s->qmu);
+            uv_mutex_unlock(&st->qmu);
             entry_unref(s, e);
         }
     }
@@ -791,25 +993,26 @@ static int shm_set(void *self, const char *key, size_t klen, const char *value, 
     atomic_store_explicit(isl, slot_word(e, e->hash), memory_order_release);
     uv_mutex_unlock(&sh->mu);
     if (old_table)
-        retire(s, (void *)((uintptr_t)old_table | 1));
+        retire(s, e->hash, (void *)((uintptr_t)old_table | 1));
 
     victims vs = {0};
-    uv_mutex_lock(&s->qmu);
+    stripe *st = stripe_of(s, e->hash);
+    uv_mutex_lock(&st->qmu);
     int old_queued = 0;
     if (old && cold_of(old)->queue != Q_NONE) {
-        q_unlink(queue_of(s, old), old);
+        q_unlink(queue_of(st, old), old);
         cold_of(old)->queue = Q_NONE;
         old_queued = 1;
     }
     int queued = 0;
     if (atomic_load(&c->indexed)) {
-        make_room(s, size, &vs);
+        make_room(s, st, size, &vs);
         int to_main = s->policy == POLICY_LRU || ghost_has(s, e->hash);
         c->queue = to_main ? Q_MAIN : Q_SMALL;
-        q_push(to_main ? &s->main : &s->small, e);
+        q_push(to_main ? &st->main : &st->small, e);
         queued = 1;
     }
-    uv_mutex_unlock(&s->qmu);
+    uv_mutex_unlock(&st->qmu);
     if (!queued)
         entry_unref(s, e); /* deleted or replaced before it was queued */
     if (old_queued)
@@ -842,13 +1045,14 @@ static int shm_del(void *self, const char *key, size_t klen, dp_err *err)
     uv_mutex_unlock(&sh->mu);
     if (!e)
         return DP_OK;
-    uv_mutex_lock(&s->qmu);
+    stripe *st = stripe_of(s, h);
+    uv_mutex_lock(&st->qmu);
     int queued = cold_of(e)->queue != Q_NONE;
     if (queued) {
-        q_unlink(queue_of(s, e), e);
+        q_unlink(queue_of(st, e), e);
         cold_of(e)->queue = Q_NONE;
     }
-    uv_mutex_unlock(&s->qmu);
+    uv_mutex_unlock(&st->qmu);
     if (queued)
         entry_unref(s, e);
     entry_unref(s, e);
@@ -858,10 +1062,13 @@ static int shm_del(void *self, const char *key, size_t klen, dp_err *err)
 static void shm_stats(void *self, dp_backend_stats *out)
 {
     shm *s = self;
-    uv_mutex_lock(&s->qmu);
-    out->items = (double)used_items(s);
-    out->bytes = (double)used_bytes(s);
-    uv_mutex_unlock(&s->qmu);
+    for (unsigned i = 0; i < s->nstripes; i++) {
+        stripe *st = &s->stripes[i];
+        uv_mutex_lock(&st->qmu);
+        out->items += (double)used_items(st);
+        out->bytes += (double)used_bytes(st);
+        uv_mutex_unlock(&st->qmu);
+    }
     out->max_items = s->max_items;
     out->max_bytes = s->max_bytes;
     for (int i = 0; i < NSLOTS; i++) {
@@ -878,13 +1085,18 @@ static void shm_destroy(void *self)
 {
     shm *s = self;
     /* No reader is left: what was retired can go at once. */
-    for (batch *b = s->pending; b;) {
-        batch *next = b->next;
-        batch_free(b);
-        b = next;
+    for (unsigned i = 0; i < NSTRIPES; i++) {
+        retired *r = &s->stripes[i].ret;
+        for (batch *b = r->pending; b;) {
+            batch *next = b->next;
+            batch_free(b);
+            b = next;
+        }
+        if (r->cur)
+            batch_free(r->cur);
+        uv_mutex_destroy(&s->stripes[i].qmu);
+        uv_mutex_destroy(&r->mu);
     }
-    if (s->cur)
-        batch_free(s->cur);
     for (int i = 0; i < NSHARDS; i++) {
         table *t = atomic_load(&s->shards[i].tab);
         for (size_t j = 0; t && j <= t->mask; j++) {
@@ -895,10 +1107,27 @@ static void shm_destroy(void *self)
         table_free(t);
         uv_mutex_destroy(&s->shards[i].mu);
     }
-    uv_mutex_destroy(&s->qmu);
-    uv_mutex_destroy(&s->rmu);
     free(s->ghost);
     free(s);
+}
+
+/* How many stripes the eviction order takes. Writers of different stripes
+ * take different mutexes; the price is an approximate order (each stripe
+ * evicts its own oldest or least used, as memcached's per-slab LRUs do), so
+ * a bound too small to share keeps one stripe, and exact order: each stripe
+ * holds STRIPE_MIN_ITEMS items or STRIPE_MIN_BYTES bytes at least. An
+ * unbounded store with an expiration_time keeps one too: a write drops the
+ * expired entries at the old end of its own stripe only, and with one every
+ * write sweeps them all. */
+static unsigned stripes_for(const shm_settings *cfg)
+{
+    if (cfg->max_items <= 0 && cfg->max_bytes <= 0)
+        return cfg->ttl > 0 ? 1 : NSTRIPES;
+    unsigned n = NSTRIPES;
+    while (n > 1 && ((cfg->max_items > 0 && cfg->max_items / n < STRIPE_MIN_ITEMS) ||
+                     (cfg->max_bytes > 0 && cfg->max_bytes / n < STRIPE_MIN_BYTES)))
+        n /= 2;
+    return n;
 }
 
 static int shm_create(void *ud, const void *settings, void **self, dp_err *err)
@@ -921,6 +1150,7 @@ static int shm_create(void *ud, const void *settings, void **self, dp_err *err)
         return dp_err_set(err, DP_ENOMEM, NAME ": out of memory opening '%s'", cfg->name.data);
     }
     memset(s, 0, ssize);
+    asym_fences_init();
     s->name = cfg->name.data;
     s->max_bytes = (double)cfg->max_bytes;
     s->max_items = (double)cfg->max_items;
@@ -930,8 +1160,21 @@ static int shm_create(void *ud, const void *settings, void **self, dp_err *err)
     s->ghost_slots = slots;
     for (int i = 0; i < NSHARDS; i++)
         uv_mutex_init(&s->shards[i].mu);
-    uv_mutex_init(&s->qmu);
-    uv_mutex_init(&s->rmu);
+    /* Stripes: the bound split evenly (the remainder to the first ones),
+     * so that their sum is the bound. */
+    s->nstripes = stripes_for(cfg);
+    for (unsigned i = 0; i < NSTRIPES; i++) {
+        stripe *st = &s->stripes[i];
+        uv_mutex_init(&st->qmu);
+        uv_mutex_init(&st->ret.mu);
+        if (i >= s->nstripes)
+            continue;
+        unsigned n = s->nstripes;
+        if (cfg->max_items > 0)
+            st->max_items = (double)(cfg->max_items / n + ((uint64_t)cfg->max_items % n > i));
+        if (cfg->max_bytes > 0)
+            st->max_bytes = (double)(cfg->max_bytes / n + ((uint64_t)cfg->max_bytes % n > i));
+    }
     *self = s;
     return DP_OK;
 }

@@ -3,6 +3,7 @@
 # throughput of one shared_memory instance from 1, 2 and 4 threads.
 #
 #   bench/shm_threads.sh [seconds=1] [keys=10000] [value_bytes=100] [threads=1,2,4] [reps=3]
+#                        [max_items=2*keys]
 #
 # With no arguments and BENCH_QUICK=1 (bench/run --quick) it runs
 # `0.1 10000 100 1,2 3` (about 4 s). It ends with ROW lines for bench/run:
@@ -13,7 +14,10 @@
 # STAGE picks the install (default: $DP_STAGE_DIR, set by bench/run, else
 # _build/main-stage, made by .ci/lib.sh's `build main`); CC and CFLAGS may be
 # overridden (CFLAGS="-O2 -fsanitize=thread" with STAGE=_build/tsan-stage runs
-# it under ThreadSanitizer).
+# it under ThreadSanitizer). A max_items below the key count makes writes
+# evict, across the eviction stripes, while the other threads read:
+#   STAGE=_build/tsan-stage CFLAGS="-O1 -g -fsanitize=thread" \
+#       bench/shm_threads.sh 0.2 200000 100 1,2,4 1 50000
 set -eu
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 STAGE=${STAGE:-${DP_STAGE_DIR:-$ROOT/_build/main-stage}}

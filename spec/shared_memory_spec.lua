@@ -298,6 +298,51 @@ describe("dogpile.cache.shared_memory bounds", function()
         end
     end)
 
+    -- A large bound is split over eviction stripes (each evicts its own
+    -- share), so that writers of different stripes do not wait for each
+    -- other; the sum of the shares is the bound.
+    for _, policy in ipairs({ "lru", "s3fifo" }) do
+        it(policy .. ": a bound split over stripes still holds the count and the bytes, and evictions count", function()
+            local r = shm_region({ max_items = 20000, eviction = policy })
+            local b = r.actual_backend
+            for i = 1, 40000 do
+                b:set("k" .. i, "v")
+                if i % 5000 == 0 then
+                    assert.is_true(backend_stats(r).items <= 20000, "items over the bound at " .. i)
+                end
+            end
+            local bs = backend_stats(r)
+            -- every stripe was sent about 2500 keys for a share of 1250: all full
+            assert.are.equal(20000, bs.items)
+            assert.are.equal(20000, bs.evictions)
+            assert.are.equal("v", b:get("k40000"))
+
+            local rb = shm_region({ max_bytes = "64m", eviction = policy })
+            local value = ("v"):rep(4000)
+            local n = math.floor(2 * 64 * 1024 * 1024 / 4000)
+            for i = 1, n do
+                rb:set("k" .. i, value)
+            end
+            bs = backend_stats(rb)
+            assert.is_true(bs.bytes <= 64 * 1024 * 1024, "bytes over the bound: " .. bs.bytes)
+            assert.is_true(bs.bytes > 0.9 * 64 * 1024 * 1024, "stripes left much room: " .. bs.bytes)
+            assert.are.equal(n - bs.items, bs.evictions)
+        end)
+    end
+
+    it("s3fifo: in a store split over stripes, a key that was read survives a burst of one-time inserts", function()
+        local r = shm_region({ max_items = 32768, eviction = "s3fifo" })
+        r:set("hot", "h")
+        assert.are.equal("h", r:get("hot"))
+        local b = r.actual_backend
+        for i = 1, 200000 do
+            b:set("scan" .. i, "x")
+        end
+        assert.are.equal("h", r:get("hot"))
+        assert.is_false(present(r, "scan1"))
+        assert.are.equal(32768, backend_stats(r).items)
+    end)
+
     it("a value larger than max_bytes is refused, naming its size and the bound, evicting nothing", function()
         local r = shm_region({ max_bytes = 4096 })
         for i = 1, 5 do
