@@ -119,9 +119,11 @@ local floor = math.floor
 
 --- Count one lookup down: true when it is the one to time (then call timed).
 local function tick()
-    local n = COUNT[0] - 1
-    COUNT[0] = n
-    return n <= 0
+    -- Compared before the subtraction, whose result is only stored (an
+    -- int32 store wraps): the trace then does it without an overflow check.
+    local n = COUNT[0]
+    COUNT[0] = n - 1
+    return n <= 1
 end
 _M.tick = tick
 
