@@ -83,7 +83,7 @@
 #ifndef HUGE_PAGES
 #define HUGE_PAGES 1
 #endif
-#define RETIRE_BATCH 64               /* retired pointers per grace-period check */
+#define RETIRE_BATCH 128              /* retired pointers per grace period (one membarrier) */
 #define RETIRE_PENDING_MAX 64         /* sealed batches before a writer waits */
 
 enum { Q_NONE, Q_SMALL, Q_MAIN };
@@ -892,7 +892,8 @@ static int shm_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_e
         slot_count(&sl->misses);
         return DP_ENOTFOUND;
     }
-    if (dp_bytes_reserve(out, e->vlen) != DP_OK) {
+    /* the buffer is reused hit after hit: grow it only when short */
+    if (e->vlen > out->cap && dp_bytes_reserve(out, e->vlen) != DP_OK) {
         size_t vlen = e->vlen;
         rd_exit(sl, m);
         return dp_err_set(err, DP_ENOMEM, "out of memory copying a %zu-byte value", vlen);
