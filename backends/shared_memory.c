@@ -54,6 +54,7 @@
 #include <stddef.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -359,9 +360,16 @@ static void asym_fences_init(void)
 static void asym_fence(void)
 {
 #if defined(__linux__) && !defined(SHM_TSAN) && defined(MEMBARRIER_CMD_PRIVATE_EXPEDITED)
+    /* The registration outlives fork (Linux 6.x); were it lost (EPERM),
+     * register again. Past that it cannot fail, and freeing without the
+     * fence would free what a reader may still read. */
     if (atomic_load(&asym_fences) > 0 &&
-        syscall(__NR_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) != 0)
-        abort(); /* cannot fail once registered; freeing without it would be unsafe */
+        syscall(__NR_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) != 0 &&
+        (syscall(__NR_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) != 0 ||
+         syscall(__NR_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) != 0)) {
+        fputs(NAME ": membarrier failed after it was registered\n", stderr);
+        abort();
+    }
 #endif
     atomic_thread_fence(memory_order_seq_cst);
 }
