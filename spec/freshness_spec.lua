@@ -719,3 +719,43 @@ io.write(string.format("%d %d %d", served.first or 0, r:stats().stale_on_error, 
     end)
 
 end)
+
+-- The memory region's early_refresh hit skips the draw for a stamped value
+-- whose remaining life is past its reach (37 * delta * beta): one with a
+-- long creator's duration must still be drawn, one with a short must not.
+describe("early_refresh on a memory hit, real clock", function()
+    support.no_leaks()
+    local cache = require "dogpile.cache"
+
+    local function reads_until_refresh(delta)
+        local r = cache.make_region():configure("dogpile.cache.memory",
+                                                { expiration_time = 3600, early_refresh = 1 })
+        r:set("k", "old", nil, delta)
+        assert.is_not_nil(rawget(r.backend._cache.k, require("dogpile.cache.backends.memory").STAMP),
+                          "the value is stamped, so the hit takes the stamp's path")
+        math.randomseed(11)
+        local calls = 0
+        for _ = 1, 2000 do
+            r:get_or_create("k", function()
+                calls = calls + 1
+                return "new"
+            end)
+        end
+        return calls, r:get("k")
+    end
+
+    it("draws for a value within the draw's reach of its expiry", function()
+        -- 3600 s left, delta 1000 s: each read elects with probability
+        -- exp(-3.6), about 1 in 37; once refreshed, the new value's delta is
+        -- the creator's own (microseconds), out of reach.
+        local calls, v = reads_until_refresh(1000)
+        assert.are.equal(1, calls)
+        assert.are.equal("new", v)
+    end)
+
+    it("does not draw for a value far from its expiry", function()
+        local calls, v = reads_until_refresh(0.001)
+        assert.are.equal(0, calls)
+        assert.are.equal("old", v)
+    end)
+end)
