@@ -9,6 +9,9 @@ for _, name in ipairs({ "dp_buf_init", "dp_buf_reset", "dp_buf_free", "dp_buf_fi
     "dp_buf_put_nil", "dp_buf_put_boolean", "dp_buf_put_number", "dp_buf_put_string",
     "dp_buf_put_table", "dp_reader_init", "dp_reader_next", "dp_reader_finish",
     -- C hosts register C backends (an ops table of function pointers); Lua opens them.
+    -- (dogpile.cache.cosocket declares dp_backend_register, dp_circuit_declare and the
+    -- per-server breaker calls itself: its stand-in backend hands the core's breakers
+    -- to the cosocket backends.)
     "dp_backend_register", "dp_err_set", "dp_arg_size",
     -- C backends fill their settings from declared arguments, and say they
     -- talk to a server (a circuit breaker of their own).
