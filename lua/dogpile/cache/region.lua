@@ -263,7 +263,7 @@ end
 -- The read strategy (read.choose) and the matching store, kept in the
 -- region's own fields: a call reads them and derives nothing.
 local function set_reader(self)
-    local s = read.choose(self.backend, self.actual_backend, self._codec)
+    local s = read.choose(self.backend, self.actual_backend, self._codec, nil, self._beta)
     self._reader = s.name
     self._lookup, self._lookup_multi = s.lookup, s.multi
     -- get_or_create's: with early_refresh's draw when the region has it.
@@ -397,6 +397,9 @@ function Region:_configure(backend_name, opts)
     end
     self.early_refresh = beta or nil
     self._beta = beta or nil
+    -- How far a draw can reach, per second of a creator's duration (37:
+    -- read.lua's judge_early): one multiplication fewer in the memory hit.
+    self._reach = beta and 37 * beta or nil
     set_reader(self)
     self.fail_open = opts.fail_open == true
     self._domain = C.dp_lock_domain_new()
