@@ -48,8 +48,8 @@ local u8p = envelope.u8p
 local decode = values.decode
 local ffi_string, ffi_cast = ffi.string, ffi.cast
 local DP_OK, DP_ENOTFOUND = lib.DP_OK, lib.DP_ENOTFOUND
-local rawequal, rawget, pcall, getmetatable, setmetatable, tonumber, type, ipairs, load, assert =
-      rawequal, rawget, pcall, getmetatable, setmetatable, tonumber, type, ipairs, load, assert
+local rawequal, rawget, pcall, getmetatable, tonumber, type, ipairs, load, assert =
+      rawequal, rawget, pcall, getmetatable, tonumber, type, ipairs, load, assert
 local log, random = math.log, math.random
 
 lib.own_source()
@@ -362,41 +362,6 @@ local function memory_early(region, key, exp)
     return judged_early(region, cv, exp)
 end
 
--- memory_early made for one region (choose, given its beta): the backend's
--- table and the draw's reach are upvalues of a function whose prototype is
--- instantiated once, which the trace compiler takes as constants (as the
--- sampled twins' lookups, below): two loads fewer in every hit.
-local MEMORY_EARLY = [[
-local own_source, clock_seconds, rawget, STAMP, DELTA_STAMP, NO_VALUE, judged_early, mem, reach = ...
-own_source()
-return function(region, key, exp)
-    local now = exp ~= nil and clock_seconds() or nil
-    local cv = mem[key]
-    if cv == nil then
-        return false, NO_VALUE
-    end
-    local ct = rawget(cv, STAMP)
-    if ct ~= nil and not region._inv_judge(region.region_invalidator, ct) then
-        if exp == nil then
-            return true, rawget(cv, "payload")
-        end
-        local delta = rawget(cv, DELTA_STAMP)
-        if delta == nil then
-            delta = rawget(cv.metadata, "delta") or 0
-        end
-        if ct + exp - now > delta * reach then
-            return true, rawget(cv, "payload")
-        end
-    end
-    return judged_early(region, cv, exp)
-end
-]]
-local function memory_early_for(mem, beta)
-    return assert(load(MEMORY_EARLY, "=dogpile/cache/read.lua (memory early)"))(
-        lib.own_source, clock_seconds, rawget, STAMP, DELTA_STAMP, NO_VALUE, judged_early, mem,
-        37 * beta)
-end
-
 -- In place: one FFI call fills the backend's buffer, the envelope is read
 -- there, and a fresh value is decoded from it; no envelope string, no
 -- CachedValue. A fresh value the Lua reader declines is the C decoder's;
@@ -661,9 +626,6 @@ end
 -- instantiated once as constants (the twin's lookup then costs nothing to
 -- find), and would read them through the closure on every hit if the twins
 -- shared one prototype.
--- Lookups made for one region (memory_early_for), weakly.
-local PER_REGION = setmetatable({}, { __mode = "k" })
-
 local SAMPLED = [[
 local own_source, tick, timed, lookup = ...
 own_source()
@@ -675,19 +637,11 @@ return function(region, key, exp)
 end
 ]]
 local SAMPLED_OF = {}
-local function sampled_new(lookup)
-    return assert(load(SAMPLED, "=dogpile/cache/read.lua (sampled lookup)"))(
-        lib.own_source, latency.tick, latency.timed, lookup)
-end
 local function sampled(lookup)
     local f = SAMPLED_OF[lookup]
     if f == nil and lookup ~= nil then
-        if PER_REGION[lookup] then
-            -- Made for one region: its twin too, not kept here (the region's
-            -- fields hold both, and go with it).
-            return sampled_new(lookup)
-        end
-        f = sampled_new(lookup)
+        f = assert(load(SAMPLED, "=dogpile/cache/read.lua (sampled lookup)"))(
+            lib.own_source, latency.tick, latency.timed, lookup)
         SAMPLED_OF[lookup] = f
     end
     return f
@@ -719,8 +673,7 @@ end
 -- in-place reader knows only this library's envelope) leaves the generic
 -- strategy. `histograms` (optional): false leaves the lookups unsampled
 -- (no get latency histogram), true samples them; nil: as latency.sampling().
--- `beta` (optional): the region's early_refresh, for an `early` made for it.
-function _M.choose(backend, actual, codec, histograms, beta)
+function _M.choose(backend, actual, codec, histograms)
     local unwrapped = backend == actual
     local s = { name = "generic", lookup = generic_lookup, early = generic_early,
                 multi = generic_multi, direct = unwrapped and actual.infallible == true }
@@ -739,10 +692,6 @@ function _M.choose(backend, actual, codec, histograms, beta)
     elseif getmetatable(actual) == Memory then
         s.name, s.lookup, s.early = "memory", memory_lookup, memory_early
         s.mem = actual._cache
-        if beta then
-            s.early = memory_early_for(s.mem, beta)
-            PER_REGION[s.early] = true
-        end
     elseif codec and codec.raw_decode and actual.handle ~= nil
         and getmetatable(actual) == CBackend then
         s.name, s.lookup, s.early, s.multi = "c", c_lookup, c_early, c_multi

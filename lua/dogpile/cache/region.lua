@@ -263,7 +263,7 @@ end
 -- The read strategy (read.choose) and the matching store, kept in the
 -- region's own fields: a call reads them and derives nothing.
 local function set_reader(self)
-    local s = read.choose(self.backend, self.actual_backend, self._codec, nil, self._beta)
+    local s = read.choose(self.backend, self.actual_backend, self._codec)
     self._reader = s.name
     self._lookup, self._lookup_multi = s.lookup, s.multi
     -- get_or_create's: with early_refresh's draw when the region has it.
