@@ -200,6 +200,21 @@ local function loop_clock(n)
     return acc
 end
 
+-- Four regions served by one call site, in turn (as a decorator's call
+-- serves every decorated function's region): the hit's functions must be
+-- the same for every region, or the site takes a side trace per region.
+local R4 = {}
+for j = 1, 4 do
+    R4[j] = region({ expiration_time = 3600 })
+end
+local function loop_goc_4_regions(n)
+    local acc = 0
+    for i = 1, n do
+        acc = acc + R4[i % 4 + 1]:get_or_create(KEYS[i % NKEYS + 1], creator)
+    end
+    return acc
+end
+
 -- The same 1,000 keys in a shuffled order (fixed seed): consecutive hits
 -- land on unrelated hash slots and cache lines, as a server's keys do,
 -- rather than walking KEYS and its strings in memory order.
@@ -274,6 +289,7 @@ local PATHS = {
     { "shuffled: get_or_create hit", loop_get_or_create_shuffled, shuffled = true },
     { "shuffled: get, no histograms", loop_get_shuffled_nohist, shuffled = true },
     { "shuffled: get_or_create, no histo.", loop_get_or_create_shuffled_nohist, shuffled = true },
+    { "(extra) get_or_create, 4 regions", loop_goc_4_regions },
 }
 
 -- -- Measuring -------------------------------------------------------------------
