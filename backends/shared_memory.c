@@ -260,7 +260,7 @@ static uint32_t load32(const char *p)
 /* A word at a time, then a full avalanche (murmur3's finalizer): the shard
  * and the slot come from the low bits, the tag from the top ones. FNV-1a's
  * byte loop cost a tenth of a hit on short keys. */
-static uint64_t hash_key(const char *key, size_t len)
+static inline __attribute__((always_inline)) uint64_t hash_key(const char *key, size_t len)
 {
     const uint64_t m = 0x9E3779B97F4A7C15ULL;
     uint64_t h = 0x243F6A8885A308D3ULL ^ (len * m);
@@ -287,8 +287,10 @@ static uint64_t hash_key(const char *key, size_t len)
     return h ? h : 1; /* 0 marks an empty slot */
 }
 
-/* Keys are mostly short: two word compares instead of a call to memcmp. */
-static int key_equal(const char *a, const char *b, size_t n)
+/* Keys are mostly short: two word compares instead of a call to memcmp.
+ * Inlined, as hash_key is: called, they made the hit save and restore its
+ * registers around each call (callgrind: 30 instructions on one line). */
+static inline __attribute__((always_inline)) int key_equal(const char *a, const char *b, size_t n)
 {
     if (n <= 16) {
         if (n >= 8)
@@ -301,6 +303,25 @@ static int key_equal(const char *a, const char *b, size_t n)
         return 1;
     }
     return memcmp(a, b, n) == 0;
+}
+
+/* A hit's copy: values of 8 to 64 bytes (a 16-byte string is 36 in its
+ * envelope) as two overlapping fixed-size moves, inline; memcpy's call and
+ * size dispatch were 20 of a hit's 200 instructions (callgrind). */
+static inline __attribute__((always_inline)) void copy_value(char *d, const char *s, size_t n)
+{
+    if (n > 32 && n <= 64) {
+        memcpy(d, s, 32);
+        memcpy(d + n - 32, s + n - 32, 32);
+    } else if (n >= 16 && n <= 32) {
+        memcpy(d, s, 16);
+        memcpy(d + n - 16, s + n - 16, 16);
+    } else if (n >= 8 && n < 16) {
+        memcpy(d, s, 8);
+        memcpy(d + n - 8, s + n - 8, 8);
+    } else if (n) { /* an empty value into a buffer never grown: d is NULL */
+        memcpy(d, s, n);
+    }
 }
 
 /* -- Reader slots -------------------------------------------------------------
@@ -906,8 +927,7 @@ static int shm_get(void *self, const char *key, size_t klen, dp_bytes *out, dp_e
         rd_exit(sl, m);
         return dp_err_set(err, DP_ENOMEM, "out of memory copying a %zu-byte value", vlen);
     }
-    if (e->vlen) /* an empty value into a buffer never grown: data is NULL */
-        memcpy(out->data, e->data + e->klen, e->vlen);
+    copy_value(out->data, e->data + e->klen, e->vlen);
     out->len = e->vlen;
     if (s->policy == POLICY_S3FIFO) {
         /* Written only until it saturates: a hot key's line stays shared. */

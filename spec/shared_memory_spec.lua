@@ -117,6 +117,41 @@ describe("dogpile.cache.shared_memory values", function()
         assert.are.equal(1, backend_stats(c).items)
     end)
 
+    it("values of every length from 0 to 80 bytes come back whole (the short copies' edges)", function()
+        local b = shm_region().actual_backend
+        for n = 0, 80 do
+            local v = {}
+            for i = 1, n do
+                v[i] = string.char((i * 7 + n) % 256)
+            end
+            b:set("len" .. n, table.concat(v))
+        end
+        for n = 0, 80 do
+            local got = b:get("len" .. n)
+            assert.are.equal(n, #got, "length " .. n)
+            for i = 1, n do
+                assert.are.equal((i * 7 + n) % 256, got:byte(i), "byte " .. i .. " of the " .. n .. "-byte value")
+            end
+        end
+    end)
+
+    it("keys of 0 to 24 bytes that differ in one byte only are distinct (the word compares' edges)", function()
+        local b = shm_region().actual_backend
+        local keys = {}
+        for n = 0, 24 do
+            keys[#keys + 1] = ("a"):rep(n)
+            for i = 1, n do
+                keys[#keys + 1] = ("a"):rep(i - 1) .. "b" .. ("a"):rep(n - i)
+            end
+        end
+        for i, k in ipairs(keys) do
+            b:set(k, tostring(i))
+        end
+        for i, k in ipairs(keys) do
+            assert.are.equal(tostring(i), b:get(k), ("key %q"):format(k))
+        end
+    end)
+
     it("keys of any bytes are distinct and work: NUL, 0xff, empty, long", function()
         local r = shm_region()
         local long = ("x"):rep(100000)
