@@ -84,7 +84,7 @@ describe("the FFI bindings", function()
     it("lib.clock_upper() bounds the precise clock from above, within the margin", function()
         local C = lib.C
         local margin = C.dp_clock_margin()
-        assert.is_true(margin >= 0.01)
+        assert.is_true(margin >= 0.05)
         -- The precise clock read before and after: a thread preempted
         -- between two reads (a loaded machine) must not make either check fail.
         for _ = 1, 100000 do
