@@ -450,8 +450,6 @@ function _M.circuit(name, domain, arguments)
     return setmetatable({ st = st, store = st.store }, Circuit)
 end
 
-local CIRCUIT_STATES = { [0] = "closed", "open", "probing" }
-
 --- The breaker of server `addr` ("host:port") of this store, or nil.
 function Circuit:server(addr)
     if self.store == nil then
@@ -471,14 +469,7 @@ function Circuit:stats(out)
     if self.store == nil then
         return out
     end
-    local cs = ffi_new("dp_circuit_stats")
-    C.dp_backend_circuit(self.st.handle, cs)
-    if cs.enabled == 1 then
-        out.circuit_state = CIRCUIT_STATES[cs.state]
-        out.circuit_opened, out.circuit_refused = cs.opened, cs.refused
-        out.circuit_probes = cs.probes
-    end
-    return out
+    return require("dogpile.cache.backends.c").circuit_stats(self.st.handle, out)
 end
 
 -- Guards free for the next call (a call yields: each needs its own).

@@ -391,6 +391,20 @@ end
 
 local CIRCUIT_STATES = { [0] = "closed", "open", "probing" }
 
+-- The breaker's state and counters of the backend `handle` into `out`,
+-- when it has one (also the cosocket backends', whose breakers are the
+-- core's).
+local function circuit_stats(handle, out)
+    local cs = ffi_new("dp_circuit_stats")
+    C.dp_backend_circuit(handle, cs)
+    if cs.enabled == 1 then
+        out.circuit_state = CIRCUIT_STATES[cs.state]
+        out.circuit_opened, out.circuit_refused = cs.opened, cs.refused
+        out.circuit_probes = cs.probes
+    end
+    return out
+end
+
 function CBackend:stats()
     local st = ffi_new("dp_backend_stats")
     C.dp_backend_stat(self.handle, st)
@@ -401,14 +415,7 @@ function CBackend:stats()
         -- this handle's count of locks held past lock_timeout
         lock_overruns = self.lock_overruns,
     }
-    local cs = ffi_new("dp_circuit_stats")
-    C.dp_backend_circuit(self.handle, cs)
-    if cs.enabled == 1 then
-        out.circuit_state = CIRCUIT_STATES[cs.state]
-        out.circuit_opened, out.circuit_refused = cs.opened, cs.refused
-        out.circuit_probes = cs.probes
-    end
-    return out
+    return circuit_stats(self.handle, out)
 end
 
 --- Open an instance of the C backend registered as `name` with the region's
@@ -494,4 +501,4 @@ local function partial_of(err)
 end
 
 return { open = open, CBackend = CBackend, partial_of = partial_of, partial_error = partial_error,
-         VLEN_FAILED = VLEN_FAILED }
+         VLEN_FAILED = VLEN_FAILED, circuit_stats = circuit_stats }
