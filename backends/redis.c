@@ -209,6 +209,17 @@ typedef struct conn {
     int unsub_due;     /* in inst.unsubbing: still subscribed, UNSUBSCRIBE not sent */
 } conn;
 
+/* Frees a list of connections (linked by next), closing their sockets. */
+static void conns_free(conn *list)
+{
+    while (list) {
+        conn *c = list;
+        list = c->next;
+        redisFree(c->c);
+        free(c);
+    }
+}
+
 typedef struct held {
     struct held *next;
     char *key;
@@ -445,12 +456,7 @@ static int conn_take(inst *s, conn **out, int *reused, dp_err *err)
     }
     unsigned gen = s->gen;
     uv_mutex_unlock(&s->mu);
-    while (stale) {
-        conn *c = stale;
-        stale = c->next;
-        redisFree(c->c);
-        free(c);
-    }
+    conns_free(stale);
     if (got) {
         *reused = 1;
         *out = got;
@@ -1108,11 +1114,7 @@ static void unsub_flush(inst *s)
         }
         uv_mutex_unlock(&s->mu);
     }
-    while (stale) {
-        conn *c = stale;
-        stale = c->next;
-        sub_free(c);
-    }
+    conns_free(stale);
 }
 
 /* A connection left by an earlier wait with its UNSUBSCRIBE unread (or not
@@ -1139,11 +1141,7 @@ static conn *sub_reuse(inst *s)
         }
     }
     uv_mutex_unlock(&s->mu);
-    while (stale) {
-        conn *c = stale;
-        stale = c->next;
-        sub_free(c);
-    }
+    conns_free(stale);
     if (cn && cn->unsub_due) {
         cn->unsub_due = 0;
         if (unsub_send(cn) != REDIS_OK) {
