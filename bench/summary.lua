@@ -25,6 +25,11 @@
 -- does) it runs nothing.
 local M = {}
 
+-- bench/lib.lua, found next to this file (it runs as a script and is loaded
+-- by dofile from the specs, neither with bench/ on the path).
+local blib = dofile(((debug.getinfo(1, "S").source:sub(2)):match("^(.*)/[^/]*$") or ".")
+                    .. "/lib.lua")
+
 --- Below this headroom (a fraction) a row is "thin".
 M.THIN = 0.20
 
@@ -137,19 +142,13 @@ function M.is_thin(h)
     return h ~= nil and h < M.THIN - 1e-9
 end
 
+-- bench/lib.lua's median, but nil (not NaN) for no values: a row missing
+-- from every run has no figure.
 function M.median(xs)
-    local s = {}
-    for i = 1, #xs do
-        s[i] = xs[i]
-    end
-    table.sort(s)
-    local n = #s
-    if n == 0 then
+    if #xs == 0 then
         return nil
-    elseif n % 2 == 1 then
-        return s[(n + 1) / 2]
     end
-    return (s[n / 2] + s[n / 2 + 1]) / 2
+    return blib.median(xs)
 end
 
 --- One run's rows judged: each row gets ratio, value (what the target
