@@ -25,22 +25,7 @@ local function fresh(prefix)
     return string.format("%s:%d:%d:%d", prefix, os.time(), math.random(1e9), uniq)
 end
 
--- CRC16 (XModem) of the key, or of its {hash tag}, mod 16384.
-local bit = require "bit"
-local function keyslot(key)
-    local crc = 0
-    for i = 1, #key do
-        crc = bit.bxor(crc, bit.lshift(key:byte(i), 8))
-        for _ = 1, 8 do
-            if bit.band(crc, 0x8000) ~= 0 then
-                crc = bit.band(bit.bxor(bit.lshift(crc, 1), 0x1021), 0xffff)
-            else
-                crc = bit.band(bit.lshift(crc, 1), 0xffff)
-            end
-        end
-    end
-    return crc % 16384
-end
+local keyslot = CL.keyslot
 
 -- A redis-server on `port`: its pid.
 local function start_redis(dir, port)

@@ -21,29 +21,7 @@ local function fresh(prefix)
     return string.format("%s:%d:%d:%d", prefix, os.time(), math.random(1e9), uniq)
 end
 
--- CRC16 (XModem) with {hash tags}: the slot of a key (as the cluster hashes).
-local bit = require "bit"
-local function keyslot(key)
-    local open = key:find("{", 1, true)
-    if open then
-        local close = key:find("}", open + 1, true)
-        if close and close > open + 1 then
-            key = key:sub(open + 1, close - 1)
-        end
-    end
-    local crc = 0
-    for i = 1, #key do
-        crc = bit.bxor(crc, bit.lshift(key:byte(i), 8))
-        for _ = 1, 8 do
-            if bit.band(crc, 0x8000) ~= 0 then
-                crc = bit.band(bit.bxor(bit.lshift(crc, 1), 0x1021), 0xffff)
-            else
-                crc = bit.band(bit.lshift(crc, 1), 0xffff)
-            end
-        end
-    end
-    return crc % 16384
-end
+local keyslot = CL.keyslot
 
 describe("dogpile.cache.redis_cluster inside nginx (cosockets)", function()
     if not nb.need_nginx(it) then

@@ -44,36 +44,7 @@ local function ccli(cmd)
     return cl:cli(cl:alive()[1].port, "-c " .. cmd)
 end
 
--- CRC16 (XModem) with {hash tags}, as the cluster hashes keys: computed
--- here (one redis-cli call per key would cost seconds); the hash-tag spec
--- checks it against CLUSTER KEYSLOT.
-local bit = require "bit"
-local band, bxor, lshift, rshift = bit.band, bit.bxor, bit.lshift, bit.rshift
-local function crc16(s)
-    local crc = 0
-    for i = 1, #s do
-        crc = bxor(crc, lshift(s:byte(i), 8))
-        for _ = 1, 8 do
-            if band(crc, 0x8000) ~= 0 then
-                crc = band(bxor(lshift(crc, 1), 0x1021), 0xffff)
-            else
-                crc = band(lshift(crc, 1), 0xffff)
-            end
-        end
-    end
-    return crc
-end
-
-local function keyslot(key)
-    local open = key:find("{", 1, true)
-    if open then
-        local close = key:find("}", open + 1, true)
-        if close and close > open + 1 then
-            key = key:sub(open + 1, close - 1)
-        end
-    end
-    return crc16(key) % 16384
-end
+local keyslot = CL.keyslot
 
 local function server_keyslot(key)
     return tonumber(cl:cli(cl:alive()[1].port, "CLUSTER KEYSLOT " .. q(key)))
