@@ -1149,9 +1149,20 @@ static conn *sub_reuse(inst *s)
             cn = NULL;
         }
     }
-    if (cn && !sub_finish(cn)) {
-        sub_free(cn);
-        cn = NULL;
+    if (cn) {
+        /* The confirmation of an UNSUBSCRIBE sent at an earlier operation is
+         * due already. Waiting a whole socket_timeout for it would stack on
+         * the wait's own bounded I/O (a stopped server: two timeouts in one
+         * lock call, past the caller's bound), so the wait is short and a
+         * connection that has not confirmed by then is dropped. */
+        redisSetTimeout(cn->c, tv_of(s->cfg->socket_timeout < 0.05 ? s->cfg->socket_timeout
+                                                                     : 0.05));
+        int ok = sub_finish(cn);
+        redisSetTimeout(cn->c, tv_of(s->cfg->socket_timeout));
+        if (!ok) {
+            sub_free(cn);
+            cn = NULL;
+        }
     }
     return cn;
 }
