@@ -28,7 +28,7 @@ function M.sh(cmd)
 end
 
 function M.sleep(s)
-    ffi.C.usleep(math.floor(s * 1e6))
+    ffi.C.usleep(math.floor(math.max(s, 0) * 1e6))
 end
 
 --- Pins this process (and every process it starts afterwards) to CPU `cpu`

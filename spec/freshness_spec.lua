@@ -599,7 +599,7 @@ local CHILD = [[
 local cache = require "dogpile.cache"
 local ffi = require "ffi"
 pcall(ffi.cdef, "int usleep(unsigned int usec);")
-local function sleep(s) ffi.C.usleep(math.floor(s * 1e6)) end
+local function sleep(s) ffi.C.usleep(math.floor(math.max(s, 0) * 1e6)) end
 local function now() return require("dogpile").now() end
 local backend, args, conf = arg[1], assert(loadstring("return " .. arg[2]))(),
     assert(loadstring("return " .. arg[3]))()

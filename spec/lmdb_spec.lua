@@ -40,7 +40,7 @@ local PRELUDE = [[
 local cache = require "dogpile.cache"
 local ffi = require "ffi"
 pcall(ffi.cdef, "int usleep(unsigned int usec);")
-local function sleep(s) ffi.C.usleep(math.floor(s * 1e6)) end
+local function sleep(s) ffi.C.usleep(math.floor(math.max(s, 0) * 1e6)) end
 local function now() return require("dogpile").now() end
 local path, args, exp = arg[1], assert(loadstring("return " .. arg[2]))(), tonumber(arg[3])
 args.path = path

@@ -109,7 +109,7 @@ local PRELUDE = [[
 local cache = require "dogpile.cache"
 local ffi = require "ffi"
 pcall(ffi.cdef, "int usleep(unsigned int usec);")
-local function sleep(s) ffi.C.usleep(math.floor(s * 1e6)) end
+local function sleep(s) ffi.C.usleep(math.floor(math.max(s, 0) * 1e6)) end
 local function now() return require("dogpile").now() end
 local urls = {}
 for u in arg[1]:gmatch("[^,]+") do urls[#urls + 1] = u end

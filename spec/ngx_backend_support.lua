@@ -97,7 +97,7 @@ local PROCESS = [[
 local cache = require "dogpile.cache"
 local ffi = require "ffi"
 pcall(ffi.cdef, "int usleep(unsigned int usec);")
-local function sleep(s) ffi.C.usleep(math.floor(s * 1e6)) end
+local function sleep(s) ffi.C.usleep(math.floor(math.max(s, 0) * 1e6)) end
 local function now() return require("dogpile").now() end
 local regions = cache.load_regions(arg[1])
 local start = tonumber(arg[2])

@@ -149,7 +149,7 @@ local PRELUDE = [[
 local cache = require "dogpile.cache"
 local ffi = require "ffi"
 pcall(ffi.cdef, "int usleep(unsigned int usec);")
-local function sleep(s) ffi.C.usleep(math.floor(s * 1e6)) end
+local function sleep(s) ffi.C.usleep(math.floor(math.max(s, 0) * 1e6)) end
 local function now() return require("dogpile").now() end
 local args = assert(loadstring("return " .. arg[1]))()
 local r = cache.make_region():configure("dogpile.cache.redis", { arguments = args })

@@ -108,9 +108,11 @@ function _M.now()
     return require("dogpile").now()
 end
 
---- Block for `s` seconds.
+--- Block for `s` seconds; none when `s` <= 0. usleep takes an unsigned
+-- int: a slightly negative remainder (a deadline passed between the check
+-- and the call) became 4295 s, one CI run's 71-minute stall in chaos_spec.
 function _M.sleep(s)
-    ffi.C.usleep(math.floor(s * 1e6))
+    ffi.C.usleep(math.floor(math.max(s, 0) * 1e6))
 end
 
 --- Run a shell command; its stdout and stderr.
