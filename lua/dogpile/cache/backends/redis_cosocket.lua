@@ -345,7 +345,9 @@ end
 -- second more). A light thread reads it: a read timeout would be logged by
 -- nginx at every poll step.
 function Watch:start(g, deadline)
-    self.sock:settimeout(math.floor((deadline - ngx.now() + 1) * 1000))
+    -- At least 1 ms: 0 would be lua_socket_read_timeout (60 s), and a
+    -- negative value raises.
+    self.sock:settimeout(math.max(1, math.floor((deadline - ngx.now() + 1) * 1000)))
     local spawned, reader = pcall(ngx.thread.spawn, read_message, self.sock, g, self.how)
     if spawned then
         self.reader = reader
