@@ -51,11 +51,15 @@ use_stage() {
 }
 
 # -- Servers for the tests ----------------------------------------------------
-# free_port: prints a loopback TCP port nobody listens on.
+# free_port: prints a loopback TCP port nobody listens on. Every server port
+# of the tests and benches is below Linux's ephemeral range (32768-60999):
+# a port in it can be a client socket's own, and a client reconnecting to a
+# stopped server's port can even connect to itself, so the restarted server
+# cannot bind it. The cluster fixture keeps its bus ports (+10000) below too.
 free_port() {
     local port
     while :; do
-        port=$((20000 + RANDOM % 20000))
+        port=$((20000 + RANDOM % 12000))
         (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null || { echo "$port"; return; }
     done
 }

@@ -160,7 +160,7 @@ local function plain_server()
     local dir = (S.sh("mktemp -d /tmp/dogpile-bench-rc-XXXXXX")):gsub("%s+$", "")
     local port
     for _ = 1, 100 do
-        port = math.random(20000, 39999)
+        port = math.random(20000, 31999)
         if S.sh("bash -c '(exec 3<>/dev/tcp/127.0.0.1/" .. port .. ") 2>/dev/null && echo busy'") == "" then
             break
         end

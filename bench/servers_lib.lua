@@ -49,7 +49,7 @@ end
 local function free_port()
     math.randomseed(os.time() + tonumber(tostring({}):match("0x(%x+)"), 16) % 1000)
     while true do
-        local p = 20000 + math.random(0, 19999)
+        local p = 20000 + math.random(0, 11999)
         if not port_open(p) and not port_open(p + 1) then
             return p
         end

@@ -46,7 +46,7 @@ end
 local function free_port()
     math.randomseed(os.time() + math.floor(os.clock() * 1e6))
     for _ = 1, 100 do
-        local port = math.random(20000, 39999)
+        local port = math.random(20000, 31999)
         if not port_open(port) then
             return port
         end

@@ -437,7 +437,7 @@ return {
             dir = TMP .. "/redis"
             os.execute("mkdir -p " .. sh_quote(dir))
             for _ = 1, 20 do
-                port = math.random(20000, 39999)
+                port = math.random(20000, 31999)
                 if support.sh("bash -c '(exec 3<>/dev/tcp/127.0.0.1/" .. port .. ") 2>/dev/null && echo busy'") == "" then
                     break
                 end

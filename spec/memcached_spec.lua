@@ -25,7 +25,7 @@ pcall(ffi.cdef, [[ int usleep(unsigned int usec); ]])
 
 -- -- Servers -------------------------------------------------------------------
 
-local FREE_PORT = [[bash -c 'while :; do p=$((20000 + RANDOM % 20000)); ]]
+local FREE_PORT = [[bash -c 'while :; do p=$((20000 + RANDOM % 12000)); ]]
     .. [[(exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null || { echo $p; exit; }; done']]
 
 local function port_open(port)

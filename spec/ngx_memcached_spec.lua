@@ -25,7 +25,7 @@ local TMP = (sh("mktemp -d /tmp/dogpile-ngx-memcached-XXXXXX"):gsub("%s+$", ""))
 
 -- -- Servers (as spec/memcached_spec.lua starts them) ----------------------------------
 
-local FREE_PORT = [[bash -c 'while :; do p=$((20000 + RANDOM % 20000)); ]]
+local FREE_PORT = [[bash -c 'while :; do p=$((20000 + RANDOM % 12000)); ]]
     .. [[(exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null || { echo $p; exit; }; done']]
 
 local function port_open(port)

@@ -27,7 +27,7 @@ local TMP = (sh("mktemp -d /tmp/dogpile-ngx-redis-XXXXXX"):gsub("%s+$", ""))
 local function free_port()
     math.randomseed(os.time() + math.floor(os.clock() * 1e6))
     for _ = 1, 1000 do
-        local port = math.random(20000, 39999)
+        local port = math.random(20000, 31999)
         if sh("bash -c '(exec 3<>/dev/tcp/127.0.0.1/" .. port .. ") 2>/dev/null && echo busy'") == "" then
             return port
         end

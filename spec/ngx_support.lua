@@ -43,7 +43,7 @@ end
 
 -- A loopback port nobody listens on (as .ci/lib.sh's free_port).
 local function free_port()
-    local out = read([[bash -c 'while :; do p=$((20000 + RANDOM % 20000));
+    local out = read([[bash -c 'while :; do p=$((20000 + RANDOM % 12000));
         (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null || { echo $p; break; }; done']])
     return assert(tonumber(out), "free_port: " .. out)
 end

@@ -313,7 +313,7 @@ end
 
 local function free_port()
     for _ = 1, 100 do
-        local port = math.random(20000, 39999)
+        local port = math.random(20000, 31999)
         if not listening(port) then
             return port
         end

@@ -26,7 +26,7 @@ local function sh(cmd)
 end
 
 local function free_port()
-    return tonumber(sh([[bash -c 'while :; do p=$((20000 + RANDOM % 20000)); ]]
+    return tonumber(sh([[bash -c 'while :; do p=$((20000 + RANDOM % 12000)); ]]
         .. [[(exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null || { echo $p; exit; }; done']]):match("%d+"))
 end
 
