@@ -4,9 +4,9 @@
 -- with the fixture in spec/fixtures/nginx and stops it at the end.
 local support = require "ngx_support"
 
-local CREATOR = 0.2   -- seconds the slow creators sleep
-local MARGIN = 0.15   -- what a request may take beyond that
-local FAST = 0.1      -- a stale value or a hit returns within this
+local CREATOR = 0.4   -- seconds the slow creators sleep
+local MARGIN = 0.25   -- what a request may take beyond that (a loaded machine)
+local FAST = 0.2      -- a stale value or a hit returns within this: half the creator's time
 
 local function sleep(s)
     os.execute("sleep " .. s)
