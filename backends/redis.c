@@ -71,7 +71,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
@@ -1004,26 +1003,6 @@ static int lock_key(inst *s, const char *key, size_t klen, char **out, size_t *o
     return DP_OK;
 }
 
-static void new_token(char out[33])
-{
-    unsigned char b[16];
-    if (getrandom(b, sizeof b, 0) != (ssize_t)sizeof b) {
-        /* Not expected; still unique enough per process and moment. */
-        double t = dp_clock_now();
-        pid_t pid = getpid();
-        memset(b, 0, sizeof b);
-        memcpy(b, &t, sizeof t);
-        memcpy(b + 8, &pid, sizeof pid);
-        b[15] = (unsigned char)rand();
-    }
-    static const char hex[] = "0123456789abcdef";
-    for (int i = 0; i < 16; i++) {
-        out[2 * i] = hex[b[i] >> 4];
-        out[2 * i + 1] = hex[b[i] & 15];
-    }
-    out[32] = '\0';
-}
-
 /* Waking. A waiter's own connection, taken from the pool, SUBSCRIBEd to the
  * lock key's channel before each SET NX retry can fail, so a release after
  * that retry is never missed; given back after UNSUBSCRIBE (in RESP2 the
@@ -1314,7 +1293,7 @@ static int rd_lock(void *self, const char *key, size_t klen, double timeout, dp_
         free(h);
         return rc;
     }
-    new_token(h->token);
+    dp_lock_token(h->token);
     char px[32];
     int pxn = snprintf(px, sizeof px, "%lld", (long long)ceil(s->cfg->lock_timeout * 1000));
     const char *argv[6] = {"SET", lk, h->token, "NX", "PX", px};
@@ -1775,7 +1754,7 @@ static int listener_start(inst *s, dp_err *err)
         return dp_err_set(err, rc, "%s: cannot open the change feed: %s", s->name,
                           dp_strerror(rc));
     char token[33];
-    new_token(token);
+    dp_lock_token(token);
     memcpy(s->sender, token, 16);
     s->sender[16] = '\0';
     if (uv_thread_create(&s->listener, listener_main, s) != 0)

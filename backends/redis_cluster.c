@@ -65,7 +65,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
@@ -2032,25 +2031,6 @@ static char *lock_key(rc *s, const char *key, size_t klen, size_t *outlen)
     return lk;
 }
 
-static void new_token(char out[33])
-{
-    unsigned char b[16];
-    if (getrandom(b, sizeof b, 0) != (ssize_t)sizeof b) {
-        double t = dp_clock_now();
-        pid_t pid = getpid();
-        memset(b, 0, sizeof b);
-        memcpy(b, &t, sizeof t);
-        memcpy(b + 8, &pid, sizeof pid);
-        b[15] = (unsigned char)rand();
-    }
-    static const char hex[] = "0123456789abcdef";
-    for (int i = 0; i < 16; i++) {
-        out[2 * i] = hex[b[i] >> 4];
-        out[2 * i + 1] = hex[b[i] & 15];
-    }
-    out[32] = '\0';
-}
-
 /* A waiter's own connection to the lock key's node, SSUBSCRIBEd to the lock
  * key's shard channel (a fresh one each wait: waits are rare, and a
  * subscribed connection must not go back to the pool). NULL when that
@@ -2141,7 +2121,7 @@ static int rc_lock(void *self, const char *key, size_t klen, double timeout, dp_
         free(h);
         return dp_err_set(err, DP_ENOMEM, NAME ": out of memory");
     }
-    new_token(h->token);
+    dp_lock_token(h->token);
     char px[32];
     int pxn = snprintf(px, sizeof px, "%lld", (long long)ceil(s->cfg->lock_timeout * 1000));
     const char *argv[6] = {"SET", lk, h->token, "NX", "PX", px};

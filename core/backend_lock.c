@@ -11,7 +11,10 @@
  * past it the caller hears DP_ETIMEDOUT and decides (dogpile goes ahead:
  * a stuck holder must not block everyone forever).
  */
+#include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
+#include <unistd.h>
 
 #include "dogpile.h"
 #include "private.h"
@@ -179,4 +182,24 @@ DP_API int dp_backend_wait_released(dp_backend *b, const char *key, size_t klen,
     if (rc == DP_EBUSY || rc == DP_ETIMEDOUT)
         return fail(b, DP_ETIMEDOUT, "timed out: another process still holds", key, klen, err);
     return rc;
+}
+
+DP_API void dp_lock_token(char out[33])
+{
+    unsigned char b[16];
+    if (getrandom(b, sizeof b, 0) != (ssize_t)sizeof b) {
+        /* Not expected; still unique enough per process and moment. */
+        double t = dp_clock_now();
+        pid_t pid = getpid();
+        memset(b, 0, sizeof b);
+        memcpy(b, &t, sizeof t);
+        memcpy(b + 8, &pid, sizeof pid);
+        b[15] = (unsigned char)rand();
+    }
+    static const char hex[] = "0123456789abcdef";
+    for (int i = 0; i < 16; i++) {
+        out[2 * i] = hex[b[i] >> 4];
+        out[2 * i + 1] = hex[b[i] & 15];
+    }
+    out[32] = '\0';
 }

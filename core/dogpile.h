@@ -799,6 +799,11 @@ DP_API int dp_backend_can_wait_released(dp_backend *b);
 DP_API int dp_backend_wait_released(dp_backend *b, const char *key, size_t klen,
                                     uint32_t owner, double timeout, dp_err *err);
 
+/** A token naming one holder of a backend's lock (the value a server-side
+ * lock holds, so that a release deletes only its own): 32 lowercase hex
+ * characters of 128 random bits, and a NUL, into `out` (the caller's). */
+DP_API void dp_lock_token(char out[33]);
+
 /* -- Backoff -----------------------------------------------------------------
  *
  * The one policy of every polling wait (a lock that cannot wake its waiters:

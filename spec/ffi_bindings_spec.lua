@@ -18,6 +18,8 @@ for _, name in ipairs({ "dp_buf_init", "dp_buf_reset", "dp_buf_free", "dp_buf_fi
     "dp_args_fill", "dp_args_free", "dp_args_diff", "dp_circuit_declare",
     -- C backends with several servers guard each with a breaker of its own.
     "dp_circuit_server", "dp_circuit_enter", "dp_circuit_leave",
+    -- C backends with a server-side lock name its holder with a token.
+    "dp_lock_token",
     -- For a C host at the end of its life, when no Lua state is open.
     "dp_shutdown" }) do
     SKIPPED[name] = true
