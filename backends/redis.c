@@ -1149,32 +1149,43 @@ static conn *sub_reuse(inst *s)
 /* The subscription's I/O needs no SIGPIPE mask (nopipe_*, four system calls
  * each time): its commands go out by send_nosignal, and reads cannot raise
  * it; a new connection masks it itself (conn_take). */
-static conn *sub_open(inst *s, const char *lk, size_t lklen)
+static conn *sub_open(inst *s, const char *lk, size_t lklen, int *failed, dp_err *err)
 {
     conn *out = NULL;
     int saved = errno;
+    *failed = 0;
     for (int attempt = 0; attempt < 2 && !out; attempt++) {
         conn *cn;
         int reused = 1;
-        dp_err e;
         if (attempt == 0 && (cn = sub_reuse(s)) != NULL)
             ; /* ready for another SUBSCRIBE */
-        else if (conn_take(s, &cn, &reused, &e) != DP_OK)
+        else if (conn_take(s, &cn, &reused, err) != DP_OK) {
+            *failed = 1;
             break;
+        }
         const char *argv[2] = {"SUBSCRIBE", lk};
         size_t lens[2] = {9, lklen};
         redisReply *r = NULL;
-        if (redisAppendCommandArgv(cn->c, 2, argv, lens) != REDIS_OK ||
-            send_nosignal(cn->c) != REDIS_OK || redisGetReply(cn->c, (void **)&r) != REDIS_OK)
-            r = NULL;
-        if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 3)
+        int io = redisAppendCommandArgv(cn->c, 2, argv, lens) != REDIS_OK ||
+                 send_nosignal(cn->c) != REDIS_OK ||
+                 redisGetReply(cn->c, (void **)&r) != REDIS_OK;
+        /* Only a reused connection the server had closed is worth another
+         * try: after a timeout (a stopped server) a second one would stack
+         * another socket_timeout on the caller's. A refusal (an ACL without
+         * SUBSCRIBE) is no failure: the caller polls. */
+        int again = io && reused && closed_by_peer(cn->c);
+        if (io && !again) {
+            io_fail(s, cn->c, "SUBSCRIBE (lock wait)", err);
+            *failed = 1;
+        }
+        if (!io && r && r->type == REDIS_REPLY_ARRAY && r->elements == 3)
             out = cn;
         else
             sub_free(cn);
         if (r)
             freeReplyObject(r);
-        if (!out && !reused)
-            break; /* a fresh connection failed: no point in another */
+        if (!again)
+            break;
     }
     errno = saved;
     return out;
@@ -1333,9 +1344,14 @@ static int rd_lock(void *self, const char *key, size_t klen, double timeout, dp_
         if (!tried_sub) {
             /* Subscribe, then try again before waiting for a message. */
             tried_sub = 1;
-            sub = sub_open(s, lk, lklen);
+            int failed;
+            sub = sub_open(s, lk, lklen, &failed, err);
             if (sub)
                 continue;
+            if (failed) {
+                rc = DP_EBACKEND;
+                break;
+            }
         }
         double wait = dp_backoff_next(&bo);
         if (wait <= 0) {
@@ -1398,8 +1414,9 @@ static int rd_wait_unlocked(void *self, const char *key, size_t klen, double tim
     int rc = lock_key(s, key, klen, &lk, &lklen, err);
     if (rc != DP_OK)
         return rc;
-    conn *sub = timeout != 0 ? sub_open(s, lk, lklen) : NULL;
-    rc = lock_token(s, lk, lklen, &first, err);
+    int failed = 0;
+    conn *sub = timeout != 0 ? sub_open(s, lk, lklen, &failed, err) : NULL;
+    rc = failed ? DP_EBACKEND : lock_token(s, lk, lklen, &first, err);
     dp_backoff bo;
     dp_backoff_init(&bo, timeout, s->cfg->lock_sleep);
     while (rc == DP_OK && first) {

@@ -2035,26 +2035,36 @@ static char *lock_key(rc *s, const char *key, size_t klen, size_t *outlen)
  * key's shard channel (a fresh one each wait: waits are rare, and a
  * subscribed connection must not go back to the pool). NULL when that
  * fails: the wait then polls. */
-static redisContext *sub_open(rc *s, const char *lk, size_t lklen)
+static redisContext *sub_open(rc *s, const char *lk, size_t lklen, int *failed, dp_err *err)
 {
-    dp_err e;
-    node *n = route(s, key_slot(lk, lklen), &e);
-    if (!n)
+    *failed = 0;
+    node *n = route(s, key_slot(lk, lklen), err);
+    if (!n) {
+        *failed = 1;
         return NULL;
+    }
     redisContext *c = NULL;
     nopipe np;
     nopipe_begin(&np);
     int saved = errno;
-    if (conn_open(s, n, &c, &e) == DP_OK) {
+    if (conn_open(s, n, &c, err) == DP_OK) {
         const char *argv[2] = {"SSUBSCRIBE", lk};
         size_t lens[2] = {10, lklen};
         redisReply *r = redisCommandArgv(c, 2, argv, lens);
+        if (!r) {
+            /* No answer (a stopped node): the caller's call fails now
+             * rather than wait another socket_timeout on its next try. */
+            io_fail(s, n, c, "SSUBSCRIBE (lock wait)", err);
+            *failed = 1;
+        }
         if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 3) {
             redisFree(c); /* MOVED: the slot left this node; poll instead */
             c = NULL;
         }
         if (r)
             freeReplyObject(r);
+    } else {
+        *failed = 1;
     }
     nopipe_end(&np);
     errno = saved;
@@ -2156,8 +2166,13 @@ static int rc_lock(void *self, const char *key, size_t klen, double timeout, dp_
             /* Subscribe, then try again before waiting: a release after
              * that try is never missed. */
             tried_sub = 1;
-            if ((sub = sub_open(s, lk, lklen)))
+            int failed;
+            if ((sub = sub_open(s, lk, lklen, &failed, err)))
                 continue;
+            if (failed) {
+                rc = DP_EBACKEND;
+                break;
+            }
         }
         if (!wait_step(&sub, &bo)) {
             rc = dp_err_set(err, DP_ETIMEDOUT, NAME ": the lock was still held after %g s",
@@ -2204,8 +2219,9 @@ static int rc_wait_unlocked(void *self, const char *key, size_t klen, double tim
     char *lk = lock_key(s, key, klen, &lklen), *first = NULL, *now = NULL;
     if (!lk)
         return dp_err_set(err, DP_ENOMEM, NAME ": out of memory");
-    redisContext *sub = timeout != 0 ? sub_open(s, lk, lklen) : NULL;
-    int st = lock_token(s, lk, lklen, &first, err);
+    int failed = 0;
+    redisContext *sub = timeout != 0 ? sub_open(s, lk, lklen, &failed, err) : NULL;
+    int st = failed ? DP_EBACKEND : lock_token(s, lk, lklen, &first, err);
     dp_backoff bo;
     dp_backoff_init(&bo, timeout, s->cfg->lock_sleep);
     while (st == DP_OK && first) {

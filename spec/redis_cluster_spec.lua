@@ -493,6 +493,24 @@ describe("dogpile.cache.redis_cluster", function()
     end)
 
     describe("the lock", function()
+        it("a lock wait whose SSUBSCRIBE gets no answer fails within one socket_timeout", function()
+            -- As a node stopped between the SET NX that found the lock held
+            -- and the SSUBSCRIBE: the call fails then, not after polling it
+            -- for lock_timeout, each poll another socket_timeout.
+            local port, stop = support.half_answering_redis({ "SSUBSCRIBE" })
+            finally(stop)
+            local r = region({ startup_nodes = { "127.0.0.1:" .. port }, socket_timeout = 0.4,
+                               lock_timeout = 5 })
+            local t0 = now()
+            local ok, err = pcall(r.get_or_create, r, fresh("ssub"), function() return "made" end)
+            local took = now() - t0
+            assert.is_false(ok, "the call went on without the lock")
+            assert.matches("dogpile.cache.redis_cluster", tostring(err), 1, true)
+            assert.matches("SSUBSCRIBE (lock wait)", tostring(err), 1, true)
+            assert.matches("socket_timeout", tostring(err), 1, true)
+            assert.is_true(took >= 0.35 and took < 0.4 + 0.3, "took " .. took)
+        end)
+
         it("the redis backend's key, token and PX on the lock key's node; refused while held", function()
             local r = region({ lock_timeout = 7 })
             local k = fresh("lock")

@@ -22,15 +22,7 @@ pcall(ffi.cdef, [[ int usleep(unsigned int usec); ]])
 
 local TMP = (sh("mktemp -d /tmp/dogpile-redis-XXXXXX"):gsub("%s+$", ""))
 
-local function free_port()
-    math.randomseed(os.time() + math.floor(os.clock() * 1e6))
-    while true do
-        local port = math.random(20000, 31999)
-        if sh("bash -c '(exec 3<>/dev/tcp/127.0.0.1/" .. port .. ") 2>/dev/null && echo busy'") == "" then
-            return port
-        end
-    end
-end
+local free_port = support.free_port
 
 local servers = {}
 
@@ -832,6 +824,23 @@ append(arg[5], string.format("%.6f", now()))
             assert.are.equal("made", v)
             assert.are.equal(1, calls)
             assert.is_true(r:stats().errors >= 2)
+        end)
+
+        it("a lock wait whose SUBSCRIBE gets no answer fails within one socket_timeout", function()
+            -- As a server stopped between the SET NX that found the lock held
+            -- and the SUBSCRIBE: the call fails then, not after another
+            -- socket_timeout on a fresh connection and the polls after it.
+            local port, stop = support.half_answering_redis({ "SUBSCRIBE" })
+            finally(stop)
+            local r = region({ port = port, socket_timeout = 0.4, lock_timeout = 5 })
+            local t0 = now()
+            local ok, err = pcall(r.get_or_create, r, fresh("sub"), function() return "made" end)
+            local took = now() - t0
+            assert.is_false(ok, "the call went on without the lock")
+            assert.matches("dogpile.cache.redis", tostring(err), 1, true)
+            assert.matches("SUBSCRIBE (lock wait)", tostring(err), 1, true)
+            assert.matches("socket_timeout", tostring(err), 1, true)
+            assert.is_true(took >= 0.35 and took < 0.4 + 0.3, "took " .. took)
         end)
 
         it("a paused server (SIGSTOP): operations fail within socket_timeout, then work again", function()
