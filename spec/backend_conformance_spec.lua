@@ -50,8 +50,7 @@ do
         end
         MEMCACHED_URL = table.concat(urls, ",")
     else
-        local port = tonumber(sh([[bash -c 'while :; do p=$((20000 + RANDOM % 12000)); ]]
-            .. [[(exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null || { echo $p; exit; }; done']]):match("%d+"))
+        local port = support.free_port()
         local pidfile = os.tmpname()
         sh(("memcached -d -P %s -l 127.0.0.1 -p %d -U 0 -m 64 -u root"):format(pidfile, port))
         local t0 = now()
@@ -72,8 +71,7 @@ local REDIS_PORT, redis_pid = tonumber(os.getenv("DP_TEST_REDIS_PORT"))
 if not REDIS_PORT then
     local dir = (sh("mktemp -d /tmp/dogpile-conformance-redis-XXXXXX"):gsub("%s+$", ""))
     for _ = 1, 5 do
-        REDIS_PORT = tonumber(sh([[bash -c 'while :; do p=$((20000 + RANDOM % 12000)); ]]
-            .. [[(exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null || { echo $p; exit; }; done']]):match("%d+"))
+        REDIS_PORT = support.free_port()
         sh(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --dir %s "
             .. "--daemonize yes --pidfile %s/redis.pid --logfile %s/redis.log"):format(
             REDIS_PORT, dir, dir, dir))

@@ -99,21 +99,9 @@ end
 -- slow every restart by seconds).
 local BARE = "env -u LD_PRELOAD "
 
-local function port_open(port)
-    return sh(BARE .. "bash -c '(exec 3<>/dev/tcp/127.0.0.1/" .. port .. ") 2>/dev/null && echo up'")
-        :match("up") ~= nil
-end
+local port_open = support.port_open
 
-local function free_port()
-    math.randomseed(os.time() + math.floor(os.clock() * 1e6))
-    for _ = 1, 100 do
-        local port = math.random(20000, 31999)
-        if not port_open(port) then
-            return port
-        end
-    end
-    error("no free loopback port found")
-end
+local free_port = support.free_port
 
 
 -- -- Servers ---------------------------------------------------------------------

@@ -18,16 +18,7 @@ local TMP = (sh("mktemp -d /tmp/dogpile-freshness-XXXXXX"):gsub("%s+$", ""))
 
 -- -- Servers and paths -----------------------------------------------------------------
 
-local function free_port()
-    math.randomseed(os.time() + math.floor(os.clock() * 1e6))
-    for _ = 1, 1000 do
-        local port = math.random(20000, 31999)
-        if sh("bash -c '(exec 3<>/dev/tcp/127.0.0.1/" .. port .. ") 2>/dev/null && echo busy'") == "" then
-            return port
-        end
-    end
-    error("no free port")
-end
+local free_port = support.free_port
 
 local redis_pid
 local REDIS_PORT = tonumber(os.getenv("DP_TEST_REDIS_PORT"))

@@ -25,18 +25,13 @@ pcall(ffi.cdef, [[ int usleep(unsigned int usec); ]])
 
 -- -- Servers -------------------------------------------------------------------
 
-local FREE_PORT = [[bash -c 'while :; do p=$((20000 + RANDOM % 12000)); ]]
-    .. [[(exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null || { echo $p; exit; }; done']]
-
-local function port_open(port)
-    return os.execute("bash -c '(exec 3<>/dev/tcp/127.0.0.1/" .. port .. ") 2>/dev/null'") == 0
-end
+local port_open = support.port_open
 
 local own = {} -- port -> pid of servers this file started
 
 -- `flags`: more of memcached's options, e.g. "-I 4m".
 local function start_server(port, flags)
-    port = port or tonumber(sh(FREE_PORT):match("%d+"))
+    port = port or support.free_port()
     -- -d: memcached daemonizes (nothing is left to reap), its pid in a file
     local pidfile = os.tmpname()
     sh(("memcached -d -P %s -l 127.0.0.1 -p %d -U 0 -m 64 -u root %s")

@@ -25,12 +25,7 @@ local TMP = (sh("mktemp -d /tmp/dogpile-ngx-memcached-XXXXXX"):gsub("%s+$", ""))
 
 -- -- Servers (as spec/memcached_spec.lua starts them) ----------------------------------
 
-local FREE_PORT = [[bash -c 'while :; do p=$((20000 + RANDOM % 12000)); ]]
-    .. [[(exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null || { echo $p; exit; }; done']]
-
-local function port_open(port)
-    return os.execute("bash -c '(exec 3<>/dev/tcp/127.0.0.1/" .. port .. ") 2>/dev/null'") == 0
-end
+local port_open = support.port_open
 
 local servers = {} -- port -> pid
 
@@ -38,7 +33,7 @@ local servers = {} -- port -> pid
 -- a loopback port may be some connection's local port).
 local function start_server(port)
     for attempt = 1, port and 1 or 5 do
-        local p = port or tonumber(sh(FREE_PORT):match("%d+"))
+        local p = port or support.free_port()
         local pidfile = TMP .. "/memcached-" .. p .. ".pid"
         os.remove(pidfile)
         sh(("memcached -d -P %s -l 127.0.0.1 -p %d -U 0 -m 64 -u root"):format(pidfile, p))

@@ -24,16 +24,7 @@ local TMP = (sh("mktemp -d /tmp/dogpile-ngx-redis-XXXXXX"):gsub("%s+$", ""))
 
 -- -- Servers (as spec/redis_spec.lua starts them) --------------------------------------
 
-local function free_port()
-    math.randomseed(os.time() + math.floor(os.clock() * 1e6))
-    for _ = 1, 1000 do
-        local port = math.random(20000, 31999)
-        if sh("bash -c '(exec 3<>/dev/tcp/127.0.0.1/" .. port .. ") 2>/dev/null && echo busy'") == "" then
-            return port
-        end
-    end
-    error("no free port")
-end
+local free_port = support.free_port
 
 local servers = {}
 

@@ -23,7 +23,6 @@ local HERE = "spec/fixtures/python"
 local MARKED = { mark = true, int64 = true }
 
 local DIR
-local OWN = {} -- pids of the servers this file started
 local PORTS = {}
 local RUN = ("%d%d"):format(os.time(), math.random(1e6))
 
@@ -34,46 +33,12 @@ local function sh(cmd)
     return out
 end
 
-local function free_port()
-    return tonumber(sh([[bash -c 'while :; do p=$((20000 + RANDOM % 12000)); ]]
-        .. [[(exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null || { echo $p; exit; }; done']]):match("%d+"))
-end
-
-local function port_open(port)
-    return os.execute("bash -c '(exec 3<>/dev/tcp/127.0.0.1/" .. port .. ") 2>/dev/null'") == 0
-end
-
-local function wait_started(port, pidfile, what)
-    for _ = 1, 500 do
-        local pid = (read(pidfile) or ""):match("%d+")
-        if pid and port_open(port) then
-            OWN[#OWN + 1] = pid
-            return port
-        end
-        os.execute("sleep 0.02")
-    end
-    error(what .. " did not start on port " .. port)
-end
-
+local SERVERS = py.servers() -- stopped in teardown
 local function redis_port()
-    local env = tonumber(os.getenv("DP_TEST_REDIS_PORT"))
-    if env then
-        return env
-    end
-    local port = free_port()
-    sh(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --daemonize yes "
-        .. "--dir %s --pidfile %s/redis.pid --logfile %s/redis.log"):format(port, DIR, DIR, DIR))
-    return wait_started(port, DIR .. "/redis.pid", "redis-server")
+    return SERVERS:redis_port(DIR)
 end
-
 local function memcached_port()
-    local env = (os.getenv("DP_TEST_MEMCACHED_PORTS") or ""):match("%d+")
-    if env then
-        return tonumber(env)
-    end
-    local port = free_port()
-    sh(("memcached -d -P %s/memcached.pid -l 127.0.0.1 -p %d -U 0 -m 64 -u root"):format(DIR, port))
-    return wait_started(port, DIR .. "/memcached.pid", "memcached")
+    return SERVERS:memcached_port(DIR)
 end
 
 -- Python runs without the sanitizer runtime the ASan variant preloads into
@@ -205,9 +170,7 @@ describe("wire_format = \"dogpile.cache\" with Python's dogpile.cache", function
     end)
 
     teardown(function()
-        for _, pid in ipairs(OWN) do
-            os.execute("kill -9 " .. pid .. " 2>/dev/null")
-        end
+        SERVERS:stop()
         if DIR then
             py.rmdir(DIR)
         end
@@ -567,10 +530,7 @@ describe("wire_format = \"dogpile.cache\" inside nginx (cosocket backends) with 
         if nginx then
             nginx:stop()
         end
-        for _, pid in ipairs(OWN) do
-            os.execute("kill -9 " .. pid .. " 2>/dev/null")
-        end
-        OWN = {}
+        SERVERS:stop()
         if DIR then
             py.rmdir(DIR)
         end

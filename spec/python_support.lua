@@ -165,4 +165,61 @@ function _M.guarded(size)
     return g
 end
 
+-- -- Servers -------------------------------------------------------------------
+-- The test command's redis and memcached (DP_TEST_REDIS_PORT,
+-- DP_TEST_MEMCACHED_PORTS), else servers of the caller's own on free loopback
+-- ports below the ephemeral range (.ci/lib.sh free_port), data in `dir`:
+-- `servers:redis_port(dir)`, `servers:memcached_port(dir)`, and
+-- `servers:stop()` for the ones it started.
+
+local support = require "support"
+local free_port, port_open, shell = support.free_port, support.port_open, support.sh
+
+local Servers = {}
+Servers.__index = Servers
+
+function _M.servers()
+    return setmetatable({ own = {} }, Servers)
+end
+
+function Servers:started(port, pidfile, what)
+    for _ = 1, 500 do
+        local pid = (_M.read(pidfile) or ""):match("%d+")
+        if pid and port_open(port) then
+            self.own[#self.own + 1] = pid
+            return port
+        end
+        os.execute("sleep 0.02")
+    end
+    error(what .. " did not start on port " .. port)
+end
+
+function Servers:redis_port(dir)
+    local env = tonumber(os.getenv("DP_TEST_REDIS_PORT"))
+    if env then
+        return env
+    end
+    local port = free_port()
+    shell(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --daemonize yes "
+           .. "--dir %s --pidfile %s/redis.pid --logfile %s/redis.log"):format(port, dir, dir, dir))
+    return self:started(port, dir .. "/redis.pid", "redis-server")
+end
+
+function Servers:memcached_port(dir)
+    local env = (os.getenv("DP_TEST_MEMCACHED_PORTS") or ""):match("%d+")
+    if env then
+        return tonumber(env)
+    end
+    local port = free_port()
+    shell(("memcached -d -P %s/memcached.pid -l 127.0.0.1 -p %d -U 0 -m 64 -u root"):format(dir, port))
+    return self:started(port, dir .. "/memcached.pid", "memcached")
+end
+
+function Servers:stop()
+    for _, pid in ipairs(self.own) do
+        os.execute("kill -9 " .. pid .. " 2>/dev/null")
+    end
+    self.own = {}
+end
+
 return _M

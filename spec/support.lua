@@ -115,6 +115,48 @@ function _M.sleep(s)
     ffi.C.usleep(math.floor(math.max(s, 0) * 1e6))
 end
 
+--- Whether something listens on 127.0.0.1:`port`.
+function _M.port_open(port)
+    return os.execute("bash -c '(exec 3<>/dev/tcp/127.0.0.1/" .. port .. ") 2>/dev/null'") == 0
+end
+
+--- A loopback TCP port nobody listens on, below the ephemeral range
+-- (.ci/lib.sh free_port says why).
+function _M.free_port()
+    local p = assert(io.popen([[bash -c 'while :; do p=$((20000 + RANDOM % 12000)); ]]
+        .. [[(exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null || { echo $p; exit; }; done']]))
+    local out = p:read("*a")
+    p:close()
+    return assert(tonumber(out:match("%d+")), "no free loopback port: " .. out)
+end
+
+--- A stand-in Redis server (spec/fixtures/redis/half_answering.py) that
+-- leaves the commands named in `silent` unanswered: its port, and a function
+-- that stops it.
+function _M.half_answering_redis(silent)
+    local file = os.tmpname()
+    local pid = _M.sh(("python3 spec/fixtures/redis/half_answering.py %s >%s 2>&1 & echo $!")
+                      :format(table.concat(silent, " "), file)):match("%d+")
+    local port
+    for _ = 1, 500 do
+        port = tonumber((_M.read(file) or ""):match("^(%d+)\n"))
+        if port then
+            break
+        end
+        _M.sleep(0.01)
+    end
+    local out = _M.read(file) or ""
+    os.remove(file)
+    local function stop()
+        os.execute("kill -9 " .. pid .. " 2>/dev/null")
+    end
+    if not port then
+        stop()
+        error("the stand-in redis server did not start: " .. out)
+    end
+    return port, stop
+end
+
 --- Run a shell command; its stdout and stderr.
 function _M.sh(cmd)
     local p = assert(io.popen(cmd .. " 2>&1"))

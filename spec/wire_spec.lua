@@ -15,56 +15,14 @@ local canon, read, write = py.canon, py.read, py.write
 local null = pyvalue.null
 
 local DIR
-local OWN = {} -- servers this file started: {pid}
 local OPTS = { mark = true, int64 = true }
 
-local function sh(cmd)
-    local p = assert(io.popen(cmd .. " 2>&1"))
-    local out = p:read("*a")
-    p:close()
-    return out
-end
-
-local function free_port()
-    return tonumber(sh([[bash -c 'while :; do p=$((20000 + RANDOM % 12000)); ]]
-        .. [[(exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null || { echo $p; exit; }; done']]):match("%d+"))
-end
-
-local function port_open(port)
-    return os.execute("bash -c '(exec 3<>/dev/tcp/127.0.0.1/" .. port .. ") 2>/dev/null'") == 0
-end
-
-local function wait_started(port, pidfile, what)
-    for _ = 1, 500 do
-        local pid = (read(pidfile) or ""):match("%d+")
-        if pid and port_open(port) then
-            OWN[#OWN + 1] = pid
-            return port
-        end
-        os.execute("sleep 0.02")
-    end
-    error(what .. " did not start on port " .. port)
-end
-
+local SERVERS = py.servers() -- stopped in teardown
 local function redis_port()
-    local env = tonumber(os.getenv("DP_TEST_REDIS_PORT"))
-    if env then
-        return env
-    end
-    local port = free_port()
-    sh(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --daemonize yes "
-        .. "--dir %s --pidfile %s/redis.pid --logfile %s/redis.log"):format(port, DIR, DIR, DIR))
-    return wait_started(port, DIR .. "/redis.pid", "redis-server")
+    return SERVERS:redis_port(DIR)
 end
-
 local function memcached_port()
-    local env = (os.getenv("DP_TEST_MEMCACHED_PORTS") or ""):match("%d+")
-    if env then
-        return tonumber(env)
-    end
-    local port = free_port()
-    sh(("memcached -d -P %s/memcached.pid -l 127.0.0.1 -p %d -U 0 -m 64 -u root"):format(DIR, port))
-    return wait_started(port, DIR .. "/memcached.pid", "memcached")
+    return SERVERS:memcached_port(DIR)
 end
 
 local function check_output(out, ok)
@@ -98,9 +56,7 @@ describe("dogpile.cache.wire", function()
     end)
 
     teardown(function()
-        for _, pid in ipairs(OWN) do
-            os.execute("kill -9 " .. pid .. " 2>/dev/null")
-        end
+        SERVERS:stop()
         if DIR then
             py.rmdir(DIR)
         end
