@@ -56,7 +56,7 @@ describe("circuit breakers inside nginx (cosockets): the C core's, per worker", 
         return
     end
 
-    local nginx, c0, tmp, port, pid, down, down_pid, topo, victim, vpid
+    local nginx, c0, tmp, port, pid, down, down_pid, topo, victim, vpid, half, half_stop
 
     -- "name=value" lines of a loop.
     local function loop(query)
@@ -103,9 +103,11 @@ describe("circuit breakers inside nginx (cosockets): the C core's, per worker", 
         -- every refusal counted here is a call's.
         victim, vpid = c0.nodes[3].port, c0.nodes[3].pid
         topo = c0:topology(c0.nodes[1].port)
+        half, half_stop = support.half_answering_redis({ "SUBSCRIBE", "SSUBSCRIBE" })
         nginx = ngx_support.start({ fixture = "nginx_breaker", ready = "/ready",
                                     env = { DP_RC_NODES = table.concat(c0:startup_nodes(), ","),
-                                            DP_BR_PORT = port, DP_BR_DOWN = down } })
+                                            DP_BR_PORT = port, DP_BR_DOWN = down,
+                                            DP_BR_HALF = half } })
     end)
 
     teardown(function()
@@ -115,6 +117,9 @@ describe("circuit breakers inside nginx (cosockets): the C core's, per worker", 
            .. " 2>/dev/null")
         if c0 then
             c0:stop()
+        end
+        if half_stop then
+            half_stop()
         end
         if tmp and tmp:match("^/tmp/dogpile%-ngx%-breaker%-") then
             sh("rm -rf '" .. tmp .. "'")
@@ -353,6 +358,21 @@ describe("circuit breakers inside nginx (cosockets): the C core's, per worker", 
         sh("kill " .. mon_pid)
         return bodies, read(mon) or "", most
     end
+
+    it("a lock wait whose SUBSCRIBE (redis) or SSUBSCRIBE (redis_cluster) gets no answer fails within one socket_timeout", function()
+        for _, case in ipairs({ { "half", "dogpile.cache.redis", "SUBSCRIBE" },
+                                { "half_cluster", "dogpile.cache.redis_cluster", "SSUBSCRIBE" } }) do
+            local body = nginx:get("/run?op=timed_goc&region=" .. case[1] .. "&key=" .. fresh("half"))
+            local elapsed = tonumber(body:match("elapsed=([%d.]+)"))
+            local result = body:match("result=(.*)$") or body
+            assert.matches("^ERROR: ", result, nil, false)
+            assert.matches(case[2] .. ": lock '", result, 1, true)
+            assert.matches("waiting for the release", result, 1, true)
+            assert.matches(case[3] .. ": no answer", result, 1, true)
+            -- socket_timeout 0.3 (the fixture's CIRCUIT)
+            assert.is_true(elapsed and elapsed < 0.3 + 0.25, case[1] .. " took " .. tostring(elapsed))
+        end
+    end)
 
     it("cluster lock waiters: one SSUBSCRIBE per worker on the lock key's node, woken by the release's SPUBLISH, not a poll", function()
         local key = fresh("wake")

@@ -746,7 +746,14 @@ local function wait_release(self, deadline)
     end
     if not held[gk] and not g.polling then
         g.polling = true
-        local watch = self.watch and self:watch()
+        local watch, failed
+        if self.watch then
+            watch, failed = self:watch()
+        end
+        if failed then
+            g:finish(false)
+            self:fail("waiting for the release", failed)
+        end
         local ok, result = pcall(poll, self, g, deadline, watch)
         g:finish(ok and result)
         if watch then

@@ -285,9 +285,11 @@ local function unsubscribe(s, sock, lk, how)
 end
 
 --- A watch of lock key `lk`'s channel on server `s` (`shard`: SSUBSCRIBE,
--- Redis 7's sharded pub/sub, on the node serving the key), or nil when the
--- server refuses it (an ACL, an older Redis, a moved slot) or cannot be
--- reached: the waiters then poll.
+-- Redis 7's sharded pub/sub, on the node serving the key); nil when the
+-- server refuses it (an ACL, an older Redis, a moved slot): the waiters then
+-- poll; nil and the failure when the server cannot be reached or does not
+-- answer: the wait fails then, rather than spend another socket_timeout on
+-- its first poll.
 local function subscribe(s, lk, shard)
     local how = shard and SHARD or PLAIN
     -- Through the breaker: an open one leaves the wait to token_of, which
@@ -299,7 +301,7 @@ local function subscribe(s, lk, shard)
     local sock, err = s:connect()
     if not sock then
         s:leave(g, err)
-        return nil
+        return nil, err
     end
     local ok
     ok, err = sock:send(resp.encode({ how.sub, lk, n = 2 }))
@@ -307,14 +309,15 @@ local function subscribe(s, lk, shard)
     if ok then
         v, kind = resp.read_reply(sock)
     end
-    s:leave(g, v == nil and s:io_fail(how.sub, err or kind) or nil)
+    local failure = v == nil and s:io_fail(how.sub, err or kind) or nil
+    s:leave(g, failure)
     if not (v and kind == "*" and v[1] == how.subscribed) then
         if v ~= nil and kind == "-" then
             s:keep(sock) -- refused: the connection is as it was
         else
             sock:close()
         end
-        return nil
+        return nil, failure
     end
     return setmetatable({ s = s, sock = sock, lk = lk, how = how, reader = nil }, Watch)
 end
