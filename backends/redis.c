@@ -1148,7 +1148,9 @@ static conn *sub_reuse(inst *s)
 
 /* The subscription's I/O needs no SIGPIPE mask (nopipe_*, four system calls
  * each time): its commands go out by send_nosignal, and reads cannot raise
- * it; a new connection masks it itself (conn_take). */
+ * it; a new connection masks it itself (conn_take). NULL when the server
+ * refuses (an ACL): the wait then polls; NULL and *failed, with err, when it
+ * cannot be reached or does not answer. */
 static conn *sub_open(inst *s, const char *lk, size_t lklen, int *failed, dp_err *err)
 {
     conn *out = NULL;

@@ -2033,8 +2033,9 @@ static char *lock_key(rc *s, const char *key, size_t klen, size_t *outlen)
 
 /* A waiter's own connection to the lock key's node, SSUBSCRIBEd to the lock
  * key's shard channel (a fresh one each wait: waits are rare, and a
- * subscribed connection must not go back to the pool). NULL when that
- * fails: the wait then polls. */
+ * subscribed connection must not go back to the pool). NULL when the node
+ * refuses (MOVED, an ACL): the wait then polls; NULL and *failed, with err,
+ * when it cannot be reached or does not answer. */
 static redisContext *sub_open(rc *s, const char *lk, size_t lklen, int *failed, dp_err *err)
 {
     *failed = 0;
