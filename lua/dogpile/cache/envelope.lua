@@ -51,6 +51,15 @@ local dblp = ffi.typeof("const double *")
 local dbl = ffi.new("double[1]")
 local LITTLE = ffi.abi("le")
 local M1, M2, M3, M4 = byte(MAGIC, 1, 4)
+-- The first 8 bytes of a format 1 envelope without flags, as two native
+-- words (numbers assigned once: constants in a trace; signed: compared as
+-- integers).
+local i32p = ffi.typeof("const int32_t *")
+local u16p = ffi.typeof("const uint16_t *")
+-- The value codec's first two bytes (0xC1, its version 1) as a native word.
+local CODEC_HEAD = ffi_cast(u16p, char(0xC1, 0x01))[0]
+local PLAIN_MAGIC = ffi_cast(i32p, MAGIC)[0]
+local PLAIN_FORMAT = ffi_cast(i32p, char(FORMAT, 0, 0, 0))[0]
 
 -- -- Doubles from storage ------------------------------------------------------
 -- LuaJIT keeps every non-number value as a NaN with a type tag in its high
@@ -127,10 +136,22 @@ end
 -- field that is not a finite number included: it could neither expire nor be
 -- invalidated).
 local function header(p, n)
-    if n < HEADER or p[0] ~= M1 or p[1] ~= M2 or p[2] ~= M3 or p[3] ~= M4 then
+    if n < HEADER then
         return nil
     end
-    -- The envelope starts a malloc'd buffer or a Lua string: 8 is aligned.
+    -- The common envelope, format 1 with no flags, is two word comparisons
+    -- (the envelope starts a malloc'd buffer or a Lua string: 8 is aligned);
+    -- anything else is looked at byte by byte.
+    local w = ffi_cast(i32p, p)
+    if w[0] == PLAIN_MAGIC and w[1] == PLAIN_FORMAT then
+        if band(ffi_cast(u32p, p + 8)[HI], EXP) == EXP then
+            return nil
+        end
+        return ffi_cast(dblp, p + 8)[0], HEADER
+    end
+    if p[0] ~= M1 or p[1] ~= M2 or p[2] ~= M3 or p[3] ~= M4 then
+        return nil
+    end
     if band(ffi_cast(u32p, p + 8)[HI], EXP) == EXP then
         return nil
     end
@@ -489,7 +510,7 @@ end
 --- Decode the codec bytes at `p` (a `const uint8_t *`), `n` of them: true and
 -- the value, or false when the C decoder must decide.
 local function read(p, n)
-    if n < 3 or p[0] ~= 0xC1 or p[1] ~= 0x01 then
+    if n < 3 or ffi_cast(u16p, p)[0] ~= CODEC_HEAD then
         return false
     end
     local ok, v, pos = item(p, 2, n, 0)
