@@ -2059,7 +2059,7 @@ static redisContext *sub_open(rc *s, const char *lk, size_t lklen, int *failed, 
             *failed = 1;
         }
         if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 3) {
-            redisFree(c); /* MOVED: the slot left this node; poll instead */
+            redisFree(c); /* MOVED (the slot left this node): poll instead */
             c = NULL;
         }
         if (r)

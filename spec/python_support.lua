@@ -189,7 +189,7 @@ function Servers:started(port, pidfile, what)
             self.own[#self.own + 1] = pid
             return port
         end
-        os.execute("sleep 0.02")
+        support.sleep(0.02)
     end
     error(what .. " did not start on port " .. port)
 end

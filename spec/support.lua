@@ -115,15 +115,19 @@ function _M.sleep(s)
     ffi.C.usleep(math.floor(math.max(s, 0) * 1e6))
 end
 
+-- Probes run without the sanitizer runtime the ASan variant preloads into
+-- busted (it would slow each probe, and every server restart, by seconds).
+local BARE = "env -u LD_PRELOAD "
+
 --- Whether something listens on 127.0.0.1:`port`.
 function _M.port_open(port)
-    return os.execute("bash -c '(exec 3<>/dev/tcp/127.0.0.1/" .. port .. ") 2>/dev/null'") == 0
+    return os.execute(BARE .. "bash -c '(exec 3<>/dev/tcp/127.0.0.1/" .. port .. ") 2>/dev/null'") == 0
 end
 
 --- A loopback TCP port nobody listens on, below the ephemeral range
 -- (.ci/lib.sh free_port says why).
 function _M.free_port()
-    local p = assert(io.popen([[bash -c 'while :; do p=$((20000 + RANDOM % 12000)); ]]
+    local p = assert(io.popen(BARE .. [[bash -c 'while :; do p=$((20000 + RANDOM % 12000)); ]]
         .. [[(exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null || { echo $p; exit; }; done']]))
     local out = p:read("*a")
     p:close()

@@ -51,15 +51,15 @@ local dblp = ffi.typeof("const double *")
 local dbl = ffi.new("double[1]")
 local LITTLE = ffi.abi("le")
 local M1, M2, M3, M4 = byte(MAGIC, 1, 4)
+local i32p = ffi.typeof("const int32_t *")
+local u16p = ffi.typeof("const uint16_t *")
 -- The first 8 bytes of a format 1 envelope without flags, as two native
 -- words (numbers assigned once: constants in a trace; signed: compared as
 -- integers).
-local i32p = ffi.typeof("const int32_t *")
-local u16p = ffi.typeof("const uint16_t *")
--- The value codec's first two bytes (0xC1, its version 1) as a native word.
-local CODEC_HEAD = ffi_cast(u16p, char(0xC1, 0x01))[0]
 local PLAIN_MAGIC = ffi_cast(i32p, MAGIC)[0]
 local PLAIN_FORMAT = ffi_cast(i32p, char(FORMAT, 0, 0, 0))[0]
+-- The value codec's first two bytes (0xC1, its version 1) as a native word.
+local CODEC_HEAD = ffi_cast(u16p, char(0xC1, 0x01))[0]
 
 -- -- Doubles from storage ------------------------------------------------------
 -- LuaJIT keeps every non-number value as a NaN with a type tag in its high
@@ -143,19 +143,18 @@ local function header(p, n)
     -- (the envelope starts a malloc'd buffer or a Lua string: 8 is aligned);
     -- anything else is looked at byte by byte.
     local w = ffi_cast(i32p, p)
-    if w[0] == PLAIN_MAGIC and w[1] == PLAIN_FORMAT then
-        if band(ffi_cast(u32p, p + 8)[HI], EXP) == EXP then
-            return nil
-        end
-        return ffi_cast(dblp, p + 8)[0], HEADER
-    end
-    if p[0] ~= M1 or p[1] ~= M2 or p[2] ~= M3 or p[3] ~= M4 then
+    local plain = w[0] == PLAIN_MAGIC and w[1] == PLAIN_FORMAT
+    if not plain and (p[0] ~= M1 or p[1] ~= M2 or p[2] ~= M3 or p[3] ~= M4) then
         return nil
     end
     if band(ffi_cast(u32p, p + 8)[HI], EXP) == EXP then
         return nil
     end
-    local ct, f = ffi_cast(dblp, p + 8)[0], p[4]
+    local ct = ffi_cast(dblp, p + 8)[0]
+    if plain then
+        return ct, HEADER
+    end
+    local f = p[4]
     if f == FORMAT then
         return ct, HEADER
     elseif f == FORMAT2 then
